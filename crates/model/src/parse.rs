@@ -1,0 +1,1180 @@
+//! Reading each section of the topology file into typed values, with the checks that need only
+//! that section. Cross-references are checked in `validate`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use toml::de::DeValue;
+
+use crate::diag::Code;
+use crate::read::{Cx, FromToml, Section, Value, integer, parsed, string};
+use crate::types::*;
+use crate::units::{self, Cidr, PortRange, StatusRange};
+
+const ROOT_KEYS: &[&str] = &[
+    "tandem",
+    "site",
+    "dns",
+    "monitor",
+    "profile",
+    "load_balancer",
+    "scale_set",
+    "database",
+    "app",
+];
+
+/// Longest probe interval accepted, and the shortest.
+const MIN_INTERVAL: Duration = Duration::from_millis(100);
+const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+/// DNS TTLs above a day make failover meaningless.
+const MAX_TTL: Duration = Duration::from_secs(86_400);
+
+impl FromToml for Name {
+    const EXAMPLE: &'static str = "\"name\"";
+    fn from_toml(cx: &mut Cx, key: &str, v: &Value<'_>) -> Option<Self> {
+        string(cx, key, v).map(|s| Name::new(s, v.span()))
+    }
+}
+
+/// Names appear in URLs, metrics and commands: keep them to a safe alphabet.
+fn valid_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && s.len() <= 63
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Reads the `name` key of a section.
+fn name(cx: &mut Cx, s: Section<'_, '_>) -> Option<Name> {
+    let name: Name = cx.req(s, "name")?;
+    if !valid_name(&name) {
+        cx.error(
+            Code::BadName,
+            name.span(),
+            format!("invalid {} name {:?}", s.what, name.as_str()),
+            "use 1 to 63 letters, digits, '-', '_' or '.', starting with a letter or digit",
+        );
+        return None;
+    }
+    Some(name)
+}
+
+/// A DNS name, lower-cased and without the trailing dot.
+fn domain(cx: &mut Cx, s: Section<'_, '_>, key: &str) -> Option<Name> {
+    let raw: Name = cx.req(s, key)?;
+    let lower = raw.trim_end_matches('.').to_ascii_lowercase();
+    let ok = !lower.is_empty()
+        && lower.len() <= 253
+        && lower.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        });
+    if !ok {
+        cx.error(
+            Code::BadDomain,
+            raw.span(),
+            format!("invalid DNS name {:?} for `{key}`", raw.as_str()),
+            "use dot-separated labels of letters, digits and '-', such as \"www.shop.test\"",
+        );
+        return None;
+    }
+    Some(Name::new(lower, raw.span()))
+}
+
+impl FromToml for PortRange {
+    const EXAMPLE: &'static str = "\"20000-20099\"";
+    fn from_toml(cx: &mut Cx, key: &str, v: &Value<'_>) -> Option<Self> {
+        if let DeValue::Integer(_) = v.get_ref() {
+            let p = integer(cx, key, v, 1, 65535)?;
+            return PortRange::parse(&p.to_string());
+        }
+        parsed(
+            cx,
+            key,
+            v,
+            Code::BadPortRange,
+            "port range",
+            "write a port or an ascending range of ports from 1 to 65535, such as \"20000-20099\"",
+            PortRange::parse,
+        )
+    }
+}
+
+impl FromToml for StatusRange {
+    const EXAMPLE: &'static str = "[\"200-299\"]";
+    fn from_toml(cx: &mut Cx, key: &str, v: &Value<'_>) -> Option<Self> {
+        let help = "write a status or an ascending range within 100-599, such as \"200-299\"";
+        if let DeValue::Integer(_) = v.get_ref() {
+            let n = integer(cx, key, v, 100, 599)?;
+            return StatusRange::parse(&n.to_string());
+        }
+        parsed(
+            cx,
+            key,
+            v,
+            Code::BadStatusRange,
+            "status range",
+            help,
+            StatusRange::parse,
+        )
+    }
+}
+
+impl FromToml for Cidr {
+    const EXAMPLE: &'static str = "[\"10.0.0.0/8\"]";
+    fn from_toml(cx: &mut Cx, key: &str, v: &Value<'_>) -> Option<Self> {
+        parsed(
+            cx,
+            key,
+            v,
+            Code::BadAddress,
+            "prefix",
+            "write an address and a prefix length, such as \"10.1.0.0/16\" or \"2001:db8::/32\"",
+            Cidr::parse,
+        )
+    }
+}
+
+/// A byte size such as `"1MB"`.
+struct Size(u64);
+
+impl FromToml for Size {
+    const EXAMPLE: &'static str = "\"1MB\"";
+    fn from_toml(cx: &mut Cx, key: &str, v: &Value<'_>) -> Option<Self> {
+        if let DeValue::Integer(_) = v.get_ref() {
+            return integer(cx, key, v, 0, i64::MAX).map(|n| Size(n as u64));
+        }
+        parsed(
+            cx,
+            key,
+            v,
+            Code::BadSize,
+            "size",
+            "write a number of bytes with a unit (B, KB, MB, GB, KiB, MiB, GiB), such as \"1MB\"",
+            units::parse_size,
+        )
+        .map(Size)
+    }
+}
+
+impl FromToml for Amount {
+    const EXAMPLE: &'static str = "\"20%\"";
+    fn from_toml(cx: &mut Cx, key: &str, v: &Value<'_>) -> Option<Self> {
+        if let DeValue::Integer(_) = v.get_ref() {
+            return integer(cx, key, v, 1, 10_000).map(|n| Amount::Count(n as u32));
+        }
+        parsed(
+            cx,
+            key,
+            v,
+            Code::OutOfRange,
+            "amount",
+            "write a count of instances such as 2, or a share from 1% to 100% such as \"20%\"",
+            |s| {
+                let n: u32 = s.strip_suffix('%')?.trim().parse().ok()?;
+                (1..=100).contains(&n).then_some(Amount::Percent(n))
+            },
+        )
+    }
+}
+
+/// A duration bounded to `min..=max`, reported with the key's name.
+fn duration_in(
+    cx: &mut Cx,
+    s: Section<'_, '_>,
+    key: &str,
+    default: Duration,
+    min: Duration,
+    max: Duration,
+) -> Option<Duration> {
+    let d = cx.or(s, key, default)?;
+    if d < min || d > max {
+        let span = s.get(key).map_or_else(|| cx.header_span(s), |v| v.span());
+        cx.error(
+            Code::OutOfRange,
+            span,
+            format!("`{key}` of {} is out of range", units::format_duration(d)),
+            format!(
+                "use a duration from {} to {}",
+                units::format_duration(min),
+                units::format_duration(max)
+            ),
+        );
+        return None;
+    }
+    Some(d)
+}
+
+/// A whole number bounded to `min..=max` with a default.
+fn number_in(
+    cx: &mut Cx,
+    s: Section<'_, '_>,
+    key: &str,
+    default: u32,
+    min: u32,
+    max: u32,
+) -> Option<u32> {
+    match s.get(key) {
+        Some(v) => integer(cx, key, v, i64::from(min), i64::from(max)).map(|n| n as u32),
+        None => Some(default),
+    }
+}
+
+/// A required whole number in `min..=max`.
+fn required_in(cx: &mut Cx, s: Section<'_, '_>, key: &str, min: u32, max: u32) -> Option<u32> {
+    match s.get(key) {
+        Some(v) => integer(cx, key, v, i64::from(min), i64::from(max)).map(|n| n as u32),
+        None => cx.req::<u32>(s, key),
+    }
+}
+
+/// Reads the whole file. `None` when any problem was reported.
+pub(crate) fn topology(cx: &mut Cx, root: &Value<'_>) -> Option<Topology> {
+    let root = cx.section(root, "the topology", ROOT_KEYS)?;
+    // Problems in [tandem] are reported; the defaults stand in so the rest is still checked.
+    let tandem = root
+        .get("tandem")
+        .and_then(|v| cx.section(v, "[tandem]", &["state_dir", "api"]))
+        .and_then(|s| settings(cx, s))
+        .unwrap_or_else(|| Settings {
+            state_dir: PathBuf::from(".tandem"),
+            api: default_api(),
+        });
+    let sites = cx.tables(root, "site", "site", &["name", "role", "location"], site);
+    let dns = match root.get("dns") {
+        Some(v) => cx
+            .section(v, "[dns]", &["listen", "zone"])
+            .map(|s| dns(cx, s)),
+        None => Some(None),
+    };
+    let monitors = cx.tables(root, "monitor", "monitor", MONITOR_KEYS, monitor);
+    let profiles = cx.tables(root, "profile", "profile", PROFILE_KEYS, profile);
+    let load_balancers = cx.tables(root, "load_balancer", "load balancer", LB_KEYS, lb);
+    let scale_sets = cx.tables(root, "scale_set", "scale set", SCALE_SET_KEYS, scale_set);
+    let databases = cx.tables(root, "database", "database", DATABASE_KEYS, database);
+    let apps = cx.tables(root, "app", "app", APP_KEYS, app);
+    Some(Topology {
+        tandem,
+        sites,
+        dns: dns.flatten(),
+        monitors,
+        profiles,
+        load_balancers,
+        scale_sets,
+        databases,
+        apps,
+    })
+}
+
+fn default_api() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7400))
+}
+
+fn settings(cx: &mut Cx, s: Section<'_, '_>) -> Option<Settings> {
+    let state_dir: Option<String> = cx.or(s, "state_dir", ".tandem".into());
+    let api = cx.or(s, "api", default_api());
+    Some(Settings {
+        state_dir: PathBuf::from(state_dir?),
+        api: api?,
+    })
+}
+
+fn site(cx: &mut Cx, s: Section<'_, '_>) -> Option<Site> {
+    let name = name(cx, s);
+    let role = cx.req(s, "role");
+    let location = match s.get("location") {
+        Some(v) => cx
+            .section(v, "location", &["lat", "lon"])
+            .and_then(|l| location(cx, l))
+            .map(Some),
+        None => Some(None),
+    };
+    Some(Site {
+        name: name?,
+        role: role?,
+        location: location?,
+    })
+}
+
+fn location(cx: &mut Cx, s: Section<'_, '_>) -> Option<Location> {
+    let mut coordinate = |key: &str, limit: f64| {
+        let v: f64 = cx.req(s, key)?;
+        if !(-limit..=limit).contains(&v) {
+            let span = s.get(key).map_or_else(|| s.span(), |v| v.span());
+            cx.error(
+                Code::OutOfRange,
+                span,
+                format!("`{key}` of {v} is out of range"),
+                format!("use degrees from -{limit} to {limit}"),
+            );
+            return None;
+        }
+        Some(v)
+    };
+    let lat = coordinate("lat", 90.0);
+    let lon = coordinate("lon", 180.0);
+    Some(Location {
+        lat: lat?,
+        lon: lon?,
+    })
+}
+
+fn dns(cx: &mut Cx, s: Section<'_, '_>) -> Option<Dns> {
+    let listen = cx.req(s, "listen");
+    let zones = cx.tables(
+        s,
+        "zone",
+        "zone",
+        &["name", "nameservers", "hostmaster"],
+        |cx, z| {
+            let name = domain(cx, z, "name");
+            let nameservers = cx.req(z, "nameservers");
+            let hostmaster = cx.req(z, "hostmaster");
+            Some(Zone {
+                name: name?,
+                nameservers: nameservers?,
+                hostmaster: hostmaster?,
+            })
+        },
+    );
+    Some(Dns {
+        listen: listen?,
+        zones,
+    })
+}
+
+const MONITOR_KEYS: &[&str] = &[
+    "name",
+    "protocol",
+    "port",
+    "path",
+    "headers",
+    "expected_status",
+    "body",
+    "interval",
+    "timeout",
+    "tolerated_failures",
+    "recovery_successes",
+    "tls_verify",
+    "sni",
+];
+
+fn monitor(cx: &mut Cx, s: Section<'_, '_>) -> Option<Monitor> {
+    let name = name(cx, s);
+    let protocol: Option<Protocol> = cx.req(s, "protocol");
+    let port = required_in(cx, s, "port", 1, 65535);
+    let path: Option<String> = cx.or(s, "path", "/".into());
+    let headers = cx.or(s, "headers", BTreeMap::new());
+    let expected_status = cx.or(s, "expected_status", vec![StatusRange::SUCCESS]);
+    let body = cx.opt(s, "body");
+    let interval = duration_in(
+        cx,
+        s,
+        "interval",
+        Duration::from_secs(10),
+        MIN_INTERVAL,
+        MAX_INTERVAL,
+    );
+    let timeout = duration_in(
+        cx,
+        s,
+        "timeout",
+        Duration::from_secs(5),
+        Duration::from_millis(10),
+        MAX_INTERVAL,
+    );
+    let tolerated_failures = number_in(cx, s, "tolerated_failures", 2, 0, 100);
+    let recovery_successes = number_in(cx, s, "recovery_successes", 2, 1, 100);
+    let tls_verify = cx.or(s, "tls_verify", true);
+    let sni = cx.opt(s, "sni");
+    if let (Some(p), Some(path)) = (protocol, &path) {
+        protocol_keys(cx, s, p);
+        if p != Protocol::Tcp && !path.starts_with('/') {
+            let span = s.get("path").map_or_else(|| s.span(), |v| v.span());
+            cx.error(
+                Code::NotAllowedHere,
+                span,
+                format!("HTTP path {path:?} must start with '/'"),
+                format!("write `path = \"/{path}\"`"),
+            );
+        }
+    }
+    if let (Some(i), Some(t)) = (interval, timeout)
+        && t >= i
+    {
+        let span = s
+            .get("timeout")
+            .map_or_else(|| cx.header_span(s), |v| v.span());
+        cx.error(
+            Code::TimeoutNotBelowInterval,
+            span,
+            format!(
+                "timeout {} is not shorter than interval {}",
+                units::format_duration(t),
+                units::format_duration(i)
+            ),
+            "a probe must end before the next one starts: lower `timeout` or raise `interval`",
+        );
+        return None;
+    }
+    Some(Monitor {
+        name: name?,
+        protocol: protocol?,
+        port: port? as u16,
+        path: path?,
+        headers: headers?,
+        expected_status: expected_status?,
+        body: body?,
+        interval: interval?,
+        timeout: timeout?,
+        tolerated_failures: tolerated_failures?,
+        recovery_successes: recovery_successes?,
+        tls_verify: tls_verify?,
+        sni: sni?,
+    })
+}
+
+/// HTTP settings on a TCP monitor, and TLS settings on a plain one, are mistakes.
+fn protocol_keys(cx: &mut Cx, s: Section<'_, '_>, p: Protocol) {
+    let not_for: &[&str] = match p {
+        Protocol::Tcp => &[
+            "path",
+            "headers",
+            "expected_status",
+            "body",
+            "tls_verify",
+            "sni",
+        ],
+        Protocol::Http => &["tls_verify", "sni"],
+        Protocol::Https => &[],
+    };
+    for key in not_for {
+        if let Some(span) = s.key_span(key) {
+            cx.error(
+                Code::NotAllowedHere,
+                span,
+                format!("`{key}` does not apply to protocol \"{p}\""),
+                match p {
+                    Protocol::Tcp => format!(
+                        "a tcp probe only connects; remove `{key}` or use protocol \"http\""
+                    ),
+                    _ => format!("`{key}` is for https monitors; remove it or use \"https\""),
+                },
+            );
+        }
+    }
+}
+
+const PROFILE_KEYS: &[&str] = &[
+    "name",
+    "domain",
+    "routing",
+    "ttl",
+    "monitor",
+    "failback_hold",
+    "all_down",
+    "max_answers",
+    "endpoint",
+];
+
+const ENDPOINT_KEYS: &[&str] = &[
+    "name",
+    "target",
+    "priority",
+    "weight",
+    "subnets",
+    "regions",
+    "site",
+    "enabled",
+    "min_child_endpoints",
+    "min_child_ipv4",
+    "min_child_ipv6",
+];
+
+fn profile(cx: &mut Cx, s: Section<'_, '_>) -> Option<Profile> {
+    let name = name(cx, s);
+    let domain = domain(cx, s, "domain");
+    let routing: Option<Routing> = cx.req(s, "routing");
+    let ttl = duration_in(
+        cx,
+        s,
+        "ttl",
+        Duration::from_secs(30),
+        Duration::ZERO,
+        MAX_TTL,
+    );
+    let monitor = cx.opt(s, "monitor");
+    let failback_hold = duration_in(
+        cx,
+        s,
+        "failback_hold",
+        Duration::from_secs(30),
+        Duration::ZERO,
+        MAX_INTERVAL,
+    );
+    let all_down = cx.or(s, "all_down", AllDown::ServeAll);
+    let max_answers = number_in(cx, s, "max_answers", 8, 1, 32);
+    let endpoints = cx.tables(s, "endpoint", "endpoint", ENDPOINT_KEYS, endpoint);
+    if endpoints.is_empty() && s.get("endpoint").is_none() {
+        cx.error(
+            Code::MissingKey,
+            cx.header_span(s),
+            "profile has no endpoints",
+            "add at least one [[profile.endpoint]] after this profile",
+        );
+    }
+    unique(cx, endpoints.iter().map(|e| &e.name), "endpoint");
+    if routing == Some(Routing::Priority) {
+        priorities(cx, &endpoints);
+    }
+    Some(Profile {
+        name: name?,
+        domain: domain?,
+        routing: routing?,
+        ttl: ttl?,
+        monitor: monitor?,
+        failback_hold: failback_hold?,
+        all_down: all_down?,
+        max_answers: max_answers?,
+        endpoints,
+    })
+}
+
+/// Every endpoint of a priority profile needs a priority, each one different.
+fn priorities(cx: &mut Cx, endpoints: &[Endpoint]) {
+    let mut seen: BTreeMap<u32, &Name> = BTreeMap::new();
+    for e in endpoints {
+        match e.priority {
+            None => cx.error(
+                Code::MissingKey,
+                e.name.span(),
+                format!(
+                    "endpoint `{}` of a priority profile has no priority",
+                    e.name
+                ),
+                "add `priority = N`; the lowest available number gets the traffic",
+            ),
+            Some(p) => {
+                if let Some(first) = seen.insert(p, &e.name) {
+                    cx.error(
+                        Code::DuplicatePriority,
+                        e.name.span(),
+                        format!(
+                            "endpoints `{first}` and `{}` of profile both have priority {p}",
+                            e.name
+                        ),
+                        "give each endpoint of a priority profile its own priority",
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn endpoint(cx: &mut Cx, s: Section<'_, '_>) -> Option<Endpoint> {
+    let name = name(cx, s);
+    let target = match s.get("target") {
+        Some(v) => cx
+            .section(
+                v,
+                "target",
+                &["address", "cname", "load_balancer", "profile"],
+            )
+            .and_then(|t| target(cx, t)),
+        None => {
+            cx.missing(s, "target", "{ load_balancer = \"…\" }");
+            None
+        }
+    };
+    let priority = match s.get("priority") {
+        Some(v) => integer(cx, "priority", v, 1, 1000).map(|n| Some(n as u32)),
+        None => Some(None),
+    };
+    let weight = number_in(cx, s, "weight", 1, 0, 1000);
+    let subnets = cx.or(s, "subnets", Vec::new());
+    let regions = cx.or(s, "regions", Vec::new());
+    let site = cx.opt(s, "site");
+    let enabled = cx.or(s, "enabled", true);
+    let min_child_endpoints = number_in(cx, s, "min_child_endpoints", 1, 0, 1000);
+    let min_child_ipv4 = number_in(cx, s, "min_child_ipv4", 0, 0, 1000);
+    let min_child_ipv6 = number_in(cx, s, "min_child_ipv6", 0, 0, 1000);
+    Some(Endpoint {
+        name: name?,
+        target: target?,
+        priority: priority?,
+        weight: weight?,
+        subnets: subnets?,
+        regions: regions?,
+        site: site?,
+        enabled: enabled?,
+        min_child_endpoints: min_child_endpoints?,
+        min_child_ipv4: min_child_ipv4?,
+        min_child_ipv6: min_child_ipv6?,
+    })
+}
+
+fn target(cx: &mut Cx, s: Section<'_, '_>) -> Option<Target> {
+    if s.table.len() != 1 {
+        cx.error(
+            Code::NotAllowedHere,
+            s.span(),
+            "an endpoint target needs exactly one of `address`, `cname`, `load_balancer`, `profile`",
+            "write one, such as `target = { load_balancer = \"edge-web\" }`",
+        );
+        return None;
+    }
+    if s.get("address").is_some() {
+        return cx.req(s, "address").map(Target::Address);
+    }
+    if s.get("cname").is_some() {
+        return domain(cx, s, "cname").map(|n| Target::Cname(n.to_string()));
+    }
+    if s.get("load_balancer").is_some() {
+        return cx.req(s, "load_balancer").map(Target::LoadBalancer);
+    }
+    cx.req(s, "profile").map(Target::Profile)
+}
+
+const LB_KEYS: &[&str] = &[
+    "name",
+    "site",
+    "kind",
+    "frontend",
+    "protocol",
+    "pool",
+    "probe",
+    "distribution",
+    "idle_timeout",
+    "drain_timeout",
+];
+
+fn lb(cx: &mut Cx, s: Section<'_, '_>) -> Option<LoadBalancer> {
+    let name = name(cx, s);
+    let site = cx.req(s, "site");
+    let kind = cx.or(s, "kind", LbKind::Public);
+    let frontend = cx.req(s, "frontend");
+    let protocol = cx.or(s, "protocol", LbProtocol::Tcp);
+    let pool = match s.get("pool") {
+        Some(v) => cx
+            .section(
+                v,
+                "pool",
+                &["addresses", "scale_set", "port", "database", "role"],
+            )
+            .and_then(|p| pool(cx, p)),
+        None => {
+            cx.missing(s, "pool", "{ scale_set = \"…\", port = \"…\" }");
+            None
+        }
+    };
+    let probe = cx.opt(s, "probe");
+    let distribution = cx.or(s, "distribution", Distribution::FiveTuple);
+    let idle_timeout = duration_in(
+        cx,
+        s,
+        "idle_timeout",
+        Duration::from_secs(240),
+        Duration::from_secs(1),
+        Duration::from_secs(7200),
+    );
+    let drain_timeout = duration_in(
+        cx,
+        s,
+        "drain_timeout",
+        Duration::from_secs(30),
+        Duration::ZERO,
+        MAX_INTERVAL,
+    );
+    Some(LoadBalancer {
+        name: name?,
+        site: site?,
+        kind: kind?,
+        frontend: frontend?,
+        protocol: protocol?,
+        pool: pool?,
+        probe: probe?,
+        distribution: distribution?,
+        idle_timeout: idle_timeout?,
+        drain_timeout: drain_timeout?,
+    })
+}
+
+fn pool(cx: &mut Cx, s: Section<'_, '_>) -> Option<Pool> {
+    let sources = ["addresses", "scale_set", "database"];
+    let given: Vec<&str> = sources.into_iter().filter(|k| s.get(k).is_some()).collect();
+    if given.len() != 1 {
+        cx.error(
+            Code::NotAllowedHere,
+            s.span(),
+            "a pool needs exactly one of `addresses`, `scale_set`, `database`",
+            "write one, such as `pool = { scale_set = \"edge-web\", port = \"http\" }`",
+        );
+        return None;
+    }
+    let stray = |cx: &mut Cx, keys: &[&str], source: &str| {
+        for key in keys {
+            if let Some(span) = s.key_span(key) {
+                cx.error(
+                    Code::NotAllowedHere,
+                    span,
+                    format!("`{key}` does not apply to a pool of `{source}`"),
+                    format!("remove `{key}`"),
+                );
+            }
+        }
+    };
+    match given[0] {
+        "addresses" => {
+            stray(cx, &["port", "role"], "addresses");
+            let v = s.get("addresses")?;
+            let DeValue::Array(items) = v.get_ref() else {
+                cx.wrong_type(v, "addresses", "an array");
+                return None;
+            };
+            let backends: Vec<Option<Backend>> = items.iter().map(|i| backend(cx, i)).collect();
+            backends
+                .into_iter()
+                .collect::<Option<_>>()
+                .map(Pool::Addresses)
+        }
+        "scale_set" => {
+            stray(cx, &["role"], "scale_set");
+            let scale_set = cx.req(s, "scale_set");
+            let port = cx.req(s, "port");
+            Some(Pool::ScaleSet {
+                scale_set: scale_set?,
+                port: port?,
+            })
+        }
+        _ => {
+            stray(cx, &["port"], "database");
+            let database = cx.req(s, "database");
+            let role = cx.or(s, "role", DbRole::Primary);
+            Some(Pool::Database {
+                database: database?,
+                role: role?,
+            })
+        }
+    }
+}
+
+/// `"ip:port"` or `{ address = "ip:port", weight = N }`.
+fn backend(cx: &mut Cx, v: &Value<'_>) -> Option<Backend> {
+    if let DeValue::String(_) = v.get_ref() {
+        return SocketAddr::from_toml(cx, "addresses", v)
+            .map(|address| Backend { address, weight: 1 });
+    }
+    let s = cx.section(v, "backend", &["address", "weight"])?;
+    let address = cx.req(s, "address");
+    let weight = number_in(cx, s, "weight", 1, 1, 1000);
+    Some(Backend {
+        address: address?,
+        weight: weight?,
+    })
+}
+
+const SCALE_SET_KEYS: &[&str] = &[
+    "name",
+    "site",
+    "command",
+    "bind",
+    "ports",
+    "capacity",
+    "health",
+    "repair",
+    "upgrade",
+    "scale_in",
+    "autoscale",
+];
+
+fn scale_set(cx: &mut Cx, s: Section<'_, '_>) -> Option<ScaleSet> {
+    let name = name(cx, s);
+    let site = cx.req(s, "site");
+    let command: Option<Vec<String>> = cx.req(s, "command");
+    let bind = cx.req(s, "bind");
+    let ports: Option<BTreeMap<String, PortRange>> = cx.or(s, "ports", BTreeMap::new());
+    let capacity = match s.get("capacity") {
+        Some(v) => cx
+            .section(v, "capacity", &["min", "max", "initial"])
+            .and_then(|c| capacity(cx, c)),
+        None => {
+            cx.missing(s, "capacity", "{ min = 1, max = 4 }");
+            None
+        }
+    };
+    let health = cx.opt(s, "health");
+    let repair = match s.get("repair") {
+        Some(v) => cx
+            .section(v, "repair", &["grace_period", "action"])
+            .and_then(|r| {
+                let grace_period = cx.or(r, "grace_period", Duration::from_secs(10));
+                let action = cx.or(r, "action", RepairAction::Replace);
+                Some(Repair {
+                    grace_period: grace_period?,
+                    action: action?,
+                })
+            }),
+        None => Some(Repair {
+            grace_period: Duration::from_secs(10),
+            action: RepairAction::Replace,
+        }),
+    };
+    let upgrade = match s.get("upgrade") {
+        Some(v) => cx
+            .section(v, "upgrade", &["max_batch", "max_unhealthy", "pause"])
+            .and_then(|u| {
+                let max_batch = cx.or(u, "max_batch", Amount::Percent(20));
+                let max_unhealthy = cx.or(u, "max_unhealthy", Amount::Percent(20));
+                let pause = cx.or(u, "pause", Duration::from_secs(5));
+                Some(Upgrade {
+                    max_batch: max_batch?,
+                    max_unhealthy: max_unhealthy?,
+                    pause: pause?,
+                })
+            }),
+        None => Some(Upgrade {
+            max_batch: Amount::Percent(20),
+            max_unhealthy: Amount::Percent(20),
+            pause: Duration::from_secs(5),
+        }),
+    };
+    let scale_in = cx.or(s, "scale_in", ScaleIn::Newest);
+    let autoscale = cx.tables(
+        s,
+        "autoscale",
+        "autoscale rule",
+        &["metric", "above", "below", "window", "change", "cooldown"],
+        autoscale_rule,
+    );
+    if let Some(cmd) = &command
+        && cmd.is_empty()
+    {
+        let span = s.get("command").map_or_else(|| s.span(), |v| v.span());
+        cx.error(
+            Code::OutOfRange,
+            span,
+            "`command` is empty",
+            "give the program and its arguments, such as [\"tandem\", \"sample-app\"]",
+        );
+        return None;
+    }
+    if let (Some(cmd), Some(ports)) = (&command, &ports) {
+        command_ports(cx, s, cmd, ports);
+    }
+    if let (Some(c), Some(ports)) = (capacity, &ports) {
+        for (port_name, range) in ports {
+            if range.len() < c.max {
+                let span = port_value_span(s, port_name);
+                cx.error(
+                    Code::BadPortRange,
+                    span,
+                    format!(
+                        "port range `{port_name}` = {range} holds {} ports but capacity.max is {}",
+                        range.len(),
+                        c.max
+                    ),
+                    "each instance needs its own port: widen the range or lower capacity.max",
+                );
+            }
+        }
+    }
+    Some(ScaleSet {
+        name: name?,
+        site: site?,
+        command: command?,
+        bind: bind?,
+        ports: ports?,
+        capacity: capacity?,
+        health: health?,
+        repair: repair?,
+        upgrade: upgrade?,
+        scale_in: scale_in?,
+        autoscale,
+    })
+}
+
+fn port_value_span(s: Section<'_, '_>, port_name: &str) -> std::ops::Range<usize> {
+    let ports = s.get("ports");
+    let inner = ports.and_then(|p| match p.get_ref() {
+        DeValue::Table(t) => t
+            .iter()
+            .find(|(k, _)| k.get_ref().as_ref() == port_name)
+            .map(|(_, v)| v.span()),
+        _ => None,
+    });
+    inner.unwrap_or_else(|| s.span())
+}
+
+/// `{port.NAME}` placeholders must name a port of the set.
+fn command_ports(
+    cx: &mut Cx,
+    s: Section<'_, '_>,
+    cmd: &[String],
+    ports: &BTreeMap<String, PortRange>,
+) {
+    let span = s.get("command").map_or_else(|| s.span(), |v| v.span());
+    let known: Vec<&str> = ports.keys().map(String::as_str).collect();
+    for arg in cmd {
+        let mut rest = arg.as_str();
+        while let Some(start) = rest.find("{port.") {
+            let after = &rest[start + 6..];
+            let Some(end) = after.find('}') else { break };
+            let port = &after[..end];
+            if !ports.contains_key(port) {
+                cx.error(
+                    Code::UnknownReference,
+                    span.clone(),
+                    format!(
+                        "`command` uses {{port.{port}}} but the scale set has no port `{port}`"
+                    ),
+                    if known.is_empty() {
+                        format!("add `ports = {{ {port} = \"20000-20099\" }}`")
+                    } else {
+                        format!("defined ports: {}", known.join(", "))
+                    },
+                );
+            }
+            rest = &after[end..];
+        }
+    }
+}
+
+fn capacity(cx: &mut Cx, s: Section<'_, '_>) -> Option<Capacity> {
+    let min = number_in(cx, s, "min", 1, 0, 10_000);
+    let max = required_in(cx, s, "max", 1, 10_000);
+    let initial = match s.get("initial") {
+        Some(_) => number_in(cx, s, "initial", 0, 0, 10_000),
+        None => min,
+    };
+    let (min, max, initial) = (min?, max?, initial?);
+    if !(min <= initial && initial <= max) {
+        cx.error(
+            Code::CapacityOrder,
+            s.span(),
+            format!("capacity needs min <= initial <= max, found min {min}, initial {initial}, max {max}"),
+            "order the numbers so that min <= initial <= max",
+        );
+        return None;
+    }
+    Some(Capacity { min, max, initial })
+}
+
+fn autoscale_rule(cx: &mut Cx, s: Section<'_, '_>) -> Option<AutoscaleRule> {
+    let metric = cx.req(s, "metric");
+    let above: Option<Option<f64>> = cx.opt(s, "above");
+    let below: Option<Option<f64>> = cx.opt(s, "below");
+    let window = cx.or(s, "window", Duration::from_secs(60));
+    let cooldown = cx.or(s, "cooldown", Duration::from_secs(300));
+    let change = match s.get("change") {
+        Some(v) => change(cx, v),
+        None => cx.req::<i32>(s, "change"),
+    };
+    let threshold = match (above?, below?) {
+        (Some(a), None) => Threshold::Above(a),
+        (None, Some(b)) => Threshold::Below(b),
+        _ => {
+            cx.error(
+                Code::NotAllowedHere,
+                cx.header_span(s),
+                "an autoscale rule needs exactly one of `above` and `below`",
+                "use `above = N` for a scale-out rule or `below = N` for a scale-in rule",
+            );
+            return None;
+        }
+    };
+    let change = change?;
+    let sign_ok = match threshold {
+        Threshold::Above(_) => change > 0,
+        Threshold::Below(_) => change < 0,
+    };
+    if !sign_ok {
+        let span = s.get("change").map_or_else(|| s.span(), |v| v.span());
+        cx.error(
+            Code::OutOfRange,
+            span,
+            format!("`change` of {change:+} does not match the rule's direction"),
+            "an `above` rule adds instances (\"+1\"), a `below` rule removes them (\"-1\")",
+        );
+        return None;
+    }
+    Some(AutoscaleRule {
+        metric: metric?,
+        threshold,
+        window: window?,
+        change,
+        cooldown: cooldown?,
+    })
+}
+
+/// `"+1"`, `"-2"` or an integer.
+fn change(cx: &mut Cx, v: &Value<'_>) -> Option<i32> {
+    if let DeValue::Integer(_) = v.get_ref() {
+        return integer(cx, "change", v, -1000, 1000).map(|n| n as i32);
+    }
+    parsed(
+        cx,
+        "change",
+        v,
+        Code::OutOfRange,
+        "change",
+        "write a signed count of instances, such as \"+1\" or \"-1\"",
+        |s| {
+            s.trim_start_matches('+')
+                .parse::<i32>()
+                .ok()
+                .filter(|n| *n != 0 && (-1000..=1000).contains(n))
+        },
+    )
+}
+
+const DATABASE_KEYS: &[&str] = &[
+    "name",
+    "engine",
+    "replication",
+    "max_lag_on_failover",
+    "failover_timeout",
+    "frontends",
+    "member",
+    "bin_dir",
+];
+
+fn database(cx: &mut Cx, s: Section<'_, '_>) -> Option<Database> {
+    let name = name(cx, s);
+    let engine = cx.or(s, "engine", Engine::Postgres);
+    let replication = cx.or(s, "replication", Replication::Sync);
+    let max_lag: Option<Size> = cx.or(s, "max_lag_on_failover", Size(1_000_000));
+    let failover_timeout = duration_in(
+        cx,
+        s,
+        "failover_timeout",
+        Duration::from_secs(3),
+        Duration::from_millis(100),
+        MAX_INTERVAL,
+    );
+    let frontends = match s.get("frontends") {
+        Some(v) => db_frontends(cx, v),
+        None => Some(Vec::new()),
+    };
+    let members = cx.tables(
+        s,
+        "member",
+        "database member",
+        &["site", "listen"],
+        |cx, m| {
+            let site = cx.req(m, "site");
+            let listen = cx.req(m, "listen");
+            Some(Member {
+                site: site?,
+                listen: listen?,
+            })
+        },
+    );
+    let bin_dir: Option<Option<String>> = cx.opt(s, "bin_dir");
+    if s.get("member").is_none() {
+        cx.error(
+            Code::MissingKey,
+            cx.header_span(s),
+            "database has no members",
+            "add a [[database.member]] for each site that runs the database",
+        );
+    }
+    if replication == Some(Replication::Sync) && members.len() == 1 {
+        cx.error(
+            Code::OutOfRange,
+            cx.header_span(s),
+            "synchronous replication needs at least two members",
+            "add a standby [[database.member]] in another site, or use replication = \"async\"",
+        );
+    }
+    let mut seen = HashSet::new();
+    for m in &members {
+        if !seen.insert(m.site.as_str()) {
+            cx.error(
+                Code::DuplicateName,
+                m.site.span(),
+                format!("database has two members in site `{}`", m.site),
+                "run one member per site",
+            );
+        }
+    }
+    Some(Database {
+        name: name?,
+        engine: engine?,
+        replication: replication?,
+        max_lag_on_failover: max_lag?.0,
+        failover_timeout: failover_timeout?,
+        frontends: frontends?,
+        members,
+        bin_dir: bin_dir?.map(PathBuf::from),
+    })
+}
+
+fn db_frontends(cx: &mut Cx, v: &Value<'_>) -> Option<Vec<DbFrontend>> {
+    let DeValue::Table(table) = v.get_ref() else {
+        cx.wrong_type(v, "frontends", "a table of site = \"ip:port\"");
+        return None;
+    };
+    let mut out = Vec::new();
+    let mut ok = true;
+    for (k, item) in table.iter() {
+        match SocketAddr::from_toml(cx, k.get_ref(), item) {
+            Some(address) => out.push(DbFrontend {
+                site: Name::new(k.get_ref().as_ref(), k.span()),
+                address,
+            }),
+            None => ok = false,
+        }
+    }
+    ok.then_some(out)
+}
+
+const APP_KEYS: &[&str] = &[
+    "name",
+    "sites",
+    "profile",
+    "database",
+    "scale_sets",
+    "standby",
+    "failback",
+];
+
+fn app(cx: &mut Cx, s: Section<'_, '_>) -> Option<App> {
+    let name = name(cx, s);
+    let sites = cx.req(s, "sites");
+    let profile = cx.req(s, "profile");
+    let database = cx.opt(s, "database");
+    let scale_sets = cx.or(s, "scale_sets", Vec::new());
+    let standby = cx.or(s, "standby", Standby::Hot);
+    let failback = cx.or(s, "failback", Failback::Automatic);
+    Some(App {
+        name: name?,
+        sites: sites?,
+        profile: profile?,
+        database: database?,
+        scale_sets: scale_sets?,
+        standby: standby?,
+        failback: failback?,
+    })
+}
+
+/// Reports each name used twice in one kind.
+pub(crate) fn unique<'a>(cx: &mut Cx, names: impl Iterator<Item = &'a Name>, kind: &str) {
+    let mut seen: Vec<&Name> = Vec::new();
+    for n in names {
+        if let Some(first) = seen.iter().find(|s| **s == n) {
+            let line = cx.line_of(first.span().start);
+            cx.error(
+                Code::DuplicateName,
+                n.span(),
+                format!("{kind} `{n}` is defined twice"),
+                format!("rename one of them; the first is on line {line}"),
+            );
+        } else {
+            seen.push(n);
+        }
+    }
+}

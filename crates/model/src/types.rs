@@ -1,0 +1,475 @@
+//! The validated topology: what every other crate reads. Defaults and units are stated on each
+//! field; the topology file spells every field the same way.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Deref;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::diag::Span;
+use crate::read::choice;
+use crate::units::{Cidr, PortRange, StatusRange};
+
+/// A name or a reference to one, remembering where the file wrote it. Compares by text only.
+#[derive(Clone, Debug, Eq)]
+pub struct Name {
+    text: String,
+    span: Span,
+}
+
+impl Name {
+    pub fn new(text: impl Into<String>, span: Span) -> Self {
+        Name {
+            text: text.into(),
+            span,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Where the topology file wrote it.
+    pub fn span(&self) -> Span {
+        self.span.clone()
+    }
+}
+
+impl PartialEq for Name {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl std::hash::Hash for Name {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.text.hash(state);
+    }
+}
+
+impl Deref for Name {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.text
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// A whole deployment: the validated contents of one topology file.
+#[derive(Clone, Debug)]
+pub struct Topology {
+    pub tandem: Settings,
+    pub sites: Vec<Site>,
+    pub dns: Option<Dns>,
+    pub monitors: Vec<Monitor>,
+    pub profiles: Vec<Profile>,
+    pub load_balancers: Vec<LoadBalancer>,
+    pub scale_sets: Vec<ScaleSet>,
+    pub databases: Vec<Database>,
+    pub apps: Vec<App>,
+}
+
+impl Topology {
+    pub fn monitor(&self, name: &str) -> Option<&Monitor> {
+        self.monitors.iter().find(|m| m.name.as_str() == name)
+    }
+    pub fn site(&self, name: &str) -> Option<&Site> {
+        self.sites.iter().find(|s| s.name.as_str() == name)
+    }
+    pub fn profile(&self, name: &str) -> Option<&Profile> {
+        self.profiles.iter().find(|p| p.name.as_str() == name)
+    }
+    pub fn load_balancer(&self, name: &str) -> Option<&LoadBalancer> {
+        self.load_balancers.iter().find(|l| l.name.as_str() == name)
+    }
+    pub fn scale_set(&self, name: &str) -> Option<&ScaleSet> {
+        self.scale_sets.iter().find(|s| s.name.as_str() == name)
+    }
+}
+
+/// `[tandem]`: process-wide settings.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Where embedded state, instance logs and database data live. Default `.tandem`, relative to
+    /// the working directory.
+    pub state_dir: PathBuf,
+    /// REST API, `/metrics` and dashboard. Default `127.0.0.1:7400`.
+    pub api: SocketAddr,
+}
+
+choice! {
+    /// What part a site plays.
+    SiteRole { Edge = "edge", Region = "region", Witness = "witness" }
+}
+
+/// `[[site]]`: a failure domain.
+#[derive(Clone, Debug)]
+pub struct Site {
+    pub name: Name,
+    pub role: SiteRole,
+    /// Used by performance routing when no latency measurement exists.
+    pub location: Option<Location>,
+}
+
+/// A point on Earth, in degrees.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Location {
+    pub lat: f64,
+    pub lon: f64,
+}
+
+/// `[dns]`: the authoritative DNS server.
+#[derive(Clone, Debug)]
+pub struct Dns {
+    /// UDP and TCP listen addresses.
+    pub listen: Vec<SocketAddr>,
+    pub zones: Vec<Zone>,
+}
+
+/// `[[dns.zone]]`: a zone served authoritatively.
+#[derive(Clone, Debug)]
+pub struct Zone {
+    /// Lower-case, without the trailing dot.
+    pub name: Name,
+    pub nameservers: Vec<String>,
+    pub hostmaster: String,
+}
+
+choice! {
+    /// How a monitor probes.
+    Protocol { Http = "http", Https = "https", Tcp = "tcp" }
+}
+
+/// `[[monitor]]`: how to probe a target.
+#[derive(Clone, Debug)]
+pub struct Monitor {
+    pub name: Name,
+    pub protocol: Protocol,
+    pub port: u16,
+    /// HTTP(S) request path. Default `/`.
+    pub path: String,
+    /// Extra request headers; `Host` here overrides the target's host.
+    pub headers: BTreeMap<String, String>,
+    /// Statuses that count as success. Default `["200-299"]`.
+    pub expected_status: Vec<StatusRange>,
+    /// A substring the response body must contain (first 64 KiB).
+    pub body: Option<String>,
+    /// Time between probes of one target. Default 10 s, at least 100 ms.
+    pub interval: Duration,
+    /// Give up on a probe after this long. Default 5 s, and below `interval`.
+    pub timeout: Duration,
+    /// Failures tolerated: Degraded after `tolerated_failures + 1` in a row. Default 2.
+    pub tolerated_failures: u32,
+    /// Successes in a row before a Degraded target is Online again. Default 2.
+    pub recovery_successes: u32,
+    /// HTTPS only: verify the server certificate. Default true.
+    pub tls_verify: bool,
+    /// HTTPS only: server name for SNI and verification. Default: the target's host name, or
+    /// its `Host` header.
+    pub sni: Option<String>,
+}
+
+choice! {
+    /// How a profile picks its answer.
+    Routing {
+        Priority = "priority",
+        Weighted = "weighted",
+        Performance = "performance",
+        Geographic = "geographic",
+        Multivalue = "multivalue",
+        Subnet = "subnet",
+    }
+}
+
+choice! {
+    /// What a profile answers when no endpoint is available.
+    AllDown { ServeAll = "serve-all", Nodata = "nodata", Servfail = "servfail" }
+}
+
+/// `[[profile]]`: a DNS name answered by a routing method over endpoints.
+#[derive(Clone, Debug)]
+pub struct Profile {
+    pub name: Name,
+    /// Lower-case, without the trailing dot.
+    pub domain: Name,
+    pub routing: Routing,
+    /// Default 30 s.
+    pub ttl: Duration,
+    /// Probes the endpoints; without one, endpoints count as Online.
+    pub monitor: Option<Name>,
+    /// A recovered higher-priority endpoint must stay Online this long before it takes traffic
+    /// back. Default 30 s.
+    pub failback_hold: Duration,
+    /// Default `serve-all`.
+    pub all_down: AllDown,
+    /// Multivalue: most addresses in one answer. Default 8.
+    pub max_answers: u32,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// What an endpoint points at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A/AAAA record.
+    Address(IpAddr),
+    /// CNAME record to a host name.
+    Cname(String),
+    /// The frontend address of a load balancer.
+    LoadBalancer(Name),
+    /// Another profile (nesting).
+    Profile(Name),
+}
+
+/// `[[profile.endpoint]]`.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub name: Name,
+    pub target: Target,
+    /// Priority routing: lower answers first; unique in the profile, 1–1000.
+    pub priority: Option<u32>,
+    /// Weighted routing: 0–1000, default 1; 0 answers only when all others are down.
+    pub weight: u32,
+    /// Subnet routing: client prefixes sent here.
+    pub subnets: Vec<Cidr>,
+    /// Geographic routing: regions served, in the order of preference of the profile.
+    pub regions: Vec<String>,
+    /// Where the endpoint runs; performance routing uses the site's location.
+    pub site: Option<Name>,
+    /// `false` is the Disabled state. Default true.
+    pub enabled: bool,
+    /// Nested profiles: children that must be available. Default 1.
+    pub min_child_endpoints: u32,
+    /// Nested profiles: IPv4 children that must be available. Default 0.
+    pub min_child_ipv4: u32,
+    /// Nested profiles: IPv6 children that must be available. Default 0.
+    pub min_child_ipv6: u32,
+}
+
+choice! {
+    /// Where a load balancer binds.
+    LbKind { Public = "public", Internal = "internal" }
+}
+
+choice! {
+    /// Transport a load balancer forwards.
+    LbProtocol { Tcp = "tcp", Udp = "udp" }
+}
+
+choice! {
+    /// Which flows stick to one backend.
+    Distribution {
+        FiveTuple = "five-tuple",
+        SourceIp = "source-ip",
+        SourceIpProtocol = "source-ip-protocol",
+    }
+}
+
+choice! {
+    /// Which database member a pool follows.
+    DbRole { Primary = "primary", Replica = "replica" }
+}
+
+/// A backend address with its weight (1–1000, default 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backend {
+    pub address: SocketAddr,
+    pub weight: u32,
+}
+
+/// Where a load balancer's backends come from.
+#[derive(Clone, Debug)]
+pub enum Pool {
+    Addresses(Vec<Backend>),
+    /// A scale set's instances, on the named port of its `ports`.
+    ScaleSet {
+        scale_set: Name,
+        port: String,
+    },
+    /// The member of a database in a role.
+    Database {
+        database: Name,
+        role: DbRole,
+    },
+}
+
+/// `[[load_balancer]]`.
+#[derive(Clone, Debug)]
+pub struct LoadBalancer {
+    pub name: Name,
+    pub site: Name,
+    pub kind: LbKind,
+    pub frontend: SocketAddr,
+    pub protocol: LbProtocol,
+    pub pool: Pool,
+    /// Monitor run against every backend.
+    pub probe: Option<Name>,
+    /// Default `five-tuple`.
+    pub distribution: Distribution,
+    /// Default 4 min.
+    pub idle_timeout: Duration,
+    /// Default 30 s.
+    pub drain_timeout: Duration,
+}
+
+/// `capacity = { min, max, initial }`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    pub min: u32,
+    pub max: u32,
+    pub initial: u32,
+}
+
+choice! {
+    /// What repair does to a broken instance.
+    RepairAction { Replace = "replace", Restart = "restart" }
+}
+
+/// `repair = { … }`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Repair {
+    /// An instance Degraded this long is repaired. Default 10 s.
+    pub grace_period: Duration,
+    /// Default `replace`.
+    pub action: RepairAction,
+}
+
+/// A count or a share of the set: `2` or `"20%"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Amount {
+    Count(u32),
+    Percent(u32),
+}
+
+/// `upgrade = { … }`: rolling upgrade policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Upgrade {
+    /// Default 20%.
+    pub max_batch: Amount,
+    /// Default 20%.
+    pub max_unhealthy: Amount,
+    /// Default 5 s.
+    pub pause: Duration,
+}
+
+choice! {
+    /// Which instances scale-in removes first.
+    ScaleIn { Newest = "newest", Oldest = "oldest" }
+}
+
+choice! {
+    /// What an autoscale rule measures.
+    Metric { Cpu = "cpu", Connections = "connections", ConnectionRate = "connection_rate" }
+}
+
+/// Whether a rule fires above or below its threshold.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Threshold {
+    Above(f64),
+    Below(f64),
+}
+
+/// `[[scale_set.autoscale]]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AutoscaleRule {
+    pub metric: Metric,
+    pub threshold: Threshold,
+    /// The metric is averaged over this window.
+    pub window: Duration,
+    /// Instances added (positive) or removed (negative).
+    pub change: i32,
+    /// Default 5 min.
+    pub cooldown: Duration,
+}
+
+/// `[[scale_set]]`.
+#[derive(Clone, Debug)]
+pub struct ScaleSet {
+    pub name: Name,
+    pub site: Name,
+    /// Program and arguments, with `{site}`, `{instance}`, `{address}`, `{port.NAME}` filled in.
+    pub command: Vec<String>,
+    /// Address the instances listen on.
+    pub bind: IpAddr,
+    pub ports: BTreeMap<String, PortRange>,
+    pub capacity: Capacity,
+    pub health: Option<Name>,
+    pub repair: Repair,
+    pub upgrade: Upgrade,
+    /// Default `newest`.
+    pub scale_in: ScaleIn,
+    pub autoscale: Vec<AutoscaleRule>,
+}
+
+choice! {
+    /// Database engine.
+    Engine { Postgres = "postgres" }
+}
+
+choice! {
+    /// How commits are replicated.
+    Replication { Sync = "sync", Async = "async" }
+}
+
+/// `[[database.member]]`.
+#[derive(Clone, Debug)]
+pub struct Member {
+    pub site: Name,
+    pub listen: SocketAddr,
+}
+
+/// `frontends = { SITE = "ip:port" }`: one internal load balancer address in a site.
+#[derive(Clone, Debug)]
+pub struct DbFrontend {
+    pub site: Name,
+    pub address: SocketAddr,
+}
+
+/// `[[database]]`.
+#[derive(Clone, Debug)]
+pub struct Database {
+    pub name: Name,
+    pub engine: Engine,
+    /// Default `sync`.
+    pub replication: Replication,
+    /// Async only: never promote a standby further behind, in bytes. Default 1 MB.
+    pub max_lag_on_failover: u64,
+    /// Default 3 s.
+    pub failover_timeout: Duration,
+    /// Internal load balancer address per site, always pointing at the primary.
+    pub frontends: Vec<DbFrontend>,
+    pub members: Vec<Member>,
+    /// Where PostgreSQL's programs are; default from `pg_config --bindir`.
+    pub bin_dir: Option<PathBuf>,
+}
+
+choice! {
+    /// How ready the standby site is.
+    Standby { Hot = "hot", Warm = "warm", Cold = "cold" }
+}
+
+choice! {
+    /// Whether traffic returns to the preferred site by itself.
+    Failback { Automatic = "automatic", Manual = "manual" }
+}
+
+/// `[[app]]`: the failover unit.
+#[derive(Clone, Debug)]
+pub struct App {
+    pub name: Name,
+    /// Sites in order of preference.
+    pub sites: Vec<Name>,
+    pub profile: Name,
+    pub database: Option<Name>,
+    pub scale_sets: Vec<Name>,
+    /// Default `hot`.
+    pub standby: Standby,
+    /// Default `automatic`.
+    pub failback: Failback,
+}

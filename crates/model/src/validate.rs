@@ -1,0 +1,252 @@
+//! Checks across sections: unique names, references that resolve, nested profiles without cycles.
+
+use std::collections::HashMap;
+
+use crate::diag::Code;
+use crate::parse::unique;
+use toml::de::DeValue;
+
+use crate::read::{Cx, Value, suggest};
+use crate::types::*;
+
+/// Deepest nesting of profiles allowed (a profile answering through ten others).
+pub const MAX_PROFILE_DEPTH: usize = 10;
+
+pub(crate) fn topology(cx: &mut Cx, t: &Topology, names: &Names) {
+    unique(cx, t.sites.iter().map(|s| &s.name), "site");
+    unique(cx, t.monitors.iter().map(|m| &m.name), "monitor");
+    unique(cx, t.profiles.iter().map(|p| &p.name), "profile");
+    unique(
+        cx,
+        t.load_balancers.iter().map(|l| &l.name),
+        "load balancer",
+    );
+    unique(cx, t.scale_sets.iter().map(|s| &s.name), "scale set");
+    unique(cx, t.databases.iter().map(|d| &d.name), "database");
+    unique(cx, t.apps.iter().map(|a| &a.name), "app");
+    if let Some(dns) = &t.dns {
+        unique(cx, dns.zones.iter().map(|z| &z.name), "zone");
+    }
+    profiles(cx, t, names);
+    for lb in &t.load_balancers {
+        names.check(cx, "site", &lb.site);
+        if let Some(probe) = &lb.probe {
+            names.check(cx, "monitor", probe);
+        }
+        match &lb.pool {
+            Pool::Addresses(_) => {}
+            Pool::ScaleSet { scale_set, port } => {
+                if names.check(cx, "scale set", scale_set)
+                    && let Some(set) = t.scale_set(scale_set)
+                    && !set.ports.contains_key(port)
+                {
+                    let known: Vec<&str> = set.ports.keys().map(String::as_str).collect();
+                    cx.error(
+                        Code::UnknownReference,
+                        scale_set.span(),
+                        format!("scale set `{scale_set}` has no port `{port}`"),
+                        suggest(port, &known),
+                    );
+                }
+            }
+            Pool::Database { database, .. } => {
+                names.check(cx, "database", database);
+            }
+        }
+    }
+    for set in &t.scale_sets {
+        names.check(cx, "site", &set.site);
+        if let Some(h) = &set.health {
+            names.check(cx, "monitor", h);
+        }
+    }
+    for db in &t.databases {
+        for m in &db.members {
+            names.check(cx, "site", &m.site);
+        }
+        for f in &db.frontends {
+            names.check(cx, "site", &f.site);
+        }
+    }
+    for app in &t.apps {
+        for s in &app.sites {
+            names.check(cx, "site", s);
+        }
+        names.check(cx, "profile", &app.profile);
+        if let Some(db) = &app.database {
+            names.check(cx, "database", db);
+        }
+        for s in &app.scale_sets {
+            names.check(cx, "scale set", s);
+        }
+    }
+}
+
+/// The names declared of each kind, read from the file itself: an item whose other fields
+/// had problems still has its name, so references to it are not reported a second time.
+pub(crate) struct Names {
+    by_kind: HashMap<&'static str, Vec<String>>,
+}
+
+impl Names {
+    pub(crate) fn declared(root: &Value<'_>) -> Self {
+        let kinds = [
+            ("site", "site"),
+            ("monitor", "monitor"),
+            ("profile", "profile"),
+            ("load_balancer", "load balancer"),
+            ("scale_set", "scale set"),
+            ("database", "database"),
+        ];
+        let by_kind = kinds
+            .into_iter()
+            .map(|(key, kind)| {
+                let items = root.get_ref().get(key).map(|v| v.get_ref());
+                let names = match items {
+                    Some(DeValue::Array(items)) => items
+                        .iter()
+                        .filter_map(|i| i.get_ref().get("name")?.get_ref().as_str())
+                        .map(str::to_string)
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                (kind, names)
+            })
+            .collect();
+        Names { by_kind }
+    }
+
+    /// Reports a reference to an undefined name; true when it resolves.
+    fn check(&self, cx: &mut Cx, kind: &'static str, r: &Name) -> bool {
+        let known: Vec<&str> = self
+            .by_kind
+            .get(kind)
+            .map(|v| v.iter().map(String::as_str).collect())
+            .unwrap_or_default();
+        if known.contains(&r.as_str()) {
+            return true;
+        }
+        let help = if known.is_empty() {
+            format!("no {kind} is defined; add one or remove this reference")
+        } else {
+            suggest(r, &known)
+        };
+        cx.error(
+            Code::UnknownReference,
+            r.span(),
+            format!("unknown {kind} `{r}`"),
+            help,
+        );
+        false
+    }
+}
+
+fn profiles(cx: &mut Cx, t: &Topology, names: &Names) {
+    let zones: Vec<&str> = t
+        .dns
+        .iter()
+        .flat_map(|d| d.zones.iter().map(|z| z.name.as_str()))
+        .collect();
+    for p in &t.profiles {
+        if let Some(m) = &p.monitor {
+            names.check(cx, "monitor", m);
+        }
+        let in_zone = zones
+            .iter()
+            .any(|z| p.domain.as_str() == *z || p.domain.ends_with(&format!(".{z}")));
+        if !in_zone {
+            cx.error(
+                Code::BadDomain,
+                p.domain.span(),
+                format!("domain `{}` is in no zone served by [dns]", p.domain),
+                if zones.is_empty() {
+                    "add a [[dns.zone]] that contains it".to_string()
+                } else {
+                    format!("served zones: {}", zones.join(", "))
+                },
+            );
+        }
+        for e in &p.endpoints {
+            match &e.target {
+                Target::LoadBalancer(lb) => {
+                    names.check(cx, "load balancer", lb);
+                }
+                Target::Profile(child) => {
+                    names.check(cx, "profile", child);
+                }
+                Target::Address(_) | Target::Cname(_) => {}
+            }
+            if let Some(site) = &e.site {
+                names.check(cx, "site", site);
+            }
+        }
+    }
+    nesting(cx, t);
+}
+
+/// Nested profiles must form no cycle and be at most `MAX_PROFILE_DEPTH` deep.
+fn nesting(cx: &mut Cx, t: &Topology) {
+    fn children(p: &Profile) -> Vec<&Name> {
+        p.endpoints
+            .iter()
+            .filter_map(|e| match &e.target {
+                Target::Profile(c) => Some(c),
+                _ => None,
+            })
+            .collect()
+    }
+    let nested: Vec<&str> = t
+        .profiles
+        .iter()
+        .flat_map(children)
+        .map(|n| n.as_str())
+        .collect();
+    let order = |name: &str| t.profiles.iter().position(|p| p.name.as_str() == name);
+    for root in &t.profiles {
+        // Depth-first walk from each profile; `path` is the chain of names from the root.
+        let mut stack: Vec<(Vec<&str>, &Name)> = children(root)
+            .into_iter()
+            .map(|c| (vec![root.name.as_str()], c))
+            .collect();
+        while let Some((path, child)) = stack.pop() {
+            if child.as_str() == root.name.as_str() {
+                // Report each cycle once, at its member that comes first in the file.
+                let first = path.iter().filter_map(|n| order(n)).min();
+                if first != order(&root.name) {
+                    break;
+                }
+                let chain = path.join(" -> ");
+                cx.error(
+                    Code::ProfileCycle,
+                    root.name.span(),
+                    format!("nested profiles form a cycle: {chain} -> {child}"),
+                    "a profile cannot answer through itself; point one endpoint elsewhere",
+                );
+                break;
+            }
+            if path.contains(&child.as_str()) {
+                continue; // a cycle not through root: reported from its own members
+            }
+            if path.len() >= MAX_PROFILE_DEPTH {
+                if nested.contains(&root.name.as_str()) {
+                    break; // reported at the top of the chain
+                }
+                cx.error(
+                    Code::ProfileDepth,
+                    root.name.span(),
+                    format!(
+                        "profile `{}` nests more than {MAX_PROFILE_DEPTH} profiles deep",
+                        root.name
+                    ),
+                    "flatten the nesting: point an endpoint at a load balancer or an address",
+                );
+                break;
+            }
+            if let Some(p) = t.profile(child) {
+                let mut next = path.clone();
+                next.push(child.as_str());
+                stack.extend(children(p).into_iter().map(|c| (next.clone(), c)));
+            }
+        }
+    }
+}

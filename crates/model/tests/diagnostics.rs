@@ -1,0 +1,115 @@
+//! Pins the exact text users see for each kind of diagnostic. Each case is a topology file in
+//! `tests/diagnostics/NAME.toml` and the full report expected for it in `NAME.txt`.
+//! Set `BLESS=1` to rewrite the expectations after an intended change, then review the diff.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+fn check(name: &str) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/diagnostics");
+    let text = std::fs::read_to_string(dir.join(format!("{name}.toml"))).unwrap();
+    let report = match model::parse(model::Source::new(format!("{name}.toml"), text)) {
+        Ok(_) => "valid\n".to_string(),
+        Err(d) => d.render(),
+    };
+    let expected_path = dir.join(format!("{name}.txt"));
+    if std::env::var_os("BLESS").is_some() {
+        std::fs::write(&expected_path, &report).unwrap();
+    }
+    let expected = std::fs::read_to_string(&expected_path).unwrap_or_default();
+    assert_eq!(report, expected, "report for {name}.toml differs");
+}
+
+macro_rules! cases {
+    ($($name:ident),* $(,)?) => {$(
+        #[test]
+        fn $name() {
+            check(stringify!($name));
+        }
+    )*};
+}
+
+cases!(
+    syntax,
+    unknown_keys,
+    missing_keys,
+    wrong_types,
+    bad_values,
+    out_of_range,
+    duplicates,
+    references,
+    profile_cycle,
+    profile_depth,
+    priorities,
+    monitor_rules,
+    scale_set_rules,
+    database_rules,
+    many_at_once,
+);
+
+#[test]
+fn example_topologies_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml")
+            && let Err(e) = model::load(&path)
+        {
+            match e {
+                model::LoadError::Invalid(d) => panic!("{}", d.render()),
+                other => panic!("{other}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn json_report_locates_each_problem() {
+    let text = "[[site]]\nname = \"edge\"\nrole = \"edgy\"\nfoo = 1\n";
+    let d = model::parse(model::Source::new("t.toml", text)).unwrap_err();
+    let json = d.to_json();
+    assert_eq!(
+        json,
+        serde_json::json!([
+            {"file": "t.toml", "line": 3, "column": 8, "code": "E008",
+             "message": "`role` cannot be \"edgy\"", "help": "expected one of: edge, region, witness"},
+            {"file": "t.toml", "line": 4, "column": 1, "code": "E002",
+             "message": "unknown key `foo` in site", "help": "expected one of: name, role, location"},
+        ])
+    );
+}
+
+#[test]
+fn example_reads_into_typed_values() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/two-site.toml");
+    let t = model::load(&path).unwrap();
+    let web = t.monitor("web").unwrap();
+    assert_eq!(web.interval, std::time::Duration::from_secs(1));
+    assert_eq!(web.timeout, std::time::Duration::from_millis(500));
+    assert_eq!((web.tolerated_failures, web.recovery_successes), (1, 2));
+    assert_eq!(
+        web.headers.get("Host").map(String::as_str),
+        Some("www.shop.test")
+    );
+    let www = t.profile("www").unwrap();
+    assert_eq!(www.routing, model::Routing::Priority);
+    assert_eq!(www.failback_hold, std::time::Duration::from_secs(30));
+    assert_eq!(
+        www.endpoints[0].target,
+        model::Target::LoadBalancer(model::Name::new("edge-web", 0..0))
+    );
+    let set = t.scale_set("edge-web").unwrap();
+    assert_eq!(
+        set.capacity,
+        model::Capacity {
+            min: 2,
+            max: 6,
+            initial: 2
+        }
+    );
+    assert_eq!(set.autoscale.len(), 2);
+    assert_eq!(set.autoscale[1].change, -1);
+    assert_eq!(t.databases[0].max_lag_on_failover, 1_000_000);
+    assert_eq!(t.apps[0].sites.len(), 2);
+}
