@@ -1,0 +1,356 @@
+//! The probe engine: one lightweight task per target, each on its own phase (a random offset
+//! within the interval, so probes spread evenly), a semaphore bounding probes in flight, and a
+//! per-target record that only its own task writes. State changes bump a version on a watch
+//! channel, so data planes rebuild their snapshots only when something changed, and are sent as
+//! events.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use model::Monitor;
+use rand::Rng;
+use serde::Serialize;
+use tokio::sync::{Semaphore, broadcast, watch};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::probe::{Destination, Failure, Outcome, Prober};
+use crate::state::{Change, Health, Status, Thresholds};
+
+/// Something to probe with a monitor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// Stable identity, such as `profile/www/edge` or `lb/edge-web/127.0.1.31:8080`.
+    pub id: String,
+    pub monitor: String,
+    pub destination: Destination,
+    /// Starts Disabled (an endpoint with `enabled = false`).
+    pub disabled: bool,
+}
+
+/// Engine settings.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Probes in flight at once, at most. Default 4096.
+    pub max_in_flight: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            max_in_flight: 4096,
+        }
+    }
+}
+
+/// A status change of one target, with the figures behind it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Event {
+    #[serde(serialize_with = "crate::serde_time")]
+    pub at: SystemTime,
+    pub target: String,
+    pub from: Status,
+    pub to: Status,
+    /// Why: the last probe failure, or the run of successes.
+    pub reason: String,
+}
+
+/// Why the engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("target {target} uses monitor {monitor}, which is not defined")]
+    UnknownMonitor { target: String, monitor: String },
+    #[error("monitor {monitor}: {reason}")]
+    Monitor { monitor: String, reason: String },
+    #[error("target {0} is defined twice")]
+    DuplicateTarget(String),
+}
+
+/// No target by that id.
+#[derive(Debug, thiserror::Error)]
+#[error("no health target {0:?}")]
+pub struct UnknownTarget(pub String);
+
+/// What `/v1/health` shows of a target.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub target: String,
+    pub monitor: String,
+    pub destination: String,
+    pub status: Status,
+    #[serde(serialize_with = "crate::serde_time")]
+    pub since: SystemTime,
+    pub consecutive_successes: u32,
+    pub consecutive_failures: u32,
+    /// Latency of the last probe, in milliseconds.
+    pub last_latency_ms: Option<f64>,
+    /// The last failure's reason, whenever it happened.
+    pub last_failure: Option<String>,
+    #[serde(serialize_with = "crate::serde_opt_time")]
+    pub last_failure_at: Option<SystemTime>,
+    pub probes: u64,
+    pub failures: u64,
+}
+
+struct Record {
+    health: Health,
+    since: SystemTime,
+    last_latency: Option<Duration>,
+    last_failure: Option<(SystemTime, Failure)>,
+}
+
+struct Slot {
+    target: Target,
+    thresholds: Thresholds,
+    interval: Duration,
+    record: Mutex<Record>,
+    probes: AtomicU64,
+    failures: AtomicU64,
+}
+
+impl Slot {
+    fn record(&self) -> MutexGuard<'_, Record> {
+        // A poisoned lock only means a panic elsewhere mid-update; the record is still usable.
+        self.record.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Shared between the engine handle and its probe tasks.
+struct Shared {
+    slots: Vec<Slot>,
+    version: watch::Sender<u64>,
+    events: broadcast::Sender<Event>,
+}
+
+/// A running probe engine. Dropping it stops every probe.
+pub struct Engine {
+    shared: Arc<Shared>,
+    index: HashMap<String, usize>,
+    tasks: Mutex<JoinSet<()>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("targets", &self.shared.slots.len())
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Starts probing `targets` with the monitors they name. Must run inside a tokio runtime.
+    pub fn start(targets: Vec<Target>, monitors: &[Monitor], opts: Options) -> Result<Self, Error> {
+        let mut probers: HashMap<&str, Arc<Prober>> = HashMap::new();
+        for m in monitors {
+            let p = Prober::new(m).map_err(|reason| Error::Monitor {
+                monitor: m.name.to_string(),
+                reason,
+            })?;
+            probers.insert(m.name.as_str(), Arc::new(p));
+        }
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let mut index = HashMap::new();
+        let mut slots = Vec::with_capacity(targets.len());
+        let mut plan = Vec::with_capacity(targets.len());
+        for target in targets {
+            let monitor = monitors
+                .iter()
+                .find(|m| m.name.as_str() == target.monitor)
+                .ok_or_else(|| Error::UnknownMonitor {
+                    target: target.id.clone(),
+                    monitor: target.monitor.clone(),
+                })?;
+            if index.insert(target.id.clone(), slots.len()).is_some() {
+                return Err(Error::DuplicateTarget(target.id));
+            }
+            let mut health = Health::new(now);
+            health.set_disabled(target.disabled, now);
+            plan.push(probers[monitor.name.as_str()].clone());
+            slots.push(Slot {
+                target,
+                thresholds: Thresholds {
+                    tolerated_failures: monitor.tolerated_failures,
+                    recovery_successes: monitor.recovery_successes,
+                },
+                interval: monitor.interval,
+                record: Mutex::new(Record {
+                    health,
+                    since: wall,
+                    last_latency: None,
+                    last_failure: None,
+                }),
+                probes: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+            });
+        }
+        let shared = Arc::new(Shared {
+            slots,
+            version: watch::Sender::new(0),
+            events: broadcast::Sender::new(1024),
+        });
+        let limit = Arc::new(Semaphore::new(opts.max_in_flight.max(1)));
+        let mut tasks = JoinSet::new();
+        let mut rng = rand::rng();
+        for (i, prober) in plan.into_iter().enumerate() {
+            let interval = shared.slots[i].interval;
+            let phase =
+                Duration::from_micros(rng.random_range(0..interval.as_micros().max(1) as u64));
+            tasks.spawn(run(shared.clone(), i, prober, limit.clone(), phase));
+        }
+        Ok(Engine {
+            shared,
+            index,
+            tasks: Mutex::new(tasks),
+        })
+    }
+
+    /// Changes whenever any target's status changes; the value is a change counter.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.shared.version.subscribe()
+    }
+
+    /// Every status change, as it happens.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.shared.events.subscribe()
+    }
+
+    pub fn status(&self, id: &str) -> Option<Status> {
+        let slot = &self.shared.slots[*self.index.get(id)?];
+        Some(slot.record().health.status)
+    }
+
+    /// Every target, in the order given at start.
+    pub fn reports(&self) -> Vec<Report> {
+        self.shared.slots.iter().map(report).collect()
+    }
+
+    pub fn report(&self, id: &str) -> Option<Report> {
+        self.index.get(id).map(|i| report(&self.shared.slots[*i]))
+    }
+
+    /// Operator's switch: a disabled target is not probed and counts as Disabled.
+    pub fn set_disabled(&self, id: &str, disabled: bool) -> Result<Status, UnknownTarget> {
+        let i = *self
+            .index
+            .get(id)
+            .ok_or_else(|| UnknownTarget(id.to_string()))?;
+        let slot = &self.shared.slots[i];
+        let mut rec = slot.record();
+        let change = rec.health.set_disabled(disabled, Instant::now());
+        let status = rec.health.status;
+        if let Some(change) = change {
+            let reason = if disabled {
+                "disabled by operator"
+            } else {
+                "enabled by operator"
+            };
+            publish(&self.shared, slot, &mut rec, change, reason.to_string());
+        }
+        Ok(status)
+    }
+
+    /// Stops every probe task.
+    pub fn shutdown(&self) {
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .abort_all();
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn report(slot: &Slot) -> Report {
+    let rec = slot.record();
+    Report {
+        target: slot.target.id.clone(),
+        monitor: slot.target.monitor.clone(),
+        destination: slot.target.destination.to_string(),
+        status: rec.health.status,
+        since: rec.since,
+        consecutive_successes: rec.health.consecutive_successes,
+        consecutive_failures: rec.health.consecutive_failures,
+        last_latency_ms: rec.last_latency.map(|d| d.as_secs_f64() * 1000.0),
+        last_failure: rec.last_failure.as_ref().map(|(_, f)| f.to_string()),
+        last_failure_at: rec.last_failure.as_ref().map(|(t, _)| *t),
+        probes: slot.probes.load(Ordering::Relaxed),
+        failures: slot.failures.load(Ordering::Relaxed),
+    }
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    i: usize,
+    prober: Arc<Prober>,
+    limit: Arc<Semaphore>,
+    phase: Duration,
+) {
+    let slot = &shared.slots[i];
+    let mut ticks = tokio::time::interval_at(Instant::now() + phase, slot.interval);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if slot.record().health.status == Status::Disabled {
+            continue;
+        }
+        let Ok(permit) = limit.acquire().await else {
+            return; // semaphore closed: shutting down
+        };
+        let outcome = prober.probe(&slot.target.destination).await;
+        drop(permit);
+        apply(&shared, slot, outcome);
+    }
+}
+
+fn apply(shared: &Shared, slot: &Slot, outcome: Outcome) {
+    slot.probes.fetch_add(1, Ordering::Relaxed);
+    let mut rec = slot.record();
+    rec.last_latency = Some(outcome.latency);
+    if let Err(f) = &outcome.result {
+        slot.failures.fetch_add(1, Ordering::Relaxed);
+        rec.last_failure = Some((SystemTime::now(), f.clone()));
+    }
+    let change = rec
+        .health
+        .observe(outcome.result.is_ok(), slot.thresholds, Instant::now());
+    if let Some(change) = change {
+        let reason = match &outcome.result {
+            Err(f) => format!(
+                "{} failures in a row, last: {f}",
+                rec.health.consecutive_failures
+            ),
+            Ok(()) => format!(
+                "{} successes in a row, last in {:.1}ms",
+                rec.health.consecutive_successes,
+                outcome.latency.as_secs_f64() * 1000.0
+            ),
+        };
+        publish(shared, slot, &mut rec, change, reason);
+    }
+}
+
+fn publish(shared: &Shared, slot: &Slot, rec: &mut Record, change: Change, reason: String) {
+    rec.since = SystemTime::now();
+    tracing::info!(
+        target = %slot.target.id,
+        from = %change.from,
+        to = %change.to,
+        %reason,
+        "health changed"
+    );
+    shared.version.send_modify(|v| *v += 1);
+    let _ = shared.events.send(Event {
+        at: rec.since,
+        target: slot.target.id.clone(),
+        from: change.from,
+        to: change.to,
+        reason,
+    });
+}

@@ -1,0 +1,223 @@
+//! Test fixtures: real servers on loopback whose behaviour a test changes while they run, and
+//! waiting for a condition with a deadline instead of sleeping.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+/// What an [`HttpServer`] does with the next requests.
+#[derive(Clone, Debug)]
+pub enum Behaviour {
+    /// Answer with this status and body.
+    Answer(u16, String),
+    /// Read the request and never answer.
+    Hang,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    behaviour: Option<Behaviour>,
+    last_request: Option<String>,
+    last_sni: Option<String>,
+    requests: u64,
+}
+
+/// A one-request-per-connection HTTP/1.1 server, optionally over TLS, that can be stopped (the
+/// port then refuses connections) and started again on the same address.
+pub struct HttpServer {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    tls: Option<TlsAcceptor>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl HttpServer {
+    /// A plain HTTP server on `127.0.0.1` answering `200 ok`.
+    pub async fn start() -> Self {
+        Self::bind("127.0.0.1:0".parse().unwrap(), None).await
+    }
+
+    /// An HTTPS server with a self-signed certificate for `localhost`; returns the certificate
+    /// in PEM so a test can trust it.
+    pub async fn start_tls() -> (Self, String) {
+        let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let pem = key.cert.pem();
+        let cert = CertificateDer::from(key.cert.der().to_vec());
+        let pkey = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.signing_key.serialize_der()));
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], pkey)
+        .unwrap();
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let server = Self::bind("127.0.0.1:0".parse().unwrap(), Some(acceptor)).await;
+        (server, pem)
+    }
+
+    async fn bind(addr: SocketAddr, tls: Option<TlsAcceptor>) -> Self {
+        let mut server = HttpServer {
+            addr,
+            state: Arc::new(Mutex::new(State {
+                behaviour: Some(Behaviour::Answer(200, "ok".into())),
+                ..State::default()
+            })),
+            tls,
+            task: None,
+        };
+        server.resume().await;
+        server
+    }
+
+    /// Sets what the next requests get.
+    pub fn set(&self, b: Behaviour) {
+        self.state.lock().unwrap().behaviour = Some(b);
+    }
+
+    /// The raw head of the last request received.
+    pub fn last_request(&self) -> Option<String> {
+        self.state.lock().unwrap().last_request.clone()
+    }
+
+    /// The server name the last TLS client asked for.
+    pub fn last_sni(&self) -> Option<String> {
+        self.state.lock().unwrap().last_sni.clone()
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.state.lock().unwrap().requests
+    }
+
+    /// Closes the listener: new connections are refused.
+    pub fn stop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+
+    /// Listens again on the same address.
+    pub async fn resume(&mut self) {
+        self.stop();
+        let listener = bind_retrying(self.addr).await;
+        self.addr = listener.local_addr().unwrap();
+        let state = self.state.clone();
+        let tls = self.tls.clone();
+        self.task = Some(tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let state = state.clone();
+                let tls = tls.clone();
+                conns.spawn(async move {
+                    match tls {
+                        None => serve(stream, state).await,
+                        Some(acceptor) => {
+                            if let Ok(s) = acceptor.accept(stream).await {
+                                let sni = s.get_ref().1.server_name().map(str::to_string);
+                                state.lock().unwrap().last_sni = sni;
+                                serve(s, state).await;
+                            }
+                        }
+                    }
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        }));
+    }
+}
+
+impl std::fmt::Debug for HttpServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpServer")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A port just closed can take a moment to be free again.
+async fn bind_retrying(addr: SocketAddr) -> TcpListener {
+    let mut last = None;
+    for _ in 0..100 {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("cannot bind {addr}: {last:?}");
+}
+
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, state: Arc<Mutex<State>>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let behaviour = {
+        let mut st = state.lock().unwrap();
+        st.requests += 1;
+        st.last_request = Some(String::from_utf8_lossy(&buf).into_owned());
+        st.behaviour.clone()
+    };
+    match behaviour {
+        Some(Behaviour::Answer(status, body)) => {
+            let resp = format!(
+                "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+            let _ = s.shutdown().await;
+        }
+        Some(Behaviour::Hang) | None => {
+            // Hold the connection open until the client gives up.
+            let _ = s.read(&mut chunk).await;
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing the test after `deadline`.
+pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A loopback port that nothing listens on (bound, then released).
+pub fn closed_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
