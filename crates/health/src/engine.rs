@@ -338,13 +338,11 @@ fn apply(shared: &Shared, slot: &Slot, outcome: Outcome) {
 
 fn publish(shared: &Shared, slot: &Slot, rec: &mut Record, change: Change, reason: String) {
     rec.since = SystemTime::now();
-    tracing::info!(
-        target = %slot.target.id,
-        from = %change.from,
-        to = %change.to,
-        %reason,
-        "health changed"
-    );
+    if change.to == Status::Degraded {
+        tracing::warn!(target = %slot.target.id, from = %change.from, to = %change.to, %reason, "health changed");
+    } else {
+        tracing::info!(target = %slot.target.id, from = %change.from, to = %change.to, %reason, "health changed");
+    }
     shared.version.send_modify(|v| *v += 1);
     let _ = shared.events.send(Event {
         at: rec.since,

@@ -1,1 +1,108 @@
-fn main() {}
+//! `tandem`: the command line. It parses arguments and wires the crates together; the work is
+//! done in the libraries.
+//!
+//! Exit codes: 0 success; 1 the topology is invalid or unreadable; 2 bad command-line usage;
+//! 3 a runtime failure (an address in use, the API unreachable).
+
+mod client;
+mod status;
+mod up;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code for an invalid or unreadable topology.
+pub const EXIT_INVALID: u8 = 1;
+/// Exit code for a runtime failure.
+pub const EXIT_RUNTIME: u8 = 3;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tandem",
+    version,
+    about = "Active/standby high availability for edge applications",
+    after_help = "Exit codes: 0 success, 1 invalid topology, 2 usage error, 3 runtime failure."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run everything the topology declares: probes and the API (more tiers as they land).
+    Up {
+        /// The topology file.
+        file: PathBuf,
+    },
+    /// Check a topology file and report every problem in it.
+    Validate {
+        /// The topology file.
+        file: PathBuf,
+        /// Print the problems as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the health of every target of a running `tandem up`.
+    Status {
+        /// API address of the running tandem [env: TANDEM_API] [default: 127.0.0.1:7400].
+        #[arg(long)]
+        api: Option<SocketAddr>,
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Up { file } => up::run(&file),
+        Command::Validate { file, json } => validate(&file, json),
+        Command::Status { api, json } => status::run(api, json),
+    }
+}
+
+fn validate(file: &std::path::Path, json: bool) -> ExitCode {
+    match model::load(file) {
+        Ok(t) => {
+            if json {
+                println!("[]");
+            } else {
+                println!(
+                    "{}: valid ({} sites, {} monitors, {} profiles, {} load balancers, {} scale sets, {} databases, {} apps)",
+                    file.display(),
+                    t.sites.len(),
+                    t.monitors.len(),
+                    t.profiles.len(),
+                    t.load_balancers.len(),
+                    t.scale_sets.len(),
+                    t.databases.len(),
+                    t.apps.len()
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            report_load_error(&e, json);
+            ExitCode::from(EXIT_INVALID)
+        }
+    }
+}
+
+/// Prints why a topology could not be loaded.
+pub fn report_load_error(e: &model::LoadError, json: bool) {
+    match (e, json) {
+        (model::LoadError::Invalid(d), false) => eprint!("{}", d.render()),
+        (model::LoadError::Invalid(d), true) => println!("{}", d.to_json()),
+        (other, false) => eprintln!("error: {other}"),
+        (other, true) => println!(
+            "{}",
+            serde_json::json!([{ "file": null, "line": null, "column": null, "code": "E000",
+                                  "message": other.to_string(), "help": "check the path and permissions" }])
+        ),
+    }
+}

@@ -1,0 +1,103 @@
+//! Every metric Tandem exports, named in one place, rendered in the Prometheus text format.
+
+use std::fmt::Write as _;
+
+use health::{Report, Status};
+
+/// `1` with the version as a label.
+pub const BUILD_INFO: &str = "tandem_build_info";
+/// `1` when the target is Online, else `0`.
+pub const TARGET_UP: &str = "tandem_health_target_up";
+/// `1` for the target's current status, one series per status.
+pub const TARGET_STATUS: &str = "tandem_health_target_status";
+/// Latency of the target's last probe.
+pub const PROBE_LATENCY: &str = "tandem_health_probe_latency_seconds";
+/// Probes run per target.
+pub const PROBES: &str = "tandem_health_probes_total";
+/// Probes failed per target.
+pub const PROBE_FAILURES: &str = "tandem_health_probe_failures_total";
+/// Status changes of any target since start.
+pub const STATUS_CHANGES: &str = "tandem_health_status_changes_total";
+
+const STATUSES: [Status; 5] = [
+    Status::CheckingEndpoint,
+    Status::Online,
+    Status::Degraded,
+    Status::Disabled,
+    Status::Stopped,
+];
+
+/// Renders the exposition text for the given health reports.
+pub fn render(reports: &[Report], status_changes: u64) -> String {
+    let mut out = String::with_capacity(256 + reports.len() * 512);
+    header(&mut out, BUILD_INFO, "gauge", "Tandem build.");
+    let _ = writeln!(
+        out,
+        "{BUILD_INFO}{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    header(
+        &mut out,
+        STATUS_CHANGES,
+        "counter",
+        "Health status changes of any target.",
+    );
+    let _ = writeln!(out, "{STATUS_CHANGES} {status_changes}");
+
+    header(&mut out, TARGET_UP, "gauge", "1 when the target is Online.");
+    for r in reports {
+        let up = u8::from(r.status == Status::Online);
+        let _ = writeln!(out, "{TARGET_UP}{{{}}} {up}", labels(r));
+    }
+    header(
+        &mut out,
+        TARGET_STATUS,
+        "gauge",
+        "1 for the target's current status.",
+    );
+    for r in reports {
+        for s in STATUSES {
+            let v = u8::from(r.status == s);
+            let _ = writeln!(out, "{TARGET_STATUS}{{{},status=\"{s}\"}} {v}", labels(r));
+        }
+    }
+    header(
+        &mut out,
+        PROBE_LATENCY,
+        "gauge",
+        "Latency of the last probe.",
+    );
+    for r in reports {
+        if let Some(ms) = r.last_latency_ms {
+            let _ = writeln!(out, "{PROBE_LATENCY}{{{}}} {}", labels(r), ms / 1000.0);
+        }
+    }
+    header(&mut out, PROBES, "counter", "Probes run.");
+    for r in reports {
+        let _ = writeln!(out, "{PROBES}{{{}}} {}", labels(r), r.probes);
+    }
+    header(&mut out, PROBE_FAILURES, "counter", "Probes failed.");
+    for r in reports {
+        let _ = writeln!(out, "{PROBE_FAILURES}{{{}}} {}", labels(r), r.failures);
+    }
+    out
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn labels(r: &Report) -> String {
+    format!(
+        "target=\"{}\",monitor=\"{}\"",
+        escape(&r.target),
+        escape(&r.monitor)
+    )
+}
+
+/// Label values escape backslash, quote and newline.
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}

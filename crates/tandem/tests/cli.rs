@@ -1,0 +1,366 @@
+//! The `tandem` binary as users run it: a real process, real servers, real signals.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use testkit::{Behaviour, HttpServer, eventually};
+
+fn tandem() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tandem"))
+}
+
+fn example() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/two-site.toml")
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("tandem runs")
+}
+
+#[test]
+fn validate_accepts_the_example() {
+    let out = run(tandem().arg("validate").arg(example()));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("valid (2 sites"));
+}
+
+#[test]
+fn validate_reports_every_problem_with_its_location() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    let text = std::fs::read_to_string(example())
+        .unwrap()
+        .replace("role = \"edge\"", "role = \"edgy\"")
+        .replace("interval = \"1s\"", "interval = \"1 second\"")
+        .replace("monitor = \"web\"", "monitor = \"wbe\"")
+        .replace(
+            "min = 2, max = 6, initial = 2",
+            "min = 3, max = 6, initial = 2",
+        );
+    std::fs::write(&file, text).unwrap();
+
+    let out = run(tandem().arg("validate").arg(&file));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let name = file.display().to_string();
+    for expected in [
+        format!("error[E008]: `role` cannot be \"edgy\"\n  --> {name}:12:8"),
+        format!("error[E005]: invalid duration \"1 second\" for `interval`\n  --> {name}:34:12"),
+        format!("error[E011]: unknown monitor `wbe`\n  --> {name}:46:11"),
+        format!(
+            "error[E017]: capacity needs min <= initial <= max, found min 3, initial 2, max 6\n  --> {name}:89:12"
+        ),
+        format!("error: {name} has 4 problems"),
+    ] {
+        assert!(
+            stderr.contains(&expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+
+    let out = run(tandem().args(["validate", "--json"]).arg(&file));
+    assert_eq!(out.status.code(), Some(1));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let codes: Vec<&str> = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(codes, ["E008", "E005", "E011", "E017"]);
+    assert_eq!(json[1]["line"], 34);
+    assert_eq!(json[1]["column"], 12);
+}
+
+#[test]
+fn validate_of_a_missing_file_says_so() {
+    let out = run(tandem().args(["validate", "/nonexistent/topology.toml"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent/topology.toml")
+    );
+}
+
+#[test]
+fn usage_errors_exit_2_and_every_command_has_help() {
+    assert_eq!(run(tandem().arg("frobnicate")).status.code(), Some(2));
+    for cmd in [
+        &["--help"][..],
+        &["up", "--help"],
+        &["validate", "--help"],
+        &["status", "--help"],
+    ] {
+        let out = run(tandem().args(cmd));
+        assert_eq!(out.status.code(), Some(0), "{cmd:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("Usage: tandem"));
+    }
+    let out = run(tandem().arg("--version"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("tandem {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn status_without_a_running_tandem_exits_3() {
+    let out = run(tandem().args(["status", "--api", "127.0.0.1:9"]));
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is `tandem up` running?"));
+}
+
+/// A running `tandem up` that is stopped with SIGTERM when dropped.
+struct Up {
+    child: Child,
+    api: SocketAddr,
+}
+
+impl Up {
+    fn start(topology: &Path, api: SocketAddr, env: &[(&str, &str)]) -> Self {
+        let child = tandem()
+            .arg("up")
+            .arg(topology)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Up { child, api }
+    }
+
+    fn status(&self) -> Option<Value> {
+        let out = run(tandem().args(["status", "--json", "--api", &self.api.to_string()]));
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).unwrap())
+    }
+
+    fn target(&self, id: &str) -> Option<Value> {
+        let body = self.status()?;
+        body["targets"]
+            .as_array()?
+            .iter()
+            .find(|t| t["target"] == id)
+            .cloned()
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    testkit::closed_port()
+}
+
+async fn wait_status(up: &Up, id: &str, status: &str) -> Value {
+    eventually(
+        Duration::from_secs(10),
+        &format!("{id} {status}"),
+        || async { up.target(id).filter(|t| t["status"] == status) },
+    )
+    .await
+}
+
+/// `tandem up` probes http, https (verifying against a trusted test CA) and tcp targets of a
+/// real topology; `tandem status --json` shows each go Online, Degraded after exactly
+/// tolerated + 1 failures, and Online again; SIGTERM stops it and frees its port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_probes_the_topology_and_status_shows_it() {
+    let web = HttpServer::start().await;
+    let (secure, ca_pem) = HttpServer::start_tls().await;
+    let db = HttpServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, ca_pem).unwrap();
+    let api = free_addr();
+    let topology = dir.path().join("topology.toml");
+    std::fs::write(
+        &topology,
+        format!(
+            r#"
+[tandem]
+api = "{api}"
+state_dir = "{state}"
+
+[dns]
+listen = ["127.0.0.1:0"]
+[[dns.zone]]
+name = "shop.test"
+nameservers = ["ns1.shop.test"]
+hostmaster = "hostmaster.shop.test"
+
+[[monitor]]
+name = "web"
+protocol = "http"
+port = {web}
+path = "/healthz"
+interval = "100ms"
+timeout = "80ms"
+tolerated_failures = 2
+recovery_successes = 2
+
+[[monitor]]
+name = "secure"
+protocol = "https"
+port = {secure}
+sni = "localhost"
+interval = "100ms"
+timeout = "90ms"
+
+[[monitor]]
+name = "db"
+protocol = "tcp"
+port = {db}
+interval = "100ms"
+timeout = "80ms"
+
+[[profile]]
+name = "www"
+domain = "www.shop.test"
+routing = "priority"
+monitor = "web"
+  [[profile.endpoint]]
+  name = "edge"
+  target = {{ address = "127.0.0.1" }}
+  priority = 1
+
+[[profile]]
+name = "api"
+domain = "api.shop.test"
+routing = "weighted"
+monitor = "secure"
+  [[profile.endpoint]]
+  name = "edge"
+  target = {{ address = "127.0.0.1" }}
+
+[[profile]]
+name = "db"
+domain = "db.shop.test"
+routing = "weighted"
+monitor = "db"
+  [[profile.endpoint]]
+  name = "edge"
+  target = {{ address = "127.0.0.1" }}
+"#,
+            state = dir.path().join("state").display(),
+            web = web.addr.port(),
+            secure = secure.addr.port(),
+            db = db.addr.port(),
+        ),
+    )
+    .unwrap();
+
+    let mut up = Up::start(&topology, api, &[("SSL_CERT_FILE", ca.to_str().unwrap())]);
+    for id in ["profile/www/edge", "profile/api/edge", "profile/db/edge"] {
+        wait_status(&up, id, "Online").await;
+    }
+    assert!(
+        web.last_request()
+            .unwrap()
+            .starts_with("GET /healthz HTTP/1.1")
+    );
+    assert_eq!(secure.last_sni().as_deref(), Some("localhost"));
+
+    web.set(Behaviour::Answer(503, String::new()));
+    let t = wait_status(&up, "profile/www/edge", "Degraded").await;
+    assert_eq!(t["last_failure"], "status 503");
+    let events = recent_events(api).await;
+    let degraded = events
+        .iter()
+        .find(|e| e["target"] == "profile/www/edge" && e["to"] == "Degraded")
+        .expect("a Degraded event");
+    assert_eq!(degraded["reason"], "3 failures in a row, last: status 503");
+
+    web.set(Behaviour::Answer(200, "ok".into()));
+    wait_status(&up, "profile/www/edge", "Online").await;
+    let events = recent_events(api).await;
+    let back = events
+        .iter()
+        .rfind(|e| e["target"] == "profile/www/edge" && e["to"] == "Online")
+        .unwrap();
+    assert!(
+        back["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("2 successes in a row")
+    );
+
+    let metrics = http_get(api, "/metrics").await;
+    assert!(
+        metrics.contains("tandem_health_target_up{target=\"profile/www/edge\",monitor=\"web\"} 1")
+    );
+
+    let table = run(tandem().args(["status", "--api", &api.to_string()]));
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.starts_with("TARGET"), "{table}");
+    assert!(table.contains("profile/db/edge (db 127.0.0.1:"), "{table}");
+
+    let exit = up.terminate();
+    assert!(exit.success(), "tandem exits 0 on SIGTERM: {exit:?}");
+    assert!(
+        std::net::TcpListener::bind(api).is_ok(),
+        "the API port is free again"
+    );
+}
+
+async fn recent_events(api: SocketAddr) -> Vec<Value> {
+    let resp = http_get(api, "/v1/events").await;
+    let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let v: Value = serde_json::from_str(body).unwrap();
+    v["events"].as_array().unwrap().clone()
+}
+
+async fn http_get(api: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(api).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {api}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[test]
+fn up_refuses_an_invalid_topology_and_an_address_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[[site]]\nname = \"edge\"\n").unwrap();
+    let out = run(tandem().arg("up").arg(&bad));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing required key `role`"));
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let file = dir.path().join("t.toml");
+    std::fs::write(&file, format!("[tandem]\napi = \"{addr}\"\n")).unwrap();
+    let out = run(tandem().arg("up").arg(&file));
+    assert_eq!(out.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "cannot listen for the API on {addr} ([tandem] api)"
+        )),
+        "{stderr}"
+    );
+}
