@@ -3,6 +3,7 @@
 //! publishes state changes ([`engine`]). [`targets`] says what a topology asks to probe.
 
 pub mod engine;
+pub mod http1;
 pub mod probe;
 pub mod state;
 mod tls;
