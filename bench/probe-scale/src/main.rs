@@ -134,7 +134,7 @@ async fn measure(a: &Args, ports: &[u16]) -> (u64, u64, (f64, f64), f64) {
     };
     let (p0, f0) = count(&engine);
     let cpu0 = cpu_seconds("/proc/self/stat");
-    let start = std::time::Instant::now();
+    let start = tokio::time::Instant::now();
     tokio::time::sleep(Duration::from_secs(a.seconds)).await;
     let wall = start.elapsed().as_secs_f64();
     let cpu1 = cpu_seconds("/proc/self/stat");
