@@ -364,3 +364,32 @@ fn up_refuses_an_invalid_topology_and_an_address_in_use() {
         "{stderr}"
     );
 }
+
+/// The README's first command: `tandem up examples/two-site.toml` serves the API on the
+/// example's address and shows both endpoints probed; `tandem status` reads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_quickstart_runs_the_example() {
+    let cwd = tempfile::tempdir().unwrap();
+    let child = tandem()
+        .arg("up")
+        .arg(example())
+        .current_dir(cwd.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut up = Up {
+        child,
+        api: "127.0.0.1:7400".parse().unwrap(),
+    };
+    // Nothing listens on the example's load balancer frontends yet: both go Degraded.
+    for id in ["profile/www/edge", "profile/www/region"] {
+        let t = wait_status(&up, id, "Degraded").await;
+        assert_eq!(t["last_failure"], "connection refused");
+    }
+    let table = run(tandem().arg("status").current_dir(cwd.path()));
+    assert!(
+        String::from_utf8_lossy(&table.stdout).contains("profile/www/edge (web 127.0.1.10:8080)")
+    );
+    assert!(up.terminate().success());
+}
