@@ -16,7 +16,7 @@ use std::path::Path;
 
 pub use diag::{Code, Diagnostic, Diagnostics, Source, Span};
 pub use types::*;
-pub use validate::MAX_PROFILE_DEPTH;
+pub use validate::{MAX_PROFILE_DEPTH, endpoint_location};
 
 use toml::de::DeTable;
 

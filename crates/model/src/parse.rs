@@ -17,6 +17,7 @@ const ROOT_KEYS: &[&str] = &[
     "tandem",
     "site",
     "dns",
+    "geo",
     "monitor",
     "profile",
     "load_balancer",
@@ -251,6 +252,12 @@ pub(crate) fn topology(cx: &mut Cx, root: &Value<'_>) -> Option<Topology> {
             .map(|s| dns(cx, s)),
         None => Some(None),
     };
+    let geo = match root.get("geo") {
+        Some(v) => cx
+            .section(v, "[geo]", &["database", "area"])
+            .map(|s| geo(cx, s)),
+        None => Some(Geo::default()),
+    };
     let monitors = cx.tables(root, "monitor", "monitor", MONITOR_KEYS, monitor);
     let profiles = cx.tables(root, "profile", "profile", PROFILE_KEYS, profile);
     let load_balancers = cx.tables(root, "load_balancer", "load balancer", LB_KEYS, lb);
@@ -261,6 +268,7 @@ pub(crate) fn topology(cx: &mut Cx, root: &Value<'_>) -> Option<Topology> {
         tandem,
         sites,
         dns: dns.flatten(),
+        geo: geo.unwrap_or_default(),
         monitors,
         profiles,
         load_balancers,
@@ -329,15 +337,46 @@ fn dns(cx: &mut Cx, s: Section<'_, '_>) -> Option<Dns> {
         s,
         "zone",
         "zone",
-        &["name", "nameservers", "hostmaster"],
+        &["name", "nameservers", "hostmaster", "ttl", "negative_ttl"],
         |cx, z| {
             let name = domain(cx, z, "name");
-            let nameservers = cx.req(z, "nameservers");
-            let hostmaster = cx.req(z, "hostmaster");
+            let nameservers: Option<Vec<String>> = cx.req(z, "nameservers");
+            let hostmaster = domain(cx, z, "hostmaster");
+            let ttl = duration_in(
+                cx,
+                z,
+                "ttl",
+                Duration::from_secs(3600),
+                Duration::ZERO,
+                MAX_TTL,
+            );
+            let negative_ttl = duration_in(
+                cx,
+                z,
+                "negative_ttl",
+                Duration::from_secs(30),
+                Duration::ZERO,
+                MAX_TTL,
+            );
+            if nameservers.as_ref().is_some_and(Vec::is_empty) {
+                let span = z.get("nameservers").map_or_else(|| z.span(), |v| v.span());
+                cx.error(
+                    Code::MissingKey,
+                    span,
+                    "a zone needs at least one name server",
+                    "list the host names that serve it, such as [\"ns1.shop.test\"]",
+                );
+                return None;
+            }
             Some(Zone {
                 name: name?,
-                nameservers: nameservers?,
-                hostmaster: hostmaster?,
+                nameservers: nameservers?
+                    .into_iter()
+                    .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
+                    .collect(),
+                hostmaster: hostmaster?.to_string(),
+                ttl: ttl?,
+                negative_ttl: negative_ttl?,
             })
         },
     );
@@ -345,6 +384,37 @@ fn dns(cx: &mut Cx, s: Section<'_, '_>) -> Option<Dns> {
         listen: listen?,
         zones,
     })
+}
+
+fn geo(cx: &mut Cx, s: Section<'_, '_>) -> Geo {
+    let database: Option<Option<String>> = cx.opt(s, "database");
+    let areas = cx.tables(
+        s,
+        "area",
+        "geo area",
+        &["name", "subnets", "location"],
+        |cx, a| {
+            let name = name(cx, a);
+            let subnets = cx.req(a, "subnets");
+            let location = match a.get("location") {
+                Some(v) => cx
+                    .section(v, "location", &["lat", "lon"])
+                    .and_then(|l| location(cx, l))
+                    .map(Some),
+                None => Some(None),
+            };
+            Some(GeoArea {
+                name: name?,
+                subnets: subnets?,
+                location: location?,
+            })
+        },
+    );
+    unique(cx, areas.iter().map(|a| &a.name), "geo area");
+    Geo {
+        database: database.flatten().map(PathBuf::from),
+        areas,
+    }
 }
 
 const MONITOR_KEYS: &[&str] = &[
@@ -478,6 +548,7 @@ const PROFILE_KEYS: &[&str] = &[
     "failback_hold",
     "all_down",
     "max_answers",
+    "geo",
     "endpoint",
 ];
 
@@ -487,7 +558,6 @@ const ENDPOINT_KEYS: &[&str] = &[
     "priority",
     "weight",
     "subnets",
-    "regions",
     "site",
     "enabled",
     "min_child_endpoints",
@@ -518,6 +588,10 @@ fn profile(cx: &mut Cx, s: Section<'_, '_>) -> Option<Profile> {
     );
     let all_down = cx.or(s, "all_down", AllDown::ServeAll);
     let max_answers = number_in(cx, s, "max_answers", 8, 1, 32);
+    let geo = match s.get("geo") {
+        Some(v) => geo_map(cx, v),
+        None => Some(Vec::new()),
+    };
     let endpoints = cx.tables(s, "endpoint", "endpoint", ENDPOINT_KEYS, endpoint);
     if endpoints.is_empty() && s.get("endpoint").is_none() {
         cx.error(
@@ -528,8 +602,43 @@ fn profile(cx: &mut Cx, s: Section<'_, '_>) -> Option<Profile> {
         );
     }
     unique(cx, endpoints.iter().map(|e| &e.name), "endpoint");
-    if routing == Some(Routing::Priority) {
-        priorities(cx, &endpoints);
+    match routing {
+        Some(Routing::Priority) => priorities(cx, &endpoints),
+        Some(Routing::Multivalue) => multivalue(cx, &endpoints),
+        Some(Routing::Subnet) => subnets(cx, &endpoints),
+        Some(Routing::Geographic) if geo.as_ref().is_some_and(Vec::is_empty) => cx.error(
+            Code::MissingKey,
+            cx.header_span(s),
+            "a geographic profile needs a `geo` map",
+            "add `geo = { AREA = [\"endpoint\", …], \"*\" = [\"endpoint\"] }`",
+        ),
+        _ => {}
+    }
+    if let (Some(r), Some(map)) = (routing, &geo)
+        && r != Routing::Geographic
+        && let Some(first) = map.first()
+    {
+        cx.error(
+            Code::NotAllowedHere,
+            first.0.span(),
+            format!("`geo` does not apply to {r} routing"),
+            "remove `geo`, or use routing = \"geographic\"",
+        );
+    }
+    if let Some(map) = &geo {
+        for (_, list) in map {
+            for e in list {
+                if !endpoints.iter().any(|x| x.name == *e) {
+                    let known: Vec<&str> = endpoints.iter().map(|x| x.name.as_str()).collect();
+                    cx.error(
+                        Code::UnknownReference,
+                        e.span(),
+                        format!("unknown endpoint `{e}` in `geo`"),
+                        crate::read::suggest(e, &known),
+                    );
+                }
+            }
+        }
     }
     Some(Profile {
         name: name?,
@@ -540,8 +649,86 @@ fn profile(cx: &mut Cx, s: Section<'_, '_>) -> Option<Profile> {
         failback_hold: failback_hold?,
         all_down: all_down?,
         max_answers: max_answers?,
+        geo: geo?,
         endpoints,
     })
+}
+
+/// `geo = { AREA = ["endpoint", …] }`, in the file's order.
+fn geo_map(cx: &mut Cx, v: &Value<'_>) -> Option<Vec<(Name, Vec<Name>)>> {
+    let DeValue::Table(table) = v.get_ref() else {
+        cx.wrong_type(v, "geo", "a table of area = [\"endpoint\", …]");
+        return None;
+    };
+    let mut out = Vec::new();
+    let mut ok = true;
+    for (k, list) in table.iter() {
+        let area = Name::new(k.get_ref().as_ref(), k.span());
+        match Vec::<Name>::from_toml(cx, &area, list) {
+            Some(l) if !l.is_empty() => out.push((area, l)),
+            Some(_) => {
+                cx.error(
+                    Code::OutOfRange,
+                    list.span(),
+                    format!("area `{area}` lists no endpoints"),
+                    "list the endpoints for this area in order of preference",
+                );
+                ok = false;
+            }
+            None => ok = false,
+        }
+    }
+    ok.then_some(out)
+}
+
+/// Multivalue answers are addresses: endpoints must target an address or a load balancer.
+fn multivalue(cx: &mut Cx, endpoints: &[Endpoint]) {
+    for e in endpoints {
+        if matches!(e.target, Target::Cname(_) | Target::Profile(_)) {
+            cx.error(
+                Code::NotAllowedHere,
+                e.name.span(),
+                format!(
+                    "endpoint `{}` of a multivalue profile is not an address",
+                    e.name
+                ),
+                "multivalue answers list addresses: target an `address` or a `load_balancer`",
+            );
+        }
+    }
+}
+
+/// Subnet routing: at most one fallback endpoint, and no prefix claimed twice.
+fn subnets(cx: &mut Cx, endpoints: &[Endpoint]) {
+    let fallbacks: Vec<&Endpoint> = endpoints.iter().filter(|e| e.subnets.is_empty()).collect();
+    for extra in fallbacks.iter().skip(1) {
+        cx.error(
+            Code::NotAllowedHere,
+            extra.name.span(),
+            format!(
+                "endpoints `{}` and `{}` both have no subnets",
+                fallbacks[0].name, extra.name
+            ),
+            "only one endpoint may be the fallback for clients no subnet matches",
+        );
+    }
+    let mut seen: Vec<(&Cidr, &Name)> = Vec::new();
+    for e in endpoints {
+        for net in &e.subnets {
+            if let Some((_, first)) = seen.iter().find(|(n, _)| *n == net) {
+                cx.error(
+                    Code::DuplicateName,
+                    e.name.span(),
+                    format!(
+                        "subnet {net} is claimed by endpoints `{first}` and `{}`",
+                        e.name
+                    ),
+                    "give each subnet to one endpoint",
+                );
+            }
+            seen.push((net, &e.name));
+        }
+    }
 }
 
 /// Every endpoint of a priority profile needs a priority, each one different.
@@ -596,7 +783,6 @@ fn endpoint(cx: &mut Cx, s: Section<'_, '_>) -> Option<Endpoint> {
     };
     let weight = number_in(cx, s, "weight", 1, 0, 1000);
     let subnets = cx.or(s, "subnets", Vec::new());
-    let regions = cx.or(s, "regions", Vec::new());
     let site = cx.opt(s, "site");
     let enabled = cx.or(s, "enabled", true);
     let min_child_endpoints = number_in(cx, s, "min_child_endpoints", 1, 0, 1000);
@@ -608,7 +794,6 @@ fn endpoint(cx: &mut Cx, s: Section<'_, '_>) -> Option<Endpoint> {
         priority: priority?,
         weight: weight?,
         subnets: subnets?,
-        regions: regions?,
         site: site?,
         enabled: enabled?,
         min_child_endpoints: min_child_endpoints?,

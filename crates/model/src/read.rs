@@ -214,7 +214,7 @@ pub(crate) fn suggest(found: &str, valid: &[&str]) -> String {
     let close = valid
         .iter()
         .map(|v| (edit_distance(found, v), v))
-        .filter(|(d, v)| *d <= 2.max(v.len() / 3))
+        .filter(|(d, v)| *d <= 2.max(v.len() / 3) && *d < v.len())
         .min_by_key(|(d, _)| *d);
     match close {
         Some((_, v)) => format!("did you mean `{v}`?"),

@@ -68,6 +68,7 @@ pub struct Topology {
     pub tandem: Settings,
     pub sites: Vec<Site>,
     pub dns: Option<Dns>,
+    pub geo: Geo,
     pub monitors: Vec<Monitor>,
     pub profiles: Vec<Profile>,
     pub load_balancers: Vec<LoadBalancer>,
@@ -138,8 +139,31 @@ pub struct Dns {
 pub struct Zone {
     /// Lower-case, without the trailing dot.
     pub name: Name,
+    /// Host names of the zone's name servers; the first is the SOA's primary.
     pub nameservers: Vec<String>,
+    /// Mailbox of the zone's administrator, as a name (`hostmaster.shop.test`).
     pub hostmaster: String,
+    /// TTL of the SOA and NS records. Default 1 h.
+    pub ttl: Duration,
+    /// How long resolvers may cache a negative answer (the SOA minimum). Default 30 s.
+    pub negative_ttl: Duration,
+}
+
+/// `[geo]`: where clients are, for geographic and performance routing.
+#[derive(Clone, Debug, Default)]
+pub struct Geo {
+    /// A MaxMind-format database (GeoLite2/GeoIP2 Country or City); its country and continent
+    /// codes are area names too.
+    pub database: Option<PathBuf>,
+    pub areas: Vec<GeoArea>,
+}
+
+/// `[[geo.area]]`: a named set of client prefixes, with an optional location.
+#[derive(Clone, Debug)]
+pub struct GeoArea {
+    pub name: Name,
+    pub subnets: Vec<Cidr>,
+    pub location: Option<Location>,
 }
 
 choice! {
@@ -211,6 +235,9 @@ pub struct Profile {
     pub all_down: AllDown,
     /// Multivalue: most addresses in one answer. Default 8.
     pub max_answers: u32,
+    /// Geographic: for each area (or `"*"` for any other client), endpoints in order of
+    /// preference; the first available one answers.
+    pub geo: Vec<(Name, Vec<Name>)>,
     pub endpoints: Vec<Endpoint>,
 }
 
@@ -238,8 +265,6 @@ pub struct Endpoint {
     pub weight: u32,
     /// Subnet routing: client prefixes sent here.
     pub subnets: Vec<Cidr>,
-    /// Geographic routing: regions served, in the order of preference of the profile.
-    pub regions: Vec<String>,
     /// Where the endpoint runs; performance routing uses the site's location.
     pub site: Option<Name>,
     /// `false` is the Disabled state. Default true.

@@ -166,6 +166,21 @@ fn profiles(cx: &mut Cx, t: &Topology, names: &Names) {
                 },
             );
         }
+        if p.routing == Routing::Geographic {
+            geo_areas(cx, t, p);
+        }
+        if p.routing == Routing::Performance {
+            for e in &p.endpoints {
+                if endpoint_location(t, e).is_none() {
+                    cx.error(
+                        Code::MissingKey,
+                        e.name.span(),
+                        format!("endpoint `{}` of a performance profile has no location", e.name),
+                        "set `site = \"…\"` to a site with a `location`, or target a load balancer in one",
+                    );
+                }
+            }
+        }
         for e in &p.endpoints {
             match &e.target {
                 Target::LoadBalancer(lb) => {
@@ -247,6 +262,41 @@ fn nesting(cx: &mut Cx, t: &Topology) {
                 next.push(child.as_str());
                 stack.extend(children(p).into_iter().map(|c| (next.clone(), c)));
             }
+        }
+    }
+}
+
+/// Where an endpoint runs: its own site, or its load balancer's.
+pub fn endpoint_location(t: &Topology, e: &Endpoint) -> Option<Location> {
+    let site = match (&e.site, &e.target) {
+        (Some(site), _) => Some(site),
+        (None, Target::LoadBalancer(lb)) => t.load_balancer(lb).map(|lb| &lb.site),
+        _ => None,
+    };
+    t.site(site?)?.location
+}
+
+/// Area names of a `geo` map: defined areas, `"*"`, or with a database its codes.
+fn geo_areas(cx: &mut Cx, t: &Topology, p: &Profile) {
+    if t.geo.database.is_some() {
+        return; // country and continent codes come from the database
+    }
+    let known: Vec<&str> = t.geo.areas.iter().map(|a| a.name.as_str()).collect();
+    for (area, _) in &p.geo {
+        if area.as_str() != "*" && !known.contains(&area.as_str()) {
+            cx.error(
+                Code::UnknownReference,
+                area.span(),
+                format!("unknown geo area `{area}`"),
+                if known.is_empty() {
+                    "define it with [[geo.area]], or use \"*\" for every client".to_string()
+                } else {
+                    format!(
+                        "{} (or \"*\" for every other client)",
+                        suggest(area, &known)
+                    )
+                },
+            );
         }
     }
 }

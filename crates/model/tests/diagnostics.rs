@@ -45,6 +45,7 @@ cases!(
     monitor_rules,
     scale_set_rules,
     database_rules,
+    routing_rules,
     many_at_once,
 );
 
