@@ -1,4 +1,14 @@
-//! The REST API: `GET /healthz`, `GET /v1/health`, `GET /v1/events` and `GET /metrics`.
+//! The REST API: health targets, DNS profiles, events, and Prometheus metrics.
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | `/healthz` | `ok` while Tandem runs |
+//! | GET | `/v1/health` | every probe target |
+//! | GET | `/v1/profiles` | every DNS profile: endpoints, states, the answer now |
+//! | POST | `/v1/profiles/{profile}/endpoints/{endpoint}/disable` | stop answering an endpoint |
+//! | POST | `/v1/profiles/{profile}/endpoints/{endpoint}/enable` | answer it again |
+//! | GET | `/v1/events` | the last 1,000 health and DNS events |
+//! | GET | `/metrics` | Prometheus exposition |
 
 pub mod metrics;
 
@@ -7,31 +17,74 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
-use axum::response::{IntoResponse, Json};
-use axum::routing::get;
-use health::{Engine, Event};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post};
+use dns::manager::Manager;
+use health::Engine;
 use serde::Serialize;
+use serde_json::json;
 use tokio::net::TcpListener;
 
 /// How many recent events `/v1/events` keeps.
 pub const EVENT_LOG_SIZE: usize = 1000;
+
+/// One event of any part, as the API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Event {
+    pub at: String,
+    /// `health` (a target changed state) or `dns` (a profile's answer changed).
+    pub kind: &'static str,
+    /// The target or profile.
+    pub subject: String,
+    pub from: String,
+    pub to: String,
+    pub reason: String,
+}
+
+impl From<health::Event> for Event {
+    fn from(e: health::Event) -> Self {
+        Event {
+            at: humantime::format_rfc3339_millis(e.at).to_string(),
+            kind: "health",
+            subject: e.target,
+            from: e.from.to_string(),
+            to: e.to.to_string(),
+            reason: e.reason,
+        }
+    }
+}
+
+impl From<dns::manager::Event> for Event {
+    fn from(e: dns::manager::Event) -> Self {
+        Event {
+            at: humantime::format_rfc3339_millis(e.at).to_string(),
+            kind: "dns",
+            subject: e.profile,
+            from: e.from.join(","),
+            to: e.to.join(","),
+            reason: e.reason,
+        }
+    }
+}
 
 /// The most recent events, newest last.
 #[derive(Clone, Debug, Default)]
 pub struct EventLog(Arc<Mutex<VecDeque<Event>>>);
 
 impl EventLog {
-    /// Records every event of `engine` until the engine stops.
-    pub fn record(engine: &Engine) -> Self {
-        let log = EventLog::default();
-        let mut rx = engine.events();
-        let sink = log.clone();
+    /// Records every event of a broadcast channel until it closes.
+    pub fn follow<E: Into<Event> + Clone + Send + 'static>(
+        &self,
+        mut rx: tokio::sync::broadcast::Receiver<E>,
+    ) {
+        let sink = self.clone();
         tokio::spawn(async move {
             loop {
                 match rx.recv().await {
-                    Ok(e) => sink.push(e),
+                    Ok(e) => sink.push(e.into()),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(missed = n, "event log fell behind");
                     }
@@ -39,7 +92,6 @@ impl EventLog {
                 }
             }
         });
-        log
     }
 
     fn push(&self, e: Event) {
@@ -60,17 +112,8 @@ impl EventLog {
 #[derive(Clone, Debug)]
 pub struct Api {
     pub engine: Arc<Engine>,
+    pub dns: Option<Arc<Manager>>,
     pub events: EventLog,
-}
-
-#[derive(Serialize)]
-struct HealthBody {
-    targets: Vec<health::Report>,
-}
-
-#[derive(Serialize)]
-struct EventsBody {
-    events: Vec<Event>,
 }
 
 /// The API's routes.
@@ -78,6 +121,11 @@ pub fn router(api: Api) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/v1/health", get(health_targets))
+        .route("/v1/profiles", get(profiles))
+        .route(
+            "/v1/profiles/{profile}/endpoints/{endpoint}/{action}",
+            post(endpoint_action),
+        )
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
         .with_state(api)
@@ -94,22 +142,69 @@ pub async fn serve(
         .await
 }
 
-async fn health_targets(State(api): State<Api>) -> Json<HealthBody> {
-    Json(HealthBody {
-        targets: api.engine.reports(),
-    })
+async fn health_targets(State(api): State<Api>) -> Json<serde_json::Value> {
+    Json(json!({ "targets": api.engine.reports() }))
 }
 
-async fn events(State(api): State<Api>) -> Json<EventsBody> {
-    Json(EventsBody {
-        events: api.events.snapshot(),
-    })
+async fn profiles(State(api): State<Api>) -> Json<serde_json::Value> {
+    let profiles = api.dns.as_ref().map(|d| d.views()).unwrap_or_default();
+    Json(json!({ "profiles": profiles }))
+}
+
+fn error(status: StatusCode, field: &str, message: String) -> Response {
+    (status, Json(json!({ "error": message, "field": field }))).into_response()
+}
+
+async fn endpoint_action(
+    State(api): State<Api>,
+    Path((profile, endpoint, action)): Path<(String, String, String)>,
+) -> Response {
+    let enabled = match action.as_str() {
+        "enable" => true,
+        "disable" => false,
+        other => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "action",
+                format!("unknown action {other:?}: use enable or disable"),
+            );
+        }
+    };
+    let Some(dns) = &api.dns else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "profile",
+            "this topology has no [dns]".into(),
+        );
+    };
+    if let Err(e) = dns.set_enabled(&profile, &endpoint, enabled) {
+        let field = match e {
+            dns::manager::NotFound::Profile(_) => "profile",
+            dns::manager::NotFound::Endpoint(..) => "endpoint",
+        };
+        return error(StatusCode::NOT_FOUND, field, e.to_string());
+    }
+    // Stop or resume probing it too; an endpoint without a probe has no target.
+    let _ = api
+        .engine
+        .set_disabled(&health::endpoint_id(&profile, &endpoint), !enabled);
+    tracing::info!(%profile, %endpoint, enabled, "endpoint switched by operator");
+    let view = dns.views().into_iter().find(|p| p.name == profile);
+    Json(json!({ "profile": view })).into_response()
+}
+
+async fn events(State(api): State<Api>) -> Json<serde_json::Value> {
+    Json(json!({ "events": api.events.snapshot() }))
 }
 
 async fn metrics(State(api): State<Api>) -> impl IntoResponse {
     let changes = *api.engine.subscribe().borrow();
+    let mut body = metrics::render(&api.engine.reports(), changes);
+    if let Some(dns) = &api.dns {
+        metrics::render_dns(&mut body, &dns.views(), &dns.metrics);
+    }
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        metrics::render(&api.engine.reports(), changes),
+        body,
     )
 }

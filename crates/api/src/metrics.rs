@@ -2,6 +2,10 @@
 
 use std::fmt::Write as _;
 
+use std::sync::atomic::Ordering;
+
+use dns::server::{Metrics as DnsMetrics, RCODES, Transport};
+use dns::table::ProfileView;
 use health::{Report, Status};
 
 /// `1` with the version as a label.
@@ -18,6 +22,18 @@ pub const PROBES: &str = "tandem_health_probes_total";
 pub const PROBE_FAILURES: &str = "tandem_health_probe_failures_total";
 /// Status changes of any target since start.
 pub const STATUS_CHANGES: &str = "tandem_health_status_changes_total";
+/// DNS responses by transport and response code.
+pub const DNS_RESPONSES: &str = "tandem_dns_responses_total";
+/// DNS queries answered from each profile.
+pub const DNS_PROFILE_QUERIES: &str = "tandem_dns_profile_queries_total";
+/// UDP responses truncated (the client retries over TCP).
+pub const DNS_TRUNCATED: &str = "tandem_dns_truncated_total";
+/// Datagrams dropped without an answer (not a query).
+pub const DNS_DROPPED: &str = "tandem_dns_dropped_total";
+/// `1` for each endpoint a profile currently answers.
+pub const DNS_ENDPOINT_ANSWERED: &str = "tandem_dns_endpoint_answered";
+/// `1` while every endpoint of a profile is down.
+pub const DNS_PROFILE_ALL_DOWN: &str = "tandem_dns_profile_all_down";
 
 const STATUSES: [Status; 5] = [
     Status::CheckingEndpoint,
@@ -100,4 +116,77 @@ fn escape(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+/// Appends the DNS metrics.
+pub fn render_dns(out: &mut String, views: &[ProfileView], m: &DnsMetrics) {
+    header(
+        out,
+        DNS_RESPONSES,
+        "counter",
+        "DNS responses by transport and rcode.",
+    );
+    for t in [Transport::Udp, Transport::Tcp] {
+        for (i, (name, _)) in RCODES.iter().enumerate() {
+            let n = m.responses[t as usize][i].load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "{DNS_RESPONSES}{{transport=\"{}\",rcode=\"{name}\"}} {n}",
+                t.as_str()
+            );
+        }
+    }
+    header(
+        out,
+        DNS_PROFILE_QUERIES,
+        "counter",
+        "DNS queries answered per profile.",
+    );
+    for (v, n) in views.iter().zip(&m.by_profile) {
+        let _ = writeln!(
+            out,
+            "{DNS_PROFILE_QUERIES}{{profile=\"{}\"}} {}",
+            escape(&v.name),
+            n.load(Ordering::Relaxed)
+        );
+    }
+    header(out, DNS_TRUNCATED, "counter", "UDP responses truncated.");
+    let _ = writeln!(
+        out,
+        "{DNS_TRUNCATED} {}",
+        m.truncated.load(Ordering::Relaxed)
+    );
+    header(out, DNS_DROPPED, "counter", "Datagrams dropped unanswered.");
+    let _ = writeln!(out, "{DNS_DROPPED} {}", m.dropped.load(Ordering::Relaxed));
+    header(
+        out,
+        DNS_ENDPOINT_ANSWERED,
+        "gauge",
+        "1 when the profile answers the endpoint now.",
+    );
+    for v in views {
+        for e in &v.endpoints {
+            let _ = writeln!(
+                out,
+                "{DNS_ENDPOINT_ANSWERED}{{profile=\"{}\",endpoint=\"{}\"}} {}",
+                escape(&v.name),
+                escape(&e.name),
+                u8::from(e.answered)
+            );
+        }
+    }
+    header(
+        out,
+        DNS_PROFILE_ALL_DOWN,
+        "gauge",
+        "1 while every endpoint is down.",
+    );
+    for v in views {
+        let _ = writeln!(
+            out,
+            "{DNS_PROFILE_ALL_DOWN}{{profile=\"{}\"}} {}",
+            escape(&v.name),
+            u8::from(v.all_down)
+        );
+    }
 }

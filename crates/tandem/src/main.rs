@@ -5,6 +5,7 @@
 //! 3 a runtime failure (an address in use, the API unreachable).
 
 mod client;
+mod endpoint;
 mod status;
 mod up;
 
@@ -46,7 +47,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show the health of every target of a running `tandem up`.
+    /// Stop or resume answering a DNS profile's endpoint, at once.
+    Endpoint {
+        #[command(subcommand)]
+        action: endpoint::Action,
+    },
+    /// Show the DNS profiles and the health of every target of a running `tandem up`.
     Status {
         /// API address of the running tandem [env: TANDEM_API] [default: 127.0.0.1:7400].
         #[arg(long)]
@@ -62,6 +68,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Up { file } => up::run(&file),
         Command::Validate { file, json } => validate(&file, json),
+        Command::Endpoint { action } => endpoint::run(action),
         Command::Status { api, json } => status::run(api, json),
     }
 }

@@ -1,39 +1,27 @@
-//! `tandem status`: the health of every target, as a table or as the API's JSON.
+//! `tandem status`: DNS profiles with their answers, then every probe target.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::EXIT_RUNTIME;
-use crate::client::get_json;
-
-const DEFAULT_API: &str = "127.0.0.1:7400";
+use crate::client::{api_addr, block_on, get_json};
 
 pub fn run(api: Option<SocketAddr>, json: bool) -> ExitCode {
-    let api = match api.map(Ok).unwrap_or_else(default_api) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_RUNTIME);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_RUNTIME);
-        }
-    };
-    match runtime.block_on(get_json(api, "/v1/health")) {
+    let result = api_addr(api).and_then(|api| {
+        block_on(async move {
+            let health = get_json(api, "/v1/health").await?;
+            let profiles = get_json(api, "/v1/profiles").await?;
+            Ok(json!({ "profiles": profiles["profiles"], "targets": health["targets"] }))
+        })
+    });
+    match result {
         Ok(body) => {
             if json {
                 println!("{body:#}");
             } else {
-                print!("{}", table(&body));
+                print!("{}", text(&body));
             }
             ExitCode::SUCCESS
         }
@@ -44,46 +32,107 @@ pub fn run(api: Option<SocketAddr>, json: bool) -> ExitCode {
     }
 }
 
-fn default_api() -> Result<SocketAddr, String> {
-    let raw = std::env::var("TANDEM_API").unwrap_or_else(|_| DEFAULT_API.to_string());
-    raw.parse()
-        .map_err(|_| format!("TANDEM_API={raw:?} is not an ip:port address"))
+fn s(v: &Value, k: &str) -> String {
+    match &v[k] {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
 }
 
-/// A readable table of `/v1/health`.
-fn table(body: &Value) -> String {
-    let mut rows = vec![[
-        "TARGET".to_string(),
-        "STATUS".into(),
-        "SINCE".into(),
-        "LATENCY".into(),
-        "OK/FAIL".into(),
-        "LAST FAILURE".into(),
-    ]];
+/// Profiles (one line each, then their endpoints), then targets.
+fn text(body: &Value) -> String {
+    let mut out = String::new();
+    let profiles = body["profiles"].as_array().cloned().unwrap_or_default();
+    if !profiles.is_empty() {
+        let mut rows = vec![cells([
+            "PROFILE",
+            "DOMAIN",
+            "ROUTING",
+            "ENDPOINTS",
+            "ANSWER",
+        ])];
+        for p in &profiles {
+            let endpoints: Vec<String> = p["endpoints"]
+                .as_array()
+                .map(|es| {
+                    es.iter()
+                        .map(|e| {
+                            let mark = if e["answered"] == true { "*" } else { "" };
+                            format!("{}{mark}={}", s(e, "name"), s(e, "status"))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let answer: Vec<&str> = p["answer"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let mut answer = answer.join(", ");
+            if p["all_down"] == true {
+                answer.push_str(" (all down)");
+            }
+            rows.push(cells([
+                &s(p, "name"),
+                &s(p, "domain"),
+                &s(p, "routing"),
+                &endpoints.join(" "),
+                &answer,
+            ]));
+        }
+        out.push_str(&table(&rows));
+        out.push('\n');
+    }
+    let mut rows = vec![cells([
+        "TARGET",
+        "STATUS",
+        "SINCE",
+        "LATENCY",
+        "OK/FAIL",
+        "LAST FAILURE",
+    ])];
     let targets = body["targets"].as_array().cloned().unwrap_or_default();
     for t in &targets {
-        let s = |k: &str| t[k].as_str().unwrap_or("-").to_string();
         let latency = t["last_latency_ms"]
             .as_f64()
             .map_or_else(|| "-".into(), |ms| format!("{ms:.1}ms"));
-        rows.push([
-            format!("{} ({} {})", s("target"), s("monitor"), s("destination")),
-            s("status"),
-            s("since"),
-            latency,
-            format!(
-                "{}/{}",
-                t["consecutive_successes"].as_u64().unwrap_or(0),
-                t["consecutive_failures"].as_u64().unwrap_or(0)
+        rows.push(cells([
+            &format!(
+                "{} ({} {})",
+                s(t, "target"),
+                s(t, "monitor"),
+                s(t, "destination")
             ),
-            s("last_failure"),
-        ]);
+            &s(t, "status"),
+            &s(t, "since"),
+            &latency,
+            &format!(
+                "{}/{}",
+                s(t, "consecutive_successes"),
+                s(t, "consecutive_failures")
+            ),
+            &s(t, "last_failure"),
+        ]));
     }
-    let widths: Vec<usize> = (0..6)
+    out.push_str(&table(&rows));
+    if targets.is_empty() {
+        out.push_str("(no monitored targets)\n");
+    }
+    out
+}
+
+fn cells<const N: usize>(c: [&str; N]) -> Vec<String> {
+    c.iter().map(|s| s.to_string()).collect()
+}
+
+/// Left-aligned columns separated by two spaces.
+fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..cols)
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
-    for r in &rows {
+    for r in rows {
         let line: Vec<String> = r
             .iter()
             .zip(&widths)
@@ -91,9 +140,6 @@ fn table(body: &Value) -> String {
             .collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
-    }
-    if targets.is_empty() {
-        out.push_str("(no monitored targets)\n");
     }
     out
 }

@@ -41,6 +41,7 @@ pub fn run(file: &Path) -> ExitCode {
 }
 
 async fn serve(topology: model::Topology) -> anyhow::Result<()> {
+    let topology = Arc::new(topology);
     let addr = topology.tandem.api;
     let listener = TcpListener::bind(addr)
         .await
@@ -51,15 +52,42 @@ async fn serve(topology: model::Topology) -> anyhow::Result<()> {
         health::Engine::start(targets, &topology.monitors, health::Options::default())
             .context("cannot start the probe engine")?,
     );
-    let events = api::EventLog::record(&engine);
+    let events = api::EventLog::default();
+    events.follow(engine.events());
+    let mut dns_server = None;
+    let dns = match &topology.dns {
+        Some(config) => {
+            let manager = dns::manager::Manager::new(topology.clone(), engine.clone());
+            events.follow(manager.events());
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let server = dns::server::Server::start(
+                &config.listen,
+                manager.tables(),
+                manager.metrics.clone(),
+                threads,
+            )
+            .context("cannot start the DNS server ([dns] listen)")?;
+            for a in &server.addrs {
+                tracing::info!(listen = %a, "DNS serving on udp and tcp");
+            }
+            dns_server = Some(server);
+            tokio::spawn(manager.clone().run(engine.subscribe()));
+            Some(manager)
+        }
+        None => None,
+    };
     tracing::info!(api = %addr, targets = count, "tandem is up");
     let state = api::Api {
         engine: engine.clone(),
+        dns,
         events,
     };
     api::serve(listener, state, shutdown_signal())
         .await
         .context("API server failed")?;
+    if let Some(mut s) = dns_server {
+        s.stop();
+    }
     engine.shutdown();
     tracing::info!("tandem stopped");
     Ok(())

@@ -287,7 +287,9 @@ monitor = "db"
     let events = recent_events(api).await;
     let degraded = events
         .iter()
-        .find(|e| e["target"] == "profile/www/edge" && e["to"] == "Degraded")
+        .find(|e| {
+            e["kind"] == "health" && e["subject"] == "profile/www/edge" && e["to"] == "Degraded"
+        })
         .expect("a Degraded event");
     assert_eq!(degraded["reason"], "3 failures in a row, last: status 503");
 
@@ -296,7 +298,9 @@ monitor = "db"
     let events = recent_events(api).await;
     let back = events
         .iter()
-        .rfind(|e| e["target"] == "profile/www/edge" && e["to"] == "Online")
+        .rfind(|e| {
+            e["kind"] == "health" && e["subject"] == "profile/www/edge" && e["to"] == "Online"
+        })
         .unwrap();
     assert!(
         back["reason"]
@@ -312,7 +316,8 @@ monitor = "db"
 
     let table = run(tandem().args(["status", "--api", &api.to_string()]));
     let table = String::from_utf8_lossy(&table.stdout);
-    assert!(table.starts_with("TARGET"), "{table}");
+    assert!(table.starts_with("PROFILE"), "{table}");
+    assert!(table.contains("\nTARGET "), "{table}");
     assert!(table.contains("profile/db/edge (db 127.0.0.1:"), "{table}");
 
     let exit = up.terminate();

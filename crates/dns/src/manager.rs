@@ -1,0 +1,268 @@
+//! Keeps the answer tables current: rebuilds them when health changes, when a failback hold
+//! ends, and when the operator enables or disables an endpoint; publishes each rebuild whole;
+//! and records every change of a profile's answer as an event with its reason.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use model::{Routing, Topology};
+use serde::Serialize;
+use tokio::sync::{Notify, broadcast, watch};
+use tokio::time::Instant;
+
+use crate::failback::Failback;
+use crate::server::Metrics;
+use crate::table::{self, HealthView, Overrides, ProfileView, Tables};
+
+/// A change of what a profile answers.
+#[derive(Clone, Debug, Serialize)]
+pub struct Event {
+    #[serde(serialize_with = "serde_time")]
+    pub at: SystemTime,
+    pub profile: String,
+    /// Endpoints answered before and after.
+    pub from: Vec<String>,
+    pub to: Vec<String>,
+    /// Why: the endpoint states that changed, or the hold that ended.
+    pub reason: String,
+}
+
+fn serde_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_millis(*t))
+}
+
+/// No such profile or endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum NotFound {
+    #[error("no profile {0:?}")]
+    Profile(String),
+    #[error("profile {0:?} has no endpoint {1:?}")]
+    Endpoint(String, String),
+}
+
+struct State {
+    overrides: Overrides,
+    failbacks: HashMap<String, Failback>,
+    next_wake: Option<Instant>,
+}
+
+/// The DNS traffic manager's control side.
+pub struct Manager {
+    topology: Arc<Topology>,
+    health: Arc<dyn HealthView + Send + Sync>,
+    tables: Arc<ArcSwap<Tables>>,
+    pub metrics: Arc<Metrics>,
+    state: Mutex<State>,
+    events: broadcast::Sender<Event>,
+    changed: Notify,
+    serial: u32,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager").finish_non_exhaustive()
+    }
+}
+
+impl Manager {
+    /// Builds the first tables: every endpoint is CheckingEndpoint until probed.
+    pub fn new(topology: Arc<Topology>, health: Arc<dyn HealthView + Send + Sync>) -> Arc<Self> {
+        let serial = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs() as u32);
+        let failbacks = topology
+            .profiles
+            .iter()
+            .filter(|p| p.routing == Routing::Priority)
+            .map(|p| {
+                (
+                    p.name.to_string(),
+                    Failback::new(p.endpoints.len(), p.failback_hold),
+                )
+            })
+            .collect();
+        let overrides = Overrides::default();
+        let tables = Tables::build(&topology, &*health, &overrides, serial);
+        let m = Arc::new(Manager {
+            metrics: Arc::new(Metrics::new(topology.profiles.len())),
+            topology,
+            health,
+            tables: Arc::new(ArcSwap::from_pointee(tables)),
+            state: Mutex::new(State {
+                overrides,
+                failbacks,
+                next_wake: None,
+            }),
+            events: broadcast::Sender::new(1024),
+            changed: Notify::new(),
+            serial,
+        });
+        m.rebuild(Instant::now());
+        m
+    }
+
+    /// The tables the server reads.
+    pub fn tables(&self) -> Arc<ArcSwap<Tables>> {
+        self.tables.clone()
+    }
+
+    /// Every change of a profile's answer, as it happens.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    pub fn views(&self) -> Vec<ProfileView> {
+        self.tables.load().views().to_vec()
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps the tables current until the task is dropped: on every health change (`health`
+    /// is the probe engine's change counter), every failback deadline, every operator change.
+    pub async fn run(self: Arc<Self>, mut health: watch::Receiver<u64>) {
+        loop {
+            let wake = self.state().next_wake;
+            let deadline = async {
+                match wake {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = health.changed() => if r.is_err() { return },
+                () = deadline => {}
+                () = self.changed.notified() => {}
+            }
+            self.rebuild(Instant::now());
+        }
+    }
+
+    /// Operator's switch for an endpoint; takes effect before this returns.
+    pub fn set_enabled(
+        &self,
+        profile: &str,
+        endpoint: &str,
+        enabled: bool,
+    ) -> Result<(), NotFound> {
+        let p = self
+            .topology
+            .profile(profile)
+            .ok_or_else(|| NotFound::Profile(profile.into()))?;
+        if !p.endpoints.iter().any(|e| e.name.as_str() == endpoint) {
+            return Err(NotFound::Endpoint(profile.into(), endpoint.into()));
+        }
+        {
+            let mut st = self.state();
+            let key = (profile.to_string(), endpoint.to_string());
+            if enabled {
+                st.overrides.disabled.remove(&key);
+            } else {
+                st.overrides.disabled.insert(key);
+            }
+        }
+        self.rebuild(Instant::now());
+        self.changed.notify_one();
+        Ok(())
+    }
+
+    /// Recomputes failback decisions and tables at `now`, publishes them, and records events.
+    pub fn rebuild(&self, now: Instant) {
+        let mut st = self.state();
+        let statuses = table::endpoint_statuses(&self.topology, &*self.health, &st.overrides);
+        let mut wake: Option<Instant> = None;
+        for (pi, p) in self.topology.profiles.iter().enumerate() {
+            let Some(fb) = st.failbacks.get_mut(p.name.as_str()) else {
+                continue;
+            };
+            let avail: Vec<bool> = table::priority_order(p)
+                .into_iter()
+                .map(|i| table::available(statuses[pi][i]))
+                .collect();
+            let d = fb.decide(&avail, now);
+            st.overrides
+                .priority_current
+                .insert(p.name.to_string(), d.current);
+            wake = match (wake, d.wake_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        st.next_wake = wake;
+        let tables = Tables::build(&self.topology, &*self.health, &st.overrides, self.serial);
+        let before = self.tables.load();
+        for (old, new) in before.views().iter().zip(tables.views()) {
+            if let Some(e) = change(old, new) {
+                if new.all_down {
+                    tracing::warn!(profile = %e.profile, from = ?e.from, to = ?e.to, reason = %e.reason, "answer changed: all endpoints down");
+                } else {
+                    tracing::info!(profile = %e.profile, from = ?e.from, to = ?e.to, reason = %e.reason, "answer changed");
+                }
+                let _ = self.events.send(e);
+            }
+        }
+        self.tables.store(Arc::new(tables));
+    }
+}
+
+fn answered(v: &ProfileView) -> Vec<String> {
+    v.endpoints
+        .iter()
+        .filter(|e| e.answered)
+        .map(|e| e.name.clone())
+        .collect()
+}
+
+/// The event for a change of answered endpoints or of the all-down state, if any.
+fn change(old: &ProfileView, new: &ProfileView) -> Option<Event> {
+    let (from, to) = (answered(old), answered(new));
+    if from == to && old.all_down == new.all_down {
+        return None;
+    }
+    let mut reasons: Vec<String> = old
+        .endpoints
+        .iter()
+        .zip(&new.endpoints)
+        .filter(|(a, b)| a.status != b.status)
+        .map(|(a, b)| format!("{} {} -> {}", b.name, a.status, b.status))
+        .collect();
+    if new.all_down && !old.all_down {
+        reasons.push(format!("all endpoints down: {}", all_down_text(new)));
+    } else if old.all_down && !new.all_down {
+        reasons.push("an endpoint is available again".into());
+    }
+    if reasons.is_empty() {
+        reasons.push("failback hold ended".into());
+    }
+    Some(Event {
+        at: SystemTime::now(),
+        profile: new.name.clone(),
+        from,
+        to,
+        reason: reasons.join("; "),
+    })
+}
+
+fn all_down_text(v: &ProfileView) -> &'static str {
+    if v.endpoints.iter().any(|e| e.answered) {
+        "serving all enabled endpoints"
+    } else {
+        "answering without records"
+    }
+}
+
+/// The probe engine as the tables see it.
+impl HealthView for health::Engine {
+    fn status(&self, target: &str) -> Option<health::Status> {
+        health::Engine::status(self, target)
+    }
+
+    fn latency(&self, target: &str) -> Option<std::time::Duration> {
+        self.report(target)
+            .and_then(|r| r.last_latency_ms)
+            .map(|ms| std::time::Duration::from_secs_f64(ms / 1000.0))
+    }
+}

@@ -1,0 +1,392 @@
+//! The authoritative server: answering one query from the current tables (a pure function),
+//! and the UDP and TCP front ends that feed it.
+//!
+//! UDP runs on plain threads, one `SO_REUSEPORT` socket each, so the kernel spreads queries
+//! over cores with no lock and no async machinery on the hot path. TCP (truncated answers,
+//! zone-less clients) runs on tokio.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::table::{Client, Empty, Lookup, Tables};
+use crate::wire::{self, Reject, Writer, rcode, rtype};
+
+/// Transports, for metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Udp = 0,
+    Tcp = 1,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
+/// Response codes counted, in this order.
+pub const RCODES: [(&str, u8); 6] = [
+    ("NOERROR", rcode::NOERROR),
+    ("FORMERR", rcode::FORMERR),
+    ("SERVFAIL", rcode::SERVFAIL),
+    ("NXDOMAIN", rcode::NXDOMAIN),
+    ("NOTIMP", rcode::NOTIMP),
+    ("REFUSED", rcode::REFUSED),
+];
+
+/// Query counters, shared by every socket. Relaxed atomics: counts, not synchronisation.
+#[derive(Debug)]
+pub struct Metrics {
+    /// `[transport][rcode index]`; BADVERS counts as FORMERR.
+    pub responses: [[AtomicU64; 6]; 2],
+    /// Per profile (index of the topology), queries answered from it.
+    pub by_profile: Vec<AtomicU64>,
+    /// Responses truncated for UDP.
+    pub truncated: AtomicU64,
+    /// Datagrams dropped unanswered (not a query).
+    pub dropped: AtomicU64,
+}
+
+impl Metrics {
+    pub fn new(profiles: usize) -> Self {
+        Metrics {
+            responses: Default::default(),
+            by_profile: (0..profiles).map(|_| AtomicU64::new(0)).collect(),
+            truncated: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    fn count(&self, transport: Transport, code: u8, profile: Option<usize>) {
+        let i = RCODES.iter().position(|(_, c)| *c == code).unwrap_or(1);
+        self.responses[transport as usize][i].fetch_add(1, Ordering::Relaxed);
+        if let Some(p) = profile.and_then(|p| self.by_profile.get(p)) {
+            p.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Answers one message into `out`. Returns false when nothing should be sent.
+pub fn answer(
+    tables: &Tables,
+    msg: &[u8],
+    peer: IpAddr,
+    transport: Transport,
+    out: &mut Vec<u8>,
+    metrics: &Metrics,
+) -> bool {
+    let q = match wire::parse(msg) {
+        Ok(q) => q,
+        Err(Reject::Drop) => {
+            metrics.dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        Err(Reject::Error {
+            id,
+            opcode,
+            recursion_desired,
+            rcode,
+        }) => {
+            Writer::error(out, id, opcode, recursion_desired, rcode).finish();
+            metrics.count(transport, rcode, None);
+            return true;
+        }
+    };
+    let mut w = Writer::new(out, &q, rcode::NOERROR);
+    let question_end = w.len();
+    if let Some(e) = q.edns
+        && e.version > 0
+    {
+        w.opt(rcode::BADVERS, None);
+        w.finish();
+        metrics.count(transport, rcode::FORMERR, None);
+        return true;
+    }
+    let (code, profile, used_client) = if q.is_class_in() {
+        respond(tables, &q, peer, &mut w)
+    } else {
+        (rcode::REFUSED, None, false)
+    };
+    w.set_rcode(code);
+    if let Some(e) = q.edns {
+        let scope = |s: wire::ClientSubnet| (s, if used_client { s.source_prefix } else { 0 });
+        w.opt(0, e.subnet.map(scope));
+    }
+    let limit = match (transport, q.edns) {
+        (Transport::Tcp, _) => usize::from(u16::MAX),
+        (Transport::Udp, Some(e)) => usize::from(e.payload).max(wire::CLASSIC_UDP),
+        (Transport::Udp, None) => wire::CLASSIC_UDP,
+    };
+    if w.len() > limit {
+        w.truncate(question_end);
+        if let Some(e) = q.edns {
+            w.opt(0, e.subnet.map(|s| (s, 0)));
+        }
+        metrics.truncated.fetch_add(1, Ordering::Relaxed);
+    }
+    w.finish();
+    metrics.count(transport, code, profile);
+    true
+}
+
+/// The body of an answer: (rcode, profile answered, whether it depended on the client).
+fn respond(
+    tables: &Tables,
+    q: &wire::Query<'_>,
+    peer: IpAddr,
+    w: &mut Writer<'_>,
+) -> (u8, Option<usize>, bool) {
+    let (zone, profile) = match tables.lookup(&q.name) {
+        Lookup::NotOurs => return (rcode::REFUSED, None, false),
+        Lookup::NxDomain { zone } => {
+            negative(tables, q, zone, w);
+            return (rcode::NXDOMAIN, None, false);
+        }
+        Lookup::Found { zone, profile } => (zone, profile),
+    };
+    let z = tables.zone(zone);
+    let at_apex = q.name.label_count() == z.labels;
+    let mut answered = false;
+    if at_apex && matches!(q.qtype, rtype::SOA | rtype::ANY) {
+        w.answer(wire::QUESTION_NAME, rtype::SOA, z.ttl, z.soa);
+        answered = true;
+    }
+    if at_apex && matches!(q.qtype, rtype::NS | rtype::ANY) {
+        for ns in z.ns {
+            w.answer(wire::QUESTION_NAME, rtype::NS, z.ttl, ns);
+        }
+        answered = true;
+    }
+    let mut used_client = false;
+    if let Some(p) = profile {
+        let ttl = tables.ttl(p);
+        let client = Client {
+            addr: q.edns.and_then(|e| e.subnet).map_or(peer, |s| s.addr),
+        };
+        let result = tables.resolve(p, Some(client), q.qtype, &mut |rr| {
+            w.answer(wire::QUESTION_NAME, rr.rtype, ttl, &rr.rdata);
+            answered = true;
+        });
+        match result {
+            Ok(used) => used_client = used,
+            Err(Empty::Servfail) => return (rcode::SERVFAIL, Some(p), false),
+            Err(Empty::Nodata) => {}
+        }
+    }
+    if !answered {
+        negative(tables, q, zone, w);
+    }
+    (rcode::NOERROR, profile, used_client)
+}
+
+/// The zone's SOA in the authority section, for NXDOMAIN and NODATA.
+fn negative(tables: &Tables, q: &wire::Query<'_>, zone: usize, w: &mut Writer<'_>) {
+    let z = tables.zone(zone);
+    let apex_label = q.name.label_count() - z.labels;
+    let owner = wire::QUESTION_NAME + q.name.label_offset(apex_label) as u16;
+    w.authority(owner, rtype::SOA, z.negative_ttl.min(z.ttl), z.soa);
+}
+
+/// Running DNS listeners. Dropping it stops them.
+#[derive(Debug)]
+pub struct Server {
+    /// The addresses bound (with ephemeral ports resolved), UDP and TCP alike.
+    pub addrs: Vec<SocketAddr>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    tcp: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// How long a TCP connection may sit idle between queries.
+pub const TCP_IDLE: Duration = Duration::from_secs(10);
+/// TCP connections served at once, at most.
+pub const TCP_MAX_CONNECTIONS: usize = 1024;
+
+impl Server {
+    /// Binds UDP and TCP on every address, with `udp_threads` sockets per address. Must run
+    /// inside a tokio runtime (for TCP).
+    pub fn start(
+        listen: &[SocketAddr],
+        tables: Arc<ArcSwap<Tables>>,
+        metrics: Arc<Metrics>,
+        udp_threads: usize,
+    ) -> io::Result<Server> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut server = Server {
+            addrs: Vec::new(),
+            stop: stop.clone(),
+            threads: Vec::new(),
+            tcp: Vec::new(),
+        };
+        let tcp_limit = Arc::new(Semaphore::new(TCP_MAX_CONNECTIONS));
+        for addr in listen {
+            let mut bound = *addr;
+            for _ in 0..udp_threads.max(1) {
+                let socket = udp_socket(bound)?;
+                bound = socket.local_addr()?;
+                let (tables, metrics, stop) = (tables.clone(), metrics.clone(), stop.clone());
+                server.threads.push(
+                    std::thread::Builder::new()
+                        .name(format!("tandem-dns-udp-{bound}"))
+                        .spawn(move || serve_udp(socket, &tables, &metrics, &stop))?,
+                );
+            }
+            let listener = tcp_listener(bound)?;
+            let (tables, metrics, limit) = (tables.clone(), metrics.clone(), tcp_limit.clone());
+            server
+                .tcp
+                .push(tokio::spawn(serve_tcp(listener, tables, metrics, limit)));
+            server.addrs.push(bound);
+        }
+        Ok(server)
+    }
+
+    /// Stops every listener and waits for the UDP threads.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tcp.drain(..) {
+            t.abort();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn udp_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.bind(&addr.into())
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot bind DNS on udp {addr}: {e}")))?;
+    let s: UdpSocket = s.into();
+    // Wake up now and then to notice a stop.
+    s.set_read_timeout(Some(Duration::from_millis(200)))?;
+    Ok(s)
+}
+
+fn tcp_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.bind(&addr.into())
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot bind DNS on tcp {addr}: {e}")))?;
+    s.listen(1024)?;
+    s.set_nonblocking(true)?;
+    TcpListener::from_std(s.into())
+}
+
+fn serve_udp(socket: UdpSocket, tables: &ArcSwap<Tables>, metrics: &Metrics, stop: &AtomicBool) {
+    let mut msg = [0u8; 4096];
+    let mut out = Vec::with_capacity(4096);
+    while !stop.load(Ordering::Relaxed) {
+        let (n, peer) = match socket.recv_from(&mut msg) {
+            Ok(r) => r,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "udp receive failed");
+                continue;
+            }
+        };
+        let tables = tables.load();
+        if answer(
+            &tables,
+            &msg[..n],
+            peer.ip(),
+            Transport::Udp,
+            &mut out,
+            metrics,
+        ) {
+            let _ = socket.send_to(&out, peer);
+        }
+    }
+}
+
+async fn serve_tcp(
+    listener: TcpListener,
+    tables: Arc<ArcSwap<Tables>>,
+    metrics: Arc<Metrics>,
+    limit: Arc<Semaphore>,
+) {
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            continue;
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            continue; // over the limit: closing is the only fair answer
+        };
+        let (tables, metrics) = (tables.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let _ = tcp_connection(stream, peer.ip(), &tables, &metrics).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Serves length-prefixed queries on one connection until it closes or idles out.
+async fn tcp_connection(
+    mut stream: TcpStream,
+    peer: IpAddr,
+    tables: &ArcSwap<Tables>,
+    metrics: &Metrics,
+) -> io::Result<()> {
+    let mut msg = vec![0u8; usize::from(u16::MAX)];
+    let mut out = Vec::with_capacity(4096);
+    loop {
+        let mut len = [0u8; 2];
+        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
+            Ok(Ok(_)) => {}
+            _ => return Ok(()),
+        }
+        let len = usize::from(u16::from_be_bytes(len));
+        tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut msg[..len]))
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+        let answered = {
+            let tables = tables.load();
+            answer(
+                &tables,
+                &msg[..len],
+                peer,
+                Transport::Tcp,
+                &mut out,
+                metrics,
+            )
+        };
+        if answered {
+            let mut framed = Vec::with_capacity(out.len() + 2);
+            framed.extend_from_slice(&(out.len() as u16).to_be_bytes());
+            framed.extend_from_slice(&out);
+            stream.write_all(&framed).await?;
+        }
+    }
+}

@@ -1,0 +1,654 @@
+//! The authoritative server over real UDP and TCP sockets, queried with hickory-built messages:
+//! the protocol behaviour and every routing method.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dns::manager::Manager;
+use dns::server::Server;
+use dns::table::HealthView;
+use health::Status;
+use hickory_proto::op::{Edns, Message, Query, ResponseCode};
+use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsOption};
+use hickory_proto::rr::{Name, RData, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Health the test sets directly: routing is pure logic over it.
+#[derive(Default)]
+struct Health {
+    status: Mutex<HashMap<String, Status>>,
+    latency: Mutex<HashMap<String, Duration>>,
+}
+
+impl Health {
+    fn set(&self, profile: &str, endpoint: &str, s: Status) {
+        self.status
+            .lock()
+            .unwrap()
+            .insert(health::endpoint_id(profile, endpoint), s);
+    }
+}
+
+impl HealthView for Health {
+    fn status(&self, target: &str) -> Option<Status> {
+        self.status.lock().unwrap().get(target).copied()
+    }
+    fn latency(&self, target: &str) -> Option<Duration> {
+        self.latency.lock().unwrap().get(target).copied()
+    }
+}
+
+const ZONE: &str = r#"
+[dns]
+listen = ["127.0.0.1:0"]
+[[dns.zone]]
+name = "shop.test"
+nameservers = ["ns1.shop.test", "ns2.shop.test"]
+hostmaster = "hostmaster.shop.test"
+negative_ttl = "15s"
+
+[[monitor]]
+name = "web"
+protocol = "tcp"
+port = 80
+"#;
+
+struct Fixture {
+    health: Arc<Health>,
+    manager: Arc<Manager>,
+    server: Server,
+}
+
+impl Fixture {
+    fn new(profiles: &str) -> Self {
+        let text = format!("{ZONE}\n{profiles}");
+        let topology = match model::parse(model::Source::new("test.toml", text)) {
+            Ok(t) => Arc::new(t),
+            Err(d) => panic!("{}", d.render()),
+        };
+        let health = Arc::new(Health::default());
+        let manager = Manager::new(topology, health.clone());
+        let server = Server::start(
+            &["127.0.0.1:0".parse().unwrap()],
+            manager.tables(),
+            manager.metrics.clone(),
+            1,
+        )
+        .unwrap();
+        Fixture {
+            health,
+            manager,
+            server,
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.server.addrs[0]
+    }
+
+    fn set(&self, profile: &str, endpoint: &str, s: Status) {
+        self.health.set(profile, endpoint, s);
+        self.manager.rebuild(tokio::time::Instant::now());
+    }
+
+    fn udp(&self, msg: &Message) -> Message {
+        Message::from_vec(&self.udp_raw(&msg.to_vec().unwrap()).unwrap()).unwrap()
+    }
+
+    fn udp_raw(&self, bytes: &[u8]) -> Option<Vec<u8>> {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.send_to(bytes, self.addr()).unwrap();
+        let mut buf = [0u8; 65535];
+        let n = s.recv(&mut buf).ok()?;
+        Some(buf[..n].to_vec())
+    }
+
+    async fn tcp(&self, msg: &Message) -> Message {
+        let mut s = tokio::net::TcpStream::connect(self.addr()).await.unwrap();
+        let bytes = msg.to_vec().unwrap();
+        s.write_all(&(bytes.len() as u16).to_be_bytes())
+            .await
+            .unwrap();
+        s.write_all(&bytes).await.unwrap();
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).await.unwrap();
+        let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
+        s.read_exact(&mut buf).await.unwrap();
+        Message::from_vec(&buf).unwrap()
+    }
+
+    /// The addresses answered for `name`, sorted, from a client in `subnet` (ECS) if given.
+    fn ask(&self, name: &str, rtype: RecordType, subnet: Option<&str>) -> Vec<String> {
+        let mut q = query(name, rtype);
+        if let Some(net) = subnet {
+            let mut edns = Edns::new();
+            edns.set_max_payload(1232);
+            let cs: ClientSubnet = net.parse().unwrap();
+            edns.options_mut().insert(EdnsOption::Subnet(cs));
+            q.set_edns(edns);
+        }
+        let r = self.udp(&q);
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError, "{name}");
+        let mut out: Vec<String> = r.answers.iter().map(|a| rdata_text(&a.data)).collect();
+        out.sort();
+        out
+    }
+}
+
+fn query(name: &str, rtype: RecordType) -> Message {
+    let mut m = Message::query();
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));
+    m
+}
+
+fn rdata_text(d: &RData) -> String {
+    match d {
+        RData::A(a) => a.to_string(),
+        RData::AAAA(a) => a.to_string(),
+        RData::CNAME(c) => format!("cname {}", c.0),
+        other => format!("{other:?}"),
+    }
+}
+
+const PRIORITY: &str = r#"
+[[profile]]
+name = "www"
+domain = "www.shop.test"
+routing = "priority"
+monitor = "web"
+ttl = "5s"
+failback_hold = "30s"
+  [[profile.endpoint]]
+  name = "edge"
+  target = { address = "10.0.1.10" }
+  priority = 1
+  [[profile.endpoint]]
+  name = "region"
+  target = { address = "10.0.2.10" }
+  priority = 2
+"#;
+
+#[tokio::test]
+async fn authoritative_answers_with_the_question_echoed() {
+    let f = Fixture::new(PRIORITY);
+    let r = f.udp(&query("WwW.sHoP.tEsT.", RecordType::A));
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    assert!(r.metadata.authoritative);
+    assert!(!r.metadata.recursion_available);
+    assert_eq!(
+        r.queries[0].name().to_string(),
+        "WwW.sHoP.tEsT.",
+        "0x20 case kept"
+    );
+    assert_eq!(r.answers.len(), 1);
+    assert_eq!(r.answers[0].ttl, 5);
+    assert_eq!(rdata_text(&r.answers[0].data), "10.0.1.10");
+    let t = f.tcp(&query("www.shop.test.", RecordType::A)).await;
+    assert_eq!(rdata_text(&t.answers[0].data), "10.0.1.10");
+}
+
+#[tokio::test]
+async fn negative_answers_carry_the_soa() {
+    let f = Fixture::new(PRIORITY);
+    let nx = f.udp(&query("nope.shop.test.", RecordType::A));
+    assert_eq!(nx.metadata.response_code, ResponseCode::NXDomain);
+    assert!(nx.metadata.authoritative);
+    assert!(nx.answers.is_empty());
+    assert_eq!(nx.authorities.len(), 1);
+    let soa = &nx.authorities[0];
+    assert_eq!(soa.name.to_string(), "shop.test.");
+    assert_eq!(soa.ttl, 15, "negative TTL");
+    let RData::SOA(s) = &soa.data else {
+        panic!("not an SOA")
+    };
+    assert_eq!(s.mname.to_string(), "ns1.shop.test.");
+    assert_eq!(s.minimum, 15);
+
+    let nodata = f.udp(&query("www.shop.test.", RecordType::AAAA));
+    assert_eq!(nodata.metadata.response_code, ResponseCode::NoError);
+    assert!(nodata.answers.is_empty());
+    assert_eq!(nodata.authorities[0].record_type(), RecordType::SOA);
+
+    let apex = f.udp(&query("shop.test.", RecordType::NS));
+    let mut ns: Vec<String> = apex
+        .answers
+        .iter()
+        .map(|a| format!("{:?}", a.data))
+        .collect();
+    ns.sort();
+    assert_eq!(ns.len(), 2);
+    assert!(ns[0].contains("ns1.shop.test"), "{ns:?}");
+    let soa = f.udp(&query("shop.test.", RecordType::SOA));
+    assert_eq!(soa.answers[0].record_type(), RecordType::SOA);
+}
+
+#[tokio::test]
+async fn refuses_names_outside_its_zones_and_bad_classes() {
+    let f = Fixture::new(PRIORITY);
+    let r = f.udp(&query("example.com.", RecordType::A));
+    assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+    assert!(r.answers.is_empty());
+    let r = f.udp(&query("shopXtest.", RecordType::A));
+    assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+    let mut chaos = query("www.shop.test.", RecordType::A);
+    chaos.queries[0].set_query_class(hickory_proto::rr::DNSClass::CH);
+    assert_eq!(f.udp(&chaos).metadata.response_code, ResponseCode::Refused);
+}
+
+#[tokio::test]
+async fn garbage_gets_formerr_or_silence_and_the_server_keeps_answering() {
+    let f = Fixture::new(PRIORITY);
+    // A header claiming one question, followed by junk.
+    let mut junk = vec![0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    junk.extend_from_slice(&[0xff; 20]);
+    let r = Message::from_vec(&f.udp_raw(&junk).unwrap()).unwrap();
+    assert_eq!(r.metadata.id, 0xabcd);
+    assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
+    // Too short to be a query: dropped. The first reply on the socket is the next query's.
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.send_to(&[1, 2, 3], f.addr()).unwrap();
+    let next = query("www.shop.test.", RecordType::A);
+    s.send_to(&next.to_vec().unwrap(), f.addr()).unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.recv(&mut buf).unwrap();
+    assert_eq!(
+        Message::from_vec(&buf[..n]).unwrap().metadata.id,
+        next.metadata.id
+    );
+    // An update (opcode 5): NOTIMP.
+    let mut update = query("www.shop.test.", RecordType::A).to_vec().unwrap();
+    update[2] = 0x28;
+    let r = Message::from_vec(&f.udp_raw(&update).unwrap()).unwrap();
+    assert_eq!(r.metadata.response_code, ResponseCode::NotImp);
+    assert_eq!(f.ask("www.shop.test.", RecordType::A, None), ["10.0.1.10"]);
+}
+
+#[tokio::test]
+async fn edns_version_1_gets_badvers() {
+    let f = Fixture::new(PRIORITY);
+    let mut q = query("www.shop.test.", RecordType::A);
+    let mut edns = Edns::new();
+    edns.set_version(1);
+    q.set_edns(edns);
+    let r = f.udp(&q);
+    // Extended rcode 16 is BADVERS (hickory decodes the shared number as BADSIG).
+    assert_eq!(u16::from(r.metadata.response_code), 16);
+}
+
+fn multivalue(n: usize) -> String {
+    let mut s = String::from(
+        "[[profile]]\nname = \"many\"\ndomain = \"many.shop.test\"\nrouting = \"multivalue\"\nmax_answers = 32\n",
+    );
+    for i in 0..n {
+        s.push_str(&format!(
+            "  [[profile.endpoint]]\n  name = \"e{i}\"\n  target = {{ address = \"2001:db8::{:x}\" }}\n",
+            i + 1
+        ));
+    }
+    s
+}
+
+#[tokio::test]
+async fn large_answers_truncate_over_udp_and_come_whole_over_tcp() {
+    let f = Fixture::new(&multivalue(32));
+    // 32 AAAA records do not fit in 512 bytes: TC, no answers.
+    let r = f.udp(&query("many.shop.test.", RecordType::AAAA));
+    assert!(r.metadata.truncation);
+    assert!(r.answers.is_empty());
+    // The client's EDNS buffer is honoured: 1232 bytes hold them.
+    let mut big = query("many.shop.test.", RecordType::AAAA);
+    let mut edns = Edns::new();
+    edns.set_max_payload(1232);
+    big.set_edns(edns);
+    let r = f.udp(&big);
+    assert!(!r.metadata.truncation);
+    assert_eq!(r.answers.len(), 32);
+    assert_eq!(r.edns.as_ref().unwrap().max_payload(), 1232);
+    // TCP has no such limit.
+    let r = f.tcp(&query("many.shop.test.", RecordType::AAAA)).await;
+    assert!(!r.metadata.truncation);
+    assert_eq!(r.answers.len(), 32);
+}
+
+#[tokio::test]
+async fn priority_fails_over_at_once_and_answers_checking_endpoints() {
+    let f = Fixture::new(PRIORITY);
+    // Nothing probed yet: CheckingEndpoint is answered.
+    assert_eq!(f.ask("www.shop.test.", RecordType::A, None), ["10.0.1.10"]);
+    f.set("www", "edge", Status::Online);
+    f.set("www", "region", Status::Online);
+    f.set("www", "edge", Status::Degraded);
+    assert_eq!(f.ask("www.shop.test.", RecordType::A, None), ["10.0.2.10"]);
+    // Back Online: held (30 s) before traffic returns.
+    f.set("www", "edge", Status::Online);
+    assert_eq!(f.ask("www.shop.test.", RecordType::A, None), ["10.0.2.10"]);
+    // The operator disables the region: no hold for a failover.
+    f.manager.set_enabled("www", "region", false).unwrap();
+    assert_eq!(f.ask("www.shop.test.", RecordType::A, None), ["10.0.1.10"]);
+}
+
+#[tokio::test]
+async fn all_down_behaviours() {
+    for (mode, expect) in [
+        ("serve-all", Some("10.0.1.10")),
+        ("nodata", None),
+        ("servfail", None),
+    ] {
+        let f = Fixture::new(&PRIORITY.replace(
+            "ttl = \"5s\"",
+            &format!("ttl = \"5s\"\nall_down = \"{mode}\""),
+        ));
+        f.set("www", "edge", Status::Degraded);
+        f.set("www", "region", Status::Degraded);
+        let r = f.udp(&query("www.shop.test.", RecordType::A));
+        match (mode, expect) {
+            ("servfail", _) => assert_eq!(r.metadata.response_code, ResponseCode::ServFail),
+            (_, Some(ip)) => assert_eq!(rdata_text(&r.answers[0].data), ip),
+            _ => {
+                assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+                assert!(r.answers.is_empty());
+                assert_eq!(r.authorities[0].record_type(), RecordType::SOA);
+            }
+        }
+        let view = &f.manager.views()[0];
+        assert!(view.all_down, "{mode}");
+    }
+}
+
+#[tokio::test]
+async fn weighted_splits_by_weight_and_uses_weight_zero_only_as_backup() {
+    let f = Fixture::new(
+        r#"
+[[profile]]
+name = "split"
+domain = "split.shop.test"
+routing = "weighted"
+monitor = "web"
+  [[profile.endpoint]]
+  name = "a"
+  target = { address = "10.0.0.1" }
+  weight = 1
+  [[profile.endpoint]]
+  name = "b"
+  target = { address = "10.0.0.2" }
+  weight = 3
+  [[profile.endpoint]]
+  name = "backup"
+  target = { address = "10.0.0.9" }
+  weight = 0
+"#,
+    );
+    let mut counts: HashMap<String, u32> = HashMap::new();
+    for _ in 0..2000 {
+        for ip in f.ask("split.shop.test.", RecordType::A, None) {
+            *counts.entry(ip).or_default() += 1;
+        }
+    }
+    let b = counts["10.0.0.2"];
+    // Expect 1500 of 2000; binomial sd ≈ 19, so ±120 is over 6 sd.
+    assert!((1380..=1620).contains(&b), "{counts:?}");
+    assert!(
+        !counts.contains_key("10.0.0.9"),
+        "weight 0 unused while others are up"
+    );
+    f.set("split", "a", Status::Degraded);
+    f.set("split", "b", Status::Degraded);
+    assert_eq!(f.ask("split.shop.test.", RecordType::A, None), ["10.0.0.9"]);
+}
+
+#[tokio::test]
+async fn multivalue_answers_available_addresses_up_to_the_limit() {
+    let f = Fixture::new(
+        r#"
+[[profile]]
+name = "mv"
+domain = "mv.shop.test"
+routing = "multivalue"
+monitor = "web"
+max_answers = 2
+  [[profile.endpoint]]
+  name = "a"
+  target = { address = "10.0.0.1" }
+  [[profile.endpoint]]
+  name = "b"
+  target = { address = "10.0.0.2" }
+  [[profile.endpoint]]
+  name = "c"
+  target = { address = "10.0.0.3" }
+  [[profile.endpoint]]
+  name = "v6"
+  target = { address = "2001:db8::1" }
+"#,
+    );
+    assert_eq!(
+        f.ask("mv.shop.test.", RecordType::A, None),
+        ["10.0.0.1", "10.0.0.2"]
+    );
+    f.set("mv", "a", Status::Degraded);
+    assert_eq!(
+        f.ask("mv.shop.test.", RecordType::A, None),
+        ["10.0.0.2", "10.0.0.3"]
+    );
+    assert_eq!(
+        f.ask("mv.shop.test.", RecordType::AAAA, None),
+        ["2001:db8::1"]
+    );
+}
+
+#[tokio::test]
+async fn subnet_routing_uses_ecs_else_the_resolver_and_echoes_the_scope() {
+    let f = Fixture::new(
+        r#"
+[[profile]]
+name = "nets"
+domain = "nets.shop.test"
+routing = "subnet"
+monitor = "web"
+  [[profile.endpoint]]
+  name = "wide"
+  target = { address = "10.0.0.1" }
+  subnets = ["198.51.0.0/16"]
+  [[profile.endpoint]]
+  name = "narrow"
+  target = { address = "10.0.0.2" }
+  subnets = ["198.51.100.0/24"]
+  [[profile.endpoint]]
+  name = "local"
+  target = { address = "10.0.0.3" }
+  subnets = ["127.0.0.0/8"]
+  [[profile.endpoint]]
+  name = "rest"
+  target = { cname = "fallback.example.net" }
+"#,
+    );
+    let ask = |net| f.ask("nets.shop.test.", RecordType::A, net);
+    assert_eq!(ask(Some("198.51.100.0/24")), ["10.0.0.2"], "longest prefix");
+    assert_eq!(ask(Some("198.51.7.0/24")), ["10.0.0.1"]);
+    assert_eq!(
+        ask(None),
+        ["10.0.0.3"],
+        "the resolver's own address without ECS"
+    );
+    assert_eq!(ask(Some("203.0.113.0/24")), ["cname fallback.example.net."]);
+    f.set("nets", "narrow", Status::Degraded);
+    assert_eq!(
+        ask(Some("198.51.100.0/24")),
+        ["10.0.0.1"],
+        "next match when down"
+    );
+
+    // The scope echoed is the source prefix: the answer depended on all of it.
+    let mut q = query("nets.shop.test.", RecordType::A);
+    let mut edns = Edns::new();
+    edns.options_mut()
+        .insert(EdnsOption::Subnet("198.51.100.0/24".parse().unwrap()));
+    q.set_edns(edns);
+    let r = f.udp(&q);
+    let Some(EdnsOption::Subnet(echo)) = r
+        .edns
+        .as_ref()
+        .unwrap()
+        .option(hickory_proto::rr::rdata::opt::EdnsCode::Subnet)
+    else {
+        panic!("no ECS echoed")
+    };
+    assert_eq!((echo.source_prefix(), echo.scope_prefix()), (24, 24));
+}
+
+const GEO: &str = r#"
+[[geo.area]]
+name = "eu"
+subnets = ["192.0.2.0/24"]
+location = { lat = 50.1, lon = 8.7 }
+[[geo.area]]
+name = "us"
+subnets = ["198.51.100.0/24"]
+location = { lat = 40.7, lon = -74.0 }
+
+[[site]]
+name = "frankfurt"
+role = "edge"
+location = { lat = 50.1, lon = 8.6 }
+[[site]]
+name = "newyork"
+role = "edge"
+location = { lat = 40.7, lon = -74.1 }
+"#;
+
+#[tokio::test]
+async fn geographic_routing_fails_over_to_the_areas_next_choice() {
+    let f = Fixture::new(&format!(
+        r#"{GEO}
+[[profile]]
+name = "geo"
+domain = "geo.shop.test"
+routing = "geographic"
+monitor = "web"
+geo = {{ eu = ["fra", "nyc"], us = ["nyc", "fra"], "*" = ["nyc"] }}
+  [[profile.endpoint]]
+  name = "fra"
+  target = {{ address = "10.0.0.1" }}
+  [[profile.endpoint]]
+  name = "nyc"
+  target = {{ address = "10.0.0.2" }}
+"#
+    ));
+    let ask = |net| f.ask("geo.shop.test.", RecordType::A, Some(net));
+    assert_eq!(ask("192.0.2.0/24"), ["10.0.0.1"]);
+    assert_eq!(ask("198.51.100.0/24"), ["10.0.0.2"]);
+    assert_eq!(ask("203.0.113.0/24"), ["10.0.0.2"], "everyone else");
+    f.set("geo", "fra", Status::Degraded);
+    assert_eq!(ask("192.0.2.0/24"), ["10.0.0.2"], "eu does not go dark");
+}
+
+#[tokio::test]
+async fn performance_routing_picks_the_nearest_site_else_the_fastest_probe() {
+    let f = Fixture::new(&format!(
+        r#"{GEO}
+[[profile]]
+name = "fast"
+domain = "fast.shop.test"
+routing = "performance"
+monitor = "web"
+  [[profile.endpoint]]
+  name = "fra"
+  target = {{ address = "10.0.0.1" }}
+  site = "frankfurt"
+  [[profile.endpoint]]
+  name = "nyc"
+  target = {{ address = "10.0.0.2" }}
+  site = "newyork"
+"#
+    ));
+    f.health.latency.lock().unwrap().insert(
+        health::endpoint_id("fast", "fra"),
+        Duration::from_millis(40),
+    );
+    f.health
+        .latency
+        .lock()
+        .unwrap()
+        .insert(health::endpoint_id("fast", "nyc"), Duration::from_millis(3));
+    f.manager.rebuild(tokio::time::Instant::now());
+    let ask = |net| f.ask("fast.shop.test.", RecordType::A, Some(net));
+    assert_eq!(ask("192.0.2.0/24"), ["10.0.0.1"], "eu client: Frankfurt");
+    assert_eq!(ask("198.51.100.0/24"), ["10.0.0.2"], "us client: New York");
+    assert_eq!(
+        ask("203.0.113.0/24"),
+        ["10.0.0.2"],
+        "unknown location: fastest probe"
+    );
+    f.set("fast", "fra", Status::Degraded);
+    assert_eq!(ask("192.0.2.0/24"), ["10.0.0.2"]);
+}
+
+#[tokio::test]
+async fn nested_profiles_answer_through_and_need_min_child_endpoints() {
+    let f = Fixture::new(
+        r#"
+[[profile]]
+name = "top"
+domain = "app.shop.test"
+routing = "priority"
+  [[profile.endpoint]]
+  name = "edge-pool"
+  target = { profile = "edge" }
+  priority = 1
+  min_child_endpoints = 2
+  [[profile.endpoint]]
+  name = "region"
+  target = { address = "10.0.2.1" }
+  priority = 2
+
+[[profile]]
+name = "edge"
+domain = "edge.app.shop.test"
+routing = "multivalue"
+monitor = "web"
+  [[profile.endpoint]]
+  name = "a"
+  target = { address = "10.0.1.1" }
+  [[profile.endpoint]]
+  name = "b"
+  target = { address = "10.0.1.2" }
+  [[profile.endpoint]]
+  name = "c"
+  target = { address = "10.0.1.3" }
+"#,
+    );
+    assert_eq!(
+        f.ask("app.shop.test.", RecordType::A, None),
+        ["10.0.1.1", "10.0.1.2", "10.0.1.3"]
+    );
+    f.set("edge", "a", Status::Degraded);
+    assert_eq!(
+        f.ask("app.shop.test.", RecordType::A, None),
+        ["10.0.1.2", "10.0.1.3"]
+    );
+    f.set("edge", "b", Status::Degraded);
+    assert_eq!(
+        f.ask("app.shop.test.", RecordType::A, None),
+        ["10.0.2.1"],
+        "one child left is below min_child_endpoints = 2"
+    );
+    // An empty non-terminal between apex and names is NODATA, not NXDOMAIN.
+    let r = f.udp(&query("app.shop.test.", RecordType::TXT));
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+}
+
+#[tokio::test]
+async fn views_show_states_and_answers() {
+    let f = Fixture::new(PRIORITY);
+    f.set("www", "edge", Status::Degraded);
+    let v = &f.manager.views()[0];
+    assert_eq!(v.answer, ["A 10.0.2.10"]);
+    assert_eq!(v.endpoints[0].status, Status::Degraded);
+    assert!(!v.endpoints[0].answered);
+    assert!(v.endpoints[1].answered);
+}
