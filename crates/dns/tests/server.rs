@@ -652,3 +652,57 @@ async fn views_show_states_and_answers() {
     assert!(!v.endpoints[0].answered);
     assert!(v.endpoints[1].answered);
 }
+
+/// The manager on virtual time: failover is immediate, failback waits for the hold, and a
+/// primary flapping every few seconds for two minutes moves traffic back at most once per hold.
+#[tokio::test]
+async fn failback_waits_for_the_hold_and_flapping_moves_at_most_once_per_hold() {
+    let f = Fixture::new(PRIORITY);
+    let mut events = f.manager.events();
+    let t0 = tokio::time::Instant::now();
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    let answer = |f: &Fixture| f.manager.views()[0].answer.clone();
+    f.health.set("www", "edge", Status::Online);
+    f.health.set("www", "region", Status::Online);
+    f.manager.rebuild(at(0));
+    assert_eq!(answer(&f), ["A 10.0.1.10"]);
+
+    f.health.set("www", "edge", Status::Degraded);
+    f.manager.rebuild(at(1));
+    assert_eq!(answer(&f), ["A 10.0.2.10"], "failover at once");
+    let e = events.try_recv().unwrap();
+    assert_eq!((e.from, e.to), (vec!["edge".to_string()], vec!["region".to_string()]));
+    assert_eq!(e.reason, "edge Online -> Degraded");
+
+    f.health.set("www", "edge", Status::Online);
+    f.manager.rebuild(at(2));
+    f.manager.rebuild(at(31));
+    assert_eq!(answer(&f), ["A 10.0.2.10"], "29 s of a 30 s hold");
+    f.manager.rebuild(at(32));
+    assert_eq!(answer(&f), ["A 10.0.1.10"], "failback once the hold is over");
+    let e = events.try_recv().unwrap();
+    assert_eq!(e.reason, "failback hold ended");
+    assert!(events.try_recv().is_err(), "one event per change of answer");
+
+    // Flapping: down 2 s, up 5 s, for two minutes; rebuilt every second.
+    let mut failbacks = Vec::new();
+    let mut last = answer(&f);
+    for s in 40..160u64 {
+        let up = (s - 40) % 7 >= 2;
+        f.health.set("www", "edge", if up { Status::Online } else { Status::Degraded });
+        f.manager.rebuild(at(s));
+        let now = answer(&f);
+        if now != last && now == ["A 10.0.1.10"] {
+            failbacks.push(s);
+        }
+        last = now;
+    }
+    assert!(failbacks.is_empty(), "a flapping edge never stays up for a hold: {failbacks:?}");
+    // Once it stays up, it gets the traffic back exactly one hold later.
+    f.health.set("www", "edge", Status::Online);
+    f.manager.rebuild(at(160));
+    f.manager.rebuild(at(189));
+    assert_eq!(answer(&f), ["A 10.0.2.10"]);
+    f.manager.rebuild(at(190));
+    assert_eq!(answer(&f), ["A 10.0.1.10"]);
+}

@@ -398,3 +398,133 @@ async fn readme_quickstart_runs_the_example() {
     );
     assert!(up.terminate().success());
 }
+
+/// The DNS traffic manager end to end: `tandem up` probes an edge and a region web server;
+/// `dig` sees the edge; when the edge server stops the answer moves to the region; when it
+/// comes back the answer returns only after the failback hold; an operator's disable takes
+/// effect at once; stopping tandem frees the DNS port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_fails_over_and_back_with_real_probes_and_dig() {
+    let mut edge = HttpServer::start_on("127.0.1.10:0".parse().unwrap()).await;
+    let port = edge.addr.port();
+    let _region = HttpServer::start_on(format!("127.0.2.10:{port}").parse().unwrap()).await;
+    let dns: SocketAddr = (
+        [127, 0, 0, 1],
+        testkit::free_udp_tcp_port([127, 0, 0, 1].into()),
+    )
+        .into();
+    let api = free_addr();
+    let dir = tempfile::tempdir().unwrap();
+    let topology = dir.path().join("topology.toml");
+    std::fs::write(
+        &topology,
+        format!(
+            r#"
+[tandem]
+api = "{api}"
+state_dir = "{state}"
+
+[dns]
+listen = ["{dns}"]
+[[dns.zone]]
+name = "shop.test"
+nameservers = ["ns1.shop.test"]
+hostmaster = "hostmaster.shop.test"
+
+[[monitor]]
+name = "web"
+protocol = "http"
+port = {port}
+path = "/healthz"
+interval = "100ms"
+timeout = "80ms"
+tolerated_failures = 1
+recovery_successes = 2
+
+[[profile]]
+name = "www"
+domain = "www.shop.test"
+routing = "priority"
+monitor = "web"
+ttl = "1s"
+failback_hold = "2s"
+  [[profile.endpoint]]
+  name = "edge"
+  target = {{ address = "127.0.1.10" }}
+  priority = 1
+  [[profile.endpoint]]
+  name = "region"
+  target = {{ address = "127.0.2.10" }}
+  priority = 2
+"#,
+            state = dir.path().join("state").display(),
+        ),
+    )
+    .unwrap();
+    let mut up = Up::start(&topology, api, &[]);
+    let answer = move || testkit::dig(dns, "www.shop.test", &[]);
+    let wait_answer = |want: &'static str, deadline: u64| async move {
+        eventually(Duration::from_secs(deadline), &format!("answer {want}"), || async {
+            (answer() == Some(vec![want.to_string()])).then_some(())
+        })
+        .await;
+    };
+    wait_status(&up, "profile/www/edge", "Online").await;
+    wait_status(&up, "profile/www/region", "Online").await;
+    assert_eq!(answer(), Some(vec!["127.0.1.10".to_string()]));
+    assert_eq!(
+        testkit::dig(dns, "www.shop.test", &["+tcp"]),
+        Some(vec!["127.0.1.10".to_string()])
+    );
+
+    let stopped = std::time::Instant::now();
+    edge.stop();
+    wait_answer("127.0.2.10", 10).await;
+    let failover = stopped.elapsed();
+    let dns_events: Vec<Value> = recent_events(api)
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "dns")
+        .collect();
+    let moved = dns_events.last().unwrap();
+    assert_eq!((moved["from"].as_str(), moved["to"].as_str()), (Some("edge"), Some("region")));
+    assert_eq!(moved["reason"], "edge Online -> Degraded");
+    let health = recent_events(api).await;
+    let degraded = health
+        .iter()
+        .rfind(|e| e["subject"] == "profile/www/edge" && e["to"] == "Degraded")
+        .unwrap();
+    assert_eq!(degraded["reason"], "2 failures in a row, last: connection refused");
+
+    let resumed = std::time::Instant::now();
+    edge.resume().await;
+    wait_status(&up, "profile/www/edge", "Online").await;
+    let online = std::time::Instant::now();
+    assert_eq!(answer(), Some(vec!["127.0.2.10".to_string()]), "held after recovery");
+    wait_answer("127.0.1.10", 10).await;
+    let failback = resumed.elapsed();
+    assert!(
+        online.elapsed() >= Duration::from_millis(1900),
+        "failback came {:?} after the edge was Online, before the 2 s hold",
+        online.elapsed()
+    );
+    eprintln!("measured: failover {failover:?} (tolerated 1, interval 100ms); failback {failback:?} (rise 2, hold 2s)");
+
+    // The operator's switch takes effect before the command returns.
+    let out = run(tandem().args(["endpoint", "disable", "www", "edge", "--api", &api.to_string()]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("www now answers: A 127.0.2.10"));
+    assert_eq!(answer(), Some(vec!["127.0.2.10".to_string()]));
+    let out = run(tandem().args(["endpoint", "disable", "www", "nope", "--api", &api.to_string()]));
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("profile \"www\" has no endpoint \"nope\""));
+    let out = run(tandem().args(["endpoint", "enable", "www", "edge", "--api", &api.to_string()]));
+    assert!(out.status.success());
+
+    let status = up.status().unwrap();
+    assert_eq!(status["profiles"][0]["name"], "www");
+
+    assert!(up.terminate().success());
+    assert!(std::net::UdpSocket::bind(dns).is_ok(), "DNS UDP port freed");
+    assert!(std::net::TcpListener::bind(dns).is_ok(), "DNS TCP port freed");
+}

@@ -46,6 +46,11 @@ impl HttpServer {
         Self::bind("127.0.0.1:0".parse().unwrap(), None).await
     }
 
+    /// A plain HTTP server on a chosen address (port 0 for any).
+    pub async fn start_on(addr: SocketAddr) -> Self {
+        Self::bind(addr, None).await
+    }
+
     /// An HTTPS server with a self-signed certificate for `localhost`; returns the certificate
     /// in PEM so a test can trust it.
     pub async fn start_tls() -> (Self, String) {
@@ -220,4 +225,33 @@ where
 pub fn closed_port() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap()
+}
+
+/// A loopback port free for both UDP and TCP at the time of the call.
+pub fn free_udp_tcp_port(ip: std::net::IpAddr) -> u16 {
+    loop {
+        let udp = std::net::UdpSocket::bind((ip, 0)).unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if std::net::TcpListener::bind((ip, port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// `dig`'s short answer for a name from a server, or `None` when it got no answer.
+pub fn dig(server: SocketAddr, name: &str, extra: &[&str]) -> Option<Vec<String>> {
+    let out = std::process::Command::new("dig")
+        .arg(format!("@{}", server.ip()))
+        .args(["-p", &server.port().to_string(), name, "+short", "+norec", "+time=1", "+tries=1"])
+        .args(extra)
+        .output()
+        .expect("dig is installed (scripts/test installs dnsutils)");
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.contains("connection timed out") || text.contains("communications error") {
+        return None;
+    }
+    Some(text.lines().map(str::to_string).collect())
 }
