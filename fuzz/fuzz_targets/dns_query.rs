@@ -24,7 +24,7 @@ fn tables() -> &'static (Tables, Metrics) {
     T.get_or_init(|| {
         let text = include_str!("../../examples/two-site.toml");
         let t = model::parse(model::Source::new("two-site.toml", text)).expect("valid example");
-        let tables = Tables::build(&t, &AllOnline, &Overrides::default(), 1);
+        let tables = Tables::build(&t, &AllOnline, &Overrides::default(), 1, None);
         (tables, Metrics::new(t.profiles.len()))
     })
 }

@@ -32,6 +32,8 @@ pub const DNS_TRUNCATED: &str = "tandem_dns_truncated_total";
 pub const DNS_DROPPED: &str = "tandem_dns_dropped_total";
 /// `1` for each endpoint a profile currently answers.
 pub const DNS_ENDPOINT_ANSWERED: &str = "tandem_dns_endpoint_answered";
+/// Changes of the endpoints a profile answers.
+pub const DNS_ANSWER_CHANGES: &str = "tandem_dns_answer_changes_total";
 /// `1` while every endpoint of a profile is down.
 pub const DNS_PROFILE_ALL_DOWN: &str = "tandem_dns_profile_all_down";
 
@@ -146,6 +148,20 @@ pub fn render_dns(out: &mut String, views: &[ProfileView], m: &DnsMetrics) {
         let _ = writeln!(
             out,
             "{DNS_PROFILE_QUERIES}{{profile=\"{}\"}} {}",
+            escape(&v.name),
+            n.load(Ordering::Relaxed)
+        );
+    }
+    header(
+        out,
+        DNS_ANSWER_CHANGES,
+        "counter",
+        "Changes of the endpoints a profile answers.",
+    );
+    for (v, n) in views.iter().zip(&m.answer_changes) {
+        let _ = writeln!(
+            out,
+            "{DNS_ANSWER_CHANGES}{{profile=\"{}\"}} {}",
             escape(&v.name),
             n.load(Ordering::Relaxed)
         );

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use crate::failback::Failback;
 use crate::server::Metrics;
-use crate::table::{self, HealthView, Overrides, ProfileView, Tables};
+use crate::table::{self, GeoDatabase, HealthView, Overrides, ProfileView, Tables};
 
 /// A change of what a profile answers.
 #[derive(Clone, Debug, Serialize)]
@@ -58,6 +58,7 @@ pub struct Manager {
     events: broadcast::Sender<Event>,
     changed: Notify,
     serial: u32,
+    geo: Option<GeoDatabase>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -67,8 +68,13 @@ impl std::fmt::Debug for Manager {
 }
 
 impl Manager {
-    /// Builds the first tables: every endpoint is CheckingEndpoint until probed.
-    pub fn new(topology: Arc<Topology>, health: Arc<dyn HealthView + Send + Sync>) -> Arc<Self> {
+    /// Builds the first tables: every endpoint is CheckingEndpoint until probed. Fails only
+    /// when the `[geo] database` cannot be read.
+    pub fn new(
+        topology: Arc<Topology>,
+        health: Arc<dyn HealthView + Send + Sync>,
+    ) -> Result<Arc<Self>, String> {
+        let geo = table::open_geo_database(&topology)?;
         let serial = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(1, |d| d.as_secs() as u32);
@@ -84,7 +90,7 @@ impl Manager {
             })
             .collect();
         let overrides = Overrides::default();
-        let tables = Tables::build(&topology, &*health, &overrides, serial);
+        let tables = Tables::build(&topology, &*health, &overrides, serial, geo.clone());
         let m = Arc::new(Manager {
             metrics: Arc::new(Metrics::new(topology.profiles.len())),
             topology,
@@ -98,9 +104,10 @@ impl Manager {
             events: broadcast::Sender::new(1024),
             changed: Notify::new(),
             serial,
+            geo,
         });
         m.rebuild(Instant::now());
-        m
+        Ok(m)
     }
 
     /// The tables the server reads.
@@ -192,10 +199,19 @@ impl Manager {
             };
         }
         st.next_wake = wake;
-        let tables = Tables::build(&self.topology, &*self.health, &st.overrides, self.serial);
+        let tables = Tables::build(
+            &self.topology,
+            &*self.health,
+            &st.overrides,
+            self.serial,
+            self.geo.clone(),
+        );
         let before = self.tables.load();
-        for (old, new) in before.views().iter().zip(tables.views()) {
+        for (i, (old, new)) in before.views().iter().zip(tables.views()).enumerate() {
             if let Some(e) = change(old, new) {
+                if let Some(n) = self.metrics.answer_changes.get(i) {
+                    n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 if new.all_down {
                     tracing::warn!(profile = %e.profile, from = ?e.from, to = ?e.to, reason = %e.reason, "answer changed: all endpoints down");
                 } else {

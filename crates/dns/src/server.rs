@@ -57,6 +57,8 @@ pub struct Metrics {
     pub truncated: AtomicU64,
     /// Datagrams dropped unanswered (not a query).
     pub dropped: AtomicU64,
+    /// Per profile, changes of the endpoints answered.
+    pub answer_changes: Vec<AtomicU64>,
 }
 
 impl Metrics {
@@ -66,6 +68,7 @@ impl Metrics {
             by_profile: (0..profiles).map(|_| AtomicU64::new(0)).collect(),
             truncated: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            answer_changes: (0..profiles).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
@@ -232,10 +235,9 @@ impl Server {
         };
         let tcp_limit = Arc::new(Semaphore::new(TCP_MAX_CONNECTIONS));
         for addr in listen {
-            let mut bound = *addr;
-            for _ in 0..udp_threads.max(1) {
-                let socket = udp_socket(bound)?;
-                bound = socket.local_addr()?;
+            let (sockets, listener) = bind_pair(*addr, udp_threads.max(1))?;
+            let bound = listener.local_addr()?;
+            for socket in sockets {
                 let (tables, metrics, stop) = (tables.clone(), metrics.clone(), stop.clone());
                 server.threads.push(
                     std::thread::Builder::new()
@@ -243,7 +245,6 @@ impl Server {
                         .spawn(move || serve_udp(socket, &tables, &metrics, &stop))?,
                 );
             }
-            let listener = tcp_listener(bound)?;
             let (tables, metrics, limit) = (tables.clone(), metrics.clone(), tcp_limit.clone());
             server
                 .tcp
@@ -269,6 +270,29 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// `n` UDP sockets and a TCP listener on one address. With port 0 the kernel picks the UDP
+/// port, which TCP may already use elsewhere: then try another.
+fn bind_pair(addr: SocketAddr, n: usize) -> io::Result<(Vec<UdpSocket>, TcpListener)> {
+    let attempts = if addr.port() == 0 { 50 } else { 1 };
+    let mut last = None;
+    for _ in 0..attempts {
+        let first = udp_socket(addr)?;
+        let bound = first.local_addr()?;
+        match tcp_listener(bound) {
+            Ok(listener) => {
+                let mut sockets = vec![first];
+                for _ in 1..n {
+                    sockets.push(udp_socket(bound)?);
+                }
+                return Ok((sockets, listener));
+            }
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::from(io::ErrorKind::AddrInUse)))
 }
 
 fn udp_socket(addr: SocketAddr) -> io::Result<UdpSocket> {

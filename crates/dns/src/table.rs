@@ -10,12 +10,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use health::Status;
 use model::units::Cidr;
 use model::{AllDown, Location, Profile, Routing, Target, Topology};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::wire::{self, rtype};
 
@@ -169,16 +170,91 @@ struct ZoneTable {
     existing: HashSet<Box<[u8]>>,
 }
 
-/// Where a client is, from the `[geo]` areas.
+/// A MaxMind-format database, opened once and shared by every rebuild.
+pub type GeoDatabase = Arc<maxminddb::Reader<Vec<u8>>>;
+
+/// Opens the `[geo] database`, if any.
+pub fn open_geo_database(t: &Topology) -> Result<Option<GeoDatabase>, String> {
+    match &t.geo.database {
+        None => Ok(None),
+        Some(path) => maxminddb::Reader::open_readfile(path)
+            .map(|r| Some(Arc::new(r)))
+            .map_err(|e| format!("cannot read geo database {}: {e}", path.display())),
+    }
+}
+
+/// What a MaxMind Country or City database says of an address.
+#[derive(Debug, Default, Deserialize)]
+struct MmdbRecord {
+    #[serde(default)]
+    country: Option<MmdbCode>,
+    #[serde(default)]
+    continent: Option<MmdbCode>,
+    #[serde(default)]
+    location: Option<MmdbLocation>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct MmdbCode {
+    #[serde(default)]
+    iso_code: Option<String>,
+    #[serde(default)]
+    code: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct MmdbLocation {
+    latitude: Option<f64>,
+    longitude: Option<f64>,
+}
+
+/// Where a client is.
+#[derive(Debug, Default)]
+struct Place<'a> {
+    /// Names to try in a `geo` map, most specific first: the topology's area, then the
+    /// database's country and continent codes.
+    names: Vec<std::borrow::Cow<'a, str>>,
+    location: Option<Location>,
+}
+
+/// Where clients are: the topology's `[[geo.area]]` prefixes first (operator overrides), then
+/// the MaxMind database.
 #[derive(Clone, Debug, Default)]
 struct GeoIndex {
     /// Longest prefix first: (prefix, area name, area location).
     prefixes: Vec<(Cidr, String, Option<Location>)>,
+    database: Option<GeoDatabase>,
 }
 
 impl GeoIndex {
-    fn lookup(&self, ip: IpAddr) -> Option<&(Cidr, String, Option<Location>)> {
-        self.prefixes.iter().find(|(net, _, _)| net.contains(ip))
+    fn lookup(&self, ip: IpAddr) -> Place<'_> {
+        let mut place = Place::default();
+        if let Some((_, name, loc)) = self.prefixes.iter().find(|(net, _, _)| net.contains(ip)) {
+            place.names.push(name.as_str().into());
+            place.location = *loc;
+        }
+        let record = self
+            .database
+            .as_ref()
+            .and_then(|db| db.lookup(ip).ok())
+            .and_then(|r| r.decode::<MmdbRecord>().ok().flatten());
+        if let Some(r) = record {
+            if let Some(c) = r.country.and_then(|c| c.iso_code) {
+                place.names.push(c.into());
+            }
+            if let Some(c) = r.continent.and_then(|c| c.code) {
+                place.names.push(c.into());
+            }
+            if place.location.is_none()
+                && let Some(MmdbLocation {
+                    latitude: Some(lat),
+                    longitude: Some(lon),
+                }) = r.location
+            {
+                place.location = Some(Location { lat, lon });
+            }
+        }
+        place
     }
 }
 
@@ -221,7 +297,13 @@ pub struct Overrides {
 
 impl Tables {
     /// Builds every table. Never fails: the topology was validated.
-    pub fn build(t: &Topology, health: &dyn HealthView, o: &Overrides, serial: u32) -> Self {
+    pub fn build(
+        t: &Topology,
+        health: &dyn HealthView,
+        o: &Overrides,
+        serial: u32,
+        database: Option<GeoDatabase>,
+    ) -> Self {
         let statuses = endpoint_statuses(t, health, o);
         let mut profiles = Vec::with_capacity(t.profiles.len());
         let mut views = Vec::with_capacity(t.profiles.len());
@@ -257,7 +339,10 @@ impl Tables {
             .filter_map(|(i, p)| Some((wire::encode_name(&p.domain)?.into_boxed_slice(), i)))
             .collect();
         let zones = zone_tables(t, serial);
-        let mut geo = GeoIndex::default();
+        let mut geo = GeoIndex {
+            prefixes: Vec::new(),
+            database,
+        };
         for a in &t.geo.areas {
             for net in &a.subnets {
                 geo.prefixes.push((*net, a.name.to_string(), a.location));
@@ -389,9 +474,11 @@ impl Tables {
                 }
             }
             Pick::Geo { areas } => {
-                let area = client.and_then(|c| self.geo.lookup(c.addr));
-                let chosen = area
-                    .and_then(|(_, name, _)| areas.get(name.as_str()))
+                let place = client.map(|c| self.geo.lookup(c.addr)).unwrap_or_default();
+                let chosen = place
+                    .names
+                    .iter()
+                    .find_map(|n| areas.get(n.as_ref()))
                     .or_else(|| areas.get("*"));
                 match chosen {
                     Some(c) => c,
@@ -402,9 +489,7 @@ impl Tables {
                 candidates,
                 by_latency,
             } => {
-                let here = client
-                    .and_then(|c| self.geo.lookup(c.addr))
-                    .and_then(|(_, _, loc)| *loc);
+                let here = client.and_then(|c| self.geo.lookup(c.addr).location);
                 match here {
                     Some(here) => candidates
                         .iter()

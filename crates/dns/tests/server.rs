@@ -71,7 +71,7 @@ impl Fixture {
             Err(d) => panic!("{}", d.render()),
         };
         let health = Arc::new(Health::default());
-        let manager = Manager::new(topology, health.clone());
+        let manager = Manager::new(topology, health.clone()).unwrap();
         let server = Server::start(
             &["127.0.0.1:0".parse().unwrap()],
             manager.tables(),
@@ -671,7 +671,10 @@ async fn failback_waits_for_the_hold_and_flapping_moves_at_most_once_per_hold() 
     f.manager.rebuild(at(1));
     assert_eq!(answer(&f), ["A 10.0.2.10"], "failover at once");
     let e = events.try_recv().unwrap();
-    assert_eq!((e.from, e.to), (vec!["edge".to_string()], vec!["region".to_string()]));
+    assert_eq!(
+        (e.from, e.to),
+        (vec!["edge".to_string()], vec!["region".to_string()])
+    );
     assert_eq!(e.reason, "edge Online -> Degraded");
 
     f.health.set("www", "edge", Status::Online);
@@ -679,7 +682,11 @@ async fn failback_waits_for_the_hold_and_flapping_moves_at_most_once_per_hold() 
     f.manager.rebuild(at(31));
     assert_eq!(answer(&f), ["A 10.0.2.10"], "29 s of a 30 s hold");
     f.manager.rebuild(at(32));
-    assert_eq!(answer(&f), ["A 10.0.1.10"], "failback once the hold is over");
+    assert_eq!(
+        answer(&f),
+        ["A 10.0.1.10"],
+        "failback once the hold is over"
+    );
     let e = events.try_recv().unwrap();
     assert_eq!(e.reason, "failback hold ended");
     assert!(events.try_recv().is_err(), "one event per change of answer");
@@ -689,7 +696,11 @@ async fn failback_waits_for_the_hold_and_flapping_moves_at_most_once_per_hold() 
     let mut last = answer(&f);
     for s in 40..160u64 {
         let up = (s - 40) % 7 >= 2;
-        f.health.set("www", "edge", if up { Status::Online } else { Status::Degraded });
+        f.health.set(
+            "www",
+            "edge",
+            if up { Status::Online } else { Status::Degraded },
+        );
         f.manager.rebuild(at(s));
         let now = answer(&f);
         if now != last && now == ["A 10.0.1.10"] {
@@ -697,7 +708,10 @@ async fn failback_waits_for_the_hold_and_flapping_moves_at_most_once_per_hold() 
         }
         last = now;
     }
-    assert!(failbacks.is_empty(), "a flapping edge never stays up for a hold: {failbacks:?}");
+    assert!(
+        failbacks.is_empty(),
+        "a flapping edge never stays up for a hold: {failbacks:?}"
+    );
     // Once it stays up, it gets the traffic back exactly one hold later.
     f.health.set("www", "edge", Status::Online);
     f.manager.rebuild(at(160));
@@ -705,4 +719,121 @@ async fn failback_waits_for_the_hold_and_flapping_moves_at_most_once_per_hold() 
     assert_eq!(answer(&f), ["A 10.0.2.10"]);
     f.manager.rebuild(at(190));
     assert_eq!(answer(&f), ["A 10.0.1.10"]);
+}
+
+/// A MaxMind-format City database: 192.0.2.0/24 in Germany (Europe), 198.51.100.0/24 in the
+/// United States (North America), each with coordinates.
+fn city_database(dir: &std::path::Path) -> std::path::PathBuf {
+    use maxminddb_writer::paths::IpAddrWithMask;
+    #[derive(serde::Serialize)]
+    struct Code {
+        iso_code: &'static str,
+    }
+    #[derive(serde::Serialize)]
+    struct Continent {
+        code: &'static str,
+    }
+    #[derive(serde::Serialize)]
+    struct Loc {
+        latitude: f64,
+        longitude: f64,
+    }
+    #[derive(serde::Serialize)]
+    struct City {
+        country: Code,
+        continent: Continent,
+        location: Loc,
+    }
+    let mut db = maxminddb_writer::Database::default();
+    db.metadata.database_type = "GeoLite2-City".into();
+    db.metadata.binary_format_major_version = 2;
+    db.metadata.languages = vec!["en".into()];
+    for (net, country, continent, lat, lon) in [
+        ("192.0.2.0/24", "DE", "EU", 50.1, 8.7),
+        ("198.51.100.0/24", "US", "NA", 40.7, -74.0),
+    ] {
+        let data = db
+            .insert_value(City {
+                country: Code { iso_code: country },
+                continent: Continent { code: continent },
+                location: Loc {
+                    latitude: lat,
+                    longitude: lon,
+                },
+            })
+            .unwrap();
+        db.insert_node(net.parse::<IpAddrWithMask>().unwrap(), data);
+    }
+    let path = dir.join("city.mmdb");
+    db.write_to(std::fs::File::create(&path).unwrap()).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn a_maxmind_database_gives_countries_continents_and_locations() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = city_database(dir.path());
+    let f = Fixture::new(&format!(
+        r#"
+[geo]
+database = "{db}"
+
+[[site]]
+name = "frankfurt"
+role = "edge"
+location = {{ lat = 50.1, lon = 8.6 }}
+[[site]]
+name = "newyork"
+role = "edge"
+location = {{ lat = 40.7, lon = -74.1 }}
+
+[[profile]]
+name = "geo"
+domain = "geo.shop.test"
+routing = "geographic"
+monitor = "web"
+geo = {{ DE = ["fra", "nyc"], NA = ["nyc", "fra"], "*" = ["nyc"] }}
+  [[profile.endpoint]]
+  name = "fra"
+  target = {{ address = "10.0.0.1" }}
+  [[profile.endpoint]]
+  name = "nyc"
+  target = {{ address = "10.0.0.2" }}
+
+[[profile]]
+name = "fast"
+domain = "fast.shop.test"
+routing = "performance"
+monitor = "web"
+  [[profile.endpoint]]
+  name = "fra"
+  target = {{ address = "10.0.0.1" }}
+  site = "frankfurt"
+  [[profile.endpoint]]
+  name = "nyc"
+  target = {{ address = "10.0.0.2" }}
+  site = "newyork"
+"#,
+        db = db.display()
+    ));
+    let geo = |net| f.ask("geo.shop.test.", RecordType::A, Some(net));
+    assert_eq!(geo("192.0.2.0/24"), ["10.0.0.1"], "country DE");
+    assert_eq!(geo("198.51.100.0/24"), ["10.0.0.2"], "continent NA");
+    assert_eq!(geo("203.0.113.0/24"), ["10.0.0.2"], "not in the database");
+    f.set("geo", "fra", Status::Degraded);
+    assert_eq!(geo("192.0.2.0/24"), ["10.0.0.2"], "DE's next choice");
+    let fast = |net| f.ask("fast.shop.test.", RecordType::A, Some(net));
+    assert_eq!(fast("192.0.2.0/24"), ["10.0.0.1"], "nearest to Germany");
+    assert_eq!(fast("198.51.100.0/24"), ["10.0.0.2"], "nearest to New York");
+}
+
+#[test]
+fn an_unreadable_geo_database_is_a_clear_error() {
+    let text = format!("{ZONE}\n[geo]\ndatabase = \"/nonexistent/city.mmdb\"\n");
+    let t = Arc::new(model::parse(model::Source::new("t.toml", text)).unwrap());
+    let err = Manager::new(t, Arc::new(Health::default())).unwrap_err();
+    assert!(
+        err.starts_with("cannot read geo database /nonexistent/city.mmdb"),
+        "{err}"
+    );
 }

@@ -57,7 +57,8 @@ async fn serve(topology: model::Topology) -> anyhow::Result<()> {
     let mut dns_server = None;
     let dns = match &topology.dns {
         Some(config) => {
-            let manager = dns::manager::Manager::new(topology.clone(), engine.clone());
+            let manager = dns::manager::Manager::new(topology.clone(), engine.clone())
+                .map_err(anyhow::Error::msg)?;
             events.follow(manager.events());
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
             let server = dns::server::Server::start(

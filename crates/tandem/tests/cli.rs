@@ -396,6 +396,12 @@ async fn readme_quickstart_runs_the_example() {
     assert!(
         String::from_utf8_lossy(&table.stdout).contains("profile/www/edge (web 127.0.1.10:8080)")
     );
+    // The README's dig: all endpoints down, so `serve-all` answers the edge.
+    let dns: SocketAddr = "127.0.0.1:5353".parse().unwrap();
+    assert_eq!(
+        testkit::dig(dns, "www.shop.test", &[]),
+        Some(vec!["127.0.1.10".to_string()])
+    );
     assert!(up.terminate().success());
 }
 
@@ -464,9 +470,11 @@ failback_hold = "2s"
     let mut up = Up::start(&topology, api, &[]);
     let answer = move || testkit::dig(dns, "www.shop.test", &[]);
     let wait_answer = |want: &'static str, deadline: u64| async move {
-        eventually(Duration::from_secs(deadline), &format!("answer {want}"), || async {
-            (answer() == Some(vec![want.to_string()])).then_some(())
-        })
+        eventually(
+            Duration::from_secs(deadline),
+            &format!("answer {want}"),
+            || async { (answer() == Some(vec![want.to_string()])).then_some(()) },
+        )
         .await;
     };
     wait_status(&up, "profile/www/edge", "Online").await;
@@ -477,7 +485,7 @@ failback_hold = "2s"
         Some(vec!["127.0.1.10".to_string()])
     );
 
-    let stopped = std::time::Instant::now();
+    let stopped = tokio::time::Instant::now();
     edge.stop();
     wait_answer("127.0.2.10", 10).await;
     let failover = stopped.elapsed();
@@ -487,20 +495,30 @@ failback_hold = "2s"
         .filter(|e| e["kind"] == "dns")
         .collect();
     let moved = dns_events.last().unwrap();
-    assert_eq!((moved["from"].as_str(), moved["to"].as_str()), (Some("edge"), Some("region")));
+    assert_eq!(
+        (moved["from"].as_str(), moved["to"].as_str()),
+        (Some("edge"), Some("region"))
+    );
     assert_eq!(moved["reason"], "edge Online -> Degraded");
     let health = recent_events(api).await;
     let degraded = health
         .iter()
         .rfind(|e| e["subject"] == "profile/www/edge" && e["to"] == "Degraded")
         .unwrap();
-    assert_eq!(degraded["reason"], "2 failures in a row, last: connection refused");
+    assert_eq!(
+        degraded["reason"],
+        "2 failures in a row, last: connection refused"
+    );
 
-    let resumed = std::time::Instant::now();
+    let resumed = tokio::time::Instant::now();
     edge.resume().await;
     wait_status(&up, "profile/www/edge", "Online").await;
-    let online = std::time::Instant::now();
-    assert_eq!(answer(), Some(vec!["127.0.2.10".to_string()]), "held after recovery");
+    let online = tokio::time::Instant::now();
+    assert_eq!(
+        answer(),
+        Some(vec!["127.0.2.10".to_string()]),
+        "held after recovery"
+    );
     wait_answer("127.0.1.10", 10).await;
     let failback = resumed.elapsed();
     assert!(
@@ -508,23 +526,63 @@ failback_hold = "2s"
         "failback came {:?} after the edge was Online, before the 2 s hold",
         online.elapsed()
     );
-    eprintln!("measured: failover {failover:?} (tolerated 1, interval 100ms); failback {failback:?} (rise 2, hold 2s)");
+    eprintln!(
+        "measured: failover {failover:?} (tolerated 1, interval 100ms); failback {failback:?} (rise 2, hold 2s)"
+    );
 
     // The operator's switch takes effect before the command returns.
-    let out = run(tandem().args(["endpoint", "disable", "www", "edge", "--api", &api.to_string()]));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(tandem().args([
+        "endpoint",
+        "disable",
+        "www",
+        "edge",
+        "--api",
+        &api.to_string(),
+    ]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("www now answers: A 127.0.2.10"));
     assert_eq!(answer(), Some(vec!["127.0.2.10".to_string()]));
-    let out = run(tandem().args(["endpoint", "disable", "www", "nope", "--api", &api.to_string()]));
+    let out = run(tandem().args([
+        "endpoint",
+        "disable",
+        "www",
+        "nope",
+        "--api",
+        &api.to_string(),
+    ]));
     assert_eq!(out.status.code(), Some(3));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("profile \"www\" has no endpoint \"nope\""));
-    let out = run(tandem().args(["endpoint", "enable", "www", "edge", "--api", &api.to_string()]));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("profile \"www\" has no endpoint \"nope\"")
+    );
+    let out = run(tandem().args([
+        "endpoint",
+        "enable",
+        "www",
+        "edge",
+        "--api",
+        &api.to_string(),
+    ]));
     assert!(out.status.success());
 
     let status = up.status().unwrap();
     assert_eq!(status["profiles"][0]["name"], "www");
+    let metrics = http_get(api, "/metrics").await;
+    // Failover, failback, disable; the re-enabled edge waits out a new hold.
+    for line in [
+        "tandem_dns_answer_changes_total{profile=\"www\"} 3",
+        "tandem_dns_responses_total{transport=\"tcp\",rcode=\"NOERROR\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} not in:\n{metrics}");
+    }
 
     assert!(up.terminate().success());
     assert!(std::net::UdpSocket::bind(dns).is_ok(), "DNS UDP port freed");
-    assert!(std::net::TcpListener::bind(dns).is_ok(), "DNS TCP port freed");
+    assert!(
+        std::net::TcpListener::bind(dns).is_ok(),
+        "DNS TCP port freed"
+    );
 }

@@ -242,7 +242,15 @@ pub fn free_udp_tcp_port(ip: std::net::IpAddr) -> u16 {
 pub fn dig(server: SocketAddr, name: &str, extra: &[&str]) -> Option<Vec<String>> {
     let out = std::process::Command::new("dig")
         .arg(format!("@{}", server.ip()))
-        .args(["-p", &server.port().to_string(), name, "+short", "+norec", "+time=1", "+tries=1"])
+        .args([
+            "-p",
+            &server.port().to_string(),
+            name,
+            "+short",
+            "+norec",
+            "+time=1",
+            "+tries=1",
+        ])
         .args(extra)
         .output()
         .expect("dig is installed (scripts/test installs dnsutils)");
