@@ -7,7 +7,10 @@
 //! | GET | `/v1/profiles` | every DNS profile: endpoints, states, the answer now |
 //! | POST | `/v1/profiles/{profile}/endpoints/{endpoint}/disable` | stop answering an endpoint |
 //! | POST | `/v1/profiles/{profile}/endpoints/{endpoint}/enable` | answer it again |
-//! | GET | `/v1/events` | the last 1,000 health and DNS events |
+//! | GET | `/v1/load-balancers` | every load balancer: frontends, backends, counters |
+//! | POST | `/v1/load-balancers/{lb}/backends/{address}/drain` | stop new flows, drain the rest |
+//! | POST | `/v1/load-balancers/{lb}/backends/{address}/enable` | take new flows again |
+//! | GET | `/v1/events` | the last 1,000 health, DNS and load balancer events |
 //! | GET | `/metrics` | Prometheus exposition |
 
 pub mod metrics;
@@ -52,6 +55,19 @@ impl From<health::Event> for Event {
             subject: e.target,
             from: e.from.to_string(),
             to: e.to.to_string(),
+            reason: e.reason,
+        }
+    }
+}
+
+impl From<lb::balancer::Event> for Event {
+    fn from(e: lb::balancer::Event) -> Self {
+        Event {
+            at: humantime::format_rfc3339_millis(e.at).to_string(),
+            kind: "lb",
+            subject: format!("{}/{}", e.load_balancer, e.backend),
+            from: String::new(),
+            to: e.what.to_string(),
             reason: e.reason,
         }
     }
@@ -113,6 +129,7 @@ impl EventLog {
 pub struct Api {
     pub engine: Arc<Engine>,
     pub dns: Option<Arc<Manager>>,
+    pub load_balancers: Vec<Arc<lb::Balancer>>,
     pub events: EventLog,
 }
 
@@ -125,6 +142,11 @@ pub fn router(api: Api) -> Router {
         .route(
             "/v1/profiles/{profile}/endpoints/{endpoint}/{action}",
             post(endpoint_action),
+        )
+        .route("/v1/load-balancers", get(load_balancers))
+        .route(
+            "/v1/load-balancers/{lb}/backends/{address}/{action}",
+            post(backend_action),
         )
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
@@ -193,6 +215,50 @@ async fn endpoint_action(
     Json(json!({ "profile": view })).into_response()
 }
 
+async fn load_balancers(State(api): State<Api>) -> Json<serde_json::Value> {
+    let views: Vec<lb::View> = api.load_balancers.iter().map(|b| b.view()).collect();
+    Json(json!({ "load_balancers": views }))
+}
+
+async fn backend_action(
+    State(api): State<Api>,
+    Path((name, address, action)): Path<(String, String, String)>,
+) -> Response {
+    let Some(balancer) = api
+        .load_balancers
+        .iter()
+        .find(|b| b.config.name.as_str() == name)
+    else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "lb",
+            format!("no load balancer {name:?}"),
+        );
+    };
+    let Ok(addr) = address.parse() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "address",
+            format!("{address:?} is not an ip:port address"),
+        );
+    };
+    let result = match action.as_str() {
+        "drain" => balancer.drain(addr),
+        "enable" => balancer.enable(addr),
+        other => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "action",
+                format!("unknown action {other:?}: use drain or enable"),
+            );
+        }
+    };
+    match result {
+        Ok(()) => Json(json!({ "load_balancer": balancer.view() })).into_response(),
+        Err(e) => error(StatusCode::NOT_FOUND, "address", e.to_string()),
+    }
+}
+
 async fn events(State(api): State<Api>) -> Json<serde_json::Value> {
     Json(json!({ "events": api.events.snapshot() }))
 }
@@ -203,6 +269,8 @@ async fn metrics(State(api): State<Api>) -> impl IntoResponse {
     if let Some(dns) = &api.dns {
         metrics::render_dns(&mut body, &dns.views(), &dns.metrics);
     }
+    let views: Vec<lb::View> = api.load_balancers.iter().map(|b| b.view()).collect();
+    metrics::render_lb(&mut body, &views);
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         body,

@@ -34,6 +34,18 @@ pub const DNS_DROPPED: &str = "tandem_dns_dropped_total";
 pub const DNS_ENDPOINT_ANSWERED: &str = "tandem_dns_endpoint_answered";
 /// Changes of the endpoints a profile answers.
 pub const DNS_ANSWER_CHANGES: &str = "tandem_dns_answer_changes_total";
+/// `1` when a load balancer backend takes new flows.
+pub const LB_BACKEND_TAKES_FLOWS: &str = "tandem_lb_backend_takes_new_flows";
+/// Flows open now, per backend.
+pub const LB_BACKEND_ACTIVE: &str = "tandem_lb_backend_active_connections";
+/// Flows since start, per backend.
+pub const LB_BACKEND_CONNECTIONS: &str = "tandem_lb_backend_connections_total";
+/// Bytes relayed per backend and direction (`in` = client to backend).
+pub const LB_BACKEND_BYTES: &str = "tandem_lb_backend_bytes_total";
+/// Passive ejections (a failed connect) per backend.
+pub const LB_BACKEND_EJECTIONS: &str = "tandem_lb_backend_ejections_total";
+/// Failed connects per backend (each retried on the next backend).
+pub const LB_BACKEND_FAILED_CONNECTS: &str = "tandem_lb_backend_failed_connects_total";
 /// `1` while every endpoint of a profile is down.
 pub const DNS_PROFILE_ALL_DOWN: &str = "tandem_dns_profile_all_down";
 
@@ -204,5 +216,63 @@ pub fn render_dns(out: &mut String, views: &[ProfileView], m: &DnsMetrics) {
             escape(&v.name),
             u8::from(v.all_down)
         );
+    }
+}
+
+/// Appends the load balancer metrics.
+pub fn render_lb(out: &mut String, views: &[lb::View]) {
+    type Field = fn(&lb::balancer::BackendView) -> u64;
+    let series: [(&str, &str, &str, Field); 5] = [
+        (
+            LB_BACKEND_TAKES_FLOWS,
+            "gauge",
+            "1 when the backend takes new flows.",
+            |b| u64::from(b.takes_new_flows),
+        ),
+        (LB_BACKEND_ACTIVE, "gauge", "Flows open now.", |b| {
+            b.active_connections
+        }),
+        (
+            LB_BACKEND_CONNECTIONS,
+            "counter",
+            "Flows since start.",
+            |b| b.total_connections,
+        ),
+        (LB_BACKEND_EJECTIONS, "counter", "Passive ejections.", |b| {
+            b.ejections
+        }),
+        (
+            LB_BACKEND_FAILED_CONNECTS,
+            "counter",
+            "Failed connects, each retried.",
+            |b| b.failed_connects,
+        ),
+    ];
+    for (name, kind, help, field) in series {
+        header(out, name, kind, help);
+        for v in views {
+            for b in &v.backends {
+                let _ = writeln!(
+                    out,
+                    "{name}{{lb=\"{}\",backend=\"{}\"}} {}",
+                    escape(&v.name),
+                    b.address,
+                    field(b)
+                );
+            }
+        }
+    }
+    header(out, LB_BACKEND_BYTES, "counter", "Bytes relayed.");
+    for v in views {
+        for b in &v.backends {
+            for (dir, n) in [("in", b.bytes_in), ("out", b.bytes_out)] {
+                let _ = writeln!(
+                    out,
+                    "{LB_BACKEND_BYTES}{{lb=\"{}\",backend=\"{}\",direction=\"{dir}\"}} {n}",
+                    escape(&v.name),
+                    b.address
+                );
+            }
+        }
     }
 }

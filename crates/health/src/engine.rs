@@ -278,6 +278,29 @@ impl Engine {
         Ok(status)
     }
 
+    /// Marks a target Degraded at once for a failure seen outside the probes; it returns
+    /// through its probe's `recovery_successes`.
+    pub fn eject(&self, id: &str, reason: &str) -> Result<Status, UnknownTarget> {
+        let i = *self
+            .index
+            .get(id)
+            .ok_or_else(|| UnknownTarget(id.to_string()))?;
+        let slot = &self.shared.slots[i];
+        let mut rec = slot.record();
+        let change = rec.health.eject(Instant::now());
+        let status = rec.health.status;
+        if let Some(change) = change {
+            publish(
+                &self.shared,
+                slot,
+                &mut rec,
+                change,
+                format!("ejected: {reason}"),
+            );
+        }
+        Ok(status)
+    }
+
     /// Stops every probe and waits for the probe thread to end.
     pub fn shutdown(&self) {
         let running = self.stop.lock().unwrap_or_else(|p| p.into_inner()).take();

@@ -109,6 +109,16 @@ impl Health {
         self.go(next, now)
     }
 
+    /// A failure seen outside the probes (a load balancer's refused connect): Degraded at
+    /// once, and back only through `recovery_successes` probes.
+    pub fn eject(&mut self, now: Instant) -> Option<Change> {
+        if matches!(self.status, Status::Disabled | Status::Stopped) {
+            return None;
+        }
+        self.consecutive_successes = 0;
+        self.go(Status::Degraded, now)
+    }
+
     /// Operator's switch: disabling stops probing; enabling starts over.
     pub fn set_disabled(&mut self, disabled: bool, now: Instant) -> Option<Change> {
         match (disabled, self.status) {
@@ -203,6 +213,18 @@ mod tests {
             Some(Status::CheckingEndpoint)
         );
         assert_eq!(h.set_disabled(false, now), None);
+    }
+
+    #[test]
+    fn ejection_degrades_at_once_and_recovery_needs_the_full_rise() {
+        let mut now = Instant::now();
+        let mut h = Health::new(now);
+        run(&mut h, &[true, true], &mut now);
+        assert_eq!(h.eject(now).map(|c| c.to), Some(Status::Degraded));
+        run(&mut h, &[true, true], &mut now);
+        assert_eq!(h.status, Status::Degraded);
+        run(&mut h, &[true], &mut now);
+        assert_eq!(h.status, Status::Online);
     }
 
     proptest! {

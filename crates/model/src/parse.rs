@@ -834,14 +834,20 @@ const LB_KEYS: &[&str] = &[
     "probe",
     "distribution",
     "idle_timeout",
+    "idle_reset",
     "drain_timeout",
+    "connect_timeout",
+    "on_backend_down",
+    "all_down",
+    "proxy_protocol",
+    "rules",
 ];
 
 fn lb(cx: &mut Cx, s: Section<'_, '_>) -> Option<LoadBalancer> {
     let name = name(cx, s);
     let site = cx.req(s, "site");
     let kind = cx.or(s, "kind", LbKind::Public);
-    let frontend = cx.req(s, "frontend");
+    let frontend: Option<SocketAddr> = cx.req(s, "frontend");
     let protocol = cx.or(s, "protocol", LbProtocol::Tcp);
     let pool = match s.get("pool") {
         Some(v) => cx
@@ -874,6 +880,37 @@ fn lb(cx: &mut Cx, s: Section<'_, '_>) -> Option<LoadBalancer> {
         Duration::ZERO,
         MAX_INTERVAL,
     );
+    let idle_reset = cx.or(s, "idle_reset", false);
+    let connect_timeout = duration_in(
+        cx,
+        s,
+        "connect_timeout",
+        Duration::from_secs(2),
+        Duration::from_millis(10),
+        Duration::from_secs(60),
+    );
+    let on_backend_down = cx.or(s, "on_backend_down", OnBackendDown::Continue);
+    let all_down = cx.or(s, "all_down", LbAllDown::Refuse);
+    let proxy_protocol = cx.or(s, "proxy_protocol", false);
+    let rules = match s.get("rules") {
+        Some(v) => lb_rules(cx, v),
+        None => Some(Vec::new()),
+    };
+    if let (Some(rules), Some(f)) = (&rules, &frontend) {
+        let mut ports = vec![f.port()];
+        for r in rules {
+            if ports.contains(&r.frontend_port) {
+                let span = s.get("rules").map_or_else(|| s.span(), |v| v.span());
+                cx.error(
+                    Code::DuplicateName,
+                    span,
+                    format!("frontend port {} is used twice", r.frontend_port),
+                    "give each rule its own frontend port",
+                );
+            }
+            ports.push(r.frontend_port);
+        }
+    }
     Some(LoadBalancer {
         name: name?,
         site: site?,
@@ -884,8 +921,35 @@ fn lb(cx: &mut Cx, s: Section<'_, '_>) -> Option<LoadBalancer> {
         probe: probe?,
         distribution: distribution?,
         idle_timeout: idle_timeout?,
+        idle_reset: idle_reset?,
         drain_timeout: drain_timeout?,
+        connect_timeout: connect_timeout?,
+        on_backend_down: on_backend_down?,
+        all_down: all_down?,
+        proxy_protocol: proxy_protocol?,
+        rules: rules?,
     })
+}
+
+/// `rules = [{ frontend_port = N, backend_port = M }, …]`.
+fn lb_rules(cx: &mut Cx, v: &Value<'_>) -> Option<Vec<LbRule>> {
+    let DeValue::Array(items) = v.get_ref() else {
+        cx.wrong_type(v, "rules", "an array of { frontend_port, backend_port }");
+        return None;
+    };
+    let rules: Vec<Option<LbRule>> = items
+        .iter()
+        .map(|item| {
+            let r = cx.section(item, "rule", &["frontend_port", "backend_port"])?;
+            let frontend_port = required_in(cx, r, "frontend_port", 1, 65535);
+            let backend_port = required_in(cx, r, "backend_port", 1, 65535);
+            Some(LbRule {
+                frontend_port: frontend_port? as u16,
+                backend_port: backend_port? as u16,
+            })
+        })
+        .collect();
+    rules.into_iter().collect()
 }
 
 fn pool(cx: &mut Cx, s: Section<'_, '_>) -> Option<Pool> {

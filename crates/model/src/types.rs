@@ -339,8 +339,37 @@ pub struct LoadBalancer {
     pub distribution: Distribution,
     /// Default 4 min.
     pub idle_timeout: Duration,
-    /// Default 30 s.
+    /// Reset (rather than close) a TCP flow that idles out. Default false.
+    pub idle_reset: bool,
+    /// A backend being removed gets this long for its flows to finish. Default 30 s.
     pub drain_timeout: Duration,
+    /// Give up connecting to a backend (and try the next) after this long. Default 2 s.
+    pub connect_timeout: Duration,
+    /// What happens to established flows of a backend whose probe fails. Default `continue`.
+    pub on_backend_down: OnBackendDown,
+    /// New flows when no backend is healthy. Default `refuse`.
+    pub all_down: LbAllDown,
+    /// Send a PROXY protocol v2 header to backends. Default false.
+    pub proxy_protocol: bool,
+    /// More frontend ports on the frontend's address, each to a backend port.
+    pub rules: Vec<LbRule>,
+}
+
+/// `rules = [{ frontend_port = 8443, backend_port = 443 }]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LbRule {
+    pub frontend_port: u16,
+    pub backend_port: u16,
+}
+
+choice! {
+    /// Established flows of a backend that goes probe-down.
+    OnBackendDown { Continue = "continue", Reset = "reset" }
+}
+
+choice! {
+    /// New flows when every backend is down.
+    LbAllDown { Refuse = "refuse", SendAll = "send-all" }
 }
 
 /// `capacity = { min, max, initial }`.

@@ -4,6 +4,7 @@
 //! Exit codes: 0 success; 1 the topology is invalid or unreadable; 2 bad command-line usage;
 //! 3 a runtime failure (an address in use, the API unreachable).
 
+mod backend;
 mod client;
 mod endpoint;
 mod status;
@@ -52,7 +53,13 @@ enum Command {
         #[command(subcommand)]
         action: endpoint::Action,
     },
-    /// Show the DNS profiles and the health of every target of a running `tandem up`.
+    /// Drain a load balancer backend (no new flows; the rest get `drain_timeout`), or enable it.
+    Backend {
+        #[command(subcommand)]
+        action: backend::Action,
+    },
+    /// Show the DNS profiles, load balancers and the health of every target of a running
+    /// `tandem up`.
     Status {
         /// API address of the running tandem [env: TANDEM_API] [default: 127.0.0.1:7400].
         #[arg(long)]
@@ -69,6 +76,7 @@ fn main() -> ExitCode {
         Command::Up { file } => up::run(&file),
         Command::Validate { file, json } => validate(&file, json),
         Command::Endpoint { action } => endpoint::run(action),
+        Command::Backend { action } => backend::run(action),
         Command::Status { api, json } => status::run(api, json),
     }
 }

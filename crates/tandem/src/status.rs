@@ -13,7 +13,12 @@ pub fn run(api: Option<SocketAddr>, json: bool) -> ExitCode {
         block_on(async move {
             let health = get_json(api, "/v1/health").await?;
             let profiles = get_json(api, "/v1/profiles").await?;
-            Ok(json!({ "profiles": profiles["profiles"], "targets": health["targets"] }))
+            let lbs = get_json(api, "/v1/load-balancers").await?;
+            Ok(json!({
+                "profiles": profiles["profiles"],
+                "load_balancers": lbs["load_balancers"],
+                "targets": health["targets"],
+            }))
         })
     });
     match result {
@@ -83,6 +88,14 @@ fn text(body: &Value) -> String {
         out.push_str(&table(&rows));
         out.push('\n');
     }
+    let lbs = body["load_balancers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if !lbs.is_empty() {
+        out.push_str(&table(&lb_rows(&lbs)));
+        out.push('\n');
+    }
     let mut rows = vec![cells([
         "TARGET",
         "STATUS",
@@ -142,4 +155,58 @@ fn table(rows: &[Vec<String>]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// One row per backend, the balancer's name and frontends on its first.
+fn lb_rows(lbs: &[Value]) -> Vec<Vec<String>> {
+    let mut rows = vec![cells([
+        "LOAD BALANCER",
+        "FRONTENDS",
+        "BACKEND",
+        "STATUS",
+        "FLOWS",
+        "ACTIVE",
+        "EJECTIONS",
+    ])];
+    for l in lbs {
+        let fronts: Vec<&str> = l["frontends"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let backends = l["backends"].as_array().cloned().unwrap_or_default();
+        if backends.is_empty() {
+            rows.push(cells([
+                &s(l, "name"),
+                &fronts.join(", "),
+                "(no backends)",
+                "",
+                "",
+                "",
+                "",
+            ]));
+        }
+        for (i, b) in backends.iter().enumerate() {
+            let mut status = s(b, "status");
+            if b["draining"] == true {
+                status.push_str(" draining");
+            } else if b["takes_new_flows"] == true {
+                status.push_str(" *");
+            }
+            let (name, fronts) = if i == 0 {
+                (s(l, "name"), fronts.join(", "))
+            } else {
+                (String::new(), String::new())
+            };
+            rows.push(cells([
+                &name,
+                &fronts,
+                &s(b, "address"),
+                &status,
+                &s(b, "total_connections"),
+                &s(b, "active_connections"),
+                &s(b, "ejections"),
+            ]));
+        }
+    }
+    rows
 }

@@ -77,10 +77,26 @@ async fn serve(topology: model::Topology) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut load_balancers = Vec::new();
+    let mut running = Vec::new();
+    for config in &topology.load_balancers {
+        let balancer = lb::Balancer::new(config.clone(), engine.clone());
+        events.follow(balancer.events());
+        let r = lb::Running::start(balancer.clone(), workers)
+            .with_context(|| format!("cannot start load balancer {}", config.name))?;
+        tokio::spawn(balancer.clone().follow_health(engine.subscribe()));
+        for (front, _) in balancer.frontends() {
+            tracing::info!(lb = %config.name, frontend = %front, protocol = %config.protocol, "load balancer listening");
+        }
+        load_balancers.push(balancer);
+        running.push(r);
+    }
     tracing::info!(api = %addr, targets = count, "tandem is up");
     let state = api::Api {
         engine: engine.clone(),
         dns,
+        load_balancers,
         events,
     };
     api::serve(listener, state, shutdown_signal())
@@ -88,6 +104,9 @@ async fn serve(topology: model::Topology) -> anyhow::Result<()> {
         .context("API server failed")?;
     if let Some(mut s) = dns_server {
         s.stop();
+    }
+    for mut r in running {
+        r.stop();
     }
     engine.shutdown();
     tracing::info!("tandem stopped");

@@ -1,0 +1,429 @@
+//! One load balancer's control side: its backends, their health, draining, and the snapshot the
+//! relays read when a flow starts (rebuilt on changes, never per flow).
+//!
+//! Which backends take new flows: `Online` ones, not draining. While none is `Online` but some
+//! have no probe result yet (`CheckingEndpoint`, at start), those are tried, so a fresh balancer
+//! does not refuse everything until the first probe. With none at all, `all_down` decides:
+//! `refuse` (default) or `send-all` (every backend that is not draining).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use health::Status;
+use model::{LbAllDown, LoadBalancer, OnBackendDown, Pool};
+use serde::Serialize;
+use tokio::sync::{broadcast, watch};
+use tokio::time::Instant;
+
+/// What the balancer needs of health.
+pub trait BackendHealth: Send + Sync {
+    /// Status of a probe target; `None` when not probed.
+    fn status(&self, target: &str) -> Option<Status>;
+    /// A failure seen by the data plane (a refused connect): out at once, back via the probe.
+    fn eject(&self, target: &str, reason: &str);
+}
+
+impl BackendHealth for health::Engine {
+    fn status(&self, target: &str) -> Option<Status> {
+        health::Engine::status(self, target)
+    }
+
+    fn eject(&self, target: &str, reason: &str) {
+        let _ = health::Engine::eject(self, target, reason);
+    }
+}
+
+/// Counters of one backend, kept across snapshots. Relaxed atomics: counts only.
+#[derive(Debug)]
+pub struct Stats {
+    pub active: AtomicU64,
+    pub total: AtomicU64,
+    /// Bytes from clients to the backend, and back.
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub ejections: AtomicU64,
+    pub failed_connects: AtomicU64,
+    /// Bumped to end every flow of the backend (drain deadline, reset on probe-down).
+    pub kill: watch::Sender<u64>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            active: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            ejections: AtomicU64::new(0),
+            failed_connects: AtomicU64::new(0),
+            kill: watch::Sender::new(0),
+        }
+    }
+}
+
+/// A pool member.
+#[derive(Debug)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    /// Its probe target, when the pool has a probe.
+    pub health_id: Option<String>,
+    pub stats: Arc<Stats>,
+}
+
+/// What a new flow may use.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub backends: Vec<Arc<Backend>>,
+    /// Indexes of backends that take new flows.
+    pub eligible: Vec<usize>,
+}
+
+/// A change worth an event.
+#[derive(Clone, Debug, Serialize)]
+pub struct Event {
+    #[serde(serialize_with = "serde_time")]
+    pub at: SystemTime,
+    pub load_balancer: String,
+    pub backend: SocketAddr,
+    /// `ejected`, `draining`, `drained`, `enabled`, `down`, `up`.
+    pub what: &'static str,
+    pub reason: String,
+}
+
+fn serde_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_millis(*t))
+}
+
+/// One backend as the API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct BackendView {
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub status: Status,
+    pub draining: bool,
+    pub takes_new_flows: bool,
+    pub active_connections: u64,
+    pub total_connections: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub ejections: u64,
+    pub failed_connects: u64,
+}
+
+/// One load balancer as the API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct View {
+    pub name: String,
+    pub site: String,
+    pub kind: String,
+    pub protocol: String,
+    pub distribution: String,
+    pub frontends: Vec<String>,
+    pub backends: Vec<BackendView>,
+}
+
+/// No such backend in the pool.
+#[derive(Debug, thiserror::Error)]
+#[error("load balancer {0:?} has no backend {1}")]
+pub struct UnknownBackend(pub String, pub SocketAddr);
+
+struct State {
+    members: Vec<Arc<Backend>>,
+    draining: HashMap<SocketAddr, Instant>,
+    last_status: HashMap<SocketAddr, Status>,
+}
+
+/// A load balancer's control side, shared with its relays.
+pub struct Balancer {
+    pub config: LoadBalancer,
+    health: Arc<dyn BackendHealth>,
+    state: Mutex<State>,
+    snapshot: ArcSwap<Snapshot>,
+    events: broadcast::Sender<Event>,
+}
+
+impl std::fmt::Debug for Balancer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Balancer")
+            .field("name", &self.config.name.as_str())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The probe target id of a load balancer's backend.
+pub fn backend_id(lb: &str, addr: SocketAddr) -> String {
+    format!("lb/{lb}/{addr}")
+}
+
+impl Balancer {
+    /// A balancer over its configured static addresses (scale set and database pools start
+    /// empty and are filled with [`Balancer::set_members`]).
+    pub fn new(config: LoadBalancer, health: Arc<dyn BackendHealth>) -> Arc<Self> {
+        let probed = config.probe.is_some();
+        let members = match &config.pool {
+            Pool::Addresses(list) => list
+                .iter()
+                .map(|b| {
+                    Arc::new(Backend {
+                        addr: b.address,
+                        weight: b.weight,
+                        health_id: probed.then(|| backend_id(&config.name, b.address)),
+                        stats: Arc::new(Stats::default()),
+                    })
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let b = Arc::new(Balancer {
+            config,
+            health,
+            state: Mutex::new(State {
+                members,
+                draining: HashMap::new(),
+                last_status: HashMap::new(),
+            }),
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            events: broadcast::Sender::new(256),
+        });
+        b.rebuild();
+        b
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.snapshot.load()
+    }
+
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    fn event(&self, backend: SocketAddr, what: &'static str, reason: String) {
+        tracing::info!(lb = %self.config.name, %backend, what, %reason, "backend");
+        let _ = self.events.send(Event {
+            at: SystemTime::now(),
+            load_balancer: self.config.name.to_string(),
+            backend,
+            what,
+            reason,
+        });
+    }
+
+    /// Replaces the pool's members (scale set instances, the database primary). Members that
+    /// stay keep their counters and flows; members that leave stop taking new flows and their
+    /// flows continue until they end.
+    pub fn set_members(&self, members: Vec<(SocketAddr, u32, Option<String>)>) {
+        {
+            let mut st = self.state();
+            let old: HashMap<SocketAddr, Arc<Backend>> =
+                st.members.iter().map(|b| (b.addr, b.clone())).collect();
+            st.members = members
+                .into_iter()
+                .map(|(addr, weight, health_id)| match old.get(&addr) {
+                    Some(b) if b.weight == weight && b.health_id == health_id => b.clone(),
+                    _ => Arc::new(Backend {
+                        addr,
+                        weight,
+                        health_id,
+                        stats: old
+                            .get(&addr)
+                            .map_or_else(|| Arc::new(Stats::default()), |b| b.stats.clone()),
+                    }),
+                })
+                .collect();
+        }
+        self.rebuild();
+    }
+
+    /// Recomputes which backends take new flows, and applies `on_backend_down`.
+    pub fn rebuild(&self) {
+        let mut st = self.state();
+        let statuses: Vec<Status> = st
+            .members
+            .iter()
+            .map(|b| match &b.health_id {
+                Some(id) => self.health.status(id).unwrap_or(Status::CheckingEndpoint),
+                None => Status::Online,
+            })
+            .collect();
+        for (b, s) in st.members.iter().zip(&statuses) {
+            let before = st.last_status.get(&b.addr).copied();
+            if before.is_some_and(|p| p != *s) {
+                let (what, went_down) = match s {
+                    Status::Online => ("up", false),
+                    Status::Degraded => ("down", true),
+                    _ => ("changed", false),
+                };
+                let mut reason = format!("probe: {} -> {s}", before.unwrap_or(*s));
+                if went_down && self.config.on_backend_down == OnBackendDown::Reset {
+                    b.stats.kill.send_modify(|g| *g += 1);
+                    reason.push_str("; its flows are reset (on_backend_down = reset)");
+                }
+                self.event(b.addr, what, reason);
+            }
+        }
+        st.last_status = st
+            .members
+            .iter()
+            .zip(&statuses)
+            .map(|(b, s)| (b.addr, *s))
+            .collect();
+        let open: Vec<usize> = (0..st.members.len())
+            .filter(|&i| !st.draining.contains_key(&st.members[i].addr))
+            .collect();
+        let with = |want: Status| -> Vec<usize> {
+            open.iter()
+                .copied()
+                .filter(|&i| statuses[i] == want)
+                .collect()
+        };
+        let mut eligible = with(Status::Online);
+        if eligible.is_empty() {
+            eligible = with(Status::CheckingEndpoint);
+        }
+        if eligible.is_empty() && self.config.all_down == LbAllDown::SendAll {
+            eligible = open;
+        }
+        self.snapshot.store(Arc::new(Snapshot {
+            backends: st.members.clone(),
+            eligible,
+        }));
+    }
+
+    /// A connect to `b` failed: count it and eject it (it returns through its probe).
+    pub fn connect_failed(&self, b: &Backend, why: &str) {
+        b.stats.failed_connects.fetch_add(1, Ordering::Relaxed);
+        let Some(id) = &b.health_id else {
+            return; // without a probe nothing would bring it back: retry only
+        };
+        if self.health.status(id) == Some(Status::Degraded) {
+            return;
+        }
+        b.stats.ejections.fetch_add(1, Ordering::Relaxed);
+        self.health.eject(id, why);
+        self.event(b.addr, "ejected", format!("passive: {why}"));
+        self.rebuild();
+    }
+
+    /// Stops new flows to a backend; its flows get `drain_timeout` to finish, then are reset.
+    pub fn drain(self: &Arc<Self>, addr: SocketAddr) -> Result<(), UnknownBackend> {
+        let stats = self.member(addr)?.stats.clone();
+        let started = Instant::now();
+        self.state().draining.insert(addr, started);
+        self.rebuild();
+        let timeout = self.config.drain_timeout;
+        self.event(
+            addr,
+            "draining",
+            format!(
+                "operator; {} active flows get {}",
+                stats.active.load(Ordering::Relaxed),
+                model::units::format_duration(timeout)
+            ),
+        );
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(started + timeout).await;
+            let still = me.state().draining.get(&addr) == Some(&started);
+            if still {
+                let left = stats.active.load(Ordering::Relaxed);
+                stats.kill.send_modify(|g| *g += 1);
+                me.event(
+                    addr,
+                    "drained",
+                    format!("drain timeout; {left} flows reset"),
+                );
+            }
+        });
+        Ok(())
+    }
+
+    /// Takes a drained backend back.
+    pub fn enable(&self, addr: SocketAddr) -> Result<(), UnknownBackend> {
+        self.member(addr)?;
+        self.state().draining.remove(&addr);
+        self.rebuild();
+        self.event(addr, "enabled", "operator".into());
+        Ok(())
+    }
+
+    fn member(&self, addr: SocketAddr) -> Result<Arc<Backend>, UnknownBackend> {
+        self.state()
+            .members
+            .iter()
+            .find(|b| b.addr == addr)
+            .cloned()
+            .ok_or_else(|| UnknownBackend(self.config.name.to_string(), addr))
+    }
+
+    /// The frontends as `proto ip:port -> backend port`.
+    pub fn frontends(&self) -> Vec<(SocketAddr, Option<u16>)> {
+        let c = &self.config;
+        let mut out = vec![(c.frontend, None)];
+        for r in &c.rules {
+            out.push((
+                SocketAddr::new(c.frontend.ip(), r.frontend_port),
+                Some(r.backend_port),
+            ));
+        }
+        out
+    }
+
+    pub fn view(&self) -> View {
+        let snap = self.snapshot();
+        let st = self.state();
+        let c = &self.config;
+        View {
+            name: c.name.to_string(),
+            site: c.site.to_string(),
+            kind: c.kind.to_string(),
+            protocol: c.protocol.to_string(),
+            distribution: c.distribution.to_string(),
+            frontends: self
+                .frontends()
+                .iter()
+                .map(|(a, port)| match port {
+                    Some(p) => format!("{} {a} -> backend port {p}", c.protocol),
+                    None => format!("{} {a}", c.protocol),
+                })
+                .collect(),
+            backends: snap
+                .backends
+                .iter()
+                .enumerate()
+                .map(|(i, b)| BackendView {
+                    address: b.addr,
+                    weight: b.weight,
+                    status: st
+                        .last_status
+                        .get(&b.addr)
+                        .copied()
+                        .unwrap_or(Status::CheckingEndpoint),
+                    draining: st.draining.contains_key(&b.addr),
+                    takes_new_flows: snap.eligible.contains(&i),
+                    active_connections: b.stats.active.load(Ordering::Relaxed),
+                    total_connections: b.stats.total.load(Ordering::Relaxed),
+                    bytes_in: b.stats.bytes_in.load(Ordering::Relaxed),
+                    bytes_out: b.stats.bytes_out.load(Ordering::Relaxed),
+                    ejections: b.stats.ejections.load(Ordering::Relaxed),
+                    failed_connects: b.stats.failed_connects.load(Ordering::Relaxed),
+                })
+                .collect(),
+        }
+    }
+
+    /// Keeps the snapshot current with health (the engine's change counter).
+    pub async fn follow_health(self: Arc<Self>, mut health: watch::Receiver<u64>) {
+        while health.changed().await.is_ok() {
+            self.rebuild();
+        }
+    }
+}

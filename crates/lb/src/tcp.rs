@@ -1,0 +1,211 @@
+//! TCP frontends: accept, choose a backend (retrying the next one when a connect fails, so a
+//! backend that died between probes costs no client its connection), then relay both ways
+//! until either side closes, the flow idles out, or the backend is drained or reset.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::time::Instant;
+
+use crate::balancer::{Backend, Balancer};
+use crate::{proxy_v2, select};
+
+/// Bytes read at a time per direction.
+const BUFFER: usize = 64 * 1024;
+
+/// A listener bound with `SO_REUSEPORT`, so several can share a port across cores.
+pub fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_tcp_nodelay(true)?;
+    s.bind(&addr.into()).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot bind load balancer frontend tcp {addr}: {e}"),
+        )
+    })?;
+    s.listen(4096)?;
+    s.set_nonblocking(true)?;
+    TcpListener::from_std(s.into())
+}
+
+/// Accepts until the task is dropped. `backend_port` overrides the backends' own port (rules).
+pub async fn serve(listener: TcpListener, lb: Arc<Balancer>, backend_port: Option<u16>) {
+    loop {
+        let (client, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let lb = lb.clone();
+        tokio::spawn(async move {
+            if let Err(e) = flow(client, peer, &lb, backend_port).await {
+                tracing::debug!(lb = %lb.config.name, client = %peer, error = %e, "flow ended");
+            }
+        });
+    }
+}
+
+async fn flow(
+    client: TcpStream,
+    peer: SocketAddr,
+    lb: &Balancer,
+    backend_port: Option<u16>,
+) -> io::Result<()> {
+    let _ = client.set_nodelay(true);
+    let local = client.local_addr()?;
+    let Some((backend, mut server)) = connect(lb, peer, local, backend_port).await else {
+        // No backend: refuse with a reset, as a closed port would.
+        let _ = client.set_zero_linger();
+        return Ok(());
+    };
+    let stats = backend.stats.clone();
+    stats.total.fetch_add(1, Ordering::Relaxed);
+    stats.active.fetch_add(1, Ordering::Relaxed);
+    let _active = Decrement(&stats.active);
+    if lb.config.proxy_protocol {
+        let header = proxy_v2::header(peer, local, proxy_v2::Transport::Stream);
+        server.write_all(&header).await?;
+    }
+    let mut kill = stats.kill.subscribe();
+    kill.mark_unchanged();
+    let idle = lb.config.idle_timeout;
+    let started = Instant::now();
+    let last = AtomicU64::new(0);
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    let end = {
+        let both = async {
+            tokio::join!(
+                pump(&mut cr, &mut sw, &stats.bytes_in, &last, started),
+                pump(&mut sr, &mut cw, &stats.bytes_out, &last, started),
+            )
+        };
+        tokio::pin!(both);
+        loop {
+            // The idle deadline moves with every byte; wake at the current one and re-check.
+            let idle_at = started + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
+            tokio::select! {
+                _ = &mut both => break End::Closed,
+                () = tokio::time::sleep_until(idle_at) => {
+                    let at = started + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
+                    if Instant::now() >= at {
+                        break End::Idle;
+                    }
+                }
+                _ = kill.changed() => break End::Killed,
+            }
+        }
+    };
+    let reset = match end {
+        End::Closed => false,
+        End::Idle => lb.config.idle_reset,
+        End::Killed => true,
+    };
+    if reset {
+        // Dropping the halves with SO_LINGER 0 sends RST to both sides.
+        let client = cr.reunite(cw).ok();
+        let server = sr.reunite(sw).ok();
+        for s in [client, server].into_iter().flatten() {
+            let _ = s.set_zero_linger();
+        }
+    }
+    Ok(())
+}
+
+enum End {
+    Closed,
+    Idle,
+    Killed,
+}
+
+struct Decrement<'a>(&'a AtomicU64);
+
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Chooses and connects a backend, trying the next eligible one on each failure.
+async fn connect(
+    lb: &Balancer,
+    peer: SocketAddr,
+    local: SocketAddr,
+    backend_port: Option<u16>,
+) -> Option<(Arc<Backend>, TcpStream)> {
+    let snap = lb.snapshot();
+    let key = select::flow_key(lb.config.distribution, peer, local, false);
+    let mut tried = Vec::new();
+    loop {
+        let candidates = snap
+            .eligible
+            .iter()
+            .map(|&i| (i, snap.backends[i].addr, snap.backends[i].weight));
+        let i = select::pick(key, candidates, &tried)?;
+        tried.push(i);
+        let b = &snap.backends[i];
+        let mut addr = b.addr;
+        if let Some(p) = backend_port {
+            addr.set_port(p);
+        }
+        let attempt = async {
+            let socket = if addr.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            let s = socket.connect(addr).await?;
+            let _ = s.set_nodelay(true);
+            Ok::<_, io::Error>(s)
+        };
+        match tokio::time::timeout(lb.config.connect_timeout, attempt).await {
+            Ok(Ok(s)) => return Some((b.clone(), s)),
+            Ok(Err(e)) => lb.connect_failed(b, &format!("connect to {addr}: {e}")),
+            Err(_) => lb.connect_failed(
+                b,
+                &format!(
+                    "connect to {addr} timed out after {}",
+                    model::units::format_duration(lb.config.connect_timeout)
+                ),
+            ),
+        }
+    }
+}
+
+/// Copies one direction until end of stream, then half-closes the other side.
+async fn pump<R, W>(
+    r: &mut R,
+    w: &mut W,
+    bytes: &AtomicU64,
+    last: &AtomicU64,
+    started: Instant,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BUFFER];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return w.shutdown().await;
+        }
+        w.write_all(&buf[..n]).await?;
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
+        last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}

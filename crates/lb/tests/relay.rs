@@ -1,0 +1,573 @@
+//! The load balancer with real parts: backends are real TCP and UDP servers on loopback
+//! addresses of their own, probed by the real health engine; clients are real sockets.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use health::{Engine, Status};
+use lb::{Balancer, Running};
+use testkit::eventually;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
+use tokio::task::JoinHandle;
+
+/// A TCP backend: answers each line with `NAME LINE`; a PROXY v2 header, when sent, is read
+/// first and remembered. Its probe port is a separate listener that can be stopped alone.
+struct Backend {
+    name: String,
+    data: SocketAddr,
+    health_port: u16,
+    data_task: Option<JoinHandle<()>>,
+    health_task: Option<JoinHandle<()>>,
+    proxy_header: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+    accepted: Arc<AtomicU64>,
+}
+
+impl Backend {
+    async fn start(name: &str, ip: &str, data_port: u16, health_port: u16) -> Self {
+        let mut b = Backend {
+            name: name.into(),
+            data: format!("{ip}:{data_port}").parse().unwrap(),
+            health_port,
+            data_task: None,
+            health_task: None,
+            proxy_header: Arc::default(),
+            accepted: Arc::default(),
+        };
+        b.start_data(false).await;
+        b.start_health().await;
+        b
+    }
+
+    async fn start_data(&mut self, expect_proxy: bool) {
+        let l = bind(self.data).await;
+        let (name, header, accepted) = (
+            self.name.clone(),
+            self.proxy_header.clone(),
+            self.accepted.clone(),
+        );
+        self.data_task = Some(tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = l.accept().await else {
+                    continue;
+                };
+                accepted.fetch_add(1, Ordering::Relaxed);
+                let (name, header) = (name.clone(), header.clone());
+                tokio::spawn(async move {
+                    let mut s = BufReader::new(s);
+                    if expect_proxy {
+                        let mut fixed = [0u8; 16];
+                        s.read_exact(&mut fixed).await.unwrap();
+                        let len = u16::from_be_bytes([fixed[14], fixed[15]]) as usize;
+                        let mut rest = vec![0u8; len];
+                        s.read_exact(&mut rest).await.unwrap();
+                        let mut all = fixed.to_vec();
+                        all.extend(rest);
+                        *header.lock().unwrap() = Some(all);
+                    }
+                    let mut line = String::new();
+                    while s.read_line(&mut line).await.unwrap_or(0) > 0 {
+                        let reply = format!("{name} {line}");
+                        if s.get_mut().write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        line.clear();
+                    }
+                });
+            }
+        }));
+    }
+
+    async fn start_health(&mut self) {
+        let l = bind(SocketAddr::new(self.data.ip(), self.health_port)).await;
+        self.health_task = Some(tokio::spawn(async move {
+            loop {
+                let _ = l.accept().await;
+            }
+        }));
+    }
+
+    /// The process dies: both ports refuse.
+    fn kill(&mut self) {
+        self.stop_data();
+        self.stop_health();
+    }
+
+    fn stop_data(&mut self) {
+        if let Some(t) = self.data_task.take() {
+            t.abort();
+        }
+    }
+
+    fn stop_health(&mut self) {
+        if let Some(t) = self.health_task.take() {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn bind(addr: SocketAddr) -> TcpListener {
+    for _ in 0..100 {
+        if let Ok(l) = TcpListener::bind(addr).await {
+            return l;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("cannot bind {addr}");
+}
+
+/// A free port on every address given.
+fn free_port(ips: &[&str]) -> u16 {
+    loop {
+        let first = std::net::TcpListener::bind((ips[0], 0)).unwrap();
+        let port = first.local_addr().unwrap().port();
+        if ips[1..]
+            .iter()
+            .all(|ip| std::net::TcpListener::bind((*ip, port)).is_ok())
+        {
+            return port;
+        }
+    }
+}
+
+struct Setup {
+    engine: Arc<Engine>,
+    running: Running,
+    frontend: SocketAddr,
+}
+
+impl Setup {
+    /// A balancer from topology text `lb` (with `{frontend}`, `{health}`, `{p}` filled in)
+    /// probing its backends with a tcp monitor on the health port.
+    fn start(lb_toml: &str, health_port: u16) -> Self {
+        let frontend: SocketAddr = format!("127.0.3.1:{}", free_port(&["127.0.3.1"]))
+            .parse()
+            .unwrap();
+        let text = format!(
+            "[[site]]\nname = \"edge\"\nrole = \"edge\"\n\
+             [[monitor]]\nname = \"alive\"\nprotocol = \"tcp\"\nport = {health_port}\n\
+             interval = \"100ms\"\ntimeout = \"80ms\"\ntolerated_failures = 1\nrecovery_successes = 2\n\
+             {}",
+            lb_toml.replace("{frontend}", &frontend.to_string())
+        );
+        let t = match model::parse(model::Source::new("t.toml", text)) {
+            Ok(t) => t,
+            Err(d) => panic!("{}", d.render()),
+        };
+        let engine = Arc::new(
+            Engine::start(health::targets(&t), &t.monitors, health::Options::default()).unwrap(),
+        );
+        let balancer = Balancer::new(t.load_balancers[0].clone(), engine.clone());
+        tokio::spawn(balancer.clone().follow_health(engine.subscribe()));
+        let running = Running::start(balancer, 2).unwrap();
+        Setup {
+            engine,
+            running,
+            frontend,
+        }
+    }
+
+    fn balancer(&self) -> &Arc<Balancer> {
+        &self.running.balancer
+    }
+
+    async fn wait_online(&self, backend: &Backend) {
+        let id = lb::balancer::backend_id(&self.balancer().config.name, backend.data);
+        eventually(Duration::from_secs(5), "backend Online", || async {
+            (self.engine.status(&id) == Some(Status::Online)).then_some(())
+        })
+        .await;
+        eventually(Duration::from_secs(5), "backend takes flows", || async {
+            let v = self.balancer().view();
+            v.backends
+                .iter()
+                .any(|b| b.address == backend.data && b.takes_new_flows)
+                .then_some(())
+        })
+        .await;
+    }
+
+    /// Opens a flow from `source` (an address of ours) and asks one line.
+    async fn ask_from(&self, source: Option<IpAddr>, line: &str) -> Option<String> {
+        let mut s = connect(self.frontend, source).await?;
+        ask(&mut s, line).await
+    }
+}
+
+async fn connect(to: SocketAddr, source: Option<IpAddr>) -> Option<BufReader<TcpStream>> {
+    let socket = TcpSocket::new_v4().unwrap();
+    if let Some(ip) = source {
+        socket.bind(SocketAddr::new(ip, 0)).unwrap();
+    }
+    Some(BufReader::new(socket.connect(to).await.ok()?))
+}
+
+/// Sends a line and reads the reply's backend name; `None` if the flow fails.
+async fn ask(s: &mut BufReader<TcpStream>, line: &str) -> Option<String> {
+    s.get_mut()
+        .write_all(format!("{line}\n").as_bytes())
+        .await
+        .ok()?;
+    let mut reply = String::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_line(&mut reply))
+        .await
+        .ok()?
+        .ok()?;
+    (n > 0).then(|| reply.split_whitespace().next().unwrap_or("").to_string())
+}
+
+fn pool(backends: &[&Backend], weights: &[u32]) -> String {
+    let items: Vec<String> = backends
+        .iter()
+        .zip(weights)
+        .map(|(b, w)| format!("{{ address = \"{}\", weight = {w} }}", b.data))
+        .collect();
+    format!("[{}]", items.join(", "))
+}
+
+fn lb_toml(pool: &str, extra: &str) -> String {
+    format!(
+        "[[load_balancer]]\nname = \"web\"\nsite = \"edge\"\nfrontend = \"{{frontend}}\"\n\
+         pool = {{ addresses = {pool} }}\nprobe = \"alive\"\n{extra}\n"
+    )
+}
+
+async fn two_backends() -> (Backend, Backend, u16) {
+    let data = free_port(&["127.0.3.11", "127.0.3.12"]);
+    let health = free_port(&["127.0.3.11", "127.0.3.12"]);
+    let a = Backend::start("a", "127.0.3.11", data, health).await;
+    let b = Backend::start("b", "127.0.3.12", data, health).await;
+    (a, b, health)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_tuple_spreads_by_weight_and_source_ip_sticks() {
+    let (a, b, hp) = two_backends().await;
+    let s = Setup::start(&lb_toml(&pool(&[&a, &b], &[1, 3]), ""), hp);
+    s.wait_online(&a).await;
+    s.wait_online(&b).await;
+    let mut to_b = 0;
+    for i in 0..400 {
+        if s.ask_from(None, &format!("q{i}")).await.unwrap() == "b" {
+            to_b += 1;
+        }
+    }
+    // Expect 300 of 400 (binomial sd ≈ 8.7): ±60 is about 7 sd.
+    assert!(
+        (240..=360).contains(&to_b),
+        "{to_b} of 400 to the weight-3 backend"
+    );
+
+    let s = Setup::start(
+        &lb_toml(&pool(&[&a, &b], &[1, 1]), "distribution = \"source-ip\""),
+        hp,
+    );
+    s.wait_online(&a).await;
+    s.wait_online(&b).await;
+    let mut seen = std::collections::HashSet::new();
+    for host in 20..40u8 {
+        let ip: IpAddr = [127, 0, 4, host].into();
+        let first = s.ask_from(Some(ip), "x").await.unwrap();
+        for _ in 0..5 {
+            assert_eq!(
+                s.ask_from(Some(ip), "x").await.unwrap(),
+                first,
+                "affinity of {ip}"
+            );
+        }
+        seen.insert(first);
+    }
+    assert_eq!(seen.len(), 2, "twenty sources use both backends");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_dying_mid_loop_costs_no_client_a_connection() {
+    let (mut a, b, hp) = two_backends().await;
+    let s = Setup::start(&lb_toml(&pool(&[&a, &b], &[1, 1]), ""), hp);
+    s.wait_online(&a).await;
+    s.wait_online(&b).await;
+    let mut events = s.balancer().events();
+    let mut failed = 0;
+    for i in 0..300 {
+        if i == 100 {
+            a.kill();
+        }
+        if s.ask_from(None, "hi").await.is_none() {
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 0, "failed client connections");
+    let ejected = loop {
+        let e = events.recv().await.unwrap();
+        if e.what == "ejected" {
+            break e;
+        }
+    };
+    assert_eq!(ejected.backend, a.data);
+    assert!(
+        ejected.reason.contains("Connection refused"),
+        "{}",
+        ejected.reason
+    );
+    let view = s.balancer().view();
+    let va = view.backends.iter().find(|x| x.address == a.data).unwrap();
+    assert!(!va.takes_new_flows);
+    assert_eq!(
+        va.ejections, 1,
+        "ejected once, at the first refused connect"
+    );
+    // It comes back through its probe.
+    a.start_data(false).await;
+    a.start_health().await;
+    s.wait_online(&a).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn established_flows_survive_probe_down_unless_reset() {
+    for reset in [false, true] {
+        let (mut a, b, hp) = two_backends().await;
+        let extra = if reset {
+            "on_backend_down = \"reset\""
+        } else {
+            ""
+        };
+        // Only `a` at first, so the flow lands there.
+        let s = Setup::start(&lb_toml(&pool(&[&a, &b], &[1, 1]), extra), hp);
+        s.wait_online(&a).await;
+        s.wait_online(&b).await;
+        let mut flow = None;
+        for i in 0..50 {
+            let mut c = connect(s.frontend, None).await.unwrap();
+            if ask(&mut c, &format!("{i}")).await.as_deref() == Some("a") {
+                flow = Some(c);
+                break;
+            }
+        }
+        let mut flow = flow.expect("a flow on backend a");
+        a.stop_health();
+        let id = lb::balancer::backend_id("web", a.data);
+        eventually(Duration::from_secs(5), "a Degraded", || async {
+            (s.engine.status(&id) == Some(Status::Degraded)).then_some(())
+        })
+        .await;
+        for _ in 0..10 {
+            assert_eq!(
+                s.ask_from(None, "new").await.as_deref(),
+                Some("b"),
+                "new flows avoid a"
+            );
+        }
+        let answer = ask(&mut flow, "still there?").await;
+        if reset {
+            assert_eq!(answer, None, "on_backend_down = reset ends the flow");
+        } else {
+            assert_eq!(
+                answer.as_deref(),
+                Some("a"),
+                "the established flow continues"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_finishes_active_flows_then_resets_them() {
+    let (a, b, hp) = two_backends().await;
+    let s = Setup::start(
+        &lb_toml(&pool(&[&a, &b], &[1, 1]), "drain_timeout = \"1s\""),
+        hp,
+    );
+    s.wait_online(&a).await;
+    s.wait_online(&b).await;
+    let mut flow = None;
+    for i in 0..50 {
+        let mut c = connect(s.frontend, None).await.unwrap();
+        if ask(&mut c, &format!("{i}")).await.as_deref() == Some("a") {
+            flow = Some(c);
+            break;
+        }
+    }
+    let mut flow = flow.unwrap();
+    s.balancer().drain(a.data).unwrap();
+    let accepted = a.accepted.load(Ordering::Relaxed);
+    for _ in 0..20 {
+        assert_eq!(s.ask_from(None, "new").await.as_deref(), Some("b"));
+    }
+    assert_eq!(
+        a.accepted.load(Ordering::Relaxed),
+        accepted,
+        "no new flows to a"
+    );
+    assert_eq!(
+        ask(&mut flow, "during").await.as_deref(),
+        Some("a"),
+        "active flow goes on"
+    );
+    let view = s.balancer().view();
+    assert!(
+        view.backends
+            .iter()
+            .any(|x| x.address == a.data && x.draining)
+    );
+    // At the drain timeout the flow is reset.
+    let mut buf = [0u8; 16];
+    let ended = tokio::time::timeout(Duration::from_secs(5), flow.read(&mut buf)).await;
+    assert!(
+        matches!(ended, Ok(Ok(0)) | Ok(Err(_))),
+        "flow ended: {ended:?}"
+    );
+    s.balancer().enable(a.data).unwrap();
+    eventually(Duration::from_secs(5), "a takes flows again", || async {
+        s.balancer()
+            .view()
+            .backends
+            .iter()
+            .any(|x| x.address == a.data && x.takes_new_flows)
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_flows_close_at_the_idle_timeout_and_busy_ones_do_not() {
+    let (a, _b, hp) = two_backends().await;
+    let s = Setup::start(&lb_toml(&pool(&[&a], &[1]), "idle_timeout = \"1s\""), hp);
+    s.wait_online(&a).await;
+    let mut busy = connect(s.frontend, None).await.unwrap();
+    let mut idle = connect(s.frontend, None).await.unwrap();
+    assert!(ask(&mut idle, "once").await.is_some());
+    // The busy flow talks every 300 ms for 2.4 s, past the idle timeout of the other.
+    for i in 0..8 {
+        assert_eq!(ask(&mut busy, &format!("{i}")).await.as_deref(), Some("a"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut buf = [0u8; 16];
+    let r = tokio::time::timeout(Duration::from_secs(1), idle.read(&mut buf)).await;
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "idle flow closed: {r:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_v2_announces_the_client() {
+    let (mut a, _b, hp) = two_backends().await;
+    a.stop_data();
+    a.start_data(true).await;
+    let s = Setup::start(&lb_toml(&pool(&[&a], &[1]), "proxy_protocol = true"), hp);
+    s.wait_online(&a).await;
+    let mut c = connect(s.frontend, Some([127, 0, 4, 7].into()))
+        .await
+        .unwrap();
+    let client = c.get_ref().local_addr().unwrap();
+    assert_eq!(ask(&mut c, "hello").await.as_deref(), Some("a"));
+    let h = a.proxy_header.lock().unwrap().clone().unwrap();
+    assert_eq!(&h[..12], &lb::proxy_v2::SIGNATURE);
+    assert_eq!((h[12], h[13]), (0x21, 0x11), "v2 PROXY, TCP over IPv4");
+    assert_eq!(&h[16..20], &[127, 0, 4, 7], "source address");
+    assert_eq!(&h[20..24], &[127, 0, 3, 1], "destination: the frontend");
+    assert_eq!(u16::from_be_bytes([h[24], h[25]]), client.port());
+    assert_eq!(u16::from_be_bytes([h[26], h[27]]), s.frontend.port());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_flows_relay_replies_and_expire() {
+    // A UDP echo backend answering `NAME payload`, probed on a TCP health port.
+    let data = free_port(&["127.0.3.21"]);
+    let echo = UdpSocket::bind(("127.0.3.21", data)).await.unwrap();
+    let echo_task = tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        loop {
+            let (n, from) = echo.recv_from(&mut buf).await.unwrap();
+            let reply = [b"u ".as_slice(), &buf[..n]].concat();
+            echo.send_to(&reply, from).await.unwrap();
+        }
+    });
+    let health = free_port(&["127.0.3.21"]);
+    let hl = bind(format!("127.0.3.21:{health}").parse().unwrap()).await;
+    let health_task = tokio::spawn(async move {
+        loop {
+            let _ = hl.accept().await;
+        }
+    });
+    let backend: SocketAddr = format!("127.0.3.21:{data}").parse().unwrap();
+    let s = Setup::start(
+        &format!(
+            "[[load_balancer]]\nname = \"dns\"\nsite = \"edge\"\nfrontend = \"{{frontend}}\"\n\
+             protocol = \"udp\"\npool = {{ addresses = [\"{backend}\"] }}\nprobe = \"alive\"\n\
+             idle_timeout = \"1s\"\n"
+        ),
+        health,
+    );
+    eventually(
+        Duration::from_secs(5),
+        "udp backend takes flows",
+        || async {
+            s.balancer().view().backends[0]
+                .takes_new_flows
+                .then_some(())
+        },
+    )
+    .await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(s.frontend).await.unwrap();
+    let mut buf = [0u8; 64];
+    for i in 0..3 {
+        client.send(format!("ping{i}").as_bytes()).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(2), client.recv(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buf[..n], format!("u ping{i}").as_bytes());
+    }
+    let v = s.balancer().view();
+    assert_eq!(
+        (
+            v.backends[0].active_connections,
+            v.backends[0].total_connections
+        ),
+        (1, 1)
+    );
+    eventually(Duration::from_secs(5), "the idle flow expires", || async {
+        (s.balancer().view().backends[0].active_connections == 0).then_some(())
+    })
+    .await;
+    echo_task.abort();
+    health_task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_healthy_backend_refuses_unless_send_all() {
+    for send_all in [false, true] {
+        let (mut a, _b, hp) = two_backends().await;
+        let extra = if send_all {
+            "all_down = \"send-all\""
+        } else {
+            ""
+        };
+        let s = Setup::start(&lb_toml(&pool(&[&a], &[1]), extra), hp);
+        s.wait_online(&a).await;
+        a.stop_health(); // probe down, data port still serving
+        let id = lb::balancer::backend_id("web", a.data);
+        eventually(Duration::from_secs(5), "a Degraded", || async {
+            (s.engine.status(&id) == Some(Status::Degraded)).then_some(())
+        })
+        .await;
+        let r = s.ask_from(None, "x").await;
+        if send_all {
+            assert_eq!(r.as_deref(), Some("a"), "send-all uses the down backend");
+        } else {
+            assert_eq!(r, None, "refused");
+        }
+    }
+}
