@@ -46,6 +46,8 @@ pub const LB_BACKEND_BYTES: &str = "tandem_lb_backend_bytes_total";
 pub const LB_BACKEND_EJECTIONS: &str = "tandem_lb_backend_ejections_total";
 /// Failed connects per backend (each retried on the next backend).
 pub const LB_BACKEND_FAILED_CONNECTS: &str = "tandem_lb_backend_failed_connects_total";
+/// Flow directions switched to zero-copy relaying, per backend.
+pub const LB_BACKEND_SPLICED: &str = "tandem_lb_backend_spliced_directions_total";
 /// `1` while every endpoint of a profile is down.
 pub const DNS_PROFILE_ALL_DOWN: &str = "tandem_dns_profile_all_down";
 
@@ -222,7 +224,7 @@ pub fn render_dns(out: &mut String, views: &[ProfileView], m: &DnsMetrics) {
 /// Appends the load balancer metrics.
 pub fn render_lb(out: &mut String, views: &[lb::View]) {
     type Field = fn(&lb::balancer::BackendView) -> u64;
-    let series: [(&str, &str, &str, Field); 5] = [
+    let series: [(&str, &str, &str, Field); 6] = [
         (
             LB_BACKEND_TAKES_FLOWS,
             "gauge",
@@ -246,6 +248,12 @@ pub fn render_lb(out: &mut String, views: &[lb::View]) {
             "counter",
             "Failed connects, each retried.",
             |b| b.failed_connects,
+        ),
+        (
+            LB_BACKEND_SPLICED,
+            "counter",
+            "Flow directions switched to splice.",
+            |b| b.spliced_directions,
         ),
     ];
     for (name, kind, help, field) in series {

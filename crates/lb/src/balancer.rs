@@ -47,6 +47,8 @@ pub struct Stats {
     pub bytes_out: AtomicU64,
     pub ejections: AtomicU64,
     pub failed_connects: AtomicU64,
+    /// Flow directions that switched to zero-copy relaying (bulk traffic).
+    pub spliced: AtomicU64,
     /// Bumped to end every flow of the backend (drain deadline, reset on probe-down).
     pub kill: watch::Sender<u64>,
 }
@@ -60,6 +62,7 @@ impl Default for Stats {
             bytes_out: AtomicU64::new(0),
             ejections: AtomicU64::new(0),
             failed_connects: AtomicU64::new(0),
+            spliced: AtomicU64::new(0),
             kill: watch::Sender::new(0),
         }
     }
@@ -113,6 +116,7 @@ pub struct BackendView {
     pub bytes_out: u64,
     pub ejections: u64,
     pub failed_connects: u64,
+    pub spliced_directions: u64,
 }
 
 /// One load balancer as the API shows it.
@@ -415,6 +419,7 @@ impl Balancer {
                     bytes_out: b.stats.bytes_out.load(Ordering::Relaxed),
                     ejections: b.stats.ejections.load(Ordering::Relaxed),
                     failed_connects: b.stats.failed_connects.load(Ordering::Relaxed),
+                    spliced_directions: b.stats.spliced.load(Ordering::Relaxed),
                 })
                 .collect(),
         }

@@ -6,6 +6,7 @@
 pub mod balancer;
 pub mod proxy_v2;
 pub mod select;
+pub mod splice;
 pub mod tcp;
 pub mod udp;
 

@@ -8,15 +8,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::time::Instant;
 
 use crate::balancer::{Backend, Balancer};
-use crate::{proxy_v2, select};
+use crate::{proxy_v2, select, splice};
 
-/// Bytes read at a time per direction.
-const BUFFER: usize = 64 * 1024;
+/// Bytes read at a time per direction (HAProxy's default buffer size).
+const BUFFER: usize = 16 * 1024;
 
 /// A listener bound with `SO_REUSEPORT`, so several can share a port across cores.
 pub fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -41,6 +41,11 @@ pub fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
 
 /// Accepts until the task is dropped. `backend_port` overrides the backends' own port (rules).
 pub async fn serve(listener: TcpListener, lb: Arc<Balancer>, backend_port: Option<u16>) {
+    // The frontend address, unless bound to a wildcard: then each flow asks its socket.
+    let frontend = listener
+        .local_addr()
+        .ok()
+        .filter(|a| !a.ip().is_unspecified());
     loop {
         let (client, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -52,7 +57,7 @@ pub async fn serve(listener: TcpListener, lb: Arc<Balancer>, backend_port: Optio
         };
         let lb = lb.clone();
         tokio::spawn(async move {
-            if let Err(e) = flow(client, peer, &lb, backend_port).await {
+            if let Err(e) = flow(client, peer, frontend, &lb, backend_port).await {
                 tracing::debug!(lb = %lb.config.name, client = %peer, error = %e, "flow ended");
             }
         });
@@ -62,11 +67,15 @@ pub async fn serve(listener: TcpListener, lb: Arc<Balancer>, backend_port: Optio
 async fn flow(
     client: TcpStream,
     peer: SocketAddr,
+    frontend: Option<SocketAddr>,
     lb: &Balancer,
     backend_port: Option<u16>,
 ) -> io::Result<()> {
-    let _ = client.set_nodelay(true);
-    let local = client.local_addr()?;
+    // TCP_NODELAY is inherited from the listener.
+    let local = match frontend {
+        Some(a) => a,
+        None => client.local_addr()?,
+    };
     let Some((backend, mut server)) = connect(lb, peer, local, backend_port).await else {
         // No backend: refuse with a reset, as a closed port would.
         let _ = client.set_zero_linger();
@@ -85,13 +94,25 @@ async fn flow(
     let idle = lb.config.idle_timeout;
     let started = Instant::now();
     let last = AtomicU64::new(0);
-    let (mut cr, mut cw) = client.into_split();
-    let (mut sr, mut sw) = server.into_split();
     let end = {
         let both = async {
             tokio::join!(
-                pump(&mut cr, &mut sw, &stats.bytes_in, &last, started),
-                pump(&mut sr, &mut cw, &stats.bytes_out, &last, started),
+                pump(
+                    &client,
+                    &server,
+                    &stats.bytes_in,
+                    &stats.spliced,
+                    &last,
+                    started
+                ),
+                pump(
+                    &server,
+                    &client,
+                    &stats.bytes_out,
+                    &stats.spliced,
+                    &last,
+                    started
+                ),
             )
         };
         tokio::pin!(both);
@@ -116,12 +137,9 @@ async fn flow(
         End::Killed => true,
     };
     if reset {
-        // Dropping the halves with SO_LINGER 0 sends RST to both sides.
-        let client = cr.reunite(cw).ok();
-        let server = sr.reunite(sw).ok();
-        for s in [client, server].into_iter().flatten() {
-            let _ = s.set_zero_linger();
-        }
+        // Closing with SO_LINGER 0 sends RST to both sides.
+        let _ = client.set_zero_linger();
+        let _ = server.set_zero_linger();
     }
     Ok(())
 }
@@ -186,26 +204,66 @@ async fn connect(
     }
 }
 
-/// Copies one direction until end of stream, then half-closes the other side.
-async fn pump<R, W>(
-    r: &mut R,
-    w: &mut W,
+/// Full reads in a row after which a direction switches to splice.
+const BULK_READS: u32 = 4;
+
+/// Relays one direction until end of stream, then half-closes the other side. It copies through
+/// a small buffer while the traffic is request/response sized, and switches to `splice` (zero
+/// copy) once it sees bulk: measured on loopback, splice moves ~20% more bytes per core for
+/// bulk but costs latency and connection rate for small exchanges.
+async fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
     bytes: &AtomicU64,
+    spliced: &AtomicU64,
     last: &AtomicU64,
     started: Instant,
-) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+) -> io::Result<()> {
     let mut buf = vec![0u8; BUFFER];
+    let mut full_reads = 0;
+    let mut pipe: Option<splice::Pipe> = None;
     loop {
-        let n = r.read(&mut buf).await?;
+        let n = match &pipe {
+            Some(p) => splice::step(from, to, p).await?,
+            None => {
+                let n = read(from, &mut buf).await?;
+                write_all(to, &buf[..n]).await?;
+                full_reads = if n == buf.len() { full_reads + 1 } else { 0 };
+                if full_reads >= BULK_READS {
+                    pipe = splice::Pipe::new().ok();
+                    if pipe.is_some() {
+                        spliced.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                n
+            }
+        };
         if n == 0 {
-            return w.shutdown().await;
+            return socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
         }
-        w.write_all(&buf[..n]).await?;
         bytes.fetch_add(n as u64, Ordering::Relaxed);
         last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
+}
+
+async fn read(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        from.readable().await?;
+        match from.try_read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            r => return r,
+        }
+    }
+}
+
+async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        to.writable().await?;
+        match to.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

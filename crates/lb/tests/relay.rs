@@ -571,3 +571,56 @@ async fn no_healthy_backend_refuses_unless_send_all() {
         }
     }
 }
+
+/// Megabytes both ways through the balancer arrive intact (the relay switches to splice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_transfers_arrive_intact_both_ways() {
+    let (_a, _b, hp) = two_backends().await;
+    // An echo server on a third port of a's address.
+    let echo_port = free_port(&["127.0.3.11"]);
+    let echo_l = bind(format!("127.0.3.11:{echo_port}").parse().unwrap()).await;
+    let echo = tokio::spawn(async move {
+        loop {
+            let (mut s, _) = echo_l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let s = Setup::start(&lb_toml(&format!("[\"127.0.3.11:{echo_port}\"]"), ""), hp);
+    eventually(
+        Duration::from_secs(5),
+        "echo backend takes flows",
+        || async {
+            s.balancer().view().backends[0]
+                .takes_new_flows
+                .then_some(())
+        },
+    )
+    .await;
+    let data: Vec<u8> = (0..8 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let stream = TcpStream::connect(s.frontend).await.unwrap();
+    let (mut r, mut w) = stream.into_split();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::with_capacity(data.len());
+    tokio::time::timeout(Duration::from_secs(20), r.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    writer.await.unwrap();
+    assert_eq!(back.len(), data.len());
+    assert!(back == data, "the bytes came back unchanged");
+    let v = &s.balancer().view().backends[0];
+    assert_eq!(
+        (v.bytes_in, v.bytes_out),
+        (data.len() as u64, data.len() as u64)
+    );
+    echo.abort();
+}
