@@ -588,3 +588,115 @@ failback_hold = "2s"
         "DNS TCP port freed"
     );
 }
+
+/// A load balancer run by `tandem up`: HTTP through its frontend reaches both backends, a
+/// backend killed mid-loop costs no request, `tandem backend drain` stops new flows to one
+/// backend at once, and `tandem status` shows the balancer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_balancer_through_tandem_up() {
+    let mut a = HttpServer::start_on("127.0.5.11:0".parse().unwrap()).await;
+    let port = a.addr.port();
+    a.set(Behaviour::Answer(200, "a".into()));
+    let b = HttpServer::start_on(format!("127.0.5.12:{port}").parse().unwrap()).await;
+    b.set(Behaviour::Answer(200, "b".into()));
+    let front: SocketAddr = (
+        [127, 0, 5, 1],
+        testkit::free_udp_tcp_port([127, 0, 5, 1].into()),
+    )
+        .into();
+    let api = free_addr();
+    let dir = tempfile::tempdir().unwrap();
+    let topology = dir.path().join("topology.toml");
+    std::fs::write(
+        &topology,
+        format!(
+            r#"
+[tandem]
+api = "{api}"
+state_dir = "{state}"
+[[site]]
+name = "edge"
+role = "edge"
+[[monitor]]
+name = "web"
+protocol = "http"
+port = {port}
+interval = "100ms"
+timeout = "80ms"
+[[load_balancer]]
+name = "edge-web"
+site = "edge"
+frontend = "{front}"
+pool = {{ addresses = ["{a}", "{b}"] }}
+probe = "web"
+"#,
+            state = dir.path().join("state").display(),
+            a = a.addr,
+            b = b.addr,
+        ),
+    )
+    .unwrap();
+    let mut up = Up::start(&topology, api, &[]);
+    wait_status(&up, &format!("lb/edge-web/{}", a.addr), "Online").await;
+    wait_status(&up, &format!("lb/edge-web/{}", b.addr), "Online").await;
+    let body = |resp: String| resp.rsplit("\r\n\r\n").next().unwrap_or("").to_string();
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..40 {
+        seen.insert(body(http_get(front, "/").await));
+    }
+    assert_eq!(seen.len(), 2, "both backends answer: {seen:?}");
+
+    a.stop();
+    for i in 0..100 {
+        assert_eq!(
+            body(http_get(front, "/").await),
+            "b",
+            "request {i} after a died"
+        );
+    }
+    a.resume().await;
+    wait_status(&up, &format!("lb/edge-web/{}", a.addr), "Online").await;
+
+    let out = run(tandem().args([
+        "backend",
+        "drain",
+        "edge-web",
+        &b.addr.to_string(),
+        "--api",
+        &api.to_string(),
+    ]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("draining"));
+    let before = b.requests();
+    for _ in 0..20 {
+        assert_eq!(body(http_get(front, "/").await), "a");
+    }
+    assert_eq!(b.requests(), before, "a drained backend takes no new flows");
+    let out = run(tandem().args([
+        "backend",
+        "drain",
+        "edge-web",
+        "127.9.9.9:1",
+        "--api",
+        &api.to_string(),
+    ]));
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no backend 127.9.9.9:1"));
+
+    let table = run(tandem().args(["status", "--api", &api.to_string()]));
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("LOAD BALANCER"), "{table}");
+    assert!(table.contains("Online draining"), "{table}");
+    let events = recent_events(api).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "lb" && e["to"] == "ejected"),
+        "{events:?}"
+    );
+    assert!(up.terminate().success());
+}
