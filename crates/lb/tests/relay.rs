@@ -91,28 +91,35 @@ impl Backend {
         }));
     }
 
-    /// The process dies: both ports refuse.
-    fn kill(&mut self) {
-        self.stop_data();
-        self.stop_health();
+    /// The process dies: both ports refuse from the moment this returns.
+    async fn kill(&mut self) {
+        self.stop_data().await;
+        self.stop_health().await;
     }
 
-    fn stop_data(&mut self) {
+    async fn stop_data(&mut self) {
         if let Some(t) = self.data_task.take() {
             t.abort();
+            let _ = t.await;
         }
     }
 
-    fn stop_health(&mut self) {
+    async fn stop_health(&mut self) {
         if let Some(t) = self.health_task.take() {
             t.abort();
+            let _ = t.await;
         }
     }
 }
 
 impl Drop for Backend {
     fn drop(&mut self) {
-        self.kill();
+        for t in [self.data_task.take(), self.health_task.take()]
+            .into_iter()
+            .flatten()
+        {
+            t.abort();
+        }
     }
 }
 
@@ -194,6 +201,22 @@ impl Setup {
                 .any(|b| b.address == backend.data && b.takes_new_flows)
                 .then_some(())
         })
+        .await;
+    }
+
+    /// Waits until the balancer stops giving `backend` new flows.
+    async fn wait_out(&self, backend: &Backend) {
+        eventually(
+            Duration::from_secs(5),
+            "backend out of rotation",
+            || async {
+                let v = self.balancer().view();
+                v.backends
+                    .iter()
+                    .any(|b| b.address == backend.data && !b.takes_new_flows)
+                    .then_some(())
+            },
+        )
         .await;
     }
 
@@ -300,7 +323,7 @@ async fn a_backend_dying_mid_loop_costs_no_client_a_connection() {
     let mut failed = 0;
     for i in 0..300 {
         if i == 100 {
-            a.kill();
+            a.kill().await;
         }
         if s.ask_from(None, "hi").await.is_none() {
             failed += 1;
@@ -354,12 +377,8 @@ async fn established_flows_survive_probe_down_unless_reset() {
             }
         }
         let mut flow = flow.expect("a flow on backend a");
-        a.stop_health();
-        let id = lb::balancer::backend_id("web", a.data);
-        eventually(Duration::from_secs(5), "a Degraded", || async {
-            (s.engine.status(&id) == Some(Status::Degraded)).then_some(())
-        })
-        .await;
+        a.stop_health().await;
+        s.wait_out(&a).await;
         for _ in 0..10 {
             assert_eq!(
                 s.ask_from(None, "new").await.as_deref(),
@@ -462,7 +481,7 @@ async fn idle_flows_close_at_the_idle_timeout_and_busy_ones_do_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_protocol_v2_announces_the_client() {
     let (mut a, _b, hp) = two_backends().await;
-    a.stop_data();
+    a.stop_data().await;
     a.start_data(true).await;
     let s = Setup::start(&lb_toml(&pool(&[&a], &[1]), "proxy_protocol = true"), hp);
     s.wait_online(&a).await;
@@ -557,12 +576,26 @@ async fn no_healthy_backend_refuses_unless_send_all() {
         };
         let s = Setup::start(&lb_toml(&pool(&[&a], &[1]), extra), hp);
         s.wait_online(&a).await;
-        a.stop_health(); // probe down, data port still serving
+        a.stop_health().await; // probe down, data port still serving
         let id = lb::balancer::backend_id("web", a.data);
         eventually(Duration::from_secs(5), "a Degraded", || async {
             (s.engine.status(&id) == Some(Status::Degraded)).then_some(())
         })
         .await;
+        if send_all {
+            eventually(
+                Duration::from_secs(5),
+                "the balancer sees a Degraded",
+                || async {
+                    let v = s.balancer().view();
+                    (v.backends[0].status == Status::Degraded && v.backends[0].takes_new_flows)
+                        .then_some(())
+                },
+            )
+            .await;
+        } else {
+            s.wait_out(&a).await;
+        }
         let r = s.ask_from(None, "x").await;
         if send_all {
             assert_eq!(r.as_deref(), Some("a"), "send-all uses the down backend");

@@ -487,8 +487,8 @@ failback_hold = "2s"
         Some(vec!["127.0.1.10".to_string()])
     );
 
+    edge.kill().await;
     let stopped = tokio::time::Instant::now();
-    edge.stop();
     wait_answer("127.0.2.10", 10).await;
     let failover = stopped.elapsed();
     let dns_events: Vec<Value> = recent_events(api)
@@ -515,7 +515,6 @@ failback_hold = "2s"
     let resumed = tokio::time::Instant::now();
     edge.resume().await;
     wait_status(&up, "profile/www/edge", "Online").await;
-    let online = tokio::time::Instant::now();
     assert_eq!(
         answer(),
         Some(vec!["127.0.2.10".to_string()]),
@@ -523,13 +522,27 @@ failback_hold = "2s"
     );
     wait_answer("127.0.1.10", 10).await;
     let failback = resumed.elapsed();
+    // The hold, by the server's own clock: from the edge's return to Online to the answer's
+    // move back.
+    let events = recent_events(api).await;
+    let at = |e: &Value| humantime::parse_rfc3339(e["at"].as_str().unwrap()).unwrap();
+    let online = events
+        .iter()
+        .rfind(|e| e["subject"] == "profile/www/edge" && e["to"] == "Online")
+        .map(at)
+        .unwrap();
+    let back = events
+        .iter()
+        .rfind(|e| e["kind"] == "dns" && e["to"] == "edge")
+        .map(at)
+        .unwrap();
+    let held = back.duration_since(online).unwrap();
     assert!(
-        online.elapsed() >= Duration::from_millis(1900),
-        "failback came {:?} after the edge was Online, before the 2 s hold",
-        online.elapsed()
+        held >= Duration::from_secs(2),
+        "failback after {held:?}, before the 2 s hold"
     );
     eprintln!(
-        "measured: failover {failover:?} (tolerated 1, interval 100ms); failback {failback:?} (rise 2, hold 2s)"
+        "measured: failover {failover:?} (tolerated 1, interval 100ms); failback {failback:?} (rise 2, hold 2s; held {held:?})"
     );
 
     // The operator's switch takes effect before the command returns.
@@ -646,7 +659,7 @@ probe = "web"
     }
     assert_eq!(seen.len(), 2, "both backends answer: {seen:?}");
 
-    a.stop();
+    a.kill().await;
     for i in 0..100 {
         assert_eq!(
             body(http_get(front, "/").await),
@@ -671,11 +684,15 @@ probe = "web"
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("draining"));
-    let before = b.requests();
+    // With b in rotation about half would answer "b"; b's probes continue, so its request
+    // count is no measure.
     for _ in 0..20 {
-        assert_eq!(body(http_get(front, "/").await), "a");
+        assert_eq!(
+            body(http_get(front, "/").await),
+            "a",
+            "a drained backend takes no new flows"
+        );
     }
-    assert_eq!(b.requests(), before, "a drained backend takes no new flows");
     let out = run(tandem().args([
         "backend",
         "drain",

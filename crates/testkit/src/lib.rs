@@ -104,16 +104,24 @@ impl HttpServer {
         self.state.lock().unwrap().requests
     }
 
-    /// Closes the listener: new connections are refused.
+    /// Starts closing the listener; [`HttpServer::kill`] waits until it is closed.
     pub fn stop(&mut self) {
         if let Some(t) = self.task.take() {
             t.abort();
         }
     }
 
+    /// Closes the listener and waits until it is gone: from then on connections are refused.
+    pub async fn kill(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+
     /// Listens again on the same address.
     pub async fn resume(&mut self) {
-        self.stop();
+        self.kill().await;
         let listener = bind_retrying(self.addr).await;
         self.addr = listener.local_addr().unwrap();
         let state = self.state.clone();
