@@ -657,3 +657,75 @@ async fn bulk_transfers_arrive_intact_both_ways() {
     );
     echo.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_map_frontend_ports_to_backend_ports() {
+    let (a, _b, hp) = two_backends().await;
+    // A second service on another port of a's address.
+    let other = free_port(&["127.0.3.11"]);
+    let _alt = Backend::start("alt", "127.0.3.11", other, free_port(&["127.0.3.11"])).await;
+    let front2 = free_port(&["127.0.3.1"]);
+    let s = Setup::start(
+        &lb_toml(
+            &pool(&[&a], &[1]),
+            &format!("rules = [{{ frontend_port = {front2}, backend_port = {other} }}]"),
+        ),
+        hp,
+    );
+    s.wait_online(&a).await;
+    assert_eq!(s.ask_from(None, "x").await.as_deref(), Some("a"));
+    let mut c = connect(SocketAddr::new(s.frontend.ip(), front2), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        ask(&mut c, "x").await.as_deref(),
+        Some("alt"),
+        "the rule's backend port"
+    );
+    let fronts = s.balancer().view().frontends;
+    assert_eq!(fronts.len(), 2);
+    assert!(
+        fronts[1].ends_with(&format!("-> backend port {other}")),
+        "{fronts:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_changes_apply_live_and_keep_established_flows() {
+    let (a, b, hp) = two_backends().await;
+    let s = Setup::start(&lb_toml(&pool(&[&a], &[1]), ""), hp);
+    s.wait_online(&a).await;
+    let mut flow = connect(s.frontend, None).await.unwrap();
+    assert_eq!(ask(&mut flow, "1").await.as_deref(), Some("a"));
+    // The pool becomes just b (as a scale-in or a new database primary would make it).
+    s.balancer().set_members(vec![(b.data, 1, None)]);
+    for _ in 0..10 {
+        assert_eq!(s.ask_from(None, "new").await.as_deref(), Some("b"));
+    }
+    assert_eq!(
+        ask(&mut flow, "2").await.as_deref(),
+        Some("a"),
+        "the established flow goes on"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_reset_resets_instead_of_closing() {
+    let (a, _b, hp) = two_backends().await;
+    let s = Setup::start(
+        &lb_toml(
+            &pool(&[&a], &[1]),
+            "idle_timeout = \"1s\"\nidle_reset = true",
+        ),
+        hp,
+    );
+    s.wait_online(&a).await;
+    let mut idle = connect(s.frontend, None).await.unwrap();
+    assert!(ask(&mut idle, "once").await.is_some());
+    let mut buf = [0u8; 16];
+    let r = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf)).await;
+    match r {
+        Ok(Err(e)) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
+        other => panic!("expected a reset, got {other:?}"),
+    }
+}
