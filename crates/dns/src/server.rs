@@ -322,37 +322,82 @@ fn tcp_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(s.into())
 }
 
+/// Datagrams taken or sent per system call under load.
+const BATCH: usize = 32;
+
+/// Serves one UDP socket: `recvmmsg` takes whatever queries are waiting (at least one), they
+/// are answered from one load of the tables, and `sendmmsg` sends every answer at once.
 fn serve_udp(socket: UdpSocket, tables: &ArcSwap<Tables>, metrics: &Metrics, stop: &AtomicBool) {
-    let mut msg = [0u8; 4096];
-    let mut out = Vec::with_capacity(4096);
+    use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
+    use std::io::{IoSlice, IoSliceMut};
+    use std::os::fd::AsRawFd;
+
+    let fd = socket.as_raw_fd();
+    let mut inbox = vec![[0u8; 4096]; BATCH];
+    let mut outbox: Vec<Vec<u8>> = (0..BATCH).map(|_| Vec::with_capacity(1232)).collect();
+    let mut received: Vec<(usize, Option<SockaddrStorage>)> = Vec::with_capacity(BATCH);
+    let mut recv_headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+    let mut send_headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
     while !stop.load(Ordering::Relaxed) {
-        let (n, peer) = match socket.recv_from(&mut msg) {
-            Ok(r) => r,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                continue;
+        received.clear();
+        {
+            let mut slices: Vec<[IoSliceMut<'_>; 1]> = inbox
+                .iter_mut()
+                .map(|b| [IoSliceMut::new(&mut b[..])])
+                .collect();
+            // SO_RCVTIMEO bounds the wait for the first datagram; the rest only if waiting.
+            match recvmmsg(
+                fd,
+                &mut recv_headers,
+                slices.iter_mut(),
+                MsgFlags::MSG_WAITFORONE,
+                None,
+            ) {
+                Ok(results) => received.extend(results.map(|m| (m.bytes, m.address))),
+                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::debug!(error = %e, "udp receive failed");
+                    continue;
+                }
             }
-            Err(e) => {
-                tracing::debug!(error = %e, "udp receive failed");
-                continue;
-            }
-        };
+        }
         let tables = tables.load();
-        if answer(
-            &tables,
-            &msg[..n],
-            peer.ip(),
-            Transport::Udp,
-            &mut out,
-            metrics,
+        let mut replies = Vec::with_capacity(received.len());
+        for (i, (len, addr)) in received.iter().enumerate() {
+            let Some(peer) = addr.as_ref().and_then(peer_ip) else {
+                continue;
+            };
+            let msg = &inbox[i][..(*len).min(4096)];
+            if answer(&tables, msg, peer, Transport::Udp, &mut outbox[i], metrics) {
+                replies.push(i);
+            }
+        }
+        if replies.is_empty() {
+            continue;
+        }
+        let slices: Vec<[IoSlice<'_>; 1]> = replies
+            .iter()
+            .map(|&i| [IoSlice::new(&outbox[i])])
+            .collect();
+        let addrs: Vec<Option<SockaddrStorage>> = replies.iter().map(|&i| received[i].1).collect();
+        if let Err(e) = sendmmsg(
+            fd,
+            &mut send_headers,
+            slices.iter(),
+            &addrs,
+            [],
+            MsgFlags::empty(),
         ) {
-            let _ = socket.send_to(&out, peer);
+            tracing::debug!(error = %e, "udp send failed");
         }
     }
+}
+
+fn peer_ip(a: &nix::sys::socket::SockaddrStorage) -> Option<IpAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(IpAddr::V4(v4.ip()));
+    }
+    a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
 }
 
 async fn serve_tcp(
