@@ -259,44 +259,39 @@ impl Engine {
 
     /// Operator's switch: a disabled target is not probed and counts as Disabled.
     pub fn set_disabled(&self, id: &str, disabled: bool) -> Result<Status, UnknownTarget> {
-        let i = *self
-            .index
-            .get(id)
-            .ok_or_else(|| UnknownTarget(id.to_string()))?;
-        let slot = &self.shared.slots[i];
-        let mut rec = slot.record();
-        let change = rec.health.set_disabled(disabled, Instant::now());
-        let status = rec.health.status;
-        if let Some(change) = change {
-            let reason = if disabled {
-                "disabled by operator"
-            } else {
-                "enabled by operator"
-            };
-            publish(&self.shared, slot, &mut rec, change, reason.to_string());
-        }
-        Ok(status)
+        let reason = if disabled {
+            "disabled by operator"
+        } else {
+            "enabled by operator"
+        };
+        self.change(id, reason.to_string(), |h, now| {
+            h.set_disabled(disabled, now)
+        })
     }
 
     /// Marks a target Degraded at once for a failure seen outside the probes; it returns
     /// through its probe's `recovery_successes`.
     pub fn eject(&self, id: &str, reason: &str) -> Result<Status, UnknownTarget> {
+        self.change(id, format!("ejected: {reason}"), Health::eject)
+    }
+
+    /// Applies a change to one target's state machine and publishes it, if it changed.
+    fn change(
+        &self,
+        id: &str,
+        reason: String,
+        apply: impl FnOnce(&mut Health, Instant) -> Option<Change>,
+    ) -> Result<Status, UnknownTarget> {
         let i = *self
             .index
             .get(id)
             .ok_or_else(|| UnknownTarget(id.to_string()))?;
         let slot = &self.shared.slots[i];
         let mut rec = slot.record();
-        let change = rec.health.eject(Instant::now());
+        let change = apply(&mut rec.health, Instant::now());
         let status = rec.health.status;
         if let Some(change) = change {
-            publish(
-                &self.shared,
-                slot,
-                &mut rec,
-                change,
-                format!("ejected: {reason}"),
-            );
+            publish(&self.shared, slot, &mut rec, change, reason);
         }
         Ok(status)
     }

@@ -294,18 +294,23 @@ fn settings(cx: &mut Cx, s: Section<'_, '_>) -> Option<Settings> {
 fn site(cx: &mut Cx, s: Section<'_, '_>) -> Option<Site> {
     let name = name(cx, s);
     let role = cx.req(s, "role");
-    let location = match s.get("location") {
-        Some(v) => cx
-            .section(v, "location", &["lat", "lon"])
-            .and_then(|l| location(cx, l))
-            .map(Some),
-        None => Some(None),
-    };
+    let location = opt_location(cx, s);
     Some(Site {
         name: name?,
         role: role?,
         location: location?,
     })
+}
+
+/// An optional `location = { lat, lon }`: `Some(None)` when absent, `None` when reported wrong.
+fn opt_location(cx: &mut Cx, s: Section<'_, '_>) -> Option<Option<Location>> {
+    match s.get("location") {
+        Some(v) => cx
+            .section(v, "location", &["lat", "lon"])
+            .and_then(|l| location(cx, l))
+            .map(Some),
+        None => Some(None),
+    }
 }
 
 fn location(cx: &mut Cx, s: Section<'_, '_>) -> Option<Location> {
@@ -396,13 +401,7 @@ fn geo(cx: &mut Cx, s: Section<'_, '_>) -> Geo {
         |cx, a| {
             let name = name(cx, a);
             let subnets = cx.req(a, "subnets");
-            let location = match a.get("location") {
-                Some(v) => cx
-                    .section(v, "location", &["lat", "lon"])
-                    .and_then(|l| location(cx, l))
-                    .map(Some),
-                None => Some(None),
-            };
+            let location = opt_location(cx, a);
             Some(GeoArea {
                 name: name?,
                 subnets: subnets?,
