@@ -50,7 +50,7 @@ pub struct Event {
 impl From<health::Event> for Event {
     fn from(e: health::Event) -> Self {
         Event {
-            at: humantime::format_rfc3339_millis(e.at).to_string(),
+            at: health::rfc3339(e.at),
             kind: "health",
             subject: e.target,
             from: e.from.to_string(),
@@ -63,7 +63,7 @@ impl From<health::Event> for Event {
 impl From<lb::balancer::Event> for Event {
     fn from(e: lb::balancer::Event) -> Self {
         Event {
-            at: humantime::format_rfc3339_millis(e.at).to_string(),
+            at: health::rfc3339(e.at),
             kind: "lb",
             subject: format!("{}/{}", e.load_balancer, e.backend),
             from: String::new(),
@@ -76,7 +76,7 @@ impl From<lb::balancer::Event> for Event {
 impl From<dns::manager::Event> for Event {
     fn from(e: dns::manager::Event) -> Self {
         Event {
-            at: humantime::format_rfc3339_millis(e.at).to_string(),
+            at: health::rfc3339(e.at),
             kind: "dns",
             subject: e.profile,
             from: e.from.join(","),

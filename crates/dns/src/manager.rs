@@ -19,7 +19,7 @@ use crate::table::{self, GeoDatabase, HealthView, Overrides, ProfileView, Tables
 /// A change of what a profile answers.
 #[derive(Clone, Debug, Serialize)]
 pub struct Event {
-    #[serde(serialize_with = "serde_time")]
+    #[serde(serialize_with = "health::serde_time")]
     pub at: SystemTime,
     pub profile: String,
     /// Endpoints answered before and after.
@@ -27,10 +27,6 @@ pub struct Event {
     pub to: Vec<String>,
     /// Why: the endpoint states that changed, or the hold that ended.
     pub reason: String,
-}
-
-fn serde_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(&humantime::format_rfc3339_millis(*t))
 }
 
 /// No such profile or endpoint.
@@ -199,8 +195,9 @@ impl Manager {
             };
         }
         st.next_wake = wake;
-        let tables = Tables::build(
+        let tables = Tables::from_statuses(
             &self.topology,
+            &statuses,
             &*self.health,
             &st.overrides,
             self.serial,

@@ -336,6 +336,8 @@ fn serve_udp(socket: UdpSocket, tables: &ArcSwap<Tables>, metrics: &Metrics, sto
     let mut inbox = vec![[0u8; 4096]; BATCH];
     let mut outbox: Vec<Vec<u8>> = (0..BATCH).map(|_| Vec::with_capacity(1232)).collect();
     let mut received: Vec<(usize, Option<SockaddrStorage>)> = Vec::with_capacity(BATCH);
+    let mut replies: Vec<usize> = Vec::with_capacity(BATCH);
+    let mut addrs: Vec<Option<SockaddrStorage>> = Vec::with_capacity(BATCH);
     let mut recv_headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
     let mut send_headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
     while !stop.load(Ordering::Relaxed) {
@@ -362,7 +364,7 @@ fn serve_udp(socket: UdpSocket, tables: &ArcSwap<Tables>, metrics: &Metrics, sto
             }
         }
         let tables = tables.load();
-        let mut replies = Vec::with_capacity(received.len());
+        replies.clear();
         for (i, (len, addr)) in received.iter().enumerate() {
             let Some(peer) = addr.as_ref().and_then(peer_ip) else {
                 continue;
@@ -379,7 +381,8 @@ fn serve_udp(socket: UdpSocket, tables: &ArcSwap<Tables>, metrics: &Metrics, sto
             .iter()
             .map(|&i| [IoSlice::new(&outbox[i])])
             .collect();
-        let addrs: Vec<Option<SockaddrStorage>> = replies.iter().map(|&i| received[i].1).collect();
+        addrs.clear();
+        addrs.extend(replies.iter().map(|&i| received[i].1));
         if let Err(e) = sendmmsg(
             fd,
             &mut send_headers,

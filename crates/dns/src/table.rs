@@ -212,9 +212,15 @@ struct MmdbLocation {
 #[derive(Debug, Default)]
 struct Place<'a> {
     /// Names to try in a `geo` map, most specific first: the topology's area, then the
-    /// database's country and continent codes.
-    names: Vec<std::borrow::Cow<'a, str>>,
+    /// database's country and continent codes. A fixed array: no allocation per query.
+    names: [Option<std::borrow::Cow<'a, str>>; 3],
     location: Option<Location>,
+}
+
+impl<'a> Place<'a> {
+    fn names(&self) -> impl Iterator<Item = &str> {
+        self.names.iter().flatten().map(|n| n.as_ref())
+    }
 }
 
 /// Where clients are: the topology's `[[geo.area]]` prefixes first (operator overrides), then
@@ -230,7 +236,7 @@ impl GeoIndex {
     fn lookup(&self, ip: IpAddr) -> Place<'_> {
         let mut place = Place::default();
         if let Some((_, name, loc)) = self.prefixes.iter().find(|(net, _, _)| net.contains(ip)) {
-            place.names.push(name.as_str().into());
+            place.names[0] = Some(name.as_str().into());
             place.location = *loc;
         }
         let record = self
@@ -240,10 +246,10 @@ impl GeoIndex {
             .and_then(|r| r.decode::<MmdbRecord>().ok().flatten());
         if let Some(r) = record {
             if let Some(c) = r.country.and_then(|c| c.iso_code) {
-                place.names.push(c.into());
+                place.names[1] = Some(c.into());
             }
             if let Some(c) = r.continent.and_then(|c| c.code) {
-                place.names.push(c.into());
+                place.names[2] = Some(c.into());
             }
             if place.location.is_none()
                 && let Some(MmdbLocation {
@@ -305,10 +311,23 @@ impl Tables {
         database: Option<GeoDatabase>,
     ) -> Self {
         let statuses = endpoint_statuses(t, health, o);
+        Self::from_statuses(t, &statuses, health, o, serial, database)
+    }
+
+    /// Builds every table from endpoint statuses already computed ([`endpoint_statuses`]);
+    /// `health` is then asked only for probe latencies.
+    pub fn from_statuses(
+        t: &Topology,
+        statuses: &[Vec<Status>],
+        health: &dyn HealthView,
+        o: &Overrides,
+        serial: u32,
+        database: Option<GeoDatabase>,
+    ) -> Self {
         let mut profiles = Vec::with_capacity(t.profiles.len());
         let mut views = Vec::with_capacity(t.profiles.len());
         for (pi, p) in t.profiles.iter().enumerate() {
-            let (table, answered, all_down) = profile_table(t, pi, p, &statuses, health, o);
+            let (table, answered, all_down) = profile_table(t, pi, p, statuses, health, o);
             views.push(ProfileView {
                 name: p.name.to_string(),
                 domain: p.domain.to_string(),
@@ -476,9 +495,8 @@ impl Tables {
             Pick::Geo { areas } => {
                 let place = client.map(|c| self.geo.lookup(c.addr)).unwrap_or_default();
                 let chosen = place
-                    .names
-                    .iter()
-                    .find_map(|n| areas.get(n.as_ref()))
+                    .names()
+                    .find_map(|n| areas.get(n))
                     .or_else(|| areas.get("*"));
                 match chosen {
                     Some(c) => c,
@@ -681,8 +699,15 @@ fn profile_table(
             }
         }
     }
+    // Priority answers one endpoint: decided once, for the pick and for what is answered.
+    let current = (p.routing == Routing::Priority)
+        .then(|| current_priority(p, &usable, o))
+        .flatten();
     let pick = match p.routing {
-        Routing::Priority => priority_pick(t, p, &usable, o),
+        Routing::Priority => match current {
+            Some(i) => Pick::One(choice(t, &p.endpoints[i].target)),
+            None => Pick::Nodata,
+        },
         Routing::Weighted => weighted_pick(t, p, &usable),
         Routing::Multivalue => Pick::All {
             max: p.max_answers as usize,
@@ -743,11 +768,8 @@ fn profile_table(
             }
         }
     };
-    let answered = match (&pick, p.routing) {
-        (Pick::One(_), Routing::Priority) => {
-            let current = current_priority(p, &usable, o);
-            (0..st.len()).map(|i| Some(i) == current).collect()
-        }
+    let answered = match p.routing {
+        Routing::Priority => (0..st.len()).map(|i| Some(i) == current).collect(),
         _ => usable,
     };
     (
@@ -780,13 +802,6 @@ fn current_priority(p: &Profile, usable: &[bool], o: &Overrides) -> Option<usize
         .and_then(|rank| order.get(rank).copied())
         .filter(|&i| usable[i]);
     from_controller.or_else(|| order.into_iter().find(|&i| usable[i]))
-}
-
-fn priority_pick(t: &Topology, p: &Profile, usable: &[bool], o: &Overrides) -> Pick {
-    match current_priority(p, usable, o) {
-        Some(i) => Pick::One(choice(t, &p.endpoints[i].target)),
-        None => Pick::Nodata,
-    }
 }
 
 /// Weighted: weight-0 endpoints only when no weighted endpoint is usable, then equally.

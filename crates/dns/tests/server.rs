@@ -501,7 +501,7 @@ monitor = "web"
     assert_eq!((echo.source_prefix(), echo.scope_prefix()), (24, 24));
 }
 
-const GEO: &str = r#"
+const AREAS: &str = r#"
 [[geo.area]]
 name = "eu"
 subnets = ["192.0.2.0/24"]
@@ -510,7 +510,9 @@ location = { lat = 50.1, lon = 8.7 }
 name = "us"
 subnets = ["198.51.100.0/24"]
 location = { lat = 40.7, lon = -74.0 }
+"#;
 
+const SITES: &str = r#"
 [[site]]
 name = "frankfurt"
 role = "edge"
@@ -521,10 +523,27 @@ role = "edge"
 location = { lat = 40.7, lon = -74.1 }
 "#;
 
+/// A performance profile over one endpoint in each site.
+const FAST: &str = r#"
+[[profile]]
+name = "fast"
+domain = "fast.shop.test"
+routing = "performance"
+monitor = "web"
+  [[profile.endpoint]]
+  name = "fra"
+  target = { address = "10.0.0.1" }
+  site = "frankfurt"
+  [[profile.endpoint]]
+  name = "nyc"
+  target = { address = "10.0.0.2" }
+  site = "newyork"
+"#;
+
 #[tokio::test]
 async fn geographic_routing_fails_over_to_the_areas_next_choice() {
     let f = Fixture::new(&format!(
-        r#"{GEO}
+        r#"{AREAS}
 [[profile]]
 name = "geo"
 domain = "geo.shop.test"
@@ -549,23 +568,7 @@ geo = {{ eu = ["fra", "nyc"], us = ["nyc", "fra"], "*" = ["nyc"] }}
 
 #[tokio::test]
 async fn performance_routing_picks_the_nearest_site_else_the_fastest_probe() {
-    let f = Fixture::new(&format!(
-        r#"{GEO}
-[[profile]]
-name = "fast"
-domain = "fast.shop.test"
-routing = "performance"
-monitor = "web"
-  [[profile.endpoint]]
-  name = "fra"
-  target = {{ address = "10.0.0.1" }}
-  site = "frankfurt"
-  [[profile.endpoint]]
-  name = "nyc"
-  target = {{ address = "10.0.0.2" }}
-  site = "newyork"
-"#
-    ));
+    let f = Fixture::new(&format!("{AREAS}{SITES}{FAST}"));
     f.health.latency.lock().unwrap().insert(
         health::endpoint_id("fast", "fra"),
         Duration::from_millis(40),
@@ -778,15 +781,7 @@ async fn a_maxmind_database_gives_countries_continents_and_locations() {
 [geo]
 database = "{db}"
 
-[[site]]
-name = "frankfurt"
-role = "edge"
-location = {{ lat = 50.1, lon = 8.6 }}
-[[site]]
-name = "newyork"
-role = "edge"
-location = {{ lat = 40.7, lon = -74.1 }}
-
+{SITES}
 [[profile]]
 name = "geo"
 domain = "geo.shop.test"
@@ -800,19 +795,7 @@ geo = {{ DE = ["fra", "nyc"], NA = ["nyc", "fra"], "*" = ["nyc"] }}
   name = "nyc"
   target = {{ address = "10.0.0.2" }}
 
-[[profile]]
-name = "fast"
-domain = "fast.shop.test"
-routing = "performance"
-monitor = "web"
-  [[profile.endpoint]]
-  name = "fra"
-  target = {{ address = "10.0.0.1" }}
-  site = "frankfurt"
-  [[profile.endpoint]]
-  name = "nyc"
-  target = {{ address = "10.0.0.2" }}
-  site = "newyork"
+{FAST}
 "#,
         db = db.display()
     ));

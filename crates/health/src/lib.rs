@@ -52,7 +52,7 @@ pub fn targets(t: &Topology) -> Vec<Target> {
         };
         for b in backends {
             out.push(Target {
-                id: format!("lb/{}/{}", lb.name, b.address),
+                id: backend_id(&lb.name, b.address),
                 monitor: monitor.name.to_string(),
                 destination: Destination::Addr((b.address.ip(), monitor.port).into()),
                 disabled: false,
@@ -67,14 +67,22 @@ pub fn endpoint_id(profile: &str, endpoint: &str) -> String {
     format!("profile/{profile}/{endpoint}")
 }
 
-pub(crate) fn serde_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+/// The health target id of a load balancer's backend.
+pub fn backend_id(lb: &str, addr: std::net::SocketAddr) -> String {
+    format!("lb/{lb}/{addr}")
+}
+
+/// An event time as every API response shows it: RFC 3339 UTC, milliseconds.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// `#[serde(serialize_with)]` for event times, in [`rfc3339`].
+pub fn serde_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&humantime::format_rfc3339_millis(*t))
 }
 
-pub(crate) fn serde_opt_time<S: serde::Serializer>(
-    t: &Option<SystemTime>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
+fn serde_opt_time<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
     match t {
         Some(t) => serde_time(t, s),
         None => s.serialize_none(),

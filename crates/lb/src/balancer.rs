@@ -89,17 +89,13 @@ pub struct Snapshot {
 /// A change worth an event.
 #[derive(Clone, Debug, Serialize)]
 pub struct Event {
-    #[serde(serialize_with = "serde_time")]
+    #[serde(serialize_with = "health::serde_time")]
     pub at: SystemTime,
     pub load_balancer: String,
     pub backend: SocketAddr,
     /// `ejected`, `draining`, `drained`, `enabled`, `down`, `up`.
     pub what: &'static str,
     pub reason: String,
-}
-
-fn serde_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(&humantime::format_rfc3339_millis(*t))
 }
 
 /// One backend as the API shows it.
@@ -159,11 +155,6 @@ impl std::fmt::Debug for Balancer {
     }
 }
 
-/// The probe target id of a load balancer's backend.
-pub fn backend_id(lb: &str, addr: SocketAddr) -> String {
-    format!("lb/{lb}/{addr}")
-}
-
 impl Balancer {
     /// A balancer over its configured static addresses (scale set and database pools start
     /// empty and are filled with [`Balancer::set_members`]).
@@ -176,7 +167,7 @@ impl Balancer {
                     Arc::new(Backend {
                         addr: b.address,
                         weight: b.weight,
-                        health_id: probed.then(|| backend_id(&config.name, b.address)),
+                        health_id: probed.then(|| health::backend_id(&config.name, b.address)),
                         stats: Arc::new(Stats::default()),
                     })
                 })
@@ -314,6 +305,7 @@ impl Balancer {
         b.stats.ejections.fetch_add(1, Ordering::Relaxed);
         self.health.eject(id, why);
         self.event(b.addr, "ejected", format!("passive: {why}"));
+        // Now, not when the engine's change notice arrives: the very next flow must avoid it.
         self.rebuild();
     }
 

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use health::{Engine, Status};
 use lb::{Balancer, Running};
-use testkit::eventually;
+use testkit::{bind_tcp, eventually, free_tcp_port};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
+use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 use tokio::task::JoinHandle;
 
 /// A TCP backend: answers each line with `NAME LINE`; a PROXY v2 header, when sent, is read
@@ -44,7 +44,7 @@ impl Backend {
     }
 
     async fn start_data(&mut self, expect_proxy: bool) {
-        let l = bind(self.data).await;
+        let l = bind_tcp(self.data).await;
         let (name, header, accepted) = (
             self.name.clone(),
             self.proxy_header.clone(),
@@ -83,7 +83,7 @@ impl Backend {
     }
 
     async fn start_health(&mut self) {
-        let l = bind(SocketAddr::new(self.data.ip(), self.health_port)).await;
+        let l = bind_tcp(SocketAddr::new(self.data.ip(), self.health_port)).await;
         self.health_task = Some(tokio::spawn(async move {
             loop {
                 let _ = l.accept().await;
@@ -123,30 +123,6 @@ impl Drop for Backend {
     }
 }
 
-async fn bind(addr: SocketAddr) -> TcpListener {
-    for _ in 0..100 {
-        if let Ok(l) = TcpListener::bind(addr).await {
-            return l;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("cannot bind {addr}");
-}
-
-/// A free port on every address given.
-fn free_port(ips: &[&str]) -> u16 {
-    loop {
-        let first = std::net::TcpListener::bind((ips[0], 0)).unwrap();
-        let port = first.local_addr().unwrap().port();
-        if ips[1..]
-            .iter()
-            .all(|ip| std::net::TcpListener::bind((*ip, port)).is_ok())
-        {
-            return port;
-        }
-    }
-}
-
 struct Setup {
     engine: Arc<Engine>,
     running: Running,
@@ -157,7 +133,7 @@ impl Setup {
     /// A balancer from topology text `lb` (with `{frontend}`, `{health}`, `{p}` filled in)
     /// probing its backends with a tcp monitor on the health port.
     fn start(lb_toml: &str, health_port: u16) -> Self {
-        let frontend: SocketAddr = format!("127.0.3.1:{}", free_port(&["127.0.3.1"]))
+        let frontend: SocketAddr = format!("127.0.3.1:{}", free_tcp_port(&["127.0.3.1"]))
             .parse()
             .unwrap();
         let text = format!(
@@ -189,7 +165,7 @@ impl Setup {
     }
 
     async fn wait_online(&self, backend: &Backend) {
-        let id = lb::balancer::backend_id(&self.balancer().config.name, backend.data);
+        let id = health::backend_id(&self.balancer().config.name, backend.data);
         eventually(Duration::from_secs(5), "backend Online", || async {
             (self.engine.status(&id) == Some(Status::Online)).then_some(())
         })
@@ -266,8 +242,8 @@ fn lb_toml(pool: &str, extra: &str) -> String {
 }
 
 async fn two_backends() -> (Backend, Backend, u16) {
-    let data = free_port(&["127.0.3.11", "127.0.3.12"]);
-    let health = free_port(&["127.0.3.11", "127.0.3.12"]);
+    let data = free_tcp_port(&["127.0.3.11", "127.0.3.12"]);
+    let health = free_tcp_port(&["127.0.3.11", "127.0.3.12"]);
     let a = Backend::start("a", "127.0.3.11", data, health).await;
     let b = Backend::start("b", "127.0.3.12", data, health).await;
     (a, b, health)
@@ -502,7 +478,7 @@ async fn proxy_protocol_v2_announces_the_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_flows_relay_replies_and_expire() {
     // A UDP echo backend answering `NAME payload`, probed on a TCP health port.
-    let data = free_port(&["127.0.3.21"]);
+    let data = free_tcp_port(&["127.0.3.21"]);
     let echo = UdpSocket::bind(("127.0.3.21", data)).await.unwrap();
     let echo_task = tokio::spawn(async move {
         let mut buf = [0u8; 1500];
@@ -512,8 +488,8 @@ async fn udp_flows_relay_replies_and_expire() {
             echo.send_to(&reply, from).await.unwrap();
         }
     });
-    let health = free_port(&["127.0.3.21"]);
-    let hl = bind(format!("127.0.3.21:{health}").parse().unwrap()).await;
+    let health = free_tcp_port(&["127.0.3.21"]);
+    let hl = bind_tcp(format!("127.0.3.21:{health}").parse().unwrap()).await;
     let health_task = tokio::spawn(async move {
         loop {
             let _ = hl.accept().await;
@@ -577,7 +553,7 @@ async fn no_healthy_backend_refuses_unless_send_all() {
         let s = Setup::start(&lb_toml(&pool(&[&a], &[1]), extra), hp);
         s.wait_online(&a).await;
         a.stop_health().await; // probe down, data port still serving
-        let id = lb::balancer::backend_id("web", a.data);
+        let id = health::backend_id("web", a.data);
         eventually(Duration::from_secs(5), "a Degraded", || async {
             (s.engine.status(&id) == Some(Status::Degraded)).then_some(())
         })
@@ -610,8 +586,8 @@ async fn no_healthy_backend_refuses_unless_send_all() {
 async fn bulk_transfers_arrive_intact_both_ways() {
     let (_a, _b, hp) = two_backends().await;
     // An echo server on a third port of a's address.
-    let echo_port = free_port(&["127.0.3.11"]);
-    let echo_l = bind(format!("127.0.3.11:{echo_port}").parse().unwrap()).await;
+    let echo_port = free_tcp_port(&["127.0.3.11"]);
+    let echo_l = bind_tcp(format!("127.0.3.11:{echo_port}").parse().unwrap()).await;
     let echo = tokio::spawn(async move {
         loop {
             let (mut s, _) = echo_l.accept().await.unwrap();
@@ -662,9 +638,9 @@ async fn bulk_transfers_arrive_intact_both_ways() {
 async fn rules_map_frontend_ports_to_backend_ports() {
     let (a, _b, hp) = two_backends().await;
     // A second service on another port of a's address.
-    let other = free_port(&["127.0.3.11"]);
-    let _alt = Backend::start("alt", "127.0.3.11", other, free_port(&["127.0.3.11"])).await;
-    let front2 = free_port(&["127.0.3.1"]);
+    let other = free_tcp_port(&["127.0.3.11"]);
+    let _alt = Backend::start("alt", "127.0.3.11", other, free_tcp_port(&["127.0.3.11"])).await;
+    let front2 = free_tcp_port(&["127.0.3.1"]);
     let s = Setup::start(
         &lb_toml(
             &pool(&[&a], &[1]),

@@ -168,8 +168,17 @@ impl Drop for Up {
     }
 }
 
-fn free_addr() -> SocketAddr {
-    testkit::closed_port()
+/// Writes `dir/topology.toml`: `[tandem]` with the API on `api` and state inside `dir`, then
+/// `body`.
+fn topology_file(dir: &Path, api: SocketAddr, body: &str) -> PathBuf {
+    let path = dir.join("topology.toml");
+    let state = dir.join("state");
+    let text = format!(
+        "[tandem]\napi = \"{api}\"\nstate_dir = \"{}\"\n{body}",
+        state.display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
 }
 
 async fn wait_status(up: &Up, id: &str, status: &str) -> Value {
@@ -192,16 +201,12 @@ async fn up_probes_the_topology_and_status_shows_it() {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, ca_pem).unwrap();
-    let api = free_addr();
-    let topology = dir.path().join("topology.toml");
-    std::fs::write(
-        &topology,
-        format!(
+    let api = testkit::closed_port();
+    let topology = topology_file(
+        dir.path(),
+        api,
+        &format!(
             r#"
-[tandem]
-api = "{api}"
-state_dir = "{state}"
-
 [dns]
 listen = ["127.0.0.1:0"]
 [[dns.zone]]
@@ -262,13 +267,11 @@ monitor = "db"
   name = "edge"
   target = {{ address = "127.0.0.1" }}
 "#,
-            state = dir.path().join("state").display(),
             web = web.addr.port(),
             secure = secure.addr.port(),
-            db = db.addr.port(),
+            db = db.addr.port()
         ),
-    )
-    .unwrap();
+    );
 
     let mut up = Up::start(&topology, api, &[("SSL_CERT_FILE", ca.to_str().unwrap())]);
     for id in ["profile/www/edge", "profile/api/edge", "profile/db/edge"] {
@@ -421,17 +424,13 @@ async fn dns_fails_over_and_back_with_real_probes_and_dig() {
         testkit::free_udp_tcp_port([127, 0, 0, 1].into()),
     )
         .into();
-    let api = free_addr();
+    let api = testkit::closed_port();
     let dir = tempfile::tempdir().unwrap();
-    let topology = dir.path().join("topology.toml");
-    std::fs::write(
-        &topology,
-        format!(
+    let topology = topology_file(
+        dir.path(),
+        api,
+        &format!(
             r#"
-[tandem]
-api = "{api}"
-state_dir = "{state}"
-
 [dns]
 listen = ["{dns}"]
 [[dns.zone]]
@@ -464,11 +463,9 @@ failback_hold = "2s"
   name = "region"
   target = {{ address = "127.0.2.10" }}
   priority = 2
-"#,
-            state = dir.path().join("state").display(),
+"#
         ),
-    )
-    .unwrap();
+    );
     let mut up = Up::start(&topology, api, &[]);
     let answer = move || testkit::dig(dns, "www.shop.test", &[]);
     let wait_answer = |want: &'static str, deadline: u64| async move {
@@ -617,17 +614,13 @@ async fn load_balancer_through_tandem_up() {
         testkit::free_udp_tcp_port([127, 0, 5, 1].into()),
     )
         .into();
-    let api = free_addr();
+    let api = testkit::closed_port();
     let dir = tempfile::tempdir().unwrap();
-    let topology = dir.path().join("topology.toml");
-    std::fs::write(
-        &topology,
-        format!(
-            r#"
-[tandem]
-api = "{api}"
-state_dir = "{state}"
-[[site]]
+    let topology = topology_file(
+        dir.path(),
+        api,
+        &format!(
+            r#"[[site]]
 name = "edge"
 role = "edge"
 [[monitor]]
@@ -643,15 +636,13 @@ frontend = "{front}"
 pool = {{ addresses = ["{a}", "{b}"] }}
 probe = "web"
 "#,
-            state = dir.path().join("state").display(),
             a = a.addr,
-            b = b.addr,
+            b = b.addr
         ),
-    )
-    .unwrap();
+    );
     let mut up = Up::start(&topology, api, &[]);
-    wait_status(&up, &format!("lb/edge-web/{}", a.addr), "Online").await;
-    wait_status(&up, &format!("lb/edge-web/{}", b.addr), "Online").await;
+    wait_status(&up, &health::backend_id("edge-web", a.addr), "Online").await;
+    wait_status(&up, &health::backend_id("edge-web", b.addr), "Online").await;
     let body = |resp: String| resp.rsplit("\r\n\r\n").next().unwrap_or("").to_string();
     let mut seen = std::collections::HashSet::new();
     for _ in 0..40 {
@@ -668,7 +659,7 @@ probe = "web"
         );
     }
     a.resume().await;
-    wait_status(&up, &format!("lb/edge-web/{}", a.addr), "Online").await;
+    wait_status(&up, &health::backend_id("edge-web", a.addr), "Online").await;
 
     let out = run(tandem().args([
         "backend",

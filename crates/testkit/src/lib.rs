@@ -122,7 +122,7 @@ impl HttpServer {
     /// Listens again on the same address.
     pub async fn resume(&mut self) {
         self.kill().await;
-        let listener = bind_retrying(self.addr).await;
+        let listener = bind_tcp(self.addr).await;
         self.addr = listener.local_addr().unwrap();
         let state = self.state.clone();
         let tls = self.tls.clone();
@@ -166,8 +166,9 @@ impl Drop for HttpServer {
     }
 }
 
-/// A port just closed can take a moment to be free again.
-async fn bind_retrying(addr: SocketAddr) -> TcpListener {
+/// Binds a TCP listener, retrying for up to 2 s: a port just closed can take a moment to be
+/// free again.
+pub async fn bind_tcp(addr: SocketAddr) -> TcpListener {
     let mut last = None;
     for _ in 0..100 {
         match TcpListener::bind(addr).await {
@@ -233,6 +234,20 @@ where
 pub fn closed_port() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap()
+}
+
+/// A TCP port free on every one of `ips` at the time of the call.
+pub fn free_tcp_port(ips: &[&str]) -> u16 {
+    loop {
+        let first = std::net::TcpListener::bind((ips[0], 0)).unwrap();
+        let port = first.local_addr().unwrap().port();
+        if ips[1..]
+            .iter()
+            .all(|ip| std::net::TcpListener::bind((*ip, port)).is_ok())
+        {
+            return port;
+        }
+    }
 }
 
 /// A loopback port free for both UDP and TCP at the time of the call.
