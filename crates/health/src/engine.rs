@@ -6,14 +6,14 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::{Duration, SystemTime};
 
 use model::Monitor;
 use rand::Rng;
 use serde::Serialize;
-use tokio::sync::{Semaphore, broadcast, oneshot, watch};
-use tokio::task::JoinSet;
+use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
+use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::probe::{Destination, Failure, Outcome, Prober};
@@ -119,17 +119,49 @@ impl Slot {
     }
 }
 
+/// Every target, in the order added, with an index by id.
+#[derive(Default)]
+struct Slots {
+    list: Vec<Arc<Slot>>,
+    index: HashMap<String, usize>,
+}
+
 /// Shared between the engine handle and its probe tasks.
 struct Shared {
-    slots: Vec<Slot>,
+    slots: RwLock<Slots>,
     version: watch::Sender<u64>,
     events: broadcast::Sender<Event>,
+}
+
+impl Shared {
+    fn slots(&self) -> RwLockReadGuard<'_, Slots> {
+        self.slots.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn slot(&self, id: &str) -> Option<Arc<Slot>> {
+        let slots = self.slots();
+        slots.index.get(id).map(|i| slots.list[*i].clone())
+    }
+}
+
+/// What the probe thread is asked to do after start.
+enum Command {
+    Probe(Arc<Slot>, Arc<Prober>, Duration),
+    Forget(String),
+}
+
+/// How a monitor probes: its prober and the thresholds and interval of its targets.
+struct Plan {
+    prober: Arc<Prober>,
+    thresholds: Thresholds,
+    interval: Duration,
 }
 
 /// A running probe engine. Dropping it stops every probe.
 pub struct Engine {
     shared: Arc<Shared>,
-    index: HashMap<String, usize>,
+    plans: HashMap<String, Plan>,
+    commands: mpsc::UnboundedSender<Command>,
     /// Stops the probe thread; `None` once stopped.
     stop: Mutex<Option<(oneshot::Sender<()>, std::thread::JoinHandle<()>)>>,
 }
@@ -137,7 +169,7 @@ pub struct Engine {
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
-            .field("targets", &self.shared.slots.len())
+            .field("targets", &self.shared.slots().list.len())
             .finish()
     }
 }
@@ -145,63 +177,27 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     /// Starts probing `targets` with the monitors they name, on a thread of its own.
     pub fn start(targets: Vec<Target>, monitors: &[Monitor], opts: Options) -> Result<Self, Error> {
-        let mut probers: HashMap<&str, Arc<Prober>> = HashMap::new();
+        let mut plans = HashMap::new();
         for m in monitors {
             let p = Prober::new(m).map_err(|reason| Error::Monitor {
                 monitor: m.name.to_string(),
                 reason,
             })?;
-            probers.insert(m.name.as_str(), Arc::new(p));
-        }
-        let now = Instant::now();
-        let wall = SystemTime::now();
-        let mut index = HashMap::new();
-        let mut slots = Vec::with_capacity(targets.len());
-        let mut plan = Vec::with_capacity(targets.len());
-        for target in targets {
-            let monitor = monitors
-                .iter()
-                .find(|m| m.name.as_str() == target.monitor)
-                .ok_or_else(|| Error::UnknownMonitor {
-                    target: target.id.clone(),
-                    monitor: target.monitor.clone(),
-                })?;
-            if index.insert(target.id.clone(), slots.len()).is_some() {
-                return Err(Error::DuplicateTarget(target.id));
-            }
-            let mut health = Health::new(now);
-            health.set_disabled(target.disabled, now);
-            plan.push(probers[monitor.name.as_str()].clone());
-            slots.push(Slot {
-                target,
+            let plan = Plan {
+                prober: Arc::new(p),
                 thresholds: Thresholds {
-                    tolerated_failures: monitor.tolerated_failures,
-                    recovery_successes: monitor.recovery_successes,
+                    tolerated_failures: m.tolerated_failures,
+                    recovery_successes: m.recovery_successes,
                 },
-                interval: monitor.interval,
-                record: Mutex::new(Record {
-                    health,
-                    since: wall,
-                    last_latency: None,
-                    last_failure: None,
-                }),
-                probes: AtomicU64::new(0),
-                failures: AtomicU64::new(0),
-            });
+                interval: m.interval,
+            };
+            plans.insert(m.name.to_string(), plan);
         }
         let shared = Arc::new(Shared {
-            slots,
+            slots: RwLock::new(Slots::default()),
             version: watch::Sender::new(0),
             events: broadcast::Sender::new(1024),
         });
-        let mut rng = rand::rng();
-        let phases: Vec<Duration> = shared
-            .slots
-            .iter()
-            .map(|s| {
-                Duration::from_micros(rng.random_range(0..s.interval.as_micros().max(1) as u64))
-            })
-            .collect();
         // Probing runs on its own thread with a single-threaded runtime: thousands of tiny
         // probes a second cost far less without cross-thread wake-ups, and they never compete
         // with the data planes' workers.
@@ -210,30 +206,92 @@ impl Engine {
             .build()
             .map_err(Error::Thread)?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let tasks_shared = shared.clone();
+        let (commands, received) = mpsc::unbounded_channel();
         let limit = opts.max_in_flight.max(1);
+        let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("tandem-probes".into())
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let limit = Arc::new(Semaphore::new(limit));
-                    let mut tasks = JoinSet::new();
-                    for ((i, prober), phase) in plan.into_iter().enumerate().zip(phases) {
-                        tasks.spawn(run(tasks_shared.clone(), i, prober, limit.clone(), phase));
-                    }
-                    let _ = stopped.await;
-                    tasks.abort_all();
-                });
-            })
+            .spawn(move || runtime.block_on(probe_thread(thread_shared, received, stopped, limit)))
             .map_err(Error::Thread)?;
-        Ok(Engine {
+        let engine = Engine {
             shared,
-            index,
+            plans,
+            commands,
             stop: Mutex::new(Some((stop, thread))),
-        })
+        };
+        for target in targets {
+            engine.add(target)?;
+        }
+        Ok(engine)
     }
 
-    /// Changes whenever any target's status changes; the value is a change counter.
+    /// Starts probing one more target, on a random phase within its monitor's interval. It
+    /// starts as CheckingEndpoint (or Disabled).
+    pub fn add(&self, target: Target) -> Result<(), Error> {
+        let plan = self
+            .plans
+            .get(&target.monitor)
+            .ok_or_else(|| Error::UnknownMonitor {
+                target: target.id.clone(),
+                monitor: target.monitor.clone(),
+            })?;
+        let mut health = Health::new(Instant::now());
+        health.set_disabled(target.disabled, Instant::now());
+        let slot = Arc::new(Slot {
+            thresholds: plan.thresholds,
+            interval: plan.interval,
+            record: Mutex::new(Record {
+                health,
+                since: SystemTime::now(),
+                last_latency: None,
+                last_failure: None,
+            }),
+            probes: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            target,
+        });
+        {
+            let mut slots = self.shared.slots.write().unwrap_or_else(|p| p.into_inner());
+            let id = slot.target.id.clone();
+            if slots.index.contains_key(&id) {
+                return Err(Error::DuplicateTarget(id));
+            }
+            let at = slots.list.len();
+            slots.index.insert(id, at);
+            slots.list.push(slot.clone());
+        }
+        let phase = Duration::from_micros(
+            rand::rng().random_range(0..plan.interval.as_micros().max(1) as u64),
+        );
+        // The thread only stops with the engine; a send after that has nothing left to do.
+        let _ = self
+            .commands
+            .send(Command::Probe(slot, plan.prober.clone(), phase));
+        self.shared.version.send_modify(|v| *v += 1);
+        Ok(())
+    }
+
+    /// Stops probing a target and forgets it. False when there was no such target.
+    pub fn remove(&self, id: &str) -> bool {
+        {
+            let mut slots = self.shared.slots.write().unwrap_or_else(|p| p.into_inner());
+            let Some(at) = slots.index.remove(id) else {
+                return false;
+            };
+            slots.list.remove(at);
+            for i in slots.index.values_mut() {
+                if *i > at {
+                    *i -= 1;
+                }
+            }
+        }
+        let _ = self.commands.send(Command::Forget(id.to_string()));
+        self.shared.version.send_modify(|v| *v += 1);
+        true
+    }
+
+    /// Changes whenever any target's status changes, or a target comes or goes; the value is a
+    /// change counter.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.shared.version.subscribe()
     }
@@ -244,17 +302,18 @@ impl Engine {
     }
 
     pub fn status(&self, id: &str) -> Option<Status> {
-        let slot = &self.shared.slots[*self.index.get(id)?];
+        let slots = self.shared.slots();
+        let slot = &slots.list[*slots.index.get(id)?];
         Some(slot.record().health.status)
     }
 
-    /// Every target, in the order given at start.
+    /// Every target, in the order added.
     pub fn reports(&self) -> Vec<Report> {
-        self.shared.slots.iter().map(report).collect()
+        self.shared.slots().list.iter().map(|s| report(s)).collect()
     }
 
     pub fn report(&self, id: &str) -> Option<Report> {
-        self.index.get(id).map(|i| report(&self.shared.slots[*i]))
+        self.shared.slot(id).map(|s| report(&s))
     }
 
     /// Operator's switch: a disabled target is not probed and counts as Disabled.
@@ -282,16 +341,15 @@ impl Engine {
         reason: String,
         apply: impl FnOnce(&mut Health, Instant) -> Option<Change>,
     ) -> Result<Status, UnknownTarget> {
-        let i = *self
-            .index
-            .get(id)
+        let slot = self
+            .shared
+            .slot(id)
             .ok_or_else(|| UnknownTarget(id.to_string()))?;
-        let slot = &self.shared.slots[i];
         let mut rec = slot.record();
         let change = apply(&mut rec.health, Instant::now());
         let status = rec.health.status;
         if let Some(change) = change {
-            publish(&self.shared, slot, &mut rec, change, reason);
+            publish(&self.shared, &slot, &mut rec, change, reason);
         }
         Ok(status)
     }
@@ -310,6 +368,39 @@ impl Drop for Engine {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// The probe thread: one task per target, started and stopped on command, until told to stop.
+async fn probe_thread(
+    shared: Arc<Shared>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    mut stopped: oneshot::Receiver<()>,
+    limit: usize,
+) {
+    let limit = Arc::new(Semaphore::new(limit));
+    let mut tasks = JoinSet::new();
+    let mut running: HashMap<String, AbortHandle> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = &mut stopped => break,
+            command = commands.recv() => match command {
+                Some(Command::Probe(slot, prober, phase)) => {
+                    let id = slot.target.id.clone();
+                    let task = tasks.spawn(run(shared.clone(), slot, prober, limit.clone(), phase));
+                    running.insert(id, task);
+                }
+                Some(Command::Forget(id)) => {
+                    if let Some(task) = running.remove(&id) {
+                        task.abort();
+                    }
+                }
+                None => break,
+            },
+            // Reap finished (aborted) tasks so the set does not grow.
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    tasks.abort_all();
 }
 
 fn report(slot: &Slot) -> Report {
@@ -332,12 +423,11 @@ fn report(slot: &Slot) -> Report {
 
 async fn run(
     shared: Arc<Shared>,
-    i: usize,
+    slot: Arc<Slot>,
     prober: Arc<Prober>,
     limit: Arc<Semaphore>,
     phase: Duration,
 ) {
-    let slot = &shared.slots[i];
     let mut ticks = tokio::time::interval_at(Instant::now() + phase, slot.interval);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
@@ -350,7 +440,7 @@ async fn run(
         };
         let outcome = prober.probe(&slot.target.destination).await;
         drop(permit);
-        apply(&shared, slot, outcome);
+        apply(&shared, &slot, outcome);
     }
 }
 

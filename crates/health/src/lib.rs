@@ -72,6 +72,11 @@ pub fn backend_id(lb: &str, addr: std::net::SocketAddr) -> String {
     format!("lb/{lb}/{addr}")
 }
 
+/// The health target id of a scale set's instance.
+pub fn instance_id(scale_set: &str, instance: &str) -> String {
+    format!("scaleset/{scale_set}/{instance}")
+}
+
 /// An event time as every API response shows it: RFC 3339 UTC, milliseconds.
 pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()

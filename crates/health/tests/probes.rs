@@ -257,3 +257,49 @@ async fn targets_follow_the_topology() {
         Destination::Addr("127.0.1.10:8080".parse().unwrap())
     );
 }
+
+/// Scale-set instances come and go while the engine runs: an added target is probed and
+/// reported, a removed one is neither, and both bump the change counter.
+#[tokio::test]
+async fn targets_can_be_added_and_removed_while_running() {
+    let server = HttpServer::start().await;
+    let m = http(server.addr.port(), "");
+    let engine = Engine::start(vec![], &[m], Options::default()).unwrap();
+    let mut version = engine.subscribe();
+    engine.add(target(&server)).unwrap();
+    assert!(version.has_changed().unwrap());
+    assert!(matches!(
+        engine.add(target(&server)),
+        Err(health::engine::Error::DuplicateTarget(_))
+    ));
+    let mut other = target(&server);
+    other.monitor = "missing".into();
+    other.id = "x".into();
+    assert!(matches!(
+        engine.add(other),
+        Err(health::engine::Error::UnknownMonitor { .. })
+    ));
+    eventually(Duration::from_secs(5), "Online", || async {
+        (engine.status("profile/www/edge") == Some(Status::Online)).then_some(())
+    })
+    .await;
+    version.mark_unchanged();
+    let before = server.requests();
+    assert!(engine.remove("profile/www/edge"));
+    assert!(version.has_changed().unwrap());
+    assert!(!engine.remove("profile/www/edge"));
+    assert_eq!(engine.status("profile/www/edge"), None);
+    assert!(engine.reports().is_empty());
+    // A witness target on the same server shows probing goes on while the removed one is silent.
+    let mut witness = target(&server);
+    witness.id = "witness".into();
+    witness.destination = Destination::Addr(server.addr);
+    engine.add(witness).unwrap();
+    eventually(Duration::from_secs(5), "witness probed 3 times", || async {
+        (engine.report("witness").unwrap().probes >= 3).then_some(())
+    })
+    .await;
+    let probes = engine.report("witness").unwrap().probes;
+    // Every request since the removal came from the witness (allowing one probe in flight).
+    assert!(server.requests() - before <= probes + 1);
+}

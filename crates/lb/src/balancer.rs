@@ -360,6 +360,11 @@ impl Balancer {
             .ok_or_else(|| UnknownBackend(self.config.name.to_string(), addr))
     }
 
+    /// The counters of a member, which stay valid after it leaves the pool.
+    pub fn stats(&self, addr: SocketAddr) -> Option<Arc<Stats>> {
+        self.member(addr).ok().map(|b| b.stats.clone())
+    }
+
     /// The frontends as `proto ip:port -> backend port`.
     pub fn frontends(&self) -> Vec<(SocketAddr, Option<u16>)> {
         let c = &self.config;
