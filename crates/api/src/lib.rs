@@ -73,6 +73,22 @@ impl From<lb::balancer::Event> for Event {
     }
 }
 
+impl From<scaleset::Event> for Event {
+    fn from(e: scaleset::Event) -> Self {
+        Event {
+            at: health::rfc3339(e.at),
+            kind: "scale-set",
+            subject: match e.instance {
+                Some(i) => format!("{}/{i}", e.scale_set),
+                None => e.scale_set,
+            },
+            from: String::new(),
+            to: e.kind.to_string(),
+            reason: e.message,
+        }
+    }
+}
+
 impl From<dns::manager::Event> for Event {
     fn from(e: dns::manager::Event) -> Self {
         Event {
@@ -124,12 +140,24 @@ impl EventLog {
     }
 }
 
+/// Re-reads the topology file and applies what can change while running; says what it did.
+#[derive(Clone)]
+pub struct Reload(pub Arc<dyn Fn() -> Result<Vec<String>, String> + Send + Sync>);
+
+impl std::fmt::Debug for Reload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reload")
+    }
+}
+
 /// What the handlers read.
 #[derive(Clone, Debug)]
 pub struct Api {
     pub engine: Arc<Engine>,
     pub dns: Option<Arc<Manager>>,
     pub load_balancers: Vec<Arc<lb::Balancer>>,
+    pub scale_sets: Vec<Arc<scaleset::ScaleSet>>,
+    pub reload: Option<Reload>,
     pub events: EventLog,
 }
 
@@ -148,6 +176,9 @@ pub fn router(api: Api) -> Router {
             "/v1/load-balancers/{lb}/backends/{address}/{action}",
             post(backend_action),
         )
+        .route("/v1/scale-sets", get(scale_sets))
+        .route("/v1/scale-sets/{set}/scale", post(scale))
+        .route("/v1/reload", post(reload))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
         .with_state(api)
@@ -259,6 +290,55 @@ async fn backend_action(
     }
 }
 
+async fn scale_sets(State(api): State<Api>) -> Json<serde_json::Value> {
+    let views: Vec<scaleset::View> = api.scale_sets.iter().map(|s| s.view()).collect();
+    Json(json!({ "scale_sets": views }))
+}
+
+/// `POST /v1/scale-sets/{set}/scale` with `{"capacity": N}`.
+async fn scale(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(set) = api.scale_sets.iter().find(|s| s.name == name) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "set",
+            format!("no scale set {name:?}"),
+        );
+    };
+    let capacity = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("capacity")?.as_u64())
+        .and_then(|n| u32::try_from(n).ok());
+    let Some(n) = capacity else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "capacity",
+            "expected a JSON body {\"capacity\": N} with N a whole number".into(),
+        );
+    };
+    match set.scale_to(n).await {
+        Ok(()) => Json(json!({ "scale_set": set.view() })).into_response(),
+        Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, "capacity", e),
+    }
+}
+
+async fn reload(State(api): State<Api>) -> Response {
+    let Some(reload) = &api.reload else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "reload",
+            "this server cannot reload".into(),
+        );
+    };
+    match (reload.0)() {
+        Ok(applied) => Json(json!({ "applied": applied })).into_response(),
+        Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, "topology", e),
+    }
+}
+
 async fn events(State(api): State<Api>) -> Json<serde_json::Value> {
     Json(json!({ "events": api.events.snapshot() }))
 }
@@ -271,6 +351,8 @@ async fn metrics(State(api): State<Api>) -> impl IntoResponse {
     }
     let views: Vec<lb::View> = api.load_balancers.iter().map(|b| b.view()).collect();
     metrics::render_lb(&mut body, &views);
+    let sets: Vec<scaleset::View> = api.scale_sets.iter().map(|s| s.view()).collect();
+    metrics::render_scale_sets(&mut body, &sets);
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         body,

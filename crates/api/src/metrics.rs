@@ -51,6 +51,17 @@ pub const LB_BACKEND_SPLICED: &str = "tandem_lb_backend_spliced_directions_total
 /// `1` while every endpoint of a profile is down.
 pub const DNS_PROFILE_ALL_DOWN: &str = "tandem_dns_profile_all_down";
 
+/// Instances a scale set is to have.
+pub const SCALESET_DESIRED: &str = "tandem_scaleset_desired_instances";
+/// Instances per scale set and state (`starting`, `running`, `retiring`, `stopped`).
+pub const SCALESET_INSTANCES: &str = "tandem_scaleset_instances";
+/// Capacity changes per scale set and direction (`out`, `in`).
+pub const SCALESET_SCALINGS: &str = "tandem_scaleset_scalings_total";
+/// Instances repaired (replaced or restarted) per scale set.
+pub const SCALESET_REPAIRS: &str = "tandem_scaleset_repairs_total";
+/// CPU of each instance's process, percent of one core, over the last sample.
+pub const SCALESET_INSTANCE_CPU: &str = "tandem_scaleset_instance_cpu_percent";
+
 const STATUSES: [Status; 5] = [
     Status::CheckingEndpoint,
     Status::Online,
@@ -279,6 +290,79 @@ pub fn render_lb(out: &mut String, views: &[lb::View]) {
                     "{LB_BACKEND_BYTES}{{lb=\"{}\",backend=\"{}\",direction=\"{dir}\"}} {n}",
                     escape(&v.name),
                     b.address
+                );
+            }
+        }
+    }
+}
+
+/// Scale sets: capacity, instances by state, scalings, repairs, CPU per instance.
+pub fn render_scale_sets(out: &mut String, views: &[scaleset::View]) {
+    header(
+        out,
+        SCALESET_DESIRED,
+        "gauge",
+        "Instances the set is to have.",
+    );
+    for v in views {
+        let _ = writeln!(
+            out,
+            "{SCALESET_DESIRED}{{scale_set=\"{}\"}} {}",
+            v.name, v.desired
+        );
+    }
+    header(out, SCALESET_INSTANCES, "gauge", "Instances by state.");
+    for v in views {
+        for state in ["starting", "running", "retiring", "stopped"] {
+            let n = v.instances.iter().filter(|i| i.state == state).count();
+            let _ = writeln!(
+                out,
+                "{SCALESET_INSTANCES}{{scale_set=\"{}\",state=\"{state}\"}} {n}",
+                v.name
+            );
+        }
+    }
+    header(
+        out,
+        SCALESET_SCALINGS,
+        "counter",
+        "Capacity changes by direction.",
+    );
+    for v in views {
+        for (dir, n) in [("out", v.scale_outs), ("in", v.scale_ins)] {
+            let _ = writeln!(
+                out,
+                "{SCALESET_SCALINGS}{{scale_set=\"{}\",direction=\"{dir}\"}} {n}",
+                v.name
+            );
+        }
+    }
+    header(
+        out,
+        SCALESET_REPAIRS,
+        "counter",
+        "Instances replaced or restarted.",
+    );
+    for v in views {
+        let _ = writeln!(
+            out,
+            "{SCALESET_REPAIRS}{{scale_set=\"{}\"}} {}",
+            v.name, v.repairs
+        );
+    }
+    header(
+        out,
+        SCALESET_INSTANCE_CPU,
+        "gauge",
+        "CPU percent of one core.",
+    );
+    for v in views {
+        for i in &v.instances {
+            if let Some(cpu) = i.cpu_percent {
+                let _ = writeln!(
+                    out,
+                    "{SCALESET_INSTANCE_CPU}{{scale_set=\"{}\",instance=\"{}\"}} {cpu:.1}",
+                    v.name, i.id
                 );
             }
         }

@@ -24,6 +24,8 @@ pub struct Spec {
     pub argv: Vec<String>,
     /// Where its stdout and stderr go.
     pub log: PathBuf,
+    /// Environment added to Tandem's: `TANDEM_INSTANCE`, `TANDEM_SITE`, `TANDEM_SCALE_SET`.
+    pub env: Vec<(String, String)>,
 }
 
 /// Starts instances.
@@ -80,6 +82,7 @@ impl Driver for ProcessDriver {
             None => tokio::process::Command::new(program),
         };
         cmd.args(args)
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -127,6 +127,9 @@ pub struct View {
     pub upgrading: bool,
     pub repair_suspended: bool,
     pub load_balancers: Vec<String>,
+    pub scale_outs: u64,
+    pub scale_ins: u64,
+    pub repairs: u64,
     pub instances: Vec<InstanceView>,
 }
 
@@ -192,6 +195,8 @@ impl ScaleSet {
             view: view.clone(),
             cpu: HashMap::new(),
             totals: HashMap::new(),
+            counts: (0, 0, 0),
+            desired: 0,
         };
         let name = runner.set.name.to_string();
         let task = tokio::spawn(runner.run(received, reports));
@@ -274,6 +279,9 @@ struct Runner {
     cpu: HashMap<String, (Instant, Duration, Option<f64>)>,
     /// Last total-connections reading per backend address.
     totals: HashMap<SocketAddr, (Instant, u64)>,
+    /// Capacity changes out and in, and repairs, since start.
+    counts: (u64, u64, u64),
+    desired: u32,
 }
 
 impl Runner {
@@ -329,12 +337,24 @@ impl Runner {
     /// Carries out what the controller decided, then republishes pools and the view.
     fn step(&mut self) {
         let (actions, notes) = self.ctl.take();
+        let desired = self.ctl.desired();
+        if self.desired != 0 && desired > self.desired {
+            self.counts.0 += 1;
+        } else if desired < self.desired {
+            self.counts.1 += 1;
+        }
+        self.desired = desired;
         for Note {
             kind,
             instance,
             message,
         } in notes
         {
+            if kind == "repair"
+                && (message.starts_with("replacing") || message.starts_with("restarting"))
+            {
+                self.counts.2 += 1;
+            }
             self.event(kind, instance.as_deref(), message);
         }
         for a in actions {
@@ -384,6 +404,11 @@ impl Runner {
             id: id.to_string(),
             argv: t.argv(&self.set.site, id, slot),
             log: self.log_path(id),
+            env: vec![
+                ("TANDEM_INSTANCE".into(), id.to_string()),
+                ("TANDEM_SITE".into(), self.set.site.to_string()),
+                ("TANDEM_SCALE_SET".into(), self.set.name.to_string()),
+            ],
         };
         let probe = self.wiring.monitor.clone().map(|(monitor, port)| Target {
             id: self.target_id(id),
@@ -621,6 +646,9 @@ impl Runner {
                 .iter()
                 .map(|(b, _)| b.config.name.to_string())
                 .collect(),
+            scale_outs: self.counts.0,
+            scale_ins: self.counts.1,
+            repairs: self.counts.2,
             instances: self
                 .ctl
                 .instances()

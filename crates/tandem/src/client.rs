@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -32,14 +32,28 @@ pub fn block_on<T>(f: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result
 }
 
 pub async fn get_json(api: SocketAddr, path: &str) -> anyhow::Result<serde_json::Value> {
-    call(api, Method::GET, path).await
+    call(api, Method::GET, path, None).await
 }
 
 pub async fn post_json(api: SocketAddr, path: &str) -> anyhow::Result<serde_json::Value> {
-    call(api, Method::POST, path).await
+    call(api, Method::POST, path, None).await
 }
 
-async fn call(api: SocketAddr, method: Method, path: &str) -> anyhow::Result<serde_json::Value> {
+/// POST with a JSON body.
+pub async fn post_body(
+    api: SocketAddr,
+    path: &str,
+    body: serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    call(api, Method::POST, path, Some(body)).await
+}
+
+async fn call(
+    api: SocketAddr,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
     let exchange = async {
         let stream = TcpStream::connect(api).await.with_context(|| {
             format!("cannot reach the tandem API at {api}; is `tandem up` running?")
@@ -51,7 +65,10 @@ async fn call(api: SocketAddr, method: Method, path: &str) -> anyhow::Result<ser
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, api.to_string())
-            .body(Empty::<Bytes>::new())?;
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(
+                body.map(|b| b.to_string()).unwrap_or_default(),
+            )))?;
         let resp = sender.send_request(req).await?;
         let status = resp.status();
         let body = resp.into_body().collect().await?.to_bytes();

@@ -7,6 +7,8 @@
 mod backend;
 mod client;
 mod endpoint;
+mod sample_app;
+mod scale;
 mod status;
 mod up;
 
@@ -35,7 +37,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run everything the topology declares: probes and the API (more tiers as they land).
+    /// Run everything the topology declares: probes, DNS, load balancers, scale sets and the
+    /// API. SIGHUP (or `tandem reload`) re-reads the file.
     Up {
         /// The topology file.
         file: PathBuf,
@@ -68,6 +71,45 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Set a scale set's capacity (within its min and max).
+    Scale {
+        /// The scale set's name.
+        set: String,
+        /// The number of instances.
+        #[arg(long)]
+        to: u32,
+        /// API address of the running tandem [env: TANDEM_API] [default: 127.0.0.1:7400].
+        #[arg(long)]
+        api: Option<SocketAddr>,
+    },
+    /// Re-read the topology file of a running `tandem up` and apply scale set changes (a changed
+    /// instance template rolls through as an upgrade).
+    Reload {
+        /// API address of the running tandem [env: TANDEM_API] [default: 127.0.0.1:7400].
+        #[arg(long)]
+        api: Option<SocketAddr>,
+    },
+    /// A small HTTP server for demos and tests: `/` names its site and instance, `/healthz`
+    /// answers 200 or 503 (`POST /fail`, `POST /recover`), `/burn?ms=N` burns CPU.
+    SampleApp {
+        /// Address to listen on, ip:port.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// The site it reports.
+        #[arg(long)]
+        site: String,
+        /// The instance name it reports [default: $TANDEM_INSTANCE, else the listen address].
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    /// Internal: how `tandem up` starts scale set instances, so they die with it.
+    #[command(hide = true)]
+    ExecInstance {
+        #[arg(long)]
+        parent: u32,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -78,6 +120,18 @@ fn main() -> ExitCode {
         Command::Endpoint { action } => endpoint::run(action),
         Command::Backend { action } => backend::run(action),
         Command::Status { api, json } => status::run(api, json),
+        Command::Scale { set, to, api } => scale::scale(&set, to, api),
+        Command::Reload { api } => scale::reload(api),
+        Command::SampleApp {
+            listen,
+            site,
+            instance,
+        } => sample_app::run(listen, site, instance),
+        Command::ExecInstance { parent, command } => {
+            let e = scaleset::driver::exec_instance(parent, &command);
+            eprintln!("error: cannot start {:?}: {e}", command.join(" "));
+            ExitCode::from(127)
+        }
     }
 }
 

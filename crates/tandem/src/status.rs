@@ -14,9 +14,11 @@ pub fn run(api: Option<SocketAddr>, json: bool) -> ExitCode {
             let health = get_json(api, "/v1/health").await?;
             let profiles = get_json(api, "/v1/profiles").await?;
             let lbs = get_json(api, "/v1/load-balancers").await?;
+            let sets = get_json(api, "/v1/scale-sets").await?;
             Ok(json!({
                 "profiles": profiles["profiles"],
                 "load_balancers": lbs["load_balancers"],
+                "scale_sets": sets["scale_sets"],
                 "targets": health["targets"],
             }))
         })
@@ -96,6 +98,11 @@ fn text(body: &Value) -> String {
         out.push_str(&table(&lb_rows(&lbs)));
         out.push('\n');
     }
+    let sets = body["scale_sets"].as_array().cloned().unwrap_or_default();
+    if !sets.is_empty() {
+        out.push_str(&table(&set_rows(&sets)));
+        out.push('\n');
+    }
     let mut rows = vec![cells([
         "TARGET",
         "STATUS",
@@ -132,6 +139,78 @@ fn text(body: &Value) -> String {
         out.push_str("(no monitored targets)\n");
     }
     out
+}
+
+/// One line per scale set, then one per instance.
+fn set_rows(sets: &[Value]) -> Vec<Vec<String>> {
+    let mut rows = vec![cells([
+        "SCALE SET / INSTANCE",
+        "STATE",
+        "HEALTH",
+        "PID",
+        "PORTS",
+        "AGE",
+        "RESTARTS",
+        "CPU",
+    ])];
+    for v in sets {
+        let mut flags = Vec::new();
+        if v["upgrading"] == true {
+            flags.push(format!("upgrading to template {}", s(v, "template")));
+        }
+        if v["repair_suspended"] == true {
+            flags.push("repair suspended".to_string());
+        }
+        let instances = v["instances"].as_array().cloned().unwrap_or_default();
+        rows.push(cells([
+            &format!("{} ({})", s(v, "name"), s(v, "site")),
+            &format!(
+                "{} of {} (min {}, max {}){}",
+                instances
+                    .iter()
+                    .filter(|i| i["state"] != "retiring")
+                    .count(),
+                s(v, "desired"),
+                s(v, "min"),
+                s(v, "max"),
+                if flags.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {}", flags.join("; "))
+                }
+            ),
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+        ]));
+        for i in &instances {
+            let ports: Vec<String> = i["ports"]
+                .as_object()
+                .map(|ps| {
+                    ps.iter()
+                        .map(|(k, p)| format!("{k}={}:{p}", s(i, "address")))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let age = i["age_seconds"].as_f64().unwrap_or_default();
+            rows.push(cells([
+                &format!("  {}", s(i, "id")),
+                &s(i, "state"),
+                &s(i, "health"),
+                &s(i, "pid"),
+                &ports.join(" "),
+                &format!("{age:.0}s"),
+                &s(i, "restarts"),
+                &i["cpu_percent"]
+                    .as_f64()
+                    .map_or_else(|| "-".into(), |c| format!("{c:.0}%")),
+            ]));
+        }
+    }
+    rows
 }
 
 fn cells<const N: usize>(c: [&str; N]) -> Vec<String> {

@@ -1,6 +1,6 @@
 //! `tandem up`: validate, start probing, serve the API, stop cleanly on SIGINT or SIGTERM.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -31,7 +31,7 @@ pub fn run(file: &Path) -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
-    match runtime.block_on(serve(topology)) {
+    match runtime.block_on(serve(file.to_path_buf(), topology)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -40,7 +40,7 @@ pub fn run(file: &Path) -> ExitCode {
     }
 }
 
-async fn serve(topology: model::Topology) -> anyhow::Result<()> {
+async fn serve(file: PathBuf, topology: model::Topology) -> anyhow::Result<()> {
     let topology = Arc::new(topology);
     let addr = topology.tandem.api;
     let listener = TcpListener::bind(addr)
@@ -92,16 +92,27 @@ async fn serve(topology: model::Topology) -> anyhow::Result<()> {
         load_balancers.push(balancer);
         running.push(r);
     }
-    tracing::info!(api = %addr, targets = count, "tandem is up");
+    let scale_sets = start_scale_sets(&topology, &engine, &load_balancers, &events)?;
+    tracing::info!(api = %addr, targets = count, scale_sets = scale_sets.len(), "tandem is up");
+    let reload = api::Reload(Arc::new({
+        let (file, sets) = (file.clone(), scale_sets.clone());
+        move || reload(&file, &sets)
+    }));
+    tokio::spawn(reload_on_sighup(reload.clone()));
     let state = api::Api {
         engine: engine.clone(),
         dns,
         load_balancers,
+        scale_sets: scale_sets.clone(),
+        reload: Some(reload),
         events,
     };
     api::serve(listener, state, shutdown_signal())
         .await
         .context("API server failed")?;
+    for set in &scale_sets {
+        set.shutdown().await;
+    }
     if let Some(mut s) = dns_server {
         s.stop();
     }
@@ -113,8 +124,93 @@ async fn serve(topology: model::Topology) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Starts every scale set, its instances feeding its load balancers' pools.
+fn start_scale_sets(
+    topology: &model::Topology,
+    engine: &Arc<health::Engine>,
+    balancers: &[Arc<lb::Balancer>],
+    events: &api::EventLog,
+) -> anyhow::Result<Vec<Arc<scaleset::ScaleSet>>> {
+    if topology.scale_sets.is_empty() {
+        return Ok(Vec::new());
+    }
+    let state_dir = &topology.tandem.state_dir;
+    std::fs::create_dir_all(state_dir).with_context(|| {
+        format!(
+            "cannot create the state directory {} ([tandem] state_dir)",
+            state_dir.display()
+        )
+    })?;
+    let driver: Arc<dyn scaleset::Driver> = Arc::new(scaleset::ProcessDriver {
+        tandem: std::env::current_exe().ok(),
+    });
+    let mut sets = Vec::new();
+    for config in &topology.scale_sets {
+        let wiring = scaleset::runner::Wiring::of(config, topology, engine.clone(), balancers);
+        let set = scaleset::ScaleSet::start(
+            config.clone(),
+            driver.clone(),
+            wiring,
+            scaleset::runner::Options::new(state_dir.clone()),
+        );
+        events.follow(set.events());
+        sets.push(set);
+    }
+    Ok(sets)
+}
+
+/// Re-reads the topology and hands each scale set its new definition. Other changes need a
+/// restart; the answer says so.
+fn reload(file: &Path, sets: &[Arc<scaleset::ScaleSet>]) -> Result<Vec<String>, String> {
+    let topology = match model::load(file) {
+        Ok(t) => t,
+        Err(model::LoadError::Invalid(d)) => return Err(d.render()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let mut applied = Vec::new();
+    for set in sets {
+        match topology
+            .scale_sets
+            .iter()
+            .find(|s| s.name.as_str() == set.name)
+        {
+            Some(config) => {
+                set.reload(config.clone());
+                applied.push(format!("scale set {}: reloaded", set.name));
+            }
+            None => applied.push(format!(
+                "scale set {}: no longer in the file; removing it needs a restart",
+                set.name
+            )),
+        }
+    }
+    for config in &topology.scale_sets {
+        if !sets.iter().any(|s| s.name == config.name.as_str()) {
+            applied.push(format!(
+                "scale set {}: new; adding it needs a restart",
+                config.name
+            ));
+        }
+    }
+    applied.push("other sections: unchanged until restart".into());
+    tracing::info!(file = %file.display(), ?applied, "reloaded");
+    Ok(applied)
+}
+
+async fn reload_on_sighup(reload: api::Reload) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        if let Err(e) = (reload.0)() {
+            tracing::error!("reload failed; keeping the running topology:\n{e}");
+        }
+    }
+}
+
 /// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

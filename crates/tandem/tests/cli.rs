@@ -4,22 +4,17 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
 use testkit::{Behaviour, HttpServer, eventually};
 
-fn tandem() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tandem"))
-}
+mod common;
+use common::*;
 
 fn example() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/two-site.toml")
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().expect("tandem runs")
 }
 
 #[test]
@@ -116,78 +111,6 @@ fn status_without_a_running_tandem_exits_3() {
     let out = run(tandem().args(["status", "--api", "127.0.0.1:9"]));
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is `tandem up` running?"));
-}
-
-/// A running `tandem up` that is stopped with SIGTERM when dropped.
-struct Up {
-    child: Child,
-    api: SocketAddr,
-}
-
-impl Up {
-    fn start(topology: &Path, api: SocketAddr, env: &[(&str, &str)]) -> Self {
-        let child = tandem()
-            .arg("up")
-            .arg(topology)
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        Up { child, api }
-    }
-
-    fn status(&self) -> Option<Value> {
-        let out = run(tandem().args(["status", "--json", "--api", &self.api.to_string()]));
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).unwrap())
-    }
-
-    fn target(&self, id: &str) -> Option<Value> {
-        let body = self.status()?;
-        body["targets"]
-            .as_array()?
-            .iter()
-            .find(|t| t["target"] == id)
-            .cloned()
-    }
-
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Writes `dir/topology.toml`: `[tandem]` with the API on `api` and state inside `dir`, then
-/// `body`.
-fn topology_file(dir: &Path, api: SocketAddr, body: &str) -> PathBuf {
-    let path = dir.join("topology.toml");
-    let state = dir.join("state");
-    let text = format!(
-        "[tandem]\napi = \"{api}\"\nstate_dir = \"{}\"\n{body}",
-        state.display()
-    );
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-async fn wait_status(up: &Up, id: &str, status: &str) -> Value {
-    eventually(
-        Duration::from_secs(10),
-        &format!("{id} {status}"),
-        || async { up.target(id).filter(|t| t["status"] == status) },
-    )
-    .await
 }
 
 /// `tandem up` probes http, https (verifying against a trusted test CA) and tcp targets of a
@@ -331,24 +254,6 @@ monitor = "db"
     );
 }
 
-async fn recent_events(api: SocketAddr) -> Vec<Value> {
-    let resp = http_get(api, "/v1/events").await;
-    let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    let v: Value = serde_json::from_str(body).unwrap();
-    v["events"].as_array().unwrap().clone()
-}
-
-async fn http_get(api: SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(api).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {api}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
 #[test]
 fn up_refuses_an_invalid_topology_and_an_address_in_use() {
     let dir = tempfile::tempdir().unwrap();
@@ -389,19 +294,20 @@ async fn readme_quickstart_runs_the_example() {
     let mut up = Up {
         child,
         api: "127.0.0.1:7400".parse().unwrap(),
+        log: None,
     };
-    // The example's load balancers run, but their scale-set pools stay empty until scale sets
-    // land: they refuse every flow with a reset, so both endpoints go Degraded.
+    // Each site's scale set starts its sample-app instances behind the site's load balancer,
+    // so both endpoints go Online and the edge answers.
     for id in ["profile/www/edge", "profile/www/region"] {
-        let t = wait_status(&up, id, "Degraded").await;
-        let why = t["last_failure"].as_str().unwrap();
-        assert!(why.contains("reset"), "{why}");
+        wait_status(&up, id, "Online").await;
     }
+    let reply = http_get("127.0.1.10:8080".parse().unwrap(), "/").await;
+    assert!(reply.contains("site=edge instance=edge-web-"), "{reply}");
     let table = run(tandem().arg("status").current_dir(cwd.path()));
     assert!(
         String::from_utf8_lossy(&table.stdout).contains("profile/www/edge (web 127.0.1.10:8080)")
     );
-    // The README's dig: all endpoints down, so `serve-all` answers the edge.
+    // The README's dig: the edge first.
     let dns: SocketAddr = "127.0.0.1:5353".parse().unwrap();
     assert_eq!(
         testkit::dig(dns, "www.shop.test", &[]),

@@ -1,0 +1,411 @@
+//! Scale sets through `tandem up`: real sample-app processes behind a real load balancer.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+use testkit::eventually;
+
+mod common;
+use common::*;
+
+/// A site, a monitor on `/healthz`, a scale set of sample apps on `ip` and a load balancer in
+/// front of it on `front`; `set` adds lines to the `[[scale_set]]`.
+fn scale_set_topology(
+    dir: &Path,
+    api: SocketAddr,
+    ip: &str,
+    front: SocketAddr,
+    set: &str,
+) -> std::path::PathBuf {
+    topology_file(
+        dir,
+        api,
+        &format!(
+            r#"[[site]]
+name = "edge"
+role = "edge"
+[[monitor]]
+name = "web"
+protocol = "http"
+port = 1
+path = "/healthz"
+interval = "100ms"
+timeout = "90ms"
+tolerated_failures = 1
+recovery_successes = 1
+[[load_balancer]]
+name = "edge-web"
+site = "edge"
+frontend = "{front}"
+pool = {{ scale_set = "web", port = "http" }}
+probe = "web"
+drain_timeout = "2s"
+[[scale_set]]
+name = "web"
+site = "edge"
+bind = "{ip}"
+ports = {{ http = "21000-21019" }}
+health = "web"
+{set}
+"#
+        ),
+    )
+}
+
+const COMMAND: &str = r#"command = ["tandem", "sample-app", "--listen", "{address}:{port.http}", "--site", "{site}"]"#;
+
+fn front(ip: [u8; 4]) -> SocketAddr {
+    (ip, testkit::free_udp_tcp_port(ip.into())).into()
+}
+
+async fn set_view(api: SocketAddr) -> Value {
+    match try_get_json(api, "/v1/scale-sets").await {
+        Some(v) => v["scale_sets"][0].clone(),
+        None => Value::Null,
+    }
+}
+
+fn instances(view: &Value) -> Vec<Value> {
+    view["instances"].as_array().cloned().unwrap_or_default()
+}
+
+/// Instance ids that run and are Online.
+fn serving(view: &Value) -> BTreeSet<String> {
+    instances(view)
+        .iter()
+        .filter(|i| i["state"] == "running" && i["health"] == "Online")
+        .map(|i| i["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn address(i: &Value) -> SocketAddr {
+    format!("{}:{}", i["address"].as_str().unwrap(), i["ports"]["http"])
+        .parse()
+        .unwrap()
+}
+
+/// The load balancer's members, and those taking new flows.
+async fn pool(api: SocketAddr) -> (BTreeSet<SocketAddr>, BTreeSet<SocketAddr>) {
+    let lbs = try_get_json(api, "/v1/load-balancers")
+        .await
+        .unwrap_or_default();
+    let backends = lbs["load_balancers"][0]["backends"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let addr = |b: &Value| b["address"].as_str().unwrap().parse().unwrap();
+    (
+        backends.iter().map(addr).collect(),
+        backends
+            .iter()
+            .filter(|b| b["takes_new_flows"] == true)
+            .map(addr)
+            .collect(),
+    )
+}
+
+/// Waits until exactly `n` instances serve and the pool is exactly their addresses.
+async fn settled(api: SocketAddr, n: usize, what: &str) -> Value {
+    eventually(Duration::from_secs(20), what, || async {
+        let v = set_view(api).await;
+        let live: Vec<Value> = instances(&v)
+            .into_iter()
+            .filter(|i| i["state"] != "retiring")
+            .collect();
+        let addrs: BTreeSet<SocketAddr> = live.iter().map(address).collect();
+        let (members, taking) = pool(api).await;
+        (serving(&v).len() == n && live.len() == n && members == addrs && taking == addrs)
+            .then_some(v)
+    })
+    .await
+}
+
+fn pids(view: &Value) -> Vec<i32> {
+    instances(view)
+        .iter()
+        .filter_map(|i| i["pid"].as_i64())
+        .map(|p| p as i32)
+        .collect()
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie has exited; only its parent's wait is missing.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| !r.trim_start().starts_with('Z'))
+    })
+}
+
+async fn event_with(api: SocketAddr, text: &str) -> Value {
+    eventually(Duration::from_secs(20), text, || async {
+        recent_events(api)
+            .await
+            .into_iter()
+            .find(|e| e["kind"] == "scale-set" && e["reason"].as_str().unwrap().contains(text))
+    })
+    .await
+}
+
+/// Instances start and register in the pool; `kill -9` of one, or one failing its health
+/// check past the grace period, gets it replaced and the pool updated; `tandem scale` changes
+/// the capacity within min..max; SIGTERM stops every instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_register_get_repaired_scale_and_stop_with_tandem() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = testkit::closed_port();
+    let front = front([127, 0, 6, 10]);
+    let topology = scale_set_topology(
+        dir.path(),
+        api,
+        "127.0.6.1",
+        front,
+        &format!(
+            "{COMMAND}\ncapacity = {{ min = 1, max = 4, initial = 2 }}\nrepair = {{ grace_period = \"1s\" }}"
+        ),
+    );
+    let mut up = Up::start(&topology, api, &[]);
+    let v = settled(api, 2, "two instances serving in the pool").await;
+    let mut seen_pids = pids(&v);
+
+    // Requests through the load balancer reach both instances, which report the site.
+    let mut answered = BTreeSet::new();
+    for _ in 0..40 {
+        let reply = http_get(front, "/").await;
+        let b = body(&reply);
+        assert!(b.starts_with("site=edge instance=web-"), "{reply}");
+        answered.insert(b.split_whitespace().nth(1).unwrap().to_string());
+    }
+    assert_eq!(answered.len(), 2, "{answered:?}");
+    // Each instance's output is in its log under the state directory.
+    let log = instances(&v)[0]["log"].as_str().unwrap().to_string();
+    assert!(log.starts_with(dir.path().join("state").to_str().unwrap()));
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("listening on 127.0.6.1:2100")
+    );
+
+    // kill -9: replaced, and the pool follows.
+    let victim = instances(&v)[0].clone();
+    let victim_pid = victim["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let e = event_with(api, "replacing: exited: signal: 9 (SIGKILL)").await;
+    assert_eq!(
+        e["subject"],
+        format!("web/{}", victim["id"].as_str().unwrap())
+    );
+    let v = settled(api, 2, "a replacement serving").await;
+    assert!(!serving(&v).contains(victim["id"].as_str().unwrap()));
+    seen_pids.extend(pids(&v));
+
+    // Failing its health check past the grace period: replaced too.
+    let sick = instances(&v)[0].clone();
+    assert!(http_post(address(&sick), "/fail").await.contains("failing"));
+    event_with(api, "replacing: Degraded for").await;
+    let v = settled(api, 2, "the unhealthy instance replaced").await;
+    assert!(!serving(&v).contains(sick["id"].as_str().unwrap()));
+    seen_pids.extend(pids(&v));
+
+    // Manual scaling, within min..max only.
+    let api_arg = api.to_string();
+    let out = run(tandem().args(["scale", "web", "--to", "3", "--api", &api_arg]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = settled(api, 3, "three instances after tandem scale --to 3").await;
+    seen_pids.extend(pids(&v));
+    let out = run(tandem().args(["scale", "web", "--to", "5", "--api", &api_arg]));
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("5 is outside the capacity of web (1..=4)"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = run(tandem().args(["status", "--api", &api_arg]));
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("web (edge)") && table.contains("3 of 3 (min 1, max 4)"),
+        "{table}"
+    );
+
+    // SIGTERM: tandem stops every instance before it exits.
+    assert!(up.terminate().success());
+    for pid in seen_pids {
+        assert!(!alive(pid), "instance pid {pid} outlived tandem");
+    }
+}
+
+/// `kill -9` of tandem itself: the kernel takes its instances down with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_tandem_leaves_no_instance_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = testkit::closed_port();
+    let front = front([127, 0, 6, 20]);
+    let topology = scale_set_topology(
+        dir.path(),
+        api,
+        "127.0.6.2",
+        front,
+        &format!("{COMMAND}\ncapacity = {{ min = 1, max = 4, initial = 2 }}"),
+    );
+    let mut up = Up::start(&topology, api, &[]);
+    let v = settled(api, 2, "two instances").await;
+    let pids = pids(&v);
+    up.child.kill().unwrap();
+    up.child.wait().unwrap();
+    eventually(Duration::from_secs(10), "instances gone", || async {
+        pids.iter().all(|p| !alive(*p)).then_some(())
+    })
+    .await;
+}
+
+/// CPU burn drives a scale-out, idleness a scale-in; never past min or max. Prints the time
+/// from the start of the burn to the new instance answering through the load balancer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_drives_scale_out_and_idleness_scale_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = testkit::closed_port();
+    let front = front([127, 0, 6, 30]);
+    let topology = scale_set_topology(
+        dir.path(),
+        api,
+        "127.0.6.3",
+        front,
+        &format!(
+            r#"{COMMAND}
+capacity = {{ min = 1, max = 2, initial = 1 }}
+  [[scale_set.autoscale]]
+  metric = "cpu"
+  above = 50
+  window = "1s"
+  change = "+1"
+  cooldown = "1s"
+  [[scale_set.autoscale]]
+  metric = "cpu"
+  below = 10
+  window = "2s"
+  change = "-1"
+  cooldown = "1s"
+"#
+        ),
+    );
+    let _up = Up::start(&topology, api, &[]);
+    let v = settled(api, 1, "one instance").await;
+    let first = instances(&v)[0].clone();
+    let first_id = first["id"].as_str().unwrap().to_string();
+    // Let the window fill with idle samples, so the breach is what moves it.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    let started = tokio::time::Instant::now();
+    let burner = tokio::spawn(http_get(address(&first), "/burn?ms=6000"));
+    // Serving: a request through the load balancer answered by another instance.
+    let new_id = eventually(
+        Duration::from_secs(20),
+        "a second instance serving",
+        || async {
+            let reply = http_get(front, "/").await;
+            let who = body(&reply)
+                .split_whitespace()
+                .nth(1)?
+                .strip_prefix("instance=")?
+                .to_string();
+            (who != first_id).then_some(who)
+        },
+    )
+    .await;
+    let took = started.elapsed();
+    eprintln!("breach to new instance serving: {} ms", took.as_millis());
+    let e = event_with(api, "autoscale out 1 -> 2: cpu").await;
+    assert!(
+        e["reason"].as_str().unwrap().contains("above 50 over 1s"),
+        "{e}"
+    );
+    burner.await.unwrap();
+
+    // Idle: back to min, never below.
+    event_with(api, "autoscale in 2 -> 1").await;
+    let v = settled(api, 1, "back to one instance").await;
+    assert_eq!(v["desired"], 1);
+    assert_eq!(v["scale_outs"], 1, "max is 2: no further scale-out");
+    assert!(
+        serving(&v).len() == 1 && (serving(&v).contains(&first_id) ^ serving(&v).contains(&new_id))
+    );
+}
+
+/// A changed template rolls through in batches of `max_batch` after `tandem reload`; the pool
+/// never has fewer than capacity − max_batch instances taking flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_change_rolls_through_keeping_the_floor() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = testkit::closed_port();
+    let front = front([127, 0, 6, 40]);
+    let policy = "capacity = { min = 1, max = 6, initial = 4 }\nupgrade = { max_batch = 2, max_unhealthy = 1, pause = \"300ms\" }\nrepair = { grace_period = \"5s\" }";
+    let topology = scale_set_topology(
+        dir.path(),
+        api,
+        "127.0.6.4",
+        front,
+        &format!("{COMMAND}\n{policy}"),
+    );
+    let _up = Up::start(&topology, api, &[]);
+    settled(api, 4, "four instances").await;
+
+    let v2 = COMMAND.replace("\"{site}\"", "\"{site}-v2\"");
+    scale_set_topology(
+        dir.path(),
+        api,
+        "127.0.6.4",
+        front,
+        &format!("{v2}\n{policy}"),
+    );
+    let out = run(tandem().args(["reload", "--api", &api.to_string()]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("scale set web: reloaded"));
+
+    let mut floor = usize::MAX;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, taking) = pool(api).await;
+        floor = floor.min(taking.len());
+        let v = set_view(api).await;
+        let done = v["upgrading"] == false
+            && instances(&v)
+                .iter()
+                .all(|i| i["template"] == 1 && i["state"] == "running");
+        if done && serving(&v).len() == 4 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "upgrade did not finish: {v:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(floor >= 2, "pool fell to {floor}, below 4 - max_batch");
+    event_with(
+        api,
+        "upgrade to template 1 complete: 4 instances upgraded, 0 failed",
+    )
+    .await;
+    settled(api, 4, "pool follows").await;
+    for _ in 0..10 {
+        let reply = http_get(front, "/").await;
+        assert!(body(&reply).starts_with("site=edge-v2 "), "{reply}");
+    }
+}
