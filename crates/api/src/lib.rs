@@ -18,6 +18,7 @@ pub mod metrics;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Path, State};
@@ -102,11 +103,38 @@ impl From<dns::manager::Event> for Event {
     }
 }
 
-/// The most recent events, newest last.
-#[derive(Clone, Debug, Default)]
-pub struct EventLog(Arc<Mutex<VecDeque<Event>>>);
+impl From<orchestrator::Event> for Event {
+    fn from(e: orchestrator::Event) -> Self {
+        Event {
+            at: health::rfc3339(e.at),
+            kind: "drill",
+            subject: e.site,
+            from: String::new(),
+            to: e.what.to_string(),
+            reason: e.message,
+        }
+    }
+}
+
+/// The most recent events, newest last, and every new one as it is recorded.
+#[derive(Clone, Debug)]
+pub struct EventLog(
+    Arc<Mutex<VecDeque<Event>>>,
+    tokio::sync::broadcast::Sender<Event>,
+);
+
+impl Default for EventLog {
+    fn default() -> Self {
+        EventLog(Arc::default(), tokio::sync::broadcast::Sender::new(1024))
+    }
+}
 
 impl EventLog {
+    /// Every event recorded from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.1.subscribe()
+    }
+
     /// Records every event of a broadcast channel until it closes.
     pub fn follow<E: Into<Event> + Clone + Send + 'static>(
         &self,
@@ -131,7 +159,8 @@ impl EventLog {
         if q.len() == EVENT_LOG_SIZE {
             q.pop_front();
         }
-        q.push_back(e);
+        q.push_back(e.clone());
+        let _ = self.1.send(e);
     }
 
     pub fn snapshot(&self) -> Vec<Event> {
@@ -157,6 +186,7 @@ pub struct Api {
     pub dns: Option<Arc<Manager>>,
     pub load_balancers: Vec<Arc<lb::Balancer>>,
     pub scale_sets: Vec<Arc<scaleset::ScaleSet>>,
+    pub drills: Option<Arc<orchestrator::Drills>>,
     pub reload: Option<Reload>,
     pub events: EventLog,
 }
@@ -179,6 +209,9 @@ pub fn router(api: Api) -> Router {
         .route("/v1/scale-sets", get(scale_sets))
         .route("/v1/scale-sets/{set}/scale", post(scale))
         .route("/v1/reload", post(reload))
+        .route("/v1/drills", get(drills))
+        .route("/v1/drills/outage", post(outage))
+        .route("/v1/drills/stop", post(stop_drill))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
         .with_state(api)
@@ -336,6 +369,55 @@ async fn reload(State(api): State<Api>) -> Response {
     match (reload.0)() {
         Ok(applied) => Json(json!({ "applied": applied })).into_response(),
         Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, "topology", e),
+    }
+}
+
+async fn drills(State(api): State<Api>) -> Json<serde_json::Value> {
+    let drill = api.drills.as_ref().and_then(|d| d.view());
+    Json(json!({ "drill": drill }))
+}
+
+/// `POST /v1/drills/outage` with `{"site": "edge", "for": "60s"}` (`for` defaults to 60 s).
+async fn outage(State(api): State<Api>, body: axum::body::Bytes) -> Response {
+    let Some(drills) = &api.drills else {
+        return error(StatusCode::NOT_FOUND, "site", "no sites to drill".into());
+    };
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let Some(site) = v.get("site").and_then(|s| s.as_str()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "site",
+            "expected a JSON body {\"site\": NAME, \"for\": DURATION}".into(),
+        );
+    };
+    let length = match v
+        .get("for")
+        .map(|f| f.as_str().map(model::units::parse_duration))
+    {
+        None => Duration::from_secs(60),
+        Some(Some(Some(d))) if !d.is_zero() => d,
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "for",
+                "expected a duration such as \"60s\" or \"2m\"".into(),
+            );
+        }
+    };
+    match drills.outage(site, length) {
+        Ok(d) => Json(json!({ "drill": d })).into_response(),
+        Err(e @ orchestrator::DrillError::UnknownSite(_)) => {
+            error(StatusCode::NOT_FOUND, "site", e.to_string())
+        }
+        Err(e) => error(StatusCode::CONFLICT, "site", e.to_string()),
+    }
+}
+
+async fn stop_drill(State(api): State<Api>) -> Response {
+    match api.drills.as_ref().map(|d| d.stop()) {
+        Some(Ok(d)) => Json(json!({ "drill": d })).into_response(),
+        Some(Err(e)) => error(StatusCode::CONFLICT, "drill", e.to_string()),
+        None => error(StatusCode::CONFLICT, "drill", "no drill is running".into()),
     }
 }
 

@@ -360,6 +360,13 @@ impl Balancer {
             .ok_or_else(|| UnknownBackend(self.config.name.to_string(), addr))
     }
 
+    /// Resets every established flow (the site is going down).
+    pub fn reset_flows(&self) {
+        for b in &self.state().members {
+            b.stats.kill.send_modify(|g| *g += 1);
+        }
+    }
+
     /// The counters of a member, which stay valid after it leaves the pool.
     pub fn stats(&self, addr: SocketAddr) -> Option<Arc<Stats>> {
         self.member(addr).ok().map(|b| b.stats.clone())

@@ -129,6 +129,8 @@ pub struct Controller {
     /// No new instance before this (backoff after failed starts).
     next_start: Instant,
     skipping: bool,
+    /// Down on purpose (a site outage drill): no instances, no repair, no autoscale.
+    down: bool,
     actions: Vec<Action>,
     notes: Vec<Note>,
 }
@@ -151,6 +153,7 @@ impl Controller {
             suspended_until: None,
             next_start: now,
             skipping: false,
+            down: false,
             actions: Vec::new(),
             notes: Vec::new(),
         };
@@ -199,8 +202,55 @@ impl Controller {
         });
     }
 
+    pub fn is_down(&self) -> bool {
+        self.down
+    }
+
+    /// Takes the set down on purpose (its site is out): every instance retires, nothing is
+    /// repaired or started until [`Controller::up`]. The desired capacity is kept.
+    pub fn down(&mut self, why: &str) {
+        if self.down {
+            return;
+        }
+        self.down = true;
+        self.rolling = None;
+        let ids: Vec<String> = self.live().map(|i| i.id.clone()).collect();
+        for i in self.instances.iter_mut() {
+            i.phase = Phase::Retiring;
+        }
+        for id in ids {
+            self.actions.push(Action::Retire { id });
+        }
+        self.note(
+            "capacity",
+            None,
+            format!("down: {why}; every instance stops"),
+        );
+    }
+
+    /// Back from [`Controller::down`]: starts the desired capacity afresh.
+    pub fn up(&mut self, why: &str, now: Instant) {
+        if !self.down {
+            return;
+        }
+        self.down = false;
+        self.autoscaler.reset();
+        self.failed_repairs = 0;
+        self.suspended_until = None;
+        self.next_start = now;
+        self.note(
+            "capacity",
+            None,
+            format!("up: {why}; starting {} instances", self.desired),
+        );
+        self.reconcile(now);
+    }
+
     /// The periodic step: autoscale on `sample`, repair, upgrade, reconcile.
     pub fn tick(&mut self, now: Instant, sample: Option<Sample>) {
+        if self.down {
+            return;
+        }
         if let Some(s) = sample {
             self.autoscaler.observe(now, s);
         }
@@ -292,6 +342,11 @@ impl Controller {
         if version == self.version {
             return;
         }
+        if self.down {
+            // Nothing runs: instances start on the new template when the set comes back.
+            self.version = version;
+            return;
+        }
         let from = self.version;
         self.version = version;
         let old = self.live().filter(|i| i.version != version).count();
@@ -337,7 +392,7 @@ impl Controller {
         let Some(i) = self.instance(id) else {
             return;
         };
-        if i.phase == Phase::Retiring {
+        if i.phase == Phase::Retiring || self.down {
             return; // expected; `gone` follows
         }
         self.repair(id, &format!("exited: {why}"), now);
@@ -360,7 +415,7 @@ impl Controller {
 
     /// Instances that stayed out of Online for the grace period are repaired.
     fn repair_unhealthy(&mut self, now: Instant) {
-        if !self.policy.probed {
+        if !self.policy.probed || self.down {
             return;
         }
         let grace = self.policy.repair.grace_period;
@@ -437,6 +492,9 @@ impl Controller {
 
     /// Starts or retires instances until the live count is the desired one.
     fn reconcile(&mut self, now: Instant) {
+        if self.down {
+            return;
+        }
         let live = self.live().count() as u32;
         if live > self.desired {
             let mut candidates: Vec<(Instant, u64, String)> = self

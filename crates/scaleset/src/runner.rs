@@ -126,6 +126,8 @@ pub struct View {
     pub template: u64,
     pub upgrading: bool,
     pub repair_suspended: bool,
+    /// Down on purpose (a site outage drill).
+    pub down: bool,
     pub load_balancers: Vec<String>,
     pub scale_outs: u64,
     pub scale_ins: u64,
@@ -135,6 +137,8 @@ pub struct View {
 
 enum Command {
     ScaleTo(u32, oneshot::Sender<Result<(), String>>),
+    Down(String),
+    Up(String),
     Reload(Box<model::ScaleSet>),
     Shutdown(oneshot::Sender<()>),
 }
@@ -159,6 +163,7 @@ enum Report {
 #[derive(Debug)]
 pub struct ScaleSet {
     pub name: String,
+    pub site: String,
     commands: mpsc::UnboundedSender<Command>,
     view: Arc<Mutex<View>>,
     events: broadcast::Sender<Event>,
@@ -177,7 +182,14 @@ impl ScaleSet {
         let (commands, received) = mpsc::unbounded_channel();
         let (reports_tx, reports) = mpsc::unbounded_channel();
         let events = broadcast::Sender::new(1024);
-        let view = Arc::new(Mutex::new(View::default()));
+        let view = Arc::new(Mutex::new(View {
+            name: set.name.to_string(),
+            site: set.site.to_string(),
+            min: set.capacity.min,
+            max: set.capacity.max,
+            ..View::default()
+        }));
+        let site = set.site.to_string();
         let now = Instant::now();
         let policy = Policy::of(&set, wiring.monitor.is_some());
         let ctl = Controller::new(policy, set.autoscale.clone(), now);
@@ -202,6 +214,7 @@ impl ScaleSet {
         let task = tokio::spawn(runner.run(received, reports));
         Arc::new(ScaleSet {
             name,
+            site,
             commands,
             view,
             events,
@@ -230,6 +243,16 @@ impl ScaleSet {
     /// A reloaded definition: a changed template rolls through, a changed policy applies.
     pub fn reload(&self, set: model::ScaleSet) {
         let _ = self.commands.send(Command::Reload(Box::new(set)));
+    }
+
+    /// Takes the set down on purpose (a site outage): its instances stop and stay stopped.
+    pub fn down(&self, why: &str) {
+        let _ = self.commands.send(Command::Down(why.to_string()));
+    }
+
+    /// Brings the set back after [`ScaleSet::down`].
+    pub fn up(&self, why: &str) {
+        let _ = self.commands.send(Command::Up(why.to_string()));
     }
 
     /// Stops every instance (SIGTERM, grace, SIGKILL) and the set.
@@ -319,6 +342,8 @@ impl Runner {
                         let _ = reply.send(r);
                     }
                     Some(Command::Reload(set)) => self.reload(*set),
+                    Some(Command::Down(why)) => self.ctl.down(&why),
+                    Some(Command::Up(why)) => self.ctl.up(&why, Instant::now()),
                     Some(Command::Shutdown(done)) => {
                         self.stop_all(&mut reports).await;
                         let _ = done.send(());
@@ -640,6 +665,7 @@ impl Runner {
             template: self.ctl.version(),
             upgrading: self.ctl.upgrading(),
             repair_suspended: self.ctl.repair_suspended(),
+            down: self.ctl.is_down(),
             load_balancers: self
                 .wiring
                 .balancers

@@ -6,6 +6,8 @@
 
 mod backend;
 mod client;
+mod console;
+mod drill;
 mod endpoint;
 mod sample_app;
 mod scale;
@@ -42,6 +44,9 @@ enum Command {
     Up {
         /// The topology file.
         file: PathBuf,
+        /// Do not print the live summary and events on stdout.
+        #[arg(long)]
+        no_console: bool,
     },
     /// Check a topology file and report every problem in it.
     Validate {
@@ -70,6 +75,12 @@ enum Command {
         /// Print the API's JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Rehearse a failure: `drill outage SITE [--for 60s]` takes a whole site down (its load
+    /// balancers stop answering, its instances stop), then restores it; `drill stop` ends it.
+    Drill {
+        #[command(subcommand)]
+        action: drill::Action,
     },
     /// Set a scale set's capacity (within its min and max).
     Scale {
@@ -115,7 +126,8 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Up { file } => up::run(&file),
+        Command::Up { file, no_console } => up::run(&file, !no_console),
+        Command::Drill { action } => drill::run(action),
         Command::Validate { file, json } => validate(&file, json),
         Command::Endpoint { action } => endpoint::run(action),
         Command::Backend { action } => backend::run(action),

@@ -10,7 +10,8 @@ use tracing_subscriber::EnvFilter;
 
 use crate::{EXIT_INVALID, EXIT_RUNTIME, report_load_error};
 
-pub fn run(file: &Path) -> ExitCode {
+/// Runs the topology in `file`; `console` prints the live summary on stdout.
+pub fn run(file: &Path, console: bool) -> ExitCode {
     let topology = match model::load(file) {
         Ok(t) => t,
         Err(e) => {
@@ -18,9 +19,16 @@ pub fn run(file: &Path) -> ExitCode {
             return ExitCode::from(EXIT_INVALID);
         }
     };
+    // On a terminal the live summary already shows every event: logs only say what is wrong.
+    use std::io::IsTerminal as _;
+    let level = if console && std::io::stderr().is_terminal() && std::io::stdout().is_terminal() {
+        "warn"
+    } else {
+        "info"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_env("TANDEM_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_env("TANDEM_LOG").unwrap_or_else(|_| EnvFilter::new(level)),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -31,7 +39,7 @@ pub fn run(file: &Path) -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
-    match runtime.block_on(serve(file.to_path_buf(), topology)) {
+    match runtime.block_on(serve(file.to_path_buf(), topology, console)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -40,7 +48,7 @@ pub fn run(file: &Path) -> ExitCode {
     }
 }
 
-async fn serve(file: PathBuf, topology: model::Topology) -> anyhow::Result<()> {
+async fn serve(file: PathBuf, topology: model::Topology, console: bool) -> anyhow::Result<()> {
     let topology = Arc::new(topology);
     let addr = topology.tandem.api;
     let listener = TcpListener::bind(addr)
@@ -79,7 +87,7 @@ async fn serve(file: PathBuf, topology: model::Topology) -> anyhow::Result<()> {
     };
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut load_balancers = Vec::new();
-    let mut running = Vec::new();
+    let mut frontends = Vec::new();
     for config in &topology.load_balancers {
         let balancer = lb::Balancer::new(config.clone(), engine.clone());
         events.follow(balancer.events());
@@ -90,9 +98,11 @@ async fn serve(file: PathBuf, topology: model::Topology) -> anyhow::Result<()> {
             tracing::info!(lb = %config.name, frontend = %front, protocol = %config.protocol, "load balancer listening");
         }
         load_balancers.push(balancer);
-        running.push(r);
+        frontends.push(orchestrator::Frontend::new(r, workers));
     }
     let scale_sets = start_scale_sets(&topology, &engine, &load_balancers, &events)?;
+    let drills = orchestrator::Drills::new(sites(&topology, frontends, &scale_sets));
+    events.follow(drills.events());
     tracing::info!(api = %addr, targets = count, scale_sets = scale_sets.len(), "tandem is up");
     let reload = api::Reload(Arc::new({
         let (file, sets) = (file.clone(), scale_sets.clone());
@@ -104,9 +114,14 @@ async fn serve(file: PathBuf, topology: model::Topology) -> anyhow::Result<()> {
         dns,
         load_balancers,
         scale_sets: scale_sets.clone(),
+        drills: Some(drills.clone()),
         reload: Some(reload),
         events,
     };
+    if console {
+        let names = topology.sites.iter().map(|s| s.name.to_string()).collect();
+        tokio::spawn(crate::console::run(state.clone(), names));
+    }
     api::serve(listener, state, shutdown_signal())
         .await
         .context("API server failed")?;
@@ -116,12 +131,40 @@ async fn serve(file: PathBuf, topology: model::Topology) -> anyhow::Result<()> {
     if let Some(mut s) = dns_server {
         s.stop();
     }
-    for mut r in running {
-        r.stop();
-    }
+    drills.shutdown();
     engine.shutdown();
     tracing::info!("tandem stopped");
     Ok(())
+}
+
+/// What runs in each site, for drills.
+fn sites(
+    topology: &model::Topology,
+    frontends: Vec<orchestrator::Frontend>,
+    sets: &[Arc<scaleset::ScaleSet>],
+) -> Vec<orchestrator::Site> {
+    let mut sites: Vec<orchestrator::Site> = topology
+        .sites
+        .iter()
+        .map(|s| orchestrator::Site {
+            name: s.name.to_string(),
+            frontends: Vec::new(),
+            scale_sets: sets
+                .iter()
+                .filter(|set| set.site == s.name.as_str())
+                .cloned()
+                .collect(),
+        })
+        .collect();
+    for f in frontends {
+        if let Some(site) = sites
+            .iter_mut()
+            .find(|s| s.name == f.balancer.config.site.as_str())
+        {
+            site.frontends.push(f);
+        }
+    }
+    sites
 }
 
 /// Starts every scale set, its instances feeding its load balancers' pools.

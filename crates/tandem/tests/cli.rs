@@ -278,10 +278,10 @@ fn up_refuses_an_invalid_topology_and_an_address_in_use() {
     );
 }
 
-/// The README's first command: `tandem up examples/two-site.toml` serves the API on the
+/// The README's two-site example: `tandem up examples/two-site.toml` serves the API on the
 /// example's address and shows both endpoints probed; `tandem status` reads it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readme_quickstart_runs_the_example() {
+async fn readme_two_site_example_runs() {
     let cwd = tempfile::tempdir().unwrap();
     let child = tandem()
         .arg("up")
