@@ -305,9 +305,6 @@ capacity = {{ min = 1, max = 2, initial = 1 }}
     let v = settled(api, 1, "one instance").await;
     let first = instances(&v)[0].clone();
     let first_id = first["id"].as_str().unwrap().to_string();
-    // Let the window fill with idle samples, so the breach is what moves it.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-
     let started = tokio::time::Instant::now();
     let burner = tokio::spawn(http_get(address(&first), "/burn?ms=6000"));
     // Serving: a request through the load balancer answered by another instance.
