@@ -639,7 +639,10 @@ impl Runner {
                 .ctl
                 .instances()
                 .iter()
+                // A starting instance joins once its probe first passes: before that, flows
+                // would be refused and would eject it before it ever served.
                 .filter(|i| i.phase == Phase::Running && self.procs.contains_key(&i.id))
+                .filter(|i| i.was_online || i.health == Status::Online)
                 .map(|i| {
                     let t = self.template(i.version);
                     let addr =
