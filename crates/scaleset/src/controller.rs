@@ -101,6 +101,15 @@ pub struct Note {
     pub message: String,
 }
 
+/// Decisions taken since start, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub scale_outs: u64,
+    pub scale_ins: u64,
+    /// Instances replaced or restarted.
+    pub repairs: u64,
+}
+
 #[derive(Debug)]
 struct Rolling {
     from: u64,
@@ -129,6 +138,7 @@ pub struct Controller {
     /// No new instance before this (backoff after failed starts).
     next_start: Instant,
     skipping: bool,
+    counts: Counts,
     /// Down on purpose (a site outage drill): no instances, no repair, no autoscale.
     down: bool,
     actions: Vec<Action>,
@@ -153,6 +163,7 @@ impl Controller {
             suspended_until: None,
             next_start: now,
             skipping: false,
+            counts: Counts::default(),
             down: false,
             actions: Vec::new(),
             notes: Vec::new(),
@@ -163,6 +174,20 @@ impl Controller {
 
     pub fn desired(&self) -> u32 {
         self.desired
+    }
+
+    pub fn counts(&self) -> Counts {
+        self.counts
+    }
+
+    /// Changes the desired capacity, counting the direction.
+    fn set_desired(&mut self, to: u32) {
+        if to > self.desired {
+            self.counts.scale_outs += 1;
+        } else if to < self.desired {
+            self.counts.scale_ins += 1;
+        }
+        self.desired = to;
     }
 
     pub fn instances(&self) -> &[Instance] {
@@ -275,7 +300,7 @@ impl Controller {
         {
             Some(Decision::Scale { from, to, reason }) => {
                 self.skipping = false;
-                self.desired = to;
+                self.set_desired(to);
                 let word = if to > from { "out" } else { "in" };
                 self.note(
                     "scale",
@@ -304,7 +329,7 @@ impl Controller {
         }
         if n != self.desired {
             let from = self.desired;
-            self.desired = n;
+            self.set_desired(n);
             self.note("scale", None, format!("manual {from} -> {n}"));
         }
         // An operator acting is also the way out of a suspended repair.
@@ -327,7 +352,7 @@ impl Controller {
             .clamp(self.policy.capacity.min, self.policy.capacity.max);
         if clamped != self.desired {
             let from = self.desired;
-            self.desired = clamped;
+            self.set_desired(clamped);
             self.note(
                 "capacity",
                 None,
@@ -461,6 +486,9 @@ impl Controller {
         let backoff = backoff(self.failed_repairs);
         self.next_start = self.next_start.max(now + backoff);
         let suspended = self.suspended_until.is_some();
+        if !suspended {
+            self.counts.repairs += 1;
+        }
         let restart = self.policy.repair.action == RepairAction::Restart && !suspended;
         if restart {
             let version = self.version;

@@ -207,8 +207,6 @@ impl ScaleSet {
             view: view.clone(),
             cpu: HashMap::new(),
             totals: HashMap::new(),
-            counts: (0, 0, 0),
-            desired: 0,
         };
         let name = runner.set.name.to_string();
         let task = tokio::spawn(runner.run(received, reports));
@@ -302,9 +300,6 @@ struct Runner {
     cpu: HashMap<String, (Instant, Duration, Option<f64>)>,
     /// Last total-connections reading per backend address.
     totals: HashMap<SocketAddr, (Instant, u64)>,
-    /// Capacity changes out and in, and repairs, since start.
-    counts: (u64, u64, u64),
-    desired: u32,
 }
 
 impl Runner {
@@ -362,24 +357,12 @@ impl Runner {
     /// Carries out what the controller decided, then republishes pools and the view.
     fn step(&mut self) {
         let (actions, notes) = self.ctl.take();
-        let desired = self.ctl.desired();
-        if self.desired != 0 && desired > self.desired {
-            self.counts.0 += 1;
-        } else if desired < self.desired {
-            self.counts.1 += 1;
-        }
-        self.desired = desired;
         for Note {
             kind,
             instance,
             message,
         } in notes
         {
-            if kind == "repair"
-                && (message.starts_with("replacing") || message.starts_with("restarting"))
-            {
-                self.counts.2 += 1;
-            }
             self.event(kind, instance.as_deref(), message);
         }
         for a in actions {
@@ -438,10 +421,7 @@ impl Runner {
         let probe = self.wiring.monitor.clone().map(|(monitor, port)| Target {
             id: self.target_id(id),
             monitor,
-            destination: Destination::Addr(SocketAddr::new(
-                t.bind,
-                t.ports(slot).get(&port).copied().unwrap_or(0),
-            )),
+            destination: Destination::Addr(t.address(slot, &port)),
             disabled: false,
         });
         let instance = match self.driver.start(&spec) {
@@ -502,12 +482,10 @@ impl Runner {
             return;
         };
         let t = self.template(inst.version);
-        let ports = t.ports(inst.slot);
         let mut flows = Vec::new();
         let mut deadline = Duration::ZERO;
         for (b, port) in &self.wiring.balancers {
-            let addr = SocketAddr::new(t.bind, ports.get(port).copied().unwrap_or(0));
-            if let Some(s) = b.stats(addr) {
+            if let Some(s) = b.stats(t.address(inst.slot, port)) {
                 flows.push(s);
             }
             deadline = deadline.max(b.config.drain_timeout);
@@ -644,9 +622,7 @@ impl Runner {
                 .filter(|i| i.phase == Phase::Running && self.procs.contains_key(&i.id))
                 .filter(|i| i.was_online || i.health == Status::Online)
                 .map(|i| {
-                    let t = self.template(i.version);
-                    let addr =
-                        SocketAddr::new(t.bind, t.ports(i.slot).get(port).copied().unwrap_or(0));
+                    let addr = self.template(i.version).address(i.slot, port);
                     let probe = self.wiring.monitor.as_ref().map(|_| self.target_id(&i.id));
                     (addr, 1, probe)
                 })
@@ -675,9 +651,9 @@ impl Runner {
                 .iter()
                 .map(|(b, _)| b.config.name.to_string())
                 .collect(),
-            scale_outs: self.counts.0,
-            scale_ins: self.counts.1,
-            repairs: self.counts.2,
+            scale_outs: self.ctl.counts().scale_outs,
+            scale_ins: self.ctl.counts().scale_ins,
+            repairs: self.ctl.counts().repairs,
             instances: self
                 .ctl
                 .instances()
@@ -741,10 +717,8 @@ impl Runner {
                 }
                 self.cpu.insert(id.clone(), (now, used, percent));
             }
-            let t = self.template(*version);
-            let (bind, ports) = (t.bind, t.ports(*slot));
             for (b, port) in &self.wiring.balancers {
-                let addr = SocketAddr::new(bind, ports.get(port).copied().unwrap_or(0));
+                let addr = self.template(*version).address(*slot, port);
                 let Some(s) = b.stats(addr) else { continue };
                 active += s.active.load(Ordering::Relaxed);
                 let total = s.total.load(Ordering::Relaxed);

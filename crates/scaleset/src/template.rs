@@ -1,7 +1,7 @@
 //! The instance template: a command with placeholders, an address and port ranges.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use model::units::PortRange;
 
@@ -28,6 +28,13 @@ impl Template {
             .iter()
             .map(|(name, r)| (name.clone(), (u32::from(r.first) + slot) as u16))
             .collect()
+    }
+
+    /// Where the instance in `slot` listens on the port named `port` (port 0 if no such name).
+    pub fn address(&self, slot: u32, port: &str) -> SocketAddr {
+        let first = self.ports.get(port).map_or(0, |r| u32::from(r.first));
+        let port = if first == 0 { 0 } else { (first + slot) as u16 };
+        SocketAddr::new(self.bind, port)
     }
 
     /// The command with `{site}`, `{instance}`, `{address}` and `{port.NAME}` filled in.

@@ -41,9 +41,7 @@ fn pids(sets: &Value) -> Vec<i32> {
         .as_array()
         .unwrap()
         .iter()
-        .flat_map(|s| s["instances"].as_array().unwrap().clone())
-        .filter_map(|i| i["pid"].as_i64())
-        .map(|p| p as i32)
+        .flat_map(instance_pids)
         .collect()
 }
 
@@ -183,10 +181,7 @@ async fn readme_quickstart_fails_over_and_back_in_an_outage_drill() {
     // Stopping tandem leaves nothing behind.
     assert!(up.terminate().success());
     for pid in all_pids {
-        assert!(
-            !std::path::Path::new(&format!("/proc/{pid}")).exists() || zombie(pid),
-            "pid {pid} left behind"
-        );
+        assert!(!alive(pid), "pid {pid} left behind");
     }
     for addr in [
         API,
@@ -198,12 +193,4 @@ async fn readme_quickstart_fails_over_and_back_in_an_outage_drill() {
         std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("{addr} still taken: {e}"));
     }
     std::net::UdpSocket::bind(DNS).expect("the DNS port is free");
-}
-
-fn zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit(')')
-            .next()
-            .is_some_and(|r| r.trim_start().starts_with('Z'))
-    })
 }

@@ -125,23 +125,6 @@ async fn settled(api: SocketAddr, n: usize, what: &str) -> Value {
     .await
 }
 
-fn pids(view: &Value) -> Vec<i32> {
-    instances(view)
-        .iter()
-        .filter_map(|i| i["pid"].as_i64())
-        .map(|p| p as i32)
-        .collect()
-}
-
-fn alive(pid: i32) -> bool {
-    // A zombie has exited; only its parent's wait is missing.
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit(')')
-            .next()
-            .is_some_and(|r| !r.trim_start().starts_with('Z'))
-    })
-}
-
 async fn event_with(api: SocketAddr, text: &str) -> Value {
     eventually(Duration::from_secs(20), text, || async {
         recent_events(api)
@@ -171,7 +154,7 @@ async fn instances_register_get_repaired_scale_and_stop_with_tandem() {
     );
     let mut up = Up::start(&topology, api, &[]);
     let v = settled(api, 2, "two instances serving in the pool").await;
-    let mut seen_pids = pids(&v);
+    let mut seen_pids = instance_pids(&v);
 
     // Requests through the load balancer reach both instances, which report the site.
     let mut answered = BTreeSet::new();
@@ -206,7 +189,7 @@ async fn instances_register_get_repaired_scale_and_stop_with_tandem() {
     );
     let v = settled(api, 2, "a replacement serving").await;
     assert!(!serving(&v).contains(victim["id"].as_str().unwrap()));
-    seen_pids.extend(pids(&v));
+    seen_pids.extend(instance_pids(&v));
 
     // Failing its health check past the grace period: replaced too.
     let sick = instances(&v)[0].clone();
@@ -214,7 +197,7 @@ async fn instances_register_get_repaired_scale_and_stop_with_tandem() {
     event_with(api, "replacing: Degraded for").await;
     let v = settled(api, 2, "the unhealthy instance replaced").await;
     assert!(!serving(&v).contains(sick["id"].as_str().unwrap()));
-    seen_pids.extend(pids(&v));
+    seen_pids.extend(instance_pids(&v));
 
     // Manual scaling, within min..max only.
     let api_arg = api.to_string();
@@ -225,7 +208,7 @@ async fn instances_register_get_repaired_scale_and_stop_with_tandem() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v = settled(api, 3, "three instances after tandem scale --to 3").await;
-    seen_pids.extend(pids(&v));
+    seen_pids.extend(instance_pids(&v));
     let out = run(tandem().args(["scale", "web", "--to", "5", "--api", &api_arg]));
     assert_eq!(out.status.code(), Some(3));
     assert!(
@@ -262,7 +245,7 @@ async fn killing_tandem_leaves_no_instance_behind() {
     );
     let mut up = Up::start(&topology, api, &[]);
     let v = settled(api, 2, "two instances").await;
-    let pids = pids(&v);
+    let pids = instance_pids(&v);
     up.child.kill().unwrap();
     up.child.wait().unwrap();
     eventually(Duration::from_secs(10), "instances gone", || async {

@@ -158,3 +158,23 @@ pub async fn try_get_json(api: SocketAddr, path: &str) -> Option<Value> {
     tokio::net::TcpStream::connect(api).await.ok()?;
     Some(get_json(api, path).await)
 }
+
+/// Whether a process runs (a zombie has exited; only its parent's wait is missing).
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| !r.trim_start().starts_with('Z'))
+    })
+}
+
+/// The pids of a scale set's instances, from its `/v1/scale-sets` entry.
+pub fn instance_pids(set: &Value) -> Vec<i32> {
+    set["instances"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["pid"].as_i64())
+        .map(|p| p as i32)
+        .collect()
+}
