@@ -10,6 +10,8 @@
 //! | GET | `/v1/load-balancers` | every load balancer: frontends, backends, counters |
 //! | POST | `/v1/load-balancers/{lb}/backends/{address}/drain` | stop new flows, drain the rest |
 //! | POST | `/v1/load-balancers/{lb}/backends/{address}/enable` | take new flows again |
+//! | GET | `/v1/databases` | every database: primary, term, members with role, LSNs, lag |
+//! | POST | `/v1/databases/{db}/switchover` | `{"to": SITE}`: planned handover, no data loss |
 //! | GET | `/v1/events` | the last 1,000 health, DNS and load balancer events |
 //! | GET | `/metrics` | Prometheus exposition |
 
@@ -86,6 +88,22 @@ impl From<scaleset::Event> for Event {
             from: String::new(),
             to: e.kind.to_string(),
             reason: e.message,
+        }
+    }
+}
+
+impl From<pg::Event> for Event {
+    fn from(e: pg::Event) -> Self {
+        Event {
+            at: health::rfc3339(e.at),
+            kind: "database",
+            subject: match e.member {
+                Some(m) => format!("{}/{m}", e.database),
+                None => e.database,
+            },
+            from: String::new(),
+            to: e.what.to_string(),
+            reason: format!("{} [term {}]", e.message, e.term),
         }
     }
 }
@@ -186,6 +204,7 @@ pub struct Api {
     pub dns: Option<Arc<Manager>>,
     pub load_balancers: Vec<Arc<lb::Balancer>>,
     pub scale_sets: Vec<Arc<scaleset::ScaleSet>>,
+    pub databases: Vec<Arc<pg::Cluster>>,
     pub drills: Option<Arc<orchestrator::Drills>>,
     pub reload: Option<Reload>,
     pub events: EventLog,
@@ -208,6 +227,8 @@ pub fn router(api: Api) -> Router {
         )
         .route("/v1/scale-sets", get(scale_sets))
         .route("/v1/scale-sets/{set}/scale", post(scale))
+        .route("/v1/databases", get(databases))
+        .route("/v1/databases/{db}/switchover", post(switchover))
         .route("/v1/reload", post(reload))
         .route("/v1/drills", get(drills))
         .route("/v1/drills/outage", post(outage))
@@ -358,6 +379,34 @@ async fn scale(
     }
 }
 
+async fn databases(State(api): State<Api>) -> Json<serde_json::Value> {
+    let views: Vec<pg::View> = api.databases.iter().map(|d| d.view()).collect();
+    Json(json!({ "databases": views }))
+}
+
+/// `POST /v1/databases/{db}/switchover` with `{"to": SITE}`.
+async fn switchover(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(db) = api.databases.iter().find(|d| d.name == name) else {
+        return error(StatusCode::NOT_FOUND, "db", format!("no database {name:?}"));
+    };
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let Some(to) = v.get("to").and_then(|s| s.as_str()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "to",
+            "expected a JSON body {\"to\": SITE}".into(),
+        );
+    };
+    match db.switchover(to).await {
+        Ok(message) => Json(json!({ "message": message, "database": db.view() })).into_response(),
+        Err(e) => error(StatusCode::CONFLICT, "to", e.to_string()),
+    }
+}
+
 async fn reload(State(api): State<Api>) -> Response {
     let Some(reload) = &api.reload else {
         return error(
@@ -435,6 +484,8 @@ async fn metrics(State(api): State<Api>) -> impl IntoResponse {
     metrics::render_lb(&mut body, &views);
     let sets: Vec<scaleset::View> = api.scale_sets.iter().map(|s| s.view()).collect();
     metrics::render_scale_sets(&mut body, &sets);
+    let dbs: Vec<pg::View> = api.databases.iter().map(|d| d.view()).collect();
+    metrics::render_databases(&mut body, &dbs);
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         body,

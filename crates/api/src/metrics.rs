@@ -62,6 +62,19 @@ pub const SCALESET_REPAIRS: &str = "tandem_scaleset_repairs_total";
 /// CPU of each instance's process, percent of one core, over the last sample.
 pub const SCALESET_INSTANCE_CPU: &str = "tandem_scaleset_instance_cpu_percent";
 
+/// 1 for the member that is the writable primary.
+pub const DB_PRIMARY: &str = "tandem_db_member_is_primary";
+/// A standby's replay distance behind the primary, in bytes.
+pub const DB_LAG: &str = "tandem_db_member_lag_bytes";
+/// 1 for a standby streaming from the primary.
+pub const DB_STREAMING: &str = "tandem_db_member_streaming";
+/// The fencing token in force.
+pub const DB_TERM: &str = "tandem_db_term";
+/// Failovers and switchovers since start.
+pub const DB_CHANGES: &str = "tandem_db_primary_changes_total";
+/// Seconds the last failover or switchover took.
+pub const DB_LAST_CHANGE: &str = "tandem_db_last_change_seconds";
+
 const STATUSES: [Status; 5] = [
     Status::CheckingEndpoint,
     Status::Online,
@@ -365,6 +378,96 @@ pub fn render_scale_sets(out: &mut String, views: &[scaleset::View]) {
                     v.name, i.id
                 );
             }
+        }
+    }
+}
+
+/// The database tier: who is primary, lag, term, failovers.
+pub fn render_databases(out: &mut String, views: &[pg::View]) {
+    if views.is_empty() {
+        return;
+    }
+    header(out, DB_TERM, "gauge", "The fencing token (term) in force.");
+    for v in views {
+        let _ = writeln!(out, "{DB_TERM}{{database=\"{}\"}} {}", v.name, v.term);
+    }
+    header(
+        out,
+        DB_PRIMARY,
+        "gauge",
+        "1 for the member that is the writable primary.",
+    );
+    for v in views {
+        for m in &v.members {
+            let p = u8::from(v.primary.as_deref() == Some(m.site.as_str()));
+            let _ = writeln!(
+                out,
+                "{DB_PRIMARY}{{database=\"{}\",member=\"{}\"}} {p}",
+                v.name, m.site
+            );
+        }
+    }
+    header(
+        out,
+        DB_STREAMING,
+        "gauge",
+        "1 for a standby streaming from the primary.",
+    );
+    for v in views {
+        for m in &v.members {
+            let s = u8::from(m.state == "streaming");
+            let _ = writeln!(
+                out,
+                "{DB_STREAMING}{{database=\"{}\",member=\"{}\"}} {s}",
+                v.name, m.site
+            );
+        }
+    }
+    header(
+        out,
+        DB_LAG,
+        "gauge",
+        "A standby's replay distance behind the primary, in bytes.",
+    );
+    for v in views {
+        for m in &v.members {
+            if let Some(lag) = m.lag_bytes {
+                let _ = writeln!(
+                    out,
+                    "{DB_LAG}{{database=\"{}\",member=\"{}\"}} {lag}",
+                    v.name, m.site
+                );
+            }
+        }
+    }
+    header(
+        out,
+        DB_CHANGES,
+        "counter",
+        "Primary changes since start, by kind.",
+    );
+    for v in views {
+        for (kind, n) in [("failover", v.failovers), ("switchover", v.switchovers)] {
+            let _ = writeln!(
+                out,
+                "{DB_CHANGES}{{database=\"{}\",kind=\"{kind}\"}} {n}",
+                v.name
+            );
+        }
+    }
+    header(
+        out,
+        DB_LAST_CHANGE,
+        "gauge",
+        "Seconds the last failover or switchover took.",
+    );
+    for v in views {
+        if let Some(c) = &v.last_change {
+            let _ = writeln!(
+                out,
+                "{DB_LAST_CHANGE}{{database=\"{}\",kind=\"{}\"}} {:.3}",
+                v.name, c.kind, c.seconds
+            );
         }
     }
 }

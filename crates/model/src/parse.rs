@@ -1288,7 +1288,11 @@ const DATABASE_KEYS: &[&str] = &[
     "frontends",
     "member",
     "bin_dir",
+    "rewind_failure",
 ];
+
+/// Patroni's REST API port: what HAProxy users already point `check port` at.
+const DB_HEALTH_PORT: u16 = 8008;
 
 fn database(cx: &mut Cx, s: Section<'_, '_>) -> Option<Database> {
     let name = name(cx, s);
@@ -1311,17 +1315,21 @@ fn database(cx: &mut Cx, s: Section<'_, '_>) -> Option<Database> {
         s,
         "member",
         "database member",
-        &["site", "listen"],
+        &["site", "listen", "health"],
         |cx, m| {
             let site = cx.req(m, "site");
-            let listen = cx.req(m, "listen");
+            let listen: Option<SocketAddr> = cx.req(m, "listen");
+            let health: Option<Option<SocketAddr>> = cx.opt(m, "health");
+            let listen = listen?;
             Some(Member {
                 site: site?,
-                listen: listen?,
+                listen,
+                health: health?.unwrap_or_else(|| SocketAddr::new(listen.ip(), DB_HEALTH_PORT)),
             })
         },
     );
     let bin_dir: Option<Option<String>> = cx.opt(s, "bin_dir");
+    let rewind_failure = cx.or(s, "rewind_failure", RewindFailure::Clone);
     if s.get("member").is_none() {
         cx.error(
             Code::MissingKey,
@@ -1339,7 +1347,16 @@ fn database(cx: &mut Cx, s: Section<'_, '_>) -> Option<Database> {
         );
     }
     let mut seen = HashSet::new();
+    let mut health = HashSet::new();
     for m in &members {
+        if !health.insert(m.health) || members.iter().any(|o| o.listen == m.health) {
+            cx.error(
+                Code::DuplicateName,
+                m.site.span(),
+                format!("member `{}`: health address {} is already in use", m.site, m.health),
+                "give each member its own `health = \"ip:port\"` (default: its listen ip, port 8008)",
+            );
+        }
         if !seen.insert(m.site.as_str()) {
             cx.error(
                 Code::DuplicateName,
@@ -1358,6 +1375,7 @@ fn database(cx: &mut Cx, s: Section<'_, '_>) -> Option<Database> {
         frontends: frontends?,
         members,
         bin_dir: bin_dir?.map(PathBuf::from),
+        rewind_failure: rewind_failure?,
     })
 }
 

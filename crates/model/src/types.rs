@@ -476,6 +476,9 @@ choice! {
 pub struct Member {
     pub site: Name,
     pub listen: SocketAddr,
+    /// Its HTTP health endpoint (`/primary`, `/replica`, `/health`). Default: the `listen`
+    /// address on port 8008, as Patroni's REST API.
+    pub health: SocketAddr,
 }
 
 /// `frontends = { SITE = "ip:port" }`: one internal load balancer address in a site.
@@ -501,6 +504,13 @@ pub struct Database {
     pub members: Vec<Member>,
     /// Where PostgreSQL's programs are; default from `pg_config --bindir`.
     pub bin_dir: Option<PathBuf>,
+    /// A former primary whose `pg_rewind` fails: cloned afresh (default) or left stopped.
+    pub rewind_failure: RewindFailure,
+}
+
+choice! {
+    /// What happens to a former primary that `pg_rewind` cannot bring back.
+    RewindFailure { Clone = "clone", Stop = "stop" }
 }
 
 choice! {
@@ -526,4 +536,35 @@ pub struct App {
     pub standby: Standby,
     /// Default `automatic`.
     pub failback: Failback,
+}
+
+impl Database {
+    /// The internal load balancers its `frontends` stand for, named `DATABASE@SITE`: TCP,
+    /// pool = the current primary, flows reset when it goes, pooled connections may idle an hour.
+    pub fn frontend_balancers(&self) -> Vec<LoadBalancer> {
+        self.frontends
+            .iter()
+            .map(|f| LoadBalancer {
+                name: Name::new(format!("{}@{}", self.name, f.site), self.name.span()),
+                site: f.site.clone(),
+                kind: LbKind::Internal,
+                frontend: f.address,
+                protocol: LbProtocol::Tcp,
+                pool: Pool::Database {
+                    database: self.name.clone(),
+                    role: DbRole::Primary,
+                },
+                probe: None,
+                distribution: Distribution::FiveTuple,
+                idle_timeout: Duration::from_secs(3600),
+                idle_reset: false,
+                drain_timeout: Duration::ZERO,
+                connect_timeout: Duration::from_secs(2),
+                on_backend_down: OnBackendDown::Reset,
+                all_down: LbAllDown::Refuse,
+                proxy_protocol: false,
+                rules: Vec::new(),
+            })
+            .collect()
+    }
 }

@@ -26,6 +26,9 @@ pub struct Spec {
     pub log: PathBuf,
     /// Environment added to Tandem's: `TANDEM_INSTANCE`, `TANDEM_SITE`, `TANDEM_SCALE_SET`.
     pub env: Vec<(String, String)>,
+    /// Run as this user and group (uid, gid) instead of Tandem's own: servers such as
+    /// PostgreSQL refuse to run as root.
+    pub user: Option<(u32, u32)>,
 }
 
 /// Starts instances.
@@ -81,6 +84,9 @@ impl Driver for ProcessDriver {
             }
             None => tokio::process::Command::new(program),
         };
+        if let Some((uid, gid)) = spec.user {
+            cmd.uid(uid).gid(gid);
+        }
         cmd.args(args)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())

@@ -417,6 +417,7 @@ impl Runner {
                 ("TANDEM_SITE".into(), self.set.site.to_string()),
                 ("TANDEM_SCALE_SET".into(), self.set.name.to_string()),
             ],
+            user: None,
         };
         let probe = self.wiring.monitor.clone().map(|(monitor, port)| Target {
             id: self.target_id(id),

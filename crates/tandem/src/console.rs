@@ -115,5 +115,22 @@ pub fn summary(api: &api::Api, sites: &[String]) -> String {
         }
         let _ = writeln!(out, "  {site:<6} {}", parts.join(" · "));
     }
+    for db in api.databases.iter().map(|d| d.view()) {
+        let members: Vec<String> = db
+            .members
+            .iter()
+            .map(|m| format!("{} {} {}", m.site, m.role, m.state))
+            .collect();
+        let _ = writeln!(
+            out,
+            "  db     {} ({}): primary {}, term {}, {}   members: {}",
+            db.name,
+            db.replication,
+            db.primary.as_deref().unwrap_or("none"),
+            db.term,
+            db.state,
+            members.join(", ")
+        );
+    }
     out
 }

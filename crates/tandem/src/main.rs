@@ -7,6 +7,7 @@
 mod backend;
 mod client;
 mod console;
+mod db;
 mod drill;
 mod endpoint;
 mod sample_app;
@@ -82,6 +83,12 @@ enum Command {
         #[command(subcommand)]
         action: drill::Action,
     },
+    /// Database operations: `db switchover DB --to SITE` hands the primary over without data
+    /// loss.
+    Db {
+        #[command(subcommand)]
+        action: db::Action,
+    },
     /// Set a scale set's capacity (within its min and max).
     Scale {
         /// The scale set's name.
@@ -128,6 +135,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Up { file, no_console } => up::run(&file, !no_console),
         Command::Drill { action } => drill::run(action),
+        Command::Db { action } => db::run(action),
         Command::Validate { file, json } => validate(&file, json),
         Command::Endpoint { action } => endpoint::run(action),
         Command::Backend { action } => backend::run(action),

@@ -15,7 +15,9 @@ pub fn run(api: Option<SocketAddr>, json: bool) -> ExitCode {
             let profiles = get_json(api, "/v1/profiles").await?;
             let lbs = get_json(api, "/v1/load-balancers").await?;
             let sets = get_json(api, "/v1/scale-sets").await?;
+            let dbs = get_json(api, "/v1/databases").await?;
             Ok(json!({
+                "databases": dbs["databases"],
                 "profiles": profiles["profiles"],
                 "load_balancers": lbs["load_balancers"],
                 "scale_sets": sets["scale_sets"],
@@ -103,6 +105,11 @@ fn text(body: &Value) -> String {
         out.push_str(&table(&set_rows(&sets)));
         out.push('\n');
     }
+    let dbs = body["databases"].as_array().cloned().unwrap_or_default();
+    if !dbs.is_empty() {
+        out.push_str(&table(&db_rows(&dbs)));
+        out.push('\n');
+    }
     let mut rows = vec![cells([
         "TARGET",
         "STATUS",
@@ -139,6 +146,52 @@ fn text(body: &Value) -> String {
         out.push_str("(no monitored targets)\n");
     }
     out
+}
+
+/// One line per database (primary, term, state), then one per member.
+fn db_rows(dbs: &[Value]) -> Vec<Vec<String>> {
+    let mut rows = vec![cells([
+        "DATABASE", "ROLE", "STATE", "LSN", "LAG", "TIMELINE",
+    ])];
+    for d in dbs {
+        let change = match &d["last_change"] {
+            Value::Null => String::new(),
+            c => format!(
+                "; last {} {} -> {} in {:.2}s",
+                s(c, "kind"),
+                s(c, "from"),
+                s(c, "to"),
+                c["seconds"].as_f64().unwrap_or(0.0)
+            ),
+        };
+        rows.push(cells([
+            &format!("{} ({})", s(d, "name"), s(d, "replication")),
+            &format!("primary {}, term {}", s(d, "primary"), s(d, "term")),
+            &format!("{}{change}", s(d, "state")),
+            "",
+            "",
+            "",
+        ]));
+        for m in d["members"].as_array().into_iter().flatten() {
+            let sync = match m["sync_state"].as_str() {
+                Some(st) => format!(" ({st})"),
+                None => String::new(),
+            };
+            let lag = match m["lag_bytes"].as_u64() {
+                Some(b) => format!("{b} B"),
+                None => "-".into(),
+            };
+            rows.push(cells([
+                &format!("  {} {}", s(m, "site"), s(m, "listen")),
+                &format!("{}{sync}", s(m, "role")),
+                &s(m, "state"),
+                &s(m, "lsn"),
+                &lag,
+                &s(m, "timeline"),
+            ]));
+        }
+    }
+    rows
 }
 
 /// One line per scale set, then one per instance.

@@ -88,11 +88,19 @@ async fn serve(file: PathBuf, topology: model::Topology, console: bool) -> anyho
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut load_balancers = Vec::new();
     let mut frontends = Vec::new();
-    for config in &topology.load_balancers {
+    let db_frontends = topology
+        .databases
+        .iter()
+        .flat_map(|d| d.frontend_balancers());
+    for config in topology.load_balancers.iter().cloned().chain(db_frontends) {
         let balancer = lb::Balancer::new(config.clone(), engine.clone());
         events.follow(balancer.events());
-        let r = lb::Running::start(balancer.clone(), workers)
-            .with_context(|| format!("cannot start load balancer {}", config.name))?;
+        let r = lb::Running::start(balancer.clone(), workers).with_context(|| {
+            format!(
+                "cannot start load balancer {} on {}",
+                config.name, config.frontend
+            )
+        })?;
         tokio::spawn(balancer.clone().follow_health(engine.subscribe()));
         for (front, _) in balancer.frontends() {
             tracing::info!(lb = %config.name, frontend = %front, protocol = %config.protocol, "load balancer listening");
@@ -100,6 +108,7 @@ async fn serve(file: PathBuf, topology: model::Topology, console: bool) -> anyho
         load_balancers.push(balancer);
         frontends.push(orchestrator::Frontend::new(r, workers));
     }
+    let databases = start_databases(&topology, &load_balancers, &events).await?;
     let scale_sets = start_scale_sets(&topology, &engine, &load_balancers, &events)?;
     let drills = orchestrator::Drills::new(sites(&topology, frontends, &scale_sets));
     events.follow(drills.events());
@@ -114,6 +123,7 @@ async fn serve(file: PathBuf, topology: model::Topology, console: bool) -> anyho
         dns,
         load_balancers,
         scale_sets: scale_sets.clone(),
+        databases: databases.clone(),
         drills: Some(drills.clone()),
         reload: Some(reload),
         events,
@@ -127,6 +137,9 @@ async fn serve(file: PathBuf, topology: model::Topology, console: bool) -> anyho
         .context("API server failed")?;
     for set in &scale_sets {
         set.shutdown().await;
+    }
+    for db in &databases {
+        db.shutdown().await;
     }
     if let Some(mut s) = dns_server {
         s.stop();
@@ -167,6 +180,46 @@ fn sites(
     sites
 }
 
+/// Starts every database: its members bootstrap or resume in the background; what can be
+/// checked first (programs, addresses, data directories) fails `tandem up` here, touching
+/// nothing.
+async fn start_databases(
+    topology: &model::Topology,
+    balancers: &[Arc<lb::Balancer>],
+    events: &api::EventLog,
+) -> anyhow::Result<Vec<Arc<pg::Cluster>>> {
+    if topology.databases.is_empty() {
+        return Ok(Vec::new());
+    }
+    let state_dir = create_state_dir(topology)?;
+    let path = state_dir.join("store.json");
+    let store: Arc<dyn store::Store> = Arc::new(
+        store::Embedded::open(&path)
+            .with_context(|| format!("cannot open the coordination store {}", path.display()))?,
+    );
+    let mut out = Vec::new();
+    for db in &topology.databases {
+        let wiring = pg::Wiring::of(db, store.clone(), balancers);
+        let cluster = pg::Cluster::start(db.clone(), wiring, state_dir.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        events.follow(cluster.events());
+        out.push(cluster);
+    }
+    Ok(out)
+}
+
+fn create_state_dir(topology: &model::Topology) -> anyhow::Result<PathBuf> {
+    let state_dir = &topology.tandem.state_dir;
+    std::fs::create_dir_all(state_dir).with_context(|| {
+        format!(
+            "cannot create the state directory {} ([tandem] state_dir)",
+            state_dir.display()
+        )
+    })?;
+    Ok(state_dir.clone())
+}
+
 /// Starts every scale set, its instances feeding its load balancers' pools.
 fn start_scale_sets(
     topology: &model::Topology,
@@ -177,13 +230,7 @@ fn start_scale_sets(
     if topology.scale_sets.is_empty() {
         return Ok(Vec::new());
     }
-    let state_dir = &topology.tandem.state_dir;
-    std::fs::create_dir_all(state_dir).with_context(|| {
-        format!(
-            "cannot create the state directory {} ([tandem] state_dir)",
-            state_dir.display()
-        )
-    })?;
+    let state_dir = &create_state_dir(topology)?;
     let driver: Arc<dyn scaleset::Driver> = Arc::new(scaleset::ProcessDriver {
         tandem: std::env::current_exe().ok(),
     });

@@ -1,0 +1,1423 @@
+//! One database's driver: bootstraps its members, watches them, holds the primary's lease,
+//! fails over, rejoins former primaries, switches over on request, and keeps the internal
+//! load balancers pointed at the primary.
+//!
+//! One task owns every member and takes every decision, in ticks; slow work (cloning,
+//! rewinding) runs on its own tasks and reports back, so the lease is renewed on time.
+//!
+//! Safety, in the order it is enforced:
+//! 1. A member starts writable only when it holds the lease in the store.
+//! 2. A primary that has not renewed its lease for two thirds of it is fenced: out of the
+//!    frontends, its postmaster killed. Only then can the lease expire.
+//! 3. A standby is promoted only after taking the expired lease, with the next term.
+//! 4. A former primary only comes back as a standby, after `pg_rewind` (or a fresh clone).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use model::{Database, DbRole, Member, Replication, RewindFailure};
+use serde::Serialize;
+use store::{Store, StoreError};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_postgres::Client;
+
+use crate::failover::{self, Standby};
+use crate::local::{self, Local, format_lsn};
+use crate::observe::{self, Observation};
+use scaleset::Instance;
+
+const TICK: Duration = Duration::from_millis(200);
+const SQL_TIMEOUT: Duration = Duration::from_millis(800);
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// A standby that has not streamed for this long is rewound.
+const STUCK: Duration = Duration::from_secs(15);
+
+/// A change worth an event.
+#[derive(Clone, Debug, Serialize)]
+pub struct Event {
+    #[serde(serialize_with = "health::serde_time")]
+    pub at: SystemTime,
+    pub database: String,
+    pub member: Option<String>,
+    /// `bootstrapped`, `member-exited`, `primary-lost`, `fenced`, `promoted`, `failover`,
+    /// `failover-blocked`, `rejoined`, `recloned`, `sync`, `switchover`, `error`, …
+    pub what: &'static str,
+    /// The fencing token in force after the change.
+    pub term: u64,
+    pub message: String,
+}
+
+/// One member as the API shows it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MemberView {
+    pub site: String,
+    pub listen: String,
+    pub health: String,
+    /// `primary`, `standby` or `none`.
+    pub role: String,
+    /// `starting`, `running`, `streaming`, `stopped`, `fenced`, `rewinding`, `cloning`,
+    /// `failed`.
+    pub state: String,
+    pub pid: Option<u32>,
+    pub lsn: Option<String>,
+    pub receive_lsn: Option<String>,
+    pub lag_bytes: Option<u64>,
+    pub lag_seconds: Option<f64>,
+    pub timeline: Option<i32>,
+    /// As the primary reports it: `sync`, `async`, …
+    pub sync_state: Option<String>,
+    pub error: Option<String>,
+    pub data_dir: String,
+    pub log: String,
+}
+
+/// The last failover or switchover.
+#[derive(Clone, Debug, Serialize)]
+pub struct Change {
+    #[serde(serialize_with = "health::serde_time")]
+    pub at: SystemTime,
+    pub kind: &'static str,
+    pub from: Option<String>,
+    pub to: String,
+    pub term: u64,
+    /// From the primary's loss (or the request) to the frontends pointing at the new one.
+    pub seconds: f64,
+}
+
+/// One database as the API shows it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct View {
+    pub name: String,
+    pub replication: String,
+    pub term: u64,
+    pub primary: Option<String>,
+    pub sync_standby: Option<String>,
+    /// `bootstrapping`, `healthy`, `degraded` (running without a synchronous standby or a
+    /// standby), `primary-lost`, `no-primary`, `failed`.
+    pub state: String,
+    pub frontends: Vec<String>,
+    pub members: Vec<MemberView>,
+    pub last_change: Option<Change>,
+    pub failovers: u64,
+    pub switchovers: u64,
+}
+
+/// Why a switchover was refused or failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SwitchoverError(pub String);
+
+enum Command {
+    Switchover(String, oneshot::Sender<Result<String, SwitchoverError>>),
+}
+
+/// A running database.
+#[derive(Debug)]
+pub struct Cluster {
+    pub name: String,
+    view: Mutex<View>,
+    events: broadcast::Sender<Event>,
+    commands: mpsc::Sender<Command>,
+    stop: watch::Sender<bool>,
+    done: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// What a database follows and feeds.
+#[derive(Clone, Debug)]
+pub struct Wiring {
+    pub store: Arc<dyn Store>,
+    /// Load balancers whose pool is the primary (the database's frontends and any
+    /// `[[load_balancer]]` with `pool = { database, role = "primary" }`).
+    pub primary: Vec<Arc<lb::Balancer>>,
+    /// Load balancers whose pool is the streaming standbys.
+    pub replicas: Vec<Arc<lb::Balancer>>,
+}
+
+impl Wiring {
+    /// The balancers of `balancers` that follow `db`.
+    pub fn of(db: &Database, store: Arc<dyn Store>, balancers: &[Arc<lb::Balancer>]) -> Wiring {
+        let follow = |role: DbRole| {
+            balancers
+                .iter()
+                .filter(|b| {
+                    matches!(&b.config.pool, model::Pool::Database { database, role: r }
+                        if database == &db.name && *r == role)
+                })
+                .cloned()
+                .collect()
+        };
+        Wiring {
+            store,
+            primary: follow(DbRole::Primary),
+            replicas: follow(DbRole::Replica),
+        }
+    }
+}
+
+impl Cluster {
+    /// Checks what can be checked before touching anything (programs, user, directories,
+    /// member addresses, data directories), then bootstraps or resumes the members in the
+    /// background. Errors here leave every data directory as it was.
+    pub async fn start(
+        config: Database,
+        wiring: Wiring,
+        state_dir: PathBuf,
+    ) -> Result<Arc<Cluster>, local::Error> {
+        let name = config.name.to_string();
+        let bins = local::find_bins(config.bin_dir.as_deref())
+            .map_err(|e| local::Error(format!("database {name}: {e}")))?;
+        let user = local::run_as()?;
+        let dir = state_dir.join("databases").join(&name);
+        let local = Local::open(bins, user, dir)
+            .map_err(|e| local::Error(format!("database {name}: {e}")))?;
+        for m in &config.members {
+            let site = m.site.as_str();
+            local
+                .check_data(site)
+                .await
+                .map_err(|e| local::Error(format!("database {name}, member {site}: {e}")))?;
+            for (what, addr) in [("listen", m.listen), ("health", m.health)] {
+                if let Err(e) = std::net::TcpListener::bind(addr) {
+                    return Err(local::Error(format!(
+                        "database {name}, member {site}: cannot use {what} address {addr}: {e}\n  help: another server (an existing PostgreSQL?) holds it; stop it or choose another address"
+                    )));
+                }
+            }
+        }
+        let (events, _) = broadcast::channel(256);
+        let (commands, rx) = mpsc::channel(4);
+        let (stop, stop_rx) = watch::channel(false);
+        let cluster = Arc::new(Cluster {
+            name: name.clone(),
+            view: Mutex::new(View {
+                name,
+                replication: config.replication.to_string(),
+                state: "bootstrapping".into(),
+                ..View::default()
+            }),
+            events,
+            commands,
+            stop,
+            done: Mutex::new(None),
+        });
+        for m in &config.members {
+            let listener = tokio::net::TcpListener::bind(m.health).await.map_err(|e| {
+                local::Error(format!(
+                    "member {}: health address {}: {e}",
+                    m.site, m.health
+                ))
+            })?;
+            tokio::spawn(crate::http::serve(
+                listener,
+                cluster.clone(),
+                m.site.to_string(),
+                stop_rx.clone(),
+            ));
+        }
+        let driver = Driver::new(config, wiring, Arc::new(local), cluster.clone());
+        let task = tokio::spawn(driver.run(rx, stop_rx));
+        *cluster.done.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        Ok(cluster)
+    }
+
+    pub fn view(&self) -> View {
+        self.view.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// A planned handover to the member in `site`: waits for it to catch up, stops the primary
+    /// cleanly, promotes the target once it has replayed everything, re-points the frontends,
+    /// and brings the former primary back as a standby.
+    pub async fn switchover(&self, site: &str) -> Result<String, SwitchoverError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Switchover(site.to_string(), tx))
+            .await
+            .map_err(|_| SwitchoverError("the database is shutting down".into()))?;
+        rx.await
+            .map_err(|_| SwitchoverError("the database is shutting down".into()))?
+    }
+
+    /// Stops every member cleanly (fast shutdown) and waits for them.
+    pub async fn shutdown(&self) {
+        let _ = self.stop.send(true);
+        let task = self.done.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = task {
+            let _ = t.await;
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Stopped,
+    Starting,
+    Running,
+    Fenced,
+    Rewinding,
+    Cloning,
+    Failed,
+}
+
+impl State {
+    fn name(self) -> &'static str {
+        match self {
+            State::Stopped => "stopped",
+            State::Starting => "starting",
+            State::Running => "running",
+            State::Fenced => "fenced",
+            State::Rewinding => "rewinding",
+            State::Cloning => "cloning",
+            State::Failed => "failed",
+        }
+    }
+}
+
+struct Rt {
+    config: Member,
+    site: String,
+    instance: Option<Box<dyn Instance>>,
+    client: Option<Client>,
+    obs: Option<Observation>,
+    state: State,
+    error: Option<String>,
+    /// Since when a running standby has not been streaming.
+    not_streaming_since: Option<Instant>,
+    /// Rejoin attempts that failed in a row, and when the next may start.
+    failures: u32,
+    retry_at: Instant,
+}
+
+impl Rt {
+    fn site(&self) -> &str {
+        &self.site
+    }
+
+    fn is_writable(&self) -> bool {
+        self.obs.as_ref().is_some_and(|o| !o.in_recovery)
+    }
+
+    fn is_streaming(&self) -> bool {
+        self.obs
+            .as_ref()
+            .is_some_and(|o| o.in_recovery && o.receiver.as_deref() == Some("streaming"))
+    }
+}
+
+/// The work a background task reports back.
+struct Done {
+    member: usize,
+    what: &'static str,
+    result: Result<String, String>,
+}
+
+struct Driver {
+    config: Database,
+    wiring: Wiring,
+    local: Arc<Local>,
+    cluster: Arc<Cluster>,
+    key: String,
+    ttl: Duration,
+    members: Vec<Rt>,
+    leader: Option<usize>,
+    term: u64,
+    renewed: Instant,
+    lost_since: Option<Instant>,
+    blocked: Option<String>,
+    sync_standby: Option<usize>,
+    sync_seen: Instant,
+    primary_lsn: u64,
+    pointed: Option<Option<SocketAddr>>,
+    replicas_pointed: Vec<SocketAddr>,
+    last_change: Option<Change>,
+    failovers: u64,
+    switchovers: u64,
+    bootstrapped: bool,
+    work: (mpsc::Sender<Done>, Option<mpsc::Receiver<Done>>),
+}
+
+impl Driver {
+    fn new(config: Database, wiring: Wiring, local: Arc<Local>, cluster: Arc<Cluster>) -> Driver {
+        let now = Instant::now();
+        let members = config
+            .members
+            .iter()
+            .map(|m| Rt {
+                config: m.clone(),
+                site: m.site.to_string(),
+                instance: None,
+                client: None,
+                obs: None,
+                state: State::Stopped,
+                error: None,
+                not_streaming_since: None,
+                failures: 0,
+                retry_at: now,
+            })
+            .collect();
+        let (tx, rx) = mpsc::channel(16);
+        Driver {
+            key: format!("databases/{}/leader", config.name),
+            ttl: config.failover_timeout,
+            config,
+            wiring,
+            local,
+            cluster,
+            members,
+            leader: None,
+            term: 0,
+            renewed: now,
+            lost_since: None,
+            blocked: None,
+            sync_standby: None,
+            sync_seen: now,
+            primary_lsn: 0,
+            pointed: None,
+            replicas_pointed: Vec::new(),
+            last_change: None,
+            failovers: 0,
+            switchovers: 0,
+            bootstrapped: false,
+            work: (tx, Some(rx)),
+        }
+    }
+
+    fn event(&self, member: Option<usize>, what: &'static str, message: String) {
+        let member = member.map(|i| self.members[i].site.clone());
+        match what {
+            "error" | "failover-blocked" | "primary-lost" | "fenced" | "member-exited" => {
+                tracing::warn!(database = %self.config.name, ?member, what, term = self.term, "{message}")
+            }
+            _ => {
+                tracing::info!(database = %self.config.name, ?member, what, term = self.term, "{message}")
+            }
+        }
+        let _ = self.cluster.events.send(Event {
+            at: SystemTime::now(),
+            database: self.config.name.to_string(),
+            member,
+            what,
+            term: self.term,
+            message,
+        });
+    }
+
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>, mut stop: watch::Receiver<bool>) {
+        let mut work = self.work.1.take().unwrap_or_else(|| mpsc::channel(1).1);
+        tokio::select! {
+            r = self.bootstrap() => if let Err(e) = r {
+                self.event(None, "error", format!("bootstrap failed: {e}"));
+            },
+            _ = stop.changed() => {}
+        }
+        self.bootstrapped = true;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !*stop.borrow() {
+            tokio::select! {
+                _ = tick.tick() => self.tick().await,
+                Some(c) = commands.recv() => match c {
+                    Command::Switchover(site, reply) => {
+                        let r = self.switchover(&site).await;
+                        let _ = reply.send(r);
+                    }
+                },
+                Some(done) = work.recv() => self.work_done(done),
+                _ = stop.changed() => {}
+            }
+            self.publish();
+        }
+        self.stop_all().await;
+        self.publish();
+    }
+
+    /// Creates or resumes the members: the lease holder (or the one member not left as a
+    /// standby) starts as primary; the others are started, cloned or rewound by the ticks.
+    async fn bootstrap(&mut self) -> Result<(), String> {
+        let (lease, term) = self
+            .wiring
+            .store
+            .get(&self.key)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.term = term;
+        let with_data: Vec<usize> = (0..self.members.len())
+            .filter(|&i| self.local.has_data(self.members[i].site()))
+            .collect();
+        let fresh = with_data.is_empty();
+        let leader = if fresh {
+            Some(0)
+        } else if let Some(l) = lease
+            .as_ref()
+            .and_then(|l| self.members.iter().position(|m| m.site == l.holder))
+            .filter(|i| with_data.contains(i))
+        {
+            Some(l)
+        } else {
+            with_data
+                .iter()
+                .copied()
+                .find(|&i| !self.local.is_standby(self.members[i].site()))
+        };
+        let Some(l) = leader else {
+            // Every member was left a standby: the ticks promote the most advanced.
+            self.event(None, "no-primary", "no member holds the lease and none was left a primary; the most advanced standby will be promoted once the lease expires".into());
+            return Ok(());
+        };
+        let site = self.members[l].site.clone();
+        if fresh {
+            self.local.initdb(&site).await.map_err(|e| e.to_string())?;
+        }
+        self.start_member(l, None)?;
+        let client = self.wait_ready(l).await?;
+        if fresh {
+            let role = format!(
+                "CREATE ROLE {} WITH REPLICATION LOGIN PASSWORD {}",
+                local::REPLICATION_USER,
+                observe::literal(&self.local.replication_password)
+            );
+            observe::execute(&client, &[&role]).await?;
+        }
+        let others: Vec<String> = self
+            .members
+            .iter()
+            .filter(|m| m.site != site)
+            .map(|m| m.site.clone())
+            .collect();
+        ensure_slots(&client, &others, false).await?;
+        self.members[l].client = Some(client);
+        let lease = self
+            .wiring
+            .store
+            .acquire(&self.key, &site, self.ttl)
+            .await
+            .map_err(|e| format!("cannot take the lease for {site}: {e}"))?;
+        self.take_lead(l, lease.term);
+        self.event(
+            Some(l),
+            "bootstrapped",
+            if fresh {
+                format!("initialised {site} as primary (term {})", self.term)
+            } else {
+                format!("resumed {site} as primary (term {})", self.term)
+            },
+        );
+        Ok(())
+    }
+
+    fn take_lead(&mut self, l: usize, term: u64) {
+        self.leader = Some(l);
+        self.term = term;
+        self.renewed = Instant::now();
+        self.lost_since = None;
+        self.blocked = None;
+        self.sync_standby = None;
+        self.point_frontends(Some(self.members[l].config.listen));
+    }
+
+    fn start_member(&mut self, i: usize, upstream: Option<SocketAddr>) -> Result<(), String> {
+        let m = &mut self.members[i];
+        let inst = self
+            .local
+            .start(&m.site, m.config.listen, upstream)
+            .map_err(|e| e.to_string())?;
+        m.instance = Some(inst);
+        m.state = State::Starting;
+        m.error = None;
+        Ok(())
+    }
+
+    /// Waits until a started member answers SQL.
+    async fn wait_ready(&mut self, i: usize) -> Result<Client, String> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if self.reap(i).await {
+                return Err(format!(
+                    "postgres for {} exited while starting: {}",
+                    self.members[i].site,
+                    self.members[i].error.clone().unwrap_or_default()
+                ));
+            }
+            if let Ok(c) =
+                observe::connect(self.members[i].config.listen, &self.local.password).await
+            {
+                self.members[i].state = State::Running;
+                return Ok(c);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{} did not accept connections within {READY_TIMEOUT:?}",
+                    self.members[i].site
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Notices a postmaster that exited; true when it did.
+    async fn reap(&mut self, i: usize) -> bool {
+        let m = &mut self.members[i];
+        let Some(inst) = m.instance.as_mut() else {
+            return false;
+        };
+        let Ok(status) = tokio::time::timeout(Duration::ZERO, inst.wait()).await else {
+            return false;
+        };
+        m.instance = None;
+        m.client = None;
+        m.obs = None;
+        if m.state != State::Fenced {
+            m.state = State::Stopped;
+        }
+        let tail = self.local.log_tail(&m.site);
+        let last = tail.lines().last().unwrap_or_default();
+        m.error = Some(format!("postgres exited ({status}); its log ends: {last}"));
+        let msg = format!("postgres for {} exited ({status})", m.site);
+        self.event(Some(i), "member-exited", msg);
+        true
+    }
+
+    async fn observe(&mut self, i: usize) {
+        let addr = self.members[i].config.listen;
+        let m = &mut self.members[i];
+        if m.instance.is_none() {
+            return;
+        }
+        if m.client.as_ref().is_none_or(|c| c.is_closed()) {
+            match tokio::time::timeout(SQL_TIMEOUT, observe::connect(addr, &self.local.password))
+                .await
+            {
+                Ok(Ok(c)) => m.client = Some(c),
+                Ok(Err(e)) => {
+                    m.obs = None;
+                    m.error = Some(e);
+                    return;
+                }
+                Err(_) => {
+                    m.obs = None;
+                    m.error = Some("no answer to a connection within 800ms".into());
+                    return;
+                }
+            }
+        }
+        let Some(client) = &m.client else { return };
+        match tokio::time::timeout(SQL_TIMEOUT, observe::observe(client)).await {
+            Ok(Ok(o)) => {
+                m.obs = Some(o);
+                m.error = None;
+                if m.state == State::Starting {
+                    m.state = State::Running;
+                }
+            }
+            Ok(Err(e)) => {
+                m.obs = None;
+                m.client = None;
+                m.error = Some(e);
+            }
+            Err(_) => {
+                m.obs = None;
+                m.client = None;
+                m.error = Some("no answer to SQL within 800ms".into());
+            }
+        }
+    }
+
+    async fn tick(&mut self) {
+        for i in 0..self.members.len() {
+            self.reap(i).await;
+            self.observe(i).await;
+        }
+        self.lead().await;
+        self.keep_sync().await;
+        self.tend_standbys().await;
+        self.point_replicas();
+    }
+
+    /// The primary renews its lease while it answers as a writable server; otherwise it is
+    /// fenced before the lease can expire, and a standby promoted once it has.
+    async fn lead(&mut self) {
+        let now = Instant::now();
+        let Some(l) = self.leader else {
+            return self.fail_over(now).await;
+        };
+        if self.members[l].is_writable() {
+            let site = self.members[l].site.clone();
+            match self
+                .wiring
+                .store
+                .renew(&self.key, &site, self.term, self.ttl)
+                .await
+            {
+                Ok(_) => {
+                    self.renewed = now;
+                    self.primary_lsn = self.members[l].obs.as_ref().map_or(0, |o| o.lsn);
+                    if self.lost_since.take().is_some() {
+                        self.event(
+                            Some(l),
+                            "primary-back",
+                            format!("{site} answers again before any failover"),
+                        );
+                        self.point_frontends(Some(self.members[l].config.listen));
+                    }
+                }
+                Err(e) => {
+                    self.event(
+                        Some(l),
+                        "fenced",
+                        format!("{site} lost its lease ({e}); stopping it"),
+                    );
+                    self.fence(l).await;
+                    self.leader = None;
+                    self.lost_since.get_or_insert(now);
+                }
+            }
+            return;
+        }
+        if self.lost_since.is_none() {
+            self.lost_since = Some(now);
+            let why = self.members[l]
+                .error
+                .clone()
+                .unwrap_or_else(|| "not writable".into());
+            self.event(
+                Some(l),
+                "primary-lost",
+                format!("primary {} lost: {why}", self.members[l].site),
+            );
+            self.point_frontends(None);
+        }
+        if self.members[l].state != State::Fenced
+            && now >= self.renewed + failover::fence_after(self.ttl)
+        {
+            self.fence(l).await;
+            self.event(
+                Some(l),
+                "fenced",
+                format!(
+                    "{} fenced (term {}): no writes after {:?} without a lease renewal, before the lease can expire",
+                    self.members[l].site,
+                    self.term,
+                    failover::fence_after(self.ttl)
+                ),
+            );
+        }
+        if self.members[l].state == State::Fenced && now >= self.renewed + self.ttl {
+            self.fail_over(now).await;
+        }
+    }
+
+    /// Stops a member taking writes at once: out of every frontend, flows reset, postmaster
+    /// killed.
+    async fn fence(&mut self, i: usize) {
+        if self.leader == Some(i) {
+            self.point_frontends(None);
+        }
+        let m = &mut self.members[i];
+        if let Some(mut inst) = m.instance.take() {
+            if let Some(pid) = inst.pid() {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            inst.stop(Duration::ZERO).await;
+        }
+        m.client = None;
+        m.obs = None;
+        m.state = State::Fenced;
+    }
+
+    /// Promotes the best standby once the lease is free.
+    async fn fail_over(&mut self, now: Instant) {
+        let standbys: Vec<Standby> = self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| Some(*i) != self.leader)
+            .map(|(_, m)| Standby {
+                site: m.site.clone(),
+                reachable: m.obs.as_ref().is_some_and(|o| o.in_recovery),
+                lsn: m.obs.as_ref().map_or(0, |o| o.receive_lsn.max(o.lsn)),
+            })
+            .collect();
+        let sync = self.sync_standby.map(|i| self.members[i].site.clone());
+        // Without a primary seen this run, the sync rule cannot be applied: the most
+        // advanced standby is the best there is.
+        let mode = if self.leader.is_none() && !self.bootstrapped_with_leader() {
+            Replication::Async
+        } else {
+            self.config.replication
+        };
+        let max_lag = if mode == self.config.replication {
+            self.config.max_lag_on_failover
+        } else {
+            u64::MAX
+        };
+        let choice = failover::choose(mode, max_lag, sync.as_deref(), self.primary_lsn, &standbys);
+        let c = match choice {
+            Ok(site) => self.index(&site),
+            Err(why) => {
+                if self.blocked.as_deref() != Some(why.as_str()) {
+                    self.event(None, "failover-blocked", format!("no failover: {why}"));
+                    self.blocked = Some(why);
+                }
+                return;
+            }
+        };
+        let site = self.members[c].site.clone();
+        let lease = match self.wiring.store.acquire(&self.key, &site, self.ttl).await {
+            Ok(l) => l,
+            Err(StoreError::Held { .. }) => return,
+            Err(e) => {
+                self.event(
+                    Some(c),
+                    "failover-blocked",
+                    format!("cannot take the lease: {e}"),
+                );
+                return;
+            }
+        };
+        let from = self.leader.map(|l| self.members[l].site.clone());
+        let started = self.lost_since.unwrap_or(now);
+        self.term = lease.term;
+        match self.promote(c).await {
+            Ok(()) => {
+                self.take_lead(c, lease.term);
+                let seconds = started.elapsed().as_secs_f64();
+                self.failovers += 1;
+                self.record("failover", from.clone(), &site, seconds);
+                self.event(
+                    Some(c),
+                    "failover",
+                    format!(
+                        "promoted {site} (term {}) {seconds:.2} s after {} was lost; frontends now point at {}",
+                        self.term,
+                        from.as_deref().unwrap_or("the primary"),
+                        self.members[c].config.listen
+                    ),
+                );
+            }
+            Err(e) => {
+                self.leader = None;
+                self.event(Some(c), "error", format!("promoting {site} failed: {e}"));
+            }
+        }
+    }
+
+    fn bootstrapped_with_leader(&self) -> bool {
+        self.last_change.is_some() || self.primary_lsn > 0
+    }
+
+    fn index(&self, site: &str) -> usize {
+        self.members
+            .iter()
+            .position(|m| m.site == site)
+            .unwrap_or(0)
+    }
+
+    fn record(&mut self, kind: &'static str, from: Option<String>, to: &str, seconds: f64) {
+        self.last_change = Some(Change {
+            at: SystemTime::now(),
+            kind,
+            from,
+            to: to.to_string(),
+            term: self.term,
+            seconds,
+        });
+    }
+
+    /// Promotes a standby and makes it a primary for the others: no synchronous standby until
+    /// one streams from it, a fresh replication slot for every other member.
+    async fn promote(&mut self, c: usize) -> Result<(), String> {
+        let client = self.members[c].client.as_ref().ok_or("no connection")?;
+        let promoted: bool = client
+            .query_one("SELECT pg_promote(true, 30)", &[])
+            .await
+            .map_err(|e| e.to_string())?
+            .get(0);
+        if !promoted {
+            return Err("pg_promote did not complete within 30 s".into());
+        }
+        observe::execute(
+            client,
+            &[
+                "ALTER SYSTEM SET synchronous_standby_names = ''",
+                "SELECT pg_reload_conf()",
+            ],
+        )
+        .await?;
+        let site = self.members[c].site.clone();
+        let others: Vec<String> = self
+            .members
+            .iter()
+            .filter(|m| m.site != site)
+            .map(|m| m.site.clone())
+            .collect();
+        ensure_slots(client, &others, true).await?;
+        if let Some(o) = self.members[c].obs.as_mut() {
+            o.in_recovery = false;
+        }
+        Ok(())
+    }
+
+    /// Sync mode: names a streaming standby in `synchronous_standby_names`, trusts it for
+    /// failover once the primary reports it synchronous, and drops it (trust first) when it
+    /// has been gone for `failover_timeout`, so commits do not hang. Async mode: no names.
+    async fn keep_sync(&mut self) {
+        let Some(l) = self.leader else { return };
+        let Some(obs) = self.members[l].obs.clone().filter(|o| !o.in_recovery) else {
+            return;
+        };
+        let current = obs
+            .synchronous_standby_names
+            .trim()
+            .trim_matches('"')
+            .to_string();
+        let want = match self.config.replication {
+            Replication::Async => None,
+            Replication::Sync => {
+                let streaming: Vec<&str> = obs
+                    .replicas
+                    .iter()
+                    .filter(|r| r.state == "streaming")
+                    .map(|r| r.name.as_str())
+                    .filter(|n| self.members.iter().any(|m| m.site == *n))
+                    .collect();
+                let now = Instant::now();
+                let sync_ok = self.sync_standby.is_some_and(|s| {
+                    obs.replicas
+                        .iter()
+                        .any(|r| r.name == self.members[s].site && r.sync_state == "sync")
+                });
+                if sync_ok {
+                    self.sync_seen = now;
+                }
+                if let Some(s) = self.sync_standby
+                    && !sync_ok
+                    && now >= self.sync_seen + self.ttl
+                {
+                    self.sync_standby = None;
+                    self.event(Some(s), "sync", format!(
+                        "synchronous standby {} gone for {:?}: commits no longer wait for it, and it may not be promoted until it is synchronous again",
+                        self.members[s].site, self.ttl
+                    ));
+                }
+                let keep = self.sync_standby.map(|s| self.members[s].site.as_str());
+                let keep = keep.or_else(|| (!current.is_empty()).then_some(current.as_str()));
+                failover::sync_choice(keep, &streaming).map(str::to_string)
+            }
+        };
+        // While the trusted standby is named, keep naming it (dropping it is decided above).
+        let want = match self.sync_standby {
+            Some(s) => Some(self.members[s].site.clone()),
+            None => want,
+        };
+        let target = want.clone().unwrap_or_default();
+        if current != target {
+            let value = match &want {
+                Some(w) => observe::literal(&format!("\"{w}\"")),
+                None => "''".into(),
+            };
+            let set = format!("ALTER SYSTEM SET synchronous_standby_names = {value}");
+            let client = self.members[l].client.as_ref();
+            if let Some(c) = client
+                && let Err(e) = observe::execute(c, &[&set, "SELECT pg_reload_conf()"]).await
+            {
+                self.event(
+                    Some(l),
+                    "error",
+                    format!("cannot set synchronous_standby_names: {e}"),
+                );
+            }
+            return;
+        }
+        if self.sync_standby.is_none()
+            && let Some(w) = want
+            && obs
+                .replicas
+                .iter()
+                .any(|r| r.name == w && r.sync_state == "sync")
+        {
+            let s = self.index(&w);
+            self.sync_standby = Some(s);
+            self.sync_seen = Instant::now();
+            self.event(
+                Some(s),
+                "sync",
+                format!("{w} is the synchronous standby: commits wait for it (RPO 0)"),
+            );
+        }
+    }
+
+    /// Brings every other member to streaming from the primary: starts standbys, rewinds a
+    /// former primary, clones a member without data. Slow work runs on its own task.
+    async fn tend_standbys(&mut self) {
+        let Some(l) = self.leader else { return };
+        if !self.members[l].is_writable() {
+            return;
+        }
+        let upstream = self.members[l].config.listen;
+        let now = Instant::now();
+        for i in 0..self.members.len() {
+            if i == l {
+                continue;
+            }
+            if self.members[i].is_writable() {
+                // A second writable server: never allowed to take a write.
+                let site = self.members[i].site.clone();
+                self.fence(i).await;
+                self.event(
+                    Some(i),
+                    "fenced",
+                    format!(
+                        "{site} answered as a writable primary while {} holds the lease; stopped",
+                        self.members[l].site
+                    ),
+                );
+                continue;
+            }
+            if self.stuck(i, now) {
+                let site = self.members[i].site.clone();
+                self.event(Some(i), "error", format!(
+                    "{site} has not streamed from the primary for {STUCK:?} (its history diverged?); rewinding it"
+                ));
+                self.stop_member(i).await;
+                self.spawn_work(i, State::Rewinding, upstream);
+                continue;
+            }
+            let m = &self.members[i];
+            if !matches!(m.state, State::Stopped | State::Fenced) || now < m.retry_at {
+                continue;
+            }
+            let site = m.site.clone();
+            if !self.local.has_data(&site) {
+                self.spawn_work(i, State::Cloning, upstream);
+            } else if !self.local.is_standby(&site) {
+                self.spawn_work(i, State::Rewinding, upstream);
+            } else if let Err(e) = self.start_member(i, Some(upstream)) {
+                self.failed_attempt(i, e);
+            }
+        }
+    }
+
+    /// A running standby that has not streamed for [`STUCK`].
+    fn stuck(&mut self, i: usize, now: Instant) -> bool {
+        let m = &mut self.members[i];
+        if m.state != State::Running || m.is_streaming() {
+            m.not_streaming_since = None;
+            return false;
+        }
+        let since = *m.not_streaming_since.get_or_insert(now);
+        if now >= since + STUCK {
+            m.not_streaming_since = None;
+            return true;
+        }
+        false
+    }
+
+    fn spawn_work(&mut self, i: usize, state: State, upstream: SocketAddr) {
+        let site = self.members[i].site.clone();
+        self.members[i].state = state;
+        let local = self.local.clone();
+        let tx = self.work.0.clone();
+        let policy = self.config.rewind_failure;
+        tokio::spawn(async move {
+            // A just-promoted primary's control file still names the old timeline until its
+            // first checkpoint, and pg_rewind would then see nothing to rewind.
+            let checkpoint = match observe::connect(upstream, &local.password).await {
+                Ok(c) => observe::execute(&c, &["CHECKPOINT"]).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = checkpoint {
+                let result = Err(format!(
+                    "cannot checkpoint the primary before rewinding: {e}"
+                ));
+                let _ = tx
+                    .send(Done {
+                        member: i,
+                        what: "retry",
+                        result,
+                    })
+                    .await;
+                return;
+            }
+            let (what, result) = match state {
+                State::Rewinding => match local.rewind(&site, upstream).await {
+                    Ok(out) => ("rejoined", Ok(format!("rewound with pg_rewind ({out})"))),
+                    Err(e) if policy == RewindFailure::Clone => {
+                        let kept = local.set_aside(&site);
+                        let cloned = local.basebackup(&site, upstream).await;
+                        let result = match (kept, cloned) {
+                            (Ok(old), Ok(())) => Ok(format!(
+                                "pg_rewind failed ({e}); cloned afresh, former data kept in {}",
+                                old.display()
+                            )),
+                            (Err(k), _) => Err(format!(
+                                "pg_rewind failed ({e}); cannot set the data aside: {k}"
+                            )),
+                            (_, Err(c)) => {
+                                Err(format!("pg_rewind failed ({e}); cloning failed too: {c}"))
+                            }
+                        };
+                        ("recloned", result)
+                    }
+                    Err(e) => (
+                        "rejoined",
+                        Err(format!(
+                            "pg_rewind failed ({e}); left stopped (rewind_failure = \"stop\")"
+                        )),
+                    ),
+                },
+                _ => (
+                    "cloned",
+                    local
+                        .basebackup(&site, upstream)
+                        .await
+                        .map(|()| format!("cloned from {upstream}"))
+                        .map_err(|e| e.to_string()),
+                ),
+            };
+            let _ = tx
+                .send(Done {
+                    member: i,
+                    what,
+                    result,
+                })
+                .await;
+        });
+    }
+
+    fn work_done(&mut self, done: Done) {
+        let i = done.member;
+        match done.result {
+            Ok(msg) => {
+                self.members[i].state = State::Stopped;
+                self.members[i].failures = 0;
+                let upstream = self.leader.map(|l| self.members[l].config.listen);
+                match upstream.map(|u| self.start_member(i, Some(u))) {
+                    Some(Ok(())) => self.event(
+                        Some(i),
+                        done.what,
+                        format!("{}: {msg}; starting as a standby", self.members[i].site),
+                    ),
+                    Some(Err(e)) => self.failed_attempt(i, e),
+                    None => {}
+                }
+            }
+            Err(e) => {
+                if self.config.rewind_failure == RewindFailure::Stop && done.what == "rejoined" {
+                    self.members[i].state = State::Failed;
+                    self.members[i].error = Some(e.clone());
+                    self.event(Some(i), "error", e);
+                } else {
+                    self.failed_attempt(i, e);
+                }
+            }
+        }
+    }
+
+    /// Backs off 1 s doubling to 60 s between attempts to bring a member back.
+    fn failed_attempt(&mut self, i: usize, e: String) {
+        let m = &mut self.members[i];
+        m.failures += 1;
+        let wait = Duration::from_secs(1 << m.failures.min(6)).min(Duration::from_secs(60));
+        m.retry_at = Instant::now() + wait;
+        m.state = State::Stopped;
+        m.error = Some(e.clone());
+        self.event(
+            Some(i),
+            "error",
+            format!("{}: {e}; retrying in {wait:?}", self.members[i].site),
+        );
+    }
+
+    fn point_frontends(&mut self, primary: Option<SocketAddr>) {
+        if self.pointed == Some(primary) {
+            return;
+        }
+        self.pointed = Some(primary);
+        for b in &self.wiring.primary {
+            // Reset while the old primary is still a member: flows of members that left are
+            // out of reach.
+            b.reset_flows();
+            b.set_members(primary.map(|a| (a, 1, None)).into_iter().collect());
+        }
+    }
+
+    fn point_replicas(&mut self) {
+        let streaming: Vec<SocketAddr> = self
+            .members
+            .iter()
+            .filter(|m| m.is_streaming())
+            .map(|m| m.config.listen)
+            .collect();
+        if streaming != self.replicas_pointed {
+            for b in &self.wiring.replicas {
+                b.set_members(streaming.iter().map(|a| (*a, 1, None)).collect());
+            }
+            self.replicas_pointed = streaming;
+        }
+    }
+
+    async fn switchover(&mut self, to: &str) -> Result<String, SwitchoverError> {
+        let fail = |s: String| Err(SwitchoverError(s));
+        let Some(t) = self.members.iter().position(|m| m.site == to) else {
+            let names: Vec<&str> = self.members.iter().map(|m| m.site.as_str()).collect();
+            return fail(format!(
+                "no member in site {to:?} (members: {})",
+                names.join(", ")
+            ));
+        };
+        let Some(l) = self.leader.filter(|&l| self.members[l].is_writable()) else {
+            return fail("there is no healthy primary to hand over from".into());
+        };
+        if l == t {
+            return fail(format!("{to} is already the primary"));
+        }
+        let requested = Instant::now();
+        // 1. The target must stream and catch up while the primary still takes writes.
+        let deadline = requested + Duration::from_secs(30);
+        loop {
+            self.observe(l).await;
+            self.observe(t).await;
+            let (Some(p), Some(s)) = (&self.members[l].obs, &self.members[t].obs) else {
+                return fail("the primary or the target stopped answering".into());
+            };
+            if !self.members[t].is_streaming() {
+                return fail(format!("{to} is not streaming from the primary"));
+            }
+            if p.lsn.saturating_sub(s.receive_lsn) < 16 * 1024 * 1024 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return fail(format!("{to} did not catch up within 30 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // 2. No new writes; the primary stops cleanly, sending its last WAL to the standbys.
+        self.point_frontends(None);
+        let old = self.members[l].site.clone();
+        self.stop_member(l).await;
+        let end = match self.local.checkpoint_lsn(&old).await {
+            Ok(lsn) => lsn,
+            Err(e) => {
+                return self
+                    .undo_switchover(l, format!("cannot read {old}'s last position: {e}"))
+                    .await;
+            }
+        };
+        // 3. The target must have everything the primary wrote.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            self.observe(t).await;
+            let have = self.members[t]
+                .obs
+                .as_ref()
+                .map_or(0, |o| o.receive_lsn.max(o.lsn));
+            if have >= end {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return self
+                    .undo_switchover(
+                        l,
+                        format!(
+                            "{to} did not receive everything up to {} within 30 s",
+                            format_lsn(end)
+                        ),
+                    )
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // 4. Hand the lease over and promote.
+        let store = self.wiring.store.clone();
+        if let Err(e) = store.release(&self.key, &old, self.term).await {
+            return self
+                .undo_switchover(l, format!("cannot release the lease: {e}"))
+                .await;
+        }
+        let lease = match store.acquire(&self.key, to, self.ttl).await {
+            Ok(lease) => lease,
+            Err(e) => return fail(format!("cannot take the lease for {to}: {e}")),
+        };
+        self.term = lease.term;
+        if let Err(e) = self.promote(t).await {
+            self.leader = None;
+            return fail(format!("promoting {to} failed: {e}; a failover follows"));
+        }
+        self.take_lead(t, lease.term);
+        self.members[l].state = State::Stopped; // rejoins as a standby through pg_rewind
+        let seconds = requested.elapsed().as_secs_f64();
+        self.switchovers += 1;
+        self.record("switchover", Some(old.clone()), to, seconds);
+        let msg = format!(
+            "switched over from {old} to {to} (term {}) in {seconds:.2} s; {old} rejoins as a standby",
+            self.term
+        );
+        self.event(Some(t), "switchover", msg.clone());
+        Ok(msg)
+    }
+
+    /// A switchover that cannot finish: the former primary, still holding the lease, comes
+    /// back as primary.
+    async fn undo_switchover(&mut self, l: usize, why: String) -> Result<String, SwitchoverError> {
+        let restarted = match self.start_member(l, None) {
+            Ok(()) => self
+                .wait_ready(l)
+                .await
+                .map(|c| self.members[l].client = Some(c)),
+            Err(e) => Err(e),
+        };
+        if restarted.is_ok() {
+            self.renewed = Instant::now();
+            self.point_frontends(Some(self.members[l].config.listen));
+        }
+        Err(SwitchoverError(format!(
+            "switchover abandoned: {why}; {} stays primary",
+            self.members[l].site
+        )))
+    }
+
+    /// Fast shutdown (SIGINT: clients disconnected, a clean checkpoint), killed after 30 s.
+    async fn stop_member(&mut self, i: usize) {
+        let m = &mut self.members[i];
+        m.client = None;
+        m.obs = None;
+        if let Some(mut inst) = m.instance.take() {
+            if let Some(pid) = inst.pid() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGINT,
+                );
+            }
+            if tokio::time::timeout(Duration::from_secs(30), inst.wait())
+                .await
+                .is_err()
+            {
+                inst.stop(Duration::ZERO).await;
+            }
+        }
+        m.state = State::Stopped;
+    }
+
+    async fn stop_all(&mut self) {
+        // Standbys first, so the primary's last WAL is not waited for by nobody.
+        let order: Vec<usize> = (0..self.members.len())
+            .filter(|&i| Some(i) != self.leader)
+            .chain(self.leader)
+            .collect();
+        for i in order {
+            self.stop_member(i).await;
+        }
+        self.point_frontends(None);
+    }
+
+    fn publish(&self) {
+        let leader_obs = self.leader.and_then(|l| self.members[l].obs.clone());
+        let members = self
+            .members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let o = m.obs.as_ref();
+                let replica = leader_obs
+                    .as_ref()
+                    .and_then(|p| p.replicas.iter().find(|r| r.name == m.site));
+                let role = match o {
+                    Some(o) if !o.in_recovery => "primary",
+                    Some(_) => "standby",
+                    None if Some(i) == self.leader => "primary",
+                    None => "none",
+                };
+                let state = match (m.state, o) {
+                    (State::Running, Some(o)) if o.in_recovery && m.is_streaming() => "streaming",
+                    (s, _) => s.name(),
+                };
+                MemberView {
+                    site: m.site.clone(),
+                    listen: m.config.listen.to_string(),
+                    health: m.config.health.to_string(),
+                    role: role.into(),
+                    state: state.into(),
+                    pid: m.instance.as_ref().and_then(|x| x.pid()),
+                    lsn: o.map(|o| format_lsn(o.lsn)),
+                    receive_lsn: o
+                        .filter(|o| o.in_recovery)
+                        .map(|o| format_lsn(o.receive_lsn)),
+                    lag_bytes: match (o, &leader_obs) {
+                        (Some(o), Some(p)) if o.in_recovery => Some(p.lsn.saturating_sub(o.lsn)),
+                        _ => None,
+                    },
+                    lag_seconds: replica.map(|r| r.replay_lag_seconds),
+                    timeline: o.map(|o| o.timeline),
+                    sync_state: replica.map(|r| r.sync_state.clone()),
+                    error: m.error.clone(),
+                    data_dir: self.local.data(&m.site).display().to_string(),
+                    log: self.local.log(&m.site).display().to_string(),
+                }
+            })
+            .collect::<Vec<_>>();
+        let primary = self.leader.filter(|&l| self.members[l].is_writable());
+        let standbys_streaming = self.members.iter().filter(|m| m.is_streaming()).count();
+        let state = if !self.bootstrapped {
+            "bootstrapping"
+        } else if primary.is_some() {
+            let sync_missing =
+                self.config.replication == Replication::Sync && self.sync_standby.is_none();
+            if sync_missing || standbys_streaming + 1 < self.members.len() {
+                "degraded"
+            } else {
+                "healthy"
+            }
+        } else if self.lost_since.is_some() {
+            "primary-lost"
+        } else {
+            "no-primary"
+        };
+        let view = View {
+            name: self.config.name.to_string(),
+            replication: self.config.replication.to_string(),
+            term: self.term,
+            primary: primary.map(|l| self.members[l].site.clone()),
+            sync_standby: self.sync_standby.map(|s| self.members[s].site.clone()),
+            state: state.into(),
+            frontends: self
+                .config
+                .frontends
+                .iter()
+                .map(|f| format!("{} {}", f.site, f.address))
+                .collect(),
+            members,
+            last_change: self.last_change.clone(),
+            failovers: self.failovers,
+            switchovers: self.switchovers,
+        };
+        *self.cluster.view.lock().unwrap_or_else(|p| p.into_inner()) = view;
+    }
+}
+
+/// A physical replication slot on the primary for every other member; `fresh` drops old ones
+/// first (a promoted standby's copies are not positioned for its new history).
+async fn ensure_slots(client: &Client, sites: &[String], fresh: bool) -> Result<(), String> {
+    for site in sites {
+        let slot = observe::literal(&local::slot(site));
+        if fresh {
+            let drop = format!(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = {slot} AND NOT active"
+            );
+            observe::execute(client, &[&drop]).await?;
+        }
+        let create = format!(
+            "SELECT pg_create_physical_replication_slot({slot}, true) WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = {slot})"
+        );
+        observe::execute(client, &[&create]).await?;
+    }
+    Ok(())
+}

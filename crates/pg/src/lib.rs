@@ -1,0 +1,11 @@
+//! The database tier: PostgreSQL members that Tandem bootstraps, replicates (synchronous or
+//! asynchronous), watches, fails over under a lease with fencing tokens, rejoins with
+//! `pg_rewind`, and switches over on request, keeping internal load balancers on the primary.
+
+pub mod cluster;
+pub mod failover;
+pub mod http;
+pub mod local;
+pub mod observe;
+
+pub use cluster::{Change, Cluster, Event, MemberView, SwitchoverError, View, Wiring};

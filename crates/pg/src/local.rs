@@ -1,0 +1,539 @@
+//! One database's PostgreSQL servers on this machine: programs, the OS user they run as, data
+//! directories, and the operations Tandem performs on them (initdb, clone, rewind, start).
+//! Every program runs as the database user: PostgreSQL refuses to run as root.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use scaleset::{Driver as _, Instance, ProcessDriver, Spec};
+
+/// The programs Tandem runs.
+const PROGRAMS: [&str; 5] = [
+    "postgres",
+    "initdb",
+    "pg_basebackup",
+    "pg_rewind",
+    "pg_controldata",
+];
+
+/// The role Tandem and `pg_rewind` connect as, and the one standbys stream with.
+pub const SUPERUSER: &str = "postgres";
+pub const REPLICATION_USER: &str = "replicator";
+
+/// Settings every member runs with (besides its address, given on the command line).
+const SETTINGS: &str = "
+# Written by Tandem at initdb: what streaming replication, failover and pg_rewind need.
+wal_level = replica
+wal_log_hints = on
+max_wal_senders = 10
+max_replication_slots = 10
+hot_standby = on
+hot_standby_feedback = on
+wal_keep_size = '256MB'
+wal_sender_timeout = '5s'
+wal_receiver_timeout = '5s'
+wal_retrieve_retry_interval = '500ms'
+unix_socket_directories = ''
+";
+
+/// Password authentication for every network connection; no local socket is used.
+const HBA: &str = "# Written by Tandem.
+host replication replicator 0.0.0.0/0 scram-sha-256
+host replication replicator ::/0 scram-sha-256
+host all all 0.0.0.0/0 scram-sha-256
+host all all ::/0 scram-sha-256
+";
+
+/// A failed operation, with what the program said.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Error(pub String);
+
+fn err(context: impl std::fmt::Display, e: impl std::fmt::Display) -> Error {
+    Error(format!("{context}: {e}"))
+}
+
+/// Where PostgreSQL's programs are: `bin_dir`, else `pg_config --bindir`, else the newest
+/// `/usr/lib/postgresql/*/bin`. Every program Tandem runs must be there.
+pub fn find_bins(configured: Option<&Path>) -> Result<PathBuf, Error> {
+    let dir = match configured {
+        Some(d) => d.to_path_buf(),
+        None => pg_config_bindir().or_else(newest_debian_bindir).ok_or_else(|| {
+            Error(
+                "PostgreSQL is not installed: no `pg_config` on PATH and no /usr/lib/postgresql/*/bin\n  \
+                 help: install Debian's `postgresql` package, or set `bin_dir` in the [[database]]"
+                    .into(),
+            )
+        })?,
+    };
+    let missing: Vec<&str> = PROGRAMS
+        .iter()
+        .copied()
+        .filter(|p| !dir.join(p).is_file())
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error(format!(
+            "PostgreSQL programs missing in {}: {}\n  help: install Debian's `postgresql` package, or point `bin_dir` at the directory holding them",
+            dir.display(),
+            missing.join(", ")
+        )));
+    }
+    Ok(dir)
+}
+
+fn pg_config_bindir() -> Option<PathBuf> {
+    let out = std::process::Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .ok()?;
+    let dir = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
+    (out.status.success() && dir.join("postgres").is_file()).then_some(dir)
+}
+
+fn newest_debian_bindir() -> Option<PathBuf> {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let v = e.file_name().to_str()?.parse().ok()?;
+            Some((v, e.path().join("bin")))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, d)| d)
+}
+
+/// The user PostgreSQL runs as: Tandem's own, or `postgres` when Tandem runs as root.
+pub fn run_as() -> Result<Option<(u32, u32)>, Error> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    match nix::unistd::User::from_name(SUPERUSER) {
+        Ok(Some(u)) => Ok(Some((u.uid.as_raw(), u.gid.as_raw()))),
+        _ => Err(Error(
+            "PostgreSQL refuses to run as root and there is no `postgres` user\n  \
+             help: install Debian's `postgresql` package (it creates the user), or run Tandem as an ordinary user"
+                .into(),
+        )),
+    }
+}
+
+/// The servers of one database.
+#[derive(Debug)]
+pub struct Local {
+    pub bins: PathBuf,
+    pub user: Option<(u32, u32)>,
+    /// `STATE_DIR/databases/NAME`: data directories, logs, passwords.
+    pub dir: PathBuf,
+    pub password: String,
+    pub replication_password: String,
+    driver: ProcessDriver,
+}
+
+impl Local {
+    /// Prepares the database's directory (owned by the database user) and its passwords,
+    /// generated once and kept in `password` and `replication.password` (mode 0600).
+    pub fn open(bins: PathBuf, user: Option<(u32, u32)>, dir: PathBuf) -> Result<Local, Error> {
+        std::fs::create_dir_all(&dir).map_err(|e| err(dir.display(), e))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| err(dir.display(), e))?;
+        if let Some((uid, gid)) = user {
+            chown(&dir, uid, gid)?;
+            reachable(&dir, uid, gid)?;
+        }
+        let password = secret(&dir.join("password"))?;
+        let replication_password = secret(&dir.join("replication.password"))?;
+        // Standbys read their replication password from here, not from their command line.
+        write_private(
+            &dir.join("pgpass"),
+            &format!("*:*:*:{REPLICATION_USER}:{replication_password}\n"),
+            user,
+        )?;
+        Ok(Local {
+            bins,
+            user,
+            dir,
+            password,
+            replication_password,
+            driver: ProcessDriver {
+                tandem: std::env::current_exe().ok(),
+            },
+        })
+    }
+
+    pub fn data(&self, site: &str) -> PathBuf {
+        self.dir.join(site)
+    }
+
+    pub fn log(&self, site: &str) -> PathBuf {
+        self.dir.join(format!("{site}.log"))
+    }
+
+    /// Whether the member has a data directory (`PG_VERSION` present).
+    pub fn has_data(&self, site: &str) -> bool {
+        self.data(site).join("PG_VERSION").is_file()
+    }
+
+    /// Whether it was left configured as a standby.
+    pub fn is_standby(&self, site: &str) -> bool {
+        self.data(site).join("standby.signal").is_file()
+    }
+
+    /// A data directory that exists but is not a usable PostgreSQL cluster: an error that names
+    /// it; Tandem then leaves it alone.
+    pub async fn check_data(&self, site: &str) -> Result<(), Error> {
+        let data = self.data(site);
+        if !data.exists() || is_empty(&data) {
+            return Ok(());
+        }
+        if !self.has_data(site) {
+            return Err(Error(format!(
+                "{} is not a PostgreSQL data directory (no PG_VERSION); Tandem leaves it untouched\n  help: move it away to let Tandem create the member afresh",
+                data.display()
+            )));
+        }
+        self.run("pg_controldata", &[data.as_os_str().to_string_lossy().as_ref()], &[])
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                Error(format!(
+                    "{} looks corrupt; Tandem leaves it untouched: {e}\n  help: restore it, or move it away to let Tandem clone the member afresh",
+                    data.display()
+                ))
+            })
+    }
+
+    /// The last checkpoint's position of a stopped member, from `pg_controldata`.
+    pub async fn checkpoint_lsn(&self, site: &str) -> Result<u64, Error> {
+        let data = self.data(site).to_string_lossy().into_owned();
+        let out = self.run("pg_controldata", &[&data], &[]).await?;
+        out.lines()
+            .find_map(|l| {
+                l.strip_prefix("Latest checkpoint's REDO location:")
+                    .or_else(|| l.strip_prefix("Latest checkpoint location:"))
+            })
+            .and_then(|v| parse_lsn(v.trim()))
+            .ok_or_else(|| Error(format!("pg_controldata {data}: no checkpoint location")))
+    }
+
+    /// `initdb` with checksums (pg_rewind needs them or `wal_log_hints`), Tandem's settings
+    /// and password authentication.
+    pub async fn initdb(&self, site: &str) -> Result<(), Error> {
+        let data = self.data(site);
+        let pwfile = self.dir.join(".initdb-password");
+        write_private(&pwfile, &self.password, self.user)?;
+        let result = self
+            .run(
+                "initdb",
+                &[
+                    "-D",
+                    &data.to_string_lossy(),
+                    "-U",
+                    SUPERUSER,
+                    &format!("--pwfile={}", pwfile.display()),
+                    "--auth-host=scram-sha-256",
+                    "--auth-local=peer",
+                    "--data-checksums",
+                    "--encoding=UTF8",
+                    "--locale=C.UTF-8",
+                ],
+                &[],
+            )
+            .await;
+        let _ = std::fs::remove_file(&pwfile);
+        result?;
+        append(&data.join("postgresql.conf"), SETTINGS)?;
+        std::fs::write(data.join("pg_hba.conf"), HBA).map_err(|e| err("pg_hba.conf", e))?;
+        Ok(())
+    }
+
+    /// Copies the primary at `from` into the member's (empty) data directory as a standby
+    /// streaming through its replication slot.
+    pub async fn basebackup(&self, site: &str, from: SocketAddr) -> Result<(), Error> {
+        let data = self.data(site);
+        self.run(
+            "pg_basebackup",
+            &[
+                "-h",
+                &from.ip().to_string(),
+                "-p",
+                &from.port().to_string(),
+                "-U",
+                REPLICATION_USER,
+                "-D",
+                &data.to_string_lossy(),
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "-S",
+                &slot(site),
+                "--no-password",
+            ],
+            &[("PGPASSWORD", &self.replication_password)],
+        )
+        .await?;
+        self.mark_standby(site)
+    }
+
+    /// Rewinds a former primary onto the history of the primary at `from`.
+    pub async fn rewind(&self, site: &str, from: SocketAddr) -> Result<String, Error> {
+        let data = self.data(site);
+        let source = format!(
+            "host={} port={} user={SUPERUSER} dbname=postgres connect_timeout=5",
+            from.ip(),
+            from.port()
+        );
+        let out = self
+            .run(
+                "pg_rewind",
+                &[
+                    "-D",
+                    &data.to_string_lossy(),
+                    &format!("--source-server={source}"),
+                ],
+                &[("PGPASSWORD", &self.password)],
+            )
+            .await?;
+        self.mark_standby(site)?;
+        Ok(out.lines().last().unwrap_or("").to_string())
+    }
+
+    /// Moves a member's data directory aside (never deleted: it may hold writes no one else
+    /// has), keeping one previous copy as `SITE.old`.
+    pub fn set_aside(&self, site: &str) -> Result<PathBuf, Error> {
+        let old = self.dir.join(format!("{site}.old"));
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| err(old.display(), e))?;
+        }
+        std::fs::rename(self.data(site), &old).map_err(|e| err("set aside", e))?;
+        Ok(old)
+    }
+
+    fn mark_standby(&self, site: &str) -> Result<(), Error> {
+        let signal = self.data(site).join("standby.signal");
+        write_private(&signal, "", self.user)
+    }
+
+    /// Starts the member's postmaster on `listen`, as a standby of `upstream` when given. It
+    /// runs in its own process group and dies with Tandem.
+    pub fn start(
+        &self,
+        site: &str,
+        listen: SocketAddr,
+        upstream: Option<SocketAddr>,
+    ) -> Result<Box<dyn Instance>, Error> {
+        if upstream.is_none() {
+            let _ = std::fs::remove_file(self.data(site).join("standby.signal"));
+        } else {
+            self.mark_standby(site)?;
+        }
+        let mut argv = vec![
+            self.bins.join("postgres").to_string_lossy().into_owned(),
+            "-D".into(),
+            self.data(site).to_string_lossy().into_owned(),
+            "-c".into(),
+            format!("listen_addresses={}", listen.ip()),
+            "-c".into(),
+            format!("port={}", listen.port()),
+            "-c".into(),
+            format!("cluster_name={site}"),
+        ];
+        if let Some(up) = upstream {
+            argv.push("-c".into());
+            argv.push(format!(
+                "primary_conninfo=host={} port={} user={REPLICATION_USER} passfile={} application_name={site} connect_timeout=2",
+                up.ip(),
+                up.port(),
+                self.dir.join("pgpass").display()
+            ));
+            argv.push("-c".into());
+            argv.push(format!("primary_slot_name={}", slot(site)));
+            argv.push("-c".into());
+            argv.push("recovery_target_timeline=latest".into());
+        }
+        let spec = Spec {
+            id: site.to_string(),
+            argv,
+            log: self.log(site),
+            env: vec![("LC_ALL".into(), "C.UTF-8".into())],
+            user: self.user,
+        };
+        self.driver
+            .start(&spec)
+            .map_err(|e| err(format!("cannot start postgres for {site}"), e))
+    }
+
+    /// The last lines of a member's log, for errors.
+    pub fn log_tail(&self, site: &str) -> String {
+        let text = std::fs::read_to_string(self.log(site)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(5)..].join("\n")
+    }
+
+    /// Runs one of PostgreSQL's programs as the database user; the error carries its output.
+    async fn run(
+        &self,
+        program: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<String, Error> {
+        let mut cmd = tokio::process::Command::new(self.bins.join(program));
+        cmd.args(args)
+            .envs(env.iter().copied())
+            .env("LC_ALL", "C.UTF-8")
+            .current_dir(&self.dir)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        if let Some((uid, gid)) = self.user {
+            cmd.uid(uid).gid(gid);
+        }
+        let out = tokio::time::timeout(Duration::from_secs(600), cmd.output())
+            .await
+            .map_err(|_| Error(format!("{program} took more than 10 minutes")))?
+            .map_err(|e| err(format!("cannot run {program}"), e))?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if out.status.success() {
+            Ok(text)
+        } else {
+            let tail: Vec<&str> = text.lines().rev().take(4).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            Err(Error(format!(
+                "{program} failed ({}): {}",
+                out.status,
+                tail.join(" | ")
+            )))
+        }
+    }
+}
+
+/// A member's replication slot on the primary.
+pub fn slot(site: &str) -> String {
+    let clean: String = site
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("tandem_{clean}")
+}
+
+/// `X/Y` (hex halves) as a byte position.
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+/// A byte position as PostgreSQL writes it.
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
+}
+
+fn is_empty(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none())
+}
+
+fn chown(path: &Path, uid: u32, gid: u32) -> Result<(), Error> {
+    nix::unistd::chown(
+        path,
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+    )
+    .map_err(|e| {
+        err(
+            format!("cannot give {} to the database user", path.display()),
+            e,
+        )
+    })
+}
+
+/// The database user must be able to reach its directory through every parent.
+fn reachable(dir: &Path, uid: u32, gid: u32) -> Result<(), Error> {
+    for a in dir.ancestors().skip(1) {
+        let Ok(meta) = std::fs::metadata(a) else {
+            continue;
+        };
+        let mode = meta.mode();
+        let ok = if meta.uid() == uid {
+            mode & 0o100 != 0
+        } else if meta.gid() == gid {
+            mode & 0o010 != 0
+        } else {
+            mode & 0o001 != 0
+        };
+        if !ok {
+            return Err(Error(format!(
+                "the database user (uid {uid}) cannot reach {}: {} is mode {:o}\n  help: let others traverse it (chmod o+x) or choose another state_dir",
+                dir.display(),
+                a.display(),
+                mode & 0o7777
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A generated password kept in `path`, created on first use.
+fn secret(path: &Path) -> Result<String, Error> {
+    if let Ok(s) = std::fs::read_to_string(path) {
+        return Ok(s.trim().to_string());
+    }
+    use rand::Rng as _;
+    use rand::distr::Alphanumeric;
+    let s: String = rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(32)
+        .map(char::from)
+        .collect();
+    write_private(path, &s, None)?;
+    Ok(s)
+}
+
+fn write_private(path: &Path, text: &str, owner: Option<(u32, u32)>) -> Result<(), Error> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| err(path.display(), e))?;
+    io::Write::write_all(&mut f, text.as_bytes()).map_err(|e| err(path.display(), e))?;
+    if let Some((uid, gid)) = owner {
+        chown(path, uid, gid)?;
+    }
+    Ok(())
+}
+
+fn append(path: &Path, text: &str) -> Result<(), Error> {
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(|e| err(path.display(), e))?;
+    io::Write::write_all(&mut f, text.as_bytes()).map_err(|e| err(path.display(), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsns_round_trip() {
+        assert_eq!(parse_lsn("0/3000148"), Some(0x3000148));
+        assert_eq!(parse_lsn("1/0"), Some(1 << 32));
+        assert_eq!(format_lsn(0x1_0300_0148), "1/3000148");
+        assert_eq!(parse_lsn("nope"), None);
+        assert_eq!(slot("Edge-1"), "tandem_edge_1");
+    }
+}

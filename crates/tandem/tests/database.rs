@@ -1,0 +1,528 @@
+//! The database tier against real PostgreSQL (Debian's `postgresql`, installed by
+//! `scripts/test`): bootstrap, synchronous replication, failover after `kill -9` of the
+//! primary with every acknowledged write kept, rejoin through pg_rewind, switchover back, and
+//! the errors that must touch no data.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+use testkit::{eventually, free_tcp_port};
+use tokio::time::Instant;
+
+/// Two sites on their own loopback addresses (`127.0.N.*` edge, `127.0.N+1.*` region).
+struct Db {
+    _dir: tempfile::TempDir,
+    up: Up,
+    state: std::path::PathBuf,
+    edge_frontend: SocketAddr,
+    health: [SocketAddr; 2],
+}
+
+/// A state directory PostgreSQL's own user can reach (tempdirs are 0700).
+fn reachable_tempdir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+fn topology(net: u8, port: u16, extra: &str) -> String {
+    let (e, r) = (net, net + 1);
+    format!(
+        r#"
+[[site]]
+name = "edge"
+role = "edge"
+
+[[site]]
+name = "region"
+role = "region"
+
+[[database]]
+name = "orders"
+replication = "sync"
+failover_timeout = "2s"
+frontends = {{ edge = "127.0.{e}.20:{port}", region = "127.0.{r}.20:{port}" }}
+{extra}
+  [[database.member]]
+  site = "edge"
+  listen = "127.0.{e}.21:{port}"
+
+  [[database.member]]
+  site = "region"
+  listen = "127.0.{r}.21:{port}"
+"#
+    )
+}
+
+async fn start(net: u8) -> Db {
+    let dir = reachable_tempdir();
+    let ips: Vec<String> = [net, net + 1]
+        .iter()
+        .flat_map(|n| [format!("127.0.{n}.20"), format!("127.0.{n}.21")])
+        .collect();
+    let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+    let port = free_tcp_port(&ips);
+    let api: SocketAddr = format!("127.0.0.1:{}", free_tcp_port(&["127.0.0.1"]))
+        .parse()
+        .unwrap();
+    let file = topology_file(dir.path(), api, &topology(net, port, ""));
+    let up = Up::start(&file, api, &[]);
+    let db = Db {
+        state: dir.path().join("state"),
+        _dir: dir,
+        up,
+        edge_frontend: format!("127.0.{net}.20:{port}").parse().unwrap(),
+        health: [
+            format!("127.0.{net}.21:8008").parse().unwrap(),
+            format!("127.0.{}.21:8008", net + 1).parse().unwrap(),
+        ],
+    };
+    db.wait(Duration::from_secs(60), "healthy with edge primary", |d| {
+        d["state"] == "healthy" && d["primary"] == "edge" && d["sync_standby"] == "region"
+    })
+    .await;
+    db
+}
+
+impl Db {
+    async fn view(&self) -> Option<Value> {
+        let v = try_get_json(self.up.api, "/v1/databases").await?;
+        Some(v["databases"][0].clone())
+    }
+
+    async fn wait(&self, deadline: Duration, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        eventually(deadline, what, || async {
+            self.view().await.filter(|d| check(d))
+        })
+        .await
+    }
+
+    fn password(&self) -> String {
+        std::fs::read_to_string(self.state.join("databases/orders/password"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    async fn client(&self) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let mut c = tokio_postgres::Config::new();
+        c.host(self.edge_frontend.ip().to_string())
+            .port(self.edge_frontend.port())
+            .user("postgres")
+            .password(self.password())
+            .dbname("postgres")
+            .connect_timeout(Duration::from_secs(1));
+        let (client, conn) = c.connect(tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        Ok(client)
+    }
+}
+
+/// The status code of a GET.
+async fn code(addr: SocketAddr, path: &str) -> u16 {
+    let resp = http_get(addr, path).await;
+    resp.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+fn member<'a>(d: &'a Value, site: &str) -> &'a Value {
+    d["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["site"] == site)
+        .unwrap()
+}
+
+/// Inserts increasing ids through the edge frontend, reconnecting on errors, and records each
+/// acknowledged one; stops when told or after 60 s.
+struct Writer {
+    /// Each acknowledged id, with the member that acknowledged it and when.
+    acked: Arc<Mutex<Vec<(i64, String, Instant)>>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    fn start(db: &Db) -> Writer {
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let (frontend, password) = (db.edge_frontend, db.password());
+        let a = acked.clone();
+        let task = tokio::spawn(async move {
+            let db = (frontend, password);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            // Ids never repeat across writers: start from the clock.
+            let mut next: i64 = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_micros() as i64;
+            let mut client = None;
+            while !*stopped.borrow() && Instant::now() < deadline {
+                if client.is_none() {
+                    client = connect(&db).await.ok();
+                }
+                let Some(c) = &client else {
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(50), stopped.changed()).await;
+                    continue;
+                };
+                let id = next;
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
+                let insert = c.query_one(
+                    "INSERT INTO acked (id) VALUES ($1) RETURNING current_setting('cluster_name')",
+                    &params,
+                );
+                match tokio::time::timeout(Duration::from_secs(5), insert).await {
+                    Ok(Ok(row)) => {
+                        a.lock().unwrap().push((next, row.get(0), Instant::now()));
+                        next += 1;
+                    }
+                    _ => {
+                        // Not acknowledged: the id may or may not be there; never reused.
+                        next += 1;
+                        client = None;
+                    }
+                }
+            }
+        });
+        Writer { acked, stop, task }
+    }
+
+    fn count(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// When the first write acknowledged by `site` came.
+    fn first_from(&self, site: &str) -> Option<Instant> {
+        let acked = self.acked.lock().unwrap();
+        acked
+            .iter()
+            .find(|(_, s, _)| s == site)
+            .map(|(_, _, at)| *at)
+    }
+
+    async fn finish(self) -> Vec<i64> {
+        let _ = self.stop.send(true);
+        self.task.await.unwrap();
+        let acked = Arc::try_unwrap(self.acked).unwrap().into_inner().unwrap();
+        acked.into_iter().map(|(id, _, _)| id).collect()
+    }
+}
+
+async fn connect(
+    db: &(SocketAddr, String),
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let mut c = tokio_postgres::Config::new();
+    c.host(db.0.ip().to_string())
+        .port(db.0.port())
+        .user("postgres")
+        .password(&db.1)
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(1));
+    let (client, conn) = c.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// Every acknowledged id must be in the table the frontend now reaches.
+async fn assert_all_present(db: &Db, acked: &[i64]) {
+    let client = eventually(Duration::from_secs(10), "a connection", || async {
+        db.client().await.ok()
+    })
+    .await;
+    let rows = client.query("SELECT id FROM acked", &[]).await.unwrap();
+    let have: std::collections::HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
+    let missing: Vec<&i64> = acked.iter().filter(|id| !have.contains(id)).collect();
+    assert!(missing.is_empty(), "acknowledged ids lost: {missing:?}");
+}
+
+async fn wait_acks(w: &Writer, more_than: usize, what: &str) {
+    eventually(Duration::from_secs(30), what, || async {
+        (w.count() > more_than).then_some(())
+    })
+    .await;
+}
+
+/// `kill -9` of the primary's postmaster while the writer runs: returns the time from the kill
+/// to the next acknowledged write, after checking that nothing acknowledged was lost.
+async fn failover_once(db: &Db, from: &str, to: &str, term: u64) -> Duration {
+    let w = Writer::start(db);
+    wait_acks(&w, 50, "writes before the fault").await;
+    let view = db.view().await.unwrap();
+    let pid = member(&view, from)["pid"].as_i64().unwrap() as i32;
+    let before = w.count();
+    let fault = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // A commit in flight at the kill may still be acknowledged by the dying primary's
+    // backend (its standby had it): the RTO ends at the first write the new primary takes.
+    let resumed = eventually(
+        Duration::from_secs(30),
+        "writes on the new primary",
+        || async { w.first_from(to) },
+    )
+    .await;
+    let rto = resumed - fault;
+    wait_acks(&w, before + 30, "more writes on the new primary").await;
+    let acked = w.finish().await;
+    eprintln!(
+        "phase: failover writes done {:?} after the kill",
+        fault.elapsed()
+    );
+    let d = db
+        .wait(Duration::from_secs(10), "the standby promoted", |d| {
+            d["primary"] == to && d["term"] == term
+        })
+        .await;
+    assert_eq!(d["last_change"]["kind"], "failover");
+    eprintln!(
+        "phase: promoted {:.2} s after the loss was seen",
+        d["last_change"]["seconds"].as_f64().unwrap()
+    );
+    assert_all_present(db, &acked).await;
+    rto
+}
+
+/// Switches back over to `to` with the writer running; nothing acknowledged is lost.
+async fn switchover_once(db: &Db, to: &str) {
+    db.wait(
+        Duration::from_secs(60),
+        "the old primary streaming as sync standby",
+        |d| d["state"] == "healthy" && d["sync_standby"] != Value::Null && d["primary"] != to,
+    )
+    .await;
+    let t0 = Instant::now();
+    eprintln!("phase: switchover to {to}: standby ready");
+    let w = Writer::start(db);
+    wait_acks(&w, 20, "writes before the switchover").await;
+    eprintln!("phase: switchover: writer going after {:?}", t0.elapsed());
+    let out = run(tandem().args([
+        "db",
+        "switchover",
+        "orders",
+        "--to",
+        to,
+        "--api",
+        &db.up.api.to_string(),
+    ]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually(
+        Duration::from_secs(30),
+        "writes on the new primary",
+        || async { w.first_from(to) },
+    )
+    .await;
+    let acked = w.finish().await;
+    eprintln!("phase: switchover: writes done after {:?}", t0.elapsed());
+    assert_all_present(db, &acked).await;
+    db.wait(
+        Duration::from_secs(60),
+        "healthy after the switchover",
+        |d| d["state"] == "healthy" && d["primary"] == to,
+    )
+    .await;
+}
+
+async fn create_table(db: &Db) {
+    let c = db.client().await.unwrap();
+    c.batch_execute("CREATE TABLE acked (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_failover_keeps_every_acknowledged_write_and_the_old_primary_rejoins() {
+    let db = start(61).await;
+    create_table(&db).await;
+    // Health endpoints in HAProxy's conventions.
+    assert_eq!(code(db.health[0], "/primary").await, 200, "/primary");
+    assert_eq!(code(db.health[1], "/primary").await, 503, "/primary");
+    assert_eq!(
+        code(db.health[1], "/replica?lag=1MB").await,
+        200,
+        "/replica?lag=1MB"
+    );
+    assert_eq!(
+        code(db.health[1], "/replica?lag=x").await,
+        400,
+        "/replica?lag=x"
+    );
+
+    let rto = failover_once(&db, "edge", "region", 2).await;
+    eprintln!("failover RTO (kill -9 to next acknowledged write): {rto:?}");
+    let events = recent_events(db.up.api).await;
+    let fenced = events
+        .iter()
+        .position(|e| e["to"] == "fenced")
+        .expect("a fence event");
+    let failover = events
+        .iter()
+        .position(|e| e["to"] == "failover")
+        .expect("a failover event");
+    assert!(
+        fenced < failover,
+        "the old primary is fenced before the promotion"
+    );
+    assert!(
+        events[failover]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("term 2")
+    );
+
+    // The former primary comes back as a standby through pg_rewind, streaming, synchronous.
+    let d = db
+        .wait(Duration::from_secs(60), "edge streaming again", |d| {
+            member(d, "edge")["state"] == "streaming" && d["sync_standby"] == "edge"
+        })
+        .await;
+    assert_eq!(member(&d, "edge")["role"], "standby");
+    let events = recent_events(db.up.api).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e["to"] == "rejoined" && e["reason"].as_str().unwrap().contains("pg_rewind")),
+        "{events:#?}"
+    );
+    assert_eq!(code(db.health[1], "/primary").await, 200, "/primary");
+    assert_eq!(code(db.health[0], "/primary").await, 503, "/primary");
+
+    // Planned switchover back to the edge loses nothing either.
+    switchover_once(&db, "edge").await;
+    let d = db.view().await.unwrap();
+    assert_eq!(d["term"], 3);
+    assert_eq!(d["last_change"]["kind"], "switchover");
+    let status = run(tandem().args(["status", "--api", &db.up.api.to_string()]));
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("orders") && text.contains("term 3"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_resumes_the_same_data_and_primary() {
+    let mut db = start(63).await;
+    create_table(&db).await;
+    db.client()
+        .await
+        .unwrap()
+        .batch_execute("INSERT INTO acked VALUES (42)")
+        .await
+        .unwrap();
+    assert!(db.up.terminate().success());
+    let file = db.state.parent().unwrap().join("topology.toml");
+    db.up = Up::start(&file, db.up.api, &[]);
+    let d = db
+        .wait(Duration::from_secs(60), "healthy again", |d| {
+            d["state"] == "healthy"
+        })
+        .await;
+    assert_eq!(d["primary"], "edge");
+    assert_eq!(d["term"], 1, "same holder, same term");
+    let events = recent_events(db.up.api).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e["reason"].as_str().unwrap().contains("resumed edge"))
+    );
+    let rows = db
+        .client()
+        .await
+        .unwrap()
+        .query("SELECT id FROM acked", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+}
+
+/// `tandem up` on a bad setup exits with an error that says what is wrong, and changes no
+/// data directory.
+#[test]
+fn bad_setups_fail_clearly_and_touch_no_data() {
+    let dir = reachable_tempdir();
+    let api: SocketAddr = format!("127.0.0.1:{}", free_tcp_port(&["127.0.0.1"]))
+        .parse()
+        .unwrap();
+    let port = free_tcp_port(&["127.0.65.21", "127.0.66.21", "127.0.65.20", "127.0.66.20"]);
+    let up = |extra: &str| {
+        let file = topology_file(dir.path(), api, &topology(65, port, extra));
+        let out = run(tandem().arg("up").arg("--no-console").arg(&file));
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let err = up("bin_dir = \"/nonexistent/bin\"");
+    assert!(
+        err.contains("PostgreSQL programs missing in /nonexistent/bin"),
+        "{err}"
+    );
+    assert!(err.contains("help:"), "{err}");
+
+    let data = dir.path().join("state/databases/orders/edge");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("precious"), "keep me").unwrap();
+    let err = up("");
+    assert!(err.contains("not a PostgreSQL data directory"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(data.join("precious")).unwrap(),
+        "keep me"
+    );
+    assert_eq!(std::fs::read_dir(&data).unwrap().count(), 1);
+    std::fs::remove_dir_all(&data).unwrap();
+
+    let taken = std::net::TcpListener::bind(format!("127.0.65.21:{port}")).unwrap();
+    let err = up("");
+    assert!(
+        err.contains("cannot use listen address") && err.contains("help:"),
+        "{err}"
+    );
+    drop(taken);
+    assert!(
+        !Path::new(&data).join("PG_VERSION").exists(),
+        "nothing initialised"
+    );
+}
+
+/// RTO over several failovers, for the closing note and `bench/db-failover/run`:
+/// `TANDEM_RTO_RUNS=5 cargo nextest run -p tandem --run-ignored only rto --no-capture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, run by bench/db-failover/run"]
+async fn rto_over_repeated_failovers() {
+    let runs: usize = std::env::var("TANDEM_RTO_RUNS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(5);
+    let db = start(67).await;
+    create_table(&db).await;
+    let mut rtos = Vec::new();
+    for i in 0..runs {
+        let term = 2 + 2 * i as u64;
+        let rto = failover_once(&db, "edge", "region", term).await;
+        eprintln!("run {}: RTO {rto:?}", i + 1);
+        rtos.push(rto);
+        switchover_once(&db, "edge").await;
+    }
+    rtos.sort();
+    eprintln!(
+        "RTO over {runs} runs: min {:?}, median {:?}, max {:?}",
+        rtos[0],
+        rtos[rtos.len() / 2],
+        rtos[rtos.len() - 1]
+    );
+}
