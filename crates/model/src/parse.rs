@@ -1304,7 +1304,7 @@ fn database(cx: &mut Cx, s: Section<'_, '_>) -> Option<Database> {
         s,
         "failover_timeout",
         Duration::from_secs(3),
-        Duration::from_millis(100),
+        Duration::from_secs(1),
         MAX_INTERVAL,
     );
     let frontends = match s.get("frontends") {

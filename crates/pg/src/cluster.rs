@@ -30,7 +30,9 @@ use crate::observe::{self, Observation};
 use scaleset::Instance;
 
 const TICK: Duration = Duration::from_millis(200);
-const SQL_TIMEOUT: Duration = Duration::from_millis(800);
+/// For a connection, then for the questions: a tick takes at most twice this, well inside
+/// the third of the smallest lease (1 s) left before fencing.
+const SQL_TIMEOUT: Duration = Duration::from_millis(300);
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// A standby that has not streamed for this long is rewound.
 const STUCK: Duration = Duration::from_secs(15);
@@ -101,6 +103,8 @@ pub struct View {
     pub frontends: Vec<String>,
     pub members: Vec<MemberView>,
     pub last_change: Option<Change>,
+    /// Why the database is `failed`.
+    pub error: Option<String>,
     pub failovers: u64,
     pub switchovers: u64,
 }
@@ -339,6 +343,8 @@ struct Driver {
     failovers: u64,
     switchovers: u64,
     bootstrapped: bool,
+    /// Why the database cannot run (a failed bootstrap).
+    failed: Option<String>,
     work: (mpsc::Sender<Done>, Option<mpsc::Receiver<Done>>),
 }
 
@@ -384,6 +390,7 @@ impl Driver {
             failovers: 0,
             switchovers: 0,
             bootstrapped: false,
+            failed: None,
             work: (tx, Some(rx)),
         }
     }
@@ -412,7 +419,11 @@ impl Driver {
         let mut work = self.work.1.take().unwrap_or_else(|| mpsc::channel(1).1);
         tokio::select! {
             r = self.bootstrap() => if let Err(e) = r {
+                // Nothing is retried over data that may be half made: the operator looks.
                 self.event(None, "error", format!("bootstrap failed: {e}"));
+                self.failed = Some(format!("bootstrap failed: {e}"));
+                self.publish();
+                let _ = stop.wait_for(|s| *s).await;
             },
             _ = stop.changed() => {}
         }
@@ -584,46 +595,42 @@ impl Driver {
     }
 
     async fn observe(&mut self, i: usize) {
-        let addr = self.members[i].config.listen;
-        let m = &mut self.members[i];
-        if m.instance.is_none() {
-            return;
+        self.observe_all(&[i]).await;
+    }
+
+    /// Asks the members at once, so a hung one cannot delay the primary's lease renewal.
+    async fn observe_all(&mut self, which: &[usize]) {
+        let mut asks = tokio::task::JoinSet::new();
+        for &i in which {
+            let m = &mut self.members[i];
+            if m.instance.is_none() {
+                continue;
+            }
+            let (addr, password, client) = (
+                m.config.listen,
+                self.local.password.clone(),
+                m.client.take(),
+            );
+            asks.spawn(async move {
+                let (client, result) = ask(addr, &password, client).await;
+                (i, client, result)
+            });
         }
-        if m.client.as_ref().is_none_or(|c| c.is_closed()) {
-            match tokio::time::timeout(SQL_TIMEOUT, observe::connect(addr, &self.local.password))
-                .await
-            {
-                Ok(Ok(c)) => m.client = Some(c),
-                Ok(Err(e)) => {
+        while let Some(Ok((i, client, result))) = asks.join_next().await {
+            let m = &mut self.members[i];
+            m.client = client;
+            match result {
+                Ok(o) => {
+                    m.obs = Some(o);
+                    m.error = None;
+                    if m.state == State::Starting {
+                        m.state = State::Running;
+                    }
+                }
+                Err(e) => {
                     m.obs = None;
                     m.error = Some(e);
-                    return;
                 }
-                Err(_) => {
-                    m.obs = None;
-                    m.error = Some("no answer to a connection within 800ms".into());
-                    return;
-                }
-            }
-        }
-        let Some(client) = &m.client else { return };
-        match tokio::time::timeout(SQL_TIMEOUT, observe::observe(client)).await {
-            Ok(Ok(o)) => {
-                m.obs = Some(o);
-                m.error = None;
-                if m.state == State::Starting {
-                    m.state = State::Running;
-                }
-            }
-            Ok(Err(e)) => {
-                m.obs = None;
-                m.client = None;
-                m.error = Some(e);
-            }
-            Err(_) => {
-                m.obs = None;
-                m.client = None;
-                m.error = Some("no answer to SQL within 800ms".into());
             }
         }
     }
@@ -631,8 +638,9 @@ impl Driver {
     async fn tick(&mut self) {
         for i in 0..self.members.len() {
             self.reap(i).await;
-            self.observe(i).await;
         }
+        let all: Vec<usize> = (0..self.members.len()).collect();
+        self.observe_all(&all).await;
         self.lead().await;
         self.keep_sync().await;
         self.tend_standbys().await;
@@ -1184,8 +1192,7 @@ impl Driver {
         // 1. The target must stream and catch up while the primary still takes writes.
         let deadline = requested + Duration::from_secs(30);
         loop {
-            self.observe(l).await;
-            self.observe(t).await;
+            self.observe_all(&[l, t]).await;
             let (Some(p), Some(s)) = (&self.members[l].obs, &self.members[t].obs) else {
                 return fail("the primary or the target stopped answering".into());
             };
@@ -1366,7 +1373,9 @@ impl Driver {
             .collect::<Vec<_>>();
         let primary = self.leader.filter(|&l| self.members[l].is_writable());
         let standbys_streaming = self.members.iter().filter(|m| m.is_streaming()).count();
-        let state = if !self.bootstrapped {
+        let state = if self.failed.is_some() {
+            "failed"
+        } else if !self.bootstrapped {
             "bootstrapping"
         } else if primary.is_some() {
             let sync_missing =
@@ -1396,10 +1405,41 @@ impl Driver {
                 .collect(),
             members,
             last_change: self.last_change.clone(),
+            error: self.failed.clone(),
             failovers: self.failovers,
             switchovers: self.switchovers,
         };
         *self.cluster.view.lock().unwrap_or_else(|p| p.into_inner()) = view;
+    }
+}
+
+/// One round of questions to a member, connecting first when needed; the connection comes
+/// back only while it works.
+async fn ask(
+    addr: SocketAddr,
+    password: &str,
+    client: Option<Client>,
+) -> (Option<Client>, Result<Observation, String>) {
+    let client = match client.filter(|c| !c.is_closed()) {
+        Some(c) => c,
+        None => match tokio::time::timeout(SQL_TIMEOUT, observe::connect(addr, password)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return (None, Err(e)),
+            Err(_) => {
+                return (
+                    None,
+                    Err(format!("no answer to a connection within {SQL_TIMEOUT:?}")),
+                );
+            }
+        },
+    };
+    match tokio::time::timeout(SQL_TIMEOUT, observe::observe(&client)).await {
+        Ok(Ok(o)) => (Some(client), Ok(o)),
+        Ok(Err(e)) => (None, Err(e)),
+        Err(_) => (
+            None,
+            Err(format!("no answer to SQL within {SQL_TIMEOUT:?}")),
+        ),
     }
 }
 

@@ -138,6 +138,8 @@ impl Local {
     /// generated once and kept in `password` and `replication.password` (mode 0600).
     pub fn open(bins: PathBuf, user: Option<(u32, u32)>, dir: PathBuf) -> Result<Local, Error> {
         std::fs::create_dir_all(&dir).map_err(|e| err(dir.display(), e))?;
+        // Programs run from inside it, so every path handed to them must be absolute.
+        let dir = std::path::absolute(&dir).map_err(|e| err(dir.display(), e))?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| err(dir.display(), e))?;
         if let Some((uid, gid)) = user {
