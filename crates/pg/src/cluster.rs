@@ -397,12 +397,13 @@ impl Driver {
 
     fn event(&self, member: Option<usize>, what: &'static str, message: String) {
         let member = member.map(|i| self.members[i].site.clone());
+        let m = member.as_deref().unwrap_or("-");
         match what {
             "error" | "failover-blocked" | "primary-lost" | "fenced" | "member-exited" => {
-                tracing::warn!(database = %self.config.name, ?member, what, term = self.term, "{message}")
+                tracing::warn!(database = %self.config.name, member = m, what, term = self.term, "{message}")
             }
             _ => {
-                tracing::info!(database = %self.config.name, ?member, what, term = self.term, "{message}")
+                tracing::info!(database = %self.config.name, member = m, what, term = self.term, "{message}")
             }
         }
         let _ = self.cluster.events.send(Event {
