@@ -561,3 +561,42 @@ async fn rto_over_repeated_failovers() {
         rtos[rtos.len() - 1]
     );
 }
+
+/// Split-brain guard: a standby promoted behind Tandem's back (someone ran `pg_promote()` on
+/// it) is stopped at once and comes back as a standby; the lease holder stays primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_promoted_behind_tandems_back_is_stopped_and_rewound() {
+    let db = start(71).await;
+    let view = db.view().await.unwrap();
+    let region: SocketAddr = member(&view, "region")["listen"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let direct = connect(&(region, db.password())).await.unwrap();
+    let promoted: bool = direct
+        .query_one("SELECT pg_promote(true, 30)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(promoted);
+    eventually(
+        Duration::from_secs(10),
+        "the rogue primary fenced",
+        || async {
+            let events = recent_events(db.up.api).await;
+            events
+                .iter()
+                .any(|e| e["to"] == "fenced" && e["subject"] == "orders/region")
+                .then_some(())
+        },
+    )
+    .await;
+    let d = db
+        .wait(Duration::from_secs(60), "region streaming again", |d| {
+            member(d, "region")["state"] == "streaming" && d["state"] == "healthy"
+        })
+        .await;
+    assert_eq!(d["primary"], "edge");
+    assert_eq!(d["term"], 1, "no failover happened");
+}
