@@ -171,12 +171,11 @@ impl Cluster {
         state_dir: PathBuf,
     ) -> Result<Arc<Cluster>, local::Error> {
         let name = config.name.to_string();
-        let bins = local::find_bins(config.bin_dir.as_deref())
-            .map_err(|e| local::Error(format!("database {name}: {e}")))?;
+        let named = |e: local::Error| local::Error(format!("database {name}: {e}"));
+        let bins = local::find_bins(config.bin_dir.as_deref()).map_err(named)?;
         let user = local::run_as()?;
         let dir = state_dir.join("databases").join(&name);
-        let local = Local::open(bins, user, dir)
-            .map_err(|e| local::Error(format!("database {name}: {e}")))?;
+        let local = Local::open(bins, user, dir).map_err(named)?;
         for m in &config.members {
             let site = m.site.as_str();
             local
@@ -221,8 +220,8 @@ impl Cluster {
                 stop_rx.clone(),
             ));
         }
-        let driver = Driver::new(config, wiring, Arc::new(local), cluster.clone());
-        let task = tokio::spawn(driver.run(rx, stop_rx));
+        let (driver, work) = Driver::new(config, wiring, Arc::new(local), cluster.clone());
+        let task = tokio::spawn(driver.run(rx, work, stop_rx));
         *cluster.done.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
         Ok(cluster)
     }
@@ -299,10 +298,6 @@ struct Rt {
 }
 
 impl Rt {
-    fn site(&self) -> &str {
-        &self.site
-    }
-
     fn is_writable(&self) -> bool {
         self.obs.as_ref().is_some_and(|o| !o.in_recovery)
     }
@@ -345,11 +340,17 @@ struct Driver {
     bootstrapped: bool,
     /// Why the database cannot run (a failed bootstrap).
     failed: Option<String>,
-    work: (mpsc::Sender<Done>, Option<mpsc::Receiver<Done>>),
+    /// Where background work (clone, rewind) reports back to `run`.
+    work: mpsc::Sender<Done>,
 }
 
 impl Driver {
-    fn new(config: Database, wiring: Wiring, local: Arc<Local>, cluster: Arc<Cluster>) -> Driver {
+    fn new(
+        config: Database,
+        wiring: Wiring,
+        local: Arc<Local>,
+        cluster: Arc<Cluster>,
+    ) -> (Driver, mpsc::Receiver<Done>) {
         let now = Instant::now();
         let members = config
             .members
@@ -368,7 +369,7 @@ impl Driver {
             })
             .collect();
         let (tx, rx) = mpsc::channel(16);
-        Driver {
+        let driver = Driver {
             key: format!("databases/{}/leader", config.name),
             ttl: config.failover_timeout,
             config,
@@ -391,8 +392,9 @@ impl Driver {
             switchovers: 0,
             bootstrapped: false,
             failed: None,
-            work: (tx, Some(rx)),
-        }
+            work: tx,
+        };
+        (driver, rx)
     }
 
     fn event(&self, member: Option<usize>, what: &'static str, message: String) {
@@ -416,8 +418,12 @@ impl Driver {
         });
     }
 
-    async fn run(mut self, mut commands: mpsc::Receiver<Command>, mut stop: watch::Receiver<bool>) {
-        let mut work = self.work.1.take().unwrap_or_else(|| mpsc::channel(1).1);
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut work: mpsc::Receiver<Done>,
+        mut stop: watch::Receiver<bool>,
+    ) {
         tokio::select! {
             r = self.bootstrap() => if let Err(e) = r {
                 // Nothing is retried over data that may be half made: the operator looks.
@@ -460,7 +466,7 @@ impl Driver {
             .map_err(|e| e.to_string())?;
         self.term = term;
         let with_data: Vec<usize> = (0..self.members.len())
-            .filter(|&i| self.local.has_data(self.members[i].site()))
+            .filter(|&i| self.local.has_data(&self.members[i].site))
             .collect();
         let fresh = with_data.is_empty();
         let leader = if fresh {
@@ -475,7 +481,7 @@ impl Driver {
             with_data
                 .iter()
                 .copied()
-                .find(|&i| !self.local.is_standby(self.members[i].site()))
+                .find(|&i| !self.local.is_standby(&self.members[i].site))
         };
         let Some(l) = leader else {
             // Every member was left a standby: the ticks promote the most advanced.
@@ -1034,7 +1040,7 @@ impl Driver {
         let site = self.members[i].site.clone();
         self.members[i].state = state;
         let local = self.local.clone();
-        let tx = self.work.0.clone();
+        let tx = self.work.clone();
         let policy = self.config.rewind_failure;
         tokio::spawn(async move {
             // A just-promoted primary's control file still names the old timeline until its
@@ -1316,7 +1322,7 @@ impl Driver {
     }
 
     async fn stop_all(&mut self) {
-        // Standbys first, so the primary's last WAL is not waited for by nobody.
+        // Standbys first: the primary then shuts down last, with nothing left to stream.
         let order: Vec<usize> = (0..self.members.len())
             .filter(|&i| Some(i) != self.leader)
             .chain(self.leader)

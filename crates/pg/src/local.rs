@@ -213,10 +213,7 @@ impl Local {
         let data = self.data(site).to_string_lossy().into_owned();
         let out = self.run("pg_controldata", &[&data], &[]).await?;
         out.lines()
-            .find_map(|l| {
-                l.strip_prefix("Latest checkpoint's REDO location:")
-                    .or_else(|| l.strip_prefix("Latest checkpoint location:"))
-            })
+            .find_map(|l| l.strip_prefix("Latest checkpoint location:"))
             .and_then(|v| parse_lsn(v.trim()))
             .ok_or_else(|| Error(format!("pg_controldata {data}: no checkpoint location")))
     }

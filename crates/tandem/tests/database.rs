@@ -119,16 +119,7 @@ impl Db {
     }
 
     async fn client(&self) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let mut c = tokio_postgres::Config::new();
-        c.host(self.edge_frontend.ip().to_string())
-            .port(self.edge_frontend.port())
-            .user("postgres")
-            .password(self.password())
-            .dbname("postgres")
-            .connect_timeout(Duration::from_secs(1));
-        let (client, conn) = c.connect(tokio_postgres::NoTls).await?;
-        tokio::spawn(conn);
-        Ok(client)
+        connect(&(self.edge_frontend, self.password())).await
     }
 }
 
