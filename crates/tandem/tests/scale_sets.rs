@@ -247,7 +247,7 @@ async fn killing_tandem_leaves_no_instance_behind() {
     let v = settled(api, 2, "two instances").await;
     let pids = instance_pids(&v);
     up.child.kill().unwrap();
-    up.child.wait().unwrap();
+    wait_exit(&mut up.child, Duration::from_secs(30));
     eventually(Duration::from_secs(10), "instances gone", || async {
         pids.iter().all(|p| !alive(*p)).then_some(())
     })

@@ -211,7 +211,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, state: Arc<Mutex<Sta
     }
 }
 
-/// Polls `check` until it returns `Some`, failing the test after `deadline`.
+/// Polls `check` until it returns `Some`, failing the test after `deadline` (a check still
+/// running then is abandoned).
 pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
@@ -219,7 +220,8 @@ where
 {
     let end = tokio::time::Instant::now() + deadline;
     loop {
-        if let Some(v) = check().await {
+        // A check that hangs (a server that accepts and never answers) is bounded too.
+        if let Ok(Some(v)) = tokio::time::timeout_at(end, check()).await {
             return v;
         }
         assert!(

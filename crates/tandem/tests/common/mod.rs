@@ -60,11 +60,12 @@ impl Up {
             .cloned()
     }
 
+    /// SIGTERM, then the exit status; fails the test if tandem has not exited within 30 s.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let _ = Command::new("kill")
             .arg(self.child.id().to_string())
             .status();
-        self.child.wait().unwrap()
+        wait_exit(&mut self.child, Duration::from_secs(30))
     }
 }
 
@@ -117,14 +118,25 @@ pub async fn recent_events(api: SocketAddr) -> Vec<Value> {
 }
 
 pub async fn http_get(api: SocketAddr, path: &str) -> String {
+    exchange(api, format!("GET {path} HTTP/1.0\r\nHost: {api}\r\n\r\n")).await
+}
+
+/// How long a test waits for one HTTP exchange with tandem before failing.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sends a whole HTTP/1.0 request and reads the whole response, within [`HTTP_TIMEOUT`].
+async fn exchange(addr: SocketAddr, request: String) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(api).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {api}\r\n\r\n").as_bytes())
+    let talk = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    tokio::time::timeout(HTTP_TIMEOUT, talk)
         .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
+        .unwrap_or_else(|_| panic!("{addr} did not answer {request:?} within {HTTP_TIMEOUT:?}"))
 }
 
 /// The JSON body of a GET.
@@ -136,16 +148,11 @@ pub async fn get_json(api: SocketAddr, path: &str) -> Value {
 
 /// A POST without a body; the whole response.
 pub async fn http_post(addr: SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        format!("POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+    exchange(
+        addr,
+        format!("POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n"),
     )
     .await
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 /// The body of an HTTP response.
@@ -157,6 +164,23 @@ pub fn body(resp: &str) -> &str {
 pub async fn try_get_json(api: SocketAddr, path: &str) -> Option<Value> {
     tokio::net::TcpStream::connect(api).await.ok()?;
     Some(get_json(api, path).await)
+}
+
+/// The exit status of `child`, which must exit within `deadline` (else it is killed and the
+/// test fails).
+pub fn wait_exit(child: &mut Child, deadline: Duration) -> std::process::ExitStatus {
+    let end = std::time::Instant::now() + deadline;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("process {} did not exit within {deadline:?}", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Whether a process runs (a zombie has exited; only its parent's wait is missing).
