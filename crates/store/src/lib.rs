@@ -1,25 +1,47 @@
 //! The coordination store: leases that make a decision single-owner, each carrying a fencing
-//! token (its term).
+//! token (its term); records with versions, compare-and-set and watches; and this process's
+//! session, which records can be tied to so that they vanish when it dies.
 //!
-//! A lease has one holder until it expires. Renewing keeps the term; anyone taking it over after
-//! it expired (or was released) gets the next term, so every holder's actions can be told apart
-//! and stale ones refused. Terms never go back, across restarts too.
+//! - **Leases.** A lease has one holder until it expires. Renewing keeps the term; anyone taking
+//!   it over after it expired (or was released) gets the next term, so every holder's actions
+//!   can be told apart and stale ones refused ([`Store::put_fenced`]). Terms never go back,
+//!   across restarts too.
+//! - **Records.** Bytes under a key, each write giving the record a new `revision` (which grows
+//!   store-wide), so a writer can say what it expects to replace ([`Expect`]). A record is
+//!   [`Scope::Persistent`] or [`Scope::Session`]: the latter is deleted when this process's
+//!   session ends (its node died or was cut off for longer than the session's time to live) and
+//!   written again by the store when a new session starts, so what a node says of itself is
+//!   present exactly while it is alive.
+//! - **Watches.** Every change under a prefix after a revision, in order. [`Mirror`] keeps a
+//!   local copy of a prefix current from a list and a watch, and starts over when the watch
+//!   breaks, so readers never deal with the protocol.
 //!
-//! [`Embedded`] keeps leases in this process and their terms in a file (one machine); an etcd
-//! store for clusters implements the same [`Store`] trait. Expiry runs on `tokio::time`, so
-//! tests drive it with virtual time.
+//! [`Embedded`] keeps everything in this process (leases also in a file): the single-machine
+//! default. [`Etcd`] (cargo feature `etcd`, on by default) keeps it in an etcd cluster, for
+//! Tandem clusters. Expiry in [`Embedded`] runs on `tokio::time`, so tests drive it with
+//! virtual time. Keys are paths relative to the store's root (`nodes/edge-1`); [`keys`] is the
+//! one place that spells them.
 
-use std::collections::BTreeMap;
+mod embedded;
+#[cfg(feature = "etcd")]
+mod etcd;
+pub mod keys;
+mod mirror;
+
 use std::fmt::Debug;
 use std::future::Future;
-use std::io::{self, Write as _};
-use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+
+pub use embedded::Embedded;
+#[cfg(feature = "etcd")]
+pub use etcd::{Etcd, EtcdOptions};
+pub use mirror::Mirror;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -29,10 +51,12 @@ pub struct Lease {
     pub holder: String,
     /// The fencing token: grows by one at every change of holder.
     pub term: u64,
+    /// When it runs out unless renewed, as this process can tell: for the holder, measured
+    /// from when it asked, so never later than the store's own expiry.
     pub expires: Instant,
 }
 
-/// Why a lease operation did not succeed.
+/// Why a store operation did not succeed.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StoreError {
     #[error("the lease is held by {holder} (term {term}) for another {left:?}")]
@@ -43,11 +67,101 @@ pub enum StoreError {
     },
     #[error("the lease was lost (now term {term}{})", holder.as_ref().map(|h| format!(", held by {h}")).unwrap_or_default())]
     Lost { holder: Option<String>, term: u64 },
+    /// A write whose [`Expect`]ation did not hold: someone else wrote first.
+    #[error("{key} changed meanwhile (now revision {})", revision.map_or("none (absent)".to_string(), |r| r.to_string()))]
+    Conflict { key: String, revision: Option<u64> },
+    /// The store could not be reached or refused to answer (no quorum, timeout). Retrying
+    /// later can help.
     #[error("the store is unavailable: {0}")]
     Unavailable(String),
 }
 
-/// Leases by key. Every method is atomic.
+/// A record: its bytes and the revision of its last write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub value: Vec<u8>,
+    pub revision: u64,
+}
+
+impl Record {
+    /// The value as JSON of type `T`; `None` when it is not (a record written by another
+    /// version, or damaged: callers skip it rather than fail).
+    pub fn json<T: DeserializeOwned>(&self) -> Option<T> {
+        serde_json::from_slice(&self.value).ok()
+    }
+}
+
+/// What a write expects to find.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// Whatever is there (a plain put or delete).
+    Any,
+    /// No record under the key (create only).
+    Absent,
+    /// The record at exactly this revision (compare-and-set).
+    Revision(u64),
+}
+
+/// How long a record lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Until deleted.
+    Persistent,
+    /// While this process's session lives (see [`Connection`]).
+    Session,
+}
+
+/// One change under a watched prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    Put { key: String, record: Record },
+    Delete { key: String, revision: u64 },
+}
+
+impl Change {
+    pub fn key(&self) -> &str {
+        match self {
+            Change::Put { key, .. } | Change::Delete { key, .. } => key,
+        }
+    }
+
+    pub fn revision(&self) -> u64 {
+        match self {
+            Change::Put { record, .. } => record.revision,
+            Change::Delete { revision, .. } => *revision,
+        }
+    }
+}
+
+/// Records under a prefix, in key order, and the store's revision when they were read.
+pub type Listing = (Vec<(String, Record)>, u64);
+
+/// The changes of a watch, batch by batch; an `Err` ends it (the watcher lists again).
+pub type Watch = mpsc::Receiver<Result<Vec<Change>, StoreError>>;
+
+/// Whether this process can use the store, and its session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Connection {
+    /// The last request to the store succeeded.
+    pub connected: bool,
+    /// Since when `connected` has had its value.
+    #[serde(serialize_with = "serde_time")]
+    pub since: SystemTime,
+    /// Grows each time a new session starts (after one was lost): what was tied to the old one
+    /// is gone and has been written again.
+    pub session: u64,
+    /// Why it is not connected, or the endpoint it talks to.
+    pub detail: String,
+}
+
+fn serde_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    s.serialize_f64(secs)
+}
+
+/// Leases, records and watches. Every method is atomic.
 pub trait Store: Send + Sync + Debug {
     /// Takes the lease when nobody holds it (or it expired): the term grows by one. The
     /// current holder acquiring again just renews.
@@ -78,321 +192,68 @@ pub trait Store: Send + Sync + Debug {
 
     /// The current lease, if held, and the latest term.
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(Option<Lease>, u64), StoreError>>;
-}
 
-#[derive(Clone, Debug)]
-struct Record {
-    holder: Option<String>,
-    term: u64,
-    expires: Instant,
-}
-
-/// What the state file keeps: who held each lease last and at which term.
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct Saved {
-    leases: BTreeMap<String, SavedLease>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct SavedLease {
-    holder: Option<String>,
-    term: u64,
-    ttl_ms: u64,
-}
-
-/// The single-machine store: leases in memory, terms and holders in a JSON file written
-/// atomically (temporary file, fsync, rename) whenever a lease changes hands.
-#[derive(Debug)]
-pub struct Embedded {
-    path: Option<PathBuf>,
-    state: Mutex<(BTreeMap<String, Record>, BTreeMap<String, u64>)>,
-}
-
-impl Embedded {
-    /// A store that forgets everything when dropped (tests).
-    pub fn in_memory() -> Self {
-        Embedded {
-            path: None,
-            state: Mutex::new(Default::default()),
-        }
-    }
-
-    /// Opens (or creates) the store kept in `path`. A lease held when the file was written is
-    /// held again for its full time to live from now: a restarted Tandem cannot tell whether
-    /// its holder still acts on it.
-    pub fn open(path: &Path) -> io::Result<Self> {
-        let saved: Saved = match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{}: not a Tandem store file: {e}", path.display()),
-                )
-            })?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Saved::default(),
-            Err(e) => return Err(e),
-        };
-        let now = Instant::now();
-        let mut records = BTreeMap::new();
-        let mut ttls = BTreeMap::new();
-        for (key, l) in saved.leases {
-            let ttl = Duration::from_millis(l.ttl_ms);
-            ttls.insert(key.clone(), l.ttl_ms);
-            records.insert(
-                key,
-                Record {
-                    holder: l.holder,
-                    term: l.term,
-                    expires: now + ttl,
-                },
-            );
-        }
-        Ok(Embedded {
-            path: Some(path.to_path_buf()),
-            state: Mutex::new((records, ttls)),
-        })
-    }
-
-    fn save(
-        &self,
-        records: &BTreeMap<String, Record>,
-        ttls: &BTreeMap<String, u64>,
-    ) -> io::Result<()> {
-        let Some(path) = &self.path else {
-            return Ok(());
-        };
-        let saved = Saved {
-            leases: records
-                .iter()
-                .map(|(k, r)| {
-                    let lease = SavedLease {
-                        holder: r.holder.clone(),
-                        term: r.term,
-                        ttl_ms: ttls.get(k).copied().unwrap_or(0),
-                    };
-                    (k.clone(), lease)
-                })
-                .collect(),
-        };
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(&saved).map_err(io::Error::other)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
-    }
-
-    fn with<T>(
-        &self,
-        f: impl FnOnce(
-            &mut BTreeMap<String, Record>,
-            &mut BTreeMap<String, u64>,
-        ) -> Result<(T, bool), StoreError>,
-    ) -> Result<T, StoreError> {
-        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let (records, ttls) = &mut *guard;
-        let before = (records.clone(), ttls.clone());
-        let (out, changed) = f(records, ttls)?;
-        if changed && let Err(e) = self.save(records, ttls) {
-            // Not durable, not granted: a term that could go back after a restart is no token.
-            (*records, *ttls) = before;
-            return Err(StoreError::Unavailable(format!(
-                "cannot write the store file: {e}"
-            )));
-        }
-        Ok(out)
-    }
-}
-
-impl Store for Embedded {
-    fn acquire<'a>(
+    /// Writes a record if `expect` holds; its new revision.
+    fn put<'a>(
         &'a self,
         key: &'a str,
-        holder: &'a str,
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<Lease, StoreError>> {
-        Box::pin(async move {
-            let now = Instant::now();
-            self.with(|records, ttls| {
-                let r = records.entry(key.to_string()).or_insert(Record {
-                    holder: None,
-                    term: 0,
-                    expires: now,
-                });
-                let live = r.holder.is_some() && r.expires > now;
-                if live && r.holder.as_deref() != Some(holder) {
-                    return Err(StoreError::Held {
-                        holder: r.holder.clone().unwrap_or_default(),
-                        term: r.term,
-                        left: r.expires - now,
-                    });
-                }
-                let changed = !live;
-                if changed {
-                    r.term += 1;
-                    r.holder = Some(holder.to_string());
-                }
-                r.expires = now + ttl;
-                ttls.insert(key.to_string(), ttl.as_millis() as u64);
-                Ok((
-                    Lease {
-                        holder: holder.to_string(),
-                        term: r.term,
-                        expires: r.expires,
-                    },
-                    changed,
-                ))
-            })
-        })
-    }
+        value: Vec<u8>,
+        scope: Scope,
+        expect: Expect,
+    ) -> BoxFuture<'a, Result<u64, StoreError>>;
 
-    fn renew<'a>(
+    /// Writes a record only while `holder` holds the lease `lease` at `term`: the write of a
+    /// decision taken under a lease, refused (`Lost`) once a newer term exists.
+    fn put_fenced<'a>(
         &'a self,
         key: &'a str,
+        value: Vec<u8>,
+        lease: &'a str,
         holder: &'a str,
         term: u64,
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<Lease, StoreError>> {
-        Box::pin(async move {
-            let now = Instant::now();
-            self.with(|records, _| {
-                let Some(r) = records.get_mut(key) else {
-                    return Err(StoreError::Lost {
-                        holder: None,
-                        term: 0,
-                    });
-                };
-                if r.holder.as_deref() != Some(holder) || r.term != term || r.expires <= now {
-                    return Err(StoreError::Lost {
-                        holder: r.holder.clone().filter(|_| r.expires > now),
-                        term: r.term,
-                    });
-                }
-                r.expires = now + ttl;
-                Ok((
-                    Lease {
-                        holder: holder.to_string(),
-                        term,
-                        expires: r.expires,
-                    },
-                    false,
-                ))
-            })
-        })
-    }
+    ) -> BoxFuture<'a, Result<u64, StoreError>>;
 
-    fn release<'a>(
+    /// Deletes a record if `expect` holds; false when there was none.
+    fn delete<'a>(
         &'a self,
         key: &'a str,
-        holder: &'a str,
-        term: u64,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            self.with(|records, _| match records.get_mut(key) {
-                Some(r) if r.holder.as_deref() == Some(holder) && r.term == term => {
-                    r.holder = None;
-                    Ok(((), true))
-                }
-                Some(r) => Err(StoreError::Lost {
-                    holder: r.holder.clone(),
-                    term: r.term,
-                }),
-                None => Err(StoreError::Lost {
-                    holder: None,
-                    term: 0,
-                }),
-            })
-        })
-    }
+        expect: Expect,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
 
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(Option<Lease>, u64), StoreError>> {
-        Box::pin(async move {
-            let now = Instant::now();
-            self.with(|records, _| {
-                let Some(r) = records.get(key) else {
-                    return Ok(((None, 0), false));
-                };
-                let lease = match &r.holder {
-                    Some(h) if r.expires > now => Some(Lease {
-                        holder: h.clone(),
-                        term: r.term,
-                        expires: r.expires,
-                    }),
-                    _ => None,
-                };
-                Ok(((lease, r.term), false))
-            })
-        })
+    /// One record.
+    fn read<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Record>, StoreError>>;
+
+    /// Every record whose key starts with `prefix`, in key order, and the store's revision at
+    /// that moment (watch from the next one to miss nothing).
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Listing, StoreError>>;
+
+    /// Every change under `prefix` after revision `after`, until the receiver is dropped or an
+    /// error ends it.
+    fn watch<'a>(&'a self, prefix: &'a str, after: u64)
+    -> BoxFuture<'a, Result<Watch, StoreError>>;
+
+    /// Whether the store can be used now; changes as it goes and comes back.
+    fn connection(&self) -> watch::Receiver<Connection>;
+}
+
+/// JSON helpers over any [`Store`].
+pub trait StoreExt: Store {
+    /// Writes `value` as JSON.
+    fn put_json<'a, T: Serialize + Sync>(
+        &'a self,
+        key: &'a str,
+        value: &'a T,
+        scope: Scope,
+        expect: Expect,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        let bytes = serde_json::to_vec(value).unwrap_or_default();
+        self.put(key, bytes, scope, expect)
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
+impl<S: Store + ?Sized> StoreExt for S {}
 
-    const TTL: Duration = Duration::from_secs(3);
-
-    #[tokio::test(start_paused = true)]
-    async fn a_lease_is_exclusive_until_it_expires_and_takeover_bumps_the_term() {
-        let s = Embedded::in_memory();
-        let a = s.acquire("db", "edge", TTL).await.unwrap();
-        assert_eq!(a.term, 1);
-        let held = s.acquire("db", "region", TTL).await.unwrap_err();
-        assert!(matches!(held, StoreError::Held { ref holder, term: 1, .. } if holder == "edge"));
-        tokio::time::advance(Duration::from_secs(2)).await;
-        s.renew("db", "edge", 1, TTL).await.unwrap();
-        tokio::time::advance(Duration::from_secs(2)).await;
-        assert!(s.acquire("db", "region", TTL).await.is_err(), "renewed");
-        tokio::time::advance(Duration::from_millis(1001)).await;
-        let b = s.acquire("db", "region", TTL).await.unwrap();
-        assert_eq!(b.term, 2);
-        let lost = s.renew("db", "edge", 1, TTL).await.unwrap_err();
-        assert!(matches!(lost, StoreError::Lost { term: 2, .. }));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn release_hands_over_at_once_and_keeps_terms_growing() {
-        let s = Embedded::in_memory();
-        s.acquire("db", "edge", TTL).await.unwrap();
-        assert!(
-            s.release("db", "region", 1).await.is_err(),
-            "not the holder"
-        );
-        s.release("db", "edge", 1).await.unwrap();
-        assert_eq!(s.get("db").await.unwrap(), (None, 1));
-        assert_eq!(s.acquire("db", "region", TTL).await.unwrap().term, 2);
-        assert_eq!(
-            s.acquire("db", "region", TTL).await.unwrap().term,
-            2,
-            "renewal"
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn terms_and_holders_survive_a_restart_and_the_lease_is_held_again_for_its_ttl() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store.json");
-        {
-            let s = Embedded::open(&path).unwrap();
-            s.acquire("db", "edge", TTL).await.unwrap();
-            tokio::time::advance(TTL * 2).await;
-            s.acquire("db", "region", TTL).await.unwrap();
-        }
-        tokio::time::advance(TTL * 10).await;
-        let s = Embedded::open(&path).unwrap();
-        let (lease, term) = s.get("db").await.unwrap();
-        assert_eq!(term, 2);
-        assert_eq!(lease.unwrap().holder, "region");
-        assert!(s.acquire("db", "edge", TTL).await.is_err());
-        tokio::time::advance(TTL).await;
-        assert_eq!(s.acquire("db", "edge", TTL).await.unwrap().term, 3);
-        std::fs::write(&path, "{not json").unwrap();
-        assert!(
-            Embedded::open(&path).is_err(),
-            "a damaged file is an error, not a reset"
-        );
-    }
+/// `ttl` as the holder's deadline: from `asked`, when the request left.
+pub(crate) fn deadline(asked: Instant, ttl: Duration) -> Instant {
+    asked + ttl
 }

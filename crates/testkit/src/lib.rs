@@ -288,3 +288,115 @@ pub fn dig(server: SocketAddr, name: &str, extra: &[&str]) -> Option<Vec<String>
     }
     Some(text.lines().map(str::to_string).collect())
 }
+
+/// A real single-member etcd (Debian's `etcd-server`) on loopback, with its data in a
+/// temporary directory; killed and removed when dropped.
+pub struct EtcdMember {
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    pub peer: String,
+    child: Option<std::process::Child>,
+    dir: std::path::PathBuf,
+}
+
+impl std::fmt::Debug for EtcdMember {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdMember")
+            .field("endpoint", &self.endpoint)
+            .finish()
+    }
+}
+
+impl EtcdMember {
+    /// Starts a member and waits (at most 20 s) until it answers.
+    pub async fn start() -> Self {
+        let client = free_tcp_port(&["127.0.0.1"]);
+        let mut peer = free_tcp_port(&["127.0.0.1"]);
+        while peer == client {
+            peer = free_tcp_port(&["127.0.0.1"]);
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "tandem-etcd-{}-{client}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut m = EtcdMember {
+            endpoint: format!("http://127.0.0.1:{client}"),
+            peer: format!("http://127.0.0.1:{peer}"),
+            child: None,
+            dir,
+        };
+        m.spawn();
+        m.wait_ready().await;
+        m
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.join("etcd.log")).unwrap();
+        let child = std::process::Command::new("etcd")
+            .args(["--name", "t", "--data-dir"])
+            .arg(self.dir.join("data"))
+            .args(["--listen-client-urls", &self.endpoint])
+            .args(["--advertise-client-urls", &self.endpoint])
+            .args(["--listen-peer-urls", &self.peer])
+            .args(["--initial-advertise-peer-urls", &self.peer])
+            .args(["--initial-cluster", &format!("t={}", self.peer)])
+            .args(["--log-level", "warn"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("etcd is installed (scripts/test installs etcd-server)");
+        self.child = Some(child);
+    }
+
+    /// Runs `etcdctl` against this member; its stdout.
+    pub fn etcdctl(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.endpoint])
+            .args(args)
+            .output()
+            .expect("etcdctl is installed (scripts/test installs etcd-client)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    async fn wait_ready(&self) {
+        let ep = self.endpoint.clone();
+        eventually(Duration::from_secs(20), "etcd to answer", || {
+            let ep = ep.clone();
+            async move {
+                let out = tokio::process::Command::new("etcdctl")
+                    .env("ETCDCTL_API", "3")
+                    .args(["--endpoints", &ep, "endpoint", "health"])
+                    .output()
+                    .await
+                    .ok()?;
+                out.status.success().then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// Kills the member (its data stays).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on its data and waits until it answers.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+        self.wait_ready().await;
+    }
+}
+
+impl Drop for EtcdMember {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

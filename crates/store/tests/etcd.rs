@@ -1,0 +1,202 @@
+//! The etcd store against a real etcd member (Debian's etcd-server) on loopback: leases with
+//! fencing terms, records with compare-and-set, watches through a mirror, session records that
+//! vanish with their process, and a clear state when etcd cannot be reached.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![cfg(feature = "etcd")]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use store::{Etcd, EtcdOptions, Expect, Mirror, Scope, Store, StoreError};
+use testkit::{EtcdMember, eventually};
+
+async fn connect(member: &EtcdMember, cluster: &str, session: Duration) -> Arc<Etcd> {
+    let s = Etcd::connect(EtcdOptions::new(
+        vec![member.endpoint.clone()],
+        cluster,
+        session,
+    ))
+    .await
+    .unwrap();
+    s.ready(Duration::from_secs(10)).await.unwrap();
+    s
+}
+
+#[tokio::test]
+async fn leases_are_exclusive_terms_grow_and_stale_terms_are_fenced() {
+    let etcd = EtcdMember::start().await;
+    let a = connect(&etcd, "leases", Duration::from_secs(5)).await;
+    let b = connect(&etcd, "leases", Duration::from_secs(5)).await;
+    let ttl = Duration::from_secs(2);
+    let l1 = a.acquire("leader", "n1", ttl).await.unwrap();
+    assert_eq!(l1.term, 1);
+    match b.acquire("leader", "n2", ttl).await {
+        Err(StoreError::Held { holder, term, .. }) => {
+            assert_eq!((holder.as_str(), term), ("n1", 1))
+        }
+        other => panic!("expected Held, got {other:?}"),
+    }
+    // Renewals keep it past its time to live.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        a.renew("leader", "n1", 1, ttl).await.unwrap();
+    }
+    assert!(b.acquire("leader", "n2", ttl).await.is_err(), "renewed");
+    a.put_fenced("decision", b"n1 decides".to_vec(), "leader", "n1", 1)
+        .await
+        .unwrap();
+    // n1 goes silent: the lease expires in etcd and n2 takes it with the next term.
+    let l2 = eventually(Duration::from_secs(10), "n2 takes over", || async {
+        b.acquire("leader", "n2", ttl).await.ok()
+    })
+    .await;
+    assert_eq!(l2.term, 2);
+    assert!(matches!(
+        a.renew("leader", "n1", 1, ttl).await,
+        Err(StoreError::Lost { term: 2, .. })
+    ));
+    assert!(matches!(
+        a.put_fenced("decision", b"stale".to_vec(), "leader", "n1", 1)
+            .await,
+        Err(StoreError::Lost { term: 2, .. })
+    ));
+    assert_eq!(
+        b.read("decision").await.unwrap().unwrap().value,
+        b"n1 decides"
+    );
+    // A planned handover keeps terms growing.
+    b.release("leader", "n2", 2).await.unwrap();
+    assert_eq!(a.get("leader").await.unwrap(), (None, 2));
+    assert_eq!(a.acquire("leader", "n1", ttl).await.unwrap().term, 3);
+}
+
+#[tokio::test]
+async fn records_compare_and_set_and_a_mirror_follows_them() {
+    let etcd = EtcdMember::start().await;
+    let s = connect(&etcd, "records", Duration::from_secs(5)).await;
+    let other = connect(&etcd, "another-cluster", Duration::from_secs(5)).await;
+    let r1 = s
+        .put(
+            "intent/capacity/web",
+            b"3".to_vec(),
+            Scope::Persistent,
+            Expect::Absent,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.put("intent/capacity/web", b"4".to_vec(), Scope::Persistent, Expect::Absent).await,
+        Err(StoreError::Conflict { revision: Some(r), .. }) if r == r1
+    ));
+    let r2 = s
+        .put(
+            "intent/capacity/web",
+            b"4".to_vec(),
+            Scope::Persistent,
+            Expect::Revision(r1),
+        )
+        .await
+        .unwrap();
+    assert!(r2 > r1);
+    assert!(
+        other.read("intent/capacity/web").await.unwrap().is_none(),
+        "clusters do not mix"
+    );
+    let store: Arc<dyn Store> = s.clone();
+    let m = Mirror::start(store, "intent/");
+    eventually(
+        Duration::from_secs(5),
+        "the mirror's first list",
+        || async { m.get("intent/capacity/web").filter(|r| r.value == b"4") },
+    )
+    .await;
+    s.put(
+        "intent/drill",
+        b"{}".to_vec(),
+        Scope::Persistent,
+        Expect::Any,
+    )
+    .await
+    .unwrap();
+    s.delete("intent/capacity/web", Expect::Any).await.unwrap();
+    eventually(Duration::from_secs(5), "the mirror to follow", || async {
+        let keys: Vec<String> = m.records().into_keys().collect();
+        (keys == ["intent/drill"]).then_some(())
+    })
+    .await;
+    let (items, _) = s.list("intent/").await.unwrap();
+    assert_eq!(items.len(), 1);
+}
+
+#[tokio::test]
+async fn session_records_vanish_with_their_process_and_come_back_with_a_new_session() {
+    let etcd = EtcdMember::start().await;
+    let watcher = connect(&etcd, "sessions", Duration::from_secs(5)).await;
+    let node = connect(&etcd, "sessions", Duration::from_secs(2)).await;
+    node.put(
+        "nodes/edge-1",
+        b"alive".to_vec(),
+        Scope::Session,
+        Expect::Absent,
+    )
+    .await
+    .unwrap();
+    // The session ends behind the process's back (as when it was cut off for longer than its
+    // time to live): the record goes, then the store writes it again under a new session.
+    let leases = etcd.etcdctl(&["lease", "list"]);
+    let ids: Vec<&str> = leases.lines().skip(1).map(str::trim).collect();
+    assert!(!ids.is_empty(), "{leases}");
+    for id in &ids {
+        etcd.etcdctl(&["lease", "revoke", id]);
+    }
+    let first = node.connection().borrow().session;
+    eventually(Duration::from_secs(10), "a new session", || async {
+        (node.connection().borrow().session > first).then_some(())
+    })
+    .await;
+    eventually(
+        Duration::from_secs(5),
+        "the record written again",
+        || async { watcher.read("nodes/edge-1").await.ok().flatten() },
+    )
+    .await;
+    // The process goes away without a word: etcd deletes its record after the session's ttl.
+    drop(node);
+    let gone = tokio::time::Instant::now();
+    eventually(Duration::from_secs(10), "the record to expire", || async {
+        watcher
+            .read("nodes/edge-1")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        gone.elapsed() >= Duration::from_secs(1),
+        "not before the session's time to live"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_etcd_says_so_and_fails_requests_quickly() {
+    let closed = testkit::closed_port();
+    let s = Etcd::connect(EtcdOptions::new(
+        vec![format!("http://{closed}")],
+        "nowhere",
+        Duration::from_secs(3),
+    ))
+    .await
+    .unwrap();
+    let why = s.ready(Duration::from_secs(3)).await.unwrap_err();
+    assert!(!why.is_empty());
+    assert!(!s.connection().borrow().connected);
+    let started = tokio::time::Instant::now();
+    assert!(matches!(
+        s.put("k", b"v".to_vec(), Scope::Persistent, Expect::Any)
+            .await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
