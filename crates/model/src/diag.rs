@@ -52,6 +52,8 @@ pub enum Code {
     BadDomain,
     /// A name with characters that are not allowed.
     BadName,
+    /// Cluster mode: a site without a node, a tier in a witness, an address of another site.
+    Placement,
 }
 
 impl Code {
@@ -79,6 +81,7 @@ impl Code {
             Code::BadStatusRange => "E019",
             Code::BadDomain => "E020",
             Code::BadName => "E021",
+            Code::Placement => "E030",
         }
     }
 }

@@ -5,6 +5,7 @@
 //! references across sections, collecting *every* problem as a [`Diagnostic`] located in the
 //! file. Only a file without problems becomes a [`Topology`].
 
+mod cluster;
 pub mod diag;
 mod parse;
 mod read;
@@ -14,6 +15,7 @@ mod validate;
 
 use std::path::Path;
 
+pub use cluster::find_node;
 pub use diag::{Code, Diagnostic, Diagnostics, Source, Span};
 pub use types::*;
 pub use validate::{MAX_PROFILE_DEPTH, endpoint_location};

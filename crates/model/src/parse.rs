@@ -15,6 +15,8 @@ use crate::units::{self, Cidr, PortRange, StatusRange};
 
 const ROOT_KEYS: &[&str] = &[
     "tandem",
+    "cluster",
+    "node",
     "site",
     "dns",
     "geo",
@@ -40,7 +42,7 @@ impl FromToml for Name {
 }
 
 /// Names appear in URLs, metrics and commands: keep them to a safe alphabet.
-fn valid_name(s: &str) -> bool {
+pub(crate) fn valid_name(s: &str) -> bool {
     let mut chars = s.chars();
     chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
         && s.len() <= 63
@@ -48,7 +50,7 @@ fn valid_name(s: &str) -> bool {
 }
 
 /// Reads the `name` key of a section.
-fn name(cx: &mut Cx, s: Section<'_, '_>) -> Option<Name> {
+pub(crate) fn name(cx: &mut Cx, s: Section<'_, '_>) -> Option<Name> {
     let name: Name = cx.req(s, "name")?;
     if !valid_name(&name) {
         cx.error(
@@ -245,11 +247,24 @@ pub(crate) fn topology(cx: &mut Cx, root: &Value<'_>) -> Option<Topology> {
             state_dir: PathBuf::from(".tandem"),
             api: default_api(),
         });
+    let cluster = match root.get("cluster") {
+        Some(v) => cx
+            .section(v, "[cluster]", crate::cluster::CLUSTER_KEYS)
+            .and_then(|s| crate::cluster::cluster(cx, s)),
+        None => None,
+    };
+    let nodes = cx.tables(
+        root,
+        "node",
+        "node",
+        crate::cluster::NODE_KEYS,
+        crate::cluster::node,
+    );
     let sites = cx.tables(root, "site", "site", &["name", "role", "location"], site);
     let dns = match root.get("dns") {
         Some(v) => cx
             .section(v, "[dns]", &["listen", "zone"])
-            .map(|s| dns(cx, s)),
+            .map(|s| dns(cx, s, !nodes.is_empty())),
         None => Some(None),
     };
     let geo = match root.get("geo") {
@@ -266,6 +281,8 @@ pub(crate) fn topology(cx: &mut Cx, root: &Value<'_>) -> Option<Topology> {
     let apps = cx.tables(root, "app", "app", APP_KEYS, app);
     Some(Topology {
         tandem,
+        cluster,
+        nodes,
         sites,
         dns: dns.flatten(),
         geo: geo.unwrap_or_default(),
@@ -336,8 +353,14 @@ fn location(cx: &mut Cx, s: Section<'_, '_>) -> Option<Location> {
     })
 }
 
-fn dns(cx: &mut Cx, s: Section<'_, '_>) -> Option<Dns> {
-    let listen = cx.req(s, "listen");
+/// `[dns]`; `listen` is required unless nodes bring their own listeners (cluster mode).
+fn dns(cx: &mut Cx, s: Section<'_, '_>, cluster_mode: bool) -> Option<Dns> {
+    let listen = if cluster_mode {
+        cx.or(s, "listen", Vec::new())
+    } else {
+        cx.req(s, "listen")
+    };
+    let listen_span = s.get("listen").map(|v| v.span());
     let zones = cx.tables(
         s,
         "zone",
@@ -387,6 +410,7 @@ fn dns(cx: &mut Cx, s: Section<'_, '_>) -> Option<Dns> {
     );
     Some(Dns {
         listen: listen?,
+        listen_span,
         zones,
     })
 }

@@ -66,6 +66,10 @@ impl fmt::Display for Name {
 #[derive(Clone, Debug)]
 pub struct Topology {
     pub tandem: Settings,
+    /// `[cluster]`: present in cluster mode, with `nodes`.
+    pub cluster: Option<Cluster>,
+    /// `[[node]]`: the processes that run the sites; empty in the single-process default.
+    pub nodes: Vec<Node>,
     pub sites: Vec<Site>,
     pub dns: Option<Dns>,
     pub geo: Geo,
@@ -93,6 +97,56 @@ impl Topology {
     pub fn scale_set(&self, name: &str) -> Option<&ScaleSet> {
         self.scale_sets.iter().find(|s| s.name.as_str() == name)
     }
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.name.as_str() == name)
+    }
+}
+
+/// How many live vantage points must say an endpoint is Degraded before it is, for DNS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quorum {
+    /// More than half of the live nodes (default).
+    Majority,
+    /// At least this many (or all live nodes, when fewer are alive).
+    Count(u32),
+}
+
+impl Quorum {
+    /// Votes needed among `live` voters (at least one).
+    pub fn needed(self, live: usize) -> usize {
+        let live = live.max(1);
+        match self {
+            Quorum::Majority => live / 2 + 1,
+            Quorum::Count(n) => (n as usize).clamp(1, live),
+        }
+    }
+}
+
+/// `[cluster]`: how the nodes coordinate.
+#[derive(Clone, Debug)]
+pub struct Cluster {
+    /// Key prefix in etcd: `/tandem/NAME/`. Default `tandem`.
+    pub name: Name,
+    /// Client URLs of the etcd members (`http://ip:2379`).
+    pub etcd: Vec<String>,
+    /// A node silent this long is gone (its record and votes expire). Default 5 s, 2 s–5 m.
+    pub lease_ttl: Duration,
+    /// Default majority.
+    pub health_quorum: Quorum,
+    /// Where the file sets it, and its `health_quorum` (for diagnostics).
+    pub span: Span,
+    pub quorum_span: Span,
+}
+
+/// `[[node]]`: one Tandem process, which runs its site's tiers.
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub name: Name,
+    pub site: Name,
+    /// Its REST API, `/metrics` and dashboard.
+    pub api: SocketAddr,
+    /// Its authoritative DNS listeners (UDP and TCP); none: it serves no DNS.
+    pub dns: Vec<SocketAddr>,
 }
 
 /// `[tandem]`: process-wide settings.
@@ -129,8 +183,10 @@ pub struct Location {
 /// `[dns]`: the authoritative DNS server.
 #[derive(Clone, Debug)]
 pub struct Dns {
-    /// UDP and TCP listen addresses.
+    /// UDP and TCP listen addresses (single-process mode; in cluster mode each node's `dns`).
     pub listen: Vec<SocketAddr>,
+    /// Where the file sets `listen`, if it does.
+    pub listen_span: Option<Span>,
     pub zones: Vec<Zone>,
 }
 

@@ -28,6 +28,10 @@ pub(crate) fn topology(cx: &mut Cx, t: &Topology, names: &Names) {
         unique(cx, dns.zones.iter().map(|z| &z.name), "zone");
     }
     profiles(cx, t, names);
+    for n in &t.nodes {
+        names.check(cx, "site", &n.site);
+    }
+    crate::cluster::placement(cx, t, names.cluster_declared);
     for lb in &t.load_balancers {
         names.check(cx, "site", &lb.site);
         if let Some(probe) = &lb.probe {
@@ -86,6 +90,8 @@ pub(crate) fn topology(cx: &mut Cx, t: &Topology, names: &Names) {
 /// had problems still has its name, so references to it are not reported a second time.
 pub(crate) struct Names {
     by_kind: HashMap<&'static str, Vec<String>>,
+    /// The file has a `[cluster]` table (even one reported wrong).
+    pub(crate) cluster_declared: bool,
 }
 
 impl Names {
@@ -113,7 +119,11 @@ impl Names {
                 (kind, names)
             })
             .collect();
-        Names { by_kind }
+        let cluster_declared = root.get_ref().get("cluster").is_some();
+        Names {
+            by_kind,
+            cluster_declared,
+        }
     }
 
     /// Reports a reference to an undefined name; true when it resolves.

@@ -47,6 +47,9 @@ cases!(
     database_rules,
     routing_rules,
     many_at_once,
+    placement,
+    cluster_rules,
+    cluster_ok,
 );
 
 #[test]

@@ -254,6 +254,7 @@ pub trait StoreExt: Store {
 impl<S: Store + ?Sized> StoreExt for S {}
 
 /// `ttl` as the holder's deadline: from `asked`, when the request left.
+#[cfg(feature = "etcd")]
 pub(crate) fn deadline(asked: Instant, ttl: Duration) -> Instant {
     asked + ttl
 }
