@@ -29,110 +29,13 @@ use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use dns::manager::Manager;
+pub use event::{Event, Source};
 use health::Engine;
-use serde::Serialize;
 use serde_json::json;
 use tokio::net::TcpListener;
 
 /// How many recent events `/v1/events` keeps.
 pub const EVENT_LOG_SIZE: usize = 1000;
-
-/// One event of any part, as the API shows it.
-#[derive(Clone, Debug, Serialize)]
-pub struct Event {
-    pub at: String,
-    /// `health` (a target changed state) or `dns` (a profile's answer changed).
-    pub kind: &'static str,
-    /// The target or profile.
-    pub subject: String,
-    pub from: String,
-    pub to: String,
-    pub reason: String,
-}
-
-impl From<health::Event> for Event {
-    fn from(e: health::Event) -> Self {
-        Event {
-            at: health::rfc3339(e.at),
-            kind: "health",
-            subject: e.target,
-            from: e.from.to_string(),
-            to: e.to.to_string(),
-            reason: e.reason,
-        }
-    }
-}
-
-impl From<lb::balancer::Event> for Event {
-    fn from(e: lb::balancer::Event) -> Self {
-        Event {
-            at: health::rfc3339(e.at),
-            kind: "lb",
-            subject: format!("{}/{}", e.load_balancer, e.backend),
-            from: String::new(),
-            to: e.what.to_string(),
-            reason: e.reason,
-        }
-    }
-}
-
-impl From<scaleset::Event> for Event {
-    fn from(e: scaleset::Event) -> Self {
-        Event {
-            at: health::rfc3339(e.at),
-            kind: "scale-set",
-            subject: match e.instance {
-                Some(i) => format!("{}/{i}", e.scale_set),
-                None => e.scale_set,
-            },
-            from: String::new(),
-            to: e.kind.to_string(),
-            reason: e.message,
-        }
-    }
-}
-
-impl From<pg::Event> for Event {
-    fn from(e: pg::Event) -> Self {
-        Event {
-            at: health::rfc3339(e.at),
-            kind: "database",
-            subject: match e.member {
-                Some(m) => format!("{}/{m}", e.database),
-                None => e.database,
-            },
-            from: String::new(),
-            to: e.what.to_string(),
-            reason: format!("{} [term {}]", e.message, e.term),
-        }
-    }
-}
-
-impl From<dns::manager::Event> for Event {
-    fn from(e: dns::manager::Event) -> Self {
-        Event {
-            at: health::rfc3339(e.at),
-            kind: "dns",
-            subject: e.profile,
-            from: e.from.join(","),
-            to: e.to.join(","),
-            reason: e.reason,
-        }
-    }
-}
-
-impl From<orchestrator::Event> for Event {
-    fn from(e: orchestrator::Event) -> Self {
-        Event {
-            at: health::rfc3339(e.at),
-            kind: "drill",
-            subject: e.site,
-            from: String::new(),
-            to: e.what.to_string(),
-            reason: e.message,
-        }
-    }
-}
 
 /// The most recent events, newest last, and every new one as it is recorded.
 #[derive(Clone, Debug)]
@@ -154,15 +57,12 @@ impl EventLog {
     }
 
     /// Records every event of a broadcast channel until it closes.
-    pub fn follow<E: Into<Event> + Clone + Send + 'static>(
-        &self,
-        mut rx: tokio::sync::broadcast::Receiver<E>,
-    ) {
+    pub fn follow(&self, mut rx: tokio::sync::broadcast::Receiver<Event>) {
         let sink = self.clone();
         tokio::spawn(async move {
             loop {
                 match rx.recv().await {
-                    Ok(e) => sink.push(e.into()),
+                    Ok(e) => sink.push(e),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(missed = n, "event log fell behind");
                     }

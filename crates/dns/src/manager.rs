@@ -7,27 +7,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
+use event::{Event, Source};
 use model::{Routing, Topology};
-use serde::Serialize;
 use tokio::sync::{Notify, broadcast, watch};
 use tokio::time::Instant;
 
 use crate::failback::Failback;
 use crate::server::Metrics;
 use crate::table::{self, GeoDatabase, HealthView, Overrides, ProfileView, Tables};
-
-/// A change of what a profile answers.
-#[derive(Clone, Debug, Serialize)]
-pub struct Event {
-    #[serde(serialize_with = "health::serde_time")]
-    pub at: SystemTime,
-    pub profile: String,
-    /// Endpoints answered before and after.
-    pub from: Vec<String>,
-    pub to: Vec<String>,
-    /// Why: the endpoint states that changed, or the hold that ended.
-    pub reason: String,
-}
 
 /// No such profile or endpoint.
 #[derive(Debug, thiserror::Error)]
@@ -111,7 +98,9 @@ impl Manager {
         self.tables.clone()
     }
 
-    /// Every change of a profile's answer, as it happens.
+    /// Every change of a profile's answer, as it happens: source `dns`, subject the profile,
+    /// kind `answer`, message `FROM -> TO: why` (the endpoints answered before and after, and
+    /// the endpoint states that changed or the hold that ended).
     pub fn events(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
     }
@@ -210,9 +199,9 @@ impl Manager {
                     n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 if new.all_down {
-                    tracing::warn!(profile = %e.profile, from = ?e.from, to = ?e.to, reason = %e.reason, "answer changed: all endpoints down");
+                    tracing::warn!(profile = %e.subject, change = %e.message, "answer changed: all endpoints down");
                 } else {
-                    tracing::info!(profile = %e.profile, from = ?e.from, to = ?e.to, reason = %e.reason, "answer changed");
+                    tracing::info!(profile = %e.subject, change = %e.message, "answer changed");
                 }
                 let _ = self.events.send(e);
             }
@@ -250,13 +239,19 @@ fn change(old: &ProfileView, new: &ProfileView) -> Option<Event> {
     if reasons.is_empty() {
         reasons.push("failback hold ended".into());
     }
-    Some(Event {
-        at: SystemTime::now(),
-        profile: new.name.clone(),
-        from,
-        to,
-        reason: reasons.join("; "),
-    })
+    let list = |l: &[String]| {
+        if l.is_empty() {
+            "(none)".to_string()
+        } else {
+            l.join(",")
+        }
+    };
+    Some(Event::new(
+        Source::Dns,
+        new.name.clone(),
+        "answer",
+        format!("{} -> {}: {}", list(&from), list(&to), reasons.join("; ")),
+    ))
 }
 
 fn all_down_text(v: &ProfileView) -> &'static str {

@@ -674,11 +674,8 @@ async fn failback_waits_for_the_hold_and_flapping_moves_at_most_once_per_hold() 
     f.manager.rebuild(at(1));
     assert_eq!(answer(&f), ["A 10.0.2.10"], "failover at once");
     let e = events.try_recv().unwrap();
-    assert_eq!(
-        (e.from, e.to),
-        (vec!["edge".to_string()], vec!["region".to_string()])
-    );
-    assert_eq!(e.reason, "edge Online -> Degraded");
+    assert_eq!((e.subject.as_str(), e.kind.as_str()), ("www", "answer"));
+    assert_eq!(e.message, "edge -> region: edge Online -> Degraded");
 
     f.health.set("www", "edge", Status::Online);
     f.manager.rebuild(at(2));
@@ -691,7 +688,7 @@ async fn failback_waits_for_the_hold_and_flapping_moves_at_most_once_per_hold() 
         "failback once the hold is over"
     );
     let e = events.try_recv().unwrap();
-    assert_eq!(e.reason, "failback hold ended");
+    assert_eq!(e.message, "region -> edge: failback hold ended");
     assert!(events.try_recv().is_err(), "one event per change of answer");
 
     // Flapping: down 2 s, up 5 s, for two minutes; rebuilt every second.

@@ -9,9 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::{Duration, SystemTime};
 
+use event::{Event, Source};
 use model::Monitor;
 use rand::Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -45,18 +46,6 @@ impl Default for Options {
     }
 }
 
-/// A status change of one target, with the figures behind it.
-#[derive(Clone, Debug, Serialize)]
-pub struct Event {
-    #[serde(serialize_with = "crate::serde_time")]
-    pub at: SystemTime,
-    pub target: String,
-    pub from: Status,
-    pub to: Status,
-    /// Why: the last probe failure, or the run of successes.
-    pub reason: String,
-}
-
 /// Why the engine could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -76,13 +65,13 @@ pub enum Error {
 pub struct UnknownTarget(pub String);
 
 /// What `/v1/health` shows of a target.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
     pub target: String,
     pub monitor: String,
     pub destination: String,
     pub status: Status,
-    #[serde(serialize_with = "crate::serde_time")]
+    #[serde(with = "event::time")]
     pub since: SystemTime,
     pub consecutive_successes: u32,
     pub consecutive_failures: u32,
@@ -90,7 +79,7 @@ pub struct Report {
     pub last_latency_ms: Option<f64>,
     /// The last failure's reason, whenever it happened.
     pub last_failure: Option<String>,
-    #[serde(serialize_with = "crate::serde_opt_time")]
+    #[serde(with = "event::opt_time")]
     pub last_failure_at: Option<SystemTime>,
     pub probes: u64,
     pub failures: u64,
@@ -296,7 +285,8 @@ impl Engine {
         self.shared.version.subscribe()
     }
 
-    /// Every status change, as it happens.
+    /// Every status change, as it happens: source `health`, subject the target, kind the new
+    /// status, message `FROM -> TO: why`.
     pub fn events(&self) -> broadcast::Receiver<Event> {
         self.shared.events.subscribe()
     }
@@ -479,11 +469,13 @@ fn publish(shared: &Shared, slot: &Slot, rec: &mut Record, change: Change, reaso
         tracing::info!(target = %slot.target.id, from = %change.from, to = %change.to, %reason, "health changed");
     }
     shared.version.send_modify(|v| *v += 1);
-    let _ = shared.events.send(Event {
-        at: rec.since,
-        target: slot.target.id.clone(),
-        from: change.from,
-        to: change.to,
-        reason,
-    });
+    // Subject: the target; kind: the new status; message: the change and its figures.
+    let e = Event::new(
+        Source::Health,
+        slot.target.id.clone(),
+        change.to.to_string(),
+        format!("{} -> {}: {reason}", change.from, change.to),
+    )
+    .at(rec.since);
+    let _ = shared.events.send(e);
 }

@@ -8,9 +8,7 @@ pub mod probe;
 pub mod state;
 mod tls;
 
-use std::time::SystemTime;
-
-pub use engine::{Engine, Event, Options, Report, Target, UnknownTarget};
+pub use engine::{Engine, Options, Report, Target, UnknownTarget};
 pub use probe::{Destination, Failure, Outcome, Prober};
 pub use state::{Change, Health, Status, Thresholds};
 
@@ -75,21 +73,4 @@ pub fn backend_id(lb: &str, addr: std::net::SocketAddr) -> String {
 /// The health target id of a scale set's instance.
 pub fn instance_id(scale_set: &str, instance: &str) -> String {
     format!("scaleset/{scale_set}/{instance}")
-}
-
-/// An event time as every API response shows it: RFC 3339 UTC, milliseconds.
-pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
-}
-
-/// `#[serde(serialize_with)]` for event times, in [`rfc3339`].
-pub fn serde_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(&humantime::format_rfc3339_millis(*t))
-}
-
-fn serde_opt_time<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
-    match t {
-        Some(t) => serde_time(t, s),
-        None => s.serialize_none(),
-    }
 }

@@ -129,7 +129,7 @@ async fn tcp_probe_connects_only() {
     assert_eq!(p.probe(&refused).await.result, Err(Failure::Refused));
 }
 
-async fn next_event(events: &mut tokio::sync::broadcast::Receiver<health::Event>) -> health::Event {
+async fn next_event(events: &mut tokio::sync::broadcast::Receiver<event::Event>) -> event::Event {
     tokio::time::timeout(Duration::from_secs(5), events.recv())
         .await
         .expect("a health event within 5s")
@@ -158,9 +158,11 @@ async fn engine_degrades_and_recovers_at_exact_thresholds() {
         let engine = Engine::start(vec![target(&server)], &[m], Options::default()).unwrap();
         let mut events = engine.events();
         let online = next_event(&mut events).await;
-        assert_eq!(
-            (online.from, online.to),
-            (Status::CheckingEndpoint, Status::Online)
+        assert_eq!(online.kind, "Online");
+        assert!(
+            online.message.starts_with("CheckingEndpoint -> Online: "),
+            "{}",
+            online.message
         );
 
         match trouble {
@@ -170,15 +172,15 @@ async fn engine_degrades_and_recovers_at_exact_thresholds() {
         }
         let degraded = next_event(&mut events).await;
         assert_eq!(
-            (degraded.from, degraded.to),
-            (Status::Online, Status::Degraded)
+            (degraded.subject.as_str(), degraded.kind.as_str()),
+            ("profile/www/edge", "Degraded")
         );
         let expected = match trouble {
-            "stop" => "3 failures in a row, last: connection refused",
-            "503" => "3 failures in a row, last: status 503",
-            _ => "3 failures in a row, last: timeout after 80ms",
+            "stop" => "Online -> Degraded: 3 failures in a row, last: connection refused",
+            "503" => "Online -> Degraded: 3 failures in a row, last: status 503",
+            _ => "Online -> Degraded: 3 failures in a row, last: timeout after 80ms",
         };
-        assert_eq!(degraded.reason, expected, "{trouble}");
+        assert_eq!(degraded.message, expected, "{trouble}");
         let report = engine.report("profile/www/edge").unwrap();
         assert_eq!(report.status, Status::Degraded);
         assert!(report.last_failure.is_some());
@@ -188,11 +190,12 @@ async fn engine_degrades_and_recovers_at_exact_thresholds() {
             _ => server.set(Behaviour::Answer(200, "ok".into())),
         }
         let back = next_event(&mut events).await;
-        assert_eq!((back.from, back.to), (Status::Degraded, Status::Online));
+        assert_eq!(back.kind, "Online");
         assert!(
-            back.reason.starts_with("3 successes in a row"),
+            back.message
+                .starts_with("Degraded -> Online: 3 successes in a row"),
             "{}",
-            back.reason
+            back.message
         );
     }
 }

@@ -10,9 +10,9 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
+use event::{Event, Source};
 use health::Status;
 use model::{LbAllDown, LoadBalancer, OnBackendDown, Pool};
 use serde::Serialize;
@@ -84,18 +84,6 @@ pub struct Snapshot {
     pub backends: Vec<Arc<Backend>>,
     /// Indexes of backends that take new flows.
     pub eligible: Vec<usize>,
-}
-
-/// A change worth an event.
-#[derive(Clone, Debug, Serialize)]
-pub struct Event {
-    #[serde(serialize_with = "health::serde_time")]
-    pub at: SystemTime,
-    pub load_balancer: String,
-    pub backend: SocketAddr,
-    /// `ejected`, `draining`, `drained`, `enabled`, `down`, `up`.
-    pub what: &'static str,
-    pub reason: String,
 }
 
 /// One backend as the API shows it.
@@ -197,19 +185,18 @@ impl Balancer {
         self.snapshot.load()
     }
 
+    /// Every backend change: source `lb`, subject `LB/ADDRESS`, kind `ejected`, `draining`,
+    /// `drained`, `enabled`, `down` or `up`, message why.
     pub fn events(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
     }
 
     fn event(&self, backend: SocketAddr, what: &'static str, reason: String) {
         tracing::info!(lb = %self.config.name, %backend, what, %reason, "backend");
-        let _ = self.events.send(Event {
-            at: SystemTime::now(),
-            load_balancer: self.config.name.to_string(),
-            backend,
-            what,
-            reason,
-        });
+        let subject = format!("{}/{backend}", self.config.name);
+        let _ = self
+            .events
+            .send(Event::new(Source::Lb, subject, what, reason));
     }
 
     /// Replaces the pool's members (scale set instances, the database primary). Members that

@@ -3,6 +3,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use event::{Event, Source};
 use lb::{Balancer, Running};
 use scaleset::ScaleSet;
 use serde::Serialize;
@@ -55,25 +56,14 @@ pub struct Site {
     pub scale_sets: Vec<Arc<ScaleSet>>,
 }
 
-/// A drill's start and end, and anything that went wrong restoring.
-#[derive(Clone, Debug, Serialize)]
-pub struct Event {
-    #[serde(serialize_with = "health::serde_time")]
-    pub at: SystemTime,
-    pub site: String,
-    /// `outage-start`, `outage-end`.
-    pub what: &'static str,
-    pub message: String,
-}
-
 /// The drill in progress.
 #[derive(Clone, Debug, Serialize)]
 pub struct Drill {
     pub kind: &'static str,
     pub site: String,
-    #[serde(serialize_with = "health::serde_time")]
+    #[serde(with = "event::time")]
     pub started: SystemTime,
-    #[serde(serialize_with = "health::serde_time")]
+    #[serde(with = "event::time")]
     pub ends: SystemTime,
 }
 
@@ -131,12 +121,10 @@ impl Drills {
 
     fn event(&self, site: &str, what: &'static str, message: String) {
         tracing::warn!(site, what, %message, "drill");
-        let _ = self.events.send(Event {
-            at: SystemTime::now(),
-            site: site.to_string(),
-            what,
-            message,
-        });
+        // Subject: the site; kind: `outage-start`, `outage-end`.
+        let _ = self
+            .events
+            .send(Event::new(Source::Drill, site, what, message));
     }
 
     /// Takes `site` down now and brings it back after `length` (or on [`Drills::stop`]).

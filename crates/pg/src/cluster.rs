@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use event::{Event, Source};
 use model::{Database, DbRole, Member, Replication, RewindFailure};
 use serde::Serialize;
 use store::{Store, StoreError};
@@ -36,21 +37,6 @@ const SQL_TIMEOUT: Duration = Duration::from_millis(300);
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// A standby that has not streamed for this long is rewound.
 const STUCK: Duration = Duration::from_secs(15);
-
-/// A change worth an event.
-#[derive(Clone, Debug, Serialize)]
-pub struct Event {
-    #[serde(serialize_with = "health::serde_time")]
-    pub at: SystemTime,
-    pub database: String,
-    pub member: Option<String>,
-    /// `bootstrapped`, `member-exited`, `primary-lost`, `fenced`, `promoted`, `failover`,
-    /// `failover-blocked`, `rejoined`, `recloned`, `sync`, `switchover`, `error`, …
-    pub what: &'static str,
-    /// The fencing token in force after the change.
-    pub term: u64,
-    pub message: String,
-}
 
 /// One member as the API shows it.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -79,7 +65,7 @@ pub struct MemberView {
 /// The last failover or switchover.
 #[derive(Clone, Debug, Serialize)]
 pub struct Change {
-    #[serde(serialize_with = "health::serde_time")]
+    #[serde(with = "event::time")]
     pub at: SystemTime,
     pub kind: &'static str,
     pub from: Option<String>,
@@ -408,14 +394,15 @@ impl Driver {
                 tracing::info!(database = %self.config.name, member = m, what, term = self.term, "{message}")
             }
         }
-        let _ = self.cluster.events.send(Event {
-            at: SystemTime::now(),
-            database: self.config.name.to_string(),
-            member,
-            what,
-            term: self.term,
-            message,
-        });
+        // Subject: DB or DB/MEMBER; kind: `bootstrapped`, `member-exited`, `primary-lost`,
+        // `fenced`, `promoted`, `failover`, `failover-blocked`, `rejoined`, `recloned`, `sync`,
+        // `switchover`, `error`, …; the term is the fencing token in force after the change.
+        let subject = match member {
+            Some(m) => format!("{}/{m}", self.config.name),
+            None => self.config.name.to_string(),
+        };
+        let e = Event::new(Source::Database, subject, what, message).with_term(self.term);
+        let _ = self.cluster.events.send(e);
     }
 
     async fn run(

@@ -8,4 +8,4 @@ pub mod http;
 pub mod local;
 pub mod observe;
 
-pub use cluster::{Change, Cluster, Event, MemberView, SwitchoverError, View, Wiring};
+pub use cluster::{Change, Cluster, MemberView, SwitchoverError, View, Wiring};

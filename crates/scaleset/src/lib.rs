@@ -16,5 +16,5 @@ pub mod template;
 pub use autoscale::{Autoscaler, Decision, Sample};
 pub use controller::{Action, Controller, Note, Phase, Policy};
 pub use driver::{Driver, Instance, ProcessDriver, Spec};
-pub use runner::{Event, InstanceView, ScaleSet, View};
+pub use runner::{InstanceView, ScaleSet, View};
 pub use template::Template;

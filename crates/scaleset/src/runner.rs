@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
+use event::{Event, Source};
 use health::{Destination, Engine, Status, Target};
 use lb::Balancer;
 use serde::Serialize;
@@ -84,18 +85,6 @@ impl Options {
             state_dir,
         }
     }
-}
-
-/// A scale set decision or instance change, with the figures behind it.
-#[derive(Clone, Debug, Serialize)]
-pub struct Event {
-    #[serde(serialize_with = "health::serde_time")]
-    pub at: SystemTime,
-    pub scale_set: String,
-    /// `scale`, `repair`, `upgrade`, `capacity` or `instance`.
-    pub kind: &'static str,
-    pub instance: Option<String>,
-    pub message: String,
 }
 
 /// One instance as the API shows it.
@@ -377,13 +366,15 @@ impl Runner {
 
     fn event(&self, kind: &'static str, instance: Option<&str>, message: String) {
         tracing::info!(scale_set = %self.set.name, kind, instance, %message, "scale set");
-        let _ = self.events.send(Event {
-            at: SystemTime::now(),
-            scale_set: self.set.name.to_string(),
-            kind,
-            instance: instance.map(str::to_string),
-            message,
-        });
+        // Subject: the set, or SET/INSTANCE; kind: `scale`, `repair`, `upgrade`, `capacity`
+        // or `instance`.
+        let subject = match instance {
+            Some(i) => format!("{}/{i}", self.set.name),
+            None => self.set.name.to_string(),
+        };
+        let _ = self
+            .events
+            .send(Event::new(Source::ScaleSet, subject, kind, message));
     }
 
     fn template(&self, version: u64) -> &Template {

@@ -19,6 +19,8 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 #[derive(Debug, Default)]
 struct State {
     records: BTreeMap<String, Record>,
+    /// The store revision the copy reflects: the list's, then each change's.
+    revision: u64,
     /// The copy reflects the store (false before the first list and after a broken watch).
     synced: bool,
 }
@@ -68,6 +70,27 @@ impl Mirror {
         self.read().records.get(key).cloned()
     }
 
+    /// The store revision the copy has caught up with: a write at this revision or before is
+    /// reflected in it.
+    pub fn revision(&self) -> u64 {
+        self.read().revision
+    }
+
+    /// Waits (at most `deadline`) until the copy reflects revision `r`; whether it does.
+    pub async fn caught_up(&self, r: u64, deadline: std::time::Duration) -> bool {
+        let mut rx = self.subscribe();
+        tokio::time::timeout(deadline, async {
+            while self.revision() < r {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await
+        .is_ok()
+            && self.revision() >= r
+    }
+
     /// Whether the copy follows the store now.
     pub fn synced(&self) -> bool {
         self.read().synced
@@ -103,6 +126,7 @@ async fn run(mirror: Weak<Mirror>, store: Arc<dyn Store>, prefix: String) {
                 let Some(m) = mirror.upgrade() else { return };
                 m.update(|st| {
                     st.records = items.into_iter().collect();
+                    st.revision = st.revision.max(revision);
                     st.synced = true;
                 });
                 drop(m);
@@ -110,7 +134,7 @@ async fn run(mirror: Weak<Mirror>, store: Arc<dyn Store>, prefix: String) {
                     delay = RETRY_FIRST;
                     while let Some(Ok(batch)) = w.recv().await {
                         let Some(m) = mirror.upgrade() else { return };
-                        m.update(|st| apply(&mut st.records, batch));
+                        m.update(|st| apply(st, batch));
                     }
                 }
                 let Some(m) = mirror.upgrade() else { return };
@@ -128,14 +152,15 @@ async fn run(mirror: Weak<Mirror>, store: Arc<dyn Store>, prefix: String) {
     }
 }
 
-fn apply(records: &mut BTreeMap<String, Record>, batch: Vec<Change>) {
+fn apply(st: &mut State, batch: Vec<Change>) {
     for c in batch {
+        st.revision = st.revision.max(c.revision());
         match c {
             Change::Put { key, record } => {
-                records.insert(key, record);
+                st.records.insert(key, record);
             }
             Change::Delete { key, .. } => {
-                records.remove(&key);
+                st.records.remove(&key);
             }
         }
     }

@@ -39,17 +39,21 @@ fn print(text: &str) {
     let _ = out.flush();
 }
 
-/// `HH:MM:SS.mmm  kind  subject  from -> to  reason`.
+/// `HH:MM:SS.mmm  [node]  source  subject  kind  message`.
 fn event_line(e: &api::Event) -> String {
-    let time = e.at.get(11..23).unwrap_or(&e.at);
-    let change = match (e.from.is_empty(), e.to.is_empty()) {
-        (true, true) => String::new(),
-        (true, false) => e.to.clone(),
-        _ => format!("{} -> {}", e.from, e.to),
-    };
+    let at = event::rfc3339(e.at);
+    let time = at.get(11..23).unwrap_or(&at);
+    let node = e
+        .node
+        .as_deref()
+        .map(|n| format!("{n}  "))
+        .unwrap_or_default();
     format!(
-        "{time}  {:<9} {:<28} {:<24} {}\n",
-        e.kind, e.subject, change, e.reason
+        "{time}  {node}{:<9} {:<28} {:<14} {}\n",
+        e.source.as_str(),
+        e.subject,
+        e.kind,
+        e.message
     )
 }
 

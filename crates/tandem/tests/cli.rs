@@ -214,10 +214,13 @@ monitor = "db"
     let degraded = events
         .iter()
         .find(|e| {
-            e["kind"] == "health" && e["subject"] == "profile/www/edge" && e["to"] == "Degraded"
+            e["source"] == "health" && e["subject"] == "profile/www/edge" && e["kind"] == "Degraded"
         })
         .expect("a Degraded event");
-    assert_eq!(degraded["reason"], "3 failures in a row, last: status 503");
+    assert_eq!(
+        degraded["message"],
+        "Online -> Degraded: 3 failures in a row, last: status 503"
+    );
 
     web.set(Behaviour::Answer(200, "ok".into()));
     wait_status(&up, "profile/www/edge", "Online").await;
@@ -225,14 +228,14 @@ monitor = "db"
     let back = events
         .iter()
         .rfind(|e| {
-            e["kind"] == "health" && e["subject"] == "profile/www/edge" && e["to"] == "Online"
+            e["source"] == "health" && e["subject"] == "profile/www/edge" && e["kind"] == "Online"
         })
         .unwrap();
     assert!(
-        back["reason"]
+        back["message"]
             .as_str()
             .unwrap()
-            .starts_with("2 successes in a row")
+            .starts_with("Degraded -> Online: 2 successes in a row")
     );
 
     let metrics = http_get(api, "/metrics").await;
@@ -397,22 +400,18 @@ failback_hold = "2s"
     let dns_events: Vec<Value> = recent_events(api)
         .await
         .into_iter()
-        .filter(|e| e["kind"] == "dns")
+        .filter(|e| e["source"] == "dns")
         .collect();
     let moved = dns_events.last().unwrap();
-    assert_eq!(
-        (moved["from"].as_str(), moved["to"].as_str()),
-        (Some("edge"), Some("region"))
-    );
-    assert_eq!(moved["reason"], "edge Online -> Degraded");
+    assert_eq!(moved["message"], "edge -> region: edge Online -> Degraded");
     let health = recent_events(api).await;
     let degraded = health
         .iter()
-        .rfind(|e| e["subject"] == "profile/www/edge" && e["to"] == "Degraded")
+        .rfind(|e| e["subject"] == "profile/www/edge" && e["kind"] == "Degraded")
         .unwrap();
     assert_eq!(
-        degraded["reason"],
-        "2 failures in a row, last: connection refused"
+        degraded["message"],
+        "Online -> Degraded: 2 failures in a row, last: connection refused"
     );
 
     let resumed = tokio::time::Instant::now();
@@ -431,12 +430,18 @@ failback_hold = "2s"
     let at = |e: &Value| humantime::parse_rfc3339(e["at"].as_str().unwrap()).unwrap();
     let online = events
         .iter()
-        .rfind(|e| e["subject"] == "profile/www/edge" && e["to"] == "Online")
+        .rfind(|e| e["subject"] == "profile/www/edge" && e["kind"] == "Online")
         .map(at)
         .unwrap();
     let back = events
         .iter()
-        .rfind(|e| e["kind"] == "dns" && e["to"] == "edge")
+        .rfind(|e| {
+            e["source"] == "dns"
+                && e["message"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("region -> edge:")
+        })
         .map(at)
         .unwrap();
     let held = back.duration_since(online).unwrap();
@@ -609,7 +614,7 @@ probe = "web"
     assert!(
         events
             .iter()
-            .any(|e| e["kind"] == "lb" && e["to"] == "ejected"),
+            .any(|e| e["source"] == "lb" && e["kind"] == "ejected"),
         "{events:?}"
     );
     assert!(up.terminate().success());

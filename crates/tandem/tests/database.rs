@@ -376,22 +376,17 @@ async fn sync_failover_keeps_every_acknowledged_write_and_the_old_primary_rejoin
     let events = recent_events(db.up.api).await;
     let fenced = events
         .iter()
-        .position(|e| e["to"] == "fenced")
+        .position(|e| e["kind"] == "fenced")
         .expect("a fence event");
     let failover = events
         .iter()
-        .position(|e| e["to"] == "failover")
+        .position(|e| e["kind"] == "failover")
         .expect("a failover event");
     assert!(
         fenced < failover,
         "the old primary is fenced before the promotion"
     );
-    assert!(
-        events[failover]["reason"]
-            .as_str()
-            .unwrap()
-            .contains("term 2")
-    );
+    assert_eq!(events[failover]["term"], 2);
 
     // The former primary comes back as a standby through pg_rewind, streaming, synchronous.
     let d = db
@@ -402,9 +397,9 @@ async fn sync_failover_keeps_every_acknowledged_write_and_the_old_primary_rejoin
     assert_eq!(member(&d, "edge")["role"], "standby");
     let events = recent_events(db.up.api).await;
     assert!(
-        events
-            .iter()
-            .any(|e| e["to"] == "rejoined" && e["reason"].as_str().unwrap().contains("pg_rewind")),
+        events.iter().any(
+            |e| e["kind"] == "rejoined" && e["message"].as_str().unwrap().contains("pg_rewind")
+        ),
         "{events:#?}"
     );
     assert_eq!(code(db.health[1], "/primary").await, 200, "/primary");
@@ -466,7 +461,7 @@ async fn a_restart_resumes_the_same_data_and_primary() {
     assert!(
         events
             .iter()
-            .any(|e| e["reason"].as_str().unwrap().contains("resumed edge"))
+            .any(|e| e["message"].as_str().unwrap().contains("resumed edge"))
     );
     let rows = db
         .client()
@@ -578,7 +573,7 @@ async fn a_member_promoted_behind_tandems_back_is_stopped_and_rewound() {
             let events = recent_events(db.up.api).await;
             events
                 .iter()
-                .any(|e| e["to"] == "fenced" && e["subject"] == "orders/region")
+                .any(|e| e["kind"] == "fenced" && e["subject"] == "orders/region")
                 .then_some(())
         },
     )

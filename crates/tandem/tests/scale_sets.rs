@@ -130,7 +130,7 @@ async fn event_with(api: SocketAddr, text: &str) -> Value {
         recent_events(api)
             .await
             .into_iter()
-            .find(|e| e["kind"] == "scale-set" && e["reason"].as_str().unwrap().contains(text))
+            .find(|e| e["source"] == "scale-set" && e["message"].as_str().unwrap().contains(text))
     })
     .await
 }
@@ -309,7 +309,7 @@ capacity = {{ min = 1, max = 2, initial = 1 }}
     eprintln!("breach to new instance serving: {} ms", took.as_millis());
     let e = event_with(api, "autoscale out 1 -> 2: cpu").await;
     assert!(
-        e["reason"].as_str().unwrap().contains("above 50 over 1s"),
+        e["message"].as_str().unwrap().contains("above 50 over 1s"),
         "{e}"
     );
     burner.await.unwrap();
