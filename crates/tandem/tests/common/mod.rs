@@ -169,12 +169,12 @@ pub async fn try_get_json(api: SocketAddr, path: &str) -> Option<Value> {
 /// The exit status of `child`, which must exit within `deadline` (else it is killed and the
 /// test fails).
 pub fn wait_exit(child: &mut Child, deadline: Duration) -> std::process::ExitStatus {
-    let end = std::time::Instant::now() + deadline;
+    let end = tokio::time::Instant::now() + deadline;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             return status;
         }
-        if std::time::Instant::now() >= end {
+        if tokio::time::Instant::now() >= end {
             let _ = child.kill();
             let _ = child.wait();
             panic!("process {} did not exit within {deadline:?}", child.id());
