@@ -414,6 +414,94 @@ async fn a_backend_dying_mid_loop_costs_no_client_a_connection() {
     s.wait_online(a.data).await;
 }
 
+/// A listener on `addr` that never accepts, its accept queue filled: the kernel drops every
+/// further SYN, so a connect there is neither answered nor refused (a hung host, on loopback).
+/// Keep what it returns alive for as long as the hole is needed.
+async fn black_hole(addr: SocketAddr) -> (std::net::TcpListener, Vec<TcpStream>) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_reuse_address(true).unwrap();
+    s.bind(&addr.into()).unwrap();
+    // A backlog of 0 holds one connection; the next SYN is dropped.
+    s.listen(0).unwrap();
+    let listener = std::net::TcpListener::from(s);
+    let mut queued = Vec::new();
+    for _ in 0..8 {
+        match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
+            Ok(Ok(c)) => queued.push(c),
+            Ok(Err(e)) => panic!("filling the accept queue of {addr}: {e}"),
+            Err(_) => return (listener, queued), // unanswered: the queue is full
+        }
+    }
+    panic!("the accept queue of {addr} never filled");
+}
+
+/// README, `connect_timeout`: a connect that fails or times out is retried at once on the next
+/// backend, and ejects the backend until its probe brings it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_or_timed_out_connect_is_retried_on_the_next_backend_and_ejects_it() {
+    for refused in [true, false] {
+        let (mut a, b, hp) = two_backends().await;
+        // `a` wins nearly every flow's first choice (weight 100 to 1).
+        let s = Setup::start(
+            &lb_toml(&pool(&[&a, &b], &[100, 1]), "connect_timeout = \"300ms\""),
+            hp,
+        );
+        s.wait_online(a.data).await;
+        s.wait_online(b.data).await;
+        let id = health::backend_id("web", a.data);
+        let mut health_events = s.engine.events();
+        let mut events = s.balancer().events();
+        // Its data port fails while its probe port answers: only the data plane can tell.
+        a.stop_data().await;
+        let _hole = if refused {
+            None
+        } else {
+            Some(black_hole(a.data).await)
+        };
+        let mut flows = 0;
+        while s.backend_view(a.data).ejections == 0 {
+            assert!(flows < 20, "20 flows and none tried a");
+            assert_eq!(s.ask_from(None, "x").await, by("b"), "the flow lands on b");
+            flows += 1;
+        }
+        let va = s.backend_view(a.data);
+        assert_eq!((va.ejections, va.failed_connects), (1, 1));
+        let why = if refused {
+            "Connection refused"
+        } else {
+            "timed out after 300ms"
+        };
+        let ejected = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let e = events.recv().await.unwrap();
+                if e.what == "ejected" {
+                    return e;
+                }
+            }
+        })
+        .await
+        .expect("an ejected event");
+        assert_eq!(ejected.backend, a.data);
+        assert!(ejected.reason.contains(why), "{}", ejected.reason);
+        // Out through the engine, back through its probe (recovery_successes = 2).
+        let mut seen = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while seen.last().map(|(to, _)| *to) != Some(Status::Online) {
+                let e = health_events.recv().await.unwrap();
+                if e.target == id {
+                    seen.push((e.to, e.reason));
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("a back Online; seen {seen:?}"));
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert_eq!(seen[0].0, Status::Degraded);
+        assert!(seen[0].1.contains("ejected"), "{seen:?}");
+        s.wait_online(a.data).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn established_flows_survive_probe_down_unless_reset() {
     for reset in [false, true] {
