@@ -1,6 +1,10 @@
 //! UDP frontends: a flow per client address, pinned to one backend, its replies relayed back,
 //! expired after `idle_timeout` without traffic either way. The flow table belongs to the one
 //! task that reads the frontend socket, so it needs no lock.
+//!
+//! With `proxy_protocol`, every datagram to the backend starts with a PROXY protocol v2 header
+//! (transport DGRAM, <https://www.haproxy.org/download/2.9/doc/proxy-protocol.txt>): a datagram
+//! stands alone, and that is how UDP receivers of PROXY v2 (dnsdist, BIND, PowerDNS) read it.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -17,11 +21,17 @@ use tokio::time::Instant;
 use crate::balancer::{Backend, Balancer};
 use crate::{proxy_v2, select};
 
+/// Room before each received payload for a PROXY v2 header, so a datagram goes out header
+/// first without copying the payload.
+const HEADROOM: usize = proxy_v2::MAX_LEN;
+
 struct Flow {
     backend: Arc<Backend>,
     upstream: Arc<UdpSocket>,
     /// Milliseconds since `epoch` of the last datagram either way.
     last: Arc<AtomicU64>,
+    /// The PROXY v2 header every datagram to the backend starts with.
+    header: Option<Vec<u8>>,
     replies: JoinHandle<()>,
 }
 
@@ -56,11 +66,11 @@ pub async fn serve(front: UdpSocket, lb: Arc<Balancer>, backend_port: Option<u16
     let epoch = Instant::now();
     let idle = lb.config.idle_timeout;
     let mut flows: HashMap<SocketAddr, Flow> = HashMap::new();
-    let mut buf = vec![0u8; 65536];
+    let mut buf = vec![0u8; HEADROOM + 65536];
     let mut sweep = tokio::time::interval(idle.min(Duration::from_secs(1)));
     loop {
         let (n, client) = tokio::select! {
-            r = front.recv_from(&mut buf) => match r {
+            r = front.recv_from(&mut buf[HEADROOM..]) => match r {
                 Ok(r) => r,
                 Err(_) => continue,
             },
@@ -83,7 +93,15 @@ pub async fn serve(front: UdpSocket, lb: Arc<Balancer>, backend_port: Option<u16
             }
         };
         flow.last.store(now, Ordering::Relaxed);
-        if flow.upstream.send(&buf[..n]).await.is_ok() {
+        let datagram = match &flow.header {
+            Some(h) => {
+                let start = HEADROOM - h.len();
+                buf[start..HEADROOM].copy_from_slice(h);
+                &buf[start..HEADROOM + n]
+            }
+            None => &buf[HEADROOM..HEADROOM + n],
+        };
+        if flow.upstream.send(datagram).await.is_ok() {
             flow.backend
                 .stats
                 .bytes_in
@@ -121,10 +139,6 @@ async fn open(
     let upstream = UdpSocket::bind(bind).await.ok()?;
     upstream.connect(addr).await.ok()?;
     let upstream = Arc::new(upstream);
-    if lb.config.proxy_protocol {
-        let header = proxy_v2::header(client, local, proxy_v2::Transport::Datagram);
-        let _ = upstream.send(&header).await;
-    }
     backend.stats.total.fetch_add(1, Ordering::Relaxed);
     backend.stats.active.fetch_add(1, Ordering::Relaxed);
     let last = Arc::new(AtomicU64::new(epoch.elapsed().as_millis() as u64));
@@ -140,6 +154,10 @@ async fn open(
         backend,
         upstream,
         last,
+        header: lb
+            .config
+            .proxy_protocol
+            .then(|| proxy_v2::header(client, local, proxy_v2::Transport::Datagram)),
         replies,
     })
 }

@@ -124,6 +124,59 @@ impl Drop for Backend {
     }
 }
 
+/// A UDP echo backend answering `NAME payload` (the payload after a PROXY v2 header, when one
+/// starts the datagram), keeping every datagram it receives; probed on a TCP health port.
+struct UdpBackend {
+    data: SocketAddr,
+    received: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl UdpBackend {
+    async fn start(name: &'static str, ip: &str, health_port: u16) -> Self {
+        let echo = UdpSocket::bind((ip, 0)).await.unwrap();
+        let data = echo.local_addr().unwrap();
+        let received: Arc<std::sync::Mutex<Vec<Vec<u8>>>> = Arc::default();
+        let kept = received.clone();
+        let echo_task = tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            loop {
+                let Ok((n, from)) = echo.recv_from(&mut buf).await else {
+                    continue;
+                };
+                let d = &buf[..n];
+                kept.lock().unwrap().push(d.to_vec());
+                let payload = if n >= 16 && d.starts_with(&lb::proxy_v2::SIGNATURE) {
+                    &d[(16 + usize::from(u16::from_be_bytes([d[14], d[15]]))).min(n)..]
+                } else {
+                    d
+                };
+                let reply = [name.as_bytes(), b" ", payload].concat();
+                let _ = echo.send_to(&reply, from).await;
+            }
+        });
+        let hl = bind_tcp(SocketAddr::new(data.ip(), health_port)).await;
+        let health_task = tokio::spawn(async move {
+            loop {
+                let _ = hl.accept().await;
+            }
+        });
+        UdpBackend {
+            data,
+            received,
+            tasks: vec![echo_task, health_task],
+        }
+    }
+}
+
+impl Drop for UdpBackend {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
 struct Setup {
     engine: Arc<Engine>,
     running: Running,
@@ -297,6 +350,18 @@ fn failed(e: io::Error) -> Outcome {
         io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => Outcome::Reset,
         _ => panic!("unexpected error on an established flow: {e}"),
     }
+}
+
+/// How long a UDP reply may take.
+const REPLY: Duration = Duration::from_secs(2);
+
+fn udp_lb_toml(backends: &[&UdpBackend], extra: &str) -> String {
+    let pool: Vec<String> = backends.iter().map(|b| format!("\"{}\"", b.data)).collect();
+    format!(
+        "[[load_balancer]]\nname = \"dns\"\nsite = \"edge\"\nfrontend = \"{{frontend}}\"\n\
+         protocol = \"udp\"\npool = {{ addresses = [{}] }}\nprobe = \"alive\"\n{extra}\n",
+        pool.join(", ")
+    )
 }
 
 fn pool(backends: &[&Backend], weights: &[u32]) -> String {
@@ -681,6 +746,49 @@ async fn udp_flows_relay_replies_and_expire() {
     .await;
     echo_task.abort();
     health_task.abort();
+}
+
+/// PROXY protocol v2 over UDP (transport DGRAM, haproxy.org's proxy-protocol.txt): every
+/// datagram to the backend starts with the header, as dnsdist and BIND read it, and the client
+/// gets one reply per datagram it sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_v2_over_udp_prefixes_every_datagram() {
+    let hp = free_tcp_port(&["127.0.3.35"]);
+    let a = UdpBackend::start("a", "127.0.3.35", hp).await;
+    let s = Setup::start(&udp_lb_toml(&[&a], "proxy_protocol = true"), hp);
+    s.wait_online(a.data).await;
+    let client = UdpSocket::bind("127.0.4.9:0").await.unwrap();
+    client.connect(s.frontend).await.unwrap();
+    let port = client.local_addr().unwrap().port();
+    let mut buf = [0u8; 2048];
+    for i in 0..3 {
+        client.send(format!("p{i}").as_bytes()).await.unwrap();
+        let n = tokio::time::timeout(REPLY, client.recv(&mut buf))
+            .await
+            .expect("a reply")
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&buf[..n]),
+            format!("a p{i}"),
+            "each reply answers the datagram just sent"
+        );
+    }
+    let got = a.received.lock().unwrap().clone();
+    assert_eq!(
+        got.len(),
+        3,
+        "one datagram to the backend per client datagram"
+    );
+    for (i, d) in got.iter().enumerate() {
+        assert_eq!(&d[..12], &lb::proxy_v2::SIGNATURE, "datagram {i}");
+        assert_eq!((d[12], d[13]), (0x21, 0x12), "v2 PROXY, UDP over IPv4");
+        assert_eq!(&d[14..16], &[0, 12], "address block length");
+        assert_eq!(&d[16..20], &[127, 0, 4, 9], "source address");
+        assert_eq!(&d[20..24], &[127, 0, 3, 1], "destination: the frontend");
+        assert_eq!(u16::from_be_bytes([d[24], d[25]]), port);
+        assert_eq!(u16::from_be_bytes([d[26], d[27]]), s.frontend.port());
+        assert_eq!(&d[28..], format!("p{i}").as_bytes(), "the payload follows");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
