@@ -127,6 +127,7 @@ impl Drop for Backend {
 /// A UDP echo backend answering `NAME payload` (the payload after a PROXY v2 header, when one
 /// starts the datagram), keeping every datagram it receives; probed on a TCP health port.
 struct UdpBackend {
+    name: &'static str,
     data: SocketAddr,
     received: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
     tasks: Vec<JoinHandle<()>>,
@@ -162,9 +163,22 @@ impl UdpBackend {
             }
         });
         UdpBackend {
+            name,
             data,
             received,
             tasks: vec![echo_task, health_task],
+        }
+    }
+
+    fn received(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+
+    /// The process dies: its socket and its probe port are closed when this returns.
+    async fn kill(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+            let _ = t.await;
         }
     }
 }
@@ -355,6 +369,13 @@ fn failed(e: io::Error) -> Outcome {
 /// How long a UDP reply may take.
 const REPLY: Duration = Duration::from_secs(2);
 
+async fn two_udp_backends(ips: [&str; 2]) -> (UdpBackend, UdpBackend, u16) {
+    let health = free_tcp_port(&ips);
+    let a = UdpBackend::start("a", ips[0], health).await;
+    let b = UdpBackend::start("b", ips[1], health).await;
+    (a, b, health)
+}
+
 fn udp_lb_toml(backends: &[&UdpBackend], extra: &str) -> String {
     let pool: Vec<String> = backends.iter().map(|b| format!("\"{}\"", b.data)).collect();
     format!(
@@ -362,6 +383,33 @@ fn udp_lb_toml(backends: &[&UdpBackend], extra: &str) -> String {
          protocol = \"udp\"\npool = {{ addresses = [{}] }}\nprobe = \"alive\"\n{extra}\n",
         pool.join(", ")
     )
+}
+
+/// A UDP client on a source port of its own, which it keeps.
+async fn udp_client(frontend: SocketAddr) -> UdpSocket {
+    let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    c.connect(frontend).await.unwrap();
+    c
+}
+
+/// Sends `payload` and waits up to `wait` for its reply: the name of the backend that answered.
+/// Late replies to earlier datagrams are skipped.
+async fn udp_ask(c: &UdpSocket, payload: &str, wait: Duration) -> Option<String> {
+    c.send(payload.as_bytes()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut buf = [0u8; 2048];
+    loop {
+        let n = tokio::time::timeout_at(deadline, c.recv(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        let text = String::from_utf8_lossy(&buf[..n]);
+        if let Some((name, p)) = text.split_once(' ')
+            && p == payload
+        {
+            return Some(name.to_string());
+        }
+    }
 }
 
 fn pool(backends: &[&Backend], weights: &[u32]) -> String {
@@ -746,6 +794,121 @@ async fn udp_flows_relay_replies_and_expire() {
     .await;
     echo_task.abort();
     health_task.abort();
+}
+
+/// Azure Load Balancer moves a UDP flow to a healthy instance when the probe of its instance
+/// fails; so does Tandem, with either `on_backend_down`, at the flow's first datagram after
+/// its backend left the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_flow_moves_to_a_healthy_backend_when_its_backend_dies() {
+    for mode in ["continue", "reset"] {
+        let (mut a, mut b, hp) = two_udp_backends(["127.0.3.31", "127.0.3.32"]).await;
+        let extra = format!("on_backend_down = \"{mode}\"\nidle_timeout = \"1m\"");
+        let s = Setup::start(&udp_lb_toml(&[&a, &b], &extra), hp);
+        s.wait_online(a.data).await;
+        s.wait_online(b.data).await;
+        let client = udp_client(s.frontend).await;
+        let first = udp_ask(&client, "q0", REPLY).await.expect("a reply");
+        let (dead, alive) = if first == "a" {
+            (&mut a, &b)
+        } else {
+            (&mut b, &a)
+        };
+        dead.kill().await;
+        // The client goes on sending every 200 ms; what it sends before the probe notices is
+        // lost, and keeps the flow from idling out.
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let mut i = 1;
+        while s.backend_view(dead.data).takes_new_flows {
+            assert!(i < 50, "{mode}: the probe never took {} out", dead.name);
+            tick.tick().await;
+            client.send(format!("q{i}").as_bytes()).await.unwrap();
+            i += 1;
+        }
+        for j in 0..3 {
+            assert_eq!(
+                udp_ask(&client, &format!("after{j}"), REPLY)
+                    .await
+                    .as_deref(),
+                Some(alive.name),
+                "{mode}: the flow follows to the healthy backend"
+            );
+        }
+        let (vd, va) = (s.backend_view(dead.data), s.backend_view(alive.data));
+        assert_eq!(
+            (vd.active_connections, va.active_connections),
+            (0, 1),
+            "{mode}"
+        );
+    }
+}
+
+/// A drained backend, and one taken out of the pool (as a scale set's scale-in does), keep
+/// their established UDP flows until `drain_timeout`; then each flow moves at its next datagram.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_flow_leaves_a_drained_or_removed_backend_at_the_drain_timeout() {
+    for remove in [false, true] {
+        let (a, b, hp) = two_udp_backends(["127.0.3.33", "127.0.3.34"]).await;
+        let extra = "drain_timeout = \"2s\"\nidle_timeout = \"1m\"";
+        let s = Setup::start(&udp_lb_toml(&[&a, &b], extra), hp);
+        s.wait_online(a.data).await;
+        s.wait_online(b.data).await;
+        let client = udp_client(s.frontend).await;
+        let first = udp_ask(&client, "q0", REPLY).await.expect("a reply");
+        let (gone, stays) = if first == "a" { (&a, &b) } else { (&b, &a) };
+        let how = if remove { "removed" } else { "drained" };
+        let started = tokio::time::Instant::now();
+        if remove {
+            let id = health::backend_id("dns", stays.data);
+            s.balancer().set_members(vec![(stays.data, 1, Some(id))]);
+        } else {
+            s.balancer().drain(gone.data).unwrap();
+        }
+        let during = udp_ask(&client, "during", REPLY).await;
+        if started.elapsed() < Duration::from_millis(1500) {
+            assert_eq!(during.as_deref(), Some(gone.name), "{how}: the flow stays");
+        }
+        let newcomer = udp_client(s.frontend).await;
+        assert_eq!(
+            udp_ask(&newcomer, "new", REPLY).await.as_deref(),
+            Some(stays.name),
+            "{how}: new flows avoid {}",
+            gone.name
+        );
+        // The client sends every 200 ms until a reply comes from the other backend.
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        for i in 0.. {
+            assert!(i < 40, "{how}: the flow never left {}", gone.name);
+            tick.tick().await;
+            let r = udp_ask(&client, &format!("q{i}"), Duration::from_millis(150)).await;
+            if r.as_deref() == Some(stays.name) {
+                break;
+            }
+        }
+        assert!(
+            started.elapsed() >= Duration::from_secs(2),
+            "{how}: moved before the drain timeout"
+        );
+        let received = gone.received();
+        for j in 0..3 {
+            assert_eq!(
+                udp_ask(&client, &format!("after{j}"), REPLY)
+                    .await
+                    .as_deref(),
+                Some(stays.name),
+                "{how}"
+            );
+        }
+        assert_eq!(
+            gone.received(),
+            received,
+            "{how}: {} receives nothing more",
+            gone.name
+        );
+        if !remove {
+            assert_eq!(s.backend_view(gone.data).active_connections, 0);
+        }
+    }
 }
 
 /// PROXY protocol v2 over UDP (transport DGRAM, haproxy.org's proxy-protocol.txt): every
