@@ -5,8 +5,13 @@
 //! have no probe result yet (`CheckingEndpoint`, at start), those are tried, so a fresh balancer
 //! does not refuse everything until the first probe. With none at all, `all_down` decides:
 //! `refuse` (default) or `send-all` (every backend that is not draining).
+//!
+//! Which backends keep their established flows ([`Snapshot::keeps`], read by the UDP relay; TCP
+//! flows end on `Stats::kill` instead): those taking new flows, and any member whose probe does
+//! not say it is down (`Online`, or no result yet); but a draining backend, and a member that
+//! left the pool, only until `drain_timeout` after.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -49,7 +54,8 @@ pub struct Stats {
     pub failed_connects: AtomicU64,
     /// Flow directions that switched to zero-copy relaying (bulk traffic).
     pub spliced: AtomicU64,
-    /// Bumped to end every flow of the backend (drain deadline, reset on probe-down).
+    /// Bumped to end every flow of the backend (drain deadline, reset on probe-down, site
+    /// down): TCP flows are reset, UDP flows forgotten (their next datagram chooses again).
     pub kill: watch::Sender<u64>,
 }
 
@@ -78,12 +84,40 @@ pub struct Backend {
     pub stats: Arc<Stats>,
 }
 
-/// What a new flow may use.
+/// What a new flow may use, and which established flows may stay where they are.
 #[derive(Debug, Default)]
 pub struct Snapshot {
+    /// Grows with every rebuild, so a flow re-checks its backend only when something changed.
+    pub generation: u64,
     pub backends: Vec<Arc<Backend>>,
     /// Indexes of backends that take new flows.
     pub eligible: Vec<usize>,
+    /// Backends that keep their established flows, with a deadline for those draining or out
+    /// of the pool.
+    pub keeping: Vec<(SocketAddr, Option<Instant>)>,
+}
+
+/// Whether an established flow may stay on its backend ([`Snapshot::keeps`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Keep {
+    /// For as long as this snapshot holds.
+    Yes,
+    /// Draining or out of the pool: until this deadline.
+    Until(Instant),
+    /// Probed down, drained, gone: the flow must choose again.
+    No,
+}
+
+impl Snapshot {
+    /// Whether a flow on the backend `addr` stays there. A scan of the pool: call it when the
+    /// generation changed, not per packet.
+    pub fn keeps(&self, addr: SocketAddr) -> Keep {
+        match self.keeping.iter().find(|(a, _)| *a == addr) {
+            Some((_, None)) => Keep::Yes,
+            Some((_, Some(until))) => Keep::Until(*until),
+            None => Keep::No,
+        }
+    }
 }
 
 /// One backend as the API shows it.
@@ -123,7 +157,10 @@ pub struct UnknownBackend(pub String, pub SocketAddr);
 struct State {
     members: Vec<Arc<Backend>>,
     draining: HashMap<SocketAddr, Instant>,
+    /// Members that left the pool, with the end of their flows' grace (`drain_timeout`).
+    leaving: HashMap<SocketAddr, (Arc<Backend>, Instant)>,
     last_status: HashMap<SocketAddr, Status>,
+    generation: u64,
 }
 
 /// A load balancer's control side, shared with its relays.
@@ -168,7 +205,9 @@ impl Balancer {
             state: Mutex::new(State {
                 members,
                 draining: HashMap::new(),
+                leaving: HashMap::new(),
                 last_status: HashMap::new(),
+                generation: 0,
             }),
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             events: broadcast::Sender::new(256),
@@ -200,14 +239,20 @@ impl Balancer {
     }
 
     /// Replaces the pool's members (scale set instances, the database primary). Members that
-    /// stay keep their counters and flows; members that leave stop taking new flows and their
-    /// flows continue until they end.
+    /// stay keep their counters and flows; members that leave stop taking new flows, as a
+    /// drained backend does: their TCP flows continue until they end, their UDP flows (which
+    /// never end while the client talks) move after `drain_timeout`.
     pub fn set_members(&self, members: Vec<(SocketAddr, u32, Option<String>)>) {
         {
-            let mut st = self.state();
-            let old: HashMap<SocketAddr, Arc<Backend>> =
-                st.members.iter().map(|b| (b.addr, b.clone())).collect();
-            st.members = members
+            let mut guard = self.state();
+            let st = &mut *guard;
+            let mut old: HashMap<SocketAddr, Arc<Backend>> = st
+                .leaving
+                .iter()
+                .map(|(a, (b, _))| (*a, b.clone()))
+                .collect();
+            old.extend(st.members.iter().map(|b| (b.addr, b.clone())));
+            let members: Vec<Arc<Backend>> = members
                 .into_iter()
                 .map(|(addr, weight, health_id)| match old.get(&addr) {
                     Some(b) if b.weight == weight && b.health_id == health_id => b.clone(),
@@ -221,21 +266,48 @@ impl Balancer {
                     }),
                 })
                 .collect();
+            let now = Instant::now();
+            let grace = self.config.drain_timeout;
+            let staying: HashSet<SocketAddr> = members.iter().map(|b| b.addr).collect();
+            for b in &st.members {
+                if !staying.contains(&b.addr) {
+                    // A drain already under way ends no later than it would have.
+                    let until = st
+                        .draining
+                        .get(&b.addr)
+                        .map_or(now + grace, |started| (*started + grace).min(now + grace));
+                    st.leaving.insert(b.addr, (b.clone(), until));
+                }
+            }
+            st.leaving.retain(|addr, _| !staying.contains(addr));
+            st.members = members;
         }
         self.rebuild();
     }
 
-    /// Recomputes which backends take new flows, and applies `on_backend_down`.
+    fn status(&self, b: &Backend) -> Status {
+        match &b.health_id {
+            Some(id) => self.health.status(id).unwrap_or(Status::CheckingEndpoint),
+            None => Status::Online,
+        }
+    }
+
+    /// Recomputes which backends take new flows and which keep theirs, and applies
+    /// `on_backend_down`.
     pub fn rebuild(&self) {
-        let mut st = self.state();
-        let statuses: Vec<Status> = st
-            .members
-            .iter()
-            .map(|b| match &b.health_id {
-                Some(id) => self.health.status(id).unwrap_or(Status::CheckingEndpoint),
-                None => Status::Online,
-            })
-            .collect();
+        let mut reset = Vec::new();
+        {
+            let mut st = self.state();
+            self.rebuild_locked(&mut st, &mut reset);
+        }
+        // After the new snapshot is out, so a flow that ends and chooses again avoids them.
+        for stats in reset {
+            stats.kill.send_modify(|g| *g += 1);
+        }
+    }
+
+    fn rebuild_locked(&self, st: &mut State, reset: &mut Vec<Arc<Stats>>) {
+        let statuses: Vec<Status> = st.members.iter().map(|b| self.status(b)).collect();
         for (b, s) in st.members.iter().zip(&statuses) {
             let before = st.last_status.get(&b.addr).copied();
             if before.is_some_and(|p| p != *s) {
@@ -246,7 +318,7 @@ impl Balancer {
                 };
                 let mut reason = format!("probe: {} -> {s}", before.unwrap_or(*s));
                 if went_down && self.config.on_backend_down == OnBackendDown::Reset {
-                    b.stats.kill.send_modify(|g| *g += 1);
+                    reset.push(b.stats.clone());
                     reason.push_str("; its flows are reset (on_backend_down = reset)");
                 }
                 self.event(b.addr, what, reason);
@@ -274,9 +346,36 @@ impl Balancer {
         if eligible.is_empty() && self.config.all_down == LbAllDown::SendAll {
             eligible = open;
         }
+        // Established flows stay where the probe does not say down; draining and departed
+        // backends keep theirs only until their deadline.
+        let now = Instant::now();
+        let up = |s: Status| matches!(s, Status::Online | Status::CheckingEndpoint);
+        let grace = self.config.drain_timeout;
+        st.leaving.retain(|_, (_, until)| *until > now);
+        let mut keeping: Vec<(SocketAddr, Option<Instant>)> = (0..st.members.len())
+            .filter_map(|i| {
+                let addr = st.members[i].addr;
+                match st.draining.get(&addr) {
+                    None if up(statuses[i]) || eligible.contains(&i) => Some((addr, None)),
+                    Some(started) if up(statuses[i]) && *started + grace > now => {
+                        Some((addr, Some(*started + grace)))
+                    }
+                    _ => None,
+                }
+            })
+            .collect();
+        keeping.extend(
+            st.leaving
+                .values()
+                .filter(|(b, _)| up(self.status(b)))
+                .map(|(b, until)| (b.addr, Some(*until))),
+        );
+        st.generation += 1;
         self.snapshot.store(Arc::new(Snapshot {
+            generation: st.generation,
             backends: st.members.clone(),
             eligible,
+            keeping,
         }));
     }
 
@@ -421,5 +520,90 @@ impl Balancer {
         while health.changed().await.is_ok() {
             self.rebuild();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Health set by the test.
+    #[derive(Default)]
+    struct Fake(Mutex<HashMap<String, Status>>);
+
+    impl BackendHealth for Fake {
+        fn status(&self, target: &str) -> Option<Status> {
+            self.0.lock().unwrap().get(target).copied()
+        }
+
+        fn eject(&self, _: &str, _: &str) {}
+    }
+
+    const A: &str = "127.0.0.2:53";
+    const B: &str = "127.0.0.3:53";
+
+    fn setup() -> (Arc<Balancer>, Arc<Fake>) {
+        let text = format!(
+            "[[site]]\nname = \"edge\"\nrole = \"edge\"\n\
+             [[monitor]]\nname = \"alive\"\nprotocol = \"tcp\"\nport = 9\n\
+             [[load_balancer]]\nname = \"lb\"\nsite = \"edge\"\nfrontend = \"127.0.0.1:53\"\n\
+             protocol = \"udp\"\npool = {{ addresses = [\"{A}\", \"{B}\"] }}\nprobe = \"alive\"\n\
+             drain_timeout = \"10s\"\n"
+        );
+        let t = model::parse(model::Source::new("t.toml", text)).unwrap();
+        let health = Arc::new(Fake::default());
+        let b = Balancer::new(t.load_balancers[0].clone(), health.clone());
+        (b, health)
+    }
+
+    fn set(b: &Balancer, h: &Fake, addr: &str, s: Status) {
+        let id = health::backend_id("lb", addr.parse().unwrap());
+        h.0.lock().unwrap().insert(id, s);
+        b.rebuild();
+    }
+
+    fn keeps(b: &Balancer, addr: &str) -> Keep {
+        b.snapshot().keeps(addr.parse().unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn flows_stay_unless_the_probe_says_down() {
+        let (b, h) = setup();
+        assert_eq!(keeps(&b, A), Keep::Yes, "no probe result yet");
+        // B answers first: A takes no new flows for now, but nothing says it is down.
+        set(&b, &h, B, Status::Online);
+        assert_eq!(b.snapshot().eligible.len(), 1);
+        assert_eq!(keeps(&b, A), Keep::Yes);
+        set(&b, &h, A, Status::Degraded);
+        assert_eq!(keeps(&b, A), Keep::No);
+        assert_eq!(keeps(&b, B), Keep::Yes);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn draining_and_departed_backends_keep_flows_until_the_drain_timeout() {
+        let (b, h) = setup();
+        set(&b, &h, A, Status::Online);
+        set(&b, &h, B, Status::Online);
+        let before = b.snapshot().generation;
+        let start = Instant::now();
+        b.drain(A.parse().unwrap()).unwrap();
+        assert!(b.snapshot().generation > before, "a new generation");
+        let deadline = start + Duration::from_secs(10);
+        assert_eq!(keeps(&b, A), Keep::Until(deadline));
+        set(&b, &h, A, Status::Degraded);
+        assert_eq!(keeps(&b, A), Keep::No, "a draining backend probed down");
+
+        let (b, h) = setup();
+        set(&b, &h, A, Status::Online);
+        set(&b, &h, B, Status::Online);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let start = Instant::now();
+        b.set_members(vec![(B.parse().unwrap(), 1, None)]);
+        assert_eq!(keeps(&b, A), Keep::Until(start + Duration::from_secs(10)));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        b.rebuild();
+        assert_eq!(keeps(&b, A), Keep::No, "gone after the drain timeout");
     }
 }

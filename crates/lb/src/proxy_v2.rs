@@ -6,6 +6,9 @@ use std::net::SocketAddr;
 /// The 12-byte signature every v2 header starts with.
 pub const SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 
+/// The longest header [`header`] writes: IPv6 addresses, no TLVs.
+pub const MAX_LEN: usize = 16 + 36;
+
 /// Transport of the proxied connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
@@ -20,7 +23,7 @@ pub fn header(client: SocketAddr, local: SocketAddr, transport: Transport) -> Ve
         Transport::Stream => 0x1,
         Transport::Datagram => 0x2,
     };
-    let mut out = Vec::with_capacity(16 + 36);
+    let mut out = Vec::with_capacity(MAX_LEN);
     out.extend_from_slice(&SIGNATURE);
     out.push(0x21); // version 2, command PROXY
     match (client, local) {
@@ -75,7 +78,7 @@ mod tests {
             Transport::Datagram,
         );
         assert_eq!(h[13], 0x22);
-        assert_eq!(h.len(), 16 + 36);
+        assert_eq!(h.len(), MAX_LEN);
         assert_eq!(&h[32 + 10..32 + 16], &[0xff, 0xff, 127, 0, 0, 1]);
     }
 }
