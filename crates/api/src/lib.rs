@@ -1,29 +1,44 @@
-//! The REST API: health targets, DNS profiles, events, and Prometheus metrics.
+//! The REST API of a node: what it runs, what the cluster looks like from it, and operator
+//! actions, which are stored as intent (see `cluster::intent`) and applied by the node that
+//! runs what they name. Requests and responses are the types of [`types`], shared with the CLI.
 //!
 //! | method | path | what |
 //! |---|---|---|
 //! | GET | `/healthz` | `ok` while Tandem runs |
-//! | GET | `/v1/health` | every probe target |
+//! | GET | `/v1/cluster` | mode, this node, its site, the leader, isolation, the store, the topology's hash |
+//! | GET | `/v1/nodes` | every node of the topology, alive or gone and since when |
+//! | GET | `/v1/health` | every probe target; in cluster mode with each live node's vote and the consensus |
 //! | GET | `/v1/profiles` | every DNS profile: endpoints, states, the answer now |
-//! | POST | `/v1/profiles/{profile}/endpoints/{endpoint}/disable` | stop answering an endpoint |
+//! | POST | `/v1/profiles/{profile}/endpoints/{endpoint}/disable` | stop answering (and probing) an endpoint, on every node |
 //! | POST | `/v1/profiles/{profile}/endpoints/{endpoint}/enable` | answer it again |
-//! | GET | `/v1/load-balancers` | every load balancer: frontends, backends, counters |
+//! | GET | `/v1/load-balancers` | every load balancer of every live node: frontends, backends, counters |
 //! | POST | `/v1/load-balancers/{lb}/backends/{address}/drain` | stop new flows, drain the rest |
 //! | POST | `/v1/load-balancers/{lb}/backends/{address}/enable` | take new flows again |
+//! | GET | `/v1/scale-sets` | every scale set of every live node, with its instances |
+//! | POST | `/v1/scale-sets/{set}/scale` | `{"capacity": N}` |
 //! | GET | `/v1/databases` | every database: primary, term, members with role, LSNs, lag |
 //! | POST | `/v1/databases/{db}/switchover` | `{"to": SITE}`: planned handover, no data loss |
-//! | GET | `/v1/events` | the last 1,000 health, DNS and load balancer events |
+//! | POST | `/v1/reload` | re-read the topology file on every node; what changed and what applies now |
+//! | GET | `/v1/drills` | the drill in progress |
+//! | POST | `/v1/drills/outage` | `{"site": S, "for": "60s"}`: a whole site goes dark, then returns |
+//! | POST | `/v1/drills/stop` | end the drill now |
+//! | GET | `/v1/events` | the last 1,000 events of every node |
 //! | GET | `/metrics` | Prometheus exposition |
+//!
+//! Reads of things other nodes run (`load-balancers`, `scale-sets`, `databases`) ask every live
+//! node (`?scope=local` asks only the one answering) and list the nodes that did not answer.
 
 pub mod metrics;
+pub mod peers;
+pub mod types;
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Json, Response};
@@ -31,39 +46,79 @@ use axum::routing::{get, post};
 use dns::manager::Manager;
 pub use event::{Event, Source};
 use health::Engine;
-use serde_json::json;
+use model::Topology;
+use serde::Deserialize;
 use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+
+use types::*;
 
 /// How many recent events `/v1/events` keeps.
 pub const EVENT_LOG_SIZE: usize = 1000;
+/// How long an operator action waits for this node to apply it before answering.
+pub const APPLY_WAIT: Duration = Duration::from_secs(3);
 
-/// The most recent events, newest last, and every new one as it is recorded.
+#[derive(Debug)]
+struct Log {
+    events: VecDeque<Event>,
+}
+
+/// The most recent events of every node, oldest first, and every new one as it is recorded.
+/// Events raised here are stamped with this node's name.
 #[derive(Clone, Debug)]
-pub struct EventLog(
-    Arc<Mutex<VecDeque<Event>>>,
-    tokio::sync::broadcast::Sender<Event>,
-);
+pub struct EventLog {
+    log: Arc<Mutex<Log>>,
+    node: Option<String>,
+    all: broadcast::Sender<Event>,
+    local: broadcast::Sender<Event>,
+}
 
 impl Default for EventLog {
     fn default() -> Self {
-        EventLog(Arc::default(), tokio::sync::broadcast::Sender::new(1024))
+        Self::new(None)
     }
 }
 
 impl EventLog {
-    /// Every event recorded from now on.
-    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
-        self.1.subscribe()
+    /// A log for `node` (cluster mode) or for the single process.
+    pub fn new(node: Option<String>) -> Self {
+        EventLog {
+            log: Arc::new(Mutex::new(Log {
+                events: VecDeque::with_capacity(EVENT_LOG_SIZE),
+            })),
+            node,
+            all: broadcast::Sender::new(1024),
+            local: broadcast::Sender::new(1024),
+        }
     }
 
-    /// Records every event of a broadcast channel until it closes.
-    pub fn follow(&self, mut rx: tokio::sync::broadcast::Receiver<Event>) {
+    /// Every event recorded from now on, of any node.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.all.subscribe()
+    }
+
+    /// This node's own events from now on (to write them to the store).
+    pub fn subscribe_local(&self) -> broadcast::Receiver<Event> {
+        self.local.subscribe()
+    }
+
+    /// Records every event of a part of this node until its channel closes.
+    pub fn follow(&self, rx: broadcast::Receiver<Event>) {
+        self.forward(rx, true);
+    }
+
+    /// Records events of other nodes (already stamped with theirs).
+    pub fn follow_remote(&self, rx: broadcast::Receiver<Event>) {
+        self.forward(rx, false);
+    }
+
+    fn forward(&self, mut rx: broadcast::Receiver<Event>, local: bool) {
         let sink = self.clone();
         tokio::spawn(async move {
             loop {
                 match rx.recv().await {
-                    Ok(e) => sink.push(e),
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    Ok(e) => sink.push(e, local),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(missed = n, "event log fell behind");
                     }
                     Err(_) => return,
@@ -72,24 +127,55 @@ impl EventLog {
         });
     }
 
-    fn push(&self, e: Event) {
-        let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if q.len() == EVENT_LOG_SIZE {
-            q.pop_front();
+    /// Records one event of this node now.
+    pub fn record(&self, e: Event) {
+        self.push(e, true);
+    }
+
+    fn push(&self, mut e: Event, local: bool) {
+        if local && e.node.is_none() {
+            e.node.clone_from(&self.node);
         }
-        q.push_back(e.clone());
-        let _ = self.1.send(e);
+        {
+            let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+            if log.events.len() == EVENT_LOG_SIZE {
+                log.events.pop_front();
+            }
+            // Other nodes' events arrive a little late: keep the log in time order.
+            let at = log.events.partition_point(|x| x.at <= e.at);
+            log.events.insert(at, e.clone());
+        }
+        if local {
+            let _ = self.local.send(e.clone());
+        }
+        let _ = self.all.send(e);
     }
 
     pub fn snapshot(&self) -> Vec<Event> {
-        let q = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        q.iter().cloned().collect()
+        let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        log.events.iter().cloned().collect()
     }
 }
 
-/// Re-reads the topology file and applies what can change while running; says what it did.
+/// The outcome of reading the topology file again, before anything is applied.
+#[derive(Clone, Debug)]
+pub struct ReloadPlan {
+    /// SHA-256 of the new file.
+    pub hash: String,
+    pub response: ReloadResponse,
+}
+
+/// A topology file that cannot be reloaded: the reason, and its diagnostics when invalid.
+#[derive(Clone, Debug)]
+pub struct ReloadRefused {
+    pub message: String,
+    pub diagnostics: Option<String>,
+}
+
+/// Reads the topology file again and says what would change; the node applies it when the
+/// reload intent reaches it.
 #[derive(Clone)]
-pub struct Reload(pub Arc<dyn Fn() -> Result<Vec<String>, String> + Send + Sync>);
+pub struct Reload(pub Arc<dyn Fn() -> Result<ReloadPlan, ReloadRefused> + Send + Sync>);
 
 impl std::fmt::Debug for Reload {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -97,23 +183,64 @@ impl std::fmt::Debug for Reload {
     }
 }
 
-/// What the handlers read.
+/// What the handlers read and act on.
 #[derive(Clone, Debug)]
 pub struct Api {
+    pub topology: Arc<Topology>,
+    /// This node in cluster mode; `None` in the single-process default.
+    pub node: Option<Arc<cluster::Node>>,
+    /// The site this process runs; `None`: every site.
+    pub site: Option<String>,
+    pub store: Arc<dyn store::Store>,
+    /// SHA-256 of the topology file this process runs.
+    pub topology_hash: String,
     pub engine: Arc<Engine>,
     pub dns: Option<Arc<Manager>>,
     pub load_balancers: Vec<Arc<lb::Balancer>>,
     pub scale_sets: Vec<Arc<scaleset::ScaleSet>>,
     pub databases: Vec<Arc<pg::Cluster>>,
-    pub drills: Option<Arc<orchestrator::Drills>>,
+    pub drills: Arc<orchestrator::Drills>,
+    pub intents: Arc<cluster::Intents>,
     pub reload: Option<Reload>,
     pub events: EventLog,
+}
+
+impl Api {
+    /// Whether this process runs `site`.
+    pub fn runs(&self, site: &str) -> bool {
+        self.site.as_deref().is_none_or(|s| s == site)
+    }
+
+    fn node_name(&self) -> Option<String> {
+        self.node.as_ref().map(|n| n.name().to_string())
+    }
+
+    /// The node that runs `site`, when it is another one.
+    fn owner_of(&self, site: &str) -> Option<String> {
+        if self.runs(site) {
+            return self.node_name();
+        }
+        self.topology
+            .nodes
+            .iter()
+            .find(|n| n.site.as_str() == site)
+            .map(|n| n.name.to_string())
+    }
+
+    fn placed<T>(&self, view: T) -> Placed<T> {
+        Placed {
+            node: self.node_name(),
+            view,
+        }
+    }
 }
 
 /// The API's routes.
 pub fn router(api: Api) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/v1/cluster", get(cluster_view))
+        .route("/v1/nodes", get(nodes))
         .route("/v1/health", get(health_targets))
         .route("/v1/profiles", get(profiles))
         .route(
@@ -149,17 +276,85 @@ pub async fn serve(
         .await
 }
 
-async fn health_targets(State(api): State<Api>) -> Json<serde_json::Value> {
-    Json(json!({ "targets": api.engine.reports() }))
+fn error(status: StatusCode, field: &str, message: impl Into<String>) -> Response {
+    let body = ErrorResponse {
+        error: message.into(),
+        field: field.into(),
+        diagnostics: None,
+    };
+    (status, Json(body)).into_response()
 }
 
-async fn profiles(State(api): State<Api>) -> Json<serde_json::Value> {
+fn unavailable(e: store::StoreError) -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store",
+        format!("cannot record the request: {e}"),
+    )
+}
+
+/// `?scope=local`: only this node, not the cluster.
+#[derive(Debug, Default, Deserialize)]
+struct Scope {
+    #[serde(default)]
+    scope: Option<String>,
+}
+
+impl Scope {
+    fn local(&self) -> bool {
+        self.scope.as_deref() == Some("local")
+    }
+}
+
+async fn cluster_view(State(api): State<Api>) -> Json<ClusterResponse> {
+    let store = api.store.connection().borrow().clone();
+    Json(ClusterResponse {
+        mode: if api.node.is_some() {
+            "cluster"
+        } else {
+            "single-process"
+        }
+        .into(),
+        node: api.node_name(),
+        site: api.site.clone(),
+        leader: api.node.as_ref().map(|n| n.leadership()),
+        isolation: api.node.as_ref().map(|n| n.isolation()),
+        store,
+        topology: api.topology_hash.clone(),
+        cluster_topology: api.node.as_ref().and_then(|n| n.cluster_hash()),
+    })
+}
+
+async fn nodes(State(api): State<Api>) -> Json<NodesResponse> {
+    Json(NodesResponse {
+        nodes: api.node.as_ref().map(|n| n.nodes()).unwrap_or_default(),
+    })
+}
+
+async fn health_targets(State(api): State<Api>) -> Json<HealthResponse> {
+    let targets = api
+        .engine
+        .reports()
+        .into_iter()
+        .map(|report| match &api.node {
+            Some(n) if n.config().shared_targets.contains(&report.target) => TargetView {
+                consensus: n.status(&report.target),
+                votes: n.votes(&report.target),
+                report,
+            },
+            _ => TargetView {
+                consensus: Some(report.status),
+                votes: Vec::new(),
+                report,
+            },
+        })
+        .collect();
+    Json(HealthResponse { targets })
+}
+
+async fn profiles(State(api): State<Api>) -> Json<ProfilesResponse> {
     let profiles = api.dns.as_ref().map(|d| d.views()).unwrap_or_default();
-    Json(json!({ "profiles": profiles }))
-}
-
-fn error(status: StatusCode, field: &str, message: String) -> Response {
-    (status, Json(json!({ "error": message, "field": field }))).into_response()
+    Json(ProfilesResponse { profiles })
 }
 
 async fn endpoint_action(
@@ -177,43 +372,83 @@ async fn endpoint_action(
             );
         }
     };
-    let Some(dns) = &api.dns else {
+    let Some(p) = api.topology.profile(&profile) else {
         return error(
             StatusCode::NOT_FOUND,
             "profile",
-            "this topology has no [dns]".into(),
+            format!("no profile {profile:?}"),
         );
     };
-    if let Err(e) = dns.set_enabled(&profile, &endpoint, enabled) {
-        let field = match e {
-            dns::manager::NotFound::Profile(_) => "profile",
-            dns::manager::NotFound::Endpoint(..) => "endpoint",
-        };
-        return error(StatusCode::NOT_FOUND, field, e.to_string());
+    if !p.endpoints.iter().any(|e| e.name.as_str() == endpoint) {
+        return error(
+            StatusCode::NOT_FOUND,
+            "endpoint",
+            format!("profile {profile:?} has no endpoint {endpoint:?}"),
+        );
     }
-    // Stop or resume probing it too; an endpoint without a probe has no target.
-    let _ = api
-        .engine
-        .set_disabled(&health::endpoint_id(&profile, &endpoint), !enabled);
+    let revision = match api.intents.set_endpoint(&profile, &endpoint, enabled).await {
+        Ok(r) => r,
+        Err(e) => return unavailable(e),
+    };
+    // Every node answers and probes every endpoint: this one applies it too.
+    let applied_here = api.intents.applied(revision, APPLY_WAIT).await;
     tracing::info!(%profile, %endpoint, enabled, "endpoint switched by operator");
-    let view = dns.views().into_iter().find(|p| p.name == profile);
-    Json(json!({ "profile": view })).into_response()
+    let view = api
+        .dns
+        .as_ref()
+        .and_then(|d| d.views().into_iter().find(|p| p.name == profile));
+    Json(IntentResponse {
+        view,
+        applies_on: None,
+        applied_here,
+        warnings: Vec::new(),
+    })
+    .into_response()
 }
 
-async fn load_balancers(State(api): State<Api>) -> Json<serde_json::Value> {
-    let views: Vec<lb::View> = api.load_balancers.iter().map(|b| b.view()).collect();
-    Json(json!({ "load_balancers": views }))
+/// Every load balancer of the topology, the database frontends included.
+fn balancer_site(topology: &Topology, name: &str) -> Option<String> {
+    topology
+        .load_balancers
+        .iter()
+        .cloned()
+        .chain(
+            topology
+                .databases
+                .iter()
+                .flat_map(|d| d.frontend_balancers()),
+        )
+        .find(|l| l.name.as_str() == name)
+        .map(|l| l.site.to_string())
+}
+
+async fn load_balancers(
+    State(api): State<Api>,
+    Query(q): Query<Scope>,
+) -> Json<LoadBalancersResponse> {
+    let mut load_balancers: Vec<Placed<lb::View>> = api
+        .load_balancers
+        .iter()
+        .map(|b| api.placed(b.view()))
+        .collect();
+    let mut unreachable = Vec::new();
+    if !q.local() {
+        let (more, missing) =
+            peers::gather::<LoadBalancersResponse>(&api, "/v1/load-balancers?scope=local").await;
+        load_balancers.extend(more.into_iter().flat_map(|r| r.load_balancers));
+        unreachable = missing;
+    }
+    Json(LoadBalancersResponse {
+        load_balancers,
+        unreachable,
+    })
 }
 
 async fn backend_action(
     State(api): State<Api>,
     Path((name, address, action)): Path<(String, String, String)>,
 ) -> Response {
-    let Some(balancer) = api
-        .load_balancers
-        .iter()
-        .find(|b| b.config.name.as_str() == name)
-    else {
+    let Some(site) = balancer_site(&api.topology, &name) else {
         return error(
             StatusCode::NOT_FOUND,
             "lb",
@@ -227,9 +462,9 @@ async fn backend_action(
             format!("{address:?} is not an ip:port address"),
         );
     };
-    let result = match action.as_str() {
-        "drain" => balancer.drain(addr),
-        "enable" => balancer.enable(addr),
+    let draining = match action.as_str() {
+        "drain" => true,
+        "enable" => false,
         other => {
             return error(
                 StatusCode::NOT_FOUND,
@@ -238,15 +473,64 @@ async fn backend_action(
             );
         }
     };
-    match result {
-        Ok(()) => Json(json!({ "load_balancer": balancer.view() })).into_response(),
-        Err(e) => error(StatusCode::NOT_FOUND, "address", e.to_string()),
+    let local = api
+        .load_balancers
+        .iter()
+        .find(|b| b.config.name.as_str() == name)
+        .cloned();
+    let mut warnings = Vec::new();
+    if let Some(b) = &local {
+        let view = b.view();
+        if !view.backends.iter().any(|x| x.address == addr) {
+            return error(
+                StatusCode::NOT_FOUND,
+                "address",
+                format!("load balancer {name:?} has no backend {addr}"),
+            );
+        }
+        let others = view
+            .backends
+            .iter()
+            .filter(|x| x.address != addr && x.takes_new_flows)
+            .count();
+        if draining && others == 0 {
+            warnings.push(format!(
+                "{addr} was the last backend of {name} taking new flows: new flows are now refused (all_down = {})",
+                b.config.all_down
+            ));
+        }
     }
+    let revision = match api.intents.set_draining(&name, addr, draining).await {
+        Ok(r) => r,
+        Err(e) => return unavailable(e),
+    };
+    let applied_here = local.is_some() && api.intents.applied(revision, APPLY_WAIT).await;
+    Json(IntentResponse {
+        view: local.map(|b| b.view()),
+        applies_on: api.owner_of(&site),
+        applied_here,
+        warnings,
+    })
+    .into_response()
 }
 
-async fn scale_sets(State(api): State<Api>) -> Json<serde_json::Value> {
-    let views: Vec<scaleset::View> = api.scale_sets.iter().map(|s| s.view()).collect();
-    Json(json!({ "scale_sets": views }))
+async fn scale_sets(State(api): State<Api>, Query(q): Query<Scope>) -> Json<ScaleSetsResponse> {
+    let mut scale_sets: Vec<Placed<scaleset::View>> = api
+        .scale_sets
+        .iter()
+        .map(|s| api.placed(s.view()))
+        .collect();
+    let mut unreachable = Vec::new();
+    if !q.local() {
+        let (more, missing) =
+            peers::gather::<ScaleSetsResponse>(&api, "/v1/scale-sets?scope=local").await;
+        scale_sets.extend(more.into_iter().flat_map(|r| r.scale_sets));
+        unreachable = missing;
+    }
+    Json(ScaleSetsResponse {
+        scale_sets,
+        unreachable,
+    })
 }
 
 /// `POST /v1/scale-sets/{set}/scale` with `{"capacity": N}`.
@@ -255,33 +539,91 @@ async fn scale(
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    let Some(set) = api.scale_sets.iter().find(|s| s.name == name) else {
+    let Some(config) = api.topology.scale_set(&name) else {
         return error(
             StatusCode::NOT_FOUND,
             "set",
             format!("no scale set {name:?}"),
         );
     };
-    let capacity = serde_json::from_slice::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| v.get("capacity")?.as_u64())
-        .and_then(|n| u32::try_from(n).ok());
-    let Some(n) = capacity else {
+    let Ok(ScaleRequest { capacity }) = serde_json::from_slice::<ScaleRequest>(&body) else {
         return error(
             StatusCode::BAD_REQUEST,
             "capacity",
-            "expected a JSON body {\"capacity\": N} with N a whole number".into(),
+            "expected a JSON body {\"capacity\": N} with N a whole number",
         );
     };
-    match set.scale_to(n).await {
-        Ok(()) => Json(json!({ "scale_set": set.view() })).into_response(),
-        Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, "capacity", e),
+    let c = config.capacity;
+    if !(c.min..=c.max).contains(&capacity) {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "capacity",
+            format!(
+                "capacity {capacity} is outside {}..={} (capacity.min and capacity.max of {name})",
+                c.min, c.max
+            ),
+        );
     }
+    let warnings = autoscale_warnings(config, capacity);
+    let revision = match api.intents.set_capacity(&name, capacity).await {
+        Ok(r) => r,
+        Err(e) => return unavailable(e),
+    };
+    let local = api.scale_sets.iter().find(|s| s.name == name).cloned();
+    let applied_here = local.is_some() && api.intents.applied(revision, APPLY_WAIT).await;
+    Json(IntentResponse {
+        view: local.map(|s| s.view()),
+        applies_on: api.owner_of(config.site.as_str()),
+        applied_here,
+        warnings,
+    })
+    .into_response()
 }
 
-async fn databases(State(api): State<Api>) -> Json<serde_json::Value> {
-    let views: Vec<pg::View> = api.databases.iter().map(|d| d.view()).collect();
-    Json(json!({ "databases": views }))
+/// What autoscale will do to a manual capacity, as the Azure portal warns.
+fn autoscale_warnings(set: &model::ScaleSet, capacity: u32) -> Vec<String> {
+    if set.autoscale.is_empty() {
+        return Vec::new();
+    }
+    let rules: Vec<String> = set
+        .autoscale
+        .iter()
+        .map(|r| {
+            let (dir, v) = match r.threshold {
+                model::Threshold::Above(v) => ("above", v),
+                model::Threshold::Below(v) => ("below", v),
+            };
+            format!(
+                "{} {dir} {v} over {} -> {:+}",
+                r.metric,
+                model::units::format_duration(r.window),
+                r.change
+            )
+        })
+        .collect();
+    vec![format!(
+        "{} has autoscale rules ({}): they keep running and will move the capacity away from {capacity} when they fire, within {}..={}",
+        set.name,
+        rules.join("; "),
+        set.capacity.min,
+        set.capacity.max
+    )]
+}
+
+async fn databases(State(api): State<Api>, Query(q): Query<Scope>) -> Json<DatabasesResponse> {
+    let mut databases: Vec<Placed<pg::View>> =
+        api.databases.iter().map(|d| api.placed(d.view())).collect();
+    let mut unreachable = Vec::new();
+    if !q.local() {
+        let (more, missing) =
+            peers::gather::<DatabasesResponse>(&api, "/v1/databases?scope=local").await;
+        databases.extend(more.into_iter().flat_map(|r| r.databases));
+        unreachable = missing;
+    }
+    Json(DatabasesResponse {
+        databases,
+        unreachable,
+    })
 }
 
 /// `POST /v1/databases/{db}/switchover` with `{"to": SITE}`.
@@ -293,85 +635,174 @@ async fn switchover(
     let Some(db) = api.databases.iter().find(|d| d.name == name) else {
         return error(StatusCode::NOT_FOUND, "db", format!("no database {name:?}"));
     };
-    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-    let Some(to) = v.get("to").and_then(|s| s.as_str()) else {
+    let Ok(SwitchoverRequest { to }) = serde_json::from_slice::<SwitchoverRequest>(&body) else {
         return error(
             StatusCode::BAD_REQUEST,
             "to",
-            "expected a JSON body {\"to\": SITE}".into(),
+            "expected a JSON body {\"to\": SITE}",
         );
     };
-    match db.switchover(to).await {
-        Ok(message) => Json(json!({ "message": message, "database": db.view() })).into_response(),
+    match db.switchover(&to).await {
+        Ok(message) => Json(SwitchoverResponse {
+            message,
+            database: db.view(),
+        })
+        .into_response(),
         Err(e) => error(StatusCode::CONFLICT, "to", e.to_string()),
     }
 }
 
 async fn reload(State(api): State<Api>) -> Response {
-    let Some(reload) = &api.reload else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "reload",
-            "this server cannot reload".into(),
-        );
-    };
-    match (reload.0)() {
-        Ok(applied) => Json(json!({ "applied": applied })).into_response(),
-        Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, "topology", e),
+    match reload_now(&api).await {
+        Ok(r) => Json(r).into_response(),
+        Err((status, body)) => (status, Json(body)).into_response(),
     }
 }
 
-async fn drills(State(api): State<Api>) -> Json<serde_json::Value> {
-    let drill = api.drills.as_ref().and_then(|d| d.view());
-    Json(json!({ "drill": drill }))
+/// Reads the topology file again and asks every node to apply it (`POST /v1/reload`,
+/// SIGHUP): what changed, what applies now and what needs a restart; the file's diagnostics
+/// when it is invalid (nothing is applied then).
+pub async fn reload_now(api: &Api) -> Result<ReloadResponse, (StatusCode, ErrorResponse)> {
+    let refuse = |status, field: &str, error: String, diagnostics| {
+        (
+            status,
+            ErrorResponse {
+                error,
+                field: field.into(),
+                diagnostics,
+            },
+        )
+    };
+    let Some(reload) = &api.reload else {
+        return Err(refuse(
+            StatusCode::NOT_FOUND,
+            "reload",
+            "this server cannot reload".into(),
+            None,
+        ));
+    };
+    let plan = (reload.0)().map_err(|r| {
+        refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "topology",
+            r.message,
+            r.diagnostics,
+        )
+    })?;
+    if plan.response.unchanged {
+        return Ok(plan.response);
+    }
+    let stored = |e: store::StoreError| {
+        refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store",
+            format!("cannot record the reload: {e}"),
+            None,
+        )
+    };
+    let revision = api.intents.reload(&plan.hash).await.map_err(stored)?;
+    if let Some(n) = &api.node {
+        n.set_cluster_topology(&plan.hash).await.map_err(stored)?;
+    }
+    api.intents.applied(revision, APPLY_WAIT).await;
+    Ok(plan.response)
+}
+
+/// The drill in progress, as stored (an ended one is not).
+fn current_drill(api: &Api) -> Option<orchestrator::Drill> {
+    api.intents
+        .current()
+        .drill
+        .map(|(d, _)| d)
+        .filter(|d| !d.over(SystemTime::now()))
+        .map(|d| orchestrator::Drill {
+            kind: d.kind,
+            site: d.site,
+            started: d.started,
+            ends: d.ends,
+        })
+}
+
+fn drill_response(api: &Api, drill: Option<orchestrator::Drill>) -> DrillResponse {
+    let applies_on = drill.as_ref().and_then(|d| api.owner_of(&d.site));
+    let applied_here = drill.is_some() && drill == api.drills.applied();
+    DrillResponse {
+        drill,
+        applies_on,
+        applied_here,
+    }
+}
+
+async fn drills(State(api): State<Api>) -> Json<DrillResponse> {
+    let drill = current_drill(&api);
+    Json(drill_response(&api, drill))
 }
 
 /// `POST /v1/drills/outage` with `{"site": "edge", "for": "60s"}` (`for` defaults to 60 s).
 async fn outage(State(api): State<Api>, body: axum::body::Bytes) -> Response {
-    let Some(drills) = &api.drills else {
-        return error(StatusCode::NOT_FOUND, "site", "no sites to drill".into());
-    };
-    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-    let Some(site) = v.get("site").and_then(|s| s.as_str()) else {
+    let Ok(req) = serde_json::from_slice::<OutageRequest>(&body) else {
         return error(
             StatusCode::BAD_REQUEST,
             "site",
-            "expected a JSON body {\"site\": NAME, \"for\": DURATION}".into(),
+            "expected a JSON body {\"site\": NAME, \"for\": DURATION}",
         );
     };
-    let length = match v
-        .get("for")
-        .map(|f| f.as_str().map(model::units::parse_duration))
-    {
+    if api.topology.site(&req.site).is_none() {
+        return error(
+            StatusCode::NOT_FOUND,
+            "site",
+            format!("no site {:?} in the topology", req.site),
+        );
+    }
+    let length = match req.length.as_deref().map(model::units::parse_duration) {
         None => Duration::from_secs(60),
-        Some(Some(Some(d))) if !d.is_zero() => d,
+        Some(Some(d)) if !d.is_zero() => d,
         _ => {
             return error(
                 StatusCode::BAD_REQUEST,
                 "for",
-                "expected a duration such as \"60s\" or \"2m\"".into(),
+                "expected a duration such as \"60s\" or \"2m\"",
             );
         }
     };
-    match drills.outage(site, length) {
-        Ok(d) => Json(json!({ "drill": d })).into_response(),
-        Err(e @ orchestrator::DrillError::UnknownSite(_)) => {
-            error(StatusCode::NOT_FOUND, "site", e.to_string())
+    let revision = match api.intents.start_drill(&req.site, length).await {
+        Ok((_, r)) => r,
+        Err(e @ cluster::DrillRefused::Busy(_)) => {
+            return error(StatusCode::CONFLICT, "site", e.to_string());
         }
-        Err(e) => error(StatusCode::CONFLICT, "site", e.to_string()),
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "store", e.to_string()),
+    };
+    if api.runs(&req.site) {
+        api.intents.applied(revision, APPLY_WAIT).await;
     }
+    Json(drill_response(&api, current_drill(&api))).into_response()
 }
 
 async fn stop_drill(State(api): State<Api>) -> Response {
-    match api.drills.as_ref().map(|d| d.stop()) {
-        Some(Ok(d)) => Json(json!({ "drill": d })).into_response(),
-        Some(Err(e)) => error(StatusCode::CONFLICT, "drill", e.to_string()),
-        None => error(StatusCode::CONFLICT, "drill", "no drill is running".into()),
+    match api.intents.stop_drill().await {
+        Ok((d, revision)) => {
+            if api.runs(&d.site) {
+                api.intents.applied(revision, APPLY_WAIT).await;
+            }
+            let stopped = orchestrator::Drill {
+                kind: d.kind,
+                site: d.site,
+                started: d.started,
+                ends: d.ends,
+            };
+            Json(drill_response(&api, Some(stopped))).into_response()
+        }
+        Err(e @ cluster::DrillRefused::NotRunning) => {
+            error(StatusCode::CONFLICT, "drill", e.to_string())
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "store", e.to_string()),
     }
 }
 
-async fn events(State(api): State<Api>) -> Json<serde_json::Value> {
-    Json(json!({ "events": api.events.snapshot() }))
+async fn events(State(api): State<Api>) -> Json<EventsResponse> {
+    Json(EventsResponse {
+        events: api.events.snapshot(),
+    })
 }
 
 async fn metrics(State(api): State<Api>) -> impl IntoResponse {
@@ -386,6 +817,7 @@ async fn metrics(State(api): State<Api>) -> impl IntoResponse {
     metrics::render_scale_sets(&mut body, &sets);
     let dbs: Vec<pg::View> = api.databases.iter().map(|d| d.view()).collect();
     metrics::render_databases(&mut body, &dbs);
+    metrics::render_cluster(&mut body, &api);
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         body,

@@ -471,3 +471,89 @@ pub fn render_databases(out: &mut String, views: &[pg::View]) {
         }
     }
 }
+
+/// Whether this node is cut off from the cluster store (1) or not.
+pub const CLUSTER_ISOLATED: &str = "tandem_cluster_isolated";
+/// 1 on the node holding the leader lease.
+pub const CLUSTER_LEADER: &str = "tandem_cluster_leader";
+/// The leader lease's term (fencing token) as this node knows it.
+pub const CLUSTER_TERM: &str = "tandem_cluster_leader_term";
+/// Nodes of the topology and whether each is alive.
+pub const CLUSTER_NODE_ALIVE: &str = "tandem_cluster_node_alive";
+/// 1 when this node runs another topology file than the cluster.
+pub const CLUSTER_TOPOLOGY_MISMATCH: &str = "tandem_cluster_topology_mismatch";
+/// Votes of the live nodes on a shared target, by status.
+pub const CLUSTER_VOTES: &str = "tandem_cluster_votes";
+
+/// Appends the cluster metrics (cluster mode only).
+pub fn render_cluster(out: &mut String, api: &crate::Api) {
+    let Some(node) = &api.node else {
+        return;
+    };
+    let iso = node.isolation();
+    header(
+        out,
+        CLUSTER_ISOLATED,
+        "gauge",
+        "1 while this node cannot reach the cluster store.",
+    );
+    let _ = writeln!(out, "{CLUSTER_ISOLATED} {}", u8::from(iso.isolated));
+    let l = node.leadership();
+    header(
+        out,
+        CLUSTER_LEADER,
+        "gauge",
+        "1 on the node holding the leader lease.",
+    );
+    let _ = writeln!(out, "{CLUSTER_LEADER} {}", u8::from(l.me));
+    header(
+        out,
+        CLUSTER_TERM,
+        "gauge",
+        "The leader lease's term, as this node knows it.",
+    );
+    let _ = writeln!(out, "{CLUSTER_TERM} {}", l.term);
+    header(
+        out,
+        CLUSTER_TOPOLOGY_MISMATCH,
+        "gauge",
+        "1 when this node runs another topology than the cluster.",
+    );
+    let _ = writeln!(
+        out,
+        "{CLUSTER_TOPOLOGY_MISMATCH} {}",
+        u8::from(node.topology_mismatch())
+    );
+    header(
+        out,
+        CLUSTER_NODE_ALIVE,
+        "gauge",
+        "1 for each node of the topology that is alive.",
+    );
+    for n in node.nodes() {
+        let _ = writeln!(
+            out,
+            "{CLUSTER_NODE_ALIVE}{{node=\"{}\",site=\"{}\"}} {}",
+            escape(&n.name),
+            escape(&n.site),
+            u8::from(n.alive)
+        );
+    }
+    header(
+        out,
+        CLUSTER_VOTES,
+        "gauge",
+        "Live nodes voting each status on a shared target.",
+    );
+    for target in &node.config().shared_targets {
+        let votes = node.votes(target);
+        for (status, label) in [(Status::Online, "Online"), (Status::Degraded, "Degraded")] {
+            let n = votes.iter().filter(|v| v.status == Some(status)).count();
+            let _ = writeln!(
+                out,
+                "{CLUSTER_VOTES}{{target=\"{}\",status=\"{label}\"}} {n}",
+                escape(target)
+            );
+        }
+    }
+}

@@ -133,6 +133,8 @@ pub struct Node {
     events: broadcast::Sender<Event>,
     remote_events: broadcast::Sender<Event>,
     seen: Mutex<Seen>,
+    /// SHA-256 of the topology this node runs now (changes with a reload).
+    running_hash: Mutex<String>,
     tasks: Mutex<Vec<AbortHandle>>,
 }
 
@@ -194,6 +196,7 @@ impl Node {
             events: broadcast::Sender::new(256),
             remote_events: broadcast::Sender::new(1024),
             seen: Mutex::default(),
+            running_hash: Mutex::new(config.topology_hash.clone()),
             tasks: Mutex::default(),
             store,
             config,
@@ -473,8 +476,13 @@ impl Node {
 
     /// Whether this node runs another topology than the cluster; then it takes no decision.
     pub fn topology_mismatch(&self) -> bool {
-        self.cluster_hash()
-            .is_some_and(|h| h != self.config.topology_hash)
+        let running = lock(&self.running_hash).clone();
+        self.cluster_hash().is_some_and(|h| h != running)
+    }
+
+    /// SHA-256 of the topology this node runs now.
+    pub fn running_hash(&self) -> String {
+        lock(&self.running_hash).clone()
     }
 
     /// Writes this node's topology hash as the cluster's (a reload through this node).
@@ -492,6 +500,8 @@ impl Node {
 
     /// A node running a new topology file (after a reload): record its hash.
     pub async fn update_topology(&self, hash: &str) -> Result<(), StoreError> {
+        *lock(&self.running_hash) = hash.to_string();
+        self.bump();
         let mut record = self.record.clone();
         record.topology = hash.to_string();
         self.store
@@ -797,7 +807,7 @@ impl Node {
                             format!(
                                 "{} runs topology {} but the cluster runs {}; it takes no cluster decision until they match (copy the same file to every node, then `tandem reload`)",
                                 self.name(),
-                                short(&self.config.topology_hash),
+                                short(&self.running_hash()),
                                 short(&self.cluster_hash().unwrap_or_default())
                             ),
                         );
@@ -810,7 +820,7 @@ impl Node {
 
     async fn set_cluster_topology_if_absent(&self) -> Result<(), StoreError> {
         let record = TopologyRecord {
-            hash: self.config.topology_hash.clone(),
+            hash: self.running_hash(),
             by: self.name().to_string(),
             at: SystemTime::now(),
         };

@@ -42,6 +42,13 @@ impl Failback {
         self.current
     }
 
+    /// Takes the endpoint another controller chose (the cluster leader's) as the current one,
+    /// keeping how long each endpoint has been available: if this controller has to decide
+    /// alone later (cut off from the leader), it goes on from the shared decision.
+    pub fn adopt(&mut self, current: Option<usize>) {
+        self.current = current;
+    }
+
     /// Feeds the availability of every endpoint (in priority order) at `now`.
     pub fn decide(&mut self, available: &[bool], now: Instant) -> Decision {
         for (since, &up) in self.available_since.iter_mut().zip(available) {

@@ -29,6 +29,11 @@ struct State {
     overrides: Overrides,
     failbacks: HashMap<String, Failback>,
     next_wake: Option<Instant>,
+    /// The cluster leader's failback decisions (endpoint by profile) while this node follows
+    /// it; `None`: decide alone (single process, or cut off from the cluster).
+    following: Option<HashMap<String, Option<String>>>,
+    /// This node's own decisions, by profile, as last computed.
+    local: HashMap<String, Option<String>>,
 }
 
 /// The DNS traffic manager's control side.
@@ -40,6 +45,8 @@ pub struct Manager {
     state: Mutex<State>,
     events: broadcast::Sender<Event>,
     changed: Notify,
+    /// Bumped when this node's own failback decisions change.
+    decided: watch::Sender<u64>,
     serial: u32,
     geo: Option<GeoDatabase>,
 }
@@ -83,9 +90,12 @@ impl Manager {
                 overrides,
                 failbacks,
                 next_wake: None,
+                following: None,
+                local: HashMap::new(),
             }),
             events: broadcast::Sender::new(1024),
             changed: Notify::new(),
+            decided: watch::Sender::new(0),
             serial,
             geo,
         });
@@ -133,6 +143,32 @@ impl Manager {
         }
     }
 
+    /// Follows the cluster leader's failback decisions (endpoint by priority profile), or with
+    /// `None` decides alone again. Failover never waits for the leader: an endpoint it chose
+    /// that is unavailable here is skipped at once; failback (moving back to a better endpoint)
+    /// happens when the leader says so, so every node moves back together.
+    pub fn follow(&self, decisions: Option<HashMap<String, Option<String>>>) {
+        {
+            let mut st = self.state();
+            if st.following == decisions {
+                return;
+            }
+            st.following = decisions;
+        }
+        self.rebuild(Instant::now());
+        self.changed.notify_one();
+    }
+
+    /// This node's own failback decisions, by priority profile (what a leader publishes).
+    pub fn decisions(&self) -> HashMap<String, Option<String>> {
+        self.state().local.clone()
+    }
+
+    /// Changes whenever [`Manager::decisions`] does.
+    pub fn decisions_changed(&self) -> watch::Receiver<u64> {
+        self.decided.subscribe()
+    }
+
     /// Operator's switch for an endpoint; takes effect before this returns.
     pub fn set_enabled(
         &self,
@@ -166,24 +202,55 @@ impl Manager {
         let mut st = self.state();
         let statuses = table::endpoint_statuses(&self.topology, &*self.health, &st.overrides);
         let mut wake: Option<Instant> = None;
+        let mut local_changed = false;
+        let State {
+            failbacks,
+            following,
+            local,
+            overrides,
+            ..
+        } = &mut *st;
         for (pi, p) in self.topology.profiles.iter().enumerate() {
-            let Some(fb) = st.failbacks.get_mut(p.name.as_str()) else {
+            let Some(fb) = failbacks.get_mut(p.name.as_str()) else {
                 continue;
             };
-            let avail: Vec<bool> = table::priority_order(p)
-                .into_iter()
-                .map(|i| table::available(statuses[pi][i]))
+            let order = table::priority_order(p);
+            let rank_of = |name: &str| {
+                order
+                    .iter()
+                    .position(|&i| p.endpoints[i].name.as_str() == name)
+            };
+            let leader = following
+                .as_ref()
+                .and_then(|f| f.get(p.name.as_str()))
+                .map(|e| e.as_deref().and_then(rank_of));
+            if let Some(rank) = leader {
+                fb.adopt(rank);
+            }
+            let avail: Vec<bool> = order
+                .iter()
+                .map(|&i| table::available(statuses[pi][i]))
                 .collect();
             let d = fb.decide(&avail, now);
-            st.overrides
+            let name_of =
+                |rank: Option<usize>| rank.map(|r| p.endpoints[order[r]].name.to_string());
+            let mine = name_of(d.current);
+            if local.get(p.name.as_str()) != Some(&mine) {
+                local.insert(p.name.to_string(), mine);
+                local_changed = true;
+            }
+            overrides
                 .priority_current
-                .insert(p.name.to_string(), d.current);
+                .insert(p.name.to_string(), leader.unwrap_or(d.current));
             wake = match (wake, d.wake_at) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
         }
         st.next_wake = wake;
+        if local_changed {
+            self.decided.send_modify(|v| *v += 1);
+        }
         let tables = Tables::from_statuses(
             &self.topology,
             &statuses,

@@ -126,7 +126,7 @@ pub enum Empty {
 }
 
 /// The state of one endpoint, for the API.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EndpointView {
     pub name: String,
     pub target: String,
@@ -138,7 +138,7 @@ pub struct EndpointView {
 }
 
 /// The state of one profile, for the API.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ProfileView {
     pub name: String,
     pub domain: String,

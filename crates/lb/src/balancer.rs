@@ -20,7 +20,7 @@ use arc_swap::ArcSwap;
 use event::{Event, Source};
 use health::Status;
 use model::{LbAllDown, LoadBalancer, OnBackendDown, Pool};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 
@@ -121,7 +121,7 @@ impl Snapshot {
 }
 
 /// One backend as the API shows it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BackendView {
     pub address: SocketAddr,
     pub weight: u32,
@@ -138,7 +138,7 @@ pub struct BackendView {
 }
 
 /// One load balancer as the API shows it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct View {
     pub name: String,
     pub site: String,

@@ -7,6 +7,7 @@
 
 mod cluster;
 pub mod diag;
+pub mod diff;
 mod parse;
 mod read;
 mod types;

@@ -1,13 +1,19 @@
-//! Site outage drills.
+//! Site outage drills, applied from the drill in progress (an operator intent): the site's
+//! load balancers close their listeners and reset their flows, its scale sets stop every
+//! instance; when the drill ends (its time is up, or it is stopped) they come back.
+//!
+//! Which drill runs is decided elsewhere (the intent record, one at a time); this only makes
+//! the sites this process runs match it, so it is idempotent: applying the same drill twice
+//! does nothing the second time.
 
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
 
 use event::{Event, Source};
 use lb::{Balancer, Running};
 use scaleset::ScaleSet;
-use serde::Serialize;
-use tokio::sync::{Notify, broadcast};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
 
 /// A load balancer's data plane, which a drill can stop and start again.
 #[derive(Debug)]
@@ -26,7 +32,7 @@ impl Frontend {
         }
     }
 
-    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Running>> {
+    fn slot(&self) -> MutexGuard<'_, Option<Running>> {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -56,10 +62,11 @@ pub struct Site {
     pub scale_sets: Vec<Arc<ScaleSet>>,
 }
 
-/// The drill in progress.
-#[derive(Clone, Debug, Serialize)]
+/// A drill: which site, since when, until when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Drill {
-    pub kind: &'static str,
+    /// `outage`.
+    pub kind: String,
     pub site: String,
     #[serde(with = "event::time")]
     pub started: SystemTime,
@@ -67,25 +74,11 @@ pub struct Drill {
     pub ends: SystemTime,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum DrillError {
-    #[error("no site {0:?} in the topology")]
-    UnknownSite(String),
-    #[error("a drill of site {0} is already running; stop it first (tandem drill stop)")]
-    Busy(String),
-    #[error("no drill is running")]
-    NotRunning,
-}
-
-struct Current {
-    drill: Drill,
-    stop: Arc<Notify>,
-}
-
-/// Runs drills, one at a time.
+/// The sites this process runs, taken down and brought back as drills require.
 pub struct Drills {
     sites: Vec<Site>,
-    current: Mutex<Option<Current>>,
+    /// The drill applied now, if it concerns one of our sites.
+    down: Mutex<Option<Drill>>,
     events: broadcast::Sender<Event>,
 }
 
@@ -101,93 +94,85 @@ impl Drills {
     pub fn new(sites: Vec<Site>) -> Arc<Self> {
         Arc::new(Drills {
             sites,
-            current: Mutex::new(None),
+            down: Mutex::new(None),
             events: broadcast::Sender::new(64),
         })
     }
 
+    /// Every start and end: source `drill`, subject the site, kind `outage-start` or
+    /// `outage-end`.
     pub fn events(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
     }
 
-    fn current(&self) -> std::sync::MutexGuard<'_, Option<Current>> {
-        self.current.lock().unwrap_or_else(|p| p.into_inner())
+    fn down(&self) -> MutexGuard<'_, Option<Drill>> {
+        self.down.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The drill in progress, if any.
-    pub fn view(&self) -> Option<Drill> {
-        self.current().as_ref().map(|c| c.drill.clone())
+    /// Whether this process runs `site`.
+    pub fn runs(&self, site: &str) -> bool {
+        self.sites.iter().any(|s| s.name == site)
+    }
+
+    /// The drill this process has applied, if any.
+    pub fn applied(&self) -> Option<Drill> {
+        self.down().clone()
     }
 
     fn event(&self, site: &str, what: &'static str, message: String) {
         tracing::warn!(site, what, %message, "drill");
-        // Subject: the site; kind: `outage-start`, `outage-end`.
         let _ = self
             .events
             .send(Event::new(Source::Drill, site, what, message));
     }
 
-    /// Takes `site` down now and brings it back after `length` (or on [`Drills::stop`]).
-    pub fn outage(self: &Arc<Self>, site: &str, length: Duration) -> Result<Drill, DrillError> {
-        let index = self
-            .sites
-            .iter()
-            .position(|s| s.name == site)
-            .ok_or_else(|| DrillError::UnknownSite(site.to_string()))?;
-        let stop = Arc::new(Notify::new());
-        let drill = {
-            let mut current = self.current();
-            if let Some(c) = current.as_ref() {
-                return Err(DrillError::Busy(c.drill.site.clone()));
-            }
-            let started = SystemTime::now();
-            let drill = Drill {
-                kind: "outage",
-                site: site.to_string(),
-                started,
-                ends: started + length,
-            };
-            *current = Some(Current {
-                drill: drill.clone(),
-                stop: stop.clone(),
-            });
-            drill
-        };
-        let s = &self.sites[index];
+    /// Makes our sites match `drill` (the drill in progress, or none) at `now`: a site of ours
+    /// under a drill that has not ended goes down; a site no longer under one comes back.
+    pub fn apply(&self, drill: Option<&Drill>, now: SystemTime) {
+        let wanted = drill
+            .filter(|d| now < d.ends && self.runs(&d.site))
+            .cloned();
+        let mut down = self.down();
+        if *down == wanted {
+            return;
+        }
+        if let Some(old) = down.take() {
+            let early = now < old.ends;
+            self.restore(&old, early, now);
+        }
+        if let Some(d) = &wanted {
+            self.take_down(d, now);
+        }
+        *down = wanted;
+    }
+
+    fn site(&self, name: &str) -> Option<&Site> {
+        self.sites.iter().find(|s| s.name == name)
+    }
+
+    fn take_down(&self, d: &Drill, now: SystemTime) {
+        let Some(s) = self.site(&d.site) else { return };
         for f in &s.frontends {
             f.stop();
         }
         for set in &s.scale_sets {
-            set.down(&format!("outage drill of site {site}"));
+            set.down(&format!("outage drill of site {}", d.site));
         }
+        let left = d.ends.duration_since(now).unwrap_or_default();
         self.event(
-            site,
+            &d.site,
             "outage-start",
             format!(
                 "outage drill: {} load balancers stopped answering, {} scale sets stopping; back in {}",
                 s.frontends.len(),
                 s.scale_sets.len(),
-                model::units::format_duration(length)
+                model::units::format_duration(std::time::Duration::from_secs(left.as_secs().max(1)))
             ),
         );
-        let me = self.clone();
-        tokio::spawn(async move {
-            let ended_early = tokio::time::timeout(length, stop.notified()).await.is_ok();
-            me.restore(index, ended_early);
-        });
-        Ok(drill)
     }
 
-    /// Ends the drill in progress now.
-    pub fn stop(&self) -> Result<Drill, DrillError> {
-        let current = self.current();
-        let c = current.as_ref().ok_or(DrillError::NotRunning)?;
-        c.stop.notify_one();
-        Ok(c.drill.clone())
-    }
-
-    fn restore(&self, index: usize, early: bool) {
-        let s = &self.sites[index];
+    fn restore(&self, d: &Drill, early: bool, now: SystemTime) {
+        let Some(s) = self.site(&d.site) else { return };
         let mut failed = Vec::new();
         for f in &s.frontends {
             if let Err(e) = f.start() {
@@ -197,12 +182,7 @@ impl Drills {
         for set in &s.scale_sets {
             set.up(&format!("outage drill of site {} ended", s.name));
         }
-        let Some(c) = self.current().take() else {
-            return;
-        };
-        let lasted = SystemTime::now()
-            .duration_since(c.drill.started)
-            .unwrap_or_default();
+        let lasted = now.duration_since(d.started).unwrap_or_default();
         let mut message = format!(
             "outage drill ended{} after {:.1}s: load balancers answering again, instances starting",
             if early { " early" } else { "" },

@@ -5,4 +5,4 @@
 
 pub mod drill;
 
-pub use drill::{Drill, DrillError, Drills, Frontend, Site};
+pub use drill::{Drill, Drills, Frontend, Site};

@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use event::{Event, Source};
 use model::{Database, DbRole, Member, Replication, RewindFailure};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use store::{Store, StoreError};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -39,7 +39,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(120);
 const STUCK: Duration = Duration::from_secs(15);
 
 /// One member as the API shows it.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct MemberView {
     pub site: String,
     pub listen: String,
@@ -63,11 +63,12 @@ pub struct MemberView {
 }
 
 /// The last failover or switchover.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Change {
     #[serde(with = "event::time")]
     pub at: SystemTime,
-    pub kind: &'static str,
+    /// `failover` or `switchover`.
+    pub kind: String,
     pub from: Option<String>,
     pub to: String,
     pub term: u64,
@@ -76,7 +77,7 @@ pub struct Change {
 }
 
 /// One database as the API shows it.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct View {
     pub name: String,
     pub replication: String,
@@ -826,7 +827,7 @@ impl Driver {
     fn record(&mut self, kind: &'static str, from: Option<String>, to: &str, seconds: f64) {
         self.last_change = Some(Change {
             at: SystemTime::now(),
-            kind,
+            kind: kind.to_string(),
             from,
             to: to.to_string(),
             term: self.term,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use event::{Event, Source};
 use health::{Destination, Engine, Status, Target};
 use lb::Balancer;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -88,14 +88,14 @@ impl Options {
 }
 
 /// One instance as the API shows it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct InstanceView {
     pub id: String,
     pub pid: Option<u32>,
     pub address: String,
     pub ports: BTreeMap<String, u16>,
     /// `starting`, `running`, `retiring` or `stopped` (waiting for a restart).
-    pub state: &'static str,
+    pub state: String,
     pub health: Status,
     pub age_seconds: f64,
     pub restarts: u32,
@@ -105,7 +105,7 @@ pub struct InstanceView {
 }
 
 /// One scale set as the API shows it.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct View {
     pub name: String,
     pub site: String,
@@ -664,7 +664,7 @@ impl Runner {
                         pid: proc.and_then(|p| p.pid),
                         address: t.bind.to_string(),
                         ports: t.ports(i.slot),
-                        state,
+                        state: state.to_string(),
                         health: i.health,
                         age_seconds: now.saturating_duration_since(i.born).as_secs_f64(),
                         restarts: i.restarts,

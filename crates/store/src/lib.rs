@@ -33,8 +33,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -140,25 +140,18 @@ pub type Listing = (Vec<(String, Record)>, u64);
 pub type Watch = mpsc::Receiver<Result<Vec<Change>, StoreError>>;
 
 /// Whether this process can use the store, and its session.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Connection {
     /// The last request to the store succeeded.
     pub connected: bool,
     /// Since when `connected` has had its value.
-    #[serde(serialize_with = "serde_time")]
+    #[serde(with = "event::time")]
     pub since: SystemTime,
     /// Grows each time a new session starts (after one was lost): what was tied to the old one
     /// is gone and has been written again.
     pub session: u64,
     /// Why it is not connected, or the endpoint it talks to.
     pub detail: String,
-}
-
-fn serde_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    let secs = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64());
-    s.serialize_f64(secs)
 }
 
 /// Leases, records and watches. Every method is atomic.

@@ -1,17 +1,39 @@
-//! A minimal HTTP client for the CLI's calls to a running tandem's API.
+//! A minimal HTTP client for the CLI's calls to a running node's API, typed with the API's own
+//! request and response types (`api::types`).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{Context as _, anyhow, bail};
+use anyhow::{Context as _, anyhow};
+use api::types::ErrorResponse;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tokio::net::TcpStream;
 
 const DEFAULT_API: &str = "127.0.0.1:7400";
+
+/// How long the CLI waits for one answer.
+pub const TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The API refused the request: its status and what it said.
+#[derive(Debug)]
+pub struct Refused {
+    pub status: u16,
+    pub body: ErrorResponse,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.body.error, self.status)
+    }
+}
+
+impl std::error::Error for Refused {}
 
 /// The API address: given, else `TANDEM_API`, else the default.
 pub fn api_addr(given: Option<SocketAddr>) -> anyhow::Result<SocketAddr> {
@@ -31,29 +53,29 @@ pub fn block_on<T>(f: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result
         .block_on(f)
 }
 
-pub async fn get_json(api: SocketAddr, path: &str) -> anyhow::Result<serde_json::Value> {
-    call(api, Method::GET, path, None).await
+pub async fn get<T: DeserializeOwned>(api: SocketAddr, path: &str) -> anyhow::Result<T> {
+    call(api, Method::GET, path, None::<()>).await
 }
 
-pub async fn post_json(api: SocketAddr, path: &str) -> anyhow::Result<serde_json::Value> {
-    call(api, Method::POST, path, None).await
-}
-
-/// POST with a JSON body.
-pub async fn post_body(
+/// POST, with a JSON body when given.
+pub async fn post<T: DeserializeOwned>(
     api: SocketAddr,
     path: &str,
-    body: serde_json::Value,
-) -> anyhow::Result<serde_json::Value> {
-    call(api, Method::POST, path, Some(body)).await
+    body: Option<impl Serialize>,
+) -> anyhow::Result<T> {
+    call(api, Method::POST, path, body).await
 }
 
-async fn call(
+async fn call<T: DeserializeOwned>(
     api: SocketAddr,
     method: Method,
     path: &str,
-    body: Option<serde_json::Value>,
-) -> anyhow::Result<serde_json::Value> {
+    body: Option<impl Serialize>,
+) -> anyhow::Result<T> {
+    let body = match body {
+        Some(b) => serde_json::to_vec(&b)?,
+        None => Vec::new(),
+    };
     let exchange = async {
         let stream = TcpStream::connect(api).await.with_context(|| {
             format!("cannot reach the tandem API at {api}; is `tandem up` running?")
@@ -66,22 +88,26 @@ async fn call(
             .uri(path)
             .header(hyper::header::HOST, api.to_string())
             .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(
-                body.map(|b| b.to_string()).unwrap_or_default(),
-            )))?;
+            .body(Full::new(Bytes::from(body)))?;
         let resp = sender.send_request(req).await?;
         let status = resp.status();
-        let body = resp.into_body().collect().await?.to_bytes();
+        let bytes = resp.into_body().collect().await?.to_bytes();
         if !status.is_success() {
-            let why = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["error"].as_str().map(str::to_string))
-                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-            bail!("{why} ({status})");
+            let body =
+                serde_json::from_slice::<ErrorResponse>(&bytes).unwrap_or_else(|_| ErrorResponse {
+                    error: String::from_utf8_lossy(&bytes).into_owned(),
+                    field: String::new(),
+                    diagnostics: None,
+                });
+            return Err(Refused {
+                status: status.as_u16(),
+                body,
+            }
+            .into());
         }
-        serde_json::from_slice(&body).with_context(|| format!("{path} answered invalid JSON"))
+        serde_json::from_slice(&bytes).with_context(|| format!("{path} answered invalid JSON"))
     };
-    tokio::time::timeout(Duration::from_secs(10), exchange)
+    tokio::time::timeout(TIMEOUT, exchange)
         .await
-        .with_context(|| format!("the tandem API at {api} did not answer within 10s"))?
+        .with_context(|| format!("the tandem API at {api} did not answer within {TIMEOUT:?}"))?
 }

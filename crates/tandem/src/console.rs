@@ -1,28 +1,41 @@
-//! The live summary `tandem up` prints on stdout: the whole picture (DNS answers, each site's
-//! load balancers and instances, a drill in progress) whenever it changes, and every event as
-//! it happens. The same views as `tandem status` and `/v1/…`, in a few lines.
+//! The live summary `tandem up` prints on stdout: where everything listens (once), every event
+//! from startup on, and the whole picture (nodes, DNS answers, each site's load balancers and
+//! instances, a drill in progress) whenever it changes. The same views as `tandem status`.
 
+use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::time::Duration;
-
-use lb::View as LbView;
-use scaleset::View as SetView;
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
 
 /// Prints until the event log closes.
-pub async fn run(api: api::Api, sites: Vec<String>) {
+pub async fn run(api: api::Api, addr: Option<SocketAddr>) {
+    // Subscribed before the snapshot, so nothing falls between; what both hold prints once.
     let mut events = api.events.subscribe();
+    print(&listening(&api, addr));
+    let mut printed: HashSet<(SystemTime, String, String)> = HashSet::new();
+    for e in api.events.snapshot() {
+        printed.insert(key(&e));
+        print(&event_line(&e));
+    }
     let mut last = String::new();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
             e = events.recv() => match e {
-                Ok(e) => print(&event_line(&e)),
+                Ok(e) => {
+                    if printed.remove(&key(&e)) {
+                        continue;
+                    }
+                    print(&event_line(&e));
+                }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(_) => return,
             },
             _ = tick.tick() => {
-                let now = summary(&api, &sites);
+                // Past the first moments, what was printed from the snapshot cannot recur.
+                printed.clear();
+                let now = summary(&api);
                 if now != last {
                     print(&now);
                     last = now;
@@ -32,11 +45,46 @@ pub async fn run(api: api::Api, sites: Vec<String>) {
     }
 }
 
+fn key(e: &api::Event) -> (SystemTime, String, String) {
+    (e.at, e.subject.clone(), e.kind.clone())
+}
+
 fn print(text: &str) {
     let mut out = std::io::stdout().lock();
     // A closed stdout (piped into `head`) must not stop tandem.
     let _ = out.write_all(text.as_bytes());
     let _ = out.flush();
+}
+
+/// Where the API, DNS and every load balancer listen.
+fn listening(api: &api::Api, addr: Option<SocketAddr>) -> String {
+    let mut out = String::from("──── tandem listening ────\n");
+    if let Some(n) = &api.node {
+        let _ = writeln!(out, "  node   {} (site {})", n.name(), n.site());
+    }
+    if let Some(a) = addr {
+        let _ = writeln!(out, "  api    http://{a}  (/v1/…, /metrics)");
+    }
+    let dns: Vec<String> = match (&api.node, &api.topology.dns) {
+        (Some(n), _) => n
+            .config()
+            .node
+            .dns
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        (None, Some(d)) => d.listen.iter().map(ToString::to_string).collect(),
+        _ => Vec::new(),
+    };
+    if !dns.is_empty() {
+        let _ = writeln!(out, "  dns    {} (udp and tcp)", dns.join(", "));
+    }
+    for b in &api.load_balancers {
+        for f in b.view().frontends {
+            let _ = writeln!(out, "  lb     {} {f}", b.config.name);
+        }
+    }
+    out
 }
 
 /// `HH:MM:SS.mmm  [node]  source  subject  kind  message`.
@@ -57,9 +105,34 @@ fn event_line(e: &api::Event) -> String {
     )
 }
 
-/// The picture now, one line per profile and per site.
-pub fn summary(api: &api::Api, sites: &[String]) -> String {
+/// The picture now: the nodes (cluster mode), one line per profile and per site.
+pub fn summary(api: &api::Api) -> String {
     let mut out = String::from("──── tandem ────\n");
+    if let Some(n) = &api.node {
+        let nodes: Vec<String> = n
+            .nodes()
+            .iter()
+            .map(|v| {
+                format!(
+                    "{}{} {}",
+                    v.name,
+                    if v.leader { "*" } else { "" },
+                    if v.alive { "alive" } else { "gone" }
+                )
+            })
+            .collect();
+        let iso = n.isolation();
+        let _ = writeln!(
+            out,
+            "  nodes  {}{}",
+            nodes.join(", "),
+            if iso.isolated {
+                format!("   THIS NODE IS ISOLATED: {}", iso.reason)
+            } else {
+                String::new()
+            }
+        );
+    }
     if let Some(dns) = &api.dns {
         for p in dns.views() {
             let answer = if p.answer.is_empty() {
@@ -85,12 +158,18 @@ pub fn summary(api: &api::Api, sites: &[String]) -> String {
             );
         }
     }
-    let lbs: Vec<LbView> = api.load_balancers.iter().map(|b| b.view()).collect();
-    let sets: Vec<SetView> = api.scale_sets.iter().map(|s| s.view()).collect();
-    let drill = api.drills.as_ref().and_then(|d| d.view());
-    for site in sites {
+    let lbs: Vec<lb::View> = api.load_balancers.iter().map(|b| b.view()).collect();
+    let sets: Vec<scaleset::View> = api.scale_sets.iter().map(|s| s.view()).collect();
+    let drill = api.intents.current().drill.map(|(d, _)| d);
+    for site in api
+        .topology
+        .sites
+        .iter()
+        .map(|s| s.name.as_str())
+        .filter(|s| api.runs(s))
+    {
         let mut parts = Vec::new();
-        for lb in lbs.iter().filter(|l| &l.site == site) {
+        for lb in lbs.iter().filter(|l| l.site == site) {
             let up = lb.backends.iter().filter(|b| b.takes_new_flows).count();
             parts.push(format!(
                 "lb {} {}: {up}/{} backends taking flows",
@@ -99,7 +178,7 @@ pub fn summary(api: &api::Api, sites: &[String]) -> String {
                 lb.backends.len()
             ));
         }
-        for s in sets.iter().filter(|s| &s.site == site) {
+        for s in sets.iter().filter(|s| s.site == site) {
             let serving = s
                 .instances
                 .iter()
@@ -114,7 +193,10 @@ pub fn summary(api: &api::Api, sites: &[String]) -> String {
             }
             parts.push(line);
         }
-        if drill.as_ref().is_some_and(|d| &d.site == site) {
+        if drill
+            .as_ref()
+            .is_some_and(|d| d.site == site && !d.over(SystemTime::now()))
+        {
             parts.push("OUTAGE DRILL".into());
         }
         let _ = writeln!(out, "  {site:<6} {}", parts.join(" · "));

@@ -1,17 +1,14 @@
 //! `tandem`: the command line. It parses arguments and wires the crates together; the work is
 //! done in the libraries.
 //!
-//! Exit codes: 0 success; 1 the topology is invalid or unreadable; 2 bad command-line usage;
-//! 3 a runtime failure (an address in use, the API unreachable).
+//! Exit codes: 0 success; 1 the topology is invalid or unreadable; 2 bad command-line usage
+//! (including a `--node` the topology does not declare); 3 a runtime failure (an address in
+//! use, the API unreachable, a node already running).
 
-mod backend;
+mod actions;
 mod client;
 mod console;
-mod db;
-mod drill;
-mod endpoint;
 mod sample_app;
-mod scale;
 mod status;
 mod up;
 
@@ -23,6 +20,8 @@ use clap::{Parser, Subcommand};
 
 /// Exit code for an invalid or unreadable topology.
 pub const EXIT_INVALID: u8 = 1;
+/// Exit code for bad command-line usage (clap's own, and a `--node` the topology lacks).
+pub const EXIT_USAGE: u8 = 2;
 /// Exit code for a runtime failure.
 pub const EXIT_RUNTIME: u8 = 3;
 
@@ -40,11 +39,16 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run everything the topology declares: probes, DNS, load balancers, scale sets and the
-    /// API. SIGHUP (or `tandem reload`) re-reads the file.
+    /// Run what the topology declares: probes, DNS, load balancers, scale sets, databases and
+    /// the API. Without [[node]] sections, every site in this process; with them, the sites of
+    /// `--node NAME`, coordinated with the other nodes through etcd. SIGHUP (or `tandem
+    /// reload`) re-reads the file.
     Up {
         /// The topology file.
         file: PathBuf,
+        /// The [[node]] this process is (cluster mode).
+        #[arg(long)]
+        node: Option<String>,
         /// Do not print the live summary and events on stdout.
         #[arg(long)]
         no_console: bool,
@@ -53,22 +57,25 @@ enum Command {
     Validate {
         /// The topology file.
         file: PathBuf,
+        /// Also check that this [[node]] exists.
+        #[arg(long)]
+        node: Option<String>,
         /// Print the problems as JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Stop or resume answering a DNS profile's endpoint, at once.
+    /// Stop or resume answering a DNS profile's endpoint, at once, on every node.
     Endpoint {
         #[command(subcommand)]
-        action: endpoint::Action,
+        action: actions::Endpoint,
     },
     /// Drain a load balancer backend (no new flows; the rest get `drain_timeout`), or enable it.
     Backend {
         #[command(subcommand)]
-        action: backend::Action,
+        action: actions::Backend,
     },
-    /// Show the DNS profiles, load balancers and the health of every target of a running
-    /// `tandem up`.
+    /// Show the nodes, DNS profiles, load balancers, scale sets, databases, a drill in
+    /// progress and the health of every target, as a running node sees them.
     Status {
         /// API address of the running tandem [env: TANDEM_API] [default: 127.0.0.1:7400].
         #[arg(long)]
@@ -81,13 +88,13 @@ enum Command {
     /// balancers stop answering, its instances stop), then restores it; `drill stop` ends it.
     Drill {
         #[command(subcommand)]
-        action: drill::Action,
+        action: actions::Drill,
     },
     /// Database operations: `db switchover DB --to SITE` hands the primary over without data
     /// loss.
     Db {
         #[command(subcommand)]
-        action: db::Action,
+        action: actions::Db,
     },
     /// Set a scale set's capacity (within its min and max).
     Scale {
@@ -96,16 +103,14 @@ enum Command {
         /// The number of instances.
         #[arg(long)]
         to: u32,
-        /// API address of the running tandem [env: TANDEM_API] [default: 127.0.0.1:7400].
-        #[arg(long)]
-        api: Option<SocketAddr>,
+        #[command(flatten)]
+        api: actions::Api,
     },
-    /// Re-read the topology file of a running `tandem up` and apply scale set changes (a changed
-    /// instance template rolls through as an upgrade).
+    /// Re-read the topology file (on every node) and apply scale set changes (a changed
+    /// instance template rolls through as an upgrade); say what needs a restart.
     Reload {
-        /// API address of the running tandem [env: TANDEM_API] [default: 127.0.0.1:7400].
-        #[arg(long)]
-        api: Option<SocketAddr>,
+        #[command(flatten)]
+        api: actions::Api,
     },
     /// A small HTTP server for demos and tests: `/` names its site and instance, `/healthz`
     /// answers 200 or 503 (`POST /fail`, `POST /recover`), `/burn?ms=N` burns CPU.
@@ -133,15 +138,19 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Up { file, no_console } => up::run(&file, !no_console),
-        Command::Drill { action } => drill::run(action),
-        Command::Db { action } => db::run(action),
-        Command::Validate { file, json } => validate(&file, json),
-        Command::Endpoint { action } => endpoint::run(action),
-        Command::Backend { action } => backend::run(action),
+        Command::Up {
+            file,
+            node,
+            no_console,
+        } => up::run(&file, node.as_deref(), !no_console),
+        Command::Drill { action } => actions::drill(action),
+        Command::Db { action } => actions::db(action),
+        Command::Validate { file, node, json } => validate(&file, node.as_deref(), json),
+        Command::Endpoint { action } => actions::endpoint(action),
+        Command::Backend { action } => actions::backend(action),
         Command::Status { api, json } => status::run(api, json),
-        Command::Scale { set, to, api } => scale::scale(&set, to, api),
-        Command::Reload { api } => scale::reload(api),
+        Command::Scale { set, to, api } => actions::scale(&set, to, &api),
+        Command::Reload { api } => actions::reload(&api),
         Command::SampleApp {
             listen,
             site,
@@ -155,9 +164,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn validate(file: &std::path::Path, json: bool) -> ExitCode {
+fn validate(file: &std::path::Path, node: Option<&str>, json: bool) -> ExitCode {
     match model::load(file) {
         Ok(t) => {
+            if let Some(n) = node
+                && let Err(e) = model::find_node(&t, n)
+            {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_INVALID);
+            }
             if json {
                 println!("[]");
             } else {

@@ -1,0 +1,62 @@
+//! Asking the other live nodes' APIs, for views of what they run.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use tokio::net::TcpStream;
+
+use crate::Api;
+
+/// How long one peer gets to answer.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `GET path` from every other live node, at once; the answers, and the nodes that gave none.
+pub async fn gather<T: DeserializeOwned + Send + 'static>(
+    api: &Api,
+    path: &str,
+) -> (Vec<T>, Vec<String>) {
+    let Some(node) = &api.node else {
+        return (Vec::new(), Vec::new());
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for (name, addr) in node.peers() {
+        let path = path.to_string();
+        tasks.spawn(async move {
+            let got = tokio::time::timeout(PEER_TIMEOUT, get::<T>(addr, &path)).await;
+            (name, got.ok().flatten())
+        });
+    }
+    let (mut answers, mut missing) = (Vec::new(), Vec::new());
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((_, Some(t))) => answers.push(t),
+            Ok((name, None)) => missing.push(name),
+            Err(_) => {}
+        }
+    }
+    missing.sort();
+    (answers, missing)
+}
+
+async fn get<T: DeserializeOwned>(addr: SocketAddr, path: &str) -> Option<T> {
+    let stream = TcpStream::connect(addr).await.ok()?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .ok()?;
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .body(Empty::<Bytes>::new())
+        .ok()?;
+    let resp = sender.send_request(req).await.ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    serde_json::from_slice(&body).ok()
+}

@@ -1,0 +1,285 @@
+//! Operator actions through a node's API: `endpoint`, `backend`, `scale`, `reload`, `drill`,
+//! `db`. In cluster mode any node takes them; the node that runs what they name applies them.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use api::types::{
+    DrillResponse, IntentResponse, OutageRequest, ReloadResponse, ScaleRequest, SwitchoverRequest,
+    SwitchoverResponse,
+};
+use clap::Subcommand;
+
+use crate::client::{Refused, api_addr, block_on, post};
+use crate::{EXIT_INVALID, EXIT_RUNTIME};
+
+#[derive(Debug, clap::Args)]
+pub struct Api {
+    /// API address of a running node [env: TANDEM_API] [default: 127.0.0.1:7400].
+    #[arg(long)]
+    api: Option<SocketAddr>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Endpoint {
+    /// Stop answering the endpoint (its state becomes Disabled) and stop probing it, on every
+    /// node.
+    Disable(EndpointArgs),
+    /// Answer the endpoint again (it starts over at CheckingEndpoint).
+    Enable(EndpointArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EndpointArgs {
+    /// The profile's name.
+    profile: String,
+    /// The endpoint's name within the profile.
+    endpoint: String,
+    #[command(flatten)]
+    api: Api,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Backend {
+    /// Take no new flows; established flows get the balancer's `drain_timeout`, then are reset.
+    Drain(BackendArgs),
+    /// Take new flows again.
+    Enable(BackendArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BackendArgs {
+    /// The load balancer's name.
+    lb: String,
+    /// The backend's address, ip:port.
+    address: SocketAddr,
+    #[command(flatten)]
+    api: Api,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Drill {
+    /// Take SITE down as a real outage would (its node's load balancers stop answering, its
+    /// instances stop), and bring it back after `--for`.
+    Outage {
+        /// The site's name.
+        site: String,
+        /// How long the outage lasts.
+        #[arg(long = "for", default_value = "60s")]
+        length: String,
+        #[command(flatten)]
+        api: Api,
+    },
+    /// End the drill in progress now.
+    Stop {
+        #[command(flatten)]
+        api: Api,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Db {
+    /// Planned handover: waits for the target to catch up, stops the primary cleanly,
+    /// promotes the target once it has every write, re-points the frontends; the former
+    /// primary rejoins as a standby.
+    Switchover {
+        /// The database's name.
+        db: String,
+        /// The site whose member becomes primary.
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        api: Api,
+    },
+}
+
+/// Runs one call and maps its failure to an exit code.
+fn call<T>(
+    api: &Api,
+    f: impl AsyncFnOnce(SocketAddr) -> anyhow::Result<T>,
+    print: impl FnOnce(T),
+) -> ExitCode {
+    match api_addr(api.api).and_then(|a| block_on(f(a))) {
+        Ok(v) => {
+            print(v);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+fn where_applied<T>(r: &IntentResponse<T>) -> String {
+    match (&r.applies_on, r.applied_here) {
+        (_, true) => String::new(),
+        (Some(n), false) => format!(" (node {n} applies it)"),
+        (None, false) => " (stored; it applies when its node runs)".into(),
+    }
+}
+
+fn warn(warnings: &[String]) {
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+}
+
+pub fn endpoint(action: Endpoint) -> ExitCode {
+    let (verb, w) = match action {
+        Endpoint::Disable(w) => ("disable", w),
+        Endpoint::Enable(w) => ("enable", w),
+    };
+    let path = format!("/v1/profiles/{}/endpoints/{}/{verb}", w.profile, w.endpoint);
+    call(
+        &w.api,
+        async |a| post::<IntentResponse<dns::table::ProfileView>>(a, &path, None::<()>).await,
+        |r| {
+            let answer = r
+                .view
+                .as_ref()
+                .map(|p| p.answer.join(", "))
+                .unwrap_or_default();
+            println!(
+                "{verb}d {}/{}; {} now answers: {answer}",
+                w.profile, w.endpoint, w.profile
+            );
+            warn(&r.warnings);
+        },
+    )
+}
+
+pub fn backend(action: Backend) -> ExitCode {
+    let (verb, w) = match action {
+        Backend::Drain(w) => ("drain", w),
+        Backend::Enable(w) => ("enable", w),
+    };
+    let path = format!("/v1/load-balancers/{}/backends/{}/{verb}", w.lb, w.address);
+    call(
+        &w.api,
+        async |a| post::<IntentResponse<lb::View>>(a, &path, None::<()>).await,
+        |r| {
+            let active = r
+                .view
+                .as_ref()
+                .and_then(|v| v.backends.iter().find(|b| b.address == w.address))
+                .map_or_else(|| "-".to_string(), |b| b.active_connections.to_string());
+            let state = if verb == "drain" {
+                "draining"
+            } else {
+                "enabled"
+            };
+            println!(
+                "{}: backend {} {state}; active flows {active}{}",
+                w.lb,
+                w.address,
+                where_applied(&r)
+            );
+            warn(&r.warnings);
+        },
+    )
+}
+
+pub fn scale(set: &str, to: u32, api: &Api) -> ExitCode {
+    let path = format!("/v1/scale-sets/{set}/scale");
+    call(
+        api,
+        async |a| {
+            post::<IntentResponse<scaleset::View>>(a, &path, Some(ScaleRequest { capacity: to }))
+                .await
+        },
+        |r| {
+            match &r.view {
+                Some(v) => {
+                    let running = v.instances.iter().filter(|i| i.state != "retiring").count();
+                    println!(
+                        "{set}: capacity {} (min {}, max {}); {running} instances now, the rest follow",
+                        v.desired, v.min, v.max
+                    );
+                }
+                None => println!("{set}: capacity {to}{}", where_applied(&r)),
+            }
+            warn(&r.warnings);
+        },
+    )
+}
+
+/// `tandem reload`: an invalid file exits 1 with the same diagnostics as `validate`.
+pub fn reload(api: &Api) -> ExitCode {
+    let result = api_addr(api.api)
+        .and_then(|a| block_on(post::<ReloadResponse>(a, "/v1/reload", None::<()>)));
+    match result {
+        Ok(r) if r.unchanged => {
+            println!("no changes: the file is the running topology");
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            for line in r.applied.iter().chain(&r.needs_restart) {
+                println!("{line}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => match e.downcast_ref::<Refused>() {
+            Some(Refused { body, .. }) if body.diagnostics.is_some() => {
+                eprint!("{}", body.diagnostics.as_deref().unwrap_or_default());
+                eprintln!("error: {}", body.error);
+                ExitCode::from(EXIT_INVALID)
+            }
+            _ => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(EXIT_RUNTIME)
+            }
+        },
+    }
+}
+
+pub fn drill(action: Drill) -> ExitCode {
+    match action {
+        Drill::Outage { site, length, api } => call(
+            &api,
+            async |a| {
+                let req = OutageRequest {
+                    site: site.clone(),
+                    length: Some(length.clone()),
+                };
+                post::<DrillResponse>(a, "/v1/drills/outage", Some(req)).await
+            },
+            |r| {
+                let at =
+                    |t: Option<std::time::SystemTime>| t.map_or("-".to_string(), event::rfc3339);
+                let d = r.drill.as_ref();
+                println!(
+                    "outage drill of site {site} started at {}; it ends at {} ({length}){}; `tandem drill stop` ends it now",
+                    at(d.map(|d| d.started)),
+                    at(d.map(|d| d.ends)),
+                    match (&r.applies_on, r.applied_here) {
+                        (Some(n), false) => format!("; node {n} takes the site down"),
+                        _ => String::new(),
+                    }
+                );
+            },
+        ),
+        Drill::Stop { api } => call(
+            &api,
+            async |a| post::<DrillResponse>(a, "/v1/drills/stop", None::<()>).await,
+            |r| {
+                println!(
+                    "outage drill of site {} ending now; the site comes back",
+                    r.drill.map_or_else(|| "-".to_string(), |d| d.site)
+                );
+            },
+        ),
+    }
+}
+
+pub fn db(action: Db) -> ExitCode {
+    let Db::Switchover { db, to, api } = action;
+    let path = format!("/v1/databases/{db}/switchover");
+    call(
+        &api,
+        async |a| {
+            post::<SwitchoverResponse>(a, &path, Some(SwitchoverRequest { to: to.clone() })).await
+        },
+        |r| println!("{}", r.message),
+    )
+}
