@@ -209,8 +209,16 @@ fn type_name(v: &DeValue<'_>) -> &'static str {
     }
 }
 
-/// "did you mean" for unknown keys and names, else the list of valid ones.
+/// "did you mean" for unknown keys and names, else the list of valid ones (each once, in the
+/// order given: a name defined twice is listed once).
 pub(crate) fn suggest(found: &str, valid: &[&str]) -> String {
+    let mut unique: Vec<&str> = Vec::with_capacity(valid.len());
+    for v in valid {
+        if !unique.contains(v) {
+            unique.push(v);
+        }
+    }
+    let valid = &unique[..];
     let close = valid
         .iter()
         .map(|v| (edit_distance(found, v), v))
@@ -501,6 +509,14 @@ mod tests {
         assert_eq!(
             suggest("zzz", &["interval", "timeout"]),
             "expected one of: interval, timeout"
+        );
+    }
+
+    #[test]
+    fn names_defined_twice_are_listed_once() {
+        assert_eq!(
+            suggest("zzz", &["edge-web", "region-web", "edge-web"]),
+            "expected one of: edge-web, region-web"
         );
     }
 }

@@ -47,6 +47,7 @@ cases!(
     database_rules,
     routing_rules,
     many_at_once,
+    duplicate_names_listed_once,
 );
 
 #[test]
