@@ -96,6 +96,18 @@ impl Cx {
         message: impl Into<String>,
         help: impl Into<String>,
     ) {
+        debug_assert_eq!(code.severity(), crate::diag::Severity::Error);
+        self.diags.push(Diagnostic::new(code, span, message, help));
+    }
+
+    pub fn warn(
+        &mut self,
+        code: Code,
+        span: Span,
+        message: impl Into<String>,
+        help: impl Into<String>,
+    ) {
+        debug_assert_eq!(code.severity(), crate::diag::Severity::Warning);
         self.diags.push(Diagnostic::new(code, span, message, help));
     }
 

@@ -1,4 +1,5 @@
-//! Checks across sections: unique names, references that resolve, nested profiles without cycles.
+//! Checks across sections: unique names, references that resolve, nested profiles without
+//! cycles; and, for a valid file, the warnings.
 
 use std::collections::HashMap;
 
@@ -197,6 +198,23 @@ fn profiles(cx: &mut Cx, t: &Topology, names: &Names) {
         }
     }
     nesting(cx, t);
+}
+
+/// Warnings about a valid topology: it runs nothing.
+pub(crate) fn warnings(cx: &mut Cx, t: &Topology) {
+    let zones: Vec<&Zone> = t.dns.iter().flat_map(|d| &d.zones).collect();
+    if zones.is_empty()
+        && t.load_balancers.is_empty()
+        && t.scale_sets.is_empty()
+        && t.databases.is_empty()
+    {
+        cx.warn(
+            Code::NothingToRun,
+            0..0,
+            "the topology serves and runs nothing",
+            "add a [dns] zone with profiles, a [[load_balancer]], a [[scale_set]] or a [[database]]; examples/quickstart.toml shows them all",
+        );
+    }
 }
 
 /// Nested profiles must form no cycle and be at most `MAX_PROFILE_DEPTH` deep.

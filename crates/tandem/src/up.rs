@@ -12,8 +12,8 @@ use crate::{EXIT_INVALID, EXIT_RUNTIME, report_load_error};
 
 /// Runs the topology in `file`; `console` prints the live summary on stdout.
 pub fn run(file: &Path, console: bool) -> ExitCode {
-    let topology = match model::load(file) {
-        Ok(t) => t,
+    let checked = match model::load_checked(file) {
+        Ok(c) => c,
         Err(e) => {
             report_load_error(&e, false);
             return ExitCode::from(EXIT_INVALID);
@@ -32,6 +32,8 @@ pub fn run(file: &Path, console: bool) -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    crate::log_warnings(&checked.warnings);
+    let topology = checked.topology;
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -252,8 +254,11 @@ fn start_scale_sets(
 /// Re-reads the topology and hands each scale set its new definition. Other changes need a
 /// restart; the answer says so.
 fn reload(file: &Path, sets: &[Arc<scaleset::ScaleSet>]) -> Result<Vec<String>, String> {
-    let topology = match model::load(file) {
-        Ok(t) => t,
+    let topology = match model::load_checked(file) {
+        Ok(c) => {
+            crate::log_warnings(&c.warnings);
+            c.topology
+        }
         Err(model::LoadError::Invalid(d)) => return Err(d.render()),
         Err(e) => return Err(e.to_string()),
     };
