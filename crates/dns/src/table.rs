@@ -843,7 +843,7 @@ fn zone_tables(t: &Topology, serial: u32) -> Vec<ZoneTable> {
         .map(|z| {
             let apex = wire::encode_name(&z.name).unwrap_or_else(|| vec![0]);
             let labels = z.name.split('.').count();
-            let mname = wire::encode_name(z.nameservers.first().map_or("", String::as_str))
+            let mname = wire::encode_name(z.nameservers.first().map_or("", |n| n.name.as_str()))
                 .unwrap_or_else(|| vec![0]);
             let rname = wire::encode_name(&z.hostmaster).unwrap_or_else(|| vec![0]);
             let mut soa = mname;
@@ -874,7 +874,7 @@ fn zone_tables(t: &Topology, serial: u32) -> Vec<ZoneTable> {
                 ns: z
                     .nameservers
                     .iter()
-                    .filter_map(|n| wire::encode_name(n))
+                    .filter_map(|n| wire::encode_name(&n.name))
                     .map(Vec::into_boxed_slice)
                     .collect(),
                 ttl: secs(z.ttl),

@@ -57,6 +57,12 @@ pub enum Code {
     BadName,
     /// Warning: the topology declares nothing to serve or run.
     NothingToRun,
+    /// Warning: a name server inside a served zone without an address, so resolvers that
+    /// follow the zone's NS records find no server.
+    NameServerWithoutAddress,
+    /// Warning: addresses given for a name server outside every served zone, which Tandem
+    /// cannot answer for.
+    NameServerAddressNotServed,
 }
 
 /// Whether a diagnostic makes the file invalid.
@@ -104,13 +110,17 @@ impl Code {
             Code::BadDomain => "E020",
             Code::BadName => "E021",
             Code::NothingToRun => "W001",
+            Code::NameServerWithoutAddress => "W002",
+            Code::NameServerAddressNotServed => "W003",
         }
     }
 
     /// Errors make the file invalid; warnings do not.
     pub fn severity(self) -> Severity {
         match self {
-            Code::NothingToRun => Severity::Warning,
+            Code::NothingToRun
+            | Code::NameServerWithoutAddress
+            | Code::NameServerAddressNotServed => Severity::Warning,
             _ => Severity::Error,
         }
     }

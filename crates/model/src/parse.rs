@@ -2,7 +2,7 @@
 //! that section. Cross-references are checked in `validate`.
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -65,6 +65,11 @@ fn name(cx: &mut Cx, s: Section<'_, '_>) -> Option<Name> {
 /// A DNS name, lower-cased and without the trailing dot.
 fn domain(cx: &mut Cx, s: Section<'_, '_>, key: &str) -> Option<Name> {
     let raw: Name = cx.req(s, key)?;
+    dns_name(cx, key, raw)
+}
+
+/// Checks a DNS name read for `key`; lower-cased and without the trailing dot.
+fn dns_name(cx: &mut Cx, key: &str, raw: Name) -> Option<Name> {
     let lower = raw.trim_end_matches('.').to_ascii_lowercase();
     let ok = !lower.is_empty()
         && lower.len() <= 253
@@ -345,7 +350,13 @@ fn dns(cx: &mut Cx, s: Section<'_, '_>) -> Option<Dns> {
         &["name", "nameservers", "hostmaster", "ttl", "negative_ttl"],
         |cx, z| {
             let name = domain(cx, z, "name");
-            let nameservers: Option<Vec<String>> = cx.req(z, "nameservers");
+            let nameservers = match z.get("nameservers") {
+                Some(v) => nameservers(cx, v),
+                None => {
+                    cx.missing(z, "nameservers", "[…]");
+                    None
+                }
+            };
             let hostmaster = domain(cx, z, "hostmaster");
             let ttl = duration_in(
                 cx,
@@ -375,10 +386,7 @@ fn dns(cx: &mut Cx, s: Section<'_, '_>) -> Option<Dns> {
             }
             Some(Zone {
                 name: name?,
-                nameservers: nameservers?
-                    .into_iter()
-                    .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
-                    .collect(),
+                nameservers: nameservers?,
                 hostmaster: hostmaster?.to_string(),
                 ttl: ttl?,
                 negative_ttl: negative_ttl?,
@@ -388,6 +396,81 @@ fn dns(cx: &mut Cx, s: Section<'_, '_>) -> Option<Dns> {
     Some(Dns {
         listen: listen?,
         zones,
+    })
+}
+
+/// `nameservers = ["ns1.shop.test", { name = "ns2.shop.test", address = "192.0.2.10" }]`.
+fn nameservers(cx: &mut Cx, v: &Value<'_>) -> Option<Vec<NameServer>> {
+    let DeValue::Array(items) = v.get_ref() else {
+        cx.wrong_type(v, "nameservers", "an array");
+        return None;
+    };
+    let read: Vec<Option<NameServer>> = items.iter().map(|i| nameserver(cx, i)).collect();
+    let read: Vec<NameServer> = read.into_iter().collect::<Option<_>>()?;
+    let mut ok = true;
+    for (i, ns) in read.iter().enumerate() {
+        if let Some(first) = read[..i].iter().find(|f| f.name == ns.name) {
+            let line = cx.line_of(first.name.span().start);
+            cx.error(
+                Code::DuplicateName,
+                ns.name.span(),
+                format!("name server `{}` is listed twice", ns.name),
+                format!("list it once (the first is on line {line})"),
+            );
+            ok = false;
+        }
+    }
+    ok.then_some(read)
+}
+
+/// `"ns1.shop.test"` or `{ name = "ns1.shop.test", address = "192.0.2.10" }`, where `address`
+/// may be an array of IPv4 and IPv6 addresses.
+fn nameserver(cx: &mut Cx, v: &Value<'_>) -> Option<NameServer> {
+    const SHAPE: &str = "a host name or { name = \"…\", address = \"…\" }";
+    match v.get_ref() {
+        DeValue::String(_) => {
+            let raw = Name::from_toml(cx, "nameservers", v)?;
+            let name = dns_name(cx, "nameservers", raw)?;
+            return Some(NameServer {
+                name,
+                addresses: Vec::new(),
+            });
+        }
+        DeValue::Table(_) => {}
+        _ => {
+            cx.wrong_type(v, "nameservers", SHAPE);
+            return None;
+        }
+    }
+    let s = cx.section(v, "name server", &["name", "address"])?;
+    let name = domain(cx, s, "name");
+    let addresses = match s.get("address") {
+        None => Some(Vec::new()),
+        Some(a) => match a.get_ref() {
+            DeValue::Array(items) if items.is_empty() => {
+                cx.error(
+                    Code::MissingKey,
+                    a.span(),
+                    "`address` lists no addresses",
+                    "give at least one IPv4 or IPv6 address, or leave `address` out",
+                );
+                None
+            }
+            DeValue::Array(_) => Vec::<IpAddr>::from_toml(cx, "address", a).map(|mut list| {
+                let mut seen = Vec::with_capacity(list.len());
+                list.retain(|ip| {
+                    let new = !seen.contains(ip);
+                    seen.push(*ip);
+                    new
+                });
+                list
+            }),
+            _ => IpAddr::from_toml(cx, "address", a).map(|ip| vec![ip]),
+        },
+    };
+    Some(NameServer {
+        name: name?,
+        addresses: addresses?,
     })
 }
 

@@ -200,7 +200,9 @@ fn profiles(cx: &mut Cx, t: &Topology, names: &Names) {
     nesting(cx, t);
 }
 
-/// Warnings about a valid topology: it runs nothing.
+/// Warnings about a valid topology: it runs nothing; a name server inside a served zone has no
+/// address (resolvers that follow the delegation find no server); addresses given for a name
+/// server outside every served zone are not answered.
 pub(crate) fn warnings(cx: &mut Cx, t: &Topology) {
     let zones: Vec<&Zone> = t.dns.iter().flat_map(|d| &d.zones).collect();
     if zones.is_empty()
@@ -214,6 +216,50 @@ pub(crate) fn warnings(cx: &mut Cx, t: &Topology) {
             "the topology serves and runs nothing",
             "add a [dns] zone with profiles, a [[load_balancer]], a [[scale_set]] or a [[database]]; examples/quickstart.toml shows them all",
         );
+    }
+    let inside = |name: &str| {
+        zones
+            .iter()
+            .any(|z| name == z.name.as_str() || name.ends_with(&format!(".{}", z.name)))
+    };
+    let has_address = |name: &str| {
+        zones
+            .iter()
+            .flat_map(|z| &z.nameservers)
+            .any(|ns| ns.name.as_str() == name && !ns.addresses.is_empty())
+            || t.profiles.iter().any(|p| p.domain.as_str() == name)
+    };
+    for z in &zones {
+        for ns in &z.nameservers {
+            if !inside(&ns.name) {
+                if !ns.addresses.is_empty() {
+                    cx.warn(
+                        Code::NameServerAddressNotServed,
+                        ns.name.span(),
+                        format!(
+                            "name server `{}` is outside every served zone: its addresses are not answered",
+                            ns.name
+                        ),
+                        "its own zone's servers answer for it; remove `address` here, or serve its zone",
+                    );
+                }
+                continue;
+            }
+            if !has_address(&ns.name) {
+                cx.warn(
+                    Code::NameServerWithoutAddress,
+                    ns.name.span(),
+                    format!(
+                        "name server `{}` is inside a served zone but has no address",
+                        ns.name
+                    ),
+                    format!(
+                        "resolvers look its address up in this zone and find nothing: write {{ name = \"{}\", address = \"…\" }} with the address it answers on",
+                        ns.name
+                    ),
+                );
+            }
+        }
     }
 }
 

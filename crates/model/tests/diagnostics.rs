@@ -49,6 +49,8 @@ cases!(
     database_rules,
     routing_rules,
     many_at_once,
+    nameservers,
+    nameserver_errors,
     empty_file,
     nothing_to_run,
     duplicate_names_listed_once,

@@ -137,7 +137,18 @@ fn validate_warns_of_a_topology_that_runs_nothing() {
 async fn up_logs_the_warnings_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let api = testkit::closed_port();
-    let topology = topology_file(dir.path(), api, "");
+    let topology = topology_file(
+        dir.path(),
+        api,
+        r#"
+[dns]
+listen = ["127.0.0.1:0"]
+[[dns.zone]]
+name = "shop.test"
+nameservers = ["ns1.shop.test"]
+hostmaster = "hostmaster.shop.test"
+"#,
+    );
     let mut up = Up::start(&topology, api, &[("TANDEM_LOG", "info")]);
     let log = up.log.clone().unwrap();
     let text = eventually(Duration::from_secs(10), "tandem up", || {
@@ -145,13 +156,13 @@ async fn up_logs_the_warnings_at_start() {
         async move { text.contains("tandem is up").then_some(text) }
     })
     .await;
-    assert!(text.contains("W001"), "{text}");
+    assert!(text.contains("W002"), "{text}");
     assert!(
-        text.contains("the topology serves and runs nothing"),
+        text.contains("name server `ns1.shop.test` is inside a served zone but has no address"),
         "{text}"
     );
     assert!(
-        text.contains(&format!("{}:1:1", topology.display())),
+        text.contains(&format!("{}:9:16", topology.display())),
         "{text}"
     );
     assert!(up.terminate().success());
