@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use crate::table::{Client, Empty, Lookup, Tables};
+use crate::table::{Client, Empty, Lookup, NsRecord, Tables};
 use crate::wire::{self, Reject, Writer, rcode, rtype};
 
 /// Transports, for metrics.
@@ -166,9 +166,11 @@ fn respond(
         w.answer(wire::QUESTION_NAME, rtype::SOA, z.ttl, z.soa);
         answered = true;
     }
-    if at_apex && matches!(q.qtype, rtype::NS | rtype::ANY) {
+    let apex_ns = at_apex && matches!(q.qtype, rtype::NS | rtype::ANY);
+    let ns_start = w.len();
+    if apex_ns {
         for ns in z.ns {
-            w.answer(wire::QUESTION_NAME, rtype::NS, z.ttl, ns);
+            w.answer(wire::QUESTION_NAME, rtype::NS, z.ttl, &ns.name);
         }
         answered = true;
     }
@@ -187,11 +189,40 @@ fn respond(
             Err(Empty::Servfail) => return (rcode::SERVFAIL, Some(p), false),
             Err(Empty::Nodata) => {}
         }
+    } else if let Some(host) = tables.host(&q.name) {
+        for rr in host
+            .iter()
+            .filter(|rr| rr.rtype == q.qtype || q.qtype == rtype::ANY)
+        {
+            w.answer(wire::QUESTION_NAME, rr.rtype, z.ttl, &rr.rdata);
+            answered = true;
+        }
     }
     if !answered {
         negative(tables, q, zone, w);
     }
+    if apex_ns {
+        glue(w, z.ns, ns_start, z.ttl);
+    }
     (rcode::NOERROR, profile, used_client)
+}
+
+/// The addresses of the zone's name servers in the additional section, after the NS records
+/// written from `ns_start`; each owner is a pointer to the name in its NS record.
+fn glue(w: &mut Writer<'_>, ns: &[NsRecord], ns_start: usize, ttl: u32) {
+    // Each NS record: a 2-byte owner pointer, 10 bytes of type, class, TTL and length, then
+    // the name server's name.
+    let mut at = ns_start;
+    for n in ns {
+        let name_at = at + 12;
+        at = name_at + n.name.len();
+        for rr in n.glue.iter() {
+            match Writer::pointer(name_at) {
+                Some(owner) => w.additional(owner, rr.rtype, ttl, &rr.rdata),
+                None => w.additional_named(&n.name, rr.rtype, ttl, &rr.rdata),
+            }
+        }
+    }
 }
 
 /// The zone's SOA in the authority section, for NXDOMAIN and NODATA.

@@ -428,6 +428,14 @@ impl<'b> Writer<'b> {
         self.buf[3] = (self.buf[3] & 0xf0) | (rcode & 0xf);
     }
 
+    /// A compression pointer to a name written at `offset`, if one can reach it.
+    pub fn pointer(offset: usize) -> Option<u16> {
+        u16::try_from(offset)
+            .ok()
+            .filter(|o| *o < 0x4000)
+            .map(|o| 0xc000 | o)
+    }
+
     /// A record whose owner is the name at compression pointer `owner`.
     pub fn record(&mut self, owner: u16, rtype: u16, ttl: u32, rdata: &[u8]) {
         self.rr(owner, rtype, CLASS_IN, ttl, rdata);
@@ -441,6 +449,25 @@ impl<'b> Writer<'b> {
     pub fn authority(&mut self, owner: u16, rtype: u16, ttl: u32, rdata: &[u8]) {
         self.record(owner, rtype, ttl, rdata);
         self.authority += 1;
+    }
+
+    /// A record of the additional section (after every answer and authority record) whose
+    /// owner is the name at compression pointer `owner`.
+    pub fn additional(&mut self, owner: u16, rtype: u16, ttl: u32, rdata: &[u8]) {
+        self.record(owner, rtype, ttl, rdata);
+        self.additional += 1;
+    }
+
+    /// A record of the additional section whose owner is written out (`name` in wire format).
+    pub fn additional_named(&mut self, name: &[u8], rtype: u16, ttl: u32, rdata: &[u8]) {
+        self.buf.extend_from_slice(name);
+        self.buf.extend_from_slice(&rtype.to_be_bytes());
+        self.buf.extend_from_slice(&CLASS_IN.to_be_bytes());
+        self.buf.extend_from_slice(&ttl.to_be_bytes());
+        self.buf
+            .extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+        self.buf.extend_from_slice(rdata);
+        self.additional += 1;
     }
 
     fn rr(&mut self, owner: u16, rtype: u16, class: u16, ttl: u32, rdata: &[u8]) {

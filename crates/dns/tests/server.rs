@@ -63,13 +63,21 @@ struct Fixture {
     server: Server,
 }
 
+fn topology(text: &str) -> model::Topology {
+    match model::parse(model::Source::new("test.toml", text)) {
+        Ok(t) => t,
+        Err(d) => panic!("{}", d.render()),
+    }
+}
+
 impl Fixture {
     fn new(profiles: &str) -> Self {
-        let text = format!("{ZONE}\n{profiles}");
-        let topology = match model::parse(model::Source::new("test.toml", text)) {
-            Ok(t) => Arc::new(t),
-            Err(d) => panic!("{}", d.render()),
-        };
+        Self::from_topology(topology(&format!("{ZONE}\n{profiles}")))
+    }
+
+    /// A server for a topology built in the test, which `validate` may not have let through.
+    fn from_topology(topology: model::Topology) -> Self {
+        let topology = Arc::new(topology);
         let health = Arc::new(Health::default());
         let manager = Manager::new(topology, health.clone()).unwrap();
         let server = Server::start(
@@ -819,4 +827,82 @@ fn an_unreadable_geo_database_is_a_clear_error() {
         err.starts_with("cannot read geo database /nonexistent/city.mmdb"),
         "{err}"
     );
+}
+
+// ---------------------------------------------------------------- regressions (issue 13)
+
+const NAME_SERVERS: &str = r#"
+[dns]
+listen = ["127.0.0.1:0"]
+[[dns.zone]]
+name = "shop.test"
+nameservers = [
+  { name = "ns1.shop.test", address = ["192.0.2.53", "2001:db8::53"] },
+  { name = "ns2.dns.shop.test", address = "192.0.2.54" },
+  "ns.provider.example",
+]
+hostmaster = "hostmaster.shop.test"
+ttl = "1h"
+
+[[monitor]]
+name = "web"
+protocol = "tcp"
+port = 80
+"#;
+
+/// Issue 13: `nameservers = ["ns1.shop.test"]` gave NS records whose target answered
+/// NXDOMAIN. A name server carries its addresses: answered as A and AAAA at its name (also
+/// below an empty non-terminal), and as glue in the additional section of the apex's NS and
+/// ANY answers; a name server outside the zones gets none, and the plain form stays valid.
+#[tokio::test]
+async fn in_zone_name_servers_answer_their_addresses_and_glue() {
+    let f = Fixture::from_topology(topology(&format!("{NAME_SERVERS}\n{PRIORITY}")));
+    let dig = |name: &str, qtype: &str| testkit::dig(f.addr(), name, &[qtype]).unwrap();
+    assert_eq!(dig("ns1.shop.test", "A"), ["192.0.2.53"]);
+    assert_eq!(dig("NS1.shop.test", "AAAA"), ["2001:db8::53"]);
+    assert_eq!(dig("ns2.dns.shop.test", "A"), ["192.0.2.54"]);
+    assert!(dig("ns2.dns.shop.test", "AAAA").is_empty());
+
+    let r = f.udp(&query("ns1.shop.test.", RecordType::A));
+    assert!(r.metadata.authoritative);
+    assert_eq!(r.answers[0].ttl, 3600, "the zone's TTL");
+    let ent = f.udp(&query("dns.shop.test.", RecordType::A));
+    assert_eq!(
+        ent.metadata.response_code,
+        ResponseCode::NoError,
+        "an empty non-terminal"
+    );
+    assert!(ent.answers.is_empty());
+    let other = f.udp(&query("ns.provider.example.", RecordType::A));
+    assert_eq!(other.metadata.response_code, ResponseCode::Refused);
+
+    for (qtype, answers) in [(RecordType::NS, 3), (RecordType::ANY, 4)] {
+        for r in [
+            f.udp(&query("shop.test.", qtype)),
+            f.tcp(&query("shop.test.", qtype)).await,
+        ] {
+            assert!(r.metadata.authoritative);
+            assert_eq!(r.answers.len(), answers, "{qtype}");
+            let mut glue: Vec<String> = r
+                .additionals
+                .iter()
+                .map(|a| format!("{} {}", a.name, rdata_text(&a.data)))
+                .collect();
+            glue.sort();
+            assert_eq!(
+                glue,
+                [
+                    "ns1.shop.test. 192.0.2.53",
+                    "ns1.shop.test. 2001:db8::53",
+                    "ns2.dns.shop.test. 192.0.2.54",
+                ],
+                "{qtype}"
+            );
+        }
+    }
+    // Other answers carry no glue.
+    let soa = f.udp(&query("shop.test.", RecordType::SOA));
+    assert!(soa.additionals.is_empty());
+    let www = f.udp(&query("www.shop.test.", RecordType::A));
+    assert!(www.additionals.is_empty());
 }
