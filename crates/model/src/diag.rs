@@ -55,6 +55,10 @@ pub enum Code {
     BadDomain,
     /// A name with characters that are not allowed.
     BadName,
+    /// A CNAME where the name must hold other data: at a zone apex (which always has SOA and
+    /// NS records), since a name with a CNAME can hold nothing else (RFC 1034 §3.6.2, RFC 2181
+    /// §10.1).
+    CnameConflict,
     /// Warning: the topology declares nothing to serve or run.
     NothingToRun,
     /// Warning: a name server inside a served zone without an address, so resolvers that
@@ -109,6 +113,7 @@ impl Code {
             Code::BadStatusRange => "E019",
             Code::BadDomain => "E020",
             Code::BadName => "E021",
+            Code::CnameConflict => "E022",
             Code::NothingToRun => "W001",
             Code::NameServerWithoutAddress => "W002",
             Code::NameServerAddressNotServed => "W003",

@@ -49,6 +49,8 @@ cases!(
     database_rules,
     routing_rules,
     many_at_once,
+    cname_at_apex,
+    profile_domains,
     nameservers,
     nameserver_errors,
     empty_file,
