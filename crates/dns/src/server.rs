@@ -180,7 +180,16 @@ fn respond(
         let client = Client {
             addr: q.edns.and_then(|e| e.subnet).map_or(peer, |s| s.addr),
         };
+        let mut cname = false;
         let result = tables.resolve(p, Some(client), q.qtype, &mut |rr| {
+            // A name with a CNAME holds nothing else (RFC 1034 §3.6.2, RFC 2181 §10.1): never
+            // one at the apex (which holds SOA and NS), beside other records, or two.
+            // `validate` refuses such profiles; this keeps the wire right regardless.
+            let is_cname = rr.rtype == rtype::CNAME;
+            if cname || (is_cname && (at_apex || answered)) {
+                return;
+            }
+            cname = is_cname;
             w.answer(wire::QUESTION_NAME, rr.rtype, ttl, &rr.rdata);
             answered = true;
         });

@@ -831,6 +831,94 @@ fn an_unreadable_geo_database_is_a_clear_error() {
 
 // ---------------------------------------------------------------- regressions (issue 13)
 
+const APEX_CNAME: &str = r#"
+[dns]
+listen = ["127.0.0.1:0"]
+[[dns.zone]]
+name = "shop.test"
+nameservers = [{ name = "ns1.shop.test", address = "192.0.2.53" }]
+hostmaster = "hostmaster.shop.test"
+[[dns.zone]]
+name = "mixed.test"
+nameservers = ["ns1.shop.test"]
+hostmaster = "hostmaster.shop.test"
+
+[[profile]]
+name = "apex"
+domain = "shop.test"
+routing = "priority"
+  [[profile.endpoint]]
+  name = "child"
+  target = { profile = "child" }
+  priority = 1
+
+[[profile]]
+name = "child"
+domain = "cdn.shop.test"
+routing = "priority"
+  [[profile.endpoint]]
+  name = "cdn"
+  target = { address = "10.0.0.1" }
+  priority = 1
+
+[[profile]]
+name = "mixed"
+domain = "mixed.test"
+routing = "weighted"
+  [[profile.endpoint]]
+  name = "origin"
+  target = { address = "10.0.0.2" }
+  [[profile.endpoint]]
+  name = "cdn"
+  target = { address = "10.0.0.3" }
+"#;
+
+/// Issue 13: a CNAME at a zone apex answered SOA and NS queries with the CNAME beside them.
+/// `validate` refuses such a profile (E022, `cname_at_apex` fixture); should one reach the
+/// tables anyway (here built past validation), the server never puts a CNAME beside other data
+/// of its owner: not at the apex through a nested profile, nor through a weighted profile's
+/// CNAME endpoint, for any type; below the apex the same CNAME is answered.
+#[tokio::test]
+async fn a_cname_never_shares_its_owner_with_other_data() {
+    let mut t = topology(APEX_CNAME);
+    t.profiles[1].endpoints[0].target = model::Target::Cname("shop.cdn.example".into());
+    t.profiles[2].endpoints[1].target = model::Target::Cname("mixed.cdn.example".into());
+    let f = Fixture::from_topology(t);
+
+    let below = f.udp(&query("cdn.shop.test.", RecordType::A));
+    let answers: Vec<String> = below.answers.iter().map(|a| rdata_text(&a.data)).collect();
+    assert_eq!(answers, ["cname shop.cdn.example."]);
+
+    for (name, qtype, expect) in [
+        ("shop.test.", RecordType::SOA, &[RecordType::SOA][..]),
+        ("shop.test.", RecordType::NS, &[RecordType::NS]),
+        (
+            "shop.test.",
+            RecordType::ANY,
+            &[RecordType::SOA, RecordType::NS],
+        ),
+        ("shop.test.", RecordType::A, &[]),
+        ("shop.test.", RecordType::AAAA, &[]),
+        ("mixed.test.", RecordType::SOA, &[RecordType::SOA]),
+        ("mixed.test.", RecordType::NS, &[RecordType::NS]),
+    ] {
+        let r = f.udp(&query(name, qtype));
+        assert_eq!(
+            r.metadata.response_code,
+            ResponseCode::NoError,
+            "{name} {qtype}"
+        );
+        let types: Vec<RecordType> = r.answers.iter().map(|a| a.record_type()).collect();
+        assert_eq!(types, expect, "{name} {qtype}");
+    }
+    // The weighted apex answers its address or, when the CNAME endpoint is picked, nothing.
+    for _ in 0..100 {
+        let r = f.udp(&query("mixed.test.", RecordType::A));
+        let answers: Vec<String> = r.answers.iter().map(|a| rdata_text(&a.data)).collect();
+        assert!(answers.is_empty() || answers == ["10.0.0.2"], "{answers:?}");
+    }
+}
+
 const NAME_SERVERS: &str = r#"
 [dns]
 listen = ["127.0.0.1:0"]
