@@ -145,6 +145,9 @@ pub fn answer(
 }
 
 /// The body of an answer: (rcode, profile answered, whether it depended on the client).
+///
+/// AA is set on answers from a served zone (NOERROR and NXDOMAIN); never on REFUSED, FORMERR,
+/// NOTIMP or BADVERS, and not on a profile's SERVFAIL, which is no authoritative answer.
 fn respond(
     tables: &Tables,
     q: &wire::Query<'_>,
@@ -154,6 +157,7 @@ fn respond(
     let (zone, profile) = match tables.lookup(&q.name) {
         Lookup::NotOurs => return (rcode::REFUSED, None, false),
         Lookup::NxDomain { zone } => {
+            w.set_authoritative();
             negative(tables, q, zone, w);
             return (rcode::NXDOMAIN, None, false);
         }
@@ -207,6 +211,7 @@ fn respond(
             answered = true;
         }
     }
+    w.set_authoritative();
     if !answered {
         negative(tables, q, zone, w);
     }

@@ -108,7 +108,8 @@ impl NameBuf {
 pub enum Reject {
     /// Not worth an answer: too short for a header, or a response.
     Drop,
-    /// Answer with only a header and this rcode (the question is echoed when it parsed).
+    /// Answer with only a header: the ID, QR, the opcode echoed, this rcode, and RD when the
+    /// query was a standard query that set it.
     Error {
         id: u16,
         opcode: u8,
@@ -118,6 +119,12 @@ pub enum Reject {
 }
 
 /// Parses a query; `Err` says whether to drop it or to answer with an error code.
+///
+/// - An opcode other than QUERY: NOTIMP, no section. The reply keeps only the ID and the
+///   opcode: RD and the other flags are defined for the opcodes that use them (RFC 1035
+///   §4.1.1 for QUERY), so a server that does not implement an opcode has nothing to copy
+///   (NSD and gdnsd copy RD here).
+/// - A standard query that is malformed: FORMERR, copying RD (RFC 1035 §4.1.1).
 pub fn parse(msg: &[u8]) -> Result<Query<'_>, Reject> {
     if msg.len() < HEADER {
         return Err(Reject::Drop);
@@ -136,7 +143,12 @@ pub fn parse(msg: &[u8]) -> Result<Query<'_>, Reject> {
         rcode,
     };
     if opcode != 0 {
-        return Err(error(rcode::NOTIMP));
+        return Err(Reject::Error {
+            id,
+            opcode,
+            recursion_desired: false,
+            rcode: rcode::NOTIMP,
+        });
     }
     let count = |i: usize| u16::from_be_bytes([msg[i], msg[i + 1]]);
     let (qd, an, ns, ar) = (count(4), count(6), count(8), count(10));
@@ -375,7 +387,8 @@ pub struct Writer<'b> {
 pub const QUESTION_NAME: u16 = 0xc000 | HEADER as u16;
 
 impl<'b> Writer<'b> {
-    /// Starts a response to `q`: header (QR, AA, the query's RD, `rcode`) and the question.
+    /// Starts a response to `q`: header (QR, the opcode, the query's RD, `rcode`) and the
+    /// question. AA is set only by [`Writer::set_authoritative`].
     pub fn new(buf: &'b mut Vec<u8>, q: &Query<'_>, rcode: u8) -> Self {
         Self::start(
             buf,
@@ -402,9 +415,6 @@ impl<'b> Writer<'b> {
     ) -> Self {
         buf.clear();
         let mut flags: u16 = 0x8000 | (u16::from(opcode & 0xf) << 11) | u16::from(rcode & 0xf);
-        if opcode == 0 {
-            flags |= 0x0400; // authoritative
-        }
         if rd {
             flags |= 0x0100;
         }
@@ -426,6 +436,11 @@ impl<'b> Writer<'b> {
     /// Sets the 4-bit rcode in the header.
     pub fn set_rcode(&mut self, rcode: u8) {
         self.buf[3] = (self.buf[3] & 0xf0) | (rcode & 0xf);
+    }
+
+    /// Sets AA: the answer comes from a zone served here.
+    pub fn set_authoritative(&mut self) {
+        self.buf[2] |= 0x04;
     }
 
     /// A compression pointer to a name written at `offset`, if one can reach it.
@@ -650,12 +665,32 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_opcode_keeps_no_flag_of_the_query() {
+        for opcode in [1u8, 2, 3, 4, 5, 6, 15] {
+            let mut m = query("a.test", rtype::A, &[], 0);
+            m[2] = (opcode << 3) | 0x07; // AA, TC and RD set
+            m[3] = 0xb0; // RA, Z, AD set
+            assert_eq!(
+                parse(&m).unwrap_err(),
+                Reject::Error {
+                    id: 0x1234,
+                    opcode,
+                    recursion_desired: false,
+                    rcode: rcode::NOTIMP
+                }
+            );
+        }
+    }
+
+    #[test]
     fn writes_counts_pointers_and_truncation() {
         let m = query("www.shop.test", rtype::A, &[], 0);
         let q = parse(&m).unwrap();
         let mut buf = Vec::new();
         let mut w = Writer::new(&mut buf, &q, rcode::NOERROR);
         let question_end = w.len();
+        assert_eq!(w.buf[2] & 0x84, 0x80, "QR, AA only when set");
+        w.set_authoritative();
         w.answer(QUESTION_NAME, rtype::A, 30, &[10, 0, 0, 1]);
         w.answer(QUESTION_NAME, rtype::A, 30, &[10, 0, 0, 2]);
         w.finish();

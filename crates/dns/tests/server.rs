@@ -117,17 +117,14 @@ impl Fixture {
     }
 
     async fn tcp(&self, msg: &Message) -> Message {
-        let mut s = tokio::net::TcpStream::connect(self.addr()).await.unwrap();
-        let bytes = msg.to_vec().unwrap();
-        s.write_all(&(bytes.len() as u16).to_be_bytes())
-            .await
-            .unwrap();
-        s.write_all(&bytes).await.unwrap();
-        let mut len = [0u8; 2];
-        s.read_exact(&mut len).await.unwrap();
-        let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
-        s.read_exact(&mut buf).await.unwrap();
-        Message::from_vec(&buf).unwrap()
+        let s = tokio::net::TcpStream::connect(self.addr()).await.unwrap();
+        Message::from_vec(&exchange(s, &msg.to_vec().unwrap()).await.unwrap()).unwrap()
+    }
+
+    /// One query over a new TCP connection from a chosen loopback address; `None` when the
+    /// server closes the connection instead of answering.
+    async fn tcp_from(&self, source: &str, bytes: &[u8]) -> Option<Vec<u8>> {
+        exchange(connect_from(source, self.addr()).await, bytes).await
     }
 
     /// The addresses answered for `name`, sorted, from a client in `subnet` (ECS) if given.
@@ -146,6 +143,26 @@ impl Fixture {
         out.sort();
         out
     }
+}
+
+/// One length-prefixed query and its answer over a TCP connection.
+async fn exchange(mut s: tokio::net::TcpStream, bytes: &[u8]) -> Option<Vec<u8>> {
+    s.write_all(&(bytes.len() as u16).to_be_bytes())
+        .await
+        .ok()?;
+    s.write_all(bytes).await.ok()?;
+    let mut len = [0u8; 2];
+    s.read_exact(&mut len).await.ok()?;
+    let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
+    s.read_exact(&mut buf).await.ok()?;
+    Some(buf)
+}
+
+/// A TCP connection to `server` from a loopback address of the test's choosing.
+async fn connect_from(source: &str, server: SocketAddr) -> tokio::net::TcpStream {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    s.connect(server).await.unwrap()
 }
 
 fn query(name: &str, rtype: RecordType) -> Message {
@@ -831,6 +848,28 @@ fn an_unreadable_geo_database_is_a_clear_error() {
 
 // ---------------------------------------------------------------- regressions (issue 13)
 
+/// The header of a raw reply: ID, the two flag bytes, the four section counts.
+fn header(r: &[u8]) -> (u16, u8, u8, [u16; 4]) {
+    assert!(r.len() >= 12, "{r:?}");
+    let count = |i: usize| u16::from_be_bytes([r[i], r[i + 1]]);
+    (
+        u16::from_be_bytes([r[0], r[1]]),
+        r[2],
+        r[3],
+        [count(4), count(6), count(8), count(10)],
+    )
+}
+
+const AA: u8 = 0x04;
+
+/// Both transports' raw replies to one raw query.
+async fn both(f: &Fixture, m: &[u8]) -> [Vec<u8>; 2] {
+    [
+        f.udp_raw(m).expect("a UDP reply"),
+        f.tcp_from("127.0.0.1", m).await.expect("a TCP reply"),
+    ]
+}
+
 const APEX_CNAME: &str = r#"
 [dns]
 listen = ["127.0.0.1:0"]
@@ -917,6 +956,88 @@ async fn a_cname_never_shares_its_owner_with_other_data() {
         let answers: Vec<String> = r.answers.iter().map(|a| rdata_text(&a.data)).collect();
         assert!(answers.is_empty() || answers == ["10.0.0.2"], "{answers:?}");
     }
+}
+
+/// Issue 13: NOTIMP copied RD. A query with an opcode Tandem does not implement gets NOTIMP
+/// with its ID and opcode and nothing else of the query: no RD (NSD and gdnsd copy it), no AA,
+/// TC, AD or CD, no section; over UDP and TCP, for every opcode but QUERY.
+#[tokio::test]
+async fn an_unknown_opcode_gets_notimp_with_no_flag_of_the_query() {
+    let f = Fixture::new(PRIORITY);
+    for opcode in [1u8, 2, 3, 4, 5, 6, 15] {
+        let mut m = query("www.shop.test.", RecordType::A).to_vec().unwrap();
+        m[2] = (opcode << 3) | 0x07; // AA, TC, RD
+        m[3] = 0x30; // AD, CD
+        for reply in both(&f, &m).await {
+            let (id, flags, low, counts) = header(&reply);
+            assert_eq!(id, u16::from_be_bytes([m[0], m[1]]));
+            assert_eq!(
+                flags,
+                0x80 | (opcode << 3),
+                "opcode {opcode}: QR and opcode only"
+            );
+            assert_eq!(low, 4, "opcode {opcode}: NOTIMP, no RA, AD or CD");
+            assert_eq!(counts, [0; 4], "opcode {opcode}: no section");
+            assert_eq!(reply.len(), 12);
+        }
+    }
+}
+
+/// Issue 13, neighbour: FORMERR to a standard query copies RD (RFC 1035 §4.1.1) and keeps the
+/// opcode, and sets no other flag of the query.
+#[tokio::test]
+async fn formerr_copies_rd_and_nothing_else() {
+    let f = Fixture::new(PRIORITY);
+    for (rd, expect) in [(0x01, 0x81), (0x00, 0x80)] {
+        let mut m = query("www.shop.test.", RecordType::A).to_vec().unwrap();
+        m[5] = 2; // two questions
+        m[2] = 0x06 | rd; // AA, TC
+        m[3] = 0x30; // AD, CD
+        for reply in both(&f, &m).await {
+            let (_, flags, low, counts) = header(&reply);
+            assert_eq!((flags, low, counts), (expect, 1, [0; 4]));
+        }
+    }
+}
+
+/// Issue 13: AA was set on REFUSED and FORMERR. AA is set only on answers from a served zone
+/// (NOERROR, NODATA and NXDOMAIN in it), never on REFUSED, FORMERR, NOTIMP or BADVERS, nor
+/// on a profile's SERVFAIL (no authoritative answer).
+#[tokio::test]
+async fn aa_only_on_answers_from_served_zones() {
+    let f =
+        Fixture::new(&PRIORITY.replace("ttl = \"5s\"", "ttl = \"5s\"\nall_down = \"servfail\""));
+    let raw = |name: &str, qtype: RecordType| query(name, qtype).to_vec().unwrap();
+    let mut two_questions = raw("www.shop.test.", RecordType::A);
+    two_questions[5] = 2;
+    let mut notify = raw("shop.test.", RecordType::SOA);
+    notify[2] = 4 << 3;
+    let mut chaos = query("www.shop.test.", RecordType::A);
+    chaos.queries[0].set_query_class(hickory_proto::rr::DNSClass::CH);
+    let mut badvers = query("www.shop.test.", RecordType::A);
+    let mut edns = Edns::new();
+    edns.set_version(1);
+    badvers.set_edns(edns);
+    for (what, m, aa) in [
+        ("answer", raw("www.shop.test.", RecordType::A), true),
+        ("nodata", raw("www.shop.test.", RecordType::AAAA), true),
+        ("apex", raw("shop.test.", RecordType::SOA), true),
+        ("nxdomain", raw("nope.shop.test.", RecordType::A), true),
+        ("refused", raw("example.com.", RecordType::A), false),
+        ("chaos", chaos.to_vec().unwrap(), false),
+        ("formerr", two_questions, false),
+        ("notimp", notify, false),
+        ("badvers", badvers.to_vec().unwrap(), false),
+    ] {
+        for reply in both(&f, &m).await {
+            assert_eq!(header(&reply).1 & AA != 0, aa, "{what}");
+        }
+    }
+    f.set("www", "edge", Status::Degraded);
+    f.set("www", "region", Status::Degraded);
+    let r = f.udp(&query("www.shop.test.", RecordType::A));
+    assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
+    assert!(!r.metadata.authoritative);
 }
 
 const NAME_SERVERS: &str = r#"
