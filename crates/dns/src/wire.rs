@@ -124,7 +124,10 @@ pub enum Reject {
 ///   opcode: RD and the other flags are defined for the opcodes that use them (RFC 1035
 ///   §4.1.1 for QUERY), so a server that does not implement an opcode has nothing to copy
 ///   (NSD and gdnsd copy RD here).
-/// - A standard query that is malformed: FORMERR, copying RD (RFC 1035 §4.1.1).
+/// - A standard query that is malformed: FORMERR, copying RD (RFC 1035 §4.1.1). That covers a
+///   question count other than one, records in the answer or authority section (a query has
+///   none; an OPT record anywhere but the additional section is malformed, RFC 6891 §6.1.1),
+///   more than one OPT, an OPT not owned by the root, a bad client subnet, and trailing bytes.
 pub fn parse(msg: &[u8]) -> Result<Query<'_>, Reject> {
     if msg.len() < HEADER {
         return Err(Reject::Drop);
@@ -152,7 +155,7 @@ pub fn parse(msg: &[u8]) -> Result<Query<'_>, Reject> {
     }
     let count = |i: usize| u16::from_be_bytes([msg[i], msg[i + 1]]);
     let (qd, an, ns, ar) = (count(4), count(6), count(8), count(10));
-    if qd != 1 {
+    if qd != 1 || an != 0 || ns != 0 {
         return Err(error(rcode::FORMERR));
     }
     let mut pos = HEADER;
@@ -162,9 +165,6 @@ pub fn parse(msg: &[u8]) -> Result<Query<'_>, Reject> {
     let qclass = u16::from_be_bytes([fixed[2], fixed[3]]);
     pos += 4;
     let question = &msg[HEADER..pos];
-    for _ in 0..u32::from(an) + u32::from(ns) {
-        skip_record(msg, &mut pos).ok_or(error(rcode::FORMERR))?;
-    }
     let mut edns = None;
     for _ in 0..ar {
         let rec = read_record(msg, &mut pos).ok_or(error(rcode::FORMERR))?;
@@ -274,10 +274,6 @@ fn read_record<'a>(msg: &'a [u8], pos: &mut usize) -> Option<Record<'a>> {
         ttl,
         rdata,
     })
-}
-
-fn skip_record(msg: &[u8], pos: &mut usize) -> Option<()> {
-    read_record(msg, pos).map(|_| ())
 }
 
 fn read_edns(rec: &Record<'_>) -> Option<Edns> {
@@ -664,6 +660,16 @@ mod tests {
         assert!(parse(&trailing).is_err());
     }
 
+    fn formerr(m: &[u8]) -> bool {
+        matches!(
+            parse(m),
+            Err(Reject::Error {
+                rcode: rcode::FORMERR,
+                ..
+            })
+        )
+    }
+
     #[test]
     fn an_unknown_opcode_keeps_no_flag_of_the_query() {
         for opcode in [1u8, 2, 3, 4, 5, 6, 15] {
@@ -680,6 +686,39 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn records_outside_the_additional_section_are_formerr() {
+        let a = [0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4, 10, 0, 0, 1];
+        for (count_at, record) in [(7, a.to_vec()), (9, a.to_vec()), (7, opt(1232, 0, &[]))] {
+            let mut m = query("a.test", rtype::A, &record, 0);
+            m[count_at] = 1;
+            assert!(formerr(&m), "count at {count_at}");
+        }
+        // Counted but absent is FORMERR too; an OPT in the additional section is EDNS.
+        let mut m = query("a.test", rtype::A, &[], 0);
+        m[9] = 1;
+        assert!(formerr(&m));
+        assert!(
+            parse(&query("a.test", rtype::A, &opt(1232, 0, &[]), 1))
+                .unwrap()
+                .edns
+                .is_some()
+        );
+        let two = [opt(1232, 0, &[]), opt(1232, 0, &[])].concat();
+        assert!(formerr(&query("a.test", rtype::A, &two, 2)));
+        // FORMERR of a standard query copies RD.
+        let mut m = query("a.test", rtype::A, &a, 0);
+        m[7] = 1;
+        assert!(matches!(
+            parse(&m),
+            Err(Reject::Error {
+                opcode: 0,
+                recursion_desired: true,
+                ..
+            })
+        ));
     }
 
     #[test]

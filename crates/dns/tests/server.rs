@@ -1000,6 +1000,42 @@ async fn formerr_copies_rd_and_nothing_else() {
     }
 }
 
+/// Issue 13: records outside the additional section were not checked, so a query holding an
+/// OPT record (or any record) in its answer or authority section was answered. A query has
+/// none there: FORMERR, as BIND answers, over UDP and TCP. The same OPT in the additional
+/// section is EDNS and answered.
+#[tokio::test]
+async fn records_outside_the_additional_section_are_formerr() {
+    let f = Fixture::new(PRIORITY);
+    let base = query("www.shop.test.", RecordType::A).to_vec().unwrap();
+    let a_record = [0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4, 10, 0, 0, 1];
+    let opt = [0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 0];
+    for (count, record) in [
+        (6, &a_record[..]),
+        (8, &a_record[..]),
+        (6, &opt[..]),
+        (8, &opt[..]),
+    ] {
+        let mut m = base.clone();
+        m[count + 1] = 1;
+        m.extend_from_slice(record);
+        for reply in both(&f, &m).await {
+            let (id, flags, low, counts) = header(&reply);
+            assert_eq!(id, u16::from_be_bytes([m[0], m[1]]));
+            assert_eq!(low & 0x0f, 1, "FORMERR for a record counted at {count}");
+            assert_eq!(flags & AA, 0);
+            assert_eq!(counts, [0; 4]);
+        }
+    }
+    let mut m = base.clone();
+    m[11] = 1;
+    m.extend_from_slice(&opt);
+    let r = Message::from_vec(&f.udp_raw(&m).unwrap()).unwrap();
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(rdata_text(&r.answers[0].data), "10.0.1.10");
+    assert!(r.edns.is_some());
+}
+
 /// Issue 13: AA was set on REFUSED and FORMERR. AA is set only on answers from a served zone
 /// (NOERROR, NODATA and NXDOMAIN in it), never on REFUSED, FORMERR, NOTIMP or BADVERS, nor
 /// on a profile's SERVFAIL (no authoritative answer).
