@@ -117,10 +117,12 @@ pub fn answer(
         metrics.count(transport, rcode::FORMERR, None);
         return true;
     }
-    let (code, profile, used_client) = if q.is_class_in() {
-        respond(tables, &q, peer, &mut w)
-    } else {
+    let (code, profile, used_client) = if !q.is_class_in() {
         (rcode::REFUSED, None, false)
+    } else if let Some(code) = q.meta_rcode() {
+        (code, None, false)
+    } else {
+        respond(tables, &q, peer, &mut w)
     };
     w.set_rcode(code);
     if let Some(e) = q.edns {

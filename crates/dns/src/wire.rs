@@ -22,6 +22,13 @@ pub mod rtype {
     pub const SOA: u16 = 6;
     pub const AAAA: u16 = 28;
     pub const OPT: u16 = 41;
+    /// Incremental zone transfer (RFC 1995).
+    pub const IXFR: u16 = 251;
+    /// Zone transfer (RFC 5936).
+    pub const AXFR: u16 = 252;
+    /// Obsolete mailbox meta-types (RFC 1035; RFC 6895 §3.1).
+    pub const MAILB: u16 = 253;
+    pub const MAILA: u16 = 254;
     pub const ANY: u16 = 255;
 }
 
@@ -193,6 +200,21 @@ pub fn parse(msg: &[u8]) -> Result<Query<'_>, Reject> {
 impl Query<'_> {
     pub fn is_class_in(&self) -> bool {
         self.qclass == CLASS_IN || self.qclass == 255
+    }
+
+    /// The rcode for a question of a meta-type (RFC 6895 §3.1: 128–255, and OPT) other than
+    /// ANY, which no zone data answers; `None` for the data types. As BIND does: zone
+    /// transfers (AXFR, IXFR) are REFUSED, since Tandem serves none; the obsolete MAILA and
+    /// MAILB are NOTIMP; every other meta-type (OPT, TKEY, TSIG, unassigned ones) is FORMERR,
+    /// since it cannot be a question.
+    pub fn meta_rcode(&self) -> Option<u8> {
+        match self.qtype {
+            rtype::ANY => None,
+            rtype::AXFR | rtype::IXFR => Some(rcode::REFUSED),
+            rtype::MAILA | rtype::MAILB => Some(rcode::NOTIMP),
+            rtype::OPT | 128..=250 => Some(rcode::FORMERR),
+            _ => None,
+        }
     }
 }
 
@@ -719,6 +741,24 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn meta_types_other_than_any_get_their_rcode() {
+        let rcode_of = |t: u16| {
+            let m = query("a.test", t, &[], 0);
+            parse(&m).unwrap().meta_rcode()
+        };
+        assert_eq!(rcode_of(rtype::AXFR), Some(rcode::REFUSED));
+        assert_eq!(rcode_of(rtype::IXFR), Some(rcode::REFUSED));
+        assert_eq!(rcode_of(rtype::MAILA), Some(rcode::NOTIMP));
+        assert_eq!(rcode_of(rtype::MAILB), Some(rcode::NOTIMP));
+        for t in [rtype::OPT, 128, 200, 249, 250] {
+            assert_eq!(rcode_of(t), Some(rcode::FORMERR), "type {t}");
+        }
+        for t in [rtype::ANY, rtype::A, rtype::SOA, 127, 256, 65535] {
+            assert_eq!(rcode_of(t), None, "type {t}");
+        }
     }
 
     #[test]

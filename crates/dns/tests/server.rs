@@ -1036,9 +1036,57 @@ async fn records_outside_the_additional_section_are_formerr() {
     assert!(r.edns.is_some());
 }
 
+/// Issue 13: AXFR and IXFR got an empty NOERROR with the SOA. Tandem serves no zone
+/// transfers: REFUSED over TCP and UDP, at the apex and below (as NSD, BIND and PowerDNS
+/// answer when transfers are not allowed). The other meta-types, as BIND: the obsolete MAILB
+/// and MAILA are NOTIMP, OPT, TKEY, TSIG and unassigned ones FORMERR; ANY is answered. The
+/// question is echoed; AA is not set.
+#[tokio::test]
+async fn zone_transfers_are_refused_and_meta_types_not_answered() {
+    let f = Fixture::new(PRIORITY);
+    for (qtype, rcode) in [
+        (252, 5),
+        (251, 5),
+        (253, 4),
+        (254, 4),
+        (41, 1),
+        (128, 1),
+        (200, 1),
+        (249, 1),
+        (250, 1),
+    ] {
+        for name in ["shop.test.", "www.shop.test.", "nope.shop.test."] {
+            let m = query(name, RecordType::from(qtype)).to_vec().unwrap();
+            for reply in both(&f, &m).await {
+                let (_, flags, low, counts) = header(&reply);
+                assert_eq!(low & 0x0f, rcode, "{name} type {qtype}");
+                assert_eq!(flags & AA, 0, "{name} type {qtype}");
+                assert_eq!(counts, [1, 0, 0, 0], "{name} type {qtype}");
+            }
+        }
+    }
+    let r = f.udp(&query("www.shop.test.", RecordType::ANY));
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(r.answers.len(), 1);
+    // As an operator would try it (dig waits on its own thread: TCP is served on this one).
+    let (ip, port) = (f.addr().ip().to_string(), f.addr().port().to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("dig")
+            .args([&format!("@{ip}"), "-p", &port, "shop.test", "AXFR"])
+            .args(["+time=2", "+tries=1"])
+            .output()
+            .expect("dig is installed (scripts/test installs dnsutils)")
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Transfer failed"), "{text}");
+    assert!(!text.contains("IN\tSOA"), "{text}");
+}
+
 /// Issue 13: AA was set on REFUSED and FORMERR. AA is set only on answers from a served zone
-/// (NOERROR, NODATA and NXDOMAIN in it), never on REFUSED, FORMERR, NOTIMP or BADVERS, nor
-/// on a profile's SERVFAIL (no authoritative answer).
+/// (NOERROR, NODATA and NXDOMAIN in it), never on REFUSED, FORMERR, NOTIMP, BADVERS or a
+/// meta-type's error, nor on a profile's SERVFAIL (no authoritative answer).
 #[tokio::test]
 async fn aa_only_on_answers_from_served_zones() {
     let f =
@@ -1064,6 +1112,7 @@ async fn aa_only_on_answers_from_served_zones() {
         ("formerr", two_questions, false),
         ("notimp", notify, false),
         ("badvers", badvers.to_vec().unwrap(), false),
+        ("axfr", raw("shop.test.", RecordType::AXFR), false),
     ] {
         for reply in both(&f, &m).await {
             assert_eq!(header(&reply).1 & AA != 0, aa, "{what}");
