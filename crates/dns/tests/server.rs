@@ -1200,3 +1200,68 @@ async fn in_zone_name_servers_answer_their_addresses_and_glue() {
     let www = f.udp(&query("www.shop.test.", RecordType::A));
     assert!(www.additionals.is_empty());
 }
+
+/// Issue 13: one client holding 1,024 idle TCP connections blocked every new TCP query for
+/// the 10 s idle timeout. One client (an address) may hold `TCP_MAX_PER_CLIENT` connections;
+/// its next ones are closed at once, and other clients are answered, over TCP and UDP.
+#[tokio::test]
+async fn one_client_cannot_starve_dns_over_tcp() {
+    use dns::server::{TCP_MAX_CONNECTIONS, TCP_MAX_PER_CLIENT};
+    let f = Fixture::new(PRIORITY);
+    let mut hog = Vec::new();
+    for _ in 0..TCP_MAX_CONNECTIONS + 16 {
+        hog.push(connect_from("127.0.0.2", f.addr()).await);
+    }
+    let q = query("www.shop.test.", RecordType::A).to_vec().unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(5), f.tcp_from("127.0.0.3", &q))
+        .await
+        .expect("answered at once, not after the idle timeout")
+        .expect("answered, not closed");
+    let r = Message::from_vec(&reply).unwrap();
+    assert_eq!(rdata_text(&r.answers[0].data), "10.0.1.10");
+    assert_eq!(f.ask("www.shop.test.", RecordType::A, None), ["10.0.1.10"]);
+    let open = testkit::eventually(Duration::from_secs(5), "the excess closed", || {
+        let open = open_count(&hog);
+        async move { (open <= TCP_MAX_PER_CLIENT).then_some(open) }
+    })
+    .await;
+    assert_eq!(open, TCP_MAX_PER_CLIENT, "the first ones are kept");
+}
+
+/// Issue 13, neighbour: many clients each within their limit. Once more than half of
+/// `TCP_MAX_CONNECTIONS` are open, idle connections get `TCP_IDLE_BUSY` instead of the 10 s
+/// `TCP_IDLE`, so they make way well before it, and newcomers are answered.
+#[tokio::test]
+async fn idle_tcp_connections_make_way_when_the_server_is_busy() {
+    use dns::server::{TCP_MAX_CONNECTIONS, TCP_MAX_PER_CLIENT};
+    let f = Fixture::new(PRIORITY);
+    let mut idle = Vec::new();
+    let mut source = 10;
+    while idle.len() <= TCP_MAX_CONNECTIONS / 2 + 64 {
+        for _ in 0..TCP_MAX_PER_CLIENT {
+            idle.push(connect_from(&format!("127.0.1.{source}"), f.addr()).await);
+        }
+        source += 1;
+    }
+    // Closed well before the 10 s idle timeout, down to at most half the slots.
+    testkit::eventually(Duration::from_secs(5), "idle connections closed", || {
+        let open = open_count(&idle);
+        async move { (open <= TCP_MAX_CONNECTIONS / 2).then_some(()) }
+    })
+    .await;
+    let q = query("www.shop.test.", RecordType::A).to_vec().unwrap();
+    assert!(f.tcp_from("127.0.0.3", &q).await.is_some());
+}
+
+/// How many of these connections the server still holds open (no end of stream yet).
+fn open_count(conns: &[tokio::net::TcpStream]) -> usize {
+    conns
+        .iter()
+        .filter(|c| {
+            matches!(
+                c.try_read(&mut [0u8; 1]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+            )
+        })
+        .count()
+}
