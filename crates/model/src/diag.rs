@@ -59,6 +59,8 @@ pub enum Code {
     /// NS records), since a name with a CNAME can hold nothing else (RFC 1034 §3.6.2, RFC 2181
     /// §10.1).
     CnameConflict,
+    /// Two things the topology binds on one address, port and protocol.
+    AddressInUse,
     /// Warning: the topology declares nothing to serve or run.
     NothingToRun,
     /// Warning: a name server inside a served zone without an address, so resolvers that
@@ -114,6 +116,7 @@ impl Code {
             Code::BadDomain => "E020",
             Code::BadName => "E021",
             Code::CnameConflict => "E022",
+            Code::AddressInUse => "E023",
             Code::NothingToRun => "W001",
             Code::NameServerWithoutAddress => "W002",
             Code::NameServerAddressNotServed => "W003",

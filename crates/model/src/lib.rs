@@ -6,6 +6,7 @@
 //! file. Only a file without errors becomes a [`Topology`]; [`check`] also returns the warnings
 //! about a valid file (checked once it has no errors, so no warning is a consequence of one).
 
+mod binds;
 pub mod diag;
 mod parse;
 mod read;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use toml::de::DeValue;
 
+use crate::binds::Proto;
 use crate::diag::Code;
 use crate::read::{Cx, FromToml, Section, Value, integer, parsed, string};
 use crate::types::*;
@@ -250,6 +251,14 @@ pub(crate) fn topology(cx: &mut Cx, root: &Value<'_>) -> Option<Topology> {
             state_dir: PathBuf::from(".tandem"),
             api: default_api(),
         });
+    if root.get("tandem").is_none() {
+        cx.bind(
+            "the API (`[tandem] api`)".into(),
+            tandem.api,
+            Proto::Tcp,
+            None,
+        );
+    }
     let sites = cx.tables(root, "site", "site", &["name", "role", "location"], site);
     let dns = match root.get("dns") {
         Some(v) => cx
@@ -290,6 +299,14 @@ fn default_api() -> SocketAddr {
 fn settings(cx: &mut Cx, s: Section<'_, '_>) -> Option<Settings> {
     let state_dir: Option<String> = cx.or(s, "state_dir", ".tandem".into());
     let api = cx.or(s, "api", default_api());
+    if let Some(api) = api {
+        cx.bind(
+            "the API (`[tandem] api`)".into(),
+            api,
+            Proto::Tcp,
+            s.get("api").map(|v| v.span()),
+        );
+    }
     Some(Settings {
         state_dir: PathBuf::from(state_dir?),
         api: api?,
@@ -342,7 +359,19 @@ fn location(cx: &mut Cx, s: Section<'_, '_>) -> Option<Location> {
 }
 
 fn dns(cx: &mut Cx, s: Section<'_, '_>) -> Option<Dns> {
-    let listen = cx.req(s, "listen");
+    let listen: Option<Vec<SocketAddr>> = cx.req(s, "listen");
+    if let (Some(listen), Some(v)) = (&listen, s.get("listen")) {
+        for (addr, span) in listen.iter().zip(item_spans(v)) {
+            // UDP and TCP; on `[::]` IPv6 only (the listeners set IPV6_V6ONLY).
+            cx.bind(
+                "a DNS listener (`[dns] listen`)".into(),
+                *addr,
+                Proto::Both,
+                Some(span),
+            );
+            cx.v6only();
+        }
+    }
     let zones = cx.tables(
         s,
         "zone",
@@ -397,6 +426,14 @@ fn dns(cx: &mut Cx, s: Section<'_, '_>) -> Option<Dns> {
         listen: listen?,
         zones,
     })
+}
+
+/// The span of each item of an array (or of the value itself when it is not one).
+fn item_spans(v: &Value<'_>) -> Vec<std::ops::Range<usize>> {
+    match v.get_ref() {
+        DeValue::Array(items) => items.iter().map(|i| i.span()).collect(),
+        _ => vec![v.span()],
+    }
 }
 
 /// `nameservers = ["ns1.shop.test", { name = "ns2.shop.test", address = "192.0.2.10" }]`.
@@ -978,19 +1015,31 @@ fn lb(cx: &mut Cx, s: Section<'_, '_>) -> Option<LoadBalancer> {
         Some(v) => lb_rules(cx, v),
         None => Some(Vec::new()),
     };
-    if let (Some(rules), Some(f)) = (&rules, &frontend) {
-        let mut ports = vec![f.port()];
-        for r in rules {
-            if ports.contains(&r.frontend_port) {
-                let span = s.get("rules").map_or_else(|| s.span(), |v| v.span());
-                cx.error(
-                    Code::DuplicateName,
-                    span,
-                    format!("frontend port {} is used twice", r.frontend_port),
-                    "give each rule its own frontend port",
-                );
+    if let (Some(f), Some(p)) = (frontend, protocol) {
+        let what = format!("load balancer `{}`", written_name(s));
+        let proto = match p {
+            LbProtocol::Tcp => Proto::Tcp,
+            LbProtocol::Udp => Proto::Udp,
+        };
+        cx.bind(what.clone(), f, proto, s.get("frontend").map(|v| v.span()));
+        let rule_spans = s.get("rules").map(|v| match v.get_ref() {
+            DeValue::Array(items) => items
+                .iter()
+                .map(|i| match i.get_ref() {
+                    DeValue::Table(t) => t
+                        .iter()
+                        .find(|(k, _)| k.get_ref().as_ref() == "frontend_port")
+                        .map_or(i.span(), |(_, v)| v.span()),
+                    _ => i.span(),
+                })
+                .collect(),
+            _ => Vec::new(),
+        });
+        if let (Some(rules), Some(spans)) = (&rules, rule_spans) {
+            for (r, span) in rules.iter().zip(spans) {
+                let addr = SocketAddr::new(f.ip(), r.frontend_port);
+                cx.bind(format!("{what} (rule port)"), addr, proto, Some(span));
             }
-            ports.push(r.frontend_port);
         }
     }
     Some(LoadBalancer {
@@ -1011,6 +1060,13 @@ fn lb(cx: &mut Cx, s: Section<'_, '_>) -> Option<LoadBalancer> {
         proxy_protocol: proxy_protocol?,
         rules: rules?,
     })
+}
+
+/// The `name` of a section as written (for messages about an item whose name may be invalid).
+fn written_name<'a>(s: Section<'a, '_>) -> &'a str {
+    s.get("name")
+        .and_then(|v| v.get_ref().as_str())
+        .unwrap_or("?")
 }
 
 /// `rules = [{ frontend_port = N, backend_port = M }, …]`.
@@ -1126,7 +1182,7 @@ fn scale_set(cx: &mut Cx, s: Section<'_, '_>) -> Option<ScaleSet> {
     let name = name(cx, s);
     let site = cx.req(s, "site");
     let command: Option<Vec<String>> = cx.req(s, "command");
-    let bind = cx.req(s, "bind");
+    let bind: Option<IpAddr> = cx.req(s, "bind");
     let ports: Option<BTreeMap<String, PortRange>> = cx.or(s, "ports", BTreeMap::new());
     let capacity = match s.get("capacity") {
         Some(v) => cx
@@ -1195,6 +1251,17 @@ fn scale_set(cx: &mut Cx, s: Section<'_, '_>) -> Option<ScaleSet> {
     }
     if let (Some(cmd), Some(ports)) = (&command, &ports) {
         command_ports(cx, s, cmd, ports);
+    }
+    if let (Some(bind), Some(ports)) = (bind, &ports) {
+        for (port_name, range) in ports {
+            cx.bind_range(
+                format!("scale set `{}` (ports `{port_name}`)", written_name(s)),
+                bind,
+                (range.first, range.last),
+                Proto::Both,
+                Some(port_value_span(s, port_name)),
+            );
+        }
     }
     if let (Some(c), Some(ports)) = (capacity, &ports) {
         for (port_name, range) in ports {
@@ -1390,8 +1457,9 @@ fn database(cx: &mut Cx, s: Section<'_, '_>) -> Option<Database> {
         Duration::from_secs(1),
         MAX_INTERVAL,
     );
+    let db = written_name(s);
     let frontends = match s.get("frontends") {
-        Some(v) => db_frontends(cx, v),
+        Some(v) => db_frontends(cx, v, db),
         None => Some(Vec::new()),
     };
     let members = cx.tables(
@@ -1400,14 +1468,37 @@ fn database(cx: &mut Cx, s: Section<'_, '_>) -> Option<Database> {
         "database member",
         &["site", "listen", "health"],
         |cx, m| {
-            let site = cx.req(m, "site");
+            let site: Option<Name> = cx.req(m, "site");
             let listen: Option<SocketAddr> = cx.req(m, "listen");
             let health: Option<Option<SocketAddr>> = cx.opt(m, "health");
             let listen = listen?;
+            let health = health?;
+            let what = format!(
+                "database `{db}` member `{}`",
+                site.as_deref().unwrap_or("?")
+            );
+            let listen_span = m.get("listen").map(|v| v.span());
+            // PostgreSQL sets IPV6_V6ONLY: on `[::]` it takes IPv6 only.
+            cx.bind(what.clone(), listen, Proto::Tcp, listen_span.clone());
+            cx.v6only();
+            let (health, health_what, health_span) = match health {
+                Some(h) => (h, "", m.get("health").map(|v| v.span())),
+                None => (
+                    SocketAddr::new(listen.ip(), DB_HEALTH_PORT),
+                    " (default port 8008)",
+                    listen_span,
+                ),
+            };
+            cx.bind(
+                format!("the health endpoint of {what}{health_what}"),
+                health,
+                Proto::Tcp,
+                health_span,
+            );
             Some(Member {
                 site: site?,
                 listen,
-                health: health?.unwrap_or_else(|| SocketAddr::new(listen.ip(), DB_HEALTH_PORT)),
+                health,
             })
         },
     );
@@ -1430,16 +1521,7 @@ fn database(cx: &mut Cx, s: Section<'_, '_>) -> Option<Database> {
         );
     }
     let mut seen = HashSet::new();
-    let mut health = HashSet::new();
     for m in &members {
-        if !health.insert(m.health) || members.iter().any(|o| o.listen == m.health) {
-            cx.error(
-                Code::DuplicateName,
-                m.site.span(),
-                format!("member `{}`: health address {} is already in use", m.site, m.health),
-                "give each member its own `health = \"ip:port\"` (default: its listen ip, port 8008)",
-            );
-        }
         if !seen.insert(m.site.as_str()) {
             cx.error(
                 Code::DuplicateName,
@@ -1462,7 +1544,7 @@ fn database(cx: &mut Cx, s: Section<'_, '_>) -> Option<Database> {
     })
 }
 
-fn db_frontends(cx: &mut Cx, v: &Value<'_>) -> Option<Vec<DbFrontend>> {
+fn db_frontends(cx: &mut Cx, v: &Value<'_>, db: &str) -> Option<Vec<DbFrontend>> {
     let DeValue::Table(table) = v.get_ref() else {
         cx.wrong_type(v, "frontends", "a table of site = \"ip:port\"");
         return None;
@@ -1471,10 +1553,19 @@ fn db_frontends(cx: &mut Cx, v: &Value<'_>) -> Option<Vec<DbFrontend>> {
     let mut ok = true;
     for (k, item) in table.iter() {
         match SocketAddr::from_toml(cx, k.get_ref(), item) {
-            Some(address) => out.push(DbFrontend {
-                site: Name::new(k.get_ref().as_ref(), k.span()),
-                address,
-            }),
+            Some(address) => {
+                let site = k.get_ref().as_ref();
+                cx.bind(
+                    format!("load balancer `{db}@{site}` (database `{db}` frontend)"),
+                    address,
+                    Proto::Tcp,
+                    Some(item.span()),
+                );
+                out.push(DbFrontend {
+                    site: Name::new(site, k.span()),
+                    address,
+                });
+            }
             None => ok = false,
         }
     }

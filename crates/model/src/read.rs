@@ -20,6 +20,9 @@ pub(crate) type Value<'i> = Spanned<DeValue<'i>>;
 #[derive(Debug, Default)]
 pub(crate) struct Cx {
     pub diags: Vec<Diagnostic>,
+    /// Every address the topology binds, noted where it is read (with its span), checked for
+    /// clashes in `validate`.
+    pub binds: Vec<crate::binds::Bind>,
     /// Byte offset where each line starts, to name lines in help text.
     line_starts: Vec<usize>,
 }
@@ -62,6 +65,7 @@ impl Cx {
             .collect();
         Cx {
             diags: Vec::new(),
+            binds: Vec::new(),
             line_starts,
         }
     }

@@ -1,6 +1,6 @@
 //! Checks across sections: unique names, references that resolve, nested profiles without
-//! cycles, what each DNS name holds (no CNAME beside other data); and, for a valid file, the
-//! warnings.
+//! cycles, what each DNS name holds (no CNAME beside other data), every address bound once;
+//! and, for a valid file, the warnings.
 
 use std::collections::HashMap;
 
@@ -31,6 +31,7 @@ pub(crate) fn topology(cx: &mut Cx, t: &Topology, names: &Names) {
     }
     profiles(cx, t, names);
     owners(cx, t);
+    crate::binds::check(cx);
     for lb in &t.load_balancers {
         names.check(cx, "site", &lb.site);
         if let Some(probe) = &lb.probe {

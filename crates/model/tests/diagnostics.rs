@@ -55,6 +55,8 @@ cases!(
     nameserver_errors,
     empty_file,
     nothing_to_run,
+    address_clashes,
+    address_clash_with_default_api,
     duplicate_names_listed_once,
 );
 
