@@ -5,19 +5,21 @@
 //! over cores with no lock and no async machinery on the hot path. TCP (truncated answers,
 //! zone-less clients) runs on tokio.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::watch;
+use tokio::time::Instant;
 
-use crate::table::{Client, Empty, Lookup, Tables};
+use crate::table::{Client, Empty, Lookup, NsRecord, Tables};
 use crate::wire::{self, Reject, Writer, rcode, rtype};
 
 /// Transports, for metrics.
@@ -117,10 +119,12 @@ pub fn answer(
         metrics.count(transport, rcode::FORMERR, None);
         return true;
     }
-    let (code, profile, used_client) = if q.is_class_in() {
-        respond(tables, &q, peer, &mut w)
-    } else {
+    let (code, profile, used_client) = if !q.is_class_in() {
         (rcode::REFUSED, None, false)
+    } else if let Some(code) = q.meta_rcode() {
+        (code, None, false)
+    } else {
+        respond(tables, &q, peer, &mut w)
     };
     w.set_rcode(code);
     if let Some(e) = q.edns {
@@ -145,6 +149,9 @@ pub fn answer(
 }
 
 /// The body of an answer: (rcode, profile answered, whether it depended on the client).
+///
+/// AA is set on answers from a served zone (NOERROR and NXDOMAIN); never on REFUSED, FORMERR,
+/// NOTIMP or BADVERS, and not on a profile's SERVFAIL, which is no authoritative answer.
 fn respond(
     tables: &Tables,
     q: &wire::Query<'_>,
@@ -154,6 +161,7 @@ fn respond(
     let (zone, profile) = match tables.lookup(&q.name) {
         Lookup::NotOurs => return (rcode::REFUSED, None, false),
         Lookup::NxDomain { zone } => {
+            w.set_authoritative();
             negative(tables, q, zone, w);
             return (rcode::NXDOMAIN, None, false);
         }
@@ -166,9 +174,11 @@ fn respond(
         w.answer(wire::QUESTION_NAME, rtype::SOA, z.ttl, z.soa);
         answered = true;
     }
-    if at_apex && matches!(q.qtype, rtype::NS | rtype::ANY) {
+    let apex_ns = at_apex && matches!(q.qtype, rtype::NS | rtype::ANY);
+    let ns_start = w.len();
+    if apex_ns {
         for ns in z.ns {
-            w.answer(wire::QUESTION_NAME, rtype::NS, z.ttl, ns);
+            w.answer(wire::QUESTION_NAME, rtype::NS, z.ttl, &ns.name);
         }
         answered = true;
     }
@@ -178,7 +188,16 @@ fn respond(
         let client = Client {
             addr: q.edns.and_then(|e| e.subnet).map_or(peer, |s| s.addr),
         };
+        let mut cname = false;
         let result = tables.resolve(p, Some(client), q.qtype, &mut |rr| {
+            // A name with a CNAME holds nothing else (RFC 1034 §3.6.2, RFC 2181 §10.1): never
+            // one at the apex (which holds SOA and NS), beside other records, or two.
+            // `validate` refuses such profiles; this keeps the wire right regardless.
+            let is_cname = rr.rtype == rtype::CNAME;
+            if cname || (is_cname && (at_apex || answered)) {
+                return;
+            }
+            cname = is_cname;
             w.answer(wire::QUESTION_NAME, rr.rtype, ttl, &rr.rdata);
             answered = true;
         });
@@ -187,11 +206,41 @@ fn respond(
             Err(Empty::Servfail) => return (rcode::SERVFAIL, Some(p), false),
             Err(Empty::Nodata) => {}
         }
+    } else if let Some(host) = tables.host(&q.name) {
+        for rr in host
+            .iter()
+            .filter(|rr| rr.rtype == q.qtype || q.qtype == rtype::ANY)
+        {
+            w.answer(wire::QUESTION_NAME, rr.rtype, z.ttl, &rr.rdata);
+            answered = true;
+        }
     }
+    w.set_authoritative();
     if !answered {
         negative(tables, q, zone, w);
     }
+    if apex_ns {
+        glue(w, z.ns, ns_start, z.ttl);
+    }
     (rcode::NOERROR, profile, used_client)
+}
+
+/// The addresses of the zone's name servers in the additional section, after the NS records
+/// written from `ns_start`; each owner is a pointer to the name in its NS record.
+fn glue(w: &mut Writer<'_>, ns: &[NsRecord], ns_start: usize, ttl: u32) {
+    // Each NS record: a 2-byte owner pointer, 10 bytes of type, class, TTL and length, then
+    // the name server's name.
+    let mut at = ns_start;
+    for n in ns {
+        let name_at = at + 12;
+        at = name_at + n.name.len();
+        for rr in n.glue.iter() {
+            match Writer::pointer(name_at) {
+                Some(owner) => w.additional(owner, rr.rtype, ttl, &rr.rdata),
+                None => w.additional_named(&n.name, rr.rtype, ttl, &rr.rdata),
+            }
+        }
+    }
 }
 
 /// The zone's SOA in the authority section, for NXDOMAIN and NODATA.
@@ -212,19 +261,63 @@ pub struct Server {
     tcp: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// How long a TCP connection may sit idle between queries.
+/// How long a TCP connection may sit idle between queries (RFC 7766 §6.2.3 suggests
+/// seconds, not minutes).
 pub const TCP_IDLE: Duration = Duration::from_secs(10);
-/// TCP connections served at once, at most.
+/// How long a TCP connection may sit idle while more than half of [`TCP_MAX_CONNECTIONS`] are
+/// open: under pressure idle connections make way at once, as NSD and Knot shorten theirs.
+pub const TCP_IDLE_BUSY: Duration = Duration::from_secs(1);
+/// TCP connections served at once, at most, over every listener; more are closed as soon as
+/// they are accepted.
 pub const TCP_MAX_CONNECTIONS: usize = 1024;
+/// TCP connections one client may hold at once: an IPv4 address, or an IPv6 /64 (what one
+/// host can easily use). Its next ones are closed as soon as they are accepted, so one client
+/// cannot take the slots of the others.
+pub const TCP_MAX_PER_CLIENT: usize = 32;
+
+/// The limits of DNS over TCP. UDP has none: each datagram is answered on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpLimits {
+    /// Default [`TCP_MAX_CONNECTIONS`].
+    pub max_connections: usize,
+    /// Default [`TCP_MAX_PER_CLIENT`].
+    pub per_client: usize,
+    /// Default [`TCP_IDLE`].
+    pub idle: Duration,
+    /// Default [`TCP_IDLE_BUSY`].
+    pub busy_idle: Duration,
+}
+
+impl Default for TcpLimits {
+    fn default() -> Self {
+        TcpLimits {
+            max_connections: TCP_MAX_CONNECTIONS,
+            per_client: TCP_MAX_PER_CLIENT,
+            idle: TCP_IDLE,
+            busy_idle: TCP_IDLE_BUSY,
+        }
+    }
+}
 
 impl Server {
-    /// Binds UDP and TCP on every address, with `udp_threads` sockets per address. Must run
-    /// inside a tokio runtime (for TCP).
+    /// Binds UDP and TCP on every address, with `udp_threads` sockets per address and the
+    /// default [`TcpLimits`]. Must run inside a tokio runtime (for TCP).
     pub fn start(
         listen: &[SocketAddr],
         tables: Arc<ArcSwap<Tables>>,
         metrics: Arc<Metrics>,
         udp_threads: usize,
+    ) -> io::Result<Server> {
+        Self::start_with(listen, tables, metrics, udp_threads, TcpLimits::default())
+    }
+
+    /// [`Server::start`] with chosen TCP limits.
+    pub fn start_with(
+        listen: &[SocketAddr],
+        tables: Arc<ArcSwap<Tables>>,
+        metrics: Arc<Metrics>,
+        udp_threads: usize,
+        limits: TcpLimits,
     ) -> io::Result<Server> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut server = Server {
@@ -233,7 +326,7 @@ impl Server {
             threads: Vec::new(),
             tcp: Vec::new(),
         };
-        let tcp_limit = Arc::new(Semaphore::new(TCP_MAX_CONNECTIONS));
+        let gate = Gate::new(limits);
         for addr in listen {
             let (sockets, listener) = bind_pair(*addr, udp_threads.max(1))?;
             let bound = listener.local_addr()?;
@@ -245,10 +338,10 @@ impl Server {
                         .spawn(move || serve_udp(socket, &tables, &metrics, &stop))?,
                 );
             }
-            let (tables, metrics, limit) = (tables.clone(), metrics.clone(), tcp_limit.clone());
+            let (tables, metrics, gate) = (tables.clone(), metrics.clone(), gate.clone());
             server
                 .tcp
-                .push(tokio::spawn(serve_tcp(listener, tables, metrics, limit)));
+                .push(tokio::spawn(serve_tcp(listener, tables, metrics, gate)));
             server.addrs.push(bound);
         }
         Ok(server)
@@ -403,46 +496,157 @@ fn peer_ip(a: &nix::sys::socket::SockaddrStorage) -> Option<IpAddr> {
     a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
 }
 
+/// Who may hold a TCP connection: at most `max_connections` in all and `per_client` per
+/// client, and whether more than half are taken (idle connections then get `busy_idle`).
+#[derive(Debug)]
+struct Gate {
+    limits: TcpLimits,
+    open: Mutex<Open>,
+    busy: watch::Sender<bool>,
+}
+
+#[derive(Debug, Default)]
+struct Open {
+    total: usize,
+    per_client: HashMap<IpAddr, usize>,
+}
+
+/// Why a connection was closed as soon as it was accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Full {
+    Server,
+    Client,
+}
+
+/// A connection's place at the gate, given back when dropped.
+#[derive(Debug)]
+struct Slot {
+    gate: Arc<Gate>,
+    client: IpAddr,
+}
+
+impl Gate {
+    fn new(limits: TcpLimits) -> Arc<Gate> {
+        Arc::new(Gate {
+            limits,
+            open: Mutex::new(Open::default()),
+            busy: watch::Sender::new(false),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Open> {
+        self.open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes a place for a connection from `peer`, or says why there is none.
+    fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Slot, Full> {
+        let client = client_key(peer);
+        let mut open = self.lock();
+        if open.total >= self.limits.max_connections {
+            return Err(Full::Server);
+        }
+        let mine = open.per_client.entry(client).or_default();
+        if *mine >= self.limits.per_client {
+            return Err(Full::Client);
+        }
+        *mine += 1;
+        open.total += 1;
+        self.update(&open);
+        Ok(Slot {
+            gate: self.clone(),
+            client,
+        })
+    }
+
+    fn update(&self, open: &Open) {
+        let busy = open.total > self.limits.max_connections / 2;
+        self.busy
+            .send_if_modified(|b| std::mem::replace(b, busy) != busy);
+    }
+
+    /// How long a connection may idle now.
+    fn idle(&self, busy: bool) -> Duration {
+        if busy {
+            self.limits.busy_idle
+        } else {
+            self.limits.idle
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.gate.lock();
+        open.total = open.total.saturating_sub(1);
+        if let Some(n) = open.per_client.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                open.per_client.remove(&self.client);
+            }
+        }
+        self.gate.update(&open);
+    }
+}
+
+/// The client a connection counts for: its IPv4 address, or its IPv6 /64.
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(a) => IpAddr::V6((u128::from(a) & !u128::from(u64::MAX)).into()),
+    }
+}
+
 async fn serve_tcp(
     listener: TcpListener,
     tables: Arc<ArcSwap<Tables>>,
     metrics: Arc<Metrics>,
-    limit: Arc<Semaphore>,
+    gate: Arc<Gate>,
 ) {
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
             continue;
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            continue; // over the limit: closing is the only fair answer
+        let slot = match gate.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(full) => {
+                // Over a limit: closing at once is the only fair answer.
+                tracing::debug!(client = %peer.ip(), limit = ?full, "DNS TCP connection refused");
+                continue;
+            }
         };
         let (tables, metrics) = (tables.clone(), metrics.clone());
         tokio::spawn(async move {
-            let _ = tcp_connection(stream, peer.ip(), &tables, &metrics).await;
-            drop(permit);
+            let _ = tcp_connection(stream, peer.ip(), &tables, &metrics, &slot.gate).await;
+            drop(slot);
         });
     }
 }
 
-/// Serves length-prefixed queries on one connection until it closes or idles out.
+/// Serves length-prefixed queries on one connection until it closes or idles out: no query
+/// may take longer to arrive than the idle time allowed, which shrinks while the server is
+/// busy (connections already waiting notice at once).
 async fn tcp_connection(
     mut stream: TcpStream,
     peer: IpAddr,
     tables: &ArcSwap<Tables>,
     metrics: &Metrics,
+    gate: &Gate,
 ) -> io::Result<()> {
+    let mut busy = gate.busy.subscribe();
     let mut msg = vec![0u8; usize::from(u16::MAX)];
     let mut out = Vec::with_capacity(4096);
     loop {
+        let since = Instant::now();
         let mut len = [0u8; 2];
-        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
-            Ok(Ok(_)) => {}
-            _ => return Ok(()),
+        if !read_within(&mut stream, &mut len, since, gate, &mut busy).await? {
+            return Ok(());
         }
         let len = usize::from(u16::from_be_bytes(len));
-        tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut msg[..len]))
-            .await
-            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+        if !read_within(&mut stream, &mut msg[..len], since, gate, &mut busy).await? {
+            return Ok(());
+        }
         let answered = {
             let tables = tables.load();
             answer(
@@ -458,7 +662,39 @@ async fn tcp_connection(
             let mut framed = Vec::with_capacity(out.len() + 2);
             framed.extend_from_slice(&(out.len() as u16).to_be_bytes());
             framed.extend_from_slice(&out);
-            stream.write_all(&framed).await?;
+            let limit = gate.idle(*busy.borrow());
+            tokio::time::timeout(limit, stream.write_all(&framed))
+                .await
+                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
         }
     }
+}
+
+/// Fills `buf` unless the connection closes or stays idle past `since` plus the idle time
+/// allowed (re-read whenever the server's pressure changes). `Ok(false)`: close it.
+async fn read_within(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    since: Instant,
+    gate: &Gate,
+    busy: &mut watch::Receiver<bool>,
+) -> io::Result<bool> {
+    let mut got = 0;
+    while got < buf.len() {
+        let deadline = since + gate.idle(*busy.borrow_and_update());
+        tokio::select! {
+            // `read` is cancel-safe: nothing read is lost when another branch wins.
+            r = stream.read(&mut buf[got..]) => match r? {
+                0 => return Ok(false),
+                n => got += n,
+            },
+            () = tokio::time::sleep_until(deadline) => return Ok(false),
+            r = busy.changed() => {
+                if r.is_err() {
+                    return Ok(false);
+                }
+            }
+        }
+    }
+    Ok(true)
 }

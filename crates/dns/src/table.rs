@@ -163,11 +163,19 @@ struct ZoneTable {
     apex: Box<[u8]>,
     labels: usize,
     soa: Box<[u8]>,
-    ns: Vec<Box<[u8]>>,
+    ns: Vec<NsRecord>,
     ttl: u32,
     negative_ttl: u32,
     /// Names that exist in the zone, including empty non-terminals.
     existing: HashSet<Box<[u8]>>,
+}
+
+/// One NS record of a zone: the name server's wire name, and its addresses as glue for the
+/// additional section (empty when it has none, or is outside every served zone).
+#[derive(Clone, Debug)]
+pub struct NsRecord {
+    pub name: Box<[u8]>,
+    pub glue: Box<[Rr]>,
 }
 
 /// A MaxMind-format database, opened once and shared by every rebuild.
@@ -270,6 +278,8 @@ pub struct Tables {
     zones: Vec<ZoneTable>,
     profiles: Vec<ProfileTable>,
     names: HashMap<Box<[u8]>, usize>,
+    /// The A/AAAA records of name servers inside served zones (names no profile answers).
+    hosts: HashMap<Box<[u8]>, Box<[Rr]>>,
     geo: GeoIndex,
     views: Vec<ProfileView>,
 }
@@ -351,13 +361,14 @@ impl Tables {
             });
             profiles.push(table);
         }
-        let names = t
+        let names: HashMap<Box<[u8]>, usize> = t
             .profiles
             .iter()
             .enumerate()
             .filter_map(|(i, p)| Some((wire::encode_name(&p.domain)?.into_boxed_slice(), i)))
             .collect();
-        let zones = zone_tables(t, serial);
+        let hosts = name_server_hosts(t, &names);
+        let zones = zone_tables(t, serial, &hosts);
         let mut geo = GeoIndex {
             prefixes: Vec::new(),
             database,
@@ -373,6 +384,7 @@ impl Tables {
             zones,
             profiles,
             names,
+            hosts,
             geo,
             views,
         };
@@ -406,6 +418,11 @@ impl Tables {
         } else {
             Lookup::NxDomain { zone }
         }
+    }
+
+    /// The addresses of a name server answered at this name (a name no profile answers).
+    pub fn host(&self, name: &wire::NameBuf) -> Option<&[Rr]> {
+        self.hosts.get(name.wire()).map(|r| &r[..])
     }
 
     /// The most specific zone containing the name.
@@ -537,7 +554,7 @@ impl Tables {
 pub struct ZoneRecords<'a> {
     pub labels: usize,
     pub soa: &'a [u8],
-    pub ns: &'a [Box<[u8]>],
+    pub ns: &'a [NsRecord],
     pub ttl: u32,
     pub negative_ttl: u32,
 }
@@ -834,7 +851,59 @@ fn weighted_pick(t: &Topology, p: &Profile, usable: &[bool]) -> Pick {
     }
 }
 
-fn zone_tables(t: &Topology, serial: u32) -> Vec<ZoneTable> {
+/// Whether a wire name is `apex` or below it (compared label by label).
+fn within(name: &[u8], apex: &[u8]) -> bool {
+    let mut at = 0;
+    while at < name.len() {
+        if name[at..] == *apex {
+            return true;
+        }
+        at += 1 + usize::from(name[at]);
+    }
+    false
+}
+
+/// The addresses of every name server inside a served zone, by wire name (one name server
+/// listed in several zones: every address given), leaving out names a profile answers
+/// (`validate` refuses those).
+fn name_server_hosts(
+    t: &Topology,
+    profiles: &HashMap<Box<[u8]>, usize>,
+) -> HashMap<Box<[u8]>, Box<[Rr]>> {
+    let Some(dns) = &t.dns else {
+        return HashMap::new();
+    };
+    let apexes: Vec<Vec<u8>> = dns
+        .zones
+        .iter()
+        .filter_map(|z| wire::encode_name(&z.name))
+        .collect();
+    let mut hosts: HashMap<Box<[u8]>, Vec<Rr>> = HashMap::new();
+    for ns in dns.zones.iter().flat_map(|z| &z.nameservers) {
+        let Some(name) = wire::encode_name(&ns.name) else {
+            continue;
+        };
+        if ns.addresses.is_empty()
+            || profiles.contains_key(&name[..])
+            || !apexes.iter().any(|a| within(&name, a))
+        {
+            continue;
+        }
+        let rrs = hosts.entry(name.into_boxed_slice()).or_default();
+        for ip in &ns.addresses {
+            let rr = Rr::address(*ip);
+            if !rrs.contains(&rr) {
+                rrs.push(rr);
+            }
+        }
+    }
+    hosts
+        .into_iter()
+        .map(|(name, rrs)| (name, rrs.into_boxed_slice()))
+        .collect()
+}
+
+fn zone_tables(t: &Topology, serial: u32, hosts: &HashMap<Box<[u8]>, Box<[Rr]>>) -> Vec<ZoneTable> {
     let Some(dns) = &t.dns else {
         return Vec::new();
     };
@@ -843,7 +912,7 @@ fn zone_tables(t: &Topology, serial: u32) -> Vec<ZoneTable> {
         .map(|z| {
             let apex = wire::encode_name(&z.name).unwrap_or_else(|| vec![0]);
             let labels = z.name.split('.').count();
-            let mname = wire::encode_name(z.nameservers.first().map_or("", String::as_str))
+            let mname = wire::encode_name(z.nameservers.first().map_or("", |n| n.name.as_str()))
                 .unwrap_or_else(|| vec![0]);
             let rname = wire::encode_name(&z.hostmaster).unwrap_or_else(|| vec![0]);
             let mut soa = mname;
@@ -853,11 +922,13 @@ fn zone_tables(t: &Topology, serial: u32) -> Vec<ZoneTable> {
             }
             let mut existing = HashSet::new();
             existing.insert(apex.clone().into_boxed_slice());
-            for p in &t.profiles {
-                let Some(name) = wire::encode_name(&p.domain) else {
-                    continue;
-                };
-                if !name.ends_with(&apex) {
+            let profile_names = t
+                .profiles
+                .iter()
+                .filter_map(|p| wire::encode_name(&p.domain));
+            let host_names = hosts.keys().map(|h| h.to_vec());
+            for name in profile_names.chain(host_names) {
+                if !within(&name, &apex) {
                     continue;
                 }
                 // The name and every ancestor down to the apex (empty non-terminals).
@@ -874,8 +945,11 @@ fn zone_tables(t: &Topology, serial: u32) -> Vec<ZoneTable> {
                 ns: z
                     .nameservers
                     .iter()
-                    .filter_map(|n| wire::encode_name(n))
-                    .map(Vec::into_boxed_slice)
+                    .filter_map(|n| wire::encode_name(&n.name))
+                    .map(|name| NsRecord {
+                        glue: hosts.get(&name[..]).cloned().unwrap_or_default(),
+                        name: name.into_boxed_slice(),
+                    })
                     .collect(),
                 ttl: secs(z.ttl),
                 negative_ttl: secs(z.negative_ttl),

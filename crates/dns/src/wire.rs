@@ -22,6 +22,13 @@ pub mod rtype {
     pub const SOA: u16 = 6;
     pub const AAAA: u16 = 28;
     pub const OPT: u16 = 41;
+    /// Incremental zone transfer (RFC 1995).
+    pub const IXFR: u16 = 251;
+    /// Zone transfer (RFC 5936).
+    pub const AXFR: u16 = 252;
+    /// Obsolete mailbox meta-types (RFC 1035; RFC 6895 §3.1).
+    pub const MAILB: u16 = 253;
+    pub const MAILA: u16 = 254;
     pub const ANY: u16 = 255;
 }
 
@@ -108,7 +115,8 @@ impl NameBuf {
 pub enum Reject {
     /// Not worth an answer: too short for a header, or a response.
     Drop,
-    /// Answer with only a header and this rcode (the question is echoed when it parsed).
+    /// Answer with only a header: the ID, QR, the opcode echoed, this rcode, and RD when the
+    /// query was a standard query that set it.
     Error {
         id: u16,
         opcode: u8,
@@ -118,6 +126,15 @@ pub enum Reject {
 }
 
 /// Parses a query; `Err` says whether to drop it or to answer with an error code.
+///
+/// - An opcode other than QUERY: NOTIMP, no section. The reply keeps only the ID and the
+///   opcode: RD and the other flags are defined for the opcodes that use them (RFC 1035
+///   §4.1.1 for QUERY), so a server that does not implement an opcode has nothing to copy
+///   (NSD and gdnsd copy RD here).
+/// - A standard query that is malformed: FORMERR, copying RD (RFC 1035 §4.1.1). That covers a
+///   question count other than one, records in the answer or authority section (a query has
+///   none; an OPT record anywhere but the additional section is malformed, RFC 6891 §6.1.1),
+///   more than one OPT, an OPT not owned by the root, a bad client subnet, and trailing bytes.
 pub fn parse(msg: &[u8]) -> Result<Query<'_>, Reject> {
     if msg.len() < HEADER {
         return Err(Reject::Drop);
@@ -136,11 +153,16 @@ pub fn parse(msg: &[u8]) -> Result<Query<'_>, Reject> {
         rcode,
     };
     if opcode != 0 {
-        return Err(error(rcode::NOTIMP));
+        return Err(Reject::Error {
+            id,
+            opcode,
+            recursion_desired: false,
+            rcode: rcode::NOTIMP,
+        });
     }
     let count = |i: usize| u16::from_be_bytes([msg[i], msg[i + 1]]);
     let (qd, an, ns, ar) = (count(4), count(6), count(8), count(10));
-    if qd != 1 {
+    if qd != 1 || an != 0 || ns != 0 {
         return Err(error(rcode::FORMERR));
     }
     let mut pos = HEADER;
@@ -150,9 +172,6 @@ pub fn parse(msg: &[u8]) -> Result<Query<'_>, Reject> {
     let qclass = u16::from_be_bytes([fixed[2], fixed[3]]);
     pos += 4;
     let question = &msg[HEADER..pos];
-    for _ in 0..u32::from(an) + u32::from(ns) {
-        skip_record(msg, &mut pos).ok_or(error(rcode::FORMERR))?;
-    }
     let mut edns = None;
     for _ in 0..ar {
         let rec = read_record(msg, &mut pos).ok_or(error(rcode::FORMERR))?;
@@ -181,6 +200,21 @@ pub fn parse(msg: &[u8]) -> Result<Query<'_>, Reject> {
 impl Query<'_> {
     pub fn is_class_in(&self) -> bool {
         self.qclass == CLASS_IN || self.qclass == 255
+    }
+
+    /// The rcode for a question of a meta-type (RFC 6895 §3.1: 128–255, and OPT) other than
+    /// ANY, which no zone data answers; `None` for the data types. As BIND does: zone
+    /// transfers (AXFR, IXFR) are REFUSED, since Tandem serves none; the obsolete MAILA and
+    /// MAILB are NOTIMP; every other meta-type (OPT, TKEY, TSIG, unassigned ones) is FORMERR,
+    /// since it cannot be a question.
+    pub fn meta_rcode(&self) -> Option<u8> {
+        match self.qtype {
+            rtype::ANY => None,
+            rtype::AXFR | rtype::IXFR => Some(rcode::REFUSED),
+            rtype::MAILA | rtype::MAILB => Some(rcode::NOTIMP),
+            rtype::OPT | 128..=250 => Some(rcode::FORMERR),
+            _ => None,
+        }
     }
 }
 
@@ -262,10 +296,6 @@ fn read_record<'a>(msg: &'a [u8], pos: &mut usize) -> Option<Record<'a>> {
         ttl,
         rdata,
     })
-}
-
-fn skip_record(msg: &[u8], pos: &mut usize) -> Option<()> {
-    read_record(msg, pos).map(|_| ())
 }
 
 fn read_edns(rec: &Record<'_>) -> Option<Edns> {
@@ -375,7 +405,8 @@ pub struct Writer<'b> {
 pub const QUESTION_NAME: u16 = 0xc000 | HEADER as u16;
 
 impl<'b> Writer<'b> {
-    /// Starts a response to `q`: header (QR, AA, the query's RD, `rcode`) and the question.
+    /// Starts a response to `q`: header (QR, the opcode, the query's RD, `rcode`) and the
+    /// question. AA is set only by [`Writer::set_authoritative`].
     pub fn new(buf: &'b mut Vec<u8>, q: &Query<'_>, rcode: u8) -> Self {
         Self::start(
             buf,
@@ -402,9 +433,6 @@ impl<'b> Writer<'b> {
     ) -> Self {
         buf.clear();
         let mut flags: u16 = 0x8000 | (u16::from(opcode & 0xf) << 11) | u16::from(rcode & 0xf);
-        if opcode == 0 {
-            flags |= 0x0400; // authoritative
-        }
         if rd {
             flags |= 0x0100;
         }
@@ -428,6 +456,19 @@ impl<'b> Writer<'b> {
         self.buf[3] = (self.buf[3] & 0xf0) | (rcode & 0xf);
     }
 
+    /// Sets AA: the answer comes from a zone served here.
+    pub fn set_authoritative(&mut self) {
+        self.buf[2] |= 0x04;
+    }
+
+    /// A compression pointer to a name written at `offset`, if one can reach it.
+    pub fn pointer(offset: usize) -> Option<u16> {
+        u16::try_from(offset)
+            .ok()
+            .filter(|o| *o < 0x4000)
+            .map(|o| 0xc000 | o)
+    }
+
     /// A record whose owner is the name at compression pointer `owner`.
     pub fn record(&mut self, owner: u16, rtype: u16, ttl: u32, rdata: &[u8]) {
         self.rr(owner, rtype, CLASS_IN, ttl, rdata);
@@ -441,6 +482,25 @@ impl<'b> Writer<'b> {
     pub fn authority(&mut self, owner: u16, rtype: u16, ttl: u32, rdata: &[u8]) {
         self.record(owner, rtype, ttl, rdata);
         self.authority += 1;
+    }
+
+    /// A record of the additional section (after every answer and authority record) whose
+    /// owner is the name at compression pointer `owner`.
+    pub fn additional(&mut self, owner: u16, rtype: u16, ttl: u32, rdata: &[u8]) {
+        self.record(owner, rtype, ttl, rdata);
+        self.additional += 1;
+    }
+
+    /// A record of the additional section whose owner is written out (`name` in wire format).
+    pub fn additional_named(&mut self, name: &[u8], rtype: u16, ttl: u32, rdata: &[u8]) {
+        self.buf.extend_from_slice(name);
+        self.buf.extend_from_slice(&rtype.to_be_bytes());
+        self.buf.extend_from_slice(&CLASS_IN.to_be_bytes());
+        self.buf.extend_from_slice(&ttl.to_be_bytes());
+        self.buf
+            .extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+        self.buf.extend_from_slice(rdata);
+        self.additional += 1;
     }
 
     fn rr(&mut self, owner: u16, rtype: u16, class: u16, ttl: u32, rdata: &[u8]) {
@@ -622,6 +682,85 @@ mod tests {
         assert!(parse(&trailing).is_err());
     }
 
+    fn formerr(m: &[u8]) -> bool {
+        matches!(
+            parse(m),
+            Err(Reject::Error {
+                rcode: rcode::FORMERR,
+                ..
+            })
+        )
+    }
+
+    #[test]
+    fn an_unknown_opcode_keeps_no_flag_of_the_query() {
+        for opcode in [1u8, 2, 3, 4, 5, 6, 15] {
+            let mut m = query("a.test", rtype::A, &[], 0);
+            m[2] = (opcode << 3) | 0x07; // AA, TC and RD set
+            m[3] = 0xb0; // RA, Z, AD set
+            assert_eq!(
+                parse(&m).unwrap_err(),
+                Reject::Error {
+                    id: 0x1234,
+                    opcode,
+                    recursion_desired: false,
+                    rcode: rcode::NOTIMP
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn records_outside_the_additional_section_are_formerr() {
+        let a = [0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4, 10, 0, 0, 1];
+        for (count_at, record) in [(7, a.to_vec()), (9, a.to_vec()), (7, opt(1232, 0, &[]))] {
+            let mut m = query("a.test", rtype::A, &record, 0);
+            m[count_at] = 1;
+            assert!(formerr(&m), "count at {count_at}");
+        }
+        // Counted but absent is FORMERR too; an OPT in the additional section is EDNS.
+        let mut m = query("a.test", rtype::A, &[], 0);
+        m[9] = 1;
+        assert!(formerr(&m));
+        assert!(
+            parse(&query("a.test", rtype::A, &opt(1232, 0, &[]), 1))
+                .unwrap()
+                .edns
+                .is_some()
+        );
+        let two = [opt(1232, 0, &[]), opt(1232, 0, &[])].concat();
+        assert!(formerr(&query("a.test", rtype::A, &two, 2)));
+        // FORMERR of a standard query copies RD.
+        let mut m = query("a.test", rtype::A, &a, 0);
+        m[7] = 1;
+        assert!(matches!(
+            parse(&m),
+            Err(Reject::Error {
+                opcode: 0,
+                recursion_desired: true,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn meta_types_other_than_any_get_their_rcode() {
+        let rcode_of = |t: u16| {
+            let m = query("a.test", t, &[], 0);
+            parse(&m).unwrap().meta_rcode()
+        };
+        assert_eq!(rcode_of(rtype::AXFR), Some(rcode::REFUSED));
+        assert_eq!(rcode_of(rtype::IXFR), Some(rcode::REFUSED));
+        assert_eq!(rcode_of(rtype::MAILA), Some(rcode::NOTIMP));
+        assert_eq!(rcode_of(rtype::MAILB), Some(rcode::NOTIMP));
+        for t in [rtype::OPT, 128, 200, 249, 250] {
+            assert_eq!(rcode_of(t), Some(rcode::FORMERR), "type {t}");
+        }
+        for t in [rtype::ANY, rtype::A, rtype::SOA, 127, 256, 65535] {
+            assert_eq!(rcode_of(t), None, "type {t}");
+        }
+    }
+
     #[test]
     fn writes_counts_pointers_and_truncation() {
         let m = query("www.shop.test", rtype::A, &[], 0);
@@ -629,6 +768,8 @@ mod tests {
         let mut buf = Vec::new();
         let mut w = Writer::new(&mut buf, &q, rcode::NOERROR);
         let question_end = w.len();
+        assert_eq!(w.buf[2] & 0x84, 0x80, "QR, AA only when set");
+        w.set_authoritative();
         w.answer(QUESTION_NAME, rtype::A, 30, &[10, 0, 0, 1]);
         w.answer(QUESTION_NAME, rtype::A, 30, &[10, 0, 0, 2]);
         w.finish();

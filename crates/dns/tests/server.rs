@@ -63,13 +63,21 @@ struct Fixture {
     server: Server,
 }
 
+fn topology(text: &str) -> model::Topology {
+    match model::parse(model::Source::new("test.toml", text)) {
+        Ok(t) => t,
+        Err(d) => panic!("{}", d.render()),
+    }
+}
+
 impl Fixture {
     fn new(profiles: &str) -> Self {
-        let text = format!("{ZONE}\n{profiles}");
-        let topology = match model::parse(model::Source::new("test.toml", text)) {
-            Ok(t) => Arc::new(t),
-            Err(d) => panic!("{}", d.render()),
-        };
+        Self::from_topology(topology(&format!("{ZONE}\n{profiles}")))
+    }
+
+    /// A server for a topology built in the test, which `validate` may not have let through.
+    fn from_topology(topology: model::Topology) -> Self {
+        let topology = Arc::new(topology);
         let health = Arc::new(Health::default());
         let manager = Manager::new(topology, health.clone()).unwrap();
         let server = Server::start(
@@ -109,17 +117,14 @@ impl Fixture {
     }
 
     async fn tcp(&self, msg: &Message) -> Message {
-        let mut s = tokio::net::TcpStream::connect(self.addr()).await.unwrap();
-        let bytes = msg.to_vec().unwrap();
-        s.write_all(&(bytes.len() as u16).to_be_bytes())
-            .await
-            .unwrap();
-        s.write_all(&bytes).await.unwrap();
-        let mut len = [0u8; 2];
-        s.read_exact(&mut len).await.unwrap();
-        let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
-        s.read_exact(&mut buf).await.unwrap();
-        Message::from_vec(&buf).unwrap()
+        let s = tokio::net::TcpStream::connect(self.addr()).await.unwrap();
+        Message::from_vec(&exchange(s, &msg.to_vec().unwrap()).await.unwrap()).unwrap()
+    }
+
+    /// One query over a new TCP connection from a chosen loopback address; `None` when the
+    /// server closes the connection instead of answering.
+    async fn tcp_from(&self, source: &str, bytes: &[u8]) -> Option<Vec<u8>> {
+        exchange(connect_from(source, self.addr()).await, bytes).await
     }
 
     /// The addresses answered for `name`, sorted, from a client in `subnet` (ECS) if given.
@@ -138,6 +143,26 @@ impl Fixture {
         out.sort();
         out
     }
+}
+
+/// One length-prefixed query and its answer over a TCP connection.
+async fn exchange(mut s: tokio::net::TcpStream, bytes: &[u8]) -> Option<Vec<u8>> {
+    s.write_all(&(bytes.len() as u16).to_be_bytes())
+        .await
+        .ok()?;
+    s.write_all(bytes).await.ok()?;
+    let mut len = [0u8; 2];
+    s.read_exact(&mut len).await.ok()?;
+    let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
+    s.read_exact(&mut buf).await.ok()?;
+    Some(buf)
+}
+
+/// A TCP connection to `server` from a loopback address of the test's choosing.
+async fn connect_from(source: &str, server: SocketAddr) -> tokio::net::TcpStream {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    s.connect(server).await.unwrap()
 }
 
 fn query(name: &str, rtype: RecordType) -> Message {
@@ -816,4 +841,424 @@ fn an_unreadable_geo_database_is_a_clear_error() {
         err.starts_with("cannot read geo database /nonexistent/city.mmdb"),
         "{err}"
     );
+}
+
+// ---------------------------------------------------------------- regressions (issue 13)
+
+/// The header of a raw reply: ID, the two flag bytes, the four section counts.
+fn header(r: &[u8]) -> (u16, u8, u8, [u16; 4]) {
+    assert!(r.len() >= 12, "{r:?}");
+    let count = |i: usize| u16::from_be_bytes([r[i], r[i + 1]]);
+    (
+        u16::from_be_bytes([r[0], r[1]]),
+        r[2],
+        r[3],
+        [count(4), count(6), count(8), count(10)],
+    )
+}
+
+const AA: u8 = 0x04;
+
+/// Both transports' raw replies to one raw query.
+async fn both(f: &Fixture, m: &[u8]) -> [Vec<u8>; 2] {
+    [
+        f.udp_raw(m).expect("a UDP reply"),
+        f.tcp_from("127.0.0.1", m).await.expect("a TCP reply"),
+    ]
+}
+
+const APEX_CNAME: &str = r#"
+[dns]
+listen = ["127.0.0.1:0"]
+[[dns.zone]]
+name = "shop.test"
+nameservers = [{ name = "ns1.shop.test", address = "192.0.2.53" }]
+hostmaster = "hostmaster.shop.test"
+[[dns.zone]]
+name = "mixed.test"
+nameservers = ["ns1.shop.test"]
+hostmaster = "hostmaster.shop.test"
+
+[[profile]]
+name = "apex"
+domain = "shop.test"
+routing = "priority"
+  [[profile.endpoint]]
+  name = "child"
+  target = { profile = "child" }
+  priority = 1
+
+[[profile]]
+name = "child"
+domain = "cdn.shop.test"
+routing = "priority"
+  [[profile.endpoint]]
+  name = "cdn"
+  target = { address = "10.0.0.1" }
+  priority = 1
+
+[[profile]]
+name = "mixed"
+domain = "mixed.test"
+routing = "weighted"
+  [[profile.endpoint]]
+  name = "origin"
+  target = { address = "10.0.0.2" }
+  [[profile.endpoint]]
+  name = "cdn"
+  target = { address = "10.0.0.3" }
+"#;
+
+/// Issue 13: a CNAME at a zone apex answered SOA and NS queries with the CNAME beside them.
+/// `validate` refuses such a profile (E022, `cname_at_apex` fixture); should one reach the
+/// tables anyway (here built past validation), the server never puts a CNAME beside other data
+/// of its owner: not at the apex through a nested profile, nor through a weighted profile's
+/// CNAME endpoint, for any type; below the apex the same CNAME is answered.
+#[tokio::test]
+async fn a_cname_never_shares_its_owner_with_other_data() {
+    let mut t = topology(APEX_CNAME);
+    t.profiles[1].endpoints[0].target = model::Target::Cname("shop.cdn.example".into());
+    t.profiles[2].endpoints[1].target = model::Target::Cname("mixed.cdn.example".into());
+    let f = Fixture::from_topology(t);
+
+    let below = f.udp(&query("cdn.shop.test.", RecordType::A));
+    let answers: Vec<String> = below.answers.iter().map(|a| rdata_text(&a.data)).collect();
+    assert_eq!(answers, ["cname shop.cdn.example."]);
+
+    for (name, qtype, expect) in [
+        ("shop.test.", RecordType::SOA, &[RecordType::SOA][..]),
+        ("shop.test.", RecordType::NS, &[RecordType::NS]),
+        (
+            "shop.test.",
+            RecordType::ANY,
+            &[RecordType::SOA, RecordType::NS],
+        ),
+        ("shop.test.", RecordType::A, &[]),
+        ("shop.test.", RecordType::AAAA, &[]),
+        ("mixed.test.", RecordType::SOA, &[RecordType::SOA]),
+        ("mixed.test.", RecordType::NS, &[RecordType::NS]),
+    ] {
+        let r = f.udp(&query(name, qtype));
+        assert_eq!(
+            r.metadata.response_code,
+            ResponseCode::NoError,
+            "{name} {qtype}"
+        );
+        let types: Vec<RecordType> = r.answers.iter().map(|a| a.record_type()).collect();
+        assert_eq!(types, expect, "{name} {qtype}");
+    }
+    // The weighted apex answers its address or, when the CNAME endpoint is picked, nothing.
+    for _ in 0..100 {
+        let r = f.udp(&query("mixed.test.", RecordType::A));
+        let answers: Vec<String> = r.answers.iter().map(|a| rdata_text(&a.data)).collect();
+        assert!(answers.is_empty() || answers == ["10.0.0.2"], "{answers:?}");
+    }
+}
+
+/// Issue 13: NOTIMP copied RD. A query with an opcode Tandem does not implement gets NOTIMP
+/// with its ID and opcode and nothing else of the query: no RD (NSD and gdnsd copy it), no AA,
+/// TC, AD or CD, no section; over UDP and TCP, for every opcode but QUERY.
+#[tokio::test]
+async fn an_unknown_opcode_gets_notimp_with_no_flag_of_the_query() {
+    let f = Fixture::new(PRIORITY);
+    for opcode in [1u8, 2, 3, 4, 5, 6, 15] {
+        let mut m = query("www.shop.test.", RecordType::A).to_vec().unwrap();
+        m[2] = (opcode << 3) | 0x07; // AA, TC, RD
+        m[3] = 0x30; // AD, CD
+        for reply in both(&f, &m).await {
+            let (id, flags, low, counts) = header(&reply);
+            assert_eq!(id, u16::from_be_bytes([m[0], m[1]]));
+            assert_eq!(
+                flags,
+                0x80 | (opcode << 3),
+                "opcode {opcode}: QR and opcode only"
+            );
+            assert_eq!(low, 4, "opcode {opcode}: NOTIMP, no RA, AD or CD");
+            assert_eq!(counts, [0; 4], "opcode {opcode}: no section");
+            assert_eq!(reply.len(), 12);
+        }
+    }
+}
+
+/// Issue 13, neighbour: FORMERR to a standard query copies RD (RFC 1035 §4.1.1) and keeps the
+/// opcode, and sets no other flag of the query.
+#[tokio::test]
+async fn formerr_copies_rd_and_nothing_else() {
+    let f = Fixture::new(PRIORITY);
+    for (rd, expect) in [(0x01, 0x81), (0x00, 0x80)] {
+        let mut m = query("www.shop.test.", RecordType::A).to_vec().unwrap();
+        m[5] = 2; // two questions
+        m[2] = 0x06 | rd; // AA, TC
+        m[3] = 0x30; // AD, CD
+        for reply in both(&f, &m).await {
+            let (_, flags, low, counts) = header(&reply);
+            assert_eq!((flags, low, counts), (expect, 1, [0; 4]));
+        }
+    }
+}
+
+/// Issue 13: records outside the additional section were not checked, so a query holding an
+/// OPT record (or any record) in its answer or authority section was answered. A query has
+/// none there: FORMERR, as BIND answers, over UDP and TCP. The same OPT in the additional
+/// section is EDNS and answered.
+#[tokio::test]
+async fn records_outside_the_additional_section_are_formerr() {
+    let f = Fixture::new(PRIORITY);
+    let base = query("www.shop.test.", RecordType::A).to_vec().unwrap();
+    let a_record = [0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4, 10, 0, 0, 1];
+    let opt = [0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 0];
+    for (count, record) in [
+        (6, &a_record[..]),
+        (8, &a_record[..]),
+        (6, &opt[..]),
+        (8, &opt[..]),
+    ] {
+        let mut m = base.clone();
+        m[count + 1] = 1;
+        m.extend_from_slice(record);
+        for reply in both(&f, &m).await {
+            let (id, flags, low, counts) = header(&reply);
+            assert_eq!(id, u16::from_be_bytes([m[0], m[1]]));
+            assert_eq!(low & 0x0f, 1, "FORMERR for a record counted at {count}");
+            assert_eq!(flags & AA, 0);
+            assert_eq!(counts, [0; 4]);
+        }
+    }
+    let mut m = base.clone();
+    m[11] = 1;
+    m.extend_from_slice(&opt);
+    let r = Message::from_vec(&f.udp_raw(&m).unwrap()).unwrap();
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(rdata_text(&r.answers[0].data), "10.0.1.10");
+    assert!(r.edns.is_some());
+}
+
+/// Issue 13: AXFR and IXFR got an empty NOERROR with the SOA. Tandem serves no zone
+/// transfers: REFUSED over TCP and UDP, at the apex and below (as NSD, BIND and PowerDNS
+/// answer when transfers are not allowed). The other meta-types, as BIND: the obsolete MAILB
+/// and MAILA are NOTIMP, OPT, TKEY, TSIG and unassigned ones FORMERR; ANY is answered. The
+/// question is echoed; AA is not set.
+#[tokio::test]
+async fn zone_transfers_are_refused_and_meta_types_not_answered() {
+    let f = Fixture::new(PRIORITY);
+    for (qtype, rcode) in [
+        (252, 5),
+        (251, 5),
+        (253, 4),
+        (254, 4),
+        (41, 1),
+        (128, 1),
+        (200, 1),
+        (249, 1),
+        (250, 1),
+    ] {
+        for name in ["shop.test.", "www.shop.test.", "nope.shop.test."] {
+            let m = query(name, RecordType::from(qtype)).to_vec().unwrap();
+            for reply in both(&f, &m).await {
+                let (_, flags, low, counts) = header(&reply);
+                assert_eq!(low & 0x0f, rcode, "{name} type {qtype}");
+                assert_eq!(flags & AA, 0, "{name} type {qtype}");
+                assert_eq!(counts, [1, 0, 0, 0], "{name} type {qtype}");
+            }
+        }
+    }
+    let r = f.udp(&query("www.shop.test.", RecordType::ANY));
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(r.answers.len(), 1);
+    // As an operator would try it (dig waits on its own thread: TCP is served on this one).
+    let (ip, port) = (f.addr().ip().to_string(), f.addr().port().to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("dig")
+            .args([&format!("@{ip}"), "-p", &port, "shop.test", "AXFR"])
+            .args(["+time=2", "+tries=1"])
+            .output()
+            .expect("dig is installed (scripts/test installs dnsutils)")
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Transfer failed"), "{text}");
+    assert!(!text.contains("IN\tSOA"), "{text}");
+}
+
+/// Issue 13: AA was set on REFUSED and FORMERR. AA is set only on answers from a served zone
+/// (NOERROR, NODATA and NXDOMAIN in it), never on REFUSED, FORMERR, NOTIMP, BADVERS or a
+/// meta-type's error, nor on a profile's SERVFAIL (no authoritative answer).
+#[tokio::test]
+async fn aa_only_on_answers_from_served_zones() {
+    let f =
+        Fixture::new(&PRIORITY.replace("ttl = \"5s\"", "ttl = \"5s\"\nall_down = \"servfail\""));
+    let raw = |name: &str, qtype: RecordType| query(name, qtype).to_vec().unwrap();
+    let mut two_questions = raw("www.shop.test.", RecordType::A);
+    two_questions[5] = 2;
+    let mut notify = raw("shop.test.", RecordType::SOA);
+    notify[2] = 4 << 3;
+    let mut chaos = query("www.shop.test.", RecordType::A);
+    chaos.queries[0].set_query_class(hickory_proto::rr::DNSClass::CH);
+    let mut badvers = query("www.shop.test.", RecordType::A);
+    let mut edns = Edns::new();
+    edns.set_version(1);
+    badvers.set_edns(edns);
+    for (what, m, aa) in [
+        ("answer", raw("www.shop.test.", RecordType::A), true),
+        ("nodata", raw("www.shop.test.", RecordType::AAAA), true),
+        ("apex", raw("shop.test.", RecordType::SOA), true),
+        ("nxdomain", raw("nope.shop.test.", RecordType::A), true),
+        ("refused", raw("example.com.", RecordType::A), false),
+        ("chaos", chaos.to_vec().unwrap(), false),
+        ("formerr", two_questions, false),
+        ("notimp", notify, false),
+        ("badvers", badvers.to_vec().unwrap(), false),
+        ("axfr", raw("shop.test.", RecordType::AXFR), false),
+    ] {
+        for reply in both(&f, &m).await {
+            assert_eq!(header(&reply).1 & AA != 0, aa, "{what}");
+        }
+    }
+    f.set("www", "edge", Status::Degraded);
+    f.set("www", "region", Status::Degraded);
+    let r = f.udp(&query("www.shop.test.", RecordType::A));
+    assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
+    assert!(!r.metadata.authoritative);
+}
+
+const NAME_SERVERS: &str = r#"
+[dns]
+listen = ["127.0.0.1:0"]
+[[dns.zone]]
+name = "shop.test"
+nameservers = [
+  { name = "ns1.shop.test", address = ["192.0.2.53", "2001:db8::53"] },
+  { name = "ns2.dns.shop.test", address = "192.0.2.54" },
+  "ns.provider.example",
+]
+hostmaster = "hostmaster.shop.test"
+ttl = "1h"
+
+[[monitor]]
+name = "web"
+protocol = "tcp"
+port = 80
+"#;
+
+/// Issue 13: `nameservers = ["ns1.shop.test"]` gave NS records whose target answered
+/// NXDOMAIN. A name server carries its addresses: answered as A and AAAA at its name (also
+/// below an empty non-terminal), and as glue in the additional section of the apex's NS and
+/// ANY answers; a name server outside the zones gets none, and the plain form stays valid.
+#[tokio::test]
+async fn in_zone_name_servers_answer_their_addresses_and_glue() {
+    let f = Fixture::from_topology(topology(&format!("{NAME_SERVERS}\n{PRIORITY}")));
+    let dig = |name: &str, qtype: &str| testkit::dig(f.addr(), name, &[qtype]).unwrap();
+    assert_eq!(dig("ns1.shop.test", "A"), ["192.0.2.53"]);
+    assert_eq!(dig("NS1.shop.test", "AAAA"), ["2001:db8::53"]);
+    assert_eq!(dig("ns2.dns.shop.test", "A"), ["192.0.2.54"]);
+    assert!(dig("ns2.dns.shop.test", "AAAA").is_empty());
+
+    let r = f.udp(&query("ns1.shop.test.", RecordType::A));
+    assert!(r.metadata.authoritative);
+    assert_eq!(r.answers[0].ttl, 3600, "the zone's TTL");
+    let ent = f.udp(&query("dns.shop.test.", RecordType::A));
+    assert_eq!(
+        ent.metadata.response_code,
+        ResponseCode::NoError,
+        "an empty non-terminal"
+    );
+    assert!(ent.answers.is_empty());
+    let other = f.udp(&query("ns.provider.example.", RecordType::A));
+    assert_eq!(other.metadata.response_code, ResponseCode::Refused);
+
+    for (qtype, answers) in [(RecordType::NS, 3), (RecordType::ANY, 4)] {
+        for r in [
+            f.udp(&query("shop.test.", qtype)),
+            f.tcp(&query("shop.test.", qtype)).await,
+        ] {
+            assert!(r.metadata.authoritative);
+            assert_eq!(r.answers.len(), answers, "{qtype}");
+            let mut glue: Vec<String> = r
+                .additionals
+                .iter()
+                .map(|a| format!("{} {}", a.name, rdata_text(&a.data)))
+                .collect();
+            glue.sort();
+            assert_eq!(
+                glue,
+                [
+                    "ns1.shop.test. 192.0.2.53",
+                    "ns1.shop.test. 2001:db8::53",
+                    "ns2.dns.shop.test. 192.0.2.54",
+                ],
+                "{qtype}"
+            );
+        }
+    }
+    // Other answers carry no glue.
+    let soa = f.udp(&query("shop.test.", RecordType::SOA));
+    assert!(soa.additionals.is_empty());
+    let www = f.udp(&query("www.shop.test.", RecordType::A));
+    assert!(www.additionals.is_empty());
+}
+
+/// Issue 13: one client holding 1,024 idle TCP connections blocked every new TCP query for
+/// the 10 s idle timeout. One client (an address) may hold `TCP_MAX_PER_CLIENT` connections;
+/// its next ones are closed at once, and other clients are answered, over TCP and UDP.
+#[tokio::test]
+async fn one_client_cannot_starve_dns_over_tcp() {
+    use dns::server::{TCP_MAX_CONNECTIONS, TCP_MAX_PER_CLIENT};
+    let f = Fixture::new(PRIORITY);
+    let mut hog = Vec::new();
+    for _ in 0..TCP_MAX_CONNECTIONS + 16 {
+        hog.push(connect_from("127.0.0.2", f.addr()).await);
+    }
+    let q = query("www.shop.test.", RecordType::A).to_vec().unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(5), f.tcp_from("127.0.0.3", &q))
+        .await
+        .expect("answered at once, not after the idle timeout")
+        .expect("answered, not closed");
+    let r = Message::from_vec(&reply).unwrap();
+    assert_eq!(rdata_text(&r.answers[0].data), "10.0.1.10");
+    assert_eq!(f.ask("www.shop.test.", RecordType::A, None), ["10.0.1.10"]);
+    let open = testkit::eventually(Duration::from_secs(5), "the excess closed", || {
+        let open = open_count(&hog);
+        async move { (open <= TCP_MAX_PER_CLIENT).then_some(open) }
+    })
+    .await;
+    assert_eq!(open, TCP_MAX_PER_CLIENT, "the first ones are kept");
+}
+
+/// Issue 13, neighbour: many clients each within their limit. Once more than half of
+/// `TCP_MAX_CONNECTIONS` are open, idle connections get `TCP_IDLE_BUSY` instead of the 10 s
+/// `TCP_IDLE`, so they make way well before it, and newcomers are answered.
+#[tokio::test]
+async fn idle_tcp_connections_make_way_when_the_server_is_busy() {
+    use dns::server::{TCP_MAX_CONNECTIONS, TCP_MAX_PER_CLIENT};
+    let f = Fixture::new(PRIORITY);
+    let mut idle = Vec::new();
+    let mut source = 10;
+    while idle.len() <= TCP_MAX_CONNECTIONS / 2 + 64 {
+        for _ in 0..TCP_MAX_PER_CLIENT {
+            idle.push(connect_from(&format!("127.0.1.{source}"), f.addr()).await);
+        }
+        source += 1;
+    }
+    // Closed well before the 10 s idle timeout, down to at most half the slots.
+    testkit::eventually(Duration::from_secs(5), "idle connections closed", || {
+        let open = open_count(&idle);
+        async move { (open <= TCP_MAX_CONNECTIONS / 2).then_some(()) }
+    })
+    .await;
+    let q = query("www.shop.test.", RecordType::A).to_vec().unwrap();
+    assert!(f.tcp_from("127.0.0.3", &q).await.is_some());
+}
+
+/// How many of these connections the server still holds open (no end of stream yet).
+fn open_count(conns: &[tokio::net::TcpStream]) -> usize {
+    conns
+        .iter()
+        .filter(|c| {
+            matches!(
+                c.try_read(&mut [0u8; 1]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+            )
+        })
+        .count()
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use toml::de::DeValue;
 
+use crate::binds::Proto;
 use crate::diag::Code;
 use crate::read::{Cx, FromToml, Section, Value, integer, parsed, string};
 use crate::types::*;
@@ -125,9 +126,27 @@ pub(crate) fn cluster(cx: &mut Cx, s: Section<'_, '_>) -> Option<Cluster> {
 
 pub(crate) fn node(cx: &mut Cx, s: Section<'_, '_>) -> Option<Node> {
     let name = crate::parse::name(cx, s);
-    let site = cx.req(s, "site");
-    let api = cx.req(s, "api");
-    let dns = cx.or(s, "dns", Vec::new());
+    let site: Option<Name> = cx.req(s, "site");
+    let api: Option<std::net::SocketAddr> = cx.req(s, "api");
+    let dns: Option<Vec<std::net::SocketAddr>> = cx.or(s, "dns", Vec::new());
+    let what = format!("node `{}`", name.as_deref().unwrap_or("?"));
+    let mark = cx.bind_mark();
+    if let Some(api) = api {
+        let span = s.get("api").map(|v| v.span());
+        cx.bind(format!("the API of {what}"), api, Proto::Tcp, span);
+    }
+    if let (Some(dns), Some(v)) = (&dns, s.get("dns")) {
+        for (addr, span) in dns.iter().zip(crate::parse::item_spans(v)) {
+            cx.bind(
+                format!("a DNS listener of {what}"),
+                *addr,
+                Proto::Both,
+                Some(span),
+            );
+            cx.v6only();
+        }
+    }
+    cx.binds_in_site(mark, site.as_deref());
     Some(Node {
         name: name?,
         site: site?,

@@ -1,5 +1,8 @@
 //! Diagnostics: every problem in a topology file, located as `file:line:col`, with a stable code,
 //! a message, a help line, and the offending source line underlined.
+//!
+//! A diagnostic is an *error* (`E…`: the file is invalid) or a *warning* (`W…`: the file is
+//! valid and runs, but probably not as meant). The code decides which.
 
 use std::fmt::Write as _;
 use std::ops::Range;
@@ -54,6 +57,39 @@ pub enum Code {
     BadName,
     /// Cluster mode: a site without a node, a tier in a witness, an address of another site.
     Placement,
+    /// A CNAME where the name must hold other data: at a zone apex (which always has SOA and
+    /// NS records), since a name with a CNAME can hold nothing else (RFC 1034 §3.6.2, RFC 2181
+    /// §10.1).
+    CnameConflict,
+    /// Two things the topology binds on one address, port and protocol.
+    AddressInUse,
+    /// Warning: the topology declares nothing to serve or run.
+    NothingToRun,
+    /// Warning: a name server inside a served zone without an address, so resolvers that
+    /// follow the zone's NS records find no server.
+    NameServerWithoutAddress,
+    /// Warning: addresses given for a name server outside every served zone, which Tandem
+    /// cannot answer for.
+    NameServerAddressNotServed,
+}
+
+/// Whether a diagnostic makes the file invalid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Severity {
+    /// The file is invalid: `validate` exits 1, `up` does not start.
+    Error,
+    /// The file is valid, but probably not as meant: reported, and everything still runs.
+    Warning,
+}
+
+impl Severity {
+    /// As printed: `error` or `warning`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        }
+    }
 }
 
 impl Code {
@@ -81,7 +117,22 @@ impl Code {
             Code::BadStatusRange => "E019",
             Code::BadDomain => "E020",
             Code::BadName => "E021",
-            Code::Placement => "E030",
+            Code::CnameConflict => "E022",
+            Code::AddressInUse => "E023",
+            Code::NothingToRun => "W001",
+            Code::NameServerWithoutAddress => "W002",
+            Code::NameServerAddressNotServed => "W003",
+            Code::Placement => "E024",
+        }
+    }
+
+    /// Errors make the file invalid; warnings do not.
+    pub fn severity(self) -> Severity {
+        match self {
+            Code::NothingToRun
+            | Code::NameServerWithoutAddress
+            | Code::NameServerAddressNotServed => Severity::Warning,
+            _ => Severity::Error,
         }
     }
 }
@@ -108,6 +159,14 @@ impl Diagnostic {
             message: message.into(),
             help: help.into(),
         }
+    }
+
+    pub fn severity(&self) -> Severity {
+        self.code.severity()
+    }
+
+    pub fn is_error(&self) -> bool {
+        self.severity() == Severity::Error
     }
 }
 
@@ -170,24 +229,48 @@ pub struct Diagnostics {
 }
 
 impl Diagnostics {
-    /// Human-readable report: each problem with its location, source line and underline.
+    /// How many errors (the file is invalid when there is one).
+    pub fn errors(&self) -> usize {
+        self.items.iter().filter(|d| d.is_error()).count()
+    }
+
+    /// Where a diagnostic points: `file:line:column`.
+    pub fn location(&self, d: &Diagnostic) -> String {
+        let pos = self.source.position(d.span.start);
+        format!("{}:{}:{}", self.source.name, pos.line, pos.column)
+    }
+
+    /// How many warnings.
+    pub fn warnings(&self) -> usize {
+        self.items.len() - self.errors()
+    }
+
+    /// Human-readable report: each problem with its location, source line and underline, then
+    /// a summary line (`error: F has 2 problems`, `… and 1 warning`, or `warning: F has 1
+    /// warning` when there are only warnings).
     pub fn render(&self) -> String {
         let mut out = String::new();
         for d in &self.items {
             render_one(&mut out, &self.source, d);
             out.push('\n');
         }
-        let n = self.items.len();
-        let _ = writeln!(
-            out,
-            "error: {} has {n} problem{}",
-            self.source.name,
-            if n == 1 { "" } else { "s" }
-        );
+        let (errors, warnings) = (self.errors(), self.warnings());
+        let name = &self.source.name;
+        let _ = match (errors, warnings) {
+            (0, w) => writeln!(out, "warning: {name} has {}", plural(w, "warning")),
+            (e, 0) => writeln!(out, "error: {name} has {}", plural(e, "problem")),
+            (e, w) => writeln!(
+                out,
+                "error: {name} has {} and {}",
+                plural(e, "problem"),
+                plural(w, "warning")
+            ),
+        };
         out
     }
 
-    /// Machine-readable report: a JSON array of `{file, line, column, code, message, help}`.
+    /// Machine-readable report: a JSON array of `{file, line, column, severity, code,
+    /// message, help}`.
     pub fn to_json(&self) -> serde_json::Value {
         let items = self
             .items
@@ -198,6 +281,7 @@ impl Diagnostics {
                     "file": self.source.name,
                     "line": pos.line,
                     "column": pos.column,
+                    "severity": d.severity().as_str(),
                     "code": d.code.as_str(),
                     "message": d.message,
                     "help": d.help,
@@ -206,6 +290,11 @@ impl Diagnostics {
             .collect();
         serde_json::Value::Array(items)
     }
+}
+
+/// `1 warning`, `2 warnings`.
+pub fn plural(n: usize, noun: &str) -> String {
+    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
 }
 
 fn render_one(out: &mut String, src: &Source, d: &Diagnostic) {
@@ -221,7 +310,13 @@ fn render_one(out: &mut String, src: &Source, d: &Diagnostic) {
         line_chars + 1
     };
     let width = end_col.saturating_sub(pos.column).max(1);
-    let _ = writeln!(out, "error[{}]: {}", d.code.as_str(), d.message);
+    let _ = writeln!(
+        out,
+        "{}[{}]: {}",
+        d.severity().as_str(),
+        d.code.as_str(),
+        d.message
+    );
     let _ = writeln!(out, "{gutter}--> {}:{}:{}", src.name, pos.line, pos.column);
     let _ = writeln!(out, "{gutter} |");
     let _ = writeln!(out, "{} | {text}", pos.line);

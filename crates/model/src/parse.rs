@@ -2,12 +2,13 @@
 //! that section. Cross-references are checked in `validate`.
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use toml::de::DeValue;
 
+use crate::binds::Proto;
 use crate::diag::Code;
 use crate::read::{Cx, FromToml, Section, Value, integer, parsed, string};
 use crate::types::*;
@@ -67,6 +68,11 @@ pub(crate) fn name(cx: &mut Cx, s: Section<'_, '_>) -> Option<Name> {
 /// A DNS name, lower-cased and without the trailing dot.
 fn domain(cx: &mut Cx, s: Section<'_, '_>, key: &str) -> Option<Name> {
     let raw: Name = cx.req(s, key)?;
+    dns_name(cx, key, raw)
+}
+
+/// Checks a DNS name read for `key`; lower-cased and without the trailing dot.
+fn dns_name(cx: &mut Cx, key: &str, raw: Name) -> Option<Name> {
     let lower = raw.trim_end_matches('.').to_ascii_lowercase();
     let ok = !lower.is_empty()
         && lower.len() <= 253
@@ -260,6 +266,15 @@ pub(crate) fn topology(cx: &mut Cx, root: &Value<'_>) -> Option<Topology> {
         crate::cluster::NODE_KEYS,
         crate::cluster::node,
     );
+    // In cluster mode each node listens on its own `api`; `[tandem] api` is not bound.
+    if root.get("tandem").is_none() && root.get("node").is_none() {
+        cx.bind(
+            "the API (`[tandem] api`)".into(),
+            tandem.api,
+            Proto::Tcp,
+            None,
+        );
+    }
     let sites = cx.tables(root, "site", "site", &["name", "role", "location"], site);
     let dns = match root.get("dns") {
         Some(v) => cx
@@ -302,6 +317,14 @@ fn default_api() -> SocketAddr {
 fn settings(cx: &mut Cx, s: Section<'_, '_>) -> Option<Settings> {
     let state_dir: Option<String> = cx.or(s, "state_dir", ".tandem".into());
     let api = cx.or(s, "api", default_api());
+    if let Some(api) = api {
+        cx.bind(
+            "the API (`[tandem] api`)".into(),
+            api,
+            Proto::Tcp,
+            s.get("api").map(|v| v.span()),
+        );
+    }
     Some(Settings {
         state_dir: PathBuf::from(state_dir?),
         api: api?,
@@ -355,12 +378,24 @@ fn location(cx: &mut Cx, s: Section<'_, '_>) -> Option<Location> {
 
 /// `[dns]`; `listen` is required unless nodes bring their own listeners (cluster mode).
 fn dns(cx: &mut Cx, s: Section<'_, '_>, cluster_mode: bool) -> Option<Dns> {
-    let listen = if cluster_mode {
+    let listen: Option<Vec<SocketAddr>> = if cluster_mode {
         cx.or(s, "listen", Vec::new())
     } else {
         cx.req(s, "listen")
     };
     let listen_span = s.get("listen").map(|v| v.span());
+    if let (Some(listen), Some(v)) = (&listen, s.get("listen")) {
+        for (addr, span) in listen.iter().zip(item_spans(v)) {
+            // UDP and TCP; on `[::]` IPv6 only (the listeners set IPV6_V6ONLY).
+            cx.bind(
+                "a DNS listener (`[dns] listen`)".into(),
+                *addr,
+                Proto::Both,
+                Some(span),
+            );
+            cx.v6only();
+        }
+    }
     let zones = cx.tables(
         s,
         "zone",
@@ -368,7 +403,13 @@ fn dns(cx: &mut Cx, s: Section<'_, '_>, cluster_mode: bool) -> Option<Dns> {
         &["name", "nameservers", "hostmaster", "ttl", "negative_ttl"],
         |cx, z| {
             let name = domain(cx, z, "name");
-            let nameservers: Option<Vec<String>> = cx.req(z, "nameservers");
+            let nameservers = match z.get("nameservers") {
+                Some(v) => nameservers(cx, v),
+                None => {
+                    cx.missing(z, "nameservers", "[…]");
+                    None
+                }
+            };
             let hostmaster = domain(cx, z, "hostmaster");
             let ttl = duration_in(
                 cx,
@@ -398,10 +439,7 @@ fn dns(cx: &mut Cx, s: Section<'_, '_>, cluster_mode: bool) -> Option<Dns> {
             }
             Some(Zone {
                 name: name?,
-                nameservers: nameservers?
-                    .into_iter()
-                    .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
-                    .collect(),
+                nameservers: nameservers?,
                 hostmaster: hostmaster?.to_string(),
                 ttl: ttl?,
                 negative_ttl: negative_ttl?,
@@ -412,6 +450,89 @@ fn dns(cx: &mut Cx, s: Section<'_, '_>, cluster_mode: bool) -> Option<Dns> {
         listen: listen?,
         listen_span,
         zones,
+    })
+}
+
+/// The span of each item of an array (or of the value itself when it is not one).
+pub(crate) fn item_spans(v: &Value<'_>) -> Vec<std::ops::Range<usize>> {
+    match v.get_ref() {
+        DeValue::Array(items) => items.iter().map(|i| i.span()).collect(),
+        _ => vec![v.span()],
+    }
+}
+
+/// `nameservers = ["ns1.shop.test", { name = "ns2.shop.test", address = "192.0.2.10" }]`.
+fn nameservers(cx: &mut Cx, v: &Value<'_>) -> Option<Vec<NameServer>> {
+    let DeValue::Array(items) = v.get_ref() else {
+        cx.wrong_type(v, "nameservers", "an array");
+        return None;
+    };
+    let read: Vec<Option<NameServer>> = items.iter().map(|i| nameserver(cx, i)).collect();
+    let read: Vec<NameServer> = read.into_iter().collect::<Option<_>>()?;
+    let mut ok = true;
+    for (i, ns) in read.iter().enumerate() {
+        if let Some(first) = read[..i].iter().find(|f| f.name == ns.name) {
+            let line = cx.line_of(first.name.span().start);
+            cx.error(
+                Code::DuplicateName,
+                ns.name.span(),
+                format!("name server `{}` is listed twice", ns.name),
+                format!("list it once (the first is on line {line})"),
+            );
+            ok = false;
+        }
+    }
+    ok.then_some(read)
+}
+
+/// `"ns1.shop.test"` or `{ name = "ns1.shop.test", address = "192.0.2.10" }`, where `address`
+/// may be an array of IPv4 and IPv6 addresses.
+fn nameserver(cx: &mut Cx, v: &Value<'_>) -> Option<NameServer> {
+    const SHAPE: &str = "a host name or { name = \"…\", address = \"…\" }";
+    match v.get_ref() {
+        DeValue::String(_) => {
+            let raw = Name::from_toml(cx, "nameservers", v)?;
+            let name = dns_name(cx, "nameservers", raw)?;
+            return Some(NameServer {
+                name,
+                addresses: Vec::new(),
+            });
+        }
+        DeValue::Table(_) => {}
+        _ => {
+            cx.wrong_type(v, "nameservers", SHAPE);
+            return None;
+        }
+    }
+    let s = cx.section(v, "name server", &["name", "address"])?;
+    let name = domain(cx, s, "name");
+    let addresses = match s.get("address") {
+        None => Some(Vec::new()),
+        Some(a) => match a.get_ref() {
+            DeValue::Array(items) if items.is_empty() => {
+                cx.error(
+                    Code::MissingKey,
+                    a.span(),
+                    "`address` lists no addresses",
+                    "give at least one IPv4 or IPv6 address, or leave `address` out",
+                );
+                None
+            }
+            DeValue::Array(_) => Vec::<IpAddr>::from_toml(cx, "address", a).map(|mut list| {
+                let mut seen = Vec::with_capacity(list.len());
+                list.retain(|ip| {
+                    let new = !seen.contains(ip);
+                    seen.push(*ip);
+                    new
+                });
+                list
+            }),
+            _ => IpAddr::from_toml(cx, "address", a).map(|ip| vec![ip]),
+        },
+    };
+    Some(NameServer {
+        name: name?,
+        addresses: addresses?,
     })
 }
 
@@ -919,21 +1040,35 @@ fn lb(cx: &mut Cx, s: Section<'_, '_>) -> Option<LoadBalancer> {
         Some(v) => lb_rules(cx, v),
         None => Some(Vec::new()),
     };
-    if let (Some(rules), Some(f)) = (&rules, &frontend) {
-        let mut ports = vec![f.port()];
-        for r in rules {
-            if ports.contains(&r.frontend_port) {
-                let span = s.get("rules").map_or_else(|| s.span(), |v| v.span());
-                cx.error(
-                    Code::DuplicateName,
-                    span,
-                    format!("frontend port {} is used twice", r.frontend_port),
-                    "give each rule its own frontend port",
-                );
+    let mark = cx.bind_mark();
+    if let (Some(f), Some(p)) = (frontend, protocol) {
+        let what = format!("load balancer `{}`", written_name(s));
+        let proto = match p {
+            LbProtocol::Tcp => Proto::Tcp,
+            LbProtocol::Udp => Proto::Udp,
+        };
+        cx.bind(what.clone(), f, proto, s.get("frontend").map(|v| v.span()));
+        let rule_spans = s.get("rules").map(|v| match v.get_ref() {
+            DeValue::Array(items) => items
+                .iter()
+                .map(|i| match i.get_ref() {
+                    DeValue::Table(t) => t
+                        .iter()
+                        .find(|(k, _)| k.get_ref().as_ref() == "frontend_port")
+                        .map_or(i.span(), |(_, v)| v.span()),
+                    _ => i.span(),
+                })
+                .collect(),
+            _ => Vec::new(),
+        });
+        if let (Some(rules), Some(spans)) = (&rules, rule_spans) {
+            for (r, span) in rules.iter().zip(spans) {
+                let addr = SocketAddr::new(f.ip(), r.frontend_port);
+                cx.bind(format!("{what} (rule port)"), addr, proto, Some(span));
             }
-            ports.push(r.frontend_port);
         }
     }
+    cx.binds_in_site(mark, site.as_ref().map(|n: &Name| n.as_str()));
     Some(LoadBalancer {
         name: name?,
         site: site?,
@@ -952,6 +1087,13 @@ fn lb(cx: &mut Cx, s: Section<'_, '_>) -> Option<LoadBalancer> {
         proxy_protocol: proxy_protocol?,
         rules: rules?,
     })
+}
+
+/// The `name` of a section as written (for messages about an item whose name may be invalid).
+fn written_name<'a>(s: Section<'a, '_>) -> &'a str {
+    s.get("name")
+        .and_then(|v| v.get_ref().as_str())
+        .unwrap_or("?")
 }
 
 /// `rules = [{ frontend_port = N, backend_port = M }, …]`.
@@ -1067,7 +1209,7 @@ fn scale_set(cx: &mut Cx, s: Section<'_, '_>) -> Option<ScaleSet> {
     let name = name(cx, s);
     let site = cx.req(s, "site");
     let command: Option<Vec<String>> = cx.req(s, "command");
-    let bind = cx.req(s, "bind");
+    let bind: Option<IpAddr> = cx.req(s, "bind");
     let ports: Option<BTreeMap<String, PortRange>> = cx.or(s, "ports", BTreeMap::new());
     let capacity = match s.get("capacity") {
         Some(v) => cx
@@ -1137,6 +1279,19 @@ fn scale_set(cx: &mut Cx, s: Section<'_, '_>) -> Option<ScaleSet> {
     if let (Some(cmd), Some(ports)) = (&command, &ports) {
         command_ports(cx, s, cmd, ports);
     }
+    let mark = cx.bind_mark();
+    if let (Some(bind), Some(ports)) = (bind, &ports) {
+        for (port_name, range) in ports {
+            cx.bind_range(
+                format!("scale set `{}` (ports `{port_name}`)", written_name(s)),
+                bind,
+                (range.first, range.last),
+                Proto::Both,
+                Some(port_value_span(s, port_name)),
+            );
+        }
+    }
+    cx.binds_in_site(mark, site.as_ref().map(|n: &Name| n.as_str()));
     if let (Some(c), Some(ports)) = (capacity, &ports) {
         for (port_name, range) in ports {
             if range.len() < c.max {
@@ -1331,8 +1486,9 @@ fn database(cx: &mut Cx, s: Section<'_, '_>) -> Option<Database> {
         Duration::from_secs(1),
         MAX_INTERVAL,
     );
+    let db = written_name(s);
     let frontends = match s.get("frontends") {
-        Some(v) => db_frontends(cx, v),
+        Some(v) => db_frontends(cx, v, db),
         None => Some(Vec::new()),
     };
     let members = cx.tables(
@@ -1341,14 +1497,39 @@ fn database(cx: &mut Cx, s: Section<'_, '_>) -> Option<Database> {
         "database member",
         &["site", "listen", "health"],
         |cx, m| {
-            let site = cx.req(m, "site");
+            let site: Option<Name> = cx.req(m, "site");
             let listen: Option<SocketAddr> = cx.req(m, "listen");
             let health: Option<Option<SocketAddr>> = cx.opt(m, "health");
             let listen = listen?;
+            let health = health?;
+            let what = format!(
+                "database `{db}` member `{}`",
+                site.as_deref().unwrap_or("?")
+            );
+            let listen_span = m.get("listen").map(|v| v.span());
+            let mark = cx.bind_mark();
+            // PostgreSQL sets IPV6_V6ONLY: on `[::]` it takes IPv6 only.
+            cx.bind(what.clone(), listen, Proto::Tcp, listen_span.clone());
+            cx.v6only();
+            let (health, health_what, health_span) = match health {
+                Some(h) => (h, "", m.get("health").map(|v| v.span())),
+                None => (
+                    SocketAddr::new(listen.ip(), DB_HEALTH_PORT),
+                    " (default port 8008)",
+                    listen_span,
+                ),
+            };
+            cx.bind(
+                format!("the health endpoint of {what}{health_what}"),
+                health,
+                Proto::Tcp,
+                health_span,
+            );
+            cx.binds_in_site(mark, site.as_deref());
             Some(Member {
                 site: site?,
                 listen,
-                health: health?.unwrap_or_else(|| SocketAddr::new(listen.ip(), DB_HEALTH_PORT)),
+                health,
             })
         },
     );
@@ -1371,16 +1552,7 @@ fn database(cx: &mut Cx, s: Section<'_, '_>) -> Option<Database> {
         );
     }
     let mut seen = HashSet::new();
-    let mut health = HashSet::new();
     for m in &members {
-        if !health.insert(m.health) || members.iter().any(|o| o.listen == m.health) {
-            cx.error(
-                Code::DuplicateName,
-                m.site.span(),
-                format!("member `{}`: health address {} is already in use", m.site, m.health),
-                "give each member its own `health = \"ip:port\"` (default: its listen ip, port 8008)",
-            );
-        }
         if !seen.insert(m.site.as_str()) {
             cx.error(
                 Code::DuplicateName,
@@ -1403,7 +1575,7 @@ fn database(cx: &mut Cx, s: Section<'_, '_>) -> Option<Database> {
     })
 }
 
-fn db_frontends(cx: &mut Cx, v: &Value<'_>) -> Option<Vec<DbFrontend>> {
+fn db_frontends(cx: &mut Cx, v: &Value<'_>, db: &str) -> Option<Vec<DbFrontend>> {
     let DeValue::Table(table) = v.get_ref() else {
         cx.wrong_type(v, "frontends", "a table of site = \"ip:port\"");
         return None;
@@ -1412,10 +1584,21 @@ fn db_frontends(cx: &mut Cx, v: &Value<'_>) -> Option<Vec<DbFrontend>> {
     let mut ok = true;
     for (k, item) in table.iter() {
         match SocketAddr::from_toml(cx, k.get_ref(), item) {
-            Some(address) => out.push(DbFrontend {
-                site: Name::new(k.get_ref().as_ref(), k.span()),
-                address,
-            }),
+            Some(address) => {
+                let site = k.get_ref().as_ref();
+                let mark = cx.bind_mark();
+                cx.bind(
+                    format!("load balancer `{db}@{site}` (database `{db}` frontend)"),
+                    address,
+                    Proto::Tcp,
+                    Some(item.span()),
+                );
+                cx.binds_in_site(mark, Some(site));
+                out.push(DbFrontend {
+                    site: Name::new(site, k.span()),
+                    address,
+                });
+            }
             None => ok = false,
         }
     }

@@ -20,6 +20,9 @@ pub(crate) type Value<'i> = Spanned<DeValue<'i>>;
 #[derive(Debug, Default)]
 pub(crate) struct Cx {
     pub diags: Vec<Diagnostic>,
+    /// Every address the topology binds, noted where it is read (with its span), checked for
+    /// clashes in `validate`.
+    pub binds: Vec<crate::binds::Bind>,
     /// Byte offset where each line starts, to name lines in help text.
     line_starts: Vec<usize>,
 }
@@ -62,6 +65,7 @@ impl Cx {
             .collect();
         Cx {
             diags: Vec::new(),
+            binds: Vec::new(),
             line_starts,
         }
     }
@@ -96,6 +100,18 @@ impl Cx {
         message: impl Into<String>,
         help: impl Into<String>,
     ) {
+        debug_assert_eq!(code.severity(), crate::diag::Severity::Error);
+        self.diags.push(Diagnostic::new(code, span, message, help));
+    }
+
+    pub fn warn(
+        &mut self,
+        code: Code,
+        span: Span,
+        message: impl Into<String>,
+        help: impl Into<String>,
+    ) {
+        debug_assert_eq!(code.severity(), crate::diag::Severity::Warning);
         self.diags.push(Diagnostic::new(code, span, message, help));
     }
 
@@ -209,8 +225,16 @@ fn type_name(v: &DeValue<'_>) -> &'static str {
     }
 }
 
-/// "did you mean" for unknown keys and names, else the list of valid ones.
+/// "did you mean" for unknown keys and names, else the list of valid ones (each once, in the
+/// order given: a name defined twice is listed once).
 pub(crate) fn suggest(found: &str, valid: &[&str]) -> String {
+    let mut unique: Vec<&str> = Vec::with_capacity(valid.len());
+    for v in valid {
+        if !unique.contains(v) {
+            unique.push(v);
+        }
+    }
+    let valid = &unique[..];
     let close = valid
         .iter()
         .map(|v| (edit_distance(found, v), v))
@@ -501,6 +525,14 @@ mod tests {
         assert_eq!(
             suggest("zzz", &["interval", "timeout"]),
             "expected one of: interval, timeout"
+        );
+    }
+
+    #[test]
+    fn names_defined_twice_are_listed_once() {
+        assert_eq!(
+            suggest("zzz", &["edge-web", "region-web", "edge-web"]),
+            "expected one of: edge-web, region-web"
         );
     }
 }

@@ -195,14 +195,25 @@ pub struct Dns {
 pub struct Zone {
     /// Lower-case, without the trailing dot.
     pub name: Name,
-    /// Host names of the zone's name servers; the first is the SOA's primary.
-    pub nameservers: Vec<String>,
+    /// The zone's name servers; the first is the SOA's primary.
+    pub nameservers: Vec<NameServer>,
     /// Mailbox of the zone's administrator, as a name (`hostmaster.shop.test`).
     pub hostmaster: String,
     /// TTL of the SOA and NS records. Default 1 h.
     pub ttl: Duration,
     /// How long resolvers may cache a negative answer (the SOA minimum). Default 30 s.
     pub negative_ttl: Duration,
+}
+
+/// A name server of a zone: `"ns1.shop.test"`, or `{ name = "ns1.shop.test", address =
+/// "192.0.2.10" }` (`address` may be an array, IPv4 and IPv6).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NameServer {
+    /// Host name, lower-case, without the trailing dot.
+    pub name: Name,
+    /// Where it answers. For a name inside a served zone, Tandem answers these as its A/AAAA
+    /// records and as glue with the zone's NS records. Empty when not given.
+    pub addresses: Vec<IpAddr>,
 }
 
 /// `[geo]`: where clients are, for geographic and performance routing.

@@ -1,4 +1,6 @@
-//! Checks across sections: unique names, references that resolve, nested profiles without cycles.
+//! Checks across sections: unique names, references that resolve, nested profiles without
+//! cycles, what each DNS name holds (no CNAME beside other data), every address bound once;
+//! and, for a valid file, the warnings.
 
 use std::collections::HashMap;
 
@@ -28,10 +30,12 @@ pub(crate) fn topology(cx: &mut Cx, t: &Topology, names: &Names) {
         unique(cx, dns.zones.iter().map(|z| &z.name), "zone");
     }
     profiles(cx, t, names);
+    owners(cx, t);
     for n in &t.nodes {
         names.check(cx, "site", &n.site);
     }
     crate::cluster::placement(cx, t, names.cluster_declared);
+    crate::binds::check(cx, !t.nodes.is_empty());
     for lb in &t.load_balancers {
         names.check(cx, "site", &lb.site);
         if let Some(probe) = &lb.probe {
@@ -207,6 +211,149 @@ fn profiles(cx: &mut Cx, t: &Topology, names: &Names) {
         }
     }
     nesting(cx, t);
+}
+
+/// What each DNS name holds: one profile per domain; no CNAME at a zone apex, which always
+/// holds the SOA and NS records, since a name with a CNAME holds nothing else (RFC 1034
+/// §3.6.2, RFC 2181 §10.1); a name server's addresses not at a profile's domain.
+fn owners(cx: &mut Cx, t: &Topology) {
+    let zones: Vec<&Zone> = t.dns.iter().flat_map(|d| &d.zones).collect();
+    for (i, p) in t.profiles.iter().enumerate() {
+        if let Some(first) = t.profiles[..i].iter().find(|f| f.domain == p.domain) {
+            let line = cx.line_of(first.domain.span().start);
+            cx.error(
+                Code::DuplicateName,
+                p.domain.span(),
+                format!(
+                    "domain `{}` of profile `{}` is already answered by profile `{}`",
+                    p.domain, p.name, first.name
+                ),
+                format!(
+                    "a name is answered by one profile (the first is on line {line}): give this one its own domain, or nest one profile in the other"
+                ),
+            );
+        }
+        if let Some(zone) = zones.iter().find(|z| z.name == p.domain) {
+            for e in &p.endpoints {
+                let Some(how) = cname_through(t, &e.target, &mut Vec::new()) else {
+                    continue;
+                };
+                cx.error(
+                    Code::CnameConflict,
+                    e.name.span(),
+                    format!(
+                        "endpoint `{}` {how}, but profile `{}` answers the apex of zone `{}`",
+                        e.name, p.name, zone.name
+                    ),
+                    "the apex always holds the zone's SOA and NS records, and a name with a CNAME holds nothing else (RFC 1034 §3.6.2, RFC 2181 §10.1): target an address or a load balancer here, or give the profile a name below the apex",
+                );
+            }
+        }
+        for ns in zones.iter().flat_map(|z| &z.nameservers) {
+            if ns.name == p.domain && !ns.addresses.is_empty() {
+                cx.error(
+                    Code::DuplicateName,
+                    p.domain.span(),
+                    format!(
+                        "domain `{}` of profile `{}` is also a name server with addresses",
+                        p.domain, p.name
+                    ),
+                    "a name is answered once: give the name server its addresses or the profile this name, not both",
+                );
+            }
+        }
+    }
+}
+
+/// How an endpoint target can answer a CNAME ("is a CNAME to `h`", "nests profile `x`, whose
+/// endpoint `y` is a CNAME to `h`"), or `None` when it cannot. `seen` guards against cycles
+/// (reported elsewhere).
+fn cname_through<'a>(
+    t: &'a Topology,
+    target: &'a Target,
+    seen: &mut Vec<&'a str>,
+) -> Option<String> {
+    match target {
+        Target::Cname(host) => Some(format!("is a CNAME to `{host}`")),
+        Target::Profile(child) => {
+            if seen.contains(&child.as_str()) {
+                return None;
+            }
+            seen.push(child.as_str());
+            let p = t.profile(child)?;
+            p.endpoints.iter().find_map(|e| {
+                let how = cname_through(t, &e.target, seen)?;
+                Some(format!(
+                    "nests profile `{child}`, whose endpoint `{}` {how}",
+                    e.name
+                ))
+            })
+        }
+        Target::Address(_) | Target::LoadBalancer(_) => None,
+    }
+}
+
+/// Warnings about a valid topology: it runs nothing; a name server inside a served zone has no
+/// address (resolvers that follow the delegation find no server); addresses given for a name
+/// server outside every served zone are not answered.
+pub(crate) fn warnings(cx: &mut Cx, t: &Topology) {
+    let zones: Vec<&Zone> = t.dns.iter().flat_map(|d| &d.zones).collect();
+    if zones.is_empty()
+        && t.load_balancers.is_empty()
+        && t.scale_sets.is_empty()
+        && t.databases.is_empty()
+    {
+        cx.warn(
+            Code::NothingToRun,
+            0..0,
+            "the topology serves and runs nothing",
+            "add a [dns] zone with profiles, a [[load_balancer]], a [[scale_set]] or a [[database]]; examples/quickstart.toml shows them all",
+        );
+    }
+    let inside = |name: &str| {
+        zones
+            .iter()
+            .any(|z| name == z.name.as_str() || name.ends_with(&format!(".{}", z.name)))
+    };
+    let has_address = |name: &str| {
+        zones
+            .iter()
+            .flat_map(|z| &z.nameservers)
+            .any(|ns| ns.name.as_str() == name && !ns.addresses.is_empty())
+            || t.profiles.iter().any(|p| p.domain.as_str() == name)
+    };
+    for z in &zones {
+        for ns in &z.nameservers {
+            if !inside(&ns.name) {
+                if !ns.addresses.is_empty() {
+                    cx.warn(
+                        Code::NameServerAddressNotServed,
+                        ns.name.span(),
+                        format!(
+                            "name server `{}` is outside every served zone: its addresses are not answered",
+                            ns.name
+                        ),
+                        "its own zone's servers answer for it; remove `address` here, or serve its zone",
+                    );
+                }
+                continue;
+            }
+            if !has_address(&ns.name) {
+                cx.warn(
+                    Code::NameServerWithoutAddress,
+                    ns.name.span(),
+                    format!(
+                        "name server `{}` is inside a served zone but has no address",
+                        ns.name
+                    ),
+                    format!(
+                        "resolvers look its address up in this zone and find nothing: write {{ name = \"{}\", address = \"…\" }} with the address it answers on",
+                        ns.name
+                    ),
+                );
+            }
+        }
+    }
 }
 
 /// Nested profiles must form no cycle and be at most `MAX_PROFILE_DEPTH` deep.

@@ -1,5 +1,6 @@
 //! Pins the exact text users see for each kind of diagnostic. Each case is a topology file in
-//! `tests/diagnostics/NAME.toml` and the full report expected for it in `NAME.txt`.
+//! `tests/diagnostics/NAME.toml` and the full report expected for it in `NAME.txt` (for a valid
+//! file: its warnings, then `valid`).
 //! Set `BLESS=1` to rewrite the expectations after an intended change, then review the diff.
 
 #![allow(clippy::unwrap_used)]
@@ -9,8 +10,9 @@ use std::path::Path;
 fn check(name: &str) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/diagnostics");
     let text = std::fs::read_to_string(dir.join(format!("{name}.toml"))).unwrap();
-    let report = match model::parse(model::Source::new(format!("{name}.toml"), text)) {
-        Ok(_) => "valid\n".to_string(),
+    let report = match model::check(model::Source::new(format!("{name}.toml"), text)) {
+        Ok(c) if c.warnings.items.is_empty() => "valid\n".to_string(),
+        Ok(c) => format!("{}valid\n", c.warnings.render()),
         Err(d) => d.render(),
     };
     let expected_path = dir.join(format!("{name}.txt"));
@@ -50,6 +52,16 @@ cases!(
     placement,
     cluster_rules,
     cluster_ok,
+    cluster_addresses,
+    cname_at_apex,
+    profile_domains,
+    nameservers,
+    nameserver_errors,
+    empty_file,
+    nothing_to_run,
+    address_clashes,
+    address_clash_with_default_api,
+    duplicate_names_listed_once,
 );
 
 #[test]
@@ -76,12 +88,38 @@ fn json_report_locates_each_problem() {
     assert_eq!(
         json,
         serde_json::json!([
-            {"file": "t.toml", "line": 3, "column": 8, "code": "E008",
+            {"file": "t.toml", "line": 3, "column": 8, "severity": "error", "code": "E008",
              "message": "`role` cannot be \"edgy\"", "help": "expected one of: edge, region, witness"},
-            {"file": "t.toml", "line": 4, "column": 1, "code": "E002",
+            {"file": "t.toml", "line": 4, "column": 1, "severity": "error", "code": "E002",
              "message": "unknown key `foo` in site", "help": "expected one of: name, role, location"},
         ])
     );
+}
+
+#[test]
+fn json_report_marks_warnings() {
+    let text = "[[site]]\nname = \"edge\"\nrole = \"edge\"\n";
+    let c = model::check(model::Source::new("t.toml", text)).unwrap();
+    assert_eq!(
+        c.warnings.to_json(),
+        serde_json::json!([
+            {"file": "t.toml", "line": 1, "column": 1, "severity": "warning", "code": "W001",
+             "message": "the topology serves and runs nothing",
+             "help": "add a [dns] zone with profiles, a [[load_balancer]], a [[scale_set]] or a [[database]]; examples/quickstart.toml shows them all"},
+        ])
+    );
+}
+
+#[test]
+fn example_topologies_have_no_warnings() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let c = model::load_checked(&path).unwrap();
+            assert!(c.warnings.items.is_empty(), "{}", c.warnings.render());
+        }
+    }
 }
 
 #[test]

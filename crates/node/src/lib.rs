@@ -31,6 +31,8 @@ pub struct Config {
     /// Its text as loaded.
     pub text: String,
     pub topology: model::Topology,
+    /// What `validate` would warn about (the file is valid).
+    pub warnings: model::Diagnostics,
     /// `--node NAME`; `None` runs every site.
     pub node: Option<String>,
 }
@@ -56,8 +58,9 @@ impl Config {
             path: file.display().to_string(),
             source,
         })?;
-        let topology = model::parse(model::Source::new(file.display().to_string(), text.clone()))
-            .map_err(|d| model::LoadError::Invalid(Box::new(d)))?;
+        let model::Checked { topology, warnings } =
+            model::check(model::Source::new(file.display().to_string(), text.clone()))
+                .map_err(|d| model::LoadError::Invalid(Box::new(d)))?;
         match (node, topology.nodes.is_empty()) {
             (Some(n), _) => {
                 model::find_node(&topology, n).map_err(Error::Usage)?;
@@ -76,6 +79,7 @@ impl Config {
             file: file.to_path_buf(),
             text,
             topology,
+            warnings,
             node: node.map(str::to_string),
         })
     }

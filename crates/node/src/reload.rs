@@ -51,7 +51,7 @@ impl Reloader {
             diagnostics: None,
         })?;
         let source = model::Source::new(self.file.display().to_string(), text.clone());
-        let topology = model::parse(source).map_err(|d| api::ReloadRefused {
+        let checked = model::check(source).map_err(|d| api::ReloadRefused {
             message: format!(
                 "{} has {} problem(s); keeping the running topology",
                 self.file.display(),
@@ -59,7 +59,10 @@ impl Reloader {
             ),
             diagnostics: Some(d.render()),
         })?;
-        Ok((text, topology))
+        for d in &checked.warnings.items {
+            tracing::warn!(code = d.code.as_str(), at = %checked.warnings.location(d), help = %d.help, "{}", d.message);
+        }
+        Ok((text, checked.topology))
     }
 
     fn plan(&self) -> Result<api::ReloadPlan, api::ReloadRefused> {

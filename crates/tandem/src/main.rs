@@ -165,28 +165,21 @@ fn main() -> ExitCode {
 }
 
 fn validate(file: &std::path::Path, node: Option<&str>, json: bool) -> ExitCode {
-    match model::load(file) {
-        Ok(t) => {
+    match model::load_checked(file) {
+        Ok(checked) => {
             if let Some(n) = node
-                && let Err(e) = model::find_node(&t, n)
+                && let Err(e) = model::find_node(&checked.topology, n)
             {
                 eprintln!("error: {e}");
                 return ExitCode::from(EXIT_INVALID);
             }
             if json {
-                println!("[]");
+                println!("{}", checked.warnings.to_json());
             } else {
-                println!(
-                    "{}: valid ({} sites, {} monitors, {} profiles, {} load balancers, {} scale sets, {} databases, {} apps)",
-                    file.display(),
-                    t.sites.len(),
-                    t.monitors.len(),
-                    t.profiles.len(),
-                    t.load_balancers.len(),
-                    t.scale_sets.len(),
-                    t.databases.len(),
-                    t.apps.len()
-                );
+                if !checked.warnings.items.is_empty() {
+                    eprint!("{}", checked.warnings.render());
+                }
+                println!("{}: valid ({})", file.display(), summary(&checked.topology));
             }
             ExitCode::SUCCESS
         }
@@ -194,6 +187,34 @@ fn validate(file: &std::path::Path, node: Option<&str>, json: bool) -> ExitCode 
             report_load_error(&e, json);
             ExitCode::from(EXIT_INVALID)
         }
+    }
+}
+
+/// `2 sites, 1 monitor, 1 profile, …`.
+fn summary(t: &model::Topology) -> String {
+    use model::diag::plural;
+    [
+        plural(t.sites.len(), "site"),
+        plural(t.monitors.len(), "monitor"),
+        plural(t.profiles.len(), "profile"),
+        plural(t.load_balancers.len(), "load balancer"),
+        plural(t.scale_sets.len(), "scale set"),
+        plural(t.databases.len(), "database"),
+        plural(t.apps.len(), "app"),
+    ]
+    .join(", ")
+}
+
+/// Logs the warnings about a valid topology, one event each.
+pub fn log_warnings(warnings: &model::Diagnostics) {
+    for d in &warnings.items {
+        tracing::warn!(
+            code = d.code.as_str(),
+            at = %warnings.location(d),
+            help = %d.help,
+            "{}",
+            d.message
+        );
     }
 }
 

@@ -36,6 +36,7 @@ pub fn run(file: &Path, node: Option<&str>, console: bool) -> ExitCode {
         .with_ansi(terminal)
         .with_writer(std::io::stderr)
         .init();
+    crate::log_warnings(&config.warnings);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

@@ -77,6 +77,97 @@ fn validate_reports_every_problem_with_its_location() {
     assert_eq!(json[1]["column"], 12);
 }
 
+/// Issue 13: the summary said `1 monitors`; each count now agrees with its number.
+#[test]
+fn validate_counts_in_words() {
+    let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/quickstart.toml");
+    let out = run(tandem().arg("validate").arg(&quickstart));
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!(
+            "{}: valid (2 sites, 1 monitor, 1 profile, 2 load balancers, 2 scale sets, 0 databases, 0 apps)\n",
+            quickstart.display()
+        )
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "", "no warning");
+}
+
+/// Issue 13: an empty file (or one with nothing to run) reported `valid (0 sites, …)` and
+/// nothing else. It is valid, with a warning that it runs nothing, located and with help;
+/// `--json` carries the warning with its severity; the exit code stays 0.
+#[test]
+fn validate_warns_of_a_topology_that_runs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("empty.toml");
+    std::fs::write(&file, "").unwrap();
+    let name = file.display().to_string();
+    let out = run(tandem().arg("validate").arg(&file));
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!(
+            "{name}: valid (0 sites, 0 monitors, 0 profiles, 0 load balancers, 0 scale sets, 0 databases, 0 apps)\n"
+        )
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for expected in [
+        format!("warning[W001]: the topology serves and runs nothing\n --> {name}:1:1\n"),
+        "= help: add a [dns] zone with profiles".to_string(),
+        format!("warning: {name} has 1 warning\n"),
+    ] {
+        assert!(
+            stderr.contains(&expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+    let out = run(tandem().args(["validate", "--json"]).arg(&file));
+    assert_eq!(out.status.code(), Some(0));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json[0]["severity"], "warning");
+    assert_eq!(json[0]["code"], "W001");
+    assert_eq!(
+        (json[0]["line"].clone(), json[0]["column"].clone()),
+        (1.into(), 1.into())
+    );
+}
+
+/// Issue 13: `tandem up` logs the topology's warnings when it starts, and runs.
+#[tokio::test]
+async fn up_logs_the_warnings_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = testkit::closed_port();
+    let topology = topology_file(
+        dir.path(),
+        api,
+        r#"
+[dns]
+listen = ["127.0.0.1:0"]
+[[dns.zone]]
+name = "shop.test"
+nameservers = ["ns1.shop.test"]
+hostmaster = "hostmaster.shop.test"
+"#,
+    );
+    let mut up = Up::start(&topology, api, &[("TANDEM_LOG", "info")]);
+    let log = up.log.clone().unwrap();
+    let text = eventually(Duration::from_secs(10), "tandem up", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        async move { text.contains("tandem is up").then_some(text) }
+    })
+    .await;
+    assert!(text.contains("W002"), "{text}");
+    assert!(
+        text.contains("name server `ns1.shop.test` is inside a served zone but has no address"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("{}:9:16", topology.display())),
+        "{text}"
+    );
+    assert!(up.terminate().success());
+}
+
 #[test]
 fn validate_of_a_missing_file_says_so() {
     let out = run(tandem().args(["validate", "/nonexistent/topology.toml"]));
