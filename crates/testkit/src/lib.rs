@@ -6,7 +6,7 @@
 
 pub mod netns;
 
-pub use netns::{Lab, Proc};
+pub use netns::{EtcdCluster, Lab, Proc};
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -1,5 +1,5 @@
 //! Multi-site labs on one machine: a Linux network namespace per site, joined by a bridge, with
-//! real processes (Tandem nodes, etcd members) inside and faults a test switches on and off.
+//! real processes (etcd members, Tandem nodes) inside and faults a test switches on and off.
 //!
 //! Needs root (`ip netns`); CI runs as root. Nothing is created in the root namespace.
 //!
@@ -74,6 +74,8 @@
 //! # async fn demo() {
 //! use testkit::netns::Lab;
 //! let lab = Lab::with_client(&["edge", "region", "witness"]);
+//! let etcd = lab.etcd_cluster(&["edge", "region", "witness"]);
+//! etcd.wait_healthy().await;
 //! let mut node = lab.command("edge", "tandem");
 //! node.args(["up", "topology.toml", "--node", "edge-1"]);
 //! let _node = lab.spawn(node, "edge-1");
@@ -108,6 +110,9 @@ pub const CLIENT: &str = "client";
 const CLIENT_OCTET: u8 = 100;
 /// Where `ip netns` keeps its namespaces.
 const NETNS_DIR: &str = "/var/run/netns";
+/// etcd's client and peer ports inside each site.
+const ETCD_CLIENT_PORT: u16 = 2379;
+const ETCD_PEER_PORT: u16 = 2380;
 
 static LABS: AtomicU32 = AtomicU32::new(0);
 
@@ -218,7 +223,7 @@ impl Lab {
         &self.inner.site(site).ns
     }
 
-    /// The lab's temporary directory: logs of [`Lab::spawn`], files a test writes.
+    /// The lab's temporary directory: logs of [`Lab::spawn`], etcd data, files a test writes.
     /// Removed when the lab is dropped.
     pub fn dir(&self) -> &Path {
         &self.inner.dir
@@ -295,6 +300,19 @@ impl Lab {
     pub fn heal_route(&self, site: &str, dest: IpAddr) {
         let ns = &self.inner.site(site).ns;
         ip(&format!("-n {ns} route del unreachable {dest}/32"));
+    }
+
+    /// Starts one etcd member in each of `sites` on the site's main address (client port 2379,
+    /// also on the site's `127.0.0.1`; peer port 2380), as one static cluster, with its data and
+    /// log in the lab's directory. Does not wait: see [`EtcdCluster::wait_healthy`]. The
+    /// cluster holds on to the lab: its namespaces go when both are dropped.
+    pub fn etcd_cluster(&self, sites: &[&str]) -> EtcdCluster {
+        EtcdCluster::start_all(
+            Lab {
+                inner: self.inner.clone(),
+            },
+            sites,
+        )
     }
 }
 
@@ -446,6 +464,162 @@ impl std::fmt::Debug for Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// A static etcd cluster, one member per site of a [`Lab`], named after its site. Members are
+/// killed when it is dropped (and by the lab's cleanup in any case).
+///
+/// Timing: heartbeat 100 ms, election timeout 1 s, pre-vote on (as etcd ≥ 3.5 does by default),
+/// so a partitioned member rejoins without forcing an election. A leader cut off steps down
+/// after about one election timeout; the majority elects a new one within a few seconds.
+pub struct EtcdCluster {
+    lab: Lab,
+    members: Vec<Member>,
+    initial_cluster: String,
+}
+
+struct Member {
+    site: String,
+    ip: IpAddr,
+    proc: Option<Proc>,
+}
+
+impl EtcdCluster {
+    fn start_all(lab: Lab, sites: &[&str]) -> EtcdCluster {
+        let members: Vec<Member> = sites
+            .iter()
+            .map(|site| Member {
+                site: site.to_string(),
+                ip: lab.ip(site, MAIN_HOST),
+                proc: None,
+            })
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}=http://{}:{ETCD_PEER_PORT}", m.site, m.ip))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = EtcdCluster {
+            lab,
+            members,
+            initial_cluster,
+        };
+        for site in sites {
+            cluster.start(site);
+        }
+        cluster
+    }
+
+    fn member(&self, site: &str) -> &Member {
+        self.members
+            .iter()
+            .find(|m| m.site == site)
+            .unwrap_or_else(|| panic!("no etcd member in site {site:?}"))
+    }
+
+    fn member_mut(&mut self, site: &str) -> &mut Member {
+        self.members
+            .iter_mut()
+            .find(|m| m.site == site)
+            .unwrap_or_else(|| panic!("no etcd member in site {site:?}"))
+    }
+
+    /// The client URLs of every member, in the order given: `http://198.18.X.10:2379`.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("http://{}:{ETCD_CLIENT_PORT}", m.ip))
+            .collect()
+    }
+
+    /// The client URL of the member in `site`.
+    pub fn endpoint(&self, site: &str) -> String {
+        format!("http://{}:{ETCD_CLIENT_PORT}", self.member(site).ip)
+    }
+
+    /// The running process of the member in `site` (to freeze it, read its pid).
+    pub fn process(&self, site: &str) -> Option<&Proc> {
+        self.member(site).proc.as_ref()
+    }
+
+    /// Kills the member in `site` (`SIGKILL`); its data stays.
+    pub fn kill(&mut self, site: &str) {
+        self.member_mut(site).proc = None;
+    }
+
+    /// Starts the member in `site` (again, on its data, after [`EtcdCluster::kill`]). Does not
+    /// wait: see [`EtcdCluster::wait_healthy`].
+    pub fn start(&mut self, site: &str) {
+        let m = self.member(site);
+        assert!(m.proc.is_none(), "the etcd member in {site} is running");
+        let ip = m.ip;
+        let data = self.lab.dir().join(format!("etcd-{site}"));
+        let client = format!("http://{ip}:{ETCD_CLIENT_PORT}");
+        let peer = format!("http://{ip}:{ETCD_PEER_PORT}");
+        let mut cmd = self.lab.command(site, "etcd");
+        cmd.args(["--name", site, "--data-dir"])
+            .arg(data)
+            .args([
+                "--listen-client-urls",
+                &format!("{client},http://127.0.0.1:{ETCD_CLIENT_PORT}"),
+            ])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &self.initial_cluster])
+            .args(["--initial-cluster-token", self.lab.id()])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
+            .args([
+                "--pre-vote=true",
+                "--logger",
+                "zap",
+                "--log-outputs",
+                "stderr",
+            ]);
+        let proc = self.lab.spawn(cmd, &format!("etcd-{site}"));
+        self.member_mut(site).proc = Some(proc);
+    }
+
+    /// Runs `etcdctl ARGS` (API v3) inside `site` against that site's member, with a 1 s dial
+    /// and a 2 s command timeout; its stdout, or its stderr when it fails. Reads are
+    /// linearizable unless `--consistency=s` is given, so they fail without a quorum.
+    pub async fn etcdctl(&self, site: &str, args: &[&str]) -> Result<String, String> {
+        let mut cmd = self.lab.command(site, "etcdctl");
+        cmd.env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.endpoint(site)])
+            .args(["--dial-timeout=1s", "--command-timeout=2s"])
+            .args(args);
+        let mut cmd = tokio::process::Command::from(cmd);
+        cmd.kill_on_drop(true);
+        match tokio::time::timeout(Duration::from_secs(10), cmd.output()).await {
+            Err(_) => Err("etcdctl did not finish within 10 s".into()),
+            Ok(Err(e)) => Err(format!("cannot run etcdctl (etcd-client installed?): {e}")),
+            Ok(Ok(out)) if out.status.success() => {
+                Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            }
+            Ok(Ok(out)) => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+        }
+    }
+
+    /// Waits (at most 30 s) until every running member serves a linearizable read.
+    pub async fn wait_healthy(&self) {
+        for m in self.members.iter().filter(|m| m.proc.is_some()) {
+            let what = format!("the etcd member in {} to be healthy", m.site);
+            crate::eventually(Duration::from_secs(30), &what, || async {
+                self.etcdctl(&m.site, &["endpoint", "health"]).await.ok()
+            })
+            .await;
+        }
+    }
+}
+
+impl std::fmt::Debug for EtcdCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdCluster")
+            .field("endpoints", &self.endpoints())
+            .finish()
     }
 }
 
