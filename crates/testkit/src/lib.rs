@@ -320,10 +320,7 @@ impl EtcdMember {
         while peer == client {
             peer = free_tcp_port(&["127.0.0.1"]);
         }
-        let dir = std::env::temp_dir().join(format!(
-            "tandem-etcd-{}-{client}",
-            std::process::id()
-        ));
+        let dir = std::env::temp_dir().join(format!("tandem-etcd-{}-{client}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let mut m = EtcdMember {
