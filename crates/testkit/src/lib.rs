@@ -1,7 +1,12 @@
 //! Test fixtures: real servers on loopback whose behaviour a test changes while they run, and
-//! waiting for a condition with a deadline instead of sleeping.
+//! waiting for a condition with a deadline instead of sleeping; real etcd members; multi-site
+//! labs in network namespaces ([`netns`]).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod netns;
+
+pub use netns::{EtcdCluster, Lab, Proc};
 
 use std::future::Future;
 use std::net::SocketAddr;
