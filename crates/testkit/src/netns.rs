@@ -117,6 +117,8 @@ const ETCD_PEER_PORT: u16 = 2380;
 static LABS: AtomicU32 = AtomicU32::new(0);
 
 /// A set of sites, each in its own network namespace, on one bridge. See the module docs.
+/// Clones share the lab: it is removed when the last one is dropped.
+#[derive(Clone)]
 pub struct Lab {
     inner: Arc<Inner>,
 }

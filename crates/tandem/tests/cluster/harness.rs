@@ -1,0 +1,344 @@
+//! Three sites in network namespaces (edge, region, witness, plus a client): one etcd member
+//! and one `tandem up --node` in each, a scale set of `tandem sample-app` behind a public load
+//! balancer in edge and region, DNS on the edge and region nodes.
+//!
+//! Addresses (see `testkit::netns`): site N's node, etcd member and DNS on 198.18.N.10, its
+//! load balancer on .20, its instances on .30; the client on 198.18.100.10.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{Read as _, Write as _};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use testkit::eventually;
+use testkit::netns::{EtcdCluster, Lab, Proc};
+
+pub const SITES: [&str; 3] = ["edge", "region", "witness"];
+pub const DOMAIN: &str = "www.shop.test";
+
+/// Knobs of the topology the tests vary.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub lease_ttl: &'static str,
+    pub failback_hold: &'static str,
+    pub interval: &'static str,
+    pub timeout: &'static str,
+    /// Extra TOML appended to the file.
+    pub extra: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            lease_ttl: "3s",
+            failback_hold: "3s",
+            interval: "100ms",
+            timeout: "80ms",
+            extra: String::new(),
+        }
+    }
+}
+
+pub struct Sites {
+    pub lab: Lab,
+    pub etcd: EtcdCluster,
+    pub nodes: BTreeMap<String, Proc>,
+    pub topology: PathBuf,
+}
+
+pub fn node_name(site: &str) -> String {
+    format!("{site}-1")
+}
+
+impl Sites {
+    pub fn ip(&self, site: &str, host: u8) -> IpAddr {
+        self.lab.ip(site, host)
+    }
+
+    pub fn api(&self, site: &str) -> SocketAddr {
+        SocketAddr::new(self.ip(site, 10), 7400)
+    }
+
+    /// The load balancer's address in `site` (what DNS answers for it).
+    pub fn lb(&self, site: &str) -> String {
+        self.ip(site, 20).to_string()
+    }
+
+    /// Starts the lab, etcd and the three nodes, and waits until every node sees three alive.
+    pub async fn start(opts: Options) -> Sites {
+        let lab = Lab::with_client(&SITES);
+        for site in ["edge", "region"] {
+            lab.add_ip(site, 20);
+            lab.add_ip(site, 30);
+        }
+        let etcd = lab.etcd_cluster(&SITES);
+        etcd.wait_healthy().await;
+        let topology = lab.dir().join("topology.toml");
+        std::fs::write(&topology, topology_text(&lab, &etcd, &opts)).unwrap();
+        let mut sites = Sites {
+            lab,
+            etcd,
+            nodes: BTreeMap::new(),
+            topology,
+        };
+        for site in SITES {
+            sites.start_node(site);
+        }
+        for site in SITES {
+            sites.wait_alive(site, 3).await;
+        }
+        sites
+    }
+
+    /// Starts (or starts again) the node of `site`.
+    pub fn start_node(&mut self, site: &str) {
+        let mut cmd = self.lab.command(site, env!("CARGO_BIN_EXE_tandem"));
+        cmd.arg("up")
+            .arg(&self.topology)
+            .args(["--node", &node_name(site), "--no-console"])
+            .env("TANDEM_LOG", "info");
+        let proc = self.lab.spawn(cmd, &format!("tandem-{site}"));
+        self.nodes.insert(site.to_string(), proc);
+    }
+
+    /// The node's process.
+    pub fn node(&mut self, site: &str) -> &mut Proc {
+        self.nodes.get_mut(site).unwrap()
+    }
+
+    /// Waits until `site`'s node lists `n` alive nodes.
+    pub async fn wait_alive(&self, site: &str, n: usize) {
+        let what = format!("{site} to see {n} nodes alive");
+        eventually(Duration::from_secs(30), &what, || async {
+            let v: Value = self.get(site, "/v1/nodes").await?;
+            let alive = v["nodes"]
+                .as_array()?
+                .iter()
+                .filter(|n| n["alive"] == true)
+                .count();
+            (alive == n).then_some(())
+        })
+        .await;
+    }
+
+    /// `GET path` from `site`'s node API, as the client sees it; `None` when it does not
+    /// answer (within 3 s) or answers an error.
+    pub async fn get<T: DeserializeOwned + Send + 'static>(
+        &self,
+        site: &str,
+        path: &str,
+    ) -> Option<T> {
+        let (lab, addr, path) = (self.lab.clone(), self.api(site), path.to_string());
+        let body =
+            tokio::task::spawn_blocking(move || lab.in_site("client", || http(addr, "GET", &path)))
+                .await
+                .ok()??;
+        serde_json::from_str(&body).ok()
+    }
+
+    /// `POST path` (JSON body) to `site`'s node API; the status and body.
+    pub async fn post(&self, site: &str, path: &str, body: &str) -> Option<(u16, Value)> {
+        let (lab, addr, path, body) = (
+            self.lab.clone(),
+            self.api(site),
+            path.to_string(),
+            body.to_string(),
+        );
+        tokio::task::spawn_blocking(move || lab.in_site("client", || post(addr, &path, &body)))
+            .await
+            .ok()?
+    }
+
+    /// `dig` from the client against `site`'s DNS: the short answer, or `None` when it got none.
+    pub async fn dig(&self, site: &str, name: &str) -> Option<Vec<String>> {
+        let mut cmd = self.lab.command("client", "dig");
+        cmd.arg(format!("@{}", self.ip(site, 10)))
+            .args([name, "+short", "+norec", "+time=1", "+tries=1"]);
+        let out = tokio::process::Command::from(cmd).output().await.ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() || text.contains("timed out") || text.contains("error") {
+            return None;
+        }
+        Some(text.lines().map(str::to_string).collect())
+    }
+
+    /// Waits until `site`'s DNS answers `want` for the name.
+    pub async fn wait_answer(&self, site: &str, want: &str, deadline: Duration) {
+        let what = format!("{site}'s DNS to answer {want}");
+        eventually(deadline, &what, || async {
+            let a = self.dig(site, DOMAIN).await?;
+            (a == [want]).then_some(())
+        })
+        .await;
+    }
+
+    /// Every event `site`'s node shows.
+    pub async fn events(&self, site: &str) -> Vec<Value> {
+        self.get::<Value>(site, "/v1/events")
+            .await
+            .and_then(|v| v["events"].as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    /// The tail of a node's log (for failure messages).
+    pub fn log(&self, site: &str) -> String {
+        let path = self.lab.dir().join(format!("tandem-{site}.log"));
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+/// One HTTP/1.0 exchange, bounded in time; the body of a 2xx answer.
+fn http(addr: SocketAddr, method: &str, path: &str) -> Option<String> {
+    let (status, body) = exchange(
+        addr,
+        &format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n"),
+    )?;
+    (200..300).contains(&status).then_some(body)
+}
+
+fn post(addr: SocketAddr, path: &str, body: &str) -> Option<(u16, Value)> {
+    let req = format!(
+        "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let (status, body) = exchange(addr, &req)?;
+    Some((status, serde_json::from_str(&body).unwrap_or(Value::Null)))
+}
+
+fn exchange(addr: SocketAddr, request: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(request.as_bytes()).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+/// The three-site topology with the lab's addresses.
+fn topology_text(lab: &Lab, etcd: &EtcdCluster, o: &Options) -> String {
+    let ip = |site: &str, host: u8| lab.ip(site, host);
+    let etcd_list: Vec<String> = etcd
+        .endpoints()
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect();
+    let state = lab.dir().join("state");
+    let mut t = format!(
+        r#"[tandem]
+state_dir = "{state}"
+
+[cluster]
+name = "shop"
+etcd = [{etcd}]
+lease_ttl = "{ttl}"
+
+[[site]]
+name = "edge"
+role = "edge"
+
+[[site]]
+name = "region"
+role = "region"
+
+[[site]]
+name = "witness"
+role = "witness"
+
+[[node]]
+name = "edge-1"
+site = "edge"
+api = "{e10}:7400"
+dns = ["{e10}:53"]
+
+[[node]]
+name = "region-1"
+site = "region"
+api = "{r10}:7400"
+dns = ["{r10}:53"]
+
+[[node]]
+name = "witness-1"
+site = "witness"
+api = "{w10}:7400"
+
+[[dns.zone]]
+name = "shop.test"
+nameservers = [
+  {{ name = "ns1.shop.test", address = "{e10}" }},
+  {{ name = "ns2.shop.test", address = "{r10}" }},
+]
+hostmaster = "hostmaster.shop.test"
+
+[[monitor]]
+name = "web"
+protocol = "http"
+port = 8080
+path = "/healthz"
+interval = "{interval}"
+timeout = "{timeout}"
+tolerated_failures = 1
+recovery_successes = 2
+
+[[profile]]
+name = "www"
+domain = "www.shop.test"
+routing = "priority"
+ttl = "1s"
+monitor = "web"
+failback_hold = "{hold}"
+
+  [[profile.endpoint]]
+  name = "edge"
+  target = {{ load_balancer = "edge-web" }}
+  priority = 1
+
+  [[profile.endpoint]]
+  name = "region"
+  target = {{ load_balancer = "region-web" }}
+  priority = 2
+"#,
+        state = state.display(),
+        etcd = etcd_list.join(", "),
+        ttl = o.lease_ttl,
+        e10 = ip("edge", 10),
+        r10 = ip("region", 10),
+        w10 = ip("witness", 10),
+        interval = o.interval,
+        timeout = o.timeout,
+        hold = o.failback_hold,
+    );
+    for site in ["edge", "region"] {
+        t.push_str(&format!(
+            r#"
+[[load_balancer]]
+name = "{site}-web"
+site = "{site}"
+frontend = "{lb}:8080"
+pool = {{ scale_set = "{site}-web", port = "http" }}
+probe = "web"
+
+[[scale_set]]
+name = "{site}-web"
+site = "{site}"
+command = ["tandem", "sample-app", "--listen", "{{address}}:{{port.http}}", "--site", "{{site}}"]
+bind = "{inst}"
+ports = {{ http = "21000-21009" }}
+capacity = {{ min = 1, max = 4, initial = 2 }}
+health = "web"
+"#,
+            lb = ip(site, 20),
+            inst = ip(site, 30),
+        ));
+    }
+    t.push_str(&o.extra);
+    t
+}
