@@ -337,9 +337,10 @@ impl Node {
         self.config.cluster.health_quorum
     }
 
-    /// The leader's failback decisions, by profile, while this node follows a live cluster;
-    /// `None` when it is isolated (it then decides for itself).
-    pub fn decisions(&self) -> Option<HashMap<String, Option<String>>> {
+    /// The leader's failback decisions by profile — the endpoint, and the record's revision
+    /// (new with every decision) — while this node follows a live cluster; `None` when it is
+    /// isolated (it then decides for itself).
+    pub fn decisions(&self) -> Option<HashMap<String, (Option<String>, u64)>> {
         if self.isolation.borrow().isolated {
             return None;
         }
@@ -348,7 +349,8 @@ impl Node {
                 .iter()
                 .filter_map(|(k, r)| {
                     let profile = k.strip_prefix(keys::DNS_DECISIONS)?;
-                    Some((profile.to_string(), r.json::<Decision>()?.endpoint))
+                    let d = r.json::<Decision>()?;
+                    Some((profile.to_string(), (d.endpoint, r.revision)))
                 })
                 .collect()
         }))

@@ -16,6 +16,15 @@ use crate::failback::Failback;
 use crate::server::Metrics;
 use crate::table::{self, GeoDatabase, HealthView, Overrides, ProfileView, Tables};
 
+/// A failback decision of the cluster's leader for one priority profile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// The endpoint that takes traffic; `None` when none was available to the leader.
+    pub endpoint: Option<String>,
+    /// The store revision of the decision, which grows with every new one.
+    pub revision: u64,
+}
+
 /// No such profile or endpoint.
 #[derive(Debug, thiserror::Error)]
 pub enum NotFound {
@@ -29,9 +38,13 @@ struct State {
     overrides: Overrides,
     failbacks: HashMap<String, Failback>,
     next_wake: Option<Instant>,
-    /// The cluster leader's failback decisions (endpoint by profile) while this node follows
-    /// it; `None`: decide alone (single process, or cut off from the cluster).
-    following: Option<HashMap<String, Option<String>>>,
+    /// The cluster leader's failback decisions by profile while this node follows it; `None`:
+    /// decide alone (single process, or cut off from the cluster).
+    following: Option<HashMap<String, Decision>>,
+    /// Decisions (by record revision) this node stopped following because their endpoint
+    /// became unavailable here: it decides alone for that profile until the leader decides
+    /// anew, so a stale decision (a leader cut off) cannot bring traffic back before the hold.
+    suspended: HashMap<String, u64>,
     /// This node's own decisions, by profile, as last computed.
     local: HashMap<String, Option<String>>,
 }
@@ -91,6 +104,7 @@ impl Manager {
                 failbacks,
                 next_wake: None,
                 following: None,
+                suspended: HashMap::new(),
                 local: HashMap::new(),
             }),
             events: broadcast::Sender::new(1024),
@@ -143,11 +157,12 @@ impl Manager {
         }
     }
 
-    /// Follows the cluster leader's failback decisions (endpoint by priority profile), or with
-    /// `None` decides alone again. Failover never waits for the leader: an endpoint it chose
-    /// that is unavailable here is skipped at once; failback (moving back to a better endpoint)
-    /// happens when the leader says so, so every node moves back together.
-    pub fn follow(&self, decisions: Option<HashMap<String, Option<String>>>) {
+    /// Follows the cluster leader's failback decisions (by priority profile), or with `None`
+    /// decides alone again. Failover never waits for the leader: when the endpoint it chose is
+    /// unavailable here, this node fails over at once and decides that profile alone (moving
+    /// back only after its own hold) until the leader decides anew; failback otherwise
+    /// happens when the leader says so, so every node moves back together, once.
+    pub fn follow(&self, decisions: Option<HashMap<String, Decision>>) {
         {
             let mut st = self.state();
             if st.following == decisions {
@@ -206,6 +221,7 @@ impl Manager {
         let State {
             failbacks,
             following,
+            suspended,
             local,
             overrides,
             ..
@@ -220,17 +236,29 @@ impl Manager {
                     .iter()
                     .position(|&i| p.endpoints[i].name.as_str() == name)
             };
-            let leader = following
-                .as_ref()
-                .and_then(|f| f.get(p.name.as_str()))
-                .map(|e| e.as_deref().and_then(rank_of));
-            if let Some(rank) = leader {
-                fb.adopt(rank);
-            }
             let avail: Vec<bool> = order
                 .iter()
                 .map(|&i| table::available(statuses[pi][i]))
                 .collect();
+            let followed = following
+                .as_ref()
+                .and_then(|f| f.get(p.name.as_str()))
+                .filter(|d| suspended.get(p.name.as_str()) != Some(&d.revision));
+            let leader = match followed {
+                Some(d) => {
+                    let rank = d.endpoint.as_deref().and_then(rank_of);
+                    if rank.is_none_or(|r| avail[r]) {
+                        Some(rank)
+                    } else {
+                        suspended.insert(p.name.to_string(), d.revision);
+                        None
+                    }
+                }
+                None => None,
+            };
+            if let Some(rank) = leader {
+                fb.adopt(rank);
+            }
             let d = fb.decide(&avail, now);
             let name_of =
                 |rank: Option<usize>| rank.map(|r| p.endpoints[order[r]].name.to_string());

@@ -746,6 +746,75 @@ async fn failback_waits_for_the_hold_and_flapping_moves_at_most_once_per_hold() 
     assert_eq!(answer(&f), ["A 10.0.1.10"]);
 }
 
+/// A node following the cluster leader's failback decisions: it moves back only when the
+/// leader says so; when the leader's endpoint fails here it fails over at once, and a stale
+/// decision (a leader cut off, never deciding again) cannot bring traffic back before this
+/// node's own hold; a new decision is followed at once.
+#[tokio::test]
+async fn a_follower_moves_back_when_the_leader_decides_and_never_on_a_stale_decision() {
+    use dns::manager::Decision;
+    let f = Fixture::new(PRIORITY);
+    let t0 = tokio::time::Instant::now();
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    let answer = |f: &Fixture| f.manager.views()[0].answer.clone();
+    let follow = |f: &Fixture, endpoint: &str, revision: u64| {
+        let d = Decision {
+            endpoint: Some(endpoint.to_string()),
+            revision,
+        };
+        f.manager
+            .follow(Some([("www".to_string(), d)].into_iter().collect()));
+    };
+    f.health.set("www", "edge", Status::Online);
+    f.health.set("www", "region", Status::Online);
+    follow(&f, "region", 1);
+    f.manager.rebuild(at(0));
+    assert_eq!(
+        answer(&f),
+        ["A 10.0.2.10"],
+        "the leader's choice, not the best"
+    );
+    follow(&f, "edge", 2);
+    f.manager.rebuild(at(1));
+    assert_eq!(
+        answer(&f),
+        ["A 10.0.1.10"],
+        "the leader moved back: at once"
+    );
+    // The leader is cut off and keeps saying edge; edge fails here.
+    f.health.set("www", "edge", Status::Degraded);
+    f.manager.rebuild(at(2));
+    assert_eq!(answer(&f), ["A 10.0.2.10"], "failover never waits");
+    f.health.set("www", "edge", Status::Online);
+    f.manager.rebuild(at(3));
+    f.manager.rebuild(at(32));
+    assert_eq!(
+        answer(&f),
+        ["A 10.0.2.10"],
+        "a stale decision does not skip the hold"
+    );
+    f.manager.rebuild(at(33));
+    assert_eq!(
+        answer(&f),
+        ["A 10.0.1.10"],
+        "back after this node's own 30 s hold"
+    );
+    // A new leader decides: followed at once.
+    f.health.set("www", "edge", Status::Degraded);
+    f.manager.rebuild(at(40));
+    follow(&f, "region", 3);
+    f.health.set("www", "edge", Status::Online);
+    f.manager.rebuild(at(41));
+    assert_eq!(answer(&f), ["A 10.0.2.10"]);
+    follow(&f, "edge", 4);
+    f.manager.rebuild(at(42));
+    assert_eq!(
+        answer(&f),
+        ["A 10.0.1.10"],
+        "the leader's failback, before the local hold"
+    );
+}
+
 /// A MaxMind-format City database: 192.0.2.0/24 in Germany (Europe), 198.51.100.0/24 in the
 /// United States (North America), each with coordinates.
 fn city_database(dir: &std::path::Path) -> std::path::PathBuf {

@@ -19,7 +19,14 @@ pub(crate) async fn run(node: Arc<cluster::Node>, dns: Arc<dns::manager::Manager
                 }
             }
         } else {
-            dns.follow(node.decisions());
+            let decisions = node.decisions().map(|all| {
+                all.into_iter()
+                    .map(|(profile, (endpoint, revision))| {
+                        (profile, dns::manager::Decision { endpoint, revision })
+                    })
+                    .collect()
+            });
+            dns.follow(decisions);
         }
         tokio::select! {
             r = leadership.changed() => if r.is_err() { return },

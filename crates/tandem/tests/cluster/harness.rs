@@ -1,6 +1,6 @@
 //! Three sites in network namespaces (edge, region, witness, plus a client): one etcd member
 //! and one `tandem up --node` in each, a scale set of `tandem sample-app` behind a public load
-//! balancer in edge and region, DNS on the edge and region nodes.
+//! balancer in edge and region, DNS on every node.
 //!
 //! Addresses (see `testkit::netns`): site N's node, etcd member and DNS on 198.18.N.10, its
 //! load balancer on .20, its instances on .30; the client on 198.18.100.10.
@@ -133,12 +133,50 @@ impl Sites {
         site: &str,
         path: &str,
     ) -> Option<T> {
-        let (lab, addr, path) = (self.lab.clone(), self.api(site), path.to_string());
+        self.get_from("client", site, path).await
+    }
+
+    /// `GET path` from `site`'s node API, asked from inside namespace `from` (a site cut off
+    /// from the others is reachable only from inside).
+    pub async fn get_from<T: DeserializeOwned + Send + 'static>(
+        &self,
+        from: &str,
+        site: &str,
+        path: &str,
+    ) -> Option<T> {
+        let (lab, addr, path, from) = (
+            self.lab.clone(),
+            self.api(site),
+            path.to_string(),
+            from.to_string(),
+        );
         let body =
-            tokio::task::spawn_blocking(move || lab.in_site("client", || http(addr, "GET", &path)))
+            tokio::task::spawn_blocking(move || lab.in_site(&from, || http(addr, "GET", &path)))
                 .await
                 .ok()??;
         serde_json::from_str(&body).ok()
+    }
+
+    /// Whether a TCP connection from the client to `addr` is refused or times out (1 s).
+    pub async fn unreachable(&self, addr: SocketAddr) -> bool {
+        let lab = self.lab.clone();
+        tokio::task::spawn_blocking(move || {
+            lab.in_site("client", || {
+                TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err()
+            })
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// `GET /` through a load balancer from the client: the sample app's `site=…` word.
+    pub async fn through_lb(&self, site: &str) -> Option<String> {
+        let (lab, addr) = (self.lab.clone(), SocketAddr::new(self.ip(site, 20), 8080));
+        let body =
+            tokio::task::spawn_blocking(move || lab.in_site("client", || http(addr, "GET", "/")))
+                .await
+                .ok()??;
+        body.split_whitespace().next().map(str::to_string)
     }
 
     /// `POST path` (JSON body) to `site`'s node API; the status and body.
@@ -269,12 +307,14 @@ dns = ["{r10}:53"]
 name = "witness-1"
 site = "witness"
 api = "{w10}:7400"
+dns = ["{w10}:53"]
 
 [[dns.zone]]
 name = "shop.test"
 nameservers = [
   {{ name = "ns1.shop.test", address = "{e10}" }},
   {{ name = "ns2.shop.test", address = "{r10}" }},
+  {{ name = "ns3.shop.test", address = "{w10}" }},
 ]
 hostmaster = "hostmaster.shop.test"
 

@@ -29,3 +29,255 @@ async fn a_healthy_cluster_answers_the_edge_from_every_dns_node() {
     assert_eq!(alive, ["edge-1", "region-1", "witness-1"], "{nodes:#}");
     assert_eq!(s.dig("region", DOMAIN).await.unwrap(), [edge]);
 }
+
+/// The DNS answer events a node shows, oldest first: (time, message).
+async fn answers(s: &Sites, site: &str) -> Vec<(std::time::SystemTime, String)> {
+    s.events(site)
+        .await
+        .into_iter()
+        .filter(|e| e["source"] == "dns" && e["node"] == harness::node_name(site).as_str())
+        .map(|e| {
+            let at = humantime::parse_rfc3339(e["at"].as_str().unwrap()).unwrap();
+            (at, e["message"].as_str().unwrap().to_string())
+        })
+        .collect()
+}
+
+/// `kill -9` of the edge node: its load balancer and instances die with it; the surviving DNS
+/// nodes answer the region at once (the two other vantage points agree); the edge node's
+/// record expires after `lease_ttl`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_edge_node_moves_every_surviving_dns_node_to_the_region() {
+    let mut s = Sites::start(Options::default()).await;
+    let (edge, region) = (s.lb("edge"), s.lb("region"));
+    for site in ["edge", "region", "witness"] {
+        s.wait_answer(site, &edge, Duration::from_secs(20)).await;
+    }
+    let killed = tokio::time::Instant::now();
+    s.node("edge").kill9();
+    for site in ["region", "witness"] {
+        s.wait_answer(site, &region, Duration::from_secs(10)).await;
+    }
+    let moved = killed.elapsed();
+    eprintln!("edge node killed -> region and witness answer the region: {moved:?}");
+    assert!(
+        s.unreachable(std::net::SocketAddr::new(s.ip("edge", 20), 8080))
+            .await,
+        "the edge load balancer died with its node"
+    );
+    assert_eq!(s.through_lb("region").await.as_deref(), Some("site=region"));
+    testkit::eventually(Duration::from_secs(15), "edge-1 gone", || async {
+        let v: Value = s.get("witness", "/v1/nodes").await?;
+        let edge = v["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["name"] == "edge-1")?
+            .clone();
+        (edge["alive"] == false).then_some(())
+    })
+    .await;
+    let gone = killed.elapsed();
+    eprintln!("edge node killed -> its record expired: {gone:?}");
+    assert!(
+        gone >= Duration::from_millis(2500),
+        "the record lives until its session's ttl (3 s): gone after {gone:?}"
+    );
+    let events = s.events("region").await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e["source"] == "node" && e["subject"] == "edge-1" && e["kind"] == "gone"),
+        "a node-gone event"
+    );
+}
+
+/// The edge's link cut: region and witness keep etcd's quorum and answer the region; the edge
+/// node says it is isolated and keeps answering from its last view and its own probes. After
+/// the link heals, the cluster fails back once, after the hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_edge_is_isolated_and_fails_back_once_after_the_hold() {
+    let s = Sites::start(Options::default()).await;
+    let (edge, region) = (s.lb("edge"), s.lb("region"));
+    for site in ["edge", "region", "witness"] {
+        s.wait_answer(site, &edge, Duration::from_secs(20)).await;
+    }
+    s.lab.cut("edge");
+    for site in ["region", "witness"] {
+        s.wait_answer(site, &region, Duration::from_secs(10)).await;
+    }
+    testkit::eventually(Duration::from_secs(15), "edge-1 isolated", || async {
+        let v: Value = s.get_from("edge", "edge", "/v1/cluster").await?;
+        (v["isolation"]["isolated"] == true).then_some(())
+    })
+    .await;
+    let metrics = {
+        let lab = s.lab.clone();
+        let api = s.api("edge");
+        tokio::task::spawn_blocking(move || {
+            lab.in_site("edge", || {
+                use std::io::{Read, Write};
+                let mut c = std::net::TcpStream::connect(api).unwrap();
+                c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+                let mut out = String::new();
+                c.read_to_string(&mut out).unwrap();
+                out
+            })
+        })
+        .await
+        .unwrap()
+    };
+    assert!(metrics.contains("tandem_cluster_isolated 1"));
+    // Cut off, the edge still answers its own site from its own probes.
+    let from_edge = {
+        let mut cmd = s.lab.command("edge", "dig");
+        cmd.arg(format!("@{}", s.ip("edge", 10)))
+            .args([DOMAIN, "+short", "+norec", "+time=1", "+tries=1"]);
+        String::from_utf8(cmd.output().unwrap().stdout).unwrap()
+    };
+    assert_eq!(from_edge.trim(), edge);
+    let before = answers(&s, "region").await.len();
+    let healed = std::time::SystemTime::now();
+    s.lab.heal("edge");
+    s.wait_answer("region", &edge, Duration::from_secs(20))
+        .await;
+    s.wait_answer("witness", &edge, Duration::from_secs(5))
+        .await;
+    let region_answers = answers(&s, "region").await;
+    let back: Vec<_> = region_answers[before..]
+        .iter()
+        .filter(|(_, m)| m.starts_with("region -> edge"))
+        .collect();
+    assert_eq!(back.len(), 1, "one failback: {region_answers:?}");
+    // The hold, by the servers' clocks: from the first vote seeing the edge Online again.
+    let events = s.events("region").await;
+    let healed_votes: Vec<std::time::SystemTime> = events
+        .iter()
+        .filter(|e| {
+            e["source"] == "health" && e["subject"] == "profile/www/edge" && e["kind"] == "Online"
+        })
+        .map(|e| humantime::parse_rfc3339(e["at"].as_str().unwrap()).unwrap())
+        .filter(|t| *t > healed && *t < back[0].0)
+        .collect();
+    let first = healed_votes.iter().min().unwrap();
+    let held = back[0].0.duration_since(*first).unwrap_or_default();
+    let story: Vec<String> = events
+        .iter()
+        .filter(|e| {
+            e["source"] != "scale-set"
+                && e["source"] != "lb"
+                && e["subject"] != "profile/www/region"
+        })
+        .map(|e| {
+            format!(
+                "{} {} {} {} {} {}",
+                e["at"], e["node"], e["source"], e["subject"], e["kind"], e["message"]
+            )
+        })
+        .collect();
+    assert!(
+        held >= Duration::from_millis(2900),
+        "failback {held:?} after the edge was Online again, before the 3 s hold:\n{}",
+        story.join("\n")
+    );
+    testkit::eventually(Duration::from_secs(15), "edge-1 rejoined", || async {
+        let v: Value = s.get("edge", "/v1/cluster").await?;
+        (v["isolation"]["isolated"] == false).then_some(())
+    })
+    .await;
+}
+
+/// One vantage point (the witness) cut off from the edge's load balancer only: it votes
+/// Degraded, the two others Online, so nothing moves — over 20 cuts — and the votes say why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_vantage_point_cut_off_from_the_edge_moves_nothing() {
+    let s = Sites::start(Options::default()).await;
+    let edge = s.lb("edge");
+    for site in ["edge", "region", "witness"] {
+        s.wait_answer(site, &edge, Duration::from_secs(20)).await;
+    }
+    let lb_ip = s.ip("edge", 20);
+    let vote = |target: Value, node: &str| {
+        target["votes"]
+            .as_array()
+            .and_then(|v| v.iter().find(|v| v["node"] == node).cloned())
+            .map(|v| v["status"].as_str().unwrap_or("-").to_string())
+    };
+    testkit::eventually(
+        Duration::from_secs(10),
+        "every node votes Online",
+        || async {
+            let h: Value = s.get("region", "/v1/health").await?;
+            let t = h["targets"]
+                .as_array()?
+                .iter()
+                .find(|t| t["target"] == "profile/www/edge")?
+                .clone();
+            let all = ["edge-1", "region-1", "witness-1"]
+                .iter()
+                .all(|n| vote(t.clone(), n).as_deref() == Some("Online"));
+            all.then_some(())
+        },
+    )
+    .await;
+    // Counted once every vote is in: the answers of the start (instances not serving yet) are
+    // not this test's.
+    let before: usize = {
+        let mut n = 0;
+        for site in ["edge", "region", "witness"] {
+            n += answers(&s, site).await.len();
+        }
+        n
+    };
+    for round in 0..20 {
+        s.lab.cut_route("witness", lb_ip);
+        let what = format!("round {round}: the witness votes Degraded");
+        let target = testkit::eventually(Duration::from_secs(10), &what, || async {
+            let h: Value = s.get("region", "/v1/health").await?;
+            let t = h["targets"]
+                .as_array()?
+                .iter()
+                .find(|t| t["target"] == "profile/www/edge")?
+                .clone();
+            (vote(t.clone(), "witness-1").as_deref() == Some("Degraded")).then_some(t)
+        })
+        .await;
+        assert_eq!(target["consensus"], "Online", "{target:#}");
+        assert_eq!(vote(target.clone(), "edge-1").as_deref(), Some("Online"));
+        assert_eq!(vote(target.clone(), "region-1").as_deref(), Some("Online"));
+        let reason = target["votes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["node"] == "witness-1")
+            .unwrap()["reason"]
+            .clone();
+        assert!(
+            reason.as_str().unwrap().contains("unreachable")
+                || reason.as_str().unwrap().contains("No route"),
+            "{reason}"
+        );
+        assert_eq!(s.dig("region", DOMAIN).await.unwrap(), [edge.clone()]);
+        assert_eq!(s.dig("witness", DOMAIN).await.unwrap(), [edge.clone()]);
+        s.lab.heal_route("witness", lb_ip);
+        let what = format!("round {round}: the witness votes Online again");
+        testkit::eventually(Duration::from_secs(10), &what, || async {
+            let h: Value = s.get("region", "/v1/health").await?;
+            let t = h["targets"]
+                .as_array()?
+                .iter()
+                .find(|t| t["target"] == "profile/www/edge")?
+                .clone();
+            (vote(t, "witness-1").as_deref() == Some("Online")).then_some(())
+        })
+        .await;
+    }
+    let mut after = Vec::new();
+    for site in ["edge", "region", "witness"] {
+        after.extend(answers(&s, site).await.into_iter().map(|a| (site, a)));
+    }
+    assert_eq!(
+        after.len(),
+        before,
+        "no answer changed on any node in 20 cuts: {after:#?}"
+    );
+}
