@@ -765,8 +765,8 @@ async fn outage(State(api): State<Api>, body: axum::body::Bytes) -> Response {
             );
         }
     };
-    let revision = match api.intents.start_drill(&req.site, length).await {
-        Ok((_, r)) => r,
+    let (stored, revision) = match api.intents.start_drill(&req.site, length).await {
+        Ok(d) => d,
         Err(e @ cluster::DrillRefused::Busy(_)) => {
             return error(StatusCode::CONFLICT, "site", e.to_string());
         }
@@ -775,7 +775,13 @@ async fn outage(State(api): State<Api>, body: axum::body::Bytes) -> Response {
     if api.runs(&req.site) {
         api.intents.applied(revision, APPLY_WAIT).await;
     }
-    Json(drill_response(&api, current_drill(&api))).into_response()
+    let drill = orchestrator::Drill {
+        kind: stored.kind,
+        site: stored.site,
+        started: stored.started,
+        ends: stored.ends,
+    };
+    Json(drill_response(&api, Some(drill))).into_response()
 }
 
 async fn stop_drill(State(api): State<Api>) -> Response {

@@ -281,11 +281,17 @@ impl Node {
     }
 
     /// The status DNS uses for a shared target: the consensus of the live vantage points, with
-    /// this node's own verdict fresh from its engine. `None` when the target is not probed.
+    /// this node's own verdict fresh from its engine. Cut off from the store, the others'
+    /// votes are frozen at what they were: the node then goes by its own probes once they have
+    /// a verdict (it cannot hear anybody else), and by the last shared view until then.
+    /// `None` when the target is not probed.
     pub fn status(&self, target: &str) -> Option<Status> {
         let own = self.engine.status(target)?;
         if own == Status::Disabled {
             return Some(Status::Disabled);
+        }
+        if self.isolation.borrow().isolated && opinion(own).is_some() {
+            return Some(own);
         }
         let live = self.live();
         let tally = self.votes.with(|votes| {
@@ -647,6 +653,25 @@ impl Node {
             tick.tick().await;
             let l = self.leadership();
             let now = Instant::now();
+            // Only a node that knows it runs the cluster's topology decides for it.
+            let unsure = !self.topology.synced() || self.cluster_hash().is_none();
+            if unsure || self.topology_mismatch() {
+                if l.me {
+                    let _ = self.store.release(keys::LEADER, self.name(), l.term).await;
+                    self.leader.send_modify(|x| x.me = false);
+                    self.event(
+                        Source::Cluster,
+                        self.name(),
+                        "lost-leadership",
+                        format!(
+                            "{} steps down: it runs another topology than the cluster",
+                            self.name()
+                        ),
+                    );
+                    self.bump();
+                }
+                continue;
+            }
             if l.me {
                 match self
                     .store
@@ -674,9 +699,6 @@ impl Node {
                         }
                     }
                 }
-                continue;
-            }
-            if self.topology_mismatch() {
                 continue;
             }
             match self.store.acquire(keys::LEADER, self.name(), ttl).await {
@@ -789,6 +811,10 @@ impl Node {
         let mut events = self.events_mirror.subscribe();
         let mut topology = self.topology.subscribe();
         let mut warned_mismatch = false;
+        // What the mirrors held before this task subscribed counts as a change too.
+        self.nodes_changed();
+        self.new_events();
+        self.topology_changed(&mut warned_mismatch).await;
         loop {
             tokio::select! {
                 r = nodes.changed() => { if r.is_err() { return } self.nodes_changed(); self.bump(); }
@@ -797,27 +823,33 @@ impl Node {
                 r = events.changed() => { if r.is_err() { return } self.new_events(); }
                 r = topology.changed() => {
                     if r.is_err() { return }
-                    if self.topology.synced() && self.cluster_hash().is_none() {
-                        let _ = self.set_cluster_topology_if_absent().await;
-                    }
-                    let mismatch = self.topology_mismatch();
-                    if mismatch && !warned_mismatch {
-                        self.event(
-                            Source::Node,
-                            self.name(),
-                            "topology-mismatch",
-                            format!(
-                                "{} runs topology {} but the cluster runs {}; it takes no cluster decision until they match (copy the same file to every node, then `tandem reload`)",
-                                self.name(),
-                                short(&self.running_hash()),
-                                short(&self.cluster_hash().unwrap_or_default())
-                            ),
-                        );
-                    }
-                    warned_mismatch = mismatch;
+                    self.topology_changed(&mut warned_mismatch).await;
                 }
             }
         }
+    }
+
+    /// Records this node's topology as the cluster's if none is yet, and says once when it
+    /// differs.
+    async fn topology_changed(&self, warned: &mut bool) {
+        if self.topology.synced() && self.cluster_hash().is_none() {
+            let _ = self.set_cluster_topology_if_absent().await;
+        }
+        let mismatch = self.topology_mismatch();
+        if mismatch && !*warned {
+            self.event(
+                Source::Node,
+                self.name(),
+                "topology-mismatch",
+                format!(
+                    "{} runs topology {} but the cluster runs {}; it takes no cluster decision until they match (copy the same file to every node, then `tandem reload`)",
+                    self.name(),
+                    short(&self.running_hash()),
+                    short(&self.cluster_hash().unwrap_or_default())
+                ),
+            );
+        }
+        *warned = mismatch;
     }
 
     async fn set_cluster_topology_if_absent(&self) -> Result<(), StoreError> {
@@ -950,6 +982,8 @@ async fn register(
         let Some(r) = existing else { continue };
         let other: Option<NodeRecord> = r.json();
         match other {
+            // Our own write, whose answer was lost on the way.
+            Some(o) if o == *record => return Ok(()),
             Some(o) if o.host == record.host && o.pid != record.pid && !pid_alive(o.pid) => {
                 tracing::info!(
                     pid = o.pid,

@@ -164,6 +164,14 @@ async fn connect_etcd(c: &model::Cluster) -> Result<Arc<dyn store::Store>, Error
     let etcd = store::Etcd::connect(opts)
         .await
         .map_err(|e| Error::Start(format!("{e}\n  help: check `etcd` in [cluster]")))?;
+    // A node that cannot reach etcd still starts (isolated, serving from its own probes) and
+    // joins when it can: a site must not stay dark because the store is.
+    if let Err(why) = etcd.ready(JOIN_WAIT).await {
+        tracing::error!(
+            etcd = ?c.etcd,
+            "cannot reach etcd within {JOIN_WAIT:?} ({why}); starting isolated, retrying; check `etcd` in [cluster]"
+        );
+    }
     Ok(etcd)
 }
 
@@ -198,16 +206,6 @@ pub(crate) async fn build(config: Config) -> Result<Node, Error> {
     let site = me.as_ref().map(|n| n.site.to_string());
     let runs = |s: &str| site.as_deref().is_none_or(|mine| mine == s);
     let api_addr = me.as_ref().map_or(topology.tandem.api, |n| n.api);
-    let listener = TcpListener::bind(api_addr).await.map_err(|e| {
-        let key = if me.is_some() {
-            "its [[node]] api"
-        } else {
-            "[tandem] api"
-        };
-        Error::Start(format!(
-            "cannot listen for the API on {api_addr} ({key}): {e}"
-        ))
-    })?;
     let hash = cluster::topology_hash(config.text.as_bytes());
     let store = open_store(&config).await?;
 
@@ -256,6 +254,24 @@ pub(crate) async fn build(config: Config) -> Result<Node, Error> {
             Some(node)
         }
         _ => None,
+    };
+    // The API's address is bound after joining, so a second process started with the same
+    // `--node` is told it is a duplicate rather than that the address is in use.
+    let listener = match TcpListener::bind(api_addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            if let Some(n) = &node {
+                n.leave().await;
+            }
+            let key = if me.is_some() {
+                "its [[node]] api"
+            } else {
+                "[tandem] api"
+            };
+            return Err(Error::Start(format!(
+                "cannot listen for the API on {api_addr} ({key}): {e}"
+            )));
+        }
     };
     let by = config.node.clone().unwrap_or_else(|| "local".into());
     let intents = cluster::Intents::start(store.clone(), &by);

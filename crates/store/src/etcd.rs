@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
+use tonic::Code as tonic_code;
 
 use crate::{
     BoxFuture, Change, Connection, Expect, Lease, Listing, Record, Scope, Store, StoreError, Watch,
@@ -111,6 +112,22 @@ fn unavailable(e: etcd_client::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// Worth another attempt (on another member): a failure of the transport, which etcd never
+/// saw; and for an idempotent request a lost answer (timed out, cancelled).
+fn retry(e: &etcd_client::Error, idempotent: bool) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => match s.code() {
+            tonic_code::Unavailable | tonic_code::Unknown => {
+                !s.message().contains("lease not found")
+            }
+            tonic_code::Cancelled | tonic_code::DeadlineExceeded => idempotent,
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
 /// etcd says the lease is gone (expired or revoked).
 fn expired(e: &etcd_client::Error) -> bool {
     e.to_string().contains("lease not found")
@@ -125,9 +142,11 @@ impl Etcd {
     /// endpoint); an unreachable etcd gives a store that is not connected yet and keeps
     /// trying, so a node can serve from what it has while etcd is away.
     pub async fn connect(options: EtcdOptions) -> Result<Arc<Etcd>, StoreError> {
+        // One attempt gets half the request timeout; `call` makes another on another member.
+        let attempt = (options.request_timeout / 2).max(Duration::from_millis(500));
         let connect = ConnectOptions::new()
-            .with_connect_timeout(options.request_timeout)
-            .with_timeout(options.request_timeout)
+            .with_connect_timeout(attempt)
+            .with_timeout(attempt)
             .with_keep_alive(Duration::from_secs(1), options.request_timeout)
             .with_require_leader(true);
         let client = Client::connect(&options.endpoints, Some(connect))
@@ -211,6 +230,31 @@ impl Etcd {
         }
     }
 
+    /// Runs a request, again when it did not reach etcd (a member down or just gone: the next
+    /// attempt goes to another one), and for an `idempotent` request also when its answer was
+    /// lost (timed out), within twice the request timeout; the outcome goes to [`Etcd::seen`].
+    async fn call<T, Fut>(
+        &self,
+        idempotent: bool,
+        f: impl Fn(Client) -> Fut,
+    ) -> Result<T, StoreError>
+    where
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = Instant::now() + self.options.request_timeout * 2;
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let r = f(self.client()).await;
+            match &r {
+                Err(e) if retry(e, idempotent) && Instant::now() + pause < deadline => {
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                _ => return self.seen(r),
+            }
+        }
+    }
+
     fn set_connected(&self, connected: bool, why: Option<String>) {
         self.connection.send_if_modified(|c| {
             if c.connected == connected {
@@ -223,12 +267,30 @@ impl Etcd {
         });
     }
 
+    async fn txn(
+        &self,
+        txn: Txn,
+        idempotent: bool,
+    ) -> Result<etcd_client::TxnResponse, StoreError> {
+        self.call(idempotent, |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await
+    }
+
     fn session_id(&self) -> i64 {
         lock(&self.session).id
     }
 
     async fn get_kv(&self, key: &str) -> Result<(Option<KeyValue>, u64), StoreError> {
-        let mut resp = self.seen(self.client().get(self.key(key), None).await)?;
+        let k = self.key(key);
+        let mut resp = self
+            .call(true, |mut c| {
+                let k = k.clone();
+                async move { c.get(k, None).await }
+            })
+            .await?;
         let revision = resp.header().map_or(0, |h| h.revision()) as u64;
         Ok((resp.take_kvs().into_iter().next(), revision))
     }
@@ -310,7 +372,9 @@ impl Etcd {
     /// Grants a new session and writes every session record under it.
     async fn new_session(&self) -> Result<(), StoreError> {
         let ttl = ttl_seconds(self.options.session_ttl);
-        let grant = self.seen(self.client().lease_grant(ttl, None).await)?;
+        let grant = self
+            .call(true, |mut c| async move { c.lease_grant(ttl, None).await })
+            .await?;
         let (old, records) = {
             let s = lock(&self.session);
             (s.id, s.records.clone())
@@ -433,7 +497,10 @@ impl Store for Etcd {
                 .and_then(|kv| std::str::from_utf8(kv.value()).ok()?.parse().ok())
                 .unwrap_or(0);
             let term_rev = term_kv.as_ref().map_or(0, |kv| kv.mod_revision());
-            let grant = self.seen(self.client().lease_grant(ttl_seconds(ttl), None).await)?;
+            let secs = ttl_seconds(ttl);
+            let grant = self
+                .call(true, |mut c| async move { c.lease_grant(secs, None).await })
+                .await?;
             let id = grant.id();
             let term = last + 1;
             let txn = Txn::new()
@@ -449,7 +516,7 @@ impl Store for Etcd {
                     ),
                     TxnOp::put(self.key(&tk), term.to_string(), None),
                 ]);
-            let resp = self.seen(self.client().txn(txn).await)?;
+            let resp = self.txn(txn, false).await?;
             if !resp.succeeded() {
                 let _ = self.client().lease_revoke(id).await;
                 // Someone took it meanwhile: report them.
@@ -525,7 +592,7 @@ impl Store for Etcd {
                     holder_bytes(holder, term),
                 )])
                 .and_then([TxnOp::delete(lk, None)]);
-            let resp = self.seen(self.client().txn(txn).await)?;
+            let resp = self.txn(txn, false).await?;
             let id = lock(&self.held).remove(key);
             if let Some(id) = id {
                 self.forget_keeper(id).await;
@@ -588,7 +655,7 @@ impl Store for Etcd {
                 Some(c) => Txn::new().when([c]).and_then([op]),
                 None => Txn::new().and_then([op]),
             };
-            let resp = self.seen(self.client().txn(txn).await)?;
+            let resp = self.txn(txn, expect == Expect::Any).await?;
             if !resp.succeeded() {
                 return Err(self.conflict(key).await);
             }
@@ -620,7 +687,7 @@ impl Store for Etcd {
                     holder_bytes(holder, term),
                 )])
                 .and_then([TxnOp::put(self.key(key), value, None)]);
-            let resp = self.seen(self.client().txn(txn).await)?;
+            let resp = self.txn(txn, true).await?;
             if resp.succeeded() {
                 Ok(resp.header().map_or(0, |h| h.revision()) as u64)
             } else {
@@ -640,7 +707,7 @@ impl Store for Etcd {
                 Some(c) => Txn::new().when([c]).and_then([op]),
                 None => Txn::new().and_then([op]),
             };
-            let resp = self.seen(self.client().txn(txn).await)?;
+            let resp = self.txn(txn, expect == Expect::Any).await?;
             if !resp.succeeded() {
                 return Err(self.conflict(key).await);
             }
@@ -666,7 +733,13 @@ impl Store for Etcd {
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Listing, StoreError>> {
         Box::pin(async move {
             let opts = GetOptions::new().with_prefix();
-            let resp = self.seen(self.client().get(self.key(prefix), Some(opts)).await)?;
+            let k = self.key(prefix);
+            let resp = self
+                .call(true, |mut c| {
+                    let (k, opts) = (k.clone(), opts.clone());
+                    async move { c.get(k, Some(opts)).await }
+                })
+                .await?;
             let revision = resp.header().map_or(0, |h| h.revision()) as u64;
             let items = resp
                 .kvs()
@@ -693,7 +766,13 @@ impl Store for Etcd {
             let opts = WatchOptions::new()
                 .with_prefix()
                 .with_start_revision(after as i64 + 1);
-            let mut stream = self.seen(self.client().watch(self.key(prefix), Some(opts)).await)?;
+            let k = self.key(prefix);
+            let mut stream = self
+                .call(true, |mut c| {
+                    let (k, opts) = (k.clone(), opts.clone());
+                    async move { c.watch(k, Some(opts)).await }
+                })
+                .await?;
             let (tx, rx) = mpsc::channel(64);
             let root = self.root.clone();
             tokio::spawn(async move {

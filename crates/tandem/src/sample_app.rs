@@ -55,6 +55,8 @@ pub fn run(listen: SocketAddr, site: String, instance: Option<String>) -> ExitCo
 }
 
 async fn serve(listen: SocketAddr, app: Arc<App>) -> anyhow::Result<()> {
+    // Caught before listening: a SIGTERM as soon as it is up stops it cleanly.
+    let shutdown = crate::up::shutdown_signal()?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
@@ -70,7 +72,7 @@ async fn serve(listen: SocketAddr, app: Arc<App>) -> anyhow::Result<()> {
         .route("/burn", get(burn).post(burn))
         .with_state(app);
     axum::serve(listener, router)
-        .with_graceful_shutdown(crate::up::shutdown_signal())
+        .with_graceful_shutdown(shutdown)
         .await?;
     Ok(())
 }

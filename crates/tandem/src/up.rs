@@ -5,6 +5,7 @@ use std::io::IsTerminal as _;
 use std::path::Path;
 use std::process::ExitCode;
 
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
 use crate::{EXIT_INVALID, EXIT_RUNTIME, EXIT_USAGE, report_load_error};
@@ -54,23 +55,24 @@ pub fn run(file: &Path, node: Option<&str>, console: bool) -> ExitCode {
 }
 
 async fn serve(config: node::Config, console: bool) -> Result<(), node::Error> {
+    // Signals are caught before anything starts: a SIGTERM during startup stops cleanly too.
+    let shutdown = shutdown_signal()
+        .map_err(|e| node::Error::Start(format!("cannot catch SIGINT and SIGTERM: {e}")))?;
+    let hup = signal(SignalKind::hangup())
+        .map_err(|e| node::Error::Start(format!("cannot catch SIGHUP: {e}")))?;
     let node = config.build().await?;
     let api = node.api().clone();
-    tokio::spawn(reload_on_sighup(api.clone()));
+    tokio::spawn(reload_on_sighup(api.clone(), hup));
     if console {
         let addr = node.api_addr().ok();
         tokio::spawn(crate::console::run(api, addr));
     }
-    node.run(shutdown_signal())
+    node.run(shutdown)
         .await
         .map_err(|e| node::Error::Start(format!("API server failed: {e}")))
 }
 
-async fn reload_on_sighup(api: api::Api) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        return;
-    };
+async fn reload_on_sighup(api: api::Api, mut hup: Signal) {
     while hup.recv().await.is_some() {
         match api::reload_now(&api).await {
             Ok(r) if r.unchanged => tracing::info!("reload: no changes"),
@@ -86,20 +88,16 @@ async fn reload_on_sighup(api: api::Api) {
     }
 }
 
-/// Completes on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let ctrl_c = tokio::signal::ctrl_c();
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
+/// A future that completes on SIGINT or SIGTERM; the handlers are in place when this returns.
+pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static>
+{
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
         }
-        Err(_) => {
-            let _ = ctrl_c.await;
-        }
-    }
-    tracing::info!("shutting down");
+        tracing::info!("shutting down");
+    })
 }

@@ -37,8 +37,11 @@ impl Default for Options {
         Options {
             lease_ttl: "3s",
             failback_hold: "3s",
-            interval: "100ms",
-            timeout: "80ms",
+            // Generous for a busy 2-core machine running several labs at once: a probe
+            // starved of CPU must not look like a dead endpoint. (The failover figures in the
+            // README come from the benchmark, with 100 ms probes.)
+            interval: "250ms",
+            timeout: "200ms",
             extra: String::new(),
         }
     }
@@ -325,7 +328,7 @@ port = 8080
 path = "/healthz"
 interval = "{interval}"
 timeout = "{timeout}"
-tolerated_failures = 1
+tolerated_failures = 2
 recovery_successes = 2
 
 [[profile]]
