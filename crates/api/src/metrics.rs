@@ -484,12 +484,21 @@ pub const CLUSTER_NODE_ALIVE: &str = "tandem_cluster_node_alive";
 pub const CLUSTER_TOPOLOGY_MISMATCH: &str = "tandem_cluster_topology_mismatch";
 /// Votes of the live nodes on a shared target, by status.
 pub const CLUSTER_VOTES: &str = "tandem_cluster_votes";
+/// Writes this node made to the cluster store.
+pub const STORE_WRITES: &str = "tandem_store_writes_total";
 
 /// Appends the cluster metrics (cluster mode only).
 pub fn render_cluster(out: &mut String, api: &crate::Api) {
     let Some(node) = &api.node else {
         return;
     };
+    header(
+        out,
+        STORE_WRITES,
+        "counter",
+        "Writes this node made to the cluster store (keep-alives are not writes).",
+    );
+    let _ = writeln!(out, "{STORE_WRITES} {}", api.store.writes());
     let iso = node.isolation();
     header(
         out,

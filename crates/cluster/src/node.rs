@@ -23,6 +23,8 @@ use crate::record::{Decision, NodeRecord, TopologyRecord, Vote, host_name, pid_a
 pub const ISOLATION_GRACE: Duration = Duration::from_secs(1);
 /// Events of each node kept in the store.
 pub const EVENTS_KEPT: u64 = 200;
+/// How long the event writer gathers events into one batch.
+const EVENT_BATCH_WAIT: Duration = Duration::from_millis(100);
 
 /// What a node needs to take part.
 #[derive(Clone, Debug)]
@@ -253,12 +255,9 @@ impl Node {
     }
 
     fn event(&self, source: Source, subject: &str, kind: &str, message: String) {
-        match kind {
-            "isolated" | "gone" | "topology-mismatch" | "lost-leadership" => {
-                tracing::warn!(%subject, kind, "{message}")
-            }
-            _ => tracing::info!(%subject, kind, "{message}"),
-        }
+        // An event is shown everywhere events are (console, API): logged at info, so a
+        // terminal does not print it twice.
+        tracing::info!(%subject, kind, "{message}");
         let _ = self.events.send(Event::new(source, subject, kind, message));
     }
 
@@ -339,6 +338,16 @@ impl Node {
             .collect()
     }
 
+    /// Whether this node's view of the cluster is current: it reaches the store and its
+    /// copies of nodes, votes and decisions follow it (after a cut they are listed again
+    /// before they count). Only a fresh node decides for the cluster or follows its leader.
+    pub fn fresh(&self) -> bool {
+        !self.isolation.borrow().isolated
+            && self.nodes.synced()
+            && self.votes.synced()
+            && self.decisions.synced()
+    }
+
     pub fn quorum(&self) -> Quorum {
         self.config.cluster.health_quorum
     }
@@ -347,7 +356,7 @@ impl Node {
     /// (new with every decision) — while this node follows a live cluster; `None` when it is
     /// isolated (it then decides for itself).
     pub fn decisions(&self) -> Option<HashMap<String, (Option<String>, u64)>> {
-        if self.isolation.borrow().isolated {
+        if !self.fresh() {
             return None;
         }
         Some(self.decisions.with(|records| {
@@ -537,27 +546,43 @@ impl Node {
                 Err(_) => 0,
             };
             loop {
-                let mut e = match rx.recv().await {
-                    Ok(e) => e,
+                // Whatever arrived together (a burst of health changes) goes in one batch.
+                let mut events = Vec::new();
+                match rx.recv().await {
+                    Ok(e) => events.push(e),
                     Err(broadcast::error::RecvError::Lagged(_)) => continue,
                     Err(_) => return,
-                };
-                if e.node.is_none() {
-                    e.node = Some(me.name().to_string());
                 }
-                let key = keys::event(me.name(), seq);
-                lock(&me.seen).events_seen.insert(key.clone());
+                let until = tokio::time::Instant::now() + EVENT_BATCH_WAIT;
+                while events.len() < store::BATCH_LIMIT / 2 {
+                    match tokio::time::timeout_at(until, rx.recv()).await {
+                        Ok(Ok(e)) => events.push(e),
+                        Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
+                        Ok(Err(_)) | Err(_) => break,
+                    }
+                }
+                let mut batch = store::Batch::default();
+                for mut e in events {
+                    if e.node.is_none() {
+                        e.node = Some(me.name().to_string());
+                    }
+                    let key = keys::event(me.name(), seq);
+                    lock(&me.seen).events_seen.insert(key.clone());
+                    batch.puts.push((
+                        key,
+                        serde_json::to_vec(&e).unwrap_or_default(),
+                        Scope::Persistent,
+                    ));
+                    if seq >= EVENTS_KEPT {
+                        batch
+                            .deletes
+                            .push(keys::event(me.name(), seq - EVENTS_KEPT));
+                    }
+                    seq += 1;
+                }
                 // Bounded: an isolated node keeps its events locally and drops them here.
-                let put = me.store.put_json(&key, &e, Scope::Persistent, Expect::Any);
-                if tokio::time::timeout(Duration::from_secs(2), put)
-                    .await
-                    .is_ok()
-                    && seq >= EVENTS_KEPT
-                {
-                    let old = keys::event(me.name(), seq - EVENTS_KEPT);
-                    let _ = me.store.delete(&old, Expect::Any).await;
-                }
-                seq += 1;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(2), me.store.write_many(batch)).await;
             }
         });
         lock(&self.tasks).push(task.abort_handle());
@@ -589,48 +614,48 @@ impl Node {
     }
 
     /// Publishes this node's verdicts on the shared targets whenever one changes (never per
-    /// probe): Online and Degraded are opinions; no result yet, or Disabled, is none.
+    /// probe), every change since the last write in one batch: Online and Degraded are
+    /// opinions; no result yet, or Disabled, is none.
     async fn publish_votes(self: Arc<Self>) {
         let mut changes = self.engine.subscribe();
         let mut session = self.store.connection();
         let mut retry = tokio::time::interval(Duration::from_secs(1));
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let mut dirty = false;
-            for target in &self.config.shared_targets {
-                let now = self.engine.report(target);
-                let want = now.as_ref().and_then(|r| opinion(r.status));
-                let had = lock(&self.seen).published.get(target).copied();
-                if want == had {
-                    continue;
+            let mut batch = store::Batch::default();
+            let mut wanted: Vec<(String, Option<Status>)> = Vec::new();
+            {
+                let seen = lock(&self.seen);
+                for target in &self.config.shared_targets {
+                    let report = self.engine.report(target);
+                    let want = report.as_ref().and_then(|r| opinion(r.status));
+                    if want == seen.published.get(target).copied() {
+                        continue;
+                    }
+                    let key = keys::vote(self.name(), target);
+                    match (want, report) {
+                        (Some(status), Some(r)) => {
+                            let vote = Vote {
+                                status,
+                                since: r.since,
+                                reason: r.last_failure.unwrap_or_else(|| "probes pass".into()),
+                            };
+                            let bytes = serde_json::to_vec(&vote).unwrap_or_default();
+                            batch.puts.push((key, bytes, Scope::Session));
+                        }
+                        _ => batch.deletes.push(key),
+                    }
+                    wanted.push((target.clone(), want));
                 }
-                let key = keys::vote(self.name(), target);
-                let result = match (&want, &now) {
-                    (Some(status), Some(r)) => {
-                        let vote = Vote {
-                            status: *status,
-                            since: r.since,
-                            reason: r
-                                .last_failure
-                                .clone()
-                                .unwrap_or_else(|| "probes pass".into()),
-                        };
-                        self.store
-                            .put_json(&key, &vote, Scope::Session, Expect::Any)
-                            .await
-                            .map(|_| ())
-                    }
-                    _ => self.store.delete(&key, Expect::Any).await.map(|_| ()),
-                };
-                match result {
-                    Ok(()) => {
-                        let mut seen = lock(&self.seen);
-                        match want {
-                            Some(s) => seen.published.insert(target.clone(), s),
-                            None => seen.published.remove(target),
-                        };
-                    }
-                    Err(_) => dirty = true,
+            }
+            let dirty = !batch.is_empty() && self.store.write_many(batch).await.is_err();
+            if !dirty {
+                let mut seen = lock(&self.seen);
+                for (target, want) in wanted {
+                    match want {
+                        Some(s) => seen.published.insert(target, s),
+                        None => seen.published.remove(&target),
+                    };
                 }
             }
             tokio::select! {

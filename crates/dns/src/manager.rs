@@ -293,11 +293,8 @@ impl Manager {
                 if let Some(n) = self.metrics.answer_changes.get(i) {
                     n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
-                if new.all_down {
-                    tracing::warn!(profile = %e.subject, change = %e.message, "answer changed: all endpoints down");
-                } else {
-                    tracing::info!(profile = %e.subject, change = %e.message, "answer changed");
-                }
+                // Events are shown wherever events are: info, not twice on a terminal.
+                tracing::info!(profile = %e.subject, change = %e.message, all_down = new.all_down, "answer changed");
                 let _ = self.events.send(e);
             }
         }

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use event::{Event, Source};
 use model::Monitor;
+use model::diag::plural;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
@@ -448,12 +449,12 @@ fn apply(shared: &Shared, slot: &Slot, outcome: Outcome) {
     if let Some(change) = change {
         let reason = match &outcome.result {
             Err(f) => format!(
-                "{} failures in a row, last: {f}",
-                rec.health.consecutive_failures
+                "{} in a row, last: {f}",
+                plural(rec.health.consecutive_failures as usize, "failure")
             ),
             Ok(()) => format!(
-                "{} successes in a row, last in {:.1}ms",
-                rec.health.consecutive_successes,
+                "{} in a row, last in {:.1}ms",
+                plural(rec.health.consecutive_successes as usize, "success"),
                 outcome.latency.as_secs_f64() * 1000.0
             ),
         };
@@ -463,11 +464,8 @@ fn apply(shared: &Shared, slot: &Slot, outcome: Outcome) {
 
 fn publish(shared: &Shared, slot: &Slot, rec: &mut Record, change: Change, reason: String) {
     rec.since = SystemTime::now();
-    if change.to == Status::Degraded {
-        tracing::warn!(target = %slot.target.id, from = %change.from, to = %change.to, %reason, "health changed");
-    } else {
-        tracing::info!(target = %slot.target.id, from = %change.from, to = %change.to, %reason, "health changed");
-    }
+    // An event too (console, API): info, so a terminal does not show it twice.
+    tracing::info!(target = %slot.target.id, from = %change.from, to = %change.to, %reason, "health changed");
     shared.version.send_modify(|v| *v += 1);
     // Subject: the target; kind: the new status; message: the change and its figures.
     let e = Event::new(

@@ -292,9 +292,14 @@ impl Diagnostics {
     }
 }
 
-/// `1 warning`, `2 warnings`.
+/// `1 warning`, `2 warnings`, `2 successes`.
 pub fn plural(n: usize, noun: &str) -> String {
-    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
+    let ending = match (n, noun.ends_with('s')) {
+        (1, _) => "",
+        (_, true) => "es",
+        (_, false) => "s",
+    };
+    format!("{n} {noun}{ending}")
 }
 
 fn render_one(out: &mut String, src: &Source, d: &Diagnostic) {

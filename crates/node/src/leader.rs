@@ -11,7 +11,9 @@ pub(crate) async fn run(node: Arc<cluster::Node>, dns: Arc<dns::manager::Manager
     let mut changes = node.subscribe();
     let mut decided = dns.decisions_changed();
     loop {
-        if node.leadership().me && !node.isolation().isolated {
+        // A leader just back from a cut decides once its view is current again: deciding on
+        // the stale one would move every node for a moment.
+        if node.leadership().me && node.fresh() {
             dns.follow(None);
             for (profile, endpoint) in dns.decisions() {
                 if let Err(e) = node.publish_decision(&profile, endpoint).await {

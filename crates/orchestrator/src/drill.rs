@@ -120,7 +120,7 @@ impl Drills {
     }
 
     fn event(&self, site: &str, what: &'static str, message: String) {
-        tracing::warn!(site, what, %message, "drill");
+        tracing::info!(site, what, %message, "drill");
         let _ = self
             .events
             .send(Event::new(Source::Drill, site, what, message));

@@ -387,14 +387,8 @@ impl Driver {
     fn event(&self, member: Option<usize>, what: &'static str, message: String) {
         let member = member.map(|i| self.members[i].site.clone());
         let m = member.as_deref().unwrap_or("-");
-        match what {
-            "error" | "failover-blocked" | "primary-lost" | "fenced" | "member-exited" => {
-                tracing::warn!(database = %self.config.name, member = m, what, term = self.term, "{message}")
-            }
-            _ => {
-                tracing::info!(database = %self.config.name, member = m, what, term = self.term, "{message}")
-            }
-        }
+        // An event too (console, API): info, so a terminal does not show it twice.
+        tracing::info!(database = %self.config.name, member = m, what, term = self.term, "{message}");
         // Subject: DB or DB/MEMBER; kind: `bootstrapped`, `member-exited`, `primary-lost`,
         // `fenced`, `promoted`, `failover`, `failover-blocked`, `rejoined`, `recloned`, `sync`,
         // `switchover`, `error`, …; the term is the fencing token in force after the change.

@@ -17,7 +17,8 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
 
 use crate::{
-    BoxFuture, Change, Connection, Expect, Lease, Listing, Record, Scope, Store, StoreError, Watch,
+    Batch, BoxFuture, Change, Connection, Expect, Lease, Listing, Record, Scope, Store, StoreError,
+    Watch,
 };
 
 /// Changes kept for watchers that start from an older revision.
@@ -362,6 +363,21 @@ impl Store for Embedded {
         })
     }
 
+    fn write_many<'a>(&'a self, batch: Batch) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let mut revision = self.lock().revision;
+            for (key, value, _) in batch.puts {
+                revision = self.write(&key, value, Expect::Any)?;
+            }
+            for key in batch.deletes {
+                if self.delete(&key, Expect::Any).await? {
+                    revision = self.lock().revision;
+                }
+            }
+            Ok(revision)
+        })
+    }
+
     fn delete<'a>(
         &'a self,
         key: &'a str,
@@ -457,6 +473,10 @@ impl Store for Embedded {
 
     fn connection(&self) -> watch::Receiver<Connection> {
         self.connection.subscribe()
+    }
+
+    fn writes(&self) -> u64 {
+        self.lock().revision
     }
 }
 

@@ -29,8 +29,8 @@ use tokio::time::Instant;
 use tonic::Code as tonic_code;
 
 use crate::{
-    BoxFuture, Change, Connection, Expect, Lease, Listing, Record, Scope, Store, StoreError, Watch,
-    keys,
+    BATCH_LIMIT, Batch, BoxFuture, Change, Connection, Expect, Lease, Listing, Record, Scope,
+    Store, StoreError, Watch, keys,
 };
 
 /// How to reach etcd.
@@ -97,6 +97,8 @@ pub struct Etcd {
     /// Wakes the session keeper early (a request failed for want of the session).
     check_session: Notify,
     task: Mutex<Option<AbortHandle>>,
+    /// Successful writes, for [`Store::writes`].
+    writes: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Etcd {
@@ -171,6 +173,7 @@ impl Etcd {
             }),
             check_session: Notify::new(),
             task: Mutex::new(None),
+            writes: std::sync::atomic::AtomicU64::new(0),
             options,
         });
         let task = tokio::spawn(keep_session(Arc::downgrade(&store)));
@@ -272,11 +275,17 @@ impl Etcd {
         txn: Txn,
         idempotent: bool,
     ) -> Result<etcd_client::TxnResponse, StoreError> {
-        self.call(idempotent, |mut c| {
-            let txn = txn.clone();
-            async move { c.txn(txn).await }
-        })
-        .await
+        let resp = self
+            .call(idempotent, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        if resp.succeeded() {
+            self.writes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(resp)
     }
 
     fn session_id(&self) -> i64 {
@@ -696,6 +705,45 @@ impl Store for Etcd {
         })
     }
 
+    fn write_many<'a>(&'a self, batch: Batch) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let session = self.session_id();
+            if session == 0 && batch.puts.iter().any(|(_, _, s)| *s == Scope::Session) {
+                return Err(StoreError::Unavailable(
+                    "no etcd session yet (etcd not reached)".into(),
+                ));
+            }
+            let mut ops: Vec<TxnOp> = Vec::with_capacity(batch.len());
+            for (key, value, scope) in &batch.puts {
+                let mut opts = PutOptions::new();
+                if *scope == Scope::Session {
+                    opts = opts.with_lease(session);
+                }
+                ops.push(TxnOp::put(self.key(key), value.clone(), Some(opts)));
+            }
+            for key in &batch.deletes {
+                ops.push(TxnOp::delete(self.key(key), None));
+            }
+            let mut revision = 0;
+            for chunk in ops.chunks(BATCH_LIMIT) {
+                let resp = self.txn(Txn::new().and_then(chunk.to_vec()), true).await?;
+                revision = resp.header().map_or(revision, |h| h.revision() as u64);
+            }
+            let mut s = lock(&self.session);
+            for (key, value, scope) in batch.puts {
+                if scope == Scope::Session {
+                    s.records.insert(key, value);
+                } else {
+                    s.records.remove(&key);
+                }
+            }
+            for key in &batch.deletes {
+                s.records.remove(key);
+            }
+            Ok(revision)
+        })
+    }
+
     fn delete<'a>(
         &'a self,
         key: &'a str,
@@ -809,6 +857,10 @@ impl Store for Etcd {
 
     fn connection(&self) -> watch::Receiver<Connection> {
         self.connection.subscribe()
+    }
+
+    fn writes(&self) -> u64 {
+        self.writes.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -133,6 +133,26 @@ impl Change {
     }
 }
 
+/// Most operations in one atomic batch (etcd's default `--max-txn-ops` is 128).
+pub const BATCH_LIMIT: usize = 128;
+
+/// Puts and deletes for [`Store::write_many`].
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    pub puts: Vec<(String, Vec<u8>, Scope)>,
+    pub deletes: Vec<String>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.puts.is_empty() && self.deletes.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.puts.len() + self.deletes.len()
+    }
+}
+
 /// Records under a prefix, in key order, and the store's revision when they were read.
 pub type Listing = (Vec<(String, Record)>, u64);
 
@@ -206,6 +226,11 @@ pub trait Store: Send + Sync + Debug {
         term: u64,
     ) -> BoxFuture<'a, Result<u64, StoreError>>;
 
+    /// Writes and deletes many records at once, whatever is there (votes, events): far fewer
+    /// round trips and store writes than one by one. Atomic in batches of up to
+    /// [`BATCH_LIMIT`] operations. The revision of the last batch.
+    fn write_many<'a>(&'a self, batch: Batch) -> BoxFuture<'a, Result<u64, StoreError>>;
+
     /// Deletes a record if `expect` holds; false when there was none.
     fn delete<'a>(
         &'a self,
@@ -227,6 +252,10 @@ pub trait Store: Send + Sync + Debug {
 
     /// Whether the store can be used now; changes as it goes and comes back.
     fn connection(&self) -> watch::Receiver<Connection>;
+
+    /// Writes this process made that succeeded (puts, deletes, lease grants and releases):
+    /// the load it puts on the store. Keep-alives are not writes.
+    fn writes(&self) -> u64;
 }
 
 /// JSON helpers over any [`Store`].

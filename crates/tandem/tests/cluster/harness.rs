@@ -52,6 +52,8 @@ pub struct Sites {
     pub etcd: EtcdCluster,
     pub nodes: BTreeMap<String, Proc>,
     pub topology: PathBuf,
+    /// Processes a test added (kept until the end).
+    pub extra: Vec<Proc>,
 }
 
 pub fn node_name(site: &str) -> String {
@@ -74,7 +76,14 @@ impl Sites {
 
     /// Starts the lab, etcd and the three nodes, and waits until every node sees three alive.
     pub async fn start(opts: Options) -> Sites {
+        Self::start_with(opts, |_| Vec::new()).await
+    }
+
+    /// [`Sites::start`], with `setup` run on the lab before the nodes start (extra addresses,
+    /// extra processes it keeps running).
+    pub async fn start_with(opts: Options, setup: impl FnOnce(&Lab) -> Vec<Proc>) -> Sites {
         let lab = Lab::with_client(&SITES);
+        let extra = setup(&lab);
         for site in ["edge", "region"] {
             lab.add_ip(site, 20);
             lab.add_ip(site, 30);
@@ -88,6 +97,7 @@ impl Sites {
             etcd,
             nodes: BTreeMap::new(),
             topology,
+            extra,
         };
         for site in SITES {
             sites.start_node(site);
@@ -224,6 +234,39 @@ impl Sites {
             .await
             .and_then(|v| v["events"].as_array().cloned())
             .unwrap_or_default()
+    }
+
+    /// Writes so far: etcd's committed proposals (the edge member's count: every member
+    /// commits every proposal), and each node's `tandem_store_writes_total`.
+    pub async fn store_counts(&self) -> (u64, Vec<u64>) {
+        let metric = |text: &str, name: &str| -> u64 {
+            text.lines()
+                .find(|l| l.starts_with(name) && !l.starts_with('#'))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .map_or(0, |v| v as u64)
+        };
+        let (lab, etcd) = (self.lab.clone(), SocketAddr::new(self.ip("edge", 10), 2379));
+        let text = tokio::task::spawn_blocking(move || {
+            lab.in_site("client", || http(etcd, "GET", "/metrics"))
+        })
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+        let proposals = metric(&text, "etcd_server_proposals_committed_total");
+        let mut nodes = Vec::new();
+        for site in SITES {
+            let (lab, api) = (self.lab.clone(), self.api(site));
+            let text = tokio::task::spawn_blocking(move || {
+                lab.in_site("client", || http(api, "GET", "/metrics"))
+            })
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+            nodes.push(metric(&text, "tandem_store_writes_total"));
+        }
+        (proposals, nodes)
     }
 
     /// The tail of a node's log (for failure messages).

@@ -515,3 +515,151 @@ async fn duplicate_nodes_and_different_files_are_refused_with_the_reason() {
     assert_ne!(m["topology"], m["cluster_topology"]);
     assert_eq!(m["leader"]["me"], false);
 }
+
+fn median(mut v: Vec<Duration>) -> (Duration, Duration) {
+    v.sort();
+    (v[v.len() / 2], *v.last().unwrap())
+}
+
+/// Measurement (bench/cluster/run): `kill -9` of the edge node to every surviving DNS node
+/// answering the region, with 100 ms probes; TANDEM_RUNS runs (default 5), each on a fresh
+/// lab. Timed by the nodes' own answer-change events (the server's clock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement: bench/cluster/run"]
+async fn edge_node_loss_to_region_answers() {
+    let runs: usize = std::env::var("TANDEM_RUNS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(5);
+    let mut times = Vec::new();
+    for run in 0..runs {
+        let opts = Options {
+            interval: "100ms",
+            timeout: "80ms",
+            ..Options::default()
+        };
+        let mut s = Sites::start(opts).await;
+        let (edge, region) = (s.lb("edge"), s.lb("region"));
+        for site in ["edge", "region", "witness"] {
+            s.wait_answer(site, &edge, Duration::from_secs(20)).await;
+        }
+        // Steady: every node sees the edge Online.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let killed = std::time::SystemTime::now();
+        s.node("edge").kill9();
+        let mut slowest = Duration::ZERO;
+        for site in ["region", "witness"] {
+            s.wait_answer(site, &region, Duration::from_secs(10)).await;
+            let moved = answers(&s, site)
+                .await
+                .into_iter()
+                .filter(|(at, m)| *at >= killed && m.starts_with("edge -> region"))
+                .map(|(at, _)| at.duration_since(killed).unwrap())
+                .next()
+                .expect("an answer change");
+            slowest = slowest.max(moved);
+        }
+        eprintln!(
+            "run {run}: edge node killed -> region and witness answer the region: {slowest:?}"
+        );
+        times.push(slowest);
+    }
+    let (median, max) = median(times);
+    eprintln!(
+        "edge node loss -> every surviving DNS node answers the region: median {median:?}, max {max:?} over {runs} runs (100 ms probes, tolerated_failures 1)"
+    );
+}
+
+/// Measurement (bench/cluster/run): writes to etcd per second per node at steady state with
+/// 1,000 monitored endpoints (ten weighted profiles of 100, probed every second by each of
+/// the three nodes), from etcd's own count of committed proposals and from each node's count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement: bench/cluster/run"]
+async fn store_writes_at_steady_state_with_1000_endpoints() {
+    let mut extra = String::from(
+        "\n[[monitor]]\nname = \"bulk\"\nprotocol = \"tcp\"\nport = 8081\ninterval = \"1s\"\ntimeout = \"500ms\"\n",
+    );
+    for p in 0..10 {
+        extra.push_str(&format!(
+            "\n[[profile]]\nname = \"bulk{p}\"\ndomain = \"bulk{p}.shop.test\"\nrouting = \"weighted\"\nmonitor = \"bulk\"\n"
+        ));
+        for e in 0..100 {
+            extra.push_str(&format!(
+                "  [[profile.endpoint]]\n  name = \"e{e}\"\n  target = {{ address = \"198.18.1.40\" }}\n"
+            ));
+        }
+    }
+    let opts = Options {
+        extra,
+        interval: "1s",
+        timeout: "500ms",
+        ..Options::default()
+    };
+    let s = Sites::start_with(opts, |lab| {
+        lab.add_ip("edge", 40);
+        let mut app = lab.command("edge", env!("CARGO_BIN_EXE_tandem"));
+        app.args([
+            "sample-app",
+            "--listen",
+            "198.18.1.40:8081",
+            "--site",
+            "edge",
+        ]);
+        vec![lab.spawn(app, "bulk-app")]
+    })
+    .await;
+    let target_count = |h: &Value| h["targets"].as_array().map_or(0, |t| t.len());
+    testkit::eventually(
+        Duration::from_secs(60),
+        "1,000 endpoints Online on every node",
+        || async {
+            for site in ["edge", "region", "witness"] {
+                let h: Value = s.get(site, "/v1/health").await?;
+                let online = h["targets"]
+                    .as_array()?
+                    .iter()
+                    .filter(|t| {
+                        t["target"].as_str().unwrap().starts_with("profile/bulk")
+                            && t["consensus"] == "Online"
+                    })
+                    .count();
+                if online < 1000 {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+    // Settle, then count over a window.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let window = Duration::from_secs(30);
+    let before = s.store_counts().await;
+    let h: Value = s.get("edge", "/v1/health").await.unwrap();
+    eprintln!("probe targets per node: {}", target_count(&h));
+    tokio::time::sleep(window).await;
+    let after = s.store_counts().await;
+    let secs = window.as_secs_f64();
+    for site in ["edge", "region", "witness"] {
+        let events = s.events(site).await;
+        let mut by: std::collections::BTreeMap<String, usize> = Default::default();
+        for e in events
+            .iter()
+            .filter(|e| e["node"] == harness::node_name(site).as_str())
+        {
+            *by.entry(format!("{} {}", e["source"], e["kind"]))
+                .or_default() += 1;
+        }
+        eprintln!("{site} events (all, by source and kind): {by:?}");
+    }
+    let etcd = (after.0 - before.0) as f64 / secs;
+    eprintln!(
+        "etcd committed proposals: {etcd:.2}/s for the whole cluster (3 nodes): {:.2}/s per node",
+        etcd / 3.0
+    );
+    for (i, site) in ["edge", "region", "witness"].iter().enumerate() {
+        let per = (after.1[i] - before.1[i]) as f64 / secs;
+        eprintln!("{site} node: {per:.2} store writes/s (tandem_store_writes_total)");
+        assert!(per <= 10.0, "{site}: {per} writes/s at steady state");
+    }
+}
