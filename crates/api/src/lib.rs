@@ -196,6 +196,8 @@ pub struct Api {
     pub topology_hash: String,
     pub engine: Arc<Engine>,
     pub dns: Option<Arc<Manager>>,
+    /// Where DNS listens (UDP and TCP), as bound (a port 0 resolved).
+    pub dns_listen: Vec<std::net::SocketAddr>,
     pub load_balancers: Vec<Arc<lb::Balancer>>,
     pub scale_sets: Vec<Arc<scaleset::ScaleSet>>,
     pub databases: Vec<Arc<pg::Cluster>>,

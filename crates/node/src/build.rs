@@ -284,6 +284,7 @@ pub(crate) async fn build(config: Config) -> Result<Node, Error> {
     };
     let mut dns_manager = None;
     let mut dns_server = None;
+    let mut dns_listen = Vec::new();
     if let Some(_zones) = &topology.dns
         && !listen.is_empty()
     {
@@ -306,6 +307,7 @@ pub(crate) async fn build(config: Config) -> Result<Node, Error> {
         for a in &server.addrs {
             tracing::info!(listen = %a, "DNS serving on udp and tcp");
         }
+        dns_listen.clone_from(&server.addrs);
         tokio::spawn(manager.clone().run(changes(&engine, node.as_ref())));
         dns_server = Some(server);
         dns_manager = Some(manager);
@@ -365,6 +367,7 @@ pub(crate) async fn build(config: Config) -> Result<Node, Error> {
         topology_hash: hash,
         engine: engine.clone(),
         dns: dns_manager.clone(),
+        dns_listen,
         load_balancers,
         scale_sets,
         databases,

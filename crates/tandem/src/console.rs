@@ -65,17 +65,7 @@ fn listening(api: &api::Api, addr: Option<SocketAddr>) -> String {
     if let Some(a) = addr {
         let _ = writeln!(out, "  api    http://{a}  (/v1/…, /metrics)");
     }
-    let dns: Vec<String> = match (&api.node, &api.topology.dns) {
-        (Some(n), _) => n
-            .config()
-            .node
-            .dns
-            .iter()
-            .map(ToString::to_string)
-            .collect(),
-        (None, Some(d)) => d.listen.iter().map(ToString::to_string).collect(),
-        _ => Vec::new(),
-    };
+    let dns: Vec<String> = api.dns_listen.iter().map(ToString::to_string).collect();
     if !dns.is_empty() {
         let _ = writeln!(out, "  dns    {} (udp and tcp)", dns.join(", "));
     }

@@ -34,8 +34,8 @@ name = "web"
 protocol = "http"
 port = 1
 path = "/healthz"
-interval = "100ms"
-timeout = "90ms"
+interval = "200ms"
+timeout = "150ms"
 tolerated_failures = 1
 recovery_successes = 1
 [[load_balancer]]
