@@ -145,6 +145,27 @@ impl Fixture {
     }
 }
 
+impl Fixture {
+    /// The ECS option echoed for a query from `subnet`: (source prefix, scope prefix).
+    fn ecs_echo(&self, name: &str, subnet: &str) -> (u8, u8) {
+        let mut q = query(name, RecordType::A);
+        let mut edns = Edns::new();
+        edns.options_mut()
+            .insert(EdnsOption::Subnet(subnet.parse().unwrap()));
+        q.set_edns(edns);
+        let r = self.udp(&q);
+        let Some(EdnsOption::Subnet(echo)) = r
+            .edns
+            .as_ref()
+            .unwrap()
+            .option(hickory_proto::rr::rdata::opt::EdnsCode::Subnet)
+        else {
+            panic!("no ECS echoed for {name}")
+        };
+        (echo.source_prefix(), echo.scope_prefix())
+    }
+}
+
 /// One length-prefixed query and its answer over a TCP connection.
 async fn exchange(mut s: tokio::net::TcpStream, bytes: &[u8]) -> Option<Vec<u8>> {
     s.write_all(&(bytes.len() as u16).to_be_bytes())
@@ -509,21 +530,14 @@ monitor = "web"
     );
 
     // The scope echoed is the source prefix: the answer depended on all of it.
-    let mut q = query("nets.shop.test.", RecordType::A);
-    let mut edns = Edns::new();
-    edns.options_mut()
-        .insert(EdnsOption::Subnet("198.51.100.0/24".parse().unwrap()));
-    q.set_edns(edns);
-    let r = f.udp(&q);
-    let Some(EdnsOption::Subnet(echo)) = r
-        .edns
-        .as_ref()
-        .unwrap()
-        .option(hickory_proto::rr::rdata::opt::EdnsCode::Subnet)
-    else {
-        panic!("no ECS echoed")
-    };
-    assert_eq!((echo.source_prefix(), echo.scope_prefix()), (24, 24));
+    assert_eq!(f.ecs_echo("nets.shop.test.", "198.51.100.0/24"), (24, 24));
+}
+
+#[tokio::test]
+async fn an_answer_that_does_not_depend_on_the_client_has_scope_zero() {
+    // RFC 7871 §7.2.1: scope 0 lets a resolver cache the answer for every client.
+    let f = Fixture::new(PRIORITY);
+    assert_eq!(f.ecs_echo("www.shop.test.", "198.51.100.0/24"), (24, 0));
 }
 
 const AREAS: &str = r#"
@@ -589,6 +603,9 @@ geo = {{ eu = ["fra", "nyc"], us = ["nyc", "fra"], "*" = ["nyc"] }}
     assert_eq!(ask("203.0.113.0/24"), ["10.0.0.2"], "everyone else");
     f.set("geo", "fra", Status::Degraded);
     assert_eq!(ask("192.0.2.0/24"), ["10.0.0.2"], "eu does not go dark");
+    // The answer depended on where the client is: the scope is the whole source prefix.
+    assert_eq!(f.ecs_echo("geo.shop.test.", "192.0.2.0/24"), (24, 24));
+    assert_eq!(f.ecs_echo("geo.shop.test.", "203.0.113.0/24"), (24, 24));
 }
 
 #[tokio::test]
@@ -614,6 +631,58 @@ async fn performance_routing_picks_the_nearest_site_else_the_fastest_probe() {
     );
     f.set("fast", "fra", Status::Degraded);
     assert_eq!(ask("192.0.2.0/24"), ["10.0.0.2"]);
+    assert_eq!(f.ecs_echo("fast.shop.test.", "192.0.2.0/24"), (24, 24));
+}
+
+#[tokio::test]
+async fn nested_profiles_need_min_child_ipv4_and_ipv6() {
+    let f = Fixture::new(
+        r#"
+[[profile]]
+name = "top"
+domain = "dual.shop.test"
+routing = "priority"
+  [[profile.endpoint]]
+  name = "edge-pool"
+  target = { profile = "edge" }
+  priority = 1
+  min_child_ipv4 = 1
+  min_child_ipv6 = 1
+  [[profile.endpoint]]
+  name = "region"
+  target = { address = "10.0.2.1" }
+  priority = 2
+
+[[profile]]
+name = "edge"
+domain = "edge.dual.shop.test"
+routing = "multivalue"
+monitor = "web"
+  [[profile.endpoint]]
+  name = "v4"
+  target = { address = "10.0.1.1" }
+  [[profile.endpoint]]
+  name = "v6"
+  target = { address = "2001:db8::1" }
+"#,
+    );
+    let ask = |t| f.ask("dual.shop.test.", t, None);
+    assert_eq!(ask(RecordType::A), ["10.0.1.1"]);
+    assert_eq!(ask(RecordType::AAAA), ["2001:db8::1"]);
+    f.set("edge", "v6", Status::Degraded);
+    assert_eq!(
+        ask(RecordType::A),
+        ["10.0.2.1"],
+        "no IPv6 endpoint left is below min_child_ipv6 = 1, even for A"
+    );
+    f.set("edge", "v6", Status::Online);
+    f.set("edge", "v4", Status::Degraded);
+    assert_eq!(
+        ask(RecordType::A),
+        ["10.0.2.1"],
+        "no IPv4 endpoint left is below min_child_ipv4 = 1"
+    );
+    assert!(ask(RecordType::AAAA).is_empty(), "the region has no IPv6");
 }
 
 #[tokio::test]
