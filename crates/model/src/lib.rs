@@ -35,7 +35,7 @@ pub enum LoadError {
         path: String,
         source: std::io::Error,
     },
-    #[error("{} has {} problem(s)", .0.source.name, .0.errors())]
+    #[error("{} has {}", .0.source.name, diag::plural(.0.errors(), "problem"))]
     Invalid(Box<Diagnostics>),
 }
 

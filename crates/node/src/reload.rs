@@ -53,9 +53,9 @@ impl Reloader {
         let source = model::Source::new(self.file.display().to_string(), text.clone());
         let checked = model::check(source).map_err(|d| api::ReloadRefused {
             message: format!(
-                "{} has {} problem(s); keeping the running topology",
+                "{} has {}; keeping the running topology",
                 self.file.display(),
-                d.items.len()
+                model::diag::plural(d.items.len(), "problem")
             ),
             diagnostics: Some(d.render()),
         })?;

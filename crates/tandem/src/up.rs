@@ -79,11 +79,29 @@ async fn reload_on_sighup(api: api::Api, mut hup: Signal) {
             Ok(r) => {
                 tracing::info!(applied = ?r.applied, needs_restart = ?r.needs_restart, "reloaded")
             }
-            Err((_, e)) => tracing::error!(
-                "reload failed; keeping the running topology: {}\n{}",
-                e.error,
-                e.diagnostics.unwrap_or_default()
-            ),
+            Err((_, e)) => {
+                // The event reaches the console and `GET /v1/events`, as a failed reload
+                // through the API does; the diagnostics follow the message.
+                tracing::error!(
+                    "reload failed: {}\n{}",
+                    e.error,
+                    e.diagnostics.as_deref().unwrap_or_default()
+                );
+                let message = match e.diagnostics {
+                    Some(d) => format!("SIGHUP: {}\n{d}", e.error),
+                    None => format!("SIGHUP: {}", e.error),
+                };
+                let subject = api
+                    .node
+                    .as_ref()
+                    .map_or_else(|| "local".to_string(), |n| n.name().to_string());
+                api.events.record(event::Event::new(
+                    event::Source::Node,
+                    subject,
+                    "reload-failed",
+                    message,
+                ));
+            }
         }
     }
 }

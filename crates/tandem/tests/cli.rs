@@ -348,6 +348,59 @@ monitor = "db"
     );
 }
 
+/// HTTPS probes trust what `SSL_CERT_DIR` holds, and only that: the same self-signed server is
+/// Online for a Tandem whose directory holds its certificate, Degraded with a certificate
+/// reason for one whose directory is the system store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_probes_trust_the_certificates_in_ssl_cert_dir() {
+    let (secure, pem) = HttpServer::start_tls().await;
+    let body = format!(
+        r#"
+[[monitor]]
+name = "secure"
+protocol = "https"
+port = {}
+sni = "localhost"
+interval = "200ms"
+timeout = "150ms"
+tolerated_failures = 0
+
+[[load_balancer]]
+name = "api"
+site = "edge"
+frontend = "127.0.0.1:0"
+pool = {{ addresses = ["127.0.0.1:{}"] }}
+probe = "secure"
+
+[[site]]
+name = "edge"
+role = "edge"
+"#,
+        secure.addr.port(),
+        secure.addr.port()
+    );
+    let target = format!("lb/api/127.0.0.1:{}", secure.addr.port());
+
+    let trusting = tempfile::tempdir().unwrap();
+    let certs = trusting.path().join("certs");
+    std::fs::create_dir(&certs).unwrap();
+    std::fs::write(certs.join("server.pem"), &pem).unwrap();
+    let api = testkit::closed_port();
+    let file = topology_file(trusting.path(), api, &body);
+    let mut up = Up::start(&file, api, &[("SSL_CERT_DIR", certs.to_str().unwrap())]);
+    wait_status(&up, &target, "Online").await;
+    assert!(up.terminate().success());
+
+    let system = tempfile::tempdir().unwrap();
+    let api = testkit::closed_port();
+    let file = topology_file(system.path(), api, &body);
+    let mut up = Up::start(&file, api, &[("SSL_CERT_DIR", "/etc/ssl/certs")]);
+    let t = wait_status(&up, &target, "Degraded").await;
+    let reason = t["last_failure"].as_str().unwrap_or_default();
+    assert!(reason.contains("certificate"), "{t}");
+    assert!(up.terminate().success());
+}
+
 #[test]
 fn up_refuses_an_invalid_topology_and_an_address_in_use() {
     let dir = tempfile::tempdir().unwrap();

@@ -189,10 +189,36 @@ async fn operator_output_tells_the_truth() {
     );
     let json = up.status().unwrap();
     assert_eq!(json["drill"]["drill"]["site"], "edge", "{json:#}");
+    // One drill at a time: a second is refused (exit 3) and says how to end the first.
+    let out = run(tandem().args(["drill", "outage", "edge", "--api", &api_arg]));
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("a drill of site edge is already running; stop it first (tandem drill stop)"),
+        "{err}"
+    );
+    // The static load balancer stopped answering for the drill; `drill stop` brings it back.
+    assert!(
+        std::net::TcpStream::connect(lb).is_err(),
+        "{lb} answers in a drill"
+    );
     let out = run(tandem().args(["drill", "stop", "--api", &api_arg]));
     assert!(out.status.success());
     let json = up.status().unwrap();
     assert!(json["drill"]["drill"].is_null());
+    assert!(
+        std::net::TcpStream::connect(lb).is_ok(),
+        "{lb} does not answer after the drill"
+    );
+    let ended = wait_event(api, "outage drill ended early").await;
+    assert_eq!(ended["kind"], "outage-end", "{ended}");
+    let out = run(tandem().args(["drill", "stop", "--api", &api_arg]));
+    assert_eq!(out.status.code(), Some(3), "stopping no drill");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no drill is running"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Manual scaling with autoscale rules: the reply says what they will do.
     let out = run(tandem().args(["scale", "web", "--to", "3", "--api", &api_arg]));
@@ -273,7 +299,80 @@ async fn operator_output_tells_the_truth() {
         "{err}"
     );
     assert!(err.contains("keeping the running topology"), "{err}");
+
+    // SIGHUP reloads as `tandem reload` does: a broken file is an event and changes nothing;
+    // a good one applies the scale set's new definition.
+    let hup = || {
+        let pid = up.child.id().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    hup();
+    let failed = wait_event(api, "`routing` cannot be \"priorty\"").await;
+    assert_eq!(failed["kind"], "reload-failed", "{failed}");
+    std::fs::write(
+        &file,
+        text.replace(
+            "capacity = { min = 1, max = 4, initial = 2 }",
+            "capacity = { min = 1, max = 5, initial = 2 }",
+        ),
+    )
+    .unwrap();
+    hup();
+    let reloaded = wait_event(api, "scale sets applied: web").await;
+    assert_eq!(reloaded["kind"], "reloaded", "{reloaded}");
+    eventually(
+        Duration::from_secs(10),
+        "web's max of 5 applied",
+        || async {
+            let v = try_get_json(api, "/v1/scale-sets").await?;
+            let set = v["scale_sets"].as_array()?.first()?.clone();
+            (set["max"] == 5).then_some(())
+        },
+    )
+    .await;
+
+    // Every metric the README names outside databases and cluster mode is exported, with its
+    // HELP and TYPE (those two are covered by the database and cluster tests).
+    // (A sample of each: the CPU of an instance needs two readings, so wait a little.)
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let named = metric_names(&readme);
+    assert!(named.len() > 25, "{named:?}");
+    let here: Vec<&String> = named
+        .iter()
+        .filter(|n| !n.starts_with("tandem_db_") && !n.starts_with("tandem_cluster_"))
+        .filter(|n| *n != "tandem_store_writes_total")
+        .collect();
+    let exported = |metrics: &str, name: &str| {
+        metrics.contains(&format!("# TYPE {name} ")) && metrics.contains(&format!("\n{name}"))
+    };
+    let missing = eventually(Duration::from_secs(30), "every metric exported", || async {
+        let metrics = http_get(api, "/metrics").await;
+        here.iter().all(|n| exported(&metrics, n)).then_some(())
+    });
+    if tokio::time::timeout(Duration::from_secs(10), missing)
+        .await
+        .is_err()
+    {
+        let metrics = http_get(api, "/metrics").await;
+        let absent: Vec<_> = here.iter().filter(|n| !exported(&metrics, n)).collect();
+        panic!("in the README but not exported: {absent:?}\n{metrics}");
+    }
     assert!(up.terminate().success());
+}
+
+/// Every `tandem_…` metric name in `text`.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("tandem_") && w.len() > "tandem_".len())
+        .map(str::to_string)
+        .collect()
 }
 
 /// `--node` mistakes: a name the topology lacks, and a topology with nodes but no `--node`.

@@ -170,6 +170,14 @@ impl Sites {
         serde_json::from_str(&body).ok()
     }
 
+    /// `GET /metrics` of `site`'s node, asked from inside its own namespace.
+    pub async fn metrics(&self, site: &str) -> Option<String> {
+        let (lab, addr, site) = (self.lab.clone(), self.api(site), site.to_string());
+        tokio::task::spawn_blocking(move || lab.in_site(&site, || http(addr, "GET", "/metrics")))
+            .await
+            .ok()?
+    }
+
     /// Whether a TCP connection from the client to `addr` is refused or times out (1 s).
     pub async fn unreachable(&self, addr: SocketAddr) -> bool {
         let lab = self.lab.clone();

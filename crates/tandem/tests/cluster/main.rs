@@ -28,6 +28,22 @@ async fn a_healthy_cluster_answers_the_edge_from_every_dns_node() {
         .collect();
     assert_eq!(alive, ["edge-1", "region-1", "witness-1"], "{nodes:#}");
     assert_eq!(s.dig("region", DOMAIN).await.unwrap(), [edge]);
+
+    // Every cluster and store metric the README names is exported, with a sample.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let named: std::collections::BTreeSet<&str> = readme
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("tandem_cluster_") || w.starts_with("tandem_store_"))
+        .collect();
+    assert!(named.len() >= 5, "{named:?}");
+    let metrics = s.metrics("region").await.unwrap();
+    for name in named {
+        assert!(
+            metrics.contains(&format!("# TYPE {name} ")) && metrics.contains(&format!("\n{name}")),
+            "{name} is in the README but not exported:\n{metrics}"
+        );
+    }
 }
 
 /// The DNS answer events a node shows, oldest first: (time, message).
@@ -111,22 +127,7 @@ async fn a_partitioned_edge_is_isolated_and_fails_back_once_after_the_hold() {
         (v["isolation"]["isolated"] == true).then_some(())
     })
     .await;
-    let metrics = {
-        let lab = s.lab.clone();
-        let api = s.api("edge");
-        tokio::task::spawn_blocking(move || {
-            lab.in_site("edge", || {
-                use std::io::{Read, Write};
-                let mut c = std::net::TcpStream::connect(api).unwrap();
-                c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-                let mut out = String::new();
-                c.read_to_string(&mut out).unwrap();
-                out
-            })
-        })
-        .await
-        .unwrap()
-    };
+    let metrics = s.metrics("edge").await.unwrap();
     assert!(metrics.contains("tandem_cluster_isolated 1"));
     // Cut off, the edge still answers its own site from its own probes.
     let from_edge = {

@@ -117,6 +117,17 @@ pub async fn recent_events(api: SocketAddr) -> Vec<Value> {
         .clone()
 }
 
+/// The first recent event whose message contains `text`, waited for up to 20 s.
+pub async fn wait_event(api: SocketAddr, text: &str) -> Value {
+    eventually(Duration::from_secs(20), text, || async {
+        recent_events(api)
+            .await
+            .into_iter()
+            .find(|e| e["message"].as_str().is_some_and(|m| m.contains(text)))
+    })
+    .await
+}
+
 pub async fn http_get(api: SocketAddr, path: &str) -> String {
     exchange(api, format!("GET {path} HTTP/1.0\r\nHost: {api}\r\n\r\n")).await
 }

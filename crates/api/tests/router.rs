@@ -1,0 +1,287 @@
+//! The API over a real socket, with a health engine, DNS tables and the intent records behind
+//! it: errors name the field with the right status, one drill runs at a time, and `/metrics`
+//! is well-formed Prometheus text.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const TOPOLOGY: &str = r#"
+[dns]
+listen = ["127.0.0.1:0"]
+[[dns.zone]]
+name = "shop.test"
+nameservers = ["ns1.shop.test"]
+hostmaster = "hostmaster.shop.test"
+
+[[site]]
+name = "edge"
+role = "edge"
+[[site]]
+name = "region"
+role = "region"
+
+[[monitor]]
+name = "web"
+protocol = "tcp"
+port = 9
+interval = "10s"
+
+[[profile]]
+name = "www"
+domain = "www.shop.test"
+routing = "priority"
+monitor = "web"
+  [[profile.endpoint]]
+  name = "edge"
+  target = { address = "127.0.0.1" }
+  priority = 1
+"#;
+
+/// Serves the API of a process that runs site `region` only (so drills of `edge` are recorded
+/// without waiting for this process to apply them).
+async fn serve() -> SocketAddr {
+    let topology = match model::parse(model::Source::new("t.toml", TOPOLOGY)) {
+        Ok(t) => Arc::new(t),
+        Err(d) => panic!("{}", d.render()),
+    };
+    let engine = Arc::new(
+        health::Engine::start(
+            health::targets(&topology),
+            &topology.monitors,
+            health::Options::default(),
+        )
+        .unwrap(),
+    );
+    let store: Arc<dyn store::Store> = Arc::new(store::Embedded::in_memory());
+    let api = api::Api {
+        topology: topology.clone(),
+        node: None,
+        site: Some("region".into()),
+        store: store.clone(),
+        topology_hash: "0".repeat(64),
+        engine: engine.clone(),
+        dns: Some(dns::manager::Manager::new(topology, engine).unwrap()),
+        dns_listen: Vec::new(),
+        load_balancers: Vec::new(),
+        scale_sets: Vec::new(),
+        databases: Vec::new(),
+        drills: orchestrator::Drills::new(Vec::new()),
+        intents: cluster::Intents::start(store, "local"),
+        reload: None,
+        events: api::EventLog::new(None),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(api::serve(listener, api, std::future::pending()));
+    addr
+}
+
+/// One request; the status and the body.
+async fn call(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let talk = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!(
+            "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    let out = tokio::time::timeout(Duration::from_secs(10), talk)
+        .await
+        .expect("the API answers within 10 s");
+    let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
+/// The status and the `field` of an error answer.
+async fn refused(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let (status, text) = call(addr, method, path, body).await;
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}: {text}"));
+    assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+    (status, v["field"].as_str().unwrap().to_string())
+}
+
+#[tokio::test]
+async fn errors_name_the_field_with_the_right_status() {
+    let api = serve().await;
+    let cases = [
+        ("POST", "/v1/drills/outage", "not json", 400, "site"),
+        (
+            "POST",
+            "/v1/drills/outage",
+            r#"{"site": "mars"}"#,
+            404,
+            "site",
+        ),
+        (
+            "POST",
+            "/v1/drills/outage",
+            r#"{"site": "edge", "for": "soon"}"#,
+            400,
+            "for",
+        ),
+        ("POST", "/v1/drills/stop", "", 409, "drill"),
+        (
+            "POST",
+            "/v1/profiles/nope/endpoints/edge/disable",
+            "",
+            404,
+            "profile",
+        ),
+        (
+            "POST",
+            "/v1/profiles/www/endpoints/nope/disable",
+            "",
+            404,
+            "endpoint",
+        ),
+        (
+            "POST",
+            "/v1/profiles/www/endpoints/edge/explode",
+            "",
+            404,
+            "action",
+        ),
+        (
+            "POST",
+            "/v1/load-balancers/nope/backends/127.0.0.1:80/drain",
+            "",
+            404,
+            "lb",
+        ),
+        (
+            "POST",
+            "/v1/scale-sets/nope/scale",
+            r#"{"capacity": 1}"#,
+            404,
+            "set",
+        ),
+        (
+            "POST",
+            "/v1/databases/nope/switchover",
+            r#"{"to": "edge"}"#,
+            404,
+            "db",
+        ),
+        ("POST", "/v1/reload", "", 404, "reload"),
+    ];
+    for (method, path, body, status, field) in cases {
+        assert_eq!(
+            refused(api, method, path, body).await,
+            (status, field.to_string()),
+            "{method} {path} {body}"
+        );
+    }
+    assert_eq!(call(api, "GET", "/healthz", "").await, (200, "ok\n".into()));
+}
+
+#[tokio::test]
+async fn one_drill_runs_at_a_time() {
+    let api = serve().await;
+    let (status, body) = call(
+        api,
+        "POST",
+        "/v1/drills/outage",
+        r#"{"site": "edge", "for": "90s"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["drill"]["site"], "edge", "{v}");
+
+    let (status, body) = call(api, "POST", "/v1/drills/outage", r#"{"site": "region"}"#).await;
+    assert_eq!(status, 409, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["field"], "site");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("a drill of site edge is already running"),
+        "{v}"
+    );
+
+    let (_, body) = call(api, "GET", "/v1/drills", "").await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["drill"]["site"], "edge", "{v}");
+    assert_eq!(call(api, "POST", "/v1/drills/stop", "").await.0, 200);
+    let (_, body) = call(api, "GET", "/v1/drills", "").await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert!(v["drill"].is_null(), "{v}");
+    // Stopped, another may start.
+    let (status, body) = call(api, "POST", "/v1/drills/outage", r#"{"site": "edge"}"#).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// Every sample belongs to a family announced once, by HELP then TYPE, before it; samples are
+/// `name{label="value",…} number`.
+#[tokio::test]
+async fn metrics_are_well_formed_prometheus_text() {
+    let api = serve().await;
+    let (status, text) = call(api, "GET", "/metrics", "").await;
+    assert_eq!(status, 200);
+    let mut families: BTreeMap<String, String> = BTreeMap::new();
+    let mut last_help = None;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let name = rest.split(' ').next().unwrap();
+            assert!(!families.contains_key(name), "{name} announced twice");
+            last_help = Some(name.to_string());
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            assert_eq!(
+                last_help.as_deref(),
+                Some(name),
+                "TYPE without HELP: {line}"
+            );
+            assert!(["gauge", "counter"].contains(&kind), "{line}");
+            families.insert(name.to_string(), kind.to_string());
+        } else {
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            let name = series.split('{').next().unwrap();
+            let kind = families
+                .get(name)
+                .unwrap_or_else(|| panic!("sample before its TYPE: {line}"));
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+            assert_eq!(kind == "counter", name.ends_with("_total"), "{line}");
+            if let Some(labels) = series.strip_prefix(name).filter(|l| !l.is_empty()) {
+                let inner = labels.strip_prefix('{').and_then(|l| l.strip_suffix('}'));
+                let inner = inner.unwrap_or_else(|| panic!("{line}"));
+                for pair in inner.split("\",") {
+                    let (k, v) = pair.split_once("=\"").unwrap_or_else(|| panic!("{line}"));
+                    assert!(
+                        k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                        "{line}"
+                    );
+                    assert!(!v.trim_end_matches('"').contains('"'), "{line}");
+                }
+            }
+        }
+    }
+    for name in [
+        "tandem_build_info",
+        "tandem_health_target_up",
+        "tandem_dns_responses_total",
+        "tandem_dns_endpoint_answered",
+    ] {
+        assert!(families.contains_key(name), "{name} missing:\n{text}");
+    }
+    assert!(
+        text.contains("tandem_health_target_status{target=\"profile/www/edge\",monitor=\"web\",status=\"CheckingEndpoint\"} 1"),
+        "{text}"
+    );
+}
