@@ -44,6 +44,9 @@ struct State {
     /// Decisions (by record revision) this node stopped following because their endpoint
     /// became unavailable here: it decides alone for that profile until the leader decides
     /// anew, so a stale decision (a leader cut off) cannot bring traffic back before the hold.
+    /// Where taking the decision back is no failback (this node has nothing better available
+    /// now), it is taken back: otherwise a node that saw everything down for a moment would
+    /// pick the best endpoint at once while the leader holds.
     suspended: HashMap<String, u64>,
     /// This node's own decisions, by profile, as last computed.
     local: HashMap<String, Option<String>>,
@@ -240,18 +243,31 @@ impl Manager {
                 .iter()
                 .map(|&i| table::available(statuses[pi][i]))
                 .collect();
-            let followed = following
-                .as_ref()
-                .and_then(|f| f.get(p.name.as_str()))
-                .filter(|d| suspended.get(p.name.as_str()) != Some(&d.revision));
+            let followed = following.as_ref().and_then(|f| f.get(p.name.as_str()));
             let leader = match followed {
                 Some(d) => {
                     let rank = d.endpoint.as_deref().and_then(rank_of);
-                    if rank.is_none_or(|r| avail[r]) {
-                        Some(rank)
-                    } else {
+                    // Taking the decision back after suspending it is refused only while it
+                    // would be a failback (to a better endpoint than an available current one):
+                    // that one waits for the leader's next decision or this node's own hold.
+                    let failback = match (rank, fb.current()) {
+                        (Some(r), Some(c)) => r < c && avail[c],
+                        _ => false,
+                    };
+                    let held = suspended.get(p.name.as_str()) == Some(&d.revision) && failback;
+                    // "None available" is no guidance to a node that has one available.
+                    let usable = match rank {
+                        Some(r) => avail[r],
+                        None => !avail.contains(&true),
+                    };
+                    if !usable {
                         suspended.insert(p.name.to_string(), d.revision);
                         None
+                    } else if held {
+                        None
+                    } else {
+                        suspended.remove(p.name.as_str());
+                        Some(rank)
                     }
                 }
                 None => None,
