@@ -20,6 +20,9 @@ pub(crate) struct Reloader {
 
 #[derive(Debug)]
 struct Running {
+    /// The file this process started with: what is in effect outside scale sets.
+    started: String,
+    /// The file last applied (scale sets are as it says).
     text: String,
     hash: String,
 }
@@ -29,6 +32,7 @@ impl Reloader {
         Reloader {
             file: config.file.clone(),
             running: Arc::new(Mutex::new(Running {
+                started: config.text.clone(),
                 text: config.text.clone(),
                 hash,
             })),
@@ -68,22 +72,34 @@ impl Reloader {
     fn plan(&self) -> Result<api::ReloadPlan, api::ReloadRefused> {
         let (text, _) = self.read()?;
         let hash = cluster::topology_hash(text.as_bytes());
-        let changes = model::diff::diff(&self.running().text, &text);
-        let mut response = api::types::ReloadResponse {
-            unchanged: changes.is_empty(),
-            ..Default::default()
+        let applies_now = |c: &model::diff::Change| {
+            c.section == "scale_set" && matches!(c.kind, model::diff::ChangeKind::Changed(_))
         };
-        for c in changes {
-            let now =
-                c.section == "scale_set" && matches!(c.kind, model::diff::ChangeKind::Changed(_));
-            if now {
-                response.applied.push(format!(
-                    "{c}: applied (a changed template rolls through as an upgrade)"
-                ));
-            } else {
-                response.needs_restart.push(format!("{c}: needs a restart"));
-            }
-        }
+        // Scale sets against the file last applied; the rest against the file started with,
+        // which is still in effect however many reloads have passed.
+        let (now, restart) = {
+            let r = self.running();
+            let now: Vec<_> = model::diff::diff(&r.text, &text)
+                .into_iter()
+                .filter(applies_now)
+                .collect();
+            let restart: Vec<_> = model::diff::diff(&r.started, &text)
+                .into_iter()
+                .filter(|c| !applies_now(c))
+                .collect();
+            (now, restart)
+        };
+        let response = api::types::ReloadResponse {
+            unchanged: now.is_empty() && restart.is_empty(),
+            applied: now
+                .iter()
+                .map(|c| format!("{c}: applied (a changed template rolls through as an upgrade)"))
+                .collect(),
+            needs_restart: restart
+                .iter()
+                .map(|c| format!("{c}: needs a restart"))
+                .collect(),
+        };
         Ok(api::ReloadPlan { hash, response })
     }
 
