@@ -1,7 +1,7 @@
 //! The database tier against real PostgreSQL (Debian's `postgresql`, installed by
 //! `scripts/test`): bootstrap, synchronous replication, failover after `kill -9` of the
-//! primary with every acknowledged write kept, rejoin through pg_rewind, switchover back, and
-//! the errors that must touch no data.
+//! primary with every acknowledged write kept, rejoin through pg_rewind, switchover back, the
+//! health endpoints and metrics, and the errors that must touch no data.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -125,7 +125,11 @@ impl Db {
 
 /// The status code of a GET.
 async fn code(addr: SocketAddr, path: &str) -> u16 {
-    let resp = http_get(addr, path).await;
+    status(&http_get(addr, path).await)
+}
+
+/// The status code of an HTTP response.
+fn status(resp: &str) -> u16 {
     resp.split(' ')
         .nth(1)
         .and_then(|c| c.parse().ok())
@@ -370,6 +374,38 @@ async fn sync_failover_keeps_every_acknowledged_write_and_the_old_primary_rejoin
         400,
         "/replica?lag=x"
     );
+    for (path, edge, region) in [
+        ("/read-write", 200, 503),
+        ("/replica", 503, 200),
+        ("/read-only", 200, 200),
+        ("/health", 200, 200),
+    ] {
+        assert_eq!(code(db.health[0], path).await, edge, "edge {path}");
+        assert_eq!(code(db.health[1], path).await, region, "region {path}");
+    }
+    // HAProxy checks with OPTIONS by default; any method gets the same answer.
+    for (method, member, want) in [("OPTIONS", 0, 200), ("OPTIONS", 1, 503), ("HEAD", 1, 503)] {
+        let resp = http_request(db.health[member], method, "/primary").await;
+        assert_eq!(
+            status(&resp),
+            want,
+            "{method} /primary on member {member}: {resp}"
+        );
+    }
+    // A 503 says why: the member's state, as JSON.
+    let resp = http_request(db.health[1], "GET", "/read-write").await;
+    assert_eq!(status(&resp), 503, "{resp}");
+    assert!(
+        resp.to_ascii_lowercase()
+            .contains("content-type: application/json"),
+        "{resp}"
+    );
+    let why: Value = serde_json::from_str(body(&resp)).unwrap();
+    assert_eq!(why["site"], "region", "{why}");
+    assert_eq!(why["role"], "standby", "{why}");
+    assert_eq!(why["state"], "streaming", "{why}");
+    assert_eq!(why["database"], "orders", "{why}");
+    assert_eq!(why["term"], 1, "{why}");
 
     let rto = failover_once(&db, "edge", "region", 2).await;
     eprintln!("failover RTO (kill -9 to next acknowledged write): {rto:?}");
@@ -404,6 +440,10 @@ async fn sync_failover_keeps_every_acknowledged_write_and_the_old_primary_rejoin
     );
     assert_eq!(code(db.health[1], "/primary").await, 200, "/primary");
     assert_eq!(code(db.health[0], "/primary").await, 503, "/primary");
+    assert_eq!(code(db.health[1], "/read-write").await, 200, "/read-write");
+    assert_eq!(code(db.health[0], "/read-write").await, 503, "/read-write");
+    assert_eq!(code(db.health[0], "/read-only").await, 200, "/read-only");
+    assert_metrics_after_failover(&db).await;
 
     // Planned switchover back to the edge loses nothing either.
     switchover_once(&db, "edge").await;
@@ -413,6 +453,52 @@ async fn sync_failover_keeps_every_acknowledged_write_and_the_old_primary_rejoin
     let status = run(tandem().args(["status", "--api", &db.up.api.to_string()]));
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(text.contains("orders") && text.contains("term 3"), "{text}");
+}
+
+/// Every `tandem_db_*` metric the README names is exported (a name added to the README without
+/// its metric fails here), with the values of the failover just done: region primary in term 2,
+/// edge streaming.
+async fn assert_metrics_after_failover(db: &Db) {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let mut names: Vec<&str> = Vec::new();
+    let mut rest = readme.as_str();
+    while let Some(at) = rest.find("tandem_db_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        // `tandem_db_*` names a family, not a metric.
+        if !name.ends_with('_') && !names.contains(&name) {
+            names.push(name);
+        }
+        rest = &tail[end..];
+    }
+    assert!(names.len() >= 6, "README names {names:?}");
+    let metrics = http_get(db.up.api, "/metrics").await;
+    let metrics = body(&metrics);
+    for name in &names {
+        assert!(
+            metrics.lines().any(|l| l
+                .strip_prefix(name)
+                .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))),
+            "README names {name}, /metrics has no sample of it:\n{metrics}"
+        );
+    }
+    for line in [
+        "tandem_db_term{database=\"orders\"} 2",
+        "tandem_db_member_is_primary{database=\"orders\",member=\"region\"} 1",
+        "tandem_db_member_is_primary{database=\"orders\",member=\"edge\"} 0",
+        "tandem_db_member_streaming{database=\"orders\",member=\"edge\"} 1",
+        "tandem_db_primary_changes_total{database=\"orders\",kind=\"failover\"} 1",
+        "tandem_db_primary_changes_total{database=\"orders\",kind=\"switchover\"} 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} not in:\n{metrics}"
+        );
+    }
 }
 
 /// Async mode: commits do not wait for the standby, and a failover still promotes it (it is
