@@ -1,7 +1,8 @@
 //! The database tier against real PostgreSQL (Debian's `postgresql`, installed by
 //! `scripts/test`): bootstrap, synchronous replication, failover after `kill -9` of the
-//! primary with every acknowledged write kept, rejoin through pg_rewind, switchover back, the
-//! health endpoints and metrics, and the errors that must touch no data.
+//! primary with every acknowledged write kept, rejoin through pg_rewind (and what happens when
+//! pg_rewind fails), switchover back, the health endpoints and metrics, and the errors that
+//! must touch no data.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -68,7 +69,11 @@ async fn start(net: u8) -> Db {
 }
 
 async fn start_with(net: u8, replication: &str) -> Db {
-    let dir = reachable_tempdir();
+    start_in(reachable_tempdir(), net, replication, "").await
+}
+
+/// As [`start_with`], in `dir`, with `extra` lines in the `[[database]]`.
+async fn start_in(dir: tempfile::TempDir, net: u8, replication: &str, extra: &str) -> Db {
     let ips: Vec<String> = [net, net + 1]
         .iter()
         .flat_map(|n| [format!("127.0.{n}.20"), format!("127.0.{n}.21")])
@@ -78,7 +83,7 @@ async fn start_with(net: u8, replication: &str) -> Db {
     let api: SocketAddr = format!("127.0.0.1:{}", free_tcp_port(&["127.0.0.1"]))
         .parse()
         .unwrap();
-    let file = topology_file(dir.path(), api, &topology(net, port, replication, ""));
+    let file = topology_file(dir.path(), api, &topology(net, port, replication, extra));
     let up = Up::start(&file, api, &[]);
     let db = Db {
         state: dir.path().join("state"),
@@ -671,4 +676,168 @@ async fn a_member_promoted_behind_tandems_back_is_stopped_and_rewound() {
         .await;
     assert_eq!(d["primary"], "edge");
     assert_eq!(d["term"], 1, "no failover happened");
+}
+
+async fn wait_event(db: &Db, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    eventually(Duration::from_secs(30), what, || async {
+        recent_events(db.up.api)
+            .await
+            .into_iter()
+            .find(|e| check(e))
+    })
+    .await
+}
+
+fn says(e: &Value, subject: &str, kind: &str, text: &str) -> bool {
+    e["subject"] == subject
+        && e["kind"] == kind
+        && e["message"].as_str().is_some_and(|m| m.contains(text))
+}
+
+/// A `bin_dir` in `dir` with PostgreSQL's programs, except a `pg_rewind` that always fails;
+/// it writes a line to `dir/pg_rewind.calls` each time it runs.
+fn failing_pg_rewind(dir: &Path) -> std::path::PathBuf {
+    let real = pg::local::find_bins(None).unwrap();
+    let bin = dir.join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    for program in std::fs::read_dir(&real).unwrap() {
+        let program = program.unwrap();
+        if program.file_name() != "pg_rewind" {
+            std::os::unix::fs::symlink(program.path(), bin.join(program.file_name())).unwrap();
+        }
+    }
+    // PostgreSQL's user writes it when Tandem runs as root.
+    let calls = dir.join("pg_rewind.calls");
+    std::fs::write(&calls, "").unwrap();
+    std::fs::set_permissions(&calls, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let script = bin.join("pg_rewind");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> {}\necho 'pg_rewind: fatal: failing on purpose' >&2\nexit 1\n",
+            calls.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    bin
+}
+
+/// `rewind_failure`: a former primary that `pg_rewind` cannot bring back is left stopped with
+/// `stop`, its data untouched and its state in `/v1/databases`, an event and its health
+/// endpoint; restarted with the default (`clone`), it is cloned afresh, its data set aside as
+/// `SITE.old`, and streams again with every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_former_primary_pg_rewind_cannot_bring_back_is_left_stopped_or_cloned_afresh() {
+    let dir = reachable_tempdir();
+    let bin = failing_pg_rewind(dir.path());
+    let calls = dir.path().join("pg_rewind.calls");
+    let rewinds = || std::fs::read_to_string(&calls).unwrap().lines().count();
+    let policy = "rewind_failure = \"stop\"";
+    let extra = format!("bin_dir = \"{}\"\n{policy}", bin.display());
+    let mut db = start_in(dir, 75, "sync", &extra).await;
+    create_table(&db).await;
+    failover_once(&db, "edge", "region", 2).await;
+
+    // `stop`: one attempt, then left stopped.
+    let d = db
+        .wait(Duration::from_secs(60), "edge left stopped", |d| {
+            member(d, "edge")["state"] == "failed"
+        })
+        .await;
+    let edge = member(&d, "edge");
+    assert_eq!(edge["pid"], Value::Null, "{edge}");
+    let error = edge["error"].as_str().unwrap();
+    assert!(error.contains("pg_rewind failed"), "{error}");
+    assert!(error.contains("failing on purpose"), "{error}");
+    assert_eq!(d["primary"], "region");
+    assert_eq!(d["state"], "degraded");
+    wait_event(&db, "the stop as an event", |e| {
+        says(
+            e,
+            "orders/edge",
+            "error",
+            "left stopped (rewind_failure = \"stop\")",
+        )
+    })
+    .await;
+    let resp = http_request(db.health[0], "GET", "/health").await;
+    assert_eq!(status(&resp), 503, "{resp}");
+    let why: Value = serde_json::from_str(body(&resp)).unwrap();
+    assert_eq!(why["state"], "failed", "{why}");
+    assert_eq!(code(db.health[0], "/read-only").await, 503, "/read-only");
+    assert_eq!(code(db.health[1], "/read-only").await, 200, "/read-only");
+    // Writes go on without it (no synchronous standby to wait for).
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        db.client()
+            .await
+            .unwrap()
+            .batch_execute("INSERT INTO acked VALUES (1)"),
+    )
+    .await
+    .expect("writes go on")
+    .unwrap();
+    let data = db.state.join("databases/orders");
+    assert!(data.join("edge/PG_VERSION").is_file(), "data left in place");
+    assert!(!data.join("edge.old").exists(), "nothing set aside");
+    let d = db.view().await.unwrap();
+    assert_eq!(member(&d, "edge")["state"], "failed", "still stopped");
+    assert_eq!(rewinds(), 1, "pg_rewind ran once");
+
+    // Restarted with the default, `clone`: cloned afresh, the former data set aside.
+    assert!(db.up.terminate().success());
+    let file = db.state.parent().unwrap().join("topology.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, text.replace(policy, "")).unwrap();
+    db.up = Up::start(&file, db.up.api, &[]);
+    let d = db
+        .wait(
+            Duration::from_secs(60),
+            "edge cloned and synchronous",
+            |d| d["sync_standby"] == "edge" && member(d, "edge")["state"] == "streaming",
+        )
+        .await;
+    assert_eq!(d["primary"], "region");
+    assert_eq!(d["term"], 2);
+    assert!(rewinds() >= 2, "pg_rewind tried again");
+    let e = wait_event(&db, "the clone as an event", |e| {
+        says(e, "orders/edge", "recloned", "pg_rewind failed")
+    })
+    .await;
+    assert!(e["message"].as_str().unwrap().contains("edge.old"), "{e}");
+    assert!(
+        data.join("edge.old/PG_VERSION").is_file(),
+        "former data kept"
+    );
+
+    // The clone has every row of the primary (every acknowledged one: checked on it above).
+    let ids = |rows: Vec<tokio_postgres::Row>| -> Vec<i64> {
+        let mut ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        ids.sort();
+        ids
+    };
+    let want = ids(db
+        .client()
+        .await
+        .unwrap()
+        .query("SELECT id FROM acked", &[])
+        .await
+        .unwrap());
+    assert!(want.len() > 80, "{} rows", want.len());
+    let edge: SocketAddr = member(&d, "edge")["listen"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let standby = connect(&(edge, db.password())).await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "every row on the clone",
+        || async {
+            let rows = standby.query("SELECT id FROM acked", &[]).await.ok()?;
+            (ids(rows) == want).then_some(())
+        },
+    )
+    .await;
 }
