@@ -1,8 +1,8 @@
 //! The database tier against real PostgreSQL (Debian's `postgresql`, installed by
 //! `scripts/test`): bootstrap, synchronous replication, failover after `kill -9` of the
 //! primary with every acknowledged write kept, rejoin through pg_rewind (and what happens when
-//! pg_rewind fails), switchover back, the health endpoints and metrics, and the errors that
-//! must touch no data.
+//! pg_rewind fails), switchover back, a synchronous standby lost and back, the health endpoints
+//! and metrics, and the errors that must touch no data.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -840,4 +840,208 @@ async fn a_former_primary_pg_rewind_cannot_bring_back_is_left_stopped_or_cloned_
         },
     )
     .await;
+}
+
+fn signal(pid: i32, sig: nix::sys::signal::Signal) -> nix::Result<()> {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
+}
+
+/// The fields of `/proc/PID/stat` after the command name: state, parent, …
+fn proc_stat(pid: i32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// The processes whose parent is `pid`.
+fn children(pid: i32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&p| proc_stat(p).is_some_and(|f| f[1] == pid.to_string()))
+        .collect()
+}
+
+/// Every process of a member stopped with SIGSTOP, as on a machine that hangs: the postmaster
+/// first (so it starts no other), then its children, which lead process groups of their own
+/// (a `killpg` of the postmaster misses them). Dropping it lets them all run again.
+struct Frozen(Vec<i32>);
+
+impl Frozen {
+    async fn new(postmaster: i32) -> Frozen {
+        use nix::sys::signal::Signal::SIGSTOP;
+        signal(postmaster, SIGSTOP).unwrap();
+        let mut frozen = Frozen(vec![postmaster]);
+        eventually(Duration::from_secs(5), "the postmaster stopped", || async {
+            proc_stat(postmaster)
+                .is_some_and(|f| f[0] == "T")
+                .then_some(())
+        })
+        .await;
+        for child in children(postmaster) {
+            signal(child, SIGSTOP).unwrap();
+            frozen.0.push(child);
+        }
+        assert!(frozen.0.len() > 3, "a postmaster and its processes");
+        frozen
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            let _ = signal(pid, nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+}
+
+/// `SHOW synchronous_standby_names`, without the quotes Tandem writes.
+async fn sync_names(c: &tokio_postgres::Client) -> String {
+    let row = c
+        .query_one("SHOW synchronous_standby_names", &[])
+        .await
+        .unwrap();
+    row.get::<_, String>(0).trim_matches('"').to_string()
+}
+
+/// Sync mode: a synchronous standby that hangs is dropped from `synchronous_standby_names`
+/// once the primary has not reported it synchronous for `failover_timeout`, and a commit that
+/// was waiting for it goes through. Still hung 15 s on, it is stopped and rewound without
+/// holding up the primary's lease; back and synchronous, it is named again. A dropped standby
+/// is never promoted, even when it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_synchronous_standby_is_dropped_then_named_again_and_never_promoted_meanwhile() {
+    let db = start(73).await;
+    create_table(&db).await;
+    let view = db.view().await.unwrap();
+    let listen = |site: &str| -> SocketAddr {
+        member(&view, site)["listen"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (edge, password) = (listen("edge"), db.password());
+    let primary = connect(&(edge, password.clone())).await.unwrap();
+    assert_eq!(sync_names(&primary).await, "region");
+
+    // The standby hangs; a commit now waits for it.
+    let pid = member(&view, "region")["pid"].as_i64().unwrap() as i32;
+    let frozen = Frozen::new(pid).await;
+    let hung = Instant::now();
+    let writer = connect(&(edge, password.clone())).await.unwrap();
+    let commit = tokio::spawn(async move {
+        writer
+            .batch_execute("INSERT INTO acked VALUES (1)")
+            .await
+            .unwrap();
+        hung.elapsed()
+    });
+    // The primary notices a silent standby after `wal_sender_timeout` (5 s), then Tandem waits
+    // `failover_timeout` (2 s).
+    eventually(
+        Duration::from_secs(20),
+        "synchronous_standby_names emptied",
+        || async { sync_names(&primary).await.is_empty().then_some(()) },
+    )
+    .await;
+    let waited = tokio::time::timeout(Duration::from_secs(5), commit)
+        .await
+        .expect("the commit goes through once the standby is dropped")
+        .unwrap();
+    eprintln!(
+        "phase: standby dropped, commit through {waited:?} after the standby hung (dropped {:?})",
+        hung.elapsed()
+    );
+    assert!(
+        waited >= Duration::from_secs(1),
+        "the commit did wait for the hung standby ({waited:?})"
+    );
+    db.wait(Duration::from_secs(5), "no synchronous standby", |d| {
+        d["sync_standby"].is_null() && d["state"] == "degraded"
+    })
+    .await;
+    wait_event(&db, "the drop as an event", |e| {
+        says(e, "orders/region", "sync", "gone for 2s")
+    })
+    .await;
+
+    // Still hung after 15 s: Tandem stops it to rewind it, and keeps the primary's lease while
+    // the standby ignores its shutdown.
+    wait_event(&db, "the hung standby given up on", |e| {
+        says(e, "orders/region", "error", "has not streamed")
+    })
+    .await;
+    db.wait(Duration::from_secs(5), "region rewinding", |d| {
+        member(d, "region")["state"] == "rewinding"
+    })
+    .await;
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        primary.batch_execute("INSERT INTO acked VALUES (2)"),
+    )
+    .await
+    .expect("writes go on while the standby hangs")
+    .unwrap();
+    let d = db.view().await.unwrap();
+    assert_eq!(d["primary"], "edge", "{d}");
+    assert_eq!(d["term"], 1, "{d}");
+    drop(frozen);
+    eprintln!("phase: standby back after {:?}", hung.elapsed());
+
+    // Back, it shuts down cleanly, is rewound, streams, is synchronous and named again.
+    db.wait(
+        Duration::from_secs(60),
+        "region the synchronous standby again",
+        |d| d["sync_standby"] == "region" && member(d, "region")["state"] == "streaming",
+    )
+    .await;
+    assert_eq!(sync_names(&primary).await, "region");
+    wait_event(&db, "region rewound", |e| {
+        says(e, "orders/region", "rejoined", "pg_rewind")
+    })
+    .await;
+    let events = recent_events(db.up.api).await;
+    assert!(!events.iter().any(|e| e["kind"] == "fenced"), "{events:#?}");
+
+    // Replication refused (the standby still answers SQL): dropped again; then the primary
+    // dies, and the standby that was not synchronous again is not promoted.
+    primary
+        .batch_execute("ALTER ROLE replicator NOLOGIN")
+        .await
+        .unwrap();
+    primary
+        .batch_execute("SELECT pg_terminate_backend(pid) FROM pg_stat_replication")
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "synchronous_standby_names emptied again",
+        || async { sync_names(&primary).await.is_empty().then_some(()) },
+    )
+    .await;
+    let d = db
+        .wait(Duration::from_secs(5), "no synchronous standby", |d| {
+            d["sync_standby"].is_null()
+        })
+        .await;
+    assert_eq!(member(&d, "region")["role"], "standby", "{d}");
+    let pid = member(&d, "edge")["pid"].as_i64().unwrap() as i32;
+    signal(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_event(&db, "the failover refused", |e| {
+        says(
+            e,
+            "orders",
+            "failover-blocked",
+            "no standby was synchronous",
+        )
+    })
+    .await;
+    let d = db
+        .wait(Duration::from_secs(5), "no primary", |d| {
+            d["primary"].is_null()
+        })
+        .await;
+    assert_eq!(d["term"], 1, "{d}");
+    assert_eq!(member(&d, "region")["role"], "standby", "{d}");
 }
