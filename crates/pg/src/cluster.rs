@@ -984,8 +984,13 @@ impl Driver {
                 self.event(Some(i), "error", format!(
                     "{site} has not streamed from the primary for {STUCK:?} (its history diverged?); rewinding it"
                 ));
-                self.stop_member(i).await;
-                self.spawn_work(i, State::Rewinding, upstream);
+                // Stopped inside the work, not here: a hung standby can take the whole
+                // shutdown grace, and the ticks must keep renewing the primary's lease.
+                let m = &mut self.members[i];
+                m.client = None;
+                m.obs = None;
+                let running = m.instance.take();
+                self.spawn_work_after(i, State::Rewinding, upstream, running);
                 continue;
             }
             let m = &self.members[i];
@@ -1019,12 +1024,26 @@ impl Driver {
     }
 
     fn spawn_work(&mut self, i: usize, state: State, upstream: SocketAddr) {
+        self.spawn_work_after(i, state, upstream, None);
+    }
+
+    /// As [`Driver::spawn_work`], stopping the member's `running` postmaster first.
+    fn spawn_work_after(
+        &mut self,
+        i: usize,
+        state: State,
+        upstream: SocketAddr,
+        running: Option<Box<dyn Instance>>,
+    ) {
         let site = self.members[i].site.clone();
         self.members[i].state = state;
         let local = self.local.clone();
         let tx = self.work.clone();
         let policy = self.config.rewind_failure;
         tokio::spawn(async move {
+            if let Some(inst) = running {
+                shut_down(inst).await;
+            }
             // A just-promoted primary's control file still names the old timeline until its
             // first checkpoint, and pg_rewind would then see nothing to rewind.
             let checkpoint = match observe::connect(upstream, &local.password).await {
@@ -1281,24 +1300,13 @@ impl Driver {
         )))
     }
 
-    /// Fast shutdown (SIGINT: clients disconnected, a clean checkpoint), killed after 30 s.
+    /// Stops a member (see [`shut_down`]), waiting for it.
     async fn stop_member(&mut self, i: usize) {
         let m = &mut self.members[i];
         m.client = None;
         m.obs = None;
-        if let Some(mut inst) = m.instance.take() {
-            if let Some(pid) = inst.pid() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGINT,
-                );
-            }
-            if tokio::time::timeout(Duration::from_secs(30), inst.wait())
-                .await
-                .is_err()
-            {
-                inst.stop(Duration::ZERO).await;
-            }
+        if let Some(inst) = m.instance.take() {
+            shut_down(inst).await;
         }
         m.state = State::Stopped;
     }
@@ -1399,6 +1407,22 @@ impl Driver {
             switchovers: self.switchovers,
         };
         *self.cluster.view.lock().unwrap_or_else(|p| p.into_inner()) = view;
+    }
+}
+
+/// Fast shutdown (SIGINT: clients disconnected, a clean checkpoint), killed after 30 s.
+async fn shut_down(mut inst: Box<dyn Instance>) {
+    if let Some(pid) = inst.pid() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+    }
+    if tokio::time::timeout(Duration::from_secs(30), inst.wait())
+        .await
+        .is_err()
+    {
+        inst.stop(Duration::ZERO).await;
     }
 }
 

@@ -1,7 +1,8 @@
 //! The database tier against real PostgreSQL (Debian's `postgresql`, installed by
 //! `scripts/test`): bootstrap, synchronous replication, failover after `kill -9` of the
-//! primary with every acknowledged write kept, rejoin through pg_rewind, switchover back, and
-//! the errors that must touch no data.
+//! primary with every acknowledged write kept, rejoin through pg_rewind (and what happens when
+//! pg_rewind fails), switchover back, a synchronous standby lost and back, the health endpoints
+//! and metrics, and the errors that must touch no data.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -68,7 +69,11 @@ async fn start(net: u8) -> Db {
 }
 
 async fn start_with(net: u8, replication: &str) -> Db {
-    let dir = reachable_tempdir();
+    start_in(reachable_tempdir(), net, replication, "").await
+}
+
+/// As [`start_with`], in `dir`, with `extra` lines in the `[[database]]`.
+async fn start_in(dir: tempfile::TempDir, net: u8, replication: &str, extra: &str) -> Db {
     let ips: Vec<String> = [net, net + 1]
         .iter()
         .flat_map(|n| [format!("127.0.{n}.20"), format!("127.0.{n}.21")])
@@ -78,7 +83,7 @@ async fn start_with(net: u8, replication: &str) -> Db {
     let api: SocketAddr = format!("127.0.0.1:{}", free_tcp_port(&["127.0.0.1"]))
         .parse()
         .unwrap();
-    let file = topology_file(dir.path(), api, &topology(net, port, replication, ""));
+    let file = topology_file(dir.path(), api, &topology(net, port, replication, extra));
     let up = Up::start(&file, api, &[]);
     let db = Db {
         state: dir.path().join("state"),
@@ -125,7 +130,11 @@ impl Db {
 
 /// The status code of a GET.
 async fn code(addr: SocketAddr, path: &str) -> u16 {
-    let resp = http_get(addr, path).await;
+    status(&http_get(addr, path).await)
+}
+
+/// The status code of an HTTP response.
+fn status(resp: &str) -> u16 {
     resp.split(' ')
         .nth(1)
         .and_then(|c| c.parse().ok())
@@ -370,6 +379,38 @@ async fn sync_failover_keeps_every_acknowledged_write_and_the_old_primary_rejoin
         400,
         "/replica?lag=x"
     );
+    for (path, edge, region) in [
+        ("/read-write", 200, 503),
+        ("/replica", 503, 200),
+        ("/read-only", 200, 200),
+        ("/health", 200, 200),
+    ] {
+        assert_eq!(code(db.health[0], path).await, edge, "edge {path}");
+        assert_eq!(code(db.health[1], path).await, region, "region {path}");
+    }
+    // HAProxy checks with OPTIONS by default; any method gets the same answer.
+    for (method, member, want) in [("OPTIONS", 0, 200), ("OPTIONS", 1, 503), ("HEAD", 1, 503)] {
+        let resp = http_request(db.health[member], method, "/primary").await;
+        assert_eq!(
+            status(&resp),
+            want,
+            "{method} /primary on member {member}: {resp}"
+        );
+    }
+    // A 503 says why: the member's state, as JSON.
+    let resp = http_request(db.health[1], "GET", "/read-write").await;
+    assert_eq!(status(&resp), 503, "{resp}");
+    assert!(
+        resp.to_ascii_lowercase()
+            .contains("content-type: application/json"),
+        "{resp}"
+    );
+    let why: Value = serde_json::from_str(body(&resp)).unwrap();
+    assert_eq!(why["site"], "region", "{why}");
+    assert_eq!(why["role"], "standby", "{why}");
+    assert_eq!(why["state"], "streaming", "{why}");
+    assert_eq!(why["database"], "orders", "{why}");
+    assert_eq!(why["term"], 1, "{why}");
 
     let rto = failover_once(&db, "edge", "region", 2).await;
     eprintln!("failover RTO (kill -9 to next acknowledged write): {rto:?}");
@@ -404,6 +445,10 @@ async fn sync_failover_keeps_every_acknowledged_write_and_the_old_primary_rejoin
     );
     assert_eq!(code(db.health[1], "/primary").await, 200, "/primary");
     assert_eq!(code(db.health[0], "/primary").await, 503, "/primary");
+    assert_eq!(code(db.health[1], "/read-write").await, 200, "/read-write");
+    assert_eq!(code(db.health[0], "/read-write").await, 503, "/read-write");
+    assert_eq!(code(db.health[0], "/read-only").await, 200, "/read-only");
+    assert_metrics_after_failover(&db).await;
 
     // Planned switchover back to the edge loses nothing either.
     switchover_once(&db, "edge").await;
@@ -413,6 +458,52 @@ async fn sync_failover_keeps_every_acknowledged_write_and_the_old_primary_rejoin
     let status = run(tandem().args(["status", "--api", &db.up.api.to_string()]));
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(text.contains("orders") && text.contains("term 3"), "{text}");
+}
+
+/// Every `tandem_db_*` metric the README names is exported (a name added to the README without
+/// its metric fails here), with the values of the failover just done: region primary in term 2,
+/// edge streaming.
+async fn assert_metrics_after_failover(db: &Db) {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let mut names: Vec<&str> = Vec::new();
+    let mut rest = readme.as_str();
+    while let Some(at) = rest.find("tandem_db_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        // `tandem_db_*` names a family, not a metric.
+        if !name.ends_with('_') && !names.contains(&name) {
+            names.push(name);
+        }
+        rest = &tail[end..];
+    }
+    assert!(names.len() >= 6, "README names {names:?}");
+    let metrics = http_get(db.up.api, "/metrics").await;
+    let metrics = body(&metrics);
+    for name in &names {
+        assert!(
+            metrics.lines().any(|l| l
+                .strip_prefix(name)
+                .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))),
+            "README names {name}, /metrics has no sample of it:\n{metrics}"
+        );
+    }
+    for line in [
+        "tandem_db_term{database=\"orders\"} 2",
+        "tandem_db_member_is_primary{database=\"orders\",member=\"region\"} 1",
+        "tandem_db_member_is_primary{database=\"orders\",member=\"edge\"} 0",
+        "tandem_db_member_streaming{database=\"orders\",member=\"edge\"} 1",
+        "tandem_db_primary_changes_total{database=\"orders\",kind=\"failover\"} 1",
+        "tandem_db_primary_changes_total{database=\"orders\",kind=\"switchover\"} 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} not in:\n{metrics}"
+        );
+    }
 }
 
 /// Async mode: commits do not wait for the standby, and a failover still promotes it (it is
@@ -585,4 +676,372 @@ async fn a_member_promoted_behind_tandems_back_is_stopped_and_rewound() {
         .await;
     assert_eq!(d["primary"], "edge");
     assert_eq!(d["term"], 1, "no failover happened");
+}
+
+async fn wait_event(db: &Db, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    eventually(Duration::from_secs(30), what, || async {
+        recent_events(db.up.api)
+            .await
+            .into_iter()
+            .find(|e| check(e))
+    })
+    .await
+}
+
+fn says(e: &Value, subject: &str, kind: &str, text: &str) -> bool {
+    e["subject"] == subject
+        && e["kind"] == kind
+        && e["message"].as_str().is_some_and(|m| m.contains(text))
+}
+
+/// A `bin_dir` in `dir` with PostgreSQL's programs, except a `pg_rewind` that always fails;
+/// it writes a line to `dir/pg_rewind.calls` each time it runs.
+fn failing_pg_rewind(dir: &Path) -> std::path::PathBuf {
+    let real = pg::local::find_bins(None).unwrap();
+    let bin = dir.join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    for program in std::fs::read_dir(&real).unwrap() {
+        let program = program.unwrap();
+        if program.file_name() != "pg_rewind" {
+            std::os::unix::fs::symlink(program.path(), bin.join(program.file_name())).unwrap();
+        }
+    }
+    // PostgreSQL's user writes it when Tandem runs as root.
+    let calls = dir.join("pg_rewind.calls");
+    std::fs::write(&calls, "").unwrap();
+    std::fs::set_permissions(&calls, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let script = bin.join("pg_rewind");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> {}\necho 'pg_rewind: fatal: failing on purpose' >&2\nexit 1\n",
+            calls.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    bin
+}
+
+/// `rewind_failure`: a former primary that `pg_rewind` cannot bring back is left stopped with
+/// `stop`, its data untouched and its state in `/v1/databases`, an event and its health
+/// endpoint; restarted with the default (`clone`), it is cloned afresh, its data set aside as
+/// `SITE.old`, and streams again with every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_former_primary_pg_rewind_cannot_bring_back_is_left_stopped_or_cloned_afresh() {
+    let dir = reachable_tempdir();
+    let bin = failing_pg_rewind(dir.path());
+    let calls = dir.path().join("pg_rewind.calls");
+    let rewinds = || std::fs::read_to_string(&calls).unwrap().lines().count();
+    let policy = "rewind_failure = \"stop\"";
+    let extra = format!("bin_dir = \"{}\"\n{policy}", bin.display());
+    let mut db = start_in(dir, 75, "sync", &extra).await;
+    create_table(&db).await;
+    failover_once(&db, "edge", "region", 2).await;
+
+    // `stop`: one attempt, then left stopped.
+    let d = db
+        .wait(Duration::from_secs(60), "edge left stopped", |d| {
+            member(d, "edge")["state"] == "failed"
+        })
+        .await;
+    let edge = member(&d, "edge");
+    assert_eq!(edge["pid"], Value::Null, "{edge}");
+    let error = edge["error"].as_str().unwrap();
+    assert!(error.contains("pg_rewind failed"), "{error}");
+    assert!(error.contains("failing on purpose"), "{error}");
+    assert_eq!(d["primary"], "region");
+    assert_eq!(d["state"], "degraded");
+    wait_event(&db, "the stop as an event", |e| {
+        says(
+            e,
+            "orders/edge",
+            "error",
+            "left stopped (rewind_failure = \"stop\")",
+        )
+    })
+    .await;
+    let resp = http_request(db.health[0], "GET", "/health").await;
+    assert_eq!(status(&resp), 503, "{resp}");
+    let why: Value = serde_json::from_str(body(&resp)).unwrap();
+    assert_eq!(why["state"], "failed", "{why}");
+    assert_eq!(code(db.health[0], "/read-only").await, 503, "/read-only");
+    assert_eq!(code(db.health[1], "/read-only").await, 200, "/read-only");
+    // Writes go on without it (no synchronous standby to wait for).
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        db.client()
+            .await
+            .unwrap()
+            .batch_execute("INSERT INTO acked VALUES (1)"),
+    )
+    .await
+    .expect("writes go on")
+    .unwrap();
+    let data = db.state.join("databases/orders");
+    assert!(data.join("edge/PG_VERSION").is_file(), "data left in place");
+    assert!(!data.join("edge.old").exists(), "nothing set aside");
+    let d = db.view().await.unwrap();
+    assert_eq!(member(&d, "edge")["state"], "failed", "still stopped");
+    assert_eq!(rewinds(), 1, "pg_rewind ran once");
+
+    // Restarted with the default, `clone`: cloned afresh, the former data set aside.
+    assert!(db.up.terminate().success());
+    let file = db.state.parent().unwrap().join("topology.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, text.replace(policy, "")).unwrap();
+    db.up = Up::start(&file, db.up.api, &[]);
+    let d = db
+        .wait(
+            Duration::from_secs(60),
+            "edge cloned and synchronous",
+            |d| d["sync_standby"] == "edge" && member(d, "edge")["state"] == "streaming",
+        )
+        .await;
+    assert_eq!(d["primary"], "region");
+    assert_eq!(d["term"], 2);
+    assert!(rewinds() >= 2, "pg_rewind tried again");
+    let e = wait_event(&db, "the clone as an event", |e| {
+        says(e, "orders/edge", "recloned", "pg_rewind failed")
+    })
+    .await;
+    assert!(e["message"].as_str().unwrap().contains("edge.old"), "{e}");
+    assert!(
+        data.join("edge.old/PG_VERSION").is_file(),
+        "former data kept"
+    );
+
+    // The clone has every row of the primary (every acknowledged one: checked on it above).
+    let ids = |rows: Vec<tokio_postgres::Row>| -> Vec<i64> {
+        let mut ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        ids.sort();
+        ids
+    };
+    let want = ids(db
+        .client()
+        .await
+        .unwrap()
+        .query("SELECT id FROM acked", &[])
+        .await
+        .unwrap());
+    assert!(want.len() > 80, "{} rows", want.len());
+    let edge: SocketAddr = member(&d, "edge")["listen"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let standby = connect(&(edge, db.password())).await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "every row on the clone",
+        || async {
+            let rows = standby.query("SELECT id FROM acked", &[]).await.ok()?;
+            (ids(rows) == want).then_some(())
+        },
+    )
+    .await;
+}
+
+fn signal(pid: i32, sig: nix::sys::signal::Signal) -> nix::Result<()> {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
+}
+
+/// The fields of `/proc/PID/stat` after the command name: state, parent, …
+fn proc_stat(pid: i32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// The processes whose parent is `pid`.
+fn children(pid: i32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&p| proc_stat(p).is_some_and(|f| f[1] == pid.to_string()))
+        .collect()
+}
+
+/// Every process of a member stopped with SIGSTOP, as on a machine that hangs: the postmaster
+/// first (so it starts no other), then its children, which lead process groups of their own
+/// (a `killpg` of the postmaster misses them). Dropping it lets them all run again.
+struct Frozen(Vec<i32>);
+
+impl Frozen {
+    async fn new(postmaster: i32) -> Frozen {
+        use nix::sys::signal::Signal::SIGSTOP;
+        signal(postmaster, SIGSTOP).unwrap();
+        let mut frozen = Frozen(vec![postmaster]);
+        eventually(Duration::from_secs(5), "the postmaster stopped", || async {
+            proc_stat(postmaster)
+                .is_some_and(|f| f[0] == "T")
+                .then_some(())
+        })
+        .await;
+        for child in children(postmaster) {
+            signal(child, SIGSTOP).unwrap();
+            frozen.0.push(child);
+        }
+        assert!(frozen.0.len() > 3, "a postmaster and its processes");
+        frozen
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            let _ = signal(pid, nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+}
+
+/// `SHOW synchronous_standby_names`, without the quotes Tandem writes.
+async fn sync_names(c: &tokio_postgres::Client) -> String {
+    let row = c
+        .query_one("SHOW synchronous_standby_names", &[])
+        .await
+        .unwrap();
+    row.get::<_, String>(0).trim_matches('"').to_string()
+}
+
+/// Sync mode: a synchronous standby that hangs is dropped from `synchronous_standby_names`
+/// once the primary has not reported it synchronous for `failover_timeout`, and a commit that
+/// was waiting for it goes through. Still hung 15 s on, it is stopped and rewound without
+/// holding up the primary's lease; back and synchronous, it is named again. A dropped standby
+/// is never promoted, even when it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_synchronous_standby_is_dropped_then_named_again_and_never_promoted_meanwhile() {
+    let db = start(73).await;
+    create_table(&db).await;
+    let view = db.view().await.unwrap();
+    let listen = |site: &str| -> SocketAddr {
+        member(&view, site)["listen"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (edge, password) = (listen("edge"), db.password());
+    let primary = connect(&(edge, password.clone())).await.unwrap();
+    assert_eq!(sync_names(&primary).await, "region");
+
+    // The standby hangs; a commit now waits for it.
+    let pid = member(&view, "region")["pid"].as_i64().unwrap() as i32;
+    let frozen = Frozen::new(pid).await;
+    let hung = Instant::now();
+    let writer = connect(&(edge, password.clone())).await.unwrap();
+    let commit = tokio::spawn(async move {
+        writer
+            .batch_execute("INSERT INTO acked VALUES (1)")
+            .await
+            .unwrap();
+        hung.elapsed()
+    });
+    // The primary notices a silent standby after `wal_sender_timeout` (5 s), then Tandem waits
+    // `failover_timeout` (2 s).
+    eventually(
+        Duration::from_secs(20),
+        "synchronous_standby_names emptied",
+        || async { sync_names(&primary).await.is_empty().then_some(()) },
+    )
+    .await;
+    let waited = tokio::time::timeout(Duration::from_secs(5), commit)
+        .await
+        .expect("the commit goes through once the standby is dropped")
+        .unwrap();
+    eprintln!(
+        "phase: standby dropped, commit through {waited:?} after the standby hung (dropped {:?})",
+        hung.elapsed()
+    );
+    assert!(
+        waited >= Duration::from_secs(1),
+        "the commit did wait for the hung standby ({waited:?})"
+    );
+    db.wait(Duration::from_secs(5), "no synchronous standby", |d| {
+        d["sync_standby"].is_null() && d["state"] == "degraded"
+    })
+    .await;
+    wait_event(&db, "the drop as an event", |e| {
+        says(e, "orders/region", "sync", "gone for 2s")
+    })
+    .await;
+
+    // Still hung after 15 s: Tandem stops it to rewind it, and keeps the primary's lease while
+    // the standby ignores its shutdown.
+    wait_event(&db, "the hung standby given up on", |e| {
+        says(e, "orders/region", "error", "has not streamed")
+    })
+    .await;
+    db.wait(Duration::from_secs(5), "region rewinding", |d| {
+        member(d, "region")["state"] == "rewinding"
+    })
+    .await;
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        primary.batch_execute("INSERT INTO acked VALUES (2)"),
+    )
+    .await
+    .expect("writes go on while the standby hangs")
+    .unwrap();
+    let d = db.view().await.unwrap();
+    assert_eq!(d["primary"], "edge", "{d}");
+    assert_eq!(d["term"], 1, "{d}");
+    drop(frozen);
+    eprintln!("phase: standby back after {:?}", hung.elapsed());
+
+    // Back, it shuts down cleanly, is rewound, streams, is synchronous and named again.
+    db.wait(
+        Duration::from_secs(60),
+        "region the synchronous standby again",
+        |d| d["sync_standby"] == "region" && member(d, "region")["state"] == "streaming",
+    )
+    .await;
+    assert_eq!(sync_names(&primary).await, "region");
+    wait_event(&db, "region rewound", |e| {
+        says(e, "orders/region", "rejoined", "pg_rewind")
+    })
+    .await;
+    let events = recent_events(db.up.api).await;
+    assert!(!events.iter().any(|e| e["kind"] == "fenced"), "{events:#?}");
+
+    // Replication refused (the standby still answers SQL): dropped again; then the primary
+    // dies, and the standby that was not synchronous again is not promoted.
+    primary
+        .batch_execute("ALTER ROLE replicator NOLOGIN")
+        .await
+        .unwrap();
+    primary
+        .batch_execute("SELECT pg_terminate_backend(pid) FROM pg_stat_replication")
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "synchronous_standby_names emptied again",
+        || async { sync_names(&primary).await.is_empty().then_some(()) },
+    )
+    .await;
+    let d = db
+        .wait(Duration::from_secs(5), "no synchronous standby", |d| {
+            d["sync_standby"].is_null()
+        })
+        .await;
+    assert_eq!(member(&d, "region")["role"], "standby", "{d}");
+    let pid = member(&d, "edge")["pid"].as_i64().unwrap() as i32;
+    signal(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_event(&db, "the failover refused", |e| {
+        says(
+            e,
+            "orders",
+            "failover-blocked",
+            "no standby was synchronous",
+        )
+    })
+    .await;
+    let d = db
+        .wait(Duration::from_secs(5), "no primary", |d| {
+            d["primary"].is_null()
+        })
+        .await;
+    assert_eq!(d["term"], 1, "{d}");
+    assert_eq!(member(&d, "region")["role"], "standby", "{d}");
 }

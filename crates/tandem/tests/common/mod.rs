@@ -132,6 +132,15 @@ pub async fn http_get(api: SocketAddr, path: &str) -> String {
     exchange(api, format!("GET {path} HTTP/1.0\r\nHost: {api}\r\n\r\n")).await
 }
 
+/// A request with any method and no body; the whole response.
+pub async fn http_request(addr: SocketAddr, method: &str, path: &str) -> String {
+    exchange(
+        addr,
+        format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n"),
+    )
+    .await
+}
+
 /// How long a test waits for one HTTP exchange with tandem before failing.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 
