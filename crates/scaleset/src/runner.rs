@@ -71,8 +71,6 @@ impl Wiring {
 pub struct Options {
     /// How often metrics are sampled and the controller ticks. Default 500 ms.
     pub tick: Duration,
-    /// SIGTERM to SIGKILL. Default 10 s.
-    pub stop_grace: Duration,
     /// Instance logs go to `DIR/scale-sets/SET/INSTANCE.log`.
     pub state_dir: PathBuf,
 }
@@ -81,7 +79,6 @@ impl Options {
     pub fn new(state_dir: PathBuf) -> Self {
         Options {
             tick: Duration::from_millis(500),
-            stop_grace: Duration::from_secs(10),
             state_dir,
         }
     }
@@ -267,8 +264,9 @@ impl Drop for ScaleSet {
 struct Proc {
     generation: u64,
     pid: Option<u32>,
-    /// Asks its supervisor to stop it; None once asked, or once it exited.
-    stop: Option<oneshot::Sender<()>>,
+    /// Asks its supervisor to stop it, with the grace from SIGTERM to SIGKILL; None once
+    /// asked, or once it exited.
+    stop: Option<oneshot::Sender<Duration>>,
     /// Start it again when it has stopped: (template, delay).
     restart: Option<(u64, Duration)>,
 }
@@ -449,7 +447,7 @@ impl Runner {
             instance,
             stopped,
             self.generation,
-            self.opts.stop_grace,
+            self.set.stop_grace,
             self.reports_tx.clone(),
         ));
         self.procs.insert(
@@ -483,6 +481,7 @@ impl Runner {
             deadline = deadline.max(b.config.drain_timeout);
         }
         let deadline = Instant::now() + deadline;
+        let grace = self.set.stop_grace;
         tokio::spawn(async move {
             // Taken out of the pools by `publish` in this same step; wait for its flows.
             while Instant::now() < deadline
@@ -490,7 +489,7 @@ impl Runner {
             {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            let _ = stop.send(());
+            let _ = stop.send(grace);
         });
     }
 
@@ -499,7 +498,7 @@ impl Runner {
             Some(p) if p.stop.is_some() => {
                 p.restart = Some((version, after));
                 if let Some(stop) = p.stop.take() {
-                    let _ = stop.send(());
+                    let _ = stop.send(self.set.stop_grace);
                 }
             }
             _ => self.restart_later(id, after),
@@ -739,14 +738,15 @@ impl Runner {
         for (b, _) in &self.wiring.balancers {
             b.set_members(Vec::new());
         }
+        let grace = self.set.stop_grace;
         let mut waiting = 0;
         for p in self.procs.values_mut() {
             if let Some(stop) = p.stop.take() {
-                let _ = stop.send(());
+                let _ = stop.send(grace);
                 waiting += 1;
             }
         }
-        let deadline = Instant::now() + self.opts.stop_grace + Duration::from_secs(2);
+        let deadline = Instant::now() + grace + Duration::from_secs(2);
         while waiting > 0 {
             match tokio::time::timeout_at(deadline, reports.recv()).await {
                 Ok(Some(Report::Stopped { .. } | Report::Exited { .. })) => waiting -= 1,
@@ -767,7 +767,7 @@ impl Runner {
 async fn supervise(
     id: String,
     mut instance: Box<dyn Instance>,
-    stop: oneshot::Receiver<()>,
+    stop: oneshot::Receiver<Duration>,
     generation: u64,
     grace: Duration,
     reports: mpsc::UnboundedSender<Report>,
@@ -776,7 +776,10 @@ async fn supervise(
         why = instance.wait() => {
             let _ = reports.send(Report::Exited { id, generation, why });
         }
-        _ = stop => {
+        asked = stop => {
+            // The grace of the stop request (a reload may have changed it since the start);
+            // the one at start when the runner went away without asking.
+            let grace = asked.unwrap_or(grace);
             let why = instance.stop(grace).await;
             let _ = reports.send(Report::Stopped { id, generation, why });
         }
