@@ -409,3 +409,181 @@ async fn a_template_change_rolls_through_keeping_the_floor() {
         assert!(body(&reply).starts_with("site=edge-v2 "), "{reply}");
     }
 }
+
+/// An instance that survives SIGTERM (it logs `TERM ignored`) and starts a child, in its
+/// process group, that ignores it: only a SIGKILL to the whole group ends them.
+const STUBBORN: &str = r#"trap 'echo TERM ignored' TERM
+(trap '' TERM; exec sleep 300) &
+echo child $!
+while kill -0 $! 2>/dev/null; do wait $!; done"#;
+
+/// The parent and process group of a process, from `/proc/PID/stat`.
+fn parent_and_group(pid: i32) -> Option<(i32, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(1);
+    Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
+}
+
+/// The running children of `pid`.
+fn children(pid: i32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&p| alive(p) && parent_and_group(p).is_some_and(|(parent, _)| parent == pid))
+        .collect()
+}
+
+/// Whether a process ignores SIGTERM (`SigIgn` in `/proc/PID/status`).
+fn ignores_sigterm(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let mask = s.lines().find_map(|l| l.strip_prefix("SigIgn:"))?;
+            u64::from_str_radix(mask.trim(), 16).ok()
+        })
+        .is_some_and(|mask| mask & (1 << (nix::sys::signal::Signal::SIGTERM as i32 - 1)) != 0)
+}
+
+/// SIGKILLs these process groups if the test fails, so that no stray process outlives it.
+struct KillGroupsOnPanic(Vec<i32>);
+
+impl Drop for KillGroupsOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for g in &self.0 {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(*g),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+/// A stop sends SIGTERM, waits `stop_grace`, then SIGKILLs the whole process group: an
+/// instance that ignores SIGTERM, and the child it started, are both gone afterwards — on a
+/// scale-in, and when tandem itself stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_is_sigterm_then_after_stop_grace_sigkill_to_the_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = testkit::closed_port();
+    let write = |grace: &str| {
+        topology_file(
+            dir.path(),
+            api,
+            &format!(
+                r#"[[site]]
+name = "edge"
+role = "edge"
+[[scale_set]]
+name = "stubborn"
+site = "edge"
+bind = "127.0.6.5"
+command = ["sh", "-c", '''{STUBBORN}''']
+capacity = {{ min = 1, max = 2, initial = 2 }}
+stop_grace = "{grace}"
+"#
+            ),
+        )
+    };
+    let topology = write("1s");
+    let mut up = Up::start(&topology, api, &[]);
+    // (instance id, pid, its child's pid, log) once each child runs and ignores SIGTERM.
+    let family = eventually(
+        Duration::from_secs(20),
+        "two instances, each with a child that ignores SIGTERM",
+        || async {
+            let v = set_view(api).await;
+            let mut out = Vec::new();
+            for i in instances(&v) {
+                let pid = i["pid"].as_i64()? as i32;
+                let child = *children(pid).first()?;
+                ignores_sigterm(child).then_some(())?;
+                let log = i["log"].as_str()?.to_string();
+                out.push((i["id"].as_str()?.to_string(), pid, child, log));
+            }
+            (out.len() == 2).then_some(out)
+        },
+    )
+    .await;
+    let _cleanup = KillGroupsOnPanic(family.iter().map(|f| f.1).collect());
+    for (_, pid, child, _) in &family {
+        assert_eq!(
+            parent_and_group(*child).map(|(_, group)| group),
+            Some(*pid),
+            "the child runs in its instance's process group"
+        );
+    }
+
+    // Scale-in: the newest instance gets SIGTERM, ignores it, and is killed after the grace.
+    let asked = tokio::time::Instant::now();
+    let out = run(tandem().args(["scale", "stubborn", "--to", "1", "--api", &api.to_string()]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let e = event_with(api, "stopped: signal: 9 (SIGKILL) (killed after 1s)").await;
+    let took = asked.elapsed();
+    let subject = e["subject"].as_str().unwrap();
+    let (id, pid, child, log) = family
+        .iter()
+        .find(|f| subject == format!("stubborn/{}", f.0))
+        .unwrap_or_else(|| panic!("{e}"));
+    assert!(
+        took >= Duration::from_secs(1),
+        "{id} was killed {took:?} after the scale-in, within its stop_grace"
+    );
+    let said = std::fs::read_to_string(log).unwrap();
+    assert!(
+        said.contains("TERM ignored"),
+        "no SIGTERM came first: {said}"
+    );
+    eventually(
+        Duration::from_secs(5),
+        "the retired instance and its child gone",
+        || async { (!alive(*pid) && !alive(*child)).then_some(()) },
+    )
+    .await;
+    let (_, other_pid, other_child, other_log) = family.iter().find(|f| f.0 != *id).unwrap();
+    assert!(
+        alive(*other_pid) && alive(*other_child),
+        "the other instance's group was hit too"
+    );
+
+    // A reload changes the grace; tandem stopping stops the last instance the same way,
+    // before it exits.
+    write("2s");
+    let out = run(tandem().args(["reload", "--api", &api.to_string()]));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("scale set stubborn: stop_grace changed: applied"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let asked = tokio::time::Instant::now();
+    assert!(up.terminate().success());
+    let took = asked.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "tandem stopped its instance within {took:?}, less than its stop_grace"
+    );
+    let logged = std::fs::read_to_string(up.log.as_ref().unwrap()).unwrap();
+    assert!(
+        logged.contains("stopped: signal: 9 (SIGKILL) (killed after 2s)"),
+        "{logged}"
+    );
+    let said = std::fs::read_to_string(other_log).unwrap();
+    assert!(
+        said.contains("TERM ignored"),
+        "no SIGTERM came first: {said}"
+    );
+    eventually(
+        Duration::from_secs(5),
+        "the last instance and its child gone",
+        || async { (!alive(*other_pid) && !alive(*other_child)).then_some(()) },
+    )
+    .await;
+}
