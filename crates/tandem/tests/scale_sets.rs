@@ -587,3 +587,122 @@ stop_grace = "{grace}"
     )
     .await;
 }
+
+/// The instance named in a sample-app answer.
+fn answered_by(body: &str) -> Option<String> {
+    body.split_whitespace()
+        .find_map(|w| w.strip_prefix("instance="))
+        .map(str::to_string)
+}
+
+/// New flows through the load balancer, above the rule's rate for longer than its window,
+/// drive a `connection_rate` scale-out; idleness does not (it drives the scale-in rule).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_flows_drive_a_connection_rate_scale_out_and_idleness_does_not() {
+    /// New flows per second sent through the load balancer: five times the rule's threshold.
+    const RATE: u32 = 50;
+    let dir = tempfile::tempdir().unwrap();
+    let api = testkit::closed_port();
+    let front = front([127, 0, 6, 60]);
+    let topology = scale_set_topology(
+        dir.path(),
+        api,
+        "127.0.6.6",
+        front,
+        &format!(
+            r#"{COMMAND}
+capacity = {{ min = 1, max = 2, initial = 2 }}
+  [[scale_set.autoscale]]
+  metric = "connection_rate"
+  above = 10
+  window = "1s"
+  change = "+1"
+  cooldown = "1s"
+  [[scale_set.autoscale]]
+  metric = "connection_rate"
+  below = 2
+  window = "1s"
+  change = "-1"
+  cooldown = "1s"
+"#
+        ),
+    );
+    let _up = Up::start(&topology, api, &[]);
+    eventually(Duration::from_secs(20), "the API", || async {
+        Some(set_view(api).await).filter(|v| !v.is_null())
+    })
+    .await;
+
+    // Idle from the start (health probes are not flows): a whole window at no new flows
+    // scales in, and the scale-out rule, judged on the same window first, never fired.
+    let e = event_with(api, "autoscale in 2 -> 1: connection_rate 0.0 below 2").await;
+    assert!(e["message"].as_str().unwrap().contains("over 1s"), "{e}");
+    let v = settled(api, 1, "one instance after the idle scale-in").await;
+    assert_eq!(v["scale_outs"], 0, "idleness fired the rate rule: {v:#}");
+    let first = serving(&v).into_iter().next().unwrap();
+
+    // New flows at RATE per second, each a whole request through the load balancer.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let load = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1) / RATE);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let end = tokio::time::Instant::now() + Duration::from_secs(40);
+        let mut flows = 0u32;
+        while !*stopped.borrow() && tokio::time::Instant::now() < end {
+            every.tick().await;
+            let reply = http_get(front, "/").await;
+            assert!(answered_by(body(&reply)).is_some(), "{reply}");
+            flows += 1;
+        }
+        flows
+    });
+    let started = tokio::time::Instant::now();
+    let e = event_with(api, "autoscale out 1 -> 2: connection_rate").await;
+    eprintln!(
+        "new flows at {RATE}/s to scale-out: {} ms",
+        started.elapsed().as_millis()
+    );
+    let message = e["message"].as_str().unwrap();
+    assert!(message.contains("above 10 over 1s"), "{e}");
+    // The rate per instance, as the rule saw it: above the threshold, and no more than was
+    // sent (one instance took every flow).
+    let seen: f64 = message
+        .split("connection_rate ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{e}"));
+    assert!(
+        seen > 10.0 && seen < f64::from(2 * RATE),
+        "rate {seen} for {RATE} flows/s: {e}"
+    );
+    // The new instance serves flows through the load balancer.
+    eventually(
+        Duration::from_secs(20),
+        "a flow answered by the new instance",
+        || async {
+            let reply = http_get(front, "/").await;
+            answered_by(body(&reply)).filter(|who| *who != first)
+        },
+    )
+    .await;
+    let v = settled(api, 2, "two instances under load").await;
+    assert_eq!(
+        (v["desired"].clone(), v["scale_outs"].clone()),
+        (2.into(), 1.into())
+    );
+    stop.send(true).unwrap();
+    let flows = load.await.unwrap();
+    eprintln!("{flows} new flows sent");
+
+    // Without new flows, the rate falls and the set scales back in.
+    eventually(
+        Duration::from_secs(20),
+        "back to one instance without new flows",
+        || async {
+            let v = set_view(api).await;
+            (v["scale_ins"] == 2 && v["desired"] == 1).then_some(())
+        },
+    )
+    .await;
+}
