@@ -14,12 +14,24 @@ mod common;
 use common::*;
 
 /// A site, a monitor on `/healthz`, a scale set of sample apps on `ip` and a load balancer in
-/// front of it on `front`; `set` adds lines to the `[[scale_set]]`.
+/// front of it on `front` with a 2 s `drain_timeout`; `set` adds lines to the `[[scale_set]]`.
 fn scale_set_topology(
     dir: &Path,
     api: SocketAddr,
     ip: &str,
     front: SocketAddr,
+    set: &str,
+) -> std::path::PathBuf {
+    scale_set_topology_with(dir, api, ip, front, "drain_timeout = \"2s\"", set)
+}
+
+/// [`scale_set_topology`] with `lb` as the last lines of the `[[load_balancer]]`.
+fn scale_set_topology_with(
+    dir: &Path,
+    api: SocketAddr,
+    ip: &str,
+    front: SocketAddr,
+    lb: &str,
     set: &str,
 ) -> std::path::PathBuf {
     topology_file(
@@ -44,7 +56,7 @@ site = "edge"
 frontend = "{front}"
 pool = {{ scale_set = "web", port = "http" }}
 probe = "web"
-drain_timeout = "2s"
+{lb}
 [[scale_set]]
 name = "web"
 site = "edge"
@@ -705,4 +717,258 @@ capacity = {{ min = 1, max = 2, initial = 2 }}
         },
     )
     .await;
+}
+
+/// One long-lived TCP flow through the load balancer: a keep-alive HTTP/1.1 connection.
+struct Flow(tokio::net::TcpStream);
+
+impl Flow {
+    /// Opens flows through `front` until one reaches `instance` (at most 200 tries).
+    async fn to(front: SocketAddr, instance: &str) -> Flow {
+        for _ in 0..200 {
+            let mut flow = Flow(tokio::net::TcpStream::connect(front).await.unwrap());
+            if flow.ask().await.unwrap() == instance {
+                return flow;
+            }
+        }
+        panic!("no flow through {front} reached {instance} in 200 tries");
+    }
+
+    /// A `GET /` on this flow: the instance that answered, or why the flow failed.
+    async fn ask(&mut self) -> std::io::Result<String> {
+        use std::io::{Error, ErrorKind};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let talk = async {
+            self.0
+                .write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+                .await?;
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 1024];
+            loop {
+                let text = String::from_utf8_lossy(&got).into_owned();
+                if let Some((head, rest)) = text.split_once("\r\n\r\n") {
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().to_string())
+                        })
+                        .and_then(|v| v.parse().ok())
+                        .ok_or_else(|| Error::other(format!("no content-length: {head}")))?;
+                    if rest.len() >= length {
+                        return answered_by(&rest[..length])
+                            .ok_or_else(|| Error::other(format!("not a sample app: {text}")));
+                    }
+                }
+                let n = self.0.read(&mut chunk).await?;
+                if n == 0 {
+                    return Err(ErrorKind::UnexpectedEof.into());
+                }
+                got.extend_from_slice(&chunk[..n]);
+            }
+        };
+        tokio::time::timeout(HTTP_TIMEOUT, talk)
+            .await
+            .unwrap_or_else(|_| Err(ErrorKind::TimedOut.into()))
+    }
+}
+
+/// The live instances, oldest first (born together, the lower number was started first),
+/// each with its address and pid.
+fn by_age(view: &Value) -> Vec<(String, SocketAddr, i32)> {
+    let number = |i: &Value| -> u64 {
+        i["id"]
+            .as_str()
+            .unwrap()
+            .rsplit('-')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let mut live: Vec<Value> = instances(view)
+        .into_iter()
+        .filter(|i| i["state"] == "running")
+        .collect();
+    live.sort_by(|a, b| {
+        let age = |i: &Value| i["age_seconds"].as_f64().unwrap();
+        age(b).total_cmp(&age(a)).then(number(a).cmp(&number(b)))
+    });
+    live.iter()
+        .map(|i| {
+            let id = i["id"].as_str().unwrap().to_string();
+            (id, address(i), i["pid"].as_i64().unwrap() as i32)
+        })
+        .collect()
+}
+
+/// Scales to `n` and checks the instance that retires, `retired` on `addr`, drains: out of
+/// the load balancer's pool (no new flow through `front` reaches it), while its established
+/// `flow` keeps working and it keeps running.
+async fn scale_in_to(
+    api: SocketAddr,
+    front: SocketAddr,
+    n: u32,
+    (retired, addr, pid): (&str, SocketAddr, i32),
+    flow: &mut Flow,
+) {
+    let out = run(tandem().args([
+        "scale",
+        "web",
+        "--to",
+        &n.to_string(),
+        "--api",
+        &api.to_string(),
+    ]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually(
+        Duration::from_secs(10),
+        &format!("{retired} out of the pool"),
+        || async {
+            let v = set_view(api).await;
+            let running = instances(&v)
+                .iter()
+                .any(|i| i["id"] == retired && i["state"] == "running");
+            let (members, _) = pool(api).await;
+            (!running && !members.contains(&addr)).then_some(())
+        },
+    )
+    .await;
+    for _ in 0..30 {
+        let connected = tokio::net::TcpStream::connect(front).await;
+        match connected.map(Flow) {
+            Ok(mut new) => match new.ask().await {
+                Ok(who) => assert_ne!(who, retired, "a new flow reached the retiring {retired}"),
+                // Refused: with no instance left, no backend takes new flows.
+                Err(_) if n == 0 => {}
+                Err(e) => panic!("a new flow failed: {e}"),
+            },
+            Err(_) if n == 0 => {}
+            Err(e) => panic!("cannot connect to {front}: {e}"),
+        }
+    }
+    match flow.ask().await {
+        Ok(who) => assert_eq!(who, retired),
+        Err(e) => panic!("the flow to the retiring {retired} broke: {e}"),
+    }
+    let v = set_view(api).await;
+    assert!(
+        instances(&v)
+            .iter()
+            .any(|i| i["id"] == retired && i["state"] == "retiring")
+            && alive(pid),
+        "{retired} is not retiring: {v:#}"
+    );
+}
+
+/// Scale-in retires the newest instance (by default), or with `scale_in = "oldest"` the
+/// oldest: out of the pool at once, so no new flow reaches it, while its established flow
+/// keeps working; it stops once that flow closes, or when the load balancer's
+/// `drain_timeout` has passed. Tandem stopping during a drain stops the instance as any
+/// other, SIGTERM first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_in_drains_the_retired_instance_then_stops_it() {
+    const DRAIN: Duration = Duration::from_secs(5);
+    let dir = tempfile::tempdir().unwrap();
+    let api = testkit::closed_port();
+    let front = front([127, 0, 6, 70]);
+    let lb = "drain_timeout = \"5s\"";
+    let set = |scale_in: &str| {
+        format!(
+            "{COMMAND}\ncapacity = {{ min = 0, max = 3, initial = 3 }}\nscale_in = \"{scale_in}\""
+        )
+    };
+    let topology = scale_set_topology_with(dir.path(), api, "127.0.6.7", front, lb, &set("newest"));
+    let mut up = Up::start(&topology, api, &[]);
+    let v = settled(api, 3, "three instances").await;
+    let born = by_age(&v);
+    let (oldest, middle, (newest, newest_addr, newest_pid)) =
+        (born[0].clone(), born[1].clone(), born[2].clone());
+
+    // Newest: its flow keeps working while it drains; closing the flow lets it stop.
+    let mut flow = Flow::to(front, &newest).await;
+    let asked = tokio::time::Instant::now();
+    let retired = (newest.as_str(), newest_addr, newest_pid);
+    scale_in_to(api, front, 2, retired, &mut flow).await;
+    let e = event_with(api, "scale-in: retiring the newest instance").await;
+    assert_eq!(e["subject"], format!("web/{newest}"));
+    drop(flow);
+    let closed = asked.elapsed();
+    eventually(
+        Duration::from_secs(20),
+        "the newest instance stopped",
+        || async {
+            let v = set_view(api).await;
+            let listed = instances(&v).iter().any(|i| i["id"] == newest);
+            (!listed && !alive(newest_pid)).then_some(())
+        },
+    )
+    .await;
+    let took = asked.elapsed();
+    assert!(
+        took < DRAIN,
+        "stopped {took:?} after the scale-in, its flow closed after {closed:?}: it waited for the drain timeout"
+    );
+    let v = settled(api, 2, "two instances").await;
+    assert_eq!(
+        serving(&v),
+        BTreeSet::from([oldest.0.clone(), middle.0.clone()])
+    );
+
+    // Oldest: its flow keeps working through the whole drain timeout, then it stops.
+    scale_set_topology_with(dir.path(), api, "127.0.6.7", front, lb, &set("oldest"));
+    let out = run(tandem().args(["reload", "--api", &api.to_string()]));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("scale set web: scale_in changed: applied"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (oldest, oldest_addr, oldest_pid) = oldest;
+    let mut flow = Flow::to(front, &oldest).await;
+    let asked = tokio::time::Instant::now();
+    scale_in_to(api, front, 1, (&oldest, oldest_addr, oldest_pid), &mut flow).await;
+    let e = event_with(api, "scale-in: retiring the oldest instance").await;
+    assert_eq!(e["subject"], format!("web/{oldest}"));
+    let ended = loop {
+        match flow.ask().await {
+            Ok(who) => assert_eq!(who, oldest),
+            Err(_) => break asked.elapsed(),
+        }
+        assert!(
+            asked.elapsed() < DRAIN + Duration::from_secs(20),
+            "the flow outlived the drain timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        ended >= DRAIN,
+        "the flow ended {ended:?} after the scale-in, before the drain timeout"
+    );
+    eventually(
+        Duration::from_secs(20),
+        "the oldest instance stopped",
+        || async { (!alive(oldest_pid)).then_some(()) },
+    )
+    .await;
+    let v = settled(api, 1, "one instance").await;
+    assert_eq!(serving(&v), BTreeSet::from([middle.0.clone()]));
+
+    // Tandem stopping while the last instance drains: stopped like any other, SIGTERM first
+    // (the sample app then exits 0), not just killed when tandem goes.
+    let (middle, middle_addr, middle_pid) = middle;
+    let mut flow = Flow::to(front, &middle).await;
+    scale_in_to(api, front, 0, (&middle, middle_addr, middle_pid), &mut flow).await;
+    assert!(up.terminate().success());
+    assert!(!alive(middle_pid), "{middle} outlived tandem");
+    let logged = std::fs::read_to_string(up.log.as_ref().unwrap()).unwrap();
+    assert!(
+        logged.contains(&format!("instance=\"{middle}\" stopped: exit status: 0")),
+        "{logged}"
+    );
 }
