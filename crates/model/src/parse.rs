@@ -1202,6 +1202,7 @@ const SCALE_SET_KEYS: &[&str] = &[
     "repair",
     "upgrade",
     "scale_in",
+    "stop_grace",
     "autoscale",
 ];
 
@@ -1257,6 +1258,14 @@ fn scale_set(cx: &mut Cx, s: Section<'_, '_>) -> Option<ScaleSet> {
         }),
     };
     let scale_in = cx.or(s, "scale_in", ScaleIn::Newest);
+    let stop_grace = duration_in(
+        cx,
+        s,
+        "stop_grace",
+        Duration::from_secs(10),
+        Duration::ZERO,
+        MAX_INTERVAL,
+    );
     let autoscale = cx.tables(
         s,
         "autoscale",
@@ -1320,6 +1329,7 @@ fn scale_set(cx: &mut Cx, s: Section<'_, '_>) -> Option<ScaleSet> {
         repair: repair?,
         upgrade: upgrade?,
         scale_in: scale_in?,
+        stop_grace: stop_grace?,
         autoscale,
     })
 }

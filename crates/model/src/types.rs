@@ -525,6 +525,8 @@ pub struct ScaleSet {
     pub upgrade: Upgrade,
     /// Default `newest`.
     pub scale_in: ScaleIn,
+    /// From SIGTERM to SIGKILL when an instance is stopped. Default 10 s.
+    pub stop_grace: Duration,
     pub autoscale: Vec<AutoscaleRule>,
 }
 

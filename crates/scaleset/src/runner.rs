@@ -71,8 +71,6 @@ impl Wiring {
 pub struct Options {
     /// How often metrics are sampled and the controller ticks. Default 500 ms.
     pub tick: Duration,
-    /// SIGTERM to SIGKILL. Default 10 s.
-    pub stop_grace: Duration,
     /// Instance logs go to `DIR/scale-sets/SET/INSTANCE.log`.
     pub state_dir: PathBuf,
 }
@@ -81,7 +79,6 @@ impl Options {
     pub fn new(state_dir: PathBuf) -> Self {
         Options {
             tick: Duration::from_millis(500),
-            stop_grace: Duration::from_secs(10),
             state_dir,
         }
     }
@@ -145,6 +142,8 @@ enum Report {
     },
     /// A delayed restart is due.
     Due { id: String },
+    /// A retiring instance's flows have ended, or its drain timeout has passed: stop it.
+    Drained { id: String, generation: u64 },
 }
 
 /// A running scale set. Dropping it kills its instances; [`ScaleSet::shutdown`] stops them
@@ -267,8 +266,9 @@ impl Drop for ScaleSet {
 struct Proc {
     generation: u64,
     pid: Option<u32>,
-    /// Asks its supervisor to stop it; None once asked, or once it exited.
-    stop: Option<oneshot::Sender<()>>,
+    /// Asks its supervisor to stop it, with the grace from SIGTERM to SIGKILL; None once
+    /// asked, or once it exited.
+    stop: Option<oneshot::Sender<Duration>>,
     /// Start it again when it has stopped: (template, delay).
     restart: Option<(u64, Duration)>,
 }
@@ -449,7 +449,7 @@ impl Runner {
             instance,
             stopped,
             self.generation,
-            self.opts.stop_grace,
+            self.set.stop_grace,
             self.reports_tx.clone(),
         ));
         self.procs.insert(
@@ -463,10 +463,15 @@ impl Runner {
         );
     }
 
-    /// Out of the pools now; stopped once its flows end or the longest drain timeout passes.
+    /// Out of the pools now; stopped once its flows end or the longest drain timeout passes
+    /// (or at once if the set stops meanwhile: its stop stays with it until then).
     fn retire(&mut self, id: &str) {
-        let stop = self.procs.get_mut(id).and_then(|p| p.stop.take());
-        let Some(stop) = stop else {
+        let Some(generation) = self
+            .procs
+            .get(id)
+            .filter(|p| p.stop.is_some())
+            .map(|p| p.generation)
+        else {
             self.gone(id); // never started, or already exited
             return;
         };
@@ -483,6 +488,8 @@ impl Runner {
             deadline = deadline.max(b.config.drain_timeout);
         }
         let deadline = Instant::now() + deadline;
+        let reports = self.reports_tx.clone();
+        let id = id.to_string();
         tokio::spawn(async move {
             // Taken out of the pools by `publish` in this same step; wait for its flows.
             while Instant::now() < deadline
@@ -490,7 +497,7 @@ impl Runner {
             {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            let _ = stop.send(());
+            let _ = reports.send(Report::Drained { id, generation });
         });
     }
 
@@ -499,7 +506,7 @@ impl Runner {
             Some(p) if p.stop.is_some() => {
                 p.restart = Some((version, after));
                 if let Some(stop) = p.stop.take() {
-                    let _ = stop.send(());
+                    let _ = stop.send(self.set.stop_grace);
                 }
             }
             _ => self.restart_later(id, after),
@@ -565,6 +572,14 @@ impl Runner {
                 match p.restart {
                     Some((_, after)) => self.restart_later(&id, after),
                     None => self.gone(&id),
+                }
+            }
+            Report::Drained { id, generation } => {
+                if let Some(p) = self.procs.get_mut(&id)
+                    && p.generation == generation
+                    && let Some(stop) = p.stop.take()
+                {
+                    let _ = stop.send(self.set.stop_grace);
                 }
             }
             Report::Due { id } => {
@@ -734,24 +749,41 @@ impl Runner {
         })
     }
 
-    /// Stops every instance at once and waits for them (bounded by the grace period).
+    /// Stops every instance at once, draining ones too, and waits for them (bounded by the
+    /// grace period).
     async fn stop_all(&mut self, reports: &mut mpsc::UnboundedReceiver<Report>) {
         for (b, _) in &self.wiring.balancers {
             b.set_members(Vec::new());
         }
-        let mut waiting = 0;
-        for p in self.procs.values_mut() {
+        let grace = self.set.stop_grace;
+        // Every process, including those already stopping (a drain that ended, a restart).
+        let mut waiting: HashMap<String, u64> = HashMap::new();
+        for (id, p) in &mut self.procs {
             if let Some(stop) = p.stop.take() {
-                let _ = stop.send(());
-                waiting += 1;
+                let _ = stop.send(grace);
             }
+            waiting.insert(id.clone(), p.generation);
         }
-        let deadline = Instant::now() + self.opts.stop_grace + Duration::from_secs(2);
-        while waiting > 0 {
-            match tokio::time::timeout_at(deadline, reports.recv()).await {
-                Ok(Some(Report::Stopped { .. } | Report::Exited { .. })) => waiting -= 1,
-                Ok(Some(Report::Due { .. })) => {}
-                Ok(None) | Err(_) => break,
+        let deadline = Instant::now() + grace + Duration::from_secs(2);
+        while !waiting.is_empty() {
+            let (id, generation, what) =
+                match tokio::time::timeout_at(deadline, reports.recv()).await {
+                    Ok(Some(Report::Stopped {
+                        id,
+                        generation,
+                        why,
+                    })) => (id, generation, format!("stopped: {why}")),
+                    Ok(Some(Report::Exited {
+                        id,
+                        generation,
+                        why,
+                    })) => (id, generation, format!("exited: {why}")),
+                    Ok(Some(Report::Due { .. } | Report::Drained { .. })) => continue,
+                    Ok(None) | Err(_) => break,
+                };
+            if waiting.get(&id) == Some(&generation) {
+                waiting.remove(&id);
+                self.event("instance", Some(&id), what);
             }
         }
         let ids: Vec<String> = self.procs.keys().cloned().collect();
@@ -767,7 +799,7 @@ impl Runner {
 async fn supervise(
     id: String,
     mut instance: Box<dyn Instance>,
-    stop: oneshot::Receiver<()>,
+    stop: oneshot::Receiver<Duration>,
     generation: u64,
     grace: Duration,
     reports: mpsc::UnboundedSender<Report>,
@@ -776,7 +808,10 @@ async fn supervise(
         why = instance.wait() => {
             let _ = reports.send(Report::Exited { id, generation, why });
         }
-        _ = stop => {
+        asked = stop => {
+            // The grace of the stop request (a reload may have changed it since the start);
+            // the one at start when the runner went away without asking.
+            let grace = asked.unwrap_or(grace);
             let why = instance.stop(grace).await;
             let _ = reports.send(Report::Stopped { id, generation, why });
         }

@@ -14,12 +14,24 @@ mod common;
 use common::*;
 
 /// A site, a monitor on `/healthz`, a scale set of sample apps on `ip` and a load balancer in
-/// front of it on `front`; `set` adds lines to the `[[scale_set]]`.
+/// front of it on `front` with a 2 s `drain_timeout`; `set` adds lines to the `[[scale_set]]`.
 fn scale_set_topology(
     dir: &Path,
     api: SocketAddr,
     ip: &str,
     front: SocketAddr,
+    set: &str,
+) -> std::path::PathBuf {
+    scale_set_topology_with(dir, api, ip, front, "drain_timeout = \"2s\"", set)
+}
+
+/// [`scale_set_topology`] with `lb` as the last lines of the `[[load_balancer]]`.
+fn scale_set_topology_with(
+    dir: &Path,
+    api: SocketAddr,
+    ip: &str,
+    front: SocketAddr,
+    lb: &str,
     set: &str,
 ) -> std::path::PathBuf {
     topology_file(
@@ -44,7 +56,7 @@ site = "edge"
 frontend = "{front}"
 pool = {{ scale_set = "web", port = "http" }}
 probe = "web"
-drain_timeout = "2s"
+{lb}
 [[scale_set]]
 name = "web"
 site = "edge"
@@ -408,4 +420,555 @@ async fn a_template_change_rolls_through_keeping_the_floor() {
         let reply = http_get(front, "/").await;
         assert!(body(&reply).starts_with("site=edge-v2 "), "{reply}");
     }
+}
+
+/// An instance that survives SIGTERM (it logs `TERM ignored`) and starts a child, in its
+/// process group, that ignores it: only a SIGKILL to the whole group ends them.
+const STUBBORN: &str = r#"trap 'echo TERM ignored' TERM
+(trap '' TERM; exec sleep 300) &
+echo child $!
+while kill -0 $! 2>/dev/null; do wait $!; done"#;
+
+/// The parent and process group of a process, from `/proc/PID/stat`.
+fn parent_and_group(pid: i32) -> Option<(i32, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(1);
+    Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
+}
+
+/// The running children of `pid`.
+fn children(pid: i32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&p| alive(p) && parent_and_group(p).is_some_and(|(parent, _)| parent == pid))
+        .collect()
+}
+
+/// Whether a process ignores SIGTERM (`SigIgn` in `/proc/PID/status`).
+fn ignores_sigterm(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let mask = s.lines().find_map(|l| l.strip_prefix("SigIgn:"))?;
+            u64::from_str_radix(mask.trim(), 16).ok()
+        })
+        .is_some_and(|mask| mask & (1 << (nix::sys::signal::Signal::SIGTERM as i32 - 1)) != 0)
+}
+
+/// SIGKILLs these process groups if the test fails, so that no stray process outlives it.
+struct KillGroupsOnPanic(Vec<i32>);
+
+impl Drop for KillGroupsOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for g in &self.0 {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(*g),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+/// A stop sends SIGTERM, waits `stop_grace`, then SIGKILLs the whole process group: an
+/// instance that ignores SIGTERM, and the child it started, are both gone afterwards — on a
+/// scale-in, and when tandem itself stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_is_sigterm_then_after_stop_grace_sigkill_to_the_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = testkit::closed_port();
+    let write = |grace: &str| {
+        topology_file(
+            dir.path(),
+            api,
+            &format!(
+                r#"[[site]]
+name = "edge"
+role = "edge"
+[[scale_set]]
+name = "stubborn"
+site = "edge"
+bind = "127.0.6.5"
+command = ["sh", "-c", '''{STUBBORN}''']
+capacity = {{ min = 1, max = 2, initial = 2 }}
+stop_grace = "{grace}"
+"#
+            ),
+        )
+    };
+    let topology = write("1s");
+    let mut up = Up::start(&topology, api, &[]);
+    // (instance id, pid, its child's pid, log) once each child runs and ignores SIGTERM.
+    let family = eventually(
+        Duration::from_secs(20),
+        "two instances, each with a child that ignores SIGTERM",
+        || async {
+            let v = set_view(api).await;
+            let mut out = Vec::new();
+            for i in instances(&v) {
+                let pid = i["pid"].as_i64()? as i32;
+                let child = *children(pid).first()?;
+                ignores_sigterm(child).then_some(())?;
+                let log = i["log"].as_str()?.to_string();
+                out.push((i["id"].as_str()?.to_string(), pid, child, log));
+            }
+            (out.len() == 2).then_some(out)
+        },
+    )
+    .await;
+    let _cleanup = KillGroupsOnPanic(family.iter().map(|f| f.1).collect());
+    for (_, pid, child, _) in &family {
+        assert_eq!(
+            parent_and_group(*child).map(|(_, group)| group),
+            Some(*pid),
+            "the child runs in its instance's process group"
+        );
+    }
+
+    // Scale-in: the newest instance gets SIGTERM, ignores it, and is killed after the grace.
+    let asked = tokio::time::Instant::now();
+    let out = run(tandem().args(["scale", "stubborn", "--to", "1", "--api", &api.to_string()]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let e = event_with(api, "stopped: signal: 9 (SIGKILL) (killed after 1s)").await;
+    let took = asked.elapsed();
+    let subject = e["subject"].as_str().unwrap();
+    let (id, pid, child, log) = family
+        .iter()
+        .find(|f| subject == format!("stubborn/{}", f.0))
+        .unwrap_or_else(|| panic!("{e}"));
+    assert!(
+        took >= Duration::from_secs(1),
+        "{id} was killed {took:?} after the scale-in, within its stop_grace"
+    );
+    let said = std::fs::read_to_string(log).unwrap();
+    assert!(
+        said.contains("TERM ignored"),
+        "no SIGTERM came first: {said}"
+    );
+    eventually(
+        Duration::from_secs(5),
+        "the retired instance and its child gone",
+        || async { (!alive(*pid) && !alive(*child)).then_some(()) },
+    )
+    .await;
+    let (_, other_pid, other_child, other_log) = family.iter().find(|f| f.0 != *id).unwrap();
+    assert!(
+        alive(*other_pid) && alive(*other_child),
+        "the other instance's group was hit too"
+    );
+
+    // A reload changes the grace; tandem stopping stops the last instance the same way,
+    // before it exits.
+    write("2s");
+    let out = run(tandem().args(["reload", "--api", &api.to_string()]));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("scale set stubborn: stop_grace changed: applied"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let asked = tokio::time::Instant::now();
+    assert!(up.terminate().success());
+    let took = asked.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "tandem stopped its instance within {took:?}, less than its stop_grace"
+    );
+    let logged = std::fs::read_to_string(up.log.as_ref().unwrap()).unwrap();
+    assert!(
+        logged.contains("stopped: signal: 9 (SIGKILL) (killed after 2s)"),
+        "{logged}"
+    );
+    let said = std::fs::read_to_string(other_log).unwrap();
+    assert!(
+        said.contains("TERM ignored"),
+        "no SIGTERM came first: {said}"
+    );
+    eventually(
+        Duration::from_secs(5),
+        "the last instance and its child gone",
+        || async { (!alive(*other_pid) && !alive(*other_child)).then_some(()) },
+    )
+    .await;
+}
+
+/// The instance named in a sample-app answer.
+fn answered_by(body: &str) -> Option<String> {
+    body.split_whitespace()
+        .find_map(|w| w.strip_prefix("instance="))
+        .map(str::to_string)
+}
+
+/// New flows through the load balancer, above the rule's rate for longer than its window,
+/// drive a `connection_rate` scale-out; idleness does not (it drives the scale-in rule).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_flows_drive_a_connection_rate_scale_out_and_idleness_does_not() {
+    /// New flows per second sent through the load balancer: five times the rule's threshold.
+    const RATE: u32 = 50;
+    let dir = tempfile::tempdir().unwrap();
+    let api = testkit::closed_port();
+    let front = front([127, 0, 6, 60]);
+    let topology = scale_set_topology(
+        dir.path(),
+        api,
+        "127.0.6.6",
+        front,
+        &format!(
+            r#"{COMMAND}
+capacity = {{ min = 1, max = 2, initial = 2 }}
+  [[scale_set.autoscale]]
+  metric = "connection_rate"
+  above = 10
+  window = "1s"
+  change = "+1"
+  cooldown = "1s"
+  [[scale_set.autoscale]]
+  metric = "connection_rate"
+  below = 2
+  window = "1s"
+  change = "-1"
+  cooldown = "1s"
+"#
+        ),
+    );
+    let _up = Up::start(&topology, api, &[]);
+    eventually(Duration::from_secs(20), "the API", || async {
+        Some(set_view(api).await).filter(|v| !v.is_null())
+    })
+    .await;
+
+    // Idle from the start (health probes are not flows): a whole window at no new flows
+    // scales in, and the scale-out rule, judged on the same window first, never fired.
+    let e = event_with(api, "autoscale in 2 -> 1: connection_rate 0.0 below 2").await;
+    assert!(e["message"].as_str().unwrap().contains("over 1s"), "{e}");
+    let v = settled(api, 1, "one instance after the idle scale-in").await;
+    assert_eq!(v["scale_outs"], 0, "idleness fired the rate rule: {v:#}");
+    let first = serving(&v).into_iter().next().unwrap();
+
+    // New flows at RATE per second, each a whole request through the load balancer.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let load = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1) / RATE);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let end = tokio::time::Instant::now() + Duration::from_secs(40);
+        let mut flows = 0u32;
+        while !*stopped.borrow() && tokio::time::Instant::now() < end {
+            every.tick().await;
+            let reply = http_get(front, "/").await;
+            assert!(answered_by(body(&reply)).is_some(), "{reply}");
+            flows += 1;
+        }
+        flows
+    });
+    let started = tokio::time::Instant::now();
+    let e = event_with(api, "autoscale out 1 -> 2: connection_rate").await;
+    eprintln!(
+        "new flows at {RATE}/s to scale-out: {} ms",
+        started.elapsed().as_millis()
+    );
+    let message = e["message"].as_str().unwrap();
+    assert!(message.contains("above 10 over 1s"), "{e}");
+    // The rate per instance, as the rule saw it: above the threshold, and no more than was
+    // sent (one instance took every flow).
+    let seen: f64 = message
+        .split("connection_rate ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{e}"));
+    assert!(
+        seen > 10.0 && seen < f64::from(2 * RATE),
+        "rate {seen} for {RATE} flows/s: {e}"
+    );
+    // The new instance serves flows through the load balancer.
+    eventually(
+        Duration::from_secs(20),
+        "a flow answered by the new instance",
+        || async {
+            let reply = http_get(front, "/").await;
+            answered_by(body(&reply)).filter(|who| *who != first)
+        },
+    )
+    .await;
+    let v = settled(api, 2, "two instances under load").await;
+    assert_eq!(
+        (v["desired"].clone(), v["scale_outs"].clone()),
+        (2.into(), 1.into())
+    );
+    stop.send(true).unwrap();
+    let flows = load.await.unwrap();
+    eprintln!("{flows} new flows sent");
+
+    // Without new flows, the rate falls and the set scales back in.
+    eventually(
+        Duration::from_secs(20),
+        "back to one instance without new flows",
+        || async {
+            let v = set_view(api).await;
+            (v["scale_ins"] == 2 && v["desired"] == 1).then_some(())
+        },
+    )
+    .await;
+}
+
+/// One long-lived TCP flow through the load balancer: a keep-alive HTTP/1.1 connection.
+struct Flow(tokio::net::TcpStream);
+
+impl Flow {
+    /// Opens flows through `front` until one reaches `instance` (at most 200 tries).
+    async fn to(front: SocketAddr, instance: &str) -> Flow {
+        for _ in 0..200 {
+            let mut flow = Flow(tokio::net::TcpStream::connect(front).await.unwrap());
+            if flow.ask().await.unwrap() == instance {
+                return flow;
+            }
+        }
+        panic!("no flow through {front} reached {instance} in 200 tries");
+    }
+
+    /// A `GET /` on this flow: the instance that answered, or why the flow failed.
+    async fn ask(&mut self) -> std::io::Result<String> {
+        use std::io::{Error, ErrorKind};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let talk = async {
+            self.0
+                .write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+                .await?;
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 1024];
+            loop {
+                let text = String::from_utf8_lossy(&got).into_owned();
+                if let Some((head, rest)) = text.split_once("\r\n\r\n") {
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().to_string())
+                        })
+                        .and_then(|v| v.parse().ok())
+                        .ok_or_else(|| Error::other(format!("no content-length: {head}")))?;
+                    if rest.len() >= length {
+                        return answered_by(&rest[..length])
+                            .ok_or_else(|| Error::other(format!("not a sample app: {text}")));
+                    }
+                }
+                let n = self.0.read(&mut chunk).await?;
+                if n == 0 {
+                    return Err(ErrorKind::UnexpectedEof.into());
+                }
+                got.extend_from_slice(&chunk[..n]);
+            }
+        };
+        tokio::time::timeout(HTTP_TIMEOUT, talk)
+            .await
+            .unwrap_or_else(|_| Err(ErrorKind::TimedOut.into()))
+    }
+}
+
+/// The live instances, oldest first (born together, the lower number was started first),
+/// each with its address and pid.
+fn by_age(view: &Value) -> Vec<(String, SocketAddr, i32)> {
+    let number = |i: &Value| -> u64 {
+        i["id"]
+            .as_str()
+            .unwrap()
+            .rsplit('-')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let mut live: Vec<Value> = instances(view)
+        .into_iter()
+        .filter(|i| i["state"] == "running")
+        .collect();
+    live.sort_by(|a, b| {
+        let age = |i: &Value| i["age_seconds"].as_f64().unwrap();
+        age(b).total_cmp(&age(a)).then(number(a).cmp(&number(b)))
+    });
+    live.iter()
+        .map(|i| {
+            let id = i["id"].as_str().unwrap().to_string();
+            (id, address(i), i["pid"].as_i64().unwrap() as i32)
+        })
+        .collect()
+}
+
+/// Scales to `n` and checks the instance that retires, `retired` on `addr`, drains: out of
+/// the load balancer's pool (no new flow through `front` reaches it), while its established
+/// `flow` keeps working and it keeps running.
+async fn scale_in_to(
+    api: SocketAddr,
+    front: SocketAddr,
+    n: u32,
+    (retired, addr, pid): (&str, SocketAddr, i32),
+    flow: &mut Flow,
+) {
+    let out = run(tandem().args([
+        "scale",
+        "web",
+        "--to",
+        &n.to_string(),
+        "--api",
+        &api.to_string(),
+    ]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually(
+        Duration::from_secs(10),
+        &format!("{retired} out of the pool"),
+        || async {
+            let v = set_view(api).await;
+            let running = instances(&v)
+                .iter()
+                .any(|i| i["id"] == retired && i["state"] == "running");
+            let (members, _) = pool(api).await;
+            (!running && !members.contains(&addr)).then_some(())
+        },
+    )
+    .await;
+    for _ in 0..30 {
+        let connected = tokio::net::TcpStream::connect(front).await;
+        match connected.map(Flow) {
+            Ok(mut new) => match new.ask().await {
+                Ok(who) => assert_ne!(who, retired, "a new flow reached the retiring {retired}"),
+                // Refused: with no instance left, no backend takes new flows.
+                Err(_) if n == 0 => {}
+                Err(e) => panic!("a new flow failed: {e}"),
+            },
+            Err(_) if n == 0 => {}
+            Err(e) => panic!("cannot connect to {front}: {e}"),
+        }
+    }
+    match flow.ask().await {
+        Ok(who) => assert_eq!(who, retired),
+        Err(e) => panic!("the flow to the retiring {retired} broke: {e}"),
+    }
+    let v = set_view(api).await;
+    assert!(
+        instances(&v)
+            .iter()
+            .any(|i| i["id"] == retired && i["state"] == "retiring")
+            && alive(pid),
+        "{retired} is not retiring: {v:#}"
+    );
+}
+
+/// Scale-in retires the newest instance (by default), or with `scale_in = "oldest"` the
+/// oldest: out of the pool at once, so no new flow reaches it, while its established flow
+/// keeps working; it stops once that flow closes, or when the load balancer's
+/// `drain_timeout` has passed. Tandem stopping during a drain stops the instance as any
+/// other, SIGTERM first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_in_drains_the_retired_instance_then_stops_it() {
+    const DRAIN: Duration = Duration::from_secs(5);
+    let dir = tempfile::tempdir().unwrap();
+    let api = testkit::closed_port();
+    let front = front([127, 0, 6, 70]);
+    let lb = "drain_timeout = \"5s\"";
+    let set = |scale_in: &str| {
+        format!(
+            "{COMMAND}\ncapacity = {{ min = 0, max = 3, initial = 3 }}\nscale_in = \"{scale_in}\""
+        )
+    };
+    let topology = scale_set_topology_with(dir.path(), api, "127.0.6.7", front, lb, &set("newest"));
+    let mut up = Up::start(&topology, api, &[]);
+    let v = settled(api, 3, "three instances").await;
+    let born = by_age(&v);
+    let (oldest, middle, (newest, newest_addr, newest_pid)) =
+        (born[0].clone(), born[1].clone(), born[2].clone());
+
+    // Newest: its flow keeps working while it drains; closing the flow lets it stop.
+    let mut flow = Flow::to(front, &newest).await;
+    let asked = tokio::time::Instant::now();
+    let retired = (newest.as_str(), newest_addr, newest_pid);
+    scale_in_to(api, front, 2, retired, &mut flow).await;
+    let e = event_with(api, "scale-in: retiring the newest instance").await;
+    assert_eq!(e["subject"], format!("web/{newest}"));
+    drop(flow);
+    let closed = asked.elapsed();
+    eventually(
+        Duration::from_secs(20),
+        "the newest instance stopped",
+        || async {
+            let v = set_view(api).await;
+            let listed = instances(&v).iter().any(|i| i["id"] == newest);
+            (!listed && !alive(newest_pid)).then_some(())
+        },
+    )
+    .await;
+    let took = asked.elapsed();
+    assert!(
+        took < DRAIN,
+        "stopped {took:?} after the scale-in, its flow closed after {closed:?}: it waited for the drain timeout"
+    );
+    let v = settled(api, 2, "two instances").await;
+    assert_eq!(
+        serving(&v),
+        BTreeSet::from([oldest.0.clone(), middle.0.clone()])
+    );
+
+    // Oldest: its flow keeps working through the whole drain timeout, then it stops.
+    scale_set_topology_with(dir.path(), api, "127.0.6.7", front, lb, &set("oldest"));
+    let out = run(tandem().args(["reload", "--api", &api.to_string()]));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("scale set web: scale_in changed: applied"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (oldest, oldest_addr, oldest_pid) = oldest;
+    let mut flow = Flow::to(front, &oldest).await;
+    let asked = tokio::time::Instant::now();
+    scale_in_to(api, front, 1, (&oldest, oldest_addr, oldest_pid), &mut flow).await;
+    let e = event_with(api, "scale-in: retiring the oldest instance").await;
+    assert_eq!(e["subject"], format!("web/{oldest}"));
+    let ended = loop {
+        match flow.ask().await {
+            Ok(who) => assert_eq!(who, oldest),
+            Err(_) => break asked.elapsed(),
+        }
+        assert!(
+            asked.elapsed() < DRAIN + Duration::from_secs(20),
+            "the flow outlived the drain timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        ended >= DRAIN,
+        "the flow ended {ended:?} after the scale-in, before the drain timeout"
+    );
+    eventually(
+        Duration::from_secs(20),
+        "the oldest instance stopped",
+        || async { (!alive(oldest_pid)).then_some(()) },
+    )
+    .await;
+    let v = settled(api, 1, "one instance").await;
+    assert_eq!(serving(&v), BTreeSet::from([middle.0.clone()]));
+
+    // Tandem stopping while the last instance drains: stopped like any other, SIGTERM first
+    // (the sample app then exits 0), not just killed when tandem goes.
+    let (middle, middle_addr, middle_pid) = middle;
+    let mut flow = Flow::to(front, &middle).await;
+    scale_in_to(api, front, 0, (&middle, middle_addr, middle_pid), &mut flow).await;
+    assert!(up.terminate().success());
+    assert!(!alive(middle_pid), "{middle} outlived tandem");
+    let logged = std::fs::read_to_string(up.log.as_ref().unwrap()).unwrap();
+    assert!(
+        logged.contains(&format!("instance=\"{middle}\" stopped: exit status: 0")),
+        "{logged}"
+    );
 }
