@@ -644,6 +644,16 @@ async fn switchover(
             "expected a JSON body {\"to\": SITE}",
         );
     };
+    if !db.sites.contains(&to) {
+        return error(
+            StatusCode::NOT_FOUND,
+            "to",
+            format!(
+                "database {name} has no member in site {to:?} (members: {})",
+                db.sites.join(", ")
+            ),
+        );
+    }
     match db.switchover(&to).await {
         Ok(message) => Json(SwitchoverResponse {
             message,

@@ -12,6 +12,7 @@
 //! 3. A standby is promoted only after taking the expired lease, with the next term.
 //! 4. A former primary only comes back as a standby, after `pg_rewind` (or a fresh clone).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -37,6 +38,8 @@ const SQL_TIMEOUT: Duration = Duration::from_millis(300);
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// A standby that has not streamed for this long is rewound.
 const STUCK: Duration = Duration::from_secs(15);
+/// On a stop, how long standbys are given to replay the stopped primary's last record.
+const STOP_CATCH_UP: Duration = Duration::from_secs(10);
 
 /// One member as the API shows it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -72,7 +75,8 @@ pub struct Change {
     pub from: Option<String>,
     pub to: String,
     pub term: u64,
-    /// From the primary's loss (or the request) to the frontends pointing at the new one.
+    /// From the lost primary's last lease renewal (a switchover: from the request) to the
+    /// frontends pointing at the new one.
     pub seconds: f64,
 }
 
@@ -109,6 +113,8 @@ enum Command {
 #[derive(Debug)]
 pub struct Cluster {
     pub name: String,
+    /// Its members' sites, in the topology's order.
+    pub sites: Vec<String>,
     view: Mutex<View>,
     events: broadcast::Sender<Event>,
     commands: mpsc::Sender<Command>,
@@ -162,7 +168,7 @@ impl Cluster {
         let bins = local::find_bins(config.bin_dir.as_deref()).map_err(named)?;
         let user = local::run_as()?;
         let dir = state_dir.join("databases").join(&name);
-        let local = Local::open(bins, user, dir).map_err(named)?;
+        let local = Local::open(bins, user, dir, config.failover_timeout).map_err(named)?;
         for m in &config.members {
             let site = m.site.as_str();
             local
@@ -182,6 +188,7 @@ impl Cluster {
         let (stop, stop_rx) = watch::channel(false);
         let cluster = Arc::new(Cluster {
             name: name.clone(),
+            sites: config.members.iter().map(|m| m.site.to_string()).collect(),
             view: Mutex::new(View {
                 name,
                 replication: config.replication.to_string(),
@@ -318,6 +325,9 @@ struct Driver {
     blocked: Option<String>,
     sync_standby: Option<usize>,
     sync_seen: Instant,
+    /// Each standby's last reply as the primary reports it (`reply_time`), and when it was
+    /// first seen: a standby whose reply has not changed for `ttl` is silent.
+    replies: HashMap<String, (String, Instant)>,
     primary_lsn: u64,
     pointed: Option<Option<SocketAddr>>,
     replicas_pointed: Vec<SocketAddr>,
@@ -371,6 +381,7 @@ impl Driver {
             blocked: None,
             sync_standby: None,
             sync_seen: now,
+            replies: HashMap::new(),
             primary_lsn: 0,
             pointed: None,
             replicas_pointed: Vec::new(),
@@ -709,20 +720,14 @@ impl Driver {
         }
     }
 
-    /// Stops a member taking writes at once: out of every frontend, flows reset, postmaster
-    /// killed.
+    /// Stops a member taking writes at once: out of every frontend, flows reset, the
+    /// postmaster and every process it started killed (`local::Postmaster`).
     async fn fence(&mut self, i: usize) {
         if self.leader == Some(i) {
             self.point_frontends(None);
         }
         let m = &mut self.members[i];
         if let Some(mut inst) = m.instance.take() {
-            if let Some(pid) = inst.pid() {
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
             inst.stop(Duration::ZERO).await;
         }
         m.client = None;
@@ -781,7 +786,13 @@ impl Driver {
             }
         };
         let from = self.leader.map(|l| self.members[l].site.clone());
-        let started = self.lost_since.unwrap_or(now);
+        // Counted from the fault's latest possible time, the last renewal, not from its
+        // detection (a tick and an SQL timeout later).
+        let (started, since) = match (&from, self.lost_since) {
+            (Some(f), _) => (self.renewed, format!("{f}'s last renewal")),
+            (None, Some(_)) => (self.renewed, "the primary's last renewal".to_string()),
+            (None, None) => (now, "the lease was found free".to_string()),
+        };
         self.term = lease.term;
         match self.promote(c).await {
             Ok(()) => {
@@ -793,9 +804,8 @@ impl Driver {
                     Some(c),
                     "failover",
                     format!(
-                        "promoted {site} (term {}) {seconds:.2} s after {} was lost; frontends now point at {}",
+                        "promoted {site} (term {}) {seconds:.2} s after {since}; frontends now point at {}",
                         self.term,
-                        from.as_deref().unwrap_or("the primary"),
                         self.members[c].config.listen
                     ),
                 );
@@ -879,21 +889,41 @@ impl Driver {
         let want = match self.config.replication {
             Replication::Async => None,
             Replication::Sync => {
+                let now = Instant::now();
+                // Seen is answering: a standby whose replies stopped (it hangs, its network
+                // is cut) is gone as soon as one that disconnected, though its WAL sender
+                // still says `streaming` until `wal_sender_timeout`. A reply's time is the
+                // standby's clock, only ever compared with itself.
+                self.replies
+                    .retain(|name, _| obs.replicas.iter().any(|r| r.name == *name));
+                for r in &obs.replicas {
+                    let seen = self.replies.get(&r.name);
+                    if seen.is_none_or(|(t, _)| *t != r.reply_time) {
+                        self.replies
+                            .insert(r.name.clone(), (r.reply_time.clone(), now));
+                    }
+                }
+                let answered = |name: &str| self.replies.get(name).map(|(_, at)| *at);
+                let silent = |name: &str| answered(name).is_none_or(|at| now >= at + self.ttl);
                 let streaming: Vec<&str> = obs
                     .replicas
                     .iter()
-                    .filter(|r| r.state == "streaming")
+                    .filter(|r| r.state == "streaming" && !silent(&r.name))
                     .map(|r| r.name.as_str())
                     .filter(|n| self.members.iter().any(|m| m.site == *n))
                     .collect();
-                let now = Instant::now();
                 let sync_ok = self.sync_standby.is_some_and(|s| {
+                    let site = self.members[s].site.as_str();
                     obs.replicas
                         .iter()
-                        .any(|r| r.name == self.members[s].site && r.sync_state == "sync")
+                        .any(|r| r.name == site && r.sync_state == "sync" && !silent(site))
                 });
-                if sync_ok {
-                    self.sync_seen = now;
+                if sync_ok
+                    && let Some(at) = self
+                        .sync_standby
+                        .and_then(|s| answered(&self.members[s].site))
+                {
+                    self.sync_seen = self.sync_seen.max(at);
                 }
                 if let Some(s) = self.sync_standby
                     && !sync_ok
@@ -1311,16 +1341,69 @@ impl Driver {
         m.state = State::Stopped;
     }
 
+    /// The primary first: its fast shutdown ends its sessions (no commit is left waiting for
+    /// a standby already gone) and sends its last record, the shutdown checkpoint, to the
+    /// standbys streaming from it, which are given up to [`STOP_CATCH_UP`] to replay it before
+    /// they stop too. Each stop is an event (`stopped`), in that order.
     async fn stop_all(&mut self) {
-        // Standbys first: the primary then shuts down last, with nothing left to stream.
-        let order: Vec<usize> = (0..self.members.len())
-            .filter(|&i| Some(i) != self.leader)
-            .chain(self.leader)
-            .collect();
-        for i in order {
-            self.stop_member(i).await;
-        }
         self.point_frontends(None);
+        let standbys: Vec<usize> = (0..self.members.len())
+            .filter(|&i| Some(i) != self.leader && self.members[i].instance.is_some())
+            .collect();
+        let streaming: Vec<usize> = standbys
+            .iter()
+            .copied()
+            .filter(|&i| self.members[i].is_streaming())
+            .collect();
+        let mut end = None;
+        if let Some(l) = self.leader.filter(|&l| self.members[l].instance.is_some()) {
+            let site = self.members[l].site.clone();
+            self.stop_member(l).await;
+            end = self.local.checkpoint_lsn(&site).await.ok();
+            self.event(
+                Some(l),
+                "stopped",
+                format!(
+                    "{site} stopped (primary; last record {})",
+                    end.map_or_else(|| "unknown".into(), format_lsn)
+                ),
+            );
+        }
+        if let Some(end) = end {
+            self.wait_replayed(&streaming, end).await;
+        }
+        for i in standbys {
+            let replayed = self.members[i].obs.as_ref().map(|o| o.lsn);
+            self.stop_member(i).await;
+            let site = self.members[i].site.clone();
+            let msg = match replayed {
+                Some(lsn) => format!(
+                    "{site} stopped (standby; replayed up to {})",
+                    format_lsn(lsn)
+                ),
+                None => format!("{site} stopped (standby)"),
+            };
+            self.event(Some(i), "stopped", msg);
+        }
+    }
+
+    /// Waits (at most [`STOP_CATCH_UP`]) until each of `which` that answers has replayed the
+    /// record at `end`.
+    async fn wait_replayed(&mut self, which: &[usize], end: u64) {
+        let deadline = Instant::now() + STOP_CATCH_UP;
+        loop {
+            self.observe_all(which).await;
+            let behind = which.iter().any(|&i| {
+                self.members[i]
+                    .obs
+                    .as_ref()
+                    .is_some_and(|o| o.in_recovery && o.lsn <= end)
+            });
+            if !behind || Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     fn publish(&self) {

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod failover;
+pub mod family;
 pub mod http;
 pub mod local;
 pub mod observe;

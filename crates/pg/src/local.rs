@@ -19,11 +19,16 @@ const PROGRAMS: [&str; 5] = [
     "pg_controldata",
 ];
 
+/// How many former data directories of a member [`Local::set_aside`] keeps.
+pub const KEPT_ASIDE: usize = 3;
+
 /// The role Tandem and `pg_rewind` connect as, and the one standbys stream with.
 pub const SUPERUSER: &str = "postgres";
 pub const REPLICATION_USER: &str = "replicator";
 
-/// Settings every member runs with (besides its address, given on the command line).
+/// Settings every member runs with (besides its address and the timeouts that follow
+/// `failover_timeout`, given on the command line: see [`Local::start`]). Data directories
+/// made by earlier versions also say `wal_sender_timeout = '5s'` here; the command line wins.
 const SETTINGS: &str = "
 # Written by Tandem at initdb: what streaming replication, failover and pg_rewind need.
 wal_level = replica
@@ -33,8 +38,6 @@ max_replication_slots = 10
 hot_standby = on
 hot_standby_feedback = on
 wal_keep_size = '256MB'
-wal_sender_timeout = '5s'
-wal_receiver_timeout = '5s'
 wal_retrieve_retry_interval = '500ms'
 unix_socket_directories = ''
 ";
@@ -130,13 +133,20 @@ pub struct Local {
     pub dir: PathBuf,
     pub password: String,
     pub replication_password: String,
+    /// The primary's lease: how long a silent peer may go unnoticed (see [`Local::start`]).
+    pub failover_timeout: Duration,
     driver: ProcessDriver,
 }
 
 impl Local {
     /// Prepares the database's directory (owned by the database user) and its passwords,
     /// generated once and kept in `password` and `replication.password` (mode 0600).
-    pub fn open(bins: PathBuf, user: Option<(u32, u32)>, dir: PathBuf) -> Result<Local, Error> {
+    pub fn open(
+        bins: PathBuf,
+        user: Option<(u32, u32)>,
+        dir: PathBuf,
+        failover_timeout: Duration,
+    ) -> Result<Local, Error> {
         std::fs::create_dir_all(&dir).map_err(|e| err(dir.display(), e))?;
         // Programs run from inside it, so every path handed to them must be absolute.
         let dir = std::path::absolute(&dir).map_err(|e| err(dir.display(), e))?;
@@ -160,6 +170,7 @@ impl Local {
             dir,
             password,
             replication_password,
+            failover_timeout,
             driver: ProcessDriver {
                 tandem: std::env::current_exe().ok(),
             },
@@ -301,15 +312,25 @@ impl Local {
         Ok(out.lines().last().unwrap_or("").to_string())
     }
 
-    /// Moves a member's data directory aside (never deleted: it may hold writes no one else
-    /// has), keeping one previous copy as `SITE.old`.
+    /// Moves a member's data directory aside (never deleted here: it may hold writes no one
+    /// else has) as `SITE.old`, the copies set aside before it becoming `SITE.old.1` and
+    /// `SITE.old.2`; only a fourth copy is deleted, the oldest. Returns where the data went.
     pub fn set_aside(&self, site: &str) -> Result<PathBuf, Error> {
-        let old = self.dir.join(format!("{site}.old"));
-        if old.exists() {
-            std::fs::remove_dir_all(&old).map_err(|e| err(old.display(), e))?;
+        let copy = |n: usize| match n {
+            0 => self.dir.join(format!("{site}.old")),
+            n => self.dir.join(format!("{site}.old.{n}")),
+        };
+        let oldest = copy(KEPT_ASIDE - 1);
+        if oldest.exists() {
+            std::fs::remove_dir_all(&oldest).map_err(|e| err(oldest.display(), e))?;
         }
-        std::fs::rename(self.data(site), &old).map_err(|e| err("set aside", e))?;
-        Ok(old)
+        for n in (0..KEPT_ASIDE - 1).rev() {
+            if copy(n).exists() {
+                std::fs::rename(copy(n), copy(n + 1)).map_err(|e| err("set aside", e))?;
+            }
+        }
+        std::fs::rename(self.data(site), copy(0)).map_err(|e| err("set aside", e))?;
+        Ok(copy(0))
     }
 
     fn mark_standby(&self, site: &str) -> Result<(), Error> {
@@ -318,7 +339,14 @@ impl Local {
     }
 
     /// Starts the member's postmaster on `listen`, as a standby of `upstream` when given. It
-    /// runs in its own process group and dies with Tandem.
+    /// runs in its own process group and dies with Tandem; stopping it ends every process it
+    /// started (see [`Postmaster`]).
+    ///
+    /// A peer that goes silent without closing its connection is given up after
+    /// `failover_timeout`: by a primary's WAL senders (`wal_sender_timeout`; a synchronous
+    /// standby's commits then stop waiting), by a standby's WAL receiver
+    /// (`wal_receiver_timeout`). Standbys report at least every second
+    /// (`wal_receiver_status_interval`), so a live one is never mistaken for a silent one.
     pub fn start(
         &self,
         site: &str,
@@ -330,6 +358,8 @@ impl Local {
         } else {
             self.mark_standby(site)?;
         }
+        let timeout = self.failover_timeout.as_millis().max(1000);
+        let status_interval = (self.failover_timeout / 4).as_secs().clamp(1, 10);
         let mut argv = vec![
             self.bins.join("postgres").to_string_lossy().into_owned(),
             "-D".into(),
@@ -340,6 +370,12 @@ impl Local {
             format!("port={}", listen.port()),
             "-c".into(),
             format!("cluster_name={site}"),
+            "-c".into(),
+            format!("wal_sender_timeout={timeout}ms"),
+            "-c".into(),
+            format!("wal_receiver_timeout={timeout}ms"),
+            "-c".into(),
+            format!("wal_receiver_status_interval={status_interval}s"),
         ];
         if let Some(up) = upstream {
             argv.push("-c".into());
@@ -358,12 +394,41 @@ impl Local {
             id: site.to_string(),
             argv,
             log: self.log(site),
-            env: vec![("LC_ALL".into(), "C.UTF-8".into())],
+            env: self.environment(),
+            clear_env: true,
             user: self.user,
         };
-        self.driver
+        let inner = self
+            .driver
             .start(&spec)
-            .map_err(|e| err(format!("cannot start postgres for {site}"), e))
+            .map_err(|e| err(format!("cannot start postgres for {site}"), e))?;
+        Ok(Box::new(Postmaster {
+            inner,
+            exe: self.bins.join("postgres"),
+            data: self.data(site),
+        }))
+    }
+
+    /// The whole environment PostgreSQL's programs run with. Nothing of Tandem's own: libpq
+    /// reads `PGPASSWORD`, `PGHOST`, `PGUSER`, `PGOPTIONS`, `PGSSLMODE`… for every setting a
+    /// connection string leaves out (a standby's WAL receiver would stream with Tandem's
+    /// operator's password), and the servers and tools read more. A fixed `PATH`, the C.UTF-8
+    /// locale, `HOME` at the database's directory (no `~/.pgpass` or `~/.psqlrc` of anyone's),
+    /// and `TZ` when set (initdb's default time zone).
+    pub fn environment(&self) -> Vec<(String, String)> {
+        let mut env = vec![
+            (
+                "PATH".to_string(),
+                "/usr/local/bin:/usr/bin:/bin".to_string(),
+            ),
+            ("LANG".to_string(), "C.UTF-8".to_string()),
+            ("LC_ALL".to_string(), "C.UTF-8".to_string()),
+            ("HOME".to_string(), self.dir.to_string_lossy().into_owned()),
+        ];
+        if let Ok(tz) = std::env::var("TZ") {
+            env.push(("TZ".to_string(), tz));
+        }
+        env
     }
 
     /// The last lines of a member's log, for errors.
@@ -373,7 +438,8 @@ impl Local {
         lines[lines.len().saturating_sub(5)..].join("\n")
     }
 
-    /// Runs one of PostgreSQL's programs as the database user; the error carries its output.
+    /// Runs one of PostgreSQL's programs as the database user, with [`Local::environment`] and
+    /// `env`; the error carries its output.
     async fn run(
         &self,
         program: &str,
@@ -382,8 +448,9 @@ impl Local {
     ) -> Result<String, Error> {
         let mut cmd = tokio::process::Command::new(self.bins.join(program));
         cmd.args(args)
+            .env_clear()
+            .envs(self.environment())
             .envs(env.iter().copied())
-            .env("LC_ALL", "C.UTF-8")
             .current_dir(&self.dir)
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true);
@@ -410,6 +477,66 @@ impl Local {
                 tail.join(" | ")
             )))
         }
+    }
+}
+
+/// A running postmaster. Stopping it (and only that: a fast shutdown by signal is the
+/// caller's, see `cluster::shut_down`) ends its whole family, not only its process group:
+/// PostgreSQL's processes each lead a session of their own ([`crate::family`]). With no grace
+/// that is fencing: every process is killed at once, none can write again, and none is left
+/// attached to the shared memory that would make `pg_rewind` or a restart refuse the data.
+#[derive(Debug)]
+pub struct Postmaster {
+    inner: Box<dyn Instance>,
+    exe: PathBuf,
+    data: PathBuf,
+}
+
+impl Postmaster {
+    /// SIGKILL to the postmaster's family and to anything of this server's left in its data
+    /// directory (processes a postmaster that died before left behind).
+    fn kill_all(&self) -> Vec<i32> {
+        let mut killed = self
+            .inner
+            .pid()
+            .map(|p| crate::family::kill_family(p as i32))
+            .unwrap_or_default();
+        killed.extend(crate::family::kill_in_data_dir(&self.exe, &self.data));
+        killed
+    }
+}
+
+impl Instance for Postmaster {
+    fn pid(&self) -> Option<u32> {
+        self.inner.pid()
+    }
+
+    fn wait(&mut self) -> scaleset::driver::BoxFuture<'_, String> {
+        self.inner.wait()
+    }
+
+    fn stop(&mut self, grace: Duration) -> scaleset::driver::BoxFuture<'_, String> {
+        Box::pin(async move {
+            if !grace.is_zero()
+                && let Some(pid) = self.inner.pid()
+            {
+                // SIGINT: PostgreSQL's fast shutdown.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGINT,
+                );
+                if let Ok(status) = tokio::time::timeout(grace, self.inner.wait()).await {
+                    self.kill_all();
+                    return status;
+                }
+            }
+            let killed = self.kill_all();
+            let status = self.inner.stop(Duration::ZERO).await;
+            format!(
+                "{status} (killed with {} processes of its own)",
+                killed.len().saturating_sub(1)
+            )
+        })
     }
 }
 
@@ -534,5 +661,35 @@ mod tests {
         assert_eq!(format_lsn(0x1_0300_0148), "1/3000148");
         assert_eq!(parse_lsn("nope"), None);
         assert_eq!(slot("Edge-1"), "tandem_edge_1");
+    }
+
+    /// Each data directory set aside is kept as `SITE.old`, the earlier ones shift to
+    /// `SITE.old.1` and `SITE.old.2`, and only the copy beyond [`KEPT_ASIDE`] is deleted.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn set_aside_keeps_the_last_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = Local::open(
+            PathBuf::from("/nonexistent"),
+            None,
+            dir.path().to_path_buf(),
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        let read = |p: PathBuf| std::fs::read_to_string(p.join("mark")).unwrap();
+        for n in 1..=4 {
+            std::fs::create_dir(local.data("edge")).unwrap();
+            std::fs::write(local.data("edge").join("mark"), n.to_string()).unwrap();
+            let went = local.set_aside("edge").unwrap();
+            assert_eq!(went, local.dir.join("edge.old"));
+            assert!(!local.data("edge").exists());
+        }
+        assert_eq!(read(local.dir.join("edge.old")), "4");
+        assert_eq!(read(local.dir.join("edge.old.1")), "3");
+        assert_eq!(read(local.dir.join("edge.old.2")), "2");
+        assert!(
+            !local.dir.join("edge.old.3").exists(),
+            "only {KEPT_ASIDE} kept"
+        );
     }
 }

@@ -19,6 +19,8 @@ pub struct Replica {
     pub flush_lsn: u64,
     pub replay_lsn: u64,
     pub replay_lag_seconds: f64,
+    /// When the standby sent its last reply, by its own clock (`reply_time`, as text).
+    pub reply_time: String,
 }
 
 /// A member's answer to one round of questions.
@@ -65,7 +67,7 @@ const MEMBER: &str = "SELECT pg_is_in_recovery(),
 
 const REPLICAS: &str = "SELECT application_name, COALESCE(state, ''), COALESCE(sync_state, ''),
   COALESCE(flush_lsn::text, ''), COALESCE(replay_lsn::text, ''),
-  COALESCE(EXTRACT(EPOCH FROM replay_lag)::float8, 0)
+  COALESCE(EXTRACT(EPOCH FROM replay_lag)::float8, 0), COALESCE(reply_time::text, '')
   FROM pg_stat_replication";
 
 /// Asks a member where it stands.
@@ -97,6 +99,7 @@ pub async fn observe(client: &Client) -> Result<Observation, String> {
                 flush_lsn: lsn(r.get(3)),
                 replay_lsn: lsn(r.get(4)),
                 replay_lag_seconds: r.get(5),
+                reply_time: r.get(6),
             });
         }
     }

@@ -26,6 +26,8 @@ pub struct Spec {
     pub log: PathBuf,
     /// Environment added to Tandem's: `TANDEM_INSTANCE`, `TANDEM_SITE`, `TANDEM_SCALE_SET`.
     pub env: Vec<(String, String)>,
+    /// Start from an empty environment instead of Tandem's: `env` is all the process gets.
+    pub clear_env: bool,
     /// Run as this user and group (uid, gid) instead of Tandem's own: servers such as
     /// PostgreSQL refuse to run as root.
     pub user: Option<(u32, u32)>,
@@ -86,6 +88,9 @@ impl Driver for ProcessDriver {
         };
         if let Some((uid, gid)) = spec.user {
             cmd.uid(uid).gid(gid);
+        }
+        if spec.clear_env {
+            cmd.env_clear();
         }
         cmd.args(args)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))

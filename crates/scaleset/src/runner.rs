@@ -408,6 +408,7 @@ impl Runner {
                 ("TANDEM_SITE".into(), self.set.site.to_string()),
                 ("TANDEM_SCALE_SET".into(), self.set.name.to_string()),
             ],
+            clear_env: false,
             user: None,
         };
         let probe = self.wiring.monitor.clone().map(|(monitor, port)| Target {

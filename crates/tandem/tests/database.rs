@@ -455,6 +455,21 @@ async fn sync_failover_keeps_every_acknowledged_write_and_the_old_primary_rejoin
     let d = db.view().await.unwrap();
     assert_eq!(d["term"], 3);
     assert_eq!(d["last_change"]["kind"], "switchover");
+    // A site with no member is not found (404), naming the field; nothing changes.
+    let resp = http_post_json(
+        db.up.api,
+        "/v1/databases/orders/switchover",
+        r#"{"to": "nowhere"}"#,
+    )
+    .await;
+    assert_eq!(status(&resp), 404, "{resp}");
+    let why: Value = serde_json::from_str(body(&resp)).unwrap();
+    assert_eq!(why["field"], "to", "{why}");
+    assert!(
+        why["error"].as_str().unwrap().contains("no member in site"),
+        "{why}"
+    );
+    assert_eq!(db.view().await.unwrap()["term"], 3);
     let status = run(tandem().args(["status", "--api", &db.up.api.to_string()]));
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(text.contains("orders") && text.contains("term 3"), "{text}");
@@ -539,11 +554,41 @@ async fn a_restart_resumes_the_same_data_and_primary() {
         .await
         .unwrap();
     assert!(db.up.terminate().success());
+    // A stop shuts the primary down first (its commits never lose their synchronous partner
+    // while it still takes them), then the standby (PostgreSQL's own log times).
+    let logs = db.state.join("databases/orders");
+    let when = |site: &str, text: &str| -> String {
+        let log = std::fs::read_to_string(logs.join(format!("{site}.log"))).unwrap();
+        let line = log
+            .lines()
+            .rfind(|l| l.contains(text))
+            .unwrap_or_else(|| panic!("{site}.log has no {text:?}:\n{log}"));
+        line[..23].to_string() // "2026-11-30 10:50:26.123"
+    };
+    let primary_down = when("edge", "database system is shut down");
+    let standby_asked = when("region", "received fast shutdown request");
+    assert!(
+        primary_down <= standby_asked,
+        "primary down at {primary_down}, standby asked to stop at {standby_asked}"
+    );
+    // Tandem's environment does not reach PostgreSQL: libpq would take these for every
+    // setting a connection string leaves out, and the standby would never stream.
     let file = db.state.parent().unwrap().join("topology.toml");
-    db.up = Up::start(&file, db.up.api, &[]);
+    db.up = Up::start(
+        &file,
+        db.up.api,
+        &[
+            ("PGPASSWORD", "not-the-password"),
+            ("PGUSER", "nobody"),
+            ("PGPASSFILE", "/nonexistent"),
+            ("PGSSLMODE", "require"),
+        ],
+    );
     let d = db
         .wait(Duration::from_secs(60), "healthy again", |d| {
             d["state"] == "healthy"
+                && d["sync_standby"] == "region"
+                && member(d, "region")["state"] == "streaming"
         })
         .await;
     assert_eq!(d["primary"], "edge");
@@ -937,8 +982,8 @@ async fn a_lost_synchronous_standby_is_dropped_then_named_again_and_never_promot
             .unwrap();
         hung.elapsed()
     });
-    // The primary notices a silent standby after `wal_sender_timeout` (5 s), then Tandem waits
-    // `failover_timeout` (2 s).
+    // Tandem sees the standby's replies stop and drops it after `failover_timeout` (2 s); the
+    // primary's WAL sender gives up on it after `wal_sender_timeout`, which follows it.
     eventually(
         Duration::from_secs(20),
         "synchronous_standby_names emptied",
@@ -956,6 +1001,11 @@ async fn a_lost_synchronous_standby_is_dropped_then_named_again_and_never_promot
     assert!(
         waited >= Duration::from_secs(1),
         "the commit did wait for the hung standby ({waited:?})"
+    );
+    // Not `failover_timeout` plus a fixed 5 s `wal_sender_timeout` (7 s and more, as before).
+    assert!(
+        waited < Duration::from_secs(5),
+        "a commit waits about failover_timeout (2 s) for a silent standby, not {waited:?}"
     );
     db.wait(Duration::from_secs(5), "no synchronous standby", |d| {
         d["sync_standby"].is_null() && d["state"] == "degraded"

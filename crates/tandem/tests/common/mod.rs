@@ -175,6 +175,18 @@ pub async fn http_post(addr: SocketAddr, path: &str) -> String {
     .await
 }
 
+/// A POST with a JSON body; the whole response.
+pub async fn http_post_json(addr: SocketAddr, path: &str, json: &str) -> String {
+    exchange(
+        addr,
+        format!(
+            "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}",
+            json.len()
+        ),
+    )
+    .await
+}
+
 /// The body of an HTTP response.
 pub fn body(resp: &str) -> &str {
     resp.split_once("\r\n\r\n").map_or("", |(_, b)| b)
