@@ -71,6 +71,9 @@ pub enum Code {
     /// Warning: addresses given for a name server outside every served zone, which Tandem
     /// cannot answer for.
     NameServerAddressNotServed,
+    /// Warning (cluster mode): a DNS node whose address is none of a zone's name servers, so
+    /// resolvers following the delegation never ask it.
+    DnsNodeNotNameServer,
 }
 
 /// Whether a diagnostic makes the file invalid.
@@ -122,6 +125,7 @@ impl Code {
             Code::NothingToRun => "W001",
             Code::NameServerWithoutAddress => "W002",
             Code::NameServerAddressNotServed => "W003",
+            Code::DnsNodeNotNameServer => "W004",
             Code::Placement => "E024",
         }
     }
@@ -131,7 +135,8 @@ impl Code {
         match self {
             Code::NothingToRun
             | Code::NameServerWithoutAddress
-            | Code::NameServerAddressNotServed => Severity::Warning,
+            | Code::NameServerAddressNotServed
+            | Code::DnsNodeNotNameServer => Severity::Warning,
             _ => Severity::Error,
         }
     }

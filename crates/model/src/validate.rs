@@ -3,6 +3,7 @@
 //! and, for a valid file, the warnings.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::diag::Code;
 use crate::parse::unique;
@@ -295,7 +296,8 @@ fn cname_through<'a>(
 
 /// Warnings about a valid topology: it runs nothing; a name server inside a served zone has no
 /// address (resolvers that follow the delegation find no server); addresses given for a name
-/// server outside every served zone are not answered.
+/// server outside every served zone are not answered; a DNS node that is none of a zone's name
+/// servers (cluster mode: one name server per DNS node, with its address as glue).
 pub(crate) fn warnings(cx: &mut Cx, t: &Topology) {
     let zones: Vec<&Zone> = t.dns.iter().flat_map(|d| &d.zones).collect();
     if zones.is_empty()
@@ -349,6 +351,37 @@ pub(crate) fn warnings(cx: &mut Cx, t: &Topology) {
                     format!(
                         "resolvers look its address up in this zone and find nothing: write {{ name = \"{}\", address = \"…\" }} with the address it answers on",
                         ns.name
+                    ),
+                );
+            }
+        }
+    }
+    for node in &t.nodes {
+        // A wildcard listener says nothing of the address resolvers reach it at.
+        let ips: Vec<IpAddr> = node
+            .dns
+            .iter()
+            .map(SocketAddr::ip)
+            .filter(|ip| !ip.is_unspecified())
+            .collect();
+        let Some(first) = ips.first() else { continue };
+        for z in &zones {
+            let listed = z
+                .nameservers
+                .iter()
+                .flat_map(|ns| &ns.addresses)
+                .any(|a| ips.contains(a));
+            if !listed {
+                cx.warn(
+                    Code::DnsNodeNotNameServer,
+                    node.name.span(),
+                    format!(
+                        "DNS node `{}` ({first}) is none of zone `{}`'s name servers: resolvers following the delegation never ask it",
+                        node.name, z.name
+                    ),
+                    format!(
+                        "list one name server per DNS node: add {{ name = \"nsN.{}\", address = \"{first}\" }} to the zone's `nameservers`",
+                        z.name
                     ),
                 );
             }

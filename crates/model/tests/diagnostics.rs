@@ -34,6 +34,7 @@ macro_rules! cases {
 
 cases!(
     syntax,
+    cluster_nameservers,
     unknown_keys,
     missing_keys,
     wrong_types,

@@ -29,6 +29,33 @@ fn validate_accepts_the_example() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("valid (2 sites"));
 }
 
+/// The README's validate example is what `tandem validate` prints, word for word: the two
+/// edits it names, typed into a copy of `examples/quickstart.toml`.
+#[test]
+fn the_readme_validate_example_is_what_validate_prints() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let start = "```console\n$ tandem validate topology.toml\n";
+    let shown = readme
+        .split_once(start)
+        .and_then(|(_, rest)| rest.split_once("\n```"))
+        .map(|(block, _)| block)
+        .expect("README has the validate example");
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(root.join("examples/quickstart.toml")).unwrap();
+    assert_eq!(text.matches("timeout = \"500ms\"").count(), 1);
+    assert_eq!(text.matches("monitor = \"web\"").count(), 1);
+    let text = text
+        .replace("timeout = \"500ms\"", "timeout = \"2s\"")
+        .replace("monitor = \"web\"", "monitor = \"wbe\"");
+    std::fs::write(dir.path().join("topology.toml"), text).unwrap();
+    let out = run(tandem()
+        .args(["validate", "topology.toml"])
+        .current_dir(dir.path()));
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).trim_end(), shown);
+}
+
 #[test]
 fn validate_reports_every_problem_with_its_location() {
     let dir = tempfile::tempdir().unwrap();

@@ -226,6 +226,29 @@ impl Sites {
         Some(text.lines().map(str::to_string).collect())
     }
 
+    /// `dig` from the client against `site`'s DNS with `args`; its whole output.
+    pub async fn dig_text(&self, site: &str, args: &[&str]) -> String {
+        let mut cmd = self.lab.command("client", "dig");
+        cmd.arg(format!("@{}", self.ip(site, 10)))
+            .args(args)
+            .args(["+norec", "+time=1", "+tries=1"]);
+        let out = tokio::process::Command::from(cmd).output().await.unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `tandem status --api` of `site`'s node, run inside namespace `from`: its stdout.
+    pub async fn status_text(&self, from: &str, site: &str) -> String {
+        let mut cmd = self.lab.command(from, env!("CARGO_BIN_EXE_tandem"));
+        cmd.args(["status", "--api", &self.api(site).to_string()]);
+        let out = tokio::process::Command::from(cmd).output().await.unwrap();
+        assert!(
+            out.status.success(),
+            "tandem status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Waits until `site`'s DNS answers `want` for the name.
     pub async fn wait_answer(&self, site: &str, want: &str, deadline: Duration) {
         let what = format!("{site}'s DNS to answer {want}");

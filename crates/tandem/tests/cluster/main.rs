@@ -28,6 +28,52 @@ async fn a_healthy_cluster_answers_the_edge_from_every_dns_node() {
         .collect();
     assert_eq!(alive, ["edge-1", "region-1", "witness-1"], "{nodes:#}");
     assert_eq!(s.dig("region", DOMAIN).await.unwrap(), [edge]);
+    // `tandem status` from any node shows the three.
+    let status = s.status_text("client", "region").await;
+    for name in ["edge-1", "region-1", "witness-1"] {
+        assert!(
+            status
+                .lines()
+                .any(|l| l.starts_with(name) && l.contains("alive")),
+            "{name} alive in:\n{status}"
+        );
+    }
+    // The zone lists one name server per DNS node, each with its address as glue.
+    let ns = s
+        .dig_text(
+            "witness",
+            &["shop.test", "NS", "+noall", "+answer", "+additional"],
+        )
+        .await;
+    for (n, site) in [(1, "edge"), (2, "region"), (3, "witness")] {
+        let name = format!("ns{n}.shop.test.");
+        assert!(
+            ns.lines()
+                .any(|l| l.contains("\tNS\t") && l.ends_with(&name)),
+            "NS {name} in:\n{ns}"
+        );
+        assert!(
+            ns.lines().any(|l| l.starts_with(&name)
+                && l.contains("\tA\t")
+                && l.ends_with(&s.ip(site, 10).to_string())),
+            "glue for {name} in:\n{ns}"
+        );
+    }
+    // The witness runs no app tier: no load balancer, no scale set of its own.
+    let lbs: Value = s
+        .get("witness", "/v1/load-balancers?scope=local")
+        .await
+        .unwrap();
+    assert_eq!(
+        lbs["load_balancers"].as_array().unwrap().len(),
+        0,
+        "{lbs:#}"
+    );
+    let sets: Value = s
+        .get("witness", "/v1/scale-sets?scope=local")
+        .await
+        .unwrap();
+    assert_eq!(sets["scale_sets"].as_array().unwrap().len(), 0, "{sets:#}");
 
     // Every cluster and store metric the README names is exported, with a sample.
     let readme =
@@ -106,6 +152,13 @@ async fn killing_the_edge_node_moves_every_surviving_dns_node_to_the_region() {
             .any(|e| e["source"] == "node" && e["subject"] == "edge-1" && e["kind"] == "gone"),
         "a node-gone event"
     );
+    let status = s.status_text("client", "witness").await;
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("edge-1") && l.contains("gone")),
+        "edge-1 gone in `tandem status` from the witness:\n{status}"
+    );
 }
 
 /// The edge's link cut: region and witness keep etcd's quorum and answer the region; the edge
@@ -129,6 +182,22 @@ async fn a_partitioned_edge_is_isolated_and_fails_back_once_after_the_hold() {
     .await;
     let metrics = s.metrics("edge").await.unwrap();
     assert!(metrics.contains("tandem_cluster_isolated 1"));
+    let events: Value = s.get_from("edge", "edge", "/v1/events").await.unwrap();
+    assert!(
+        events["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["source"] == "node" && e["subject"] == "edge-1" && e["kind"] == "isolated"),
+        "an isolated event: {events:#}"
+    );
+    let status = s.status_text("edge", "edge").await;
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("edge-1") && l.contains("ISOLATED")),
+        "isolation in `tandem status`:\n{status}"
+    );
     // Cut off, the edge still answers its own site from its own probes.
     let from_edge = {
         let mut cmd = s.lab.command("edge", "dig");
@@ -430,6 +499,22 @@ async fn operator_intent_through_one_node_applies_where_it_belongs() {
     for site in ["region", "witness"] {
         s.wait_answer(site, &region, Duration::from_secs(10)).await;
     }
+    testkit::eventually(
+        Duration::from_secs(20),
+        "the edge's instances stopped by the drill",
+        || async {
+            let v: Value = s
+                .get_from("edge", "edge", "/v1/scale-sets?scope=local")
+                .await?;
+            let running = v["scale_sets"][0]["instances"]
+                .as_array()?
+                .iter()
+                .filter(|i| i["state"] == "running")
+                .count();
+            (running == 0).then_some(())
+        },
+    )
+    .await;
     let (status, _) = s
         .post("region", "/v1/drills/outage", r#"{"site": "region"}"#)
         .await
