@@ -40,6 +40,14 @@ const READY_TIMEOUT: Duration = Duration::from_secs(120);
 const STUCK: Duration = Duration::from_secs(15);
 /// On a stop, how long standbys are given to replay the stopped primary's last record.
 const STOP_CATCH_UP: Duration = Duration::from_secs(10);
+/// A primary restarted in place that stays up this long has ended its crash loop.
+const RESTART_STABLE: Duration = Duration::from_secs(30);
+/// Exits in a row, each within [`RESTART_STABLE`] of its restart, after which a failover is
+/// preferred to another restart (when one is possible).
+const RESTART_LIMIT: u32 = 3;
+/// The wait before a restart after a quick exit: this, doubling, at most [`RESTART_BACKOFF_MAX`].
+const RESTART_BACKOFF: Duration = Duration::from_millis(500);
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// One member as the API shows it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -303,6 +311,29 @@ impl Rt {
     }
 }
 
+/// Restarts of the primary in place, Patroni's first answer to a crashed postmaster.
+#[derive(Debug, Default)]
+struct Restart {
+    /// When the primary's postmaster exited, until it is writable again.
+    exited: Option<Instant>,
+    /// When the last restart began, until it has stayed up [`RESTART_STABLE`].
+    began: Option<Instant>,
+    /// Exits in a row within [`RESTART_STABLE`] of their restart.
+    quick: u32,
+    /// No restart before this (the crash-loop backoff).
+    next: Option<Instant>,
+    /// Whether the crash loop was reported as given up for a failover.
+    gave_up: bool,
+}
+
+/// The wait before the restart that follows `quick` quick exits.
+fn restart_backoff(quick: u32) -> Duration {
+    match quick {
+        0 => Duration::ZERO,
+        n => (RESTART_BACKOFF * 2u32.saturating_pow(n - 1)).min(RESTART_BACKOFF_MAX),
+    }
+}
+
 /// The work a background task reports back.
 struct Done {
     member: usize,
@@ -328,6 +359,9 @@ struct Driver {
     /// Each standby's last reply as the primary reports it (`reply_time`), and when it was
     /// first seen: a standby whose reply has not changed for `ttl` is silent.
     replies: HashMap<String, (String, Instant)>,
+    restart: Restart,
+    /// A switchover is under way (the state says so).
+    switching: bool,
     primary_lsn: u64,
     pointed: Option<Option<SocketAddr>>,
     replicas_pointed: Vec<SocketAddr>,
@@ -382,6 +416,8 @@ impl Driver {
             sync_standby: None,
             sync_seen: now,
             replies: HashMap::new(),
+            restart: Restart::default(),
+            switching: false,
             primary_lsn: 0,
             pointed: None,
             replicas_pointed: Vec::new(),
@@ -523,6 +559,7 @@ impl Driver {
     }
 
     fn take_lead(&mut self, l: usize, term: u64) {
+        self.restart = Restart::default();
         self.leader = Some(l);
         self.term = term;
         self.renewed = Instant::now();
@@ -580,12 +617,21 @@ impl Driver {
         let Ok(status) = tokio::time::timeout(Duration::ZERO, inst.wait()).await else {
             return false;
         };
-        m.instance = None;
+        // Its children outlive a postmaster killed with SIGKILL for a moment, attached to the
+        // data directory (a restart would find the shared memory in use): end them now.
+        if let Some(mut inst) = m.instance.take() {
+            inst.stop(Duration::ZERO).await;
+        }
         m.client = None;
         m.obs = None;
-        if m.state != State::Fenced {
+        let fenced = m.state == State::Fenced;
+        if !fenced {
             m.state = State::Stopped;
         }
+        if !fenced && self.leader == Some(i) {
+            self.note_primary_exit(Instant::now());
+        }
+        let m = &mut self.members[i];
         let tail = self.local.log_tail(&m.site);
         let last = tail.lines().last().unwrap_or_default();
         m.error = Some(format!("postgres exited ({status}); its log ends: {last}"));
@@ -665,12 +711,23 @@ impl Driver {
                 Ok(_) => {
                     self.renewed = now;
                     self.primary_lsn = self.members[l].obs.as_ref().map_or(0, |o| o.lsn);
+                    if self
+                        .restart
+                        .began
+                        .is_some_and(|b| now >= b + RESTART_STABLE)
+                    {
+                        self.restart = Restart::default();
+                    }
                     if self.lost_since.take().is_some() {
-                        self.event(
-                            Some(l),
-                            "primary-back",
-                            format!("{site} answers again before any failover"),
-                        );
+                        let message = match self.restart.exited.take() {
+                            Some(exited) => format!(
+                                "{site} restarted in place (term {}): writable again {:.2} s after its postmaster exited; no failover",
+                                self.term,
+                                exited.elapsed().as_secs_f64()
+                            ),
+                            None => format!("{site} answers again before any failover"),
+                        };
+                        self.event(Some(l), "primary-back", message);
                         self.point_frontends(Some(self.members[l].config.listen));
                     }
                 }
@@ -699,6 +756,9 @@ impl Driver {
                 format!("primary {} lost: {why}", self.members[l].site),
             );
             self.point_frontends(None);
+        }
+        if self.restart_in_place(l, now).await {
+            return;
         }
         if self.members[l].state != State::Fenced
             && now >= self.renewed + failover::fence_after(self.ttl)
@@ -735,8 +795,129 @@ impl Driver {
         m.state = State::Fenced;
     }
 
-    /// Promotes the best standby once the lease is free.
-    async fn fail_over(&mut self, now: Instant) {
+    /// Counts an exit of the primary's postmaster: quick when it came within
+    /// [`RESTART_STABLE`] of a restart, which then waits out a backoff.
+    fn note_primary_exit(&mut self, now: Instant) {
+        let r = &mut self.restart;
+        r.exited.get_or_insert(now);
+        let quick = r.began.is_some_and(|b| now < b + RESTART_STABLE);
+        r.quick = if quick { r.quick + 1 } else { 0 };
+        r.next = Some(now + restart_backoff(r.quick));
+    }
+
+    /// Patroni's order: a primary whose postmaster exited while it held the lease, with its
+    /// data intact, is started again in place (its clients lose their sessions, no writes)
+    /// before anyone is promoted. The restart has until the fence (two thirds of the lease
+    /// after its renewal) to answer as writable, then a failover follows as usual; after
+    /// [`RESTART_LIMIT`] quick exits a failover is preferred. While no failover is possible
+    /// (no synchronous standby, none within the lag limit) the primary keeps the lease and is
+    /// restarted however long it takes, with a backoff: it is the only complete copy.
+    /// True when this tick is done (the lease is held for the restart).
+    async fn restart_in_place(&mut self, l: usize, now: Instant) -> bool {
+        let (site, state) = (self.members[l].site.clone(), self.members[l].state);
+        let failover = self.candidate();
+        match (state, self.members[l].instance.is_some()) {
+            // A restart under way: all the time it needs while no one else can take over.
+            (State::Starting, true) if self.restart.began.is_some() => {
+                return failover.is_err() && self.hold_lease(l, now).await;
+            }
+            (State::Stopped | State::Fenced, false) => {}
+            _ => return false,
+        }
+        if !self.local.has_data(&site) || self.local.is_standby(&site) {
+            return false;
+        }
+        if failover.is_ok() {
+            // Fenced (hung, or a restart that never answered): the failover is the way.
+            if state == State::Fenced {
+                return false;
+            }
+            if self.restart.quick >= RESTART_LIMIT {
+                if !self.restart.gave_up {
+                    self.restart.gave_up = true;
+                    self.event(
+                        Some(l),
+                        "crash-loop",
+                        format!(
+                            "{site} exited {} times in a row within {RESTART_STABLE:?} of a restart; failing over instead",
+                            self.restart.quick
+                        ),
+                    );
+                }
+                return false;
+            }
+        }
+        if self.restart.next.is_some_and(|t| now < t) {
+            return failover.is_err() && self.hold_lease(l, now).await;
+        }
+        if !self.hold_lease(l, now).await {
+            return false;
+        }
+        let exited = *self.restart.exited.get_or_insert(now);
+        let attempt = match self.restart.quick {
+            0 => String::new(),
+            n => format!(
+                ", attempt {} after a {:?} backoff",
+                n + 1,
+                restart_backoff(n)
+            ),
+        };
+        let why = match &failover {
+            Ok(_) => String::new(),
+            Err(why) => format!(" (no failover possible: {why})"),
+        };
+        match self.start_member(l, None) {
+            Ok(()) => {
+                self.restart.began = Some(now);
+                self.event(
+                    Some(l),
+                    "restarting",
+                    format!(
+                        "{site}'s postmaster exited {:.2} s ago while it held the lease; restarting it in place as primary (term {}){attempt}{why}",
+                        (now - exited).as_secs_f64(),
+                        self.term
+                    ),
+                );
+                true
+            }
+            Err(e) => {
+                self.restart.began = Some(now);
+                self.note_primary_exit(now);
+                self.event(Some(l), "error", format!("cannot restart {site}: {e}"));
+                false
+            }
+        }
+    }
+
+    /// Keeps (or, expired, takes again with the next term) the primary's lease while it
+    /// restarts in place; false when the store refuses.
+    async fn hold_lease(&mut self, l: usize, now: Instant) -> bool {
+        let site = self.members[l].site.clone();
+        let store = self.wiring.store.clone();
+        if now < self.renewed + self.ttl
+            && store
+                .renew(&self.key, &site, self.term, self.ttl)
+                .await
+                .is_ok()
+        {
+            self.renewed = now;
+            return true;
+        }
+        match store.acquire(&self.key, &site, self.ttl).await {
+            Ok(lease) => {
+                self.term = lease.term;
+                self.renewed = now;
+                if self.members[l].state == State::Fenced {
+                    self.members[l].state = State::Stopped;
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// The standby a failover would promote now, or why there is none.
+    fn candidate(&self) -> Result<usize, String> {
         let standbys: Vec<Standby> = self
             .members
             .iter()
@@ -761,9 +942,14 @@ impl Driver {
         } else {
             u64::MAX
         };
-        let choice = failover::choose(mode, max_lag, sync.as_deref(), self.primary_lsn, &standbys);
-        let c = match choice {
-            Ok(site) => self.index(&site),
+        failover::choose(mode, max_lag, sync.as_deref(), self.primary_lsn, &standbys)
+            .map(|site| self.index(&site))
+    }
+
+    /// Promotes the best standby once the lease is free.
+    async fn fail_over(&mut self, now: Instant) {
+        let c = match self.candidate() {
+            Ok(c) => c,
             Err(why) => {
                 if self.blocked.as_deref() != Some(why.as_str()) {
                     self.event(None, "failover-blocked", format!("no failover: {why}"));
@@ -1211,7 +1397,16 @@ impl Driver {
         }
     }
 
+    /// A planned switchover; the database's state is `switching-over` meanwhile.
     async fn switchover(&mut self, to: &str) -> Result<String, SwitchoverError> {
+        self.switching = true;
+        self.publish();
+        let result = self.switch_over_to(to).await;
+        self.switching = false;
+        result
+    }
+
+    async fn switch_over_to(&mut self, to: &str) -> Result<String, SwitchoverError> {
         let fail = |s: String| Err(SwitchoverError(s));
         let Some(t) = self.members.iter().position(|m| m.site == to) else {
             let names: Vec<&str> = self.members.iter().map(|m| m.site.as_str()).collect();
@@ -1257,10 +1452,24 @@ impl Driver {
                     .await;
             }
         };
-        // 3. The target must have everything the primary wrote.
+        // 3. The target must have everything the primary wrote. A target that exits or stops
+        // answering for `failover_timeout` is given up at once: the old primary comes back.
         let deadline = Instant::now() + Duration::from_secs(30);
+        let mut answered = Instant::now();
         loop {
+            if self.reap(t).await {
+                return self
+                    .undo_switchover(l, format!("{to} exited during the switchover"))
+                    .await;
+            }
             self.observe(t).await;
+            if self.members[t].obs.is_some() {
+                answered = Instant::now();
+            } else if answered.elapsed() >= self.ttl {
+                return self
+                    .undo_switchover(l, format!("{to} stopped answering for {:?}", self.ttl))
+                    .await;
+            }
             let have = self.members[t]
                 .obs
                 .as_ref()
@@ -1290,12 +1499,21 @@ impl Driver {
         }
         let lease = match store.acquire(&self.key, to, self.ttl).await {
             Ok(lease) => lease,
-            Err(e) => return fail(format!("cannot take the lease for {to}: {e}")),
+            Err(e) => {
+                return self
+                    .undo_switchover(l, format!("cannot take the lease for {to}: {e}"))
+                    .await;
+            }
         };
         self.term = lease.term;
         if let Err(e) = self.promote(t).await {
-            self.leader = None;
-            return fail(format!("promoting {to} failed: {e}; a failover follows"));
+            // It may have been promoted all the same: stopped for good, it takes no write,
+            // and the old primary, which has every write, takes the lease back.
+            self.fence(t).await;
+            let _ = store.release(&self.key, to, self.term).await;
+            return self
+                .undo_switchover(l, format!("promoting {to} failed: {e}"))
+                .await;
         }
         self.take_lead(t, lease.term);
         self.members[l].state = State::Stopped; // rejoins as a standby through pg_rewind
@@ -1310,24 +1528,37 @@ impl Driver {
         Ok(msg)
     }
 
-    /// A switchover that cannot finish: the former primary, still holding the lease, comes
-    /// back as primary.
+    /// A switchover that cannot finish: the former primary, which has every write, keeps
+    /// the lease (or takes it back with the next term) and comes back as primary. Should that
+    /// fail too, the ticks restart it in place or fail over as for a crash.
     async fn undo_switchover(&mut self, l: usize, why: String) -> Result<String, SwitchoverError> {
-        let restarted = match self.start_member(l, None) {
-            Ok(()) => self
-                .wait_ready(l)
-                .await
-                .map(|c| self.members[l].client = Some(c)),
-            Err(e) => Err(e),
+        let site = self.members[l].site.clone();
+        self.leader = Some(l);
+        let restarted = if !self.hold_lease(l, Instant::now()).await {
+            Err("cannot take the lease back".to_string())
+        } else {
+            match self.start_member(l, None) {
+                Ok(()) => self
+                    .wait_ready(l)
+                    .await
+                    .map(|c| self.members[l].client = Some(c)),
+                Err(e) => Err(e),
+            }
         };
-        if restarted.is_ok() {
-            self.renewed = Instant::now();
-            self.point_frontends(Some(self.members[l].config.listen));
-        }
-        Err(SwitchoverError(format!(
-            "switchover abandoned: {why}; {} stays primary",
-            self.members[l].site
-        )))
+        let message = match restarted {
+            Ok(()) => {
+                self.observe(l).await;
+                self.renewed = Instant::now();
+                self.point_frontends(Some(self.members[l].config.listen));
+                format!(
+                    "switchover abandoned: {why}; {site} stays primary (term {})",
+                    self.term
+                )
+            }
+            Err(e) => format!("switchover abandoned: {why}; restarting {site} failed too: {e}"),
+        };
+        self.event(Some(l), "switchover-abandoned", message.clone());
+        Err(SwitchoverError(message))
     }
 
     /// Stops a member (see [`shut_down`]), waiting for it.
@@ -1457,6 +1688,8 @@ impl Driver {
             "failed"
         } else if !self.bootstrapped {
             "bootstrapping"
+        } else if self.switching {
+            "switching-over"
         } else if primary.is_some() {
             let sync_missing =
                 self.config.replication == Replication::Sync && self.sync_standby.is_none();
@@ -1465,6 +1698,8 @@ impl Driver {
             } else {
                 "healthy"
             }
+        } else if self.restart.exited.is_some() && self.restart.began.is_some() {
+            "restarting"
         } else if self.lost_since.is_some() {
             "primary-lost"
         } else {

@@ -37,6 +37,11 @@ fn reachable_tempdir() -> tempfile::TempDir {
 
 fn topology(net: u8, port: u16, replication: &str, extra: &str) -> String {
     let (e, r) = (net, net + 1);
+    let timeout = if extra.contains("failover_timeout") {
+        ""
+    } else {
+        "failover_timeout = \"2s\""
+    };
     format!(
         r#"
 [[site]]
@@ -50,7 +55,7 @@ role = "region"
 [[database]]
 name = "orders"
 replication = "{replication}"
-failover_timeout = "2s"
+{timeout}
 frontends = {{ edge = "127.0.{e}.20:{port}", region = "127.0.{r}.20:{port}" }}
 {extra}
   [[database.member]]
@@ -150,11 +155,15 @@ fn member<'a>(d: &'a Value, site: &str) -> &'a Value {
         .unwrap()
 }
 
+/// Who acknowledged a write: the member's site and its postmaster's start time.
+type Acknowledger = (String, String);
+
 /// Inserts increasing ids through the edge frontend, reconnecting on errors, and records each
 /// acknowledged one; stops when told or after 60 s.
 struct Writer {
-    /// Each acknowledged id, with the member that acknowledged it and when.
-    acked: Arc<Mutex<Vec<(i64, String, Instant)>>>,
+    /// Each acknowledged id, with the member that acknowledged it (its site, and its
+    /// postmaster's start time: a member restarted in place is another postmaster) and when.
+    acked: Arc<Mutex<Vec<(i64, Acknowledger, Instant)>>>,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -186,12 +195,14 @@ impl Writer {
                 let id = next;
                 let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
                 let insert = c.query_one(
-                    "INSERT INTO acked (id) VALUES ($1) RETURNING current_setting('cluster_name')",
+                    "INSERT INTO acked (id) VALUES ($1) \
+                     RETURNING current_setting('cluster_name'), pg_postmaster_start_time()::text",
                     &params,
                 );
                 match tokio::time::timeout(Duration::from_secs(5), insert).await {
                     Ok(Ok(row)) => {
-                        a.lock().unwrap().push((next, row.get(0), Instant::now()));
+                        let by = (row.get(0), row.get(1));
+                        a.lock().unwrap().push((next, by, Instant::now()));
                         next += 1;
                     }
                     _ => {
@@ -214,8 +225,23 @@ impl Writer {
         let acked = self.acked.lock().unwrap();
         acked
             .iter()
-            .find(|(_, s, _)| s == site)
+            .find(|(_, (s, _), _)| s == site)
             .map(|(_, _, at)| *at)
+    }
+
+    /// The first write acknowledged by another postmaster than the one that acknowledged the
+    /// last write before `at` (a commit in flight at a crash may still be acknowledged by the
+    /// dying one's backend), and by which member.
+    fn first_after(&self, at: Instant) -> Option<(Instant, String)> {
+        let acked = self.acked.lock().unwrap();
+        let last = acked
+            .iter()
+            .rfind(|(_, _, t)| *t <= at)
+            .map(|(_, by, _)| by);
+        acked
+            .iter()
+            .find(|(_, by, t)| *t > at && Some(by) != last)
+            .map(|(_, (s, _), t)| (*t, s.clone()))
     }
 
     async fn finish(self) -> Vec<i64> {
@@ -260,8 +286,11 @@ async fn wait_acks(w: &Writer, more_than: usize, what: &str) {
     .await;
 }
 
-/// `kill -9` of the primary's postmaster while the writer runs: returns the time from the kill
-/// to the next acknowledged write, after checking that nothing acknowledged was lost.
+/// The primary's machine hangs (every process of its member frozen) while the writer runs:
+/// fenced, then the standby promoted once the lease expired. Returns the time from the freeze
+/// to the next acknowledged write, after checking that nothing acknowledged was lost. (A
+/// postmaster that crashes is restarted in place instead: see
+/// `a_crashed_primary_is_restarted_in_place_before_any_failover`.)
 async fn failover_once(db: &Db, from: &str, to: &str, term: u64) -> Duration {
     failover_checked(db, from, to, term, true).await
 }
@@ -275,13 +304,8 @@ async fn failover_checked(db: &Db, from: &str, to: &str, term: u64, rpo0: bool) 
     let pid = member(&view, from)["pid"].as_i64().unwrap() as i32;
     let before = w.count();
     let fault = Instant::now();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    // A commit in flight at the kill may still be acknowledged by the dying primary's
-    // backend (its standby had it): the RTO ends at the first write the new primary takes.
+    let frozen = Frozen::new(pid).await;
+    // The RTO ends at the first write the new primary takes.
     let resumed = eventually(
         Duration::from_secs(30),
         "writes on the new primary",
@@ -291,8 +315,9 @@ async fn failover_checked(db: &Db, from: &str, to: &str, term: u64, rpo0: bool) 
     let rto = resumed - fault;
     wait_acks(&w, before + 30, "more writes on the new primary").await;
     let acked = w.finish().await;
+    drop(frozen); // the fence killed them all; nothing is left to resume
     eprintln!(
-        "phase: failover writes done {:?} after the kill",
+        "phase: failover writes done {:?} after the freeze",
         fault.elapsed()
     );
     let d = db
@@ -413,7 +438,7 @@ async fn sync_failover_keeps_every_acknowledged_write_and_the_old_primary_rejoin
     assert_eq!(why["term"], 1, "{why}");
 
     let rto = failover_once(&db, "edge", "region", 2).await;
-    eprintln!("failover RTO (kill -9 to next acknowledged write): {rto:?}");
+    eprintln!("failover RTO (freeze to next acknowledged write): {rto:?}");
     let events = recent_events(db.up.api).await;
     let fenced = events
         .iter()
@@ -739,33 +764,40 @@ fn says(e: &Value, subject: &str, kind: &str, text: &str) -> bool {
         && e["message"].as_str().is_some_and(|m| m.contains(text))
 }
 
-/// A `bin_dir` in `dir` with PostgreSQL's programs, except a `pg_rewind` that always fails;
-/// it writes a line to `dir/pg_rewind.calls` each time it runs.
-fn failing_pg_rewind(dir: &Path) -> std::path::PathBuf {
+/// A `bin_dir` in `dir` with PostgreSQL's programs, `program` replaced by a shell `script`
+/// (`$REAL` in it is the real programs' directory).
+fn bin_dir_with(dir: &Path, program: &str, script: &str) -> std::path::PathBuf {
     let real = pg::local::find_bins(None).unwrap();
     let bin = dir.join("bin");
     std::fs::create_dir(&bin).unwrap();
-    for program in std::fs::read_dir(&real).unwrap() {
-        let program = program.unwrap();
-        if program.file_name() != "pg_rewind" {
-            std::os::unix::fs::symlink(program.path(), bin.join(program.file_name())).unwrap();
+    for p in std::fs::read_dir(&real).unwrap() {
+        let p = p.unwrap();
+        if p.file_name() != program {
+            std::os::unix::fs::symlink(p.path(), bin.join(p.file_name())).unwrap();
         }
     }
+    let path = bin.join(program);
+    let script = script.replace("$REAL", &real.display().to_string());
+    std::fs::write(&path, format!("#!/bin/sh\n{script}")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    bin
+}
+
+/// A `bin_dir` in `dir` whose `pg_rewind` always fails; it writes a line to
+/// `dir/pg_rewind.calls` each time it runs.
+fn failing_pg_rewind(dir: &Path) -> std::path::PathBuf {
     // PostgreSQL's user writes it when Tandem runs as root.
     let calls = dir.join("pg_rewind.calls");
     std::fs::write(&calls, "").unwrap();
     std::fs::set_permissions(&calls, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let script = bin.join("pg_rewind");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\necho \"$*\" >> {}\necho 'pg_rewind: fatal: failing on purpose' >&2\nexit 1\n",
+    bin_dir_with(
+        dir,
+        "pg_rewind",
+        &format!(
+            "echo \"$*\" >> {}\necho 'pg_rewind: fatal: failing on purpose' >&2\nexit 1\n",
             calls.display()
         ),
     )
-    .unwrap();
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    bin
 }
 
 /// `rewind_failure`: a former primary that `pg_rewind` cannot bring back is left stopped with
@@ -1076,22 +1108,221 @@ async fn a_lost_synchronous_standby_is_dropped_then_named_again_and_never_promot
         })
         .await;
     assert_eq!(member(&d, "region")["role"], "standby", "{d}");
+    // The only complete copy is restarted in place (it was never restarted before: the
+    // primary stayed down until someone did it by hand).
     let pid = member(&d, "edge")["pid"].as_i64().unwrap() as i32;
     signal(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
-    wait_event(&db, "the failover refused", |e| {
-        says(
-            e,
-            "orders",
-            "failover-blocked",
-            "no standby was synchronous",
-        )
+    wait_event(&db, "the restart, and why not a failover", |e| {
+        says(e, "orders/edge", "restarting", "no failover possible")
+            && says(e, "orders/edge", "restarting", "no standby was synchronous")
     })
     .await;
     let d = db
-        .wait(Duration::from_secs(5), "no primary", |d| {
-            d["primary"].is_null()
+        .wait(Duration::from_secs(30), "edge primary again", |d| {
+            d["primary"] == "edge"
         })
         .await;
     assert_eq!(d["term"], 1, "{d}");
     assert_eq!(member(&d, "region")["role"], "standby", "{d}");
+    let events = recent_events(db.up.api).await;
+    assert!(
+        !events.iter().any(|e| e["kind"] == "failover"),
+        "{events:#?}"
+    );
+}
+
+/// `kill -9` of the primary's postmaster, its data intact: Tandem restarts it in place
+/// (Patroni's behaviour) before anyone is promoted. Same member, same term, no failover;
+/// every acknowledged write is there, and the standby is synchronous again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_primary_is_restarted_in_place_before_any_failover() {
+    let db = start(77).await;
+    create_table(&db).await;
+    let w = Writer::start(&db);
+    wait_acks(&w, 50, "writes before the crash").await;
+    let view = db.view().await.unwrap();
+    let pid = member(&view, "edge")["pid"].as_i64().unwrap() as i32;
+    let fault = Instant::now();
+    signal(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let (resumed, by) = eventually(
+        Duration::from_secs(30),
+        "writes again after the crash",
+        || async { w.first_after(fault) },
+    )
+    .await;
+    eprintln!(
+        "restart in place: kill -9 to the next acknowledged write {:?}",
+        resumed - fault
+    );
+    assert_eq!(by, "edge", "the same member takes writes again");
+    let before = w.count();
+    wait_acks(&w, before + 20, "more writes").await;
+    let acked = w.finish().await;
+    assert_all_present(&db, &acked).await;
+    let d = db
+        .wait(Duration::from_secs(30), "healthy again", |d| {
+            d["state"] == "healthy" && d["sync_standby"] == "region"
+        })
+        .await;
+    assert_eq!(d["primary"], "edge", "{d}");
+    assert_eq!(d["term"], 1, "no new term: {d}");
+    assert!(d["last_change"].is_null(), "no failover: {d}");
+    assert_ne!(member(&d, "edge")["pid"].as_i64().unwrap() as i32, pid);
+    let events = recent_events(db.up.api).await;
+    let restart = events
+        .iter()
+        .position(|e| says(e, "orders/edge", "restarting", "restarting it in place"))
+        .expect("a restarting event");
+    let back = events
+        .iter()
+        .position(|e| says(e, "orders/edge", "primary-back", "restarted in place"))
+        .expect("a primary-back event");
+    assert!(restart < back, "{events:#?}");
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e["kind"].as_str(), Some("fenced" | "failover" | "promoted"))),
+        "{events:#?}"
+    );
+}
+
+/// A primary that exits again at once after each restart (its `postgres` fails) is restarted
+/// with a backoff, never more than three times in a row, then the synchronous standby is
+/// promoted; once its program works again it rejoins as a standby.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_backs_off_then_fails_over() {
+    let dir = reachable_tempdir();
+    let flag = dir.path().join("postgres-fails");
+    let bin = bin_dir_with(
+        dir.path(),
+        "postgres",
+        &format!(
+            "if [ -e {} ]; then echo 'postgres: failing on purpose' >&2; exit 1; fi\nexec $REAL/postgres \"$@\"\n",
+            flag.display()
+        ),
+    );
+    // A longer lease than the other tests: three restarts fit before the fence.
+    let extra = format!("bin_dir = \"{}\"\nfailover_timeout = \"6s\"", bin.display());
+    let db = start_in(dir, 79, "sync", &extra).await;
+    create_table(&db).await;
+    db.client()
+        .await
+        .unwrap()
+        .batch_execute("INSERT INTO acked VALUES (7)")
+        .await
+        .unwrap();
+    std::fs::write(&flag, "").unwrap();
+    let pid = member(&db.view().await.unwrap(), "edge")["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    signal(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_event(&db, "the crash loop given up", |e| {
+        says(e, "orders/edge", "crash-loop", "failing over instead")
+    })
+    .await;
+    let d = db
+        .wait(Duration::from_secs(30), "region promoted", |d| {
+            d["primary"] == "region" && d["term"] == 2
+        })
+        .await;
+    assert_eq!(d["last_change"]["kind"], "failover", "{d}");
+    let events = recent_events(db.up.api).await;
+    let restarts: Vec<&str> = events
+        .iter()
+        .filter(|e| says(e, "orders/edge", "restarting", ""))
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(restarts.len(), 3, "{restarts:#?}");
+    assert!(
+        restarts[1].contains("attempt 2 after a 500ms backoff"),
+        "{restarts:#?}"
+    );
+    assert!(
+        restarts[2].contains("attempt 3 after a 1s backoff"),
+        "{restarts:#?}"
+    );
+    let rows = db
+        .client()
+        .await
+        .unwrap()
+        .query("SELECT id FROM acked", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    // Fixed: the former primary rejoins as a standby.
+    std::fs::remove_file(&flag).unwrap();
+    db.wait(Duration::from_secs(60), "edge streaming again", |d| {
+        member(d, "edge")["state"] == "streaming"
+    })
+    .await;
+}
+
+/// A switchover whose target dies once the primary has shut down: the call fails at once with
+/// the reason, and the former primary, which has every write, is primary again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_whose_target_dies_brings_the_old_primary_back() {
+    let dir = reachable_tempdir();
+    let flag = dir.path().join("kill-region");
+    let region = dir
+        .path()
+        .join("state/databases/orders/region/postmaster.pid");
+    // Tandem reads the stopped primary's last position with pg_controldata: that moment, the
+    // target dies.
+    let bin = bin_dir_with(
+        dir.path(),
+        "pg_controldata",
+        &format!(
+            "if [ -e {} ]; then kill -9 $(head -1 {}); fi\nexec $REAL/pg_controldata \"$@\"\n",
+            flag.display(),
+            region.display()
+        ),
+    );
+    let extra = format!("bin_dir = \"{}\"", bin.display());
+    let db = start_in(dir, 81, "sync", &extra).await;
+    create_table(&db).await;
+    db.client()
+        .await
+        .unwrap()
+        .batch_execute("INSERT INTO acked VALUES (1), (2), (3)")
+        .await
+        .unwrap();
+    std::fs::write(&flag, "").unwrap();
+    let resp = http_post_json(
+        db.up.api,
+        "/v1/databases/orders/switchover",
+        r#"{"to": "region"}"#,
+    )
+    .await;
+    std::fs::remove_file(&flag).unwrap();
+    assert_eq!(status(&resp), 409, "{resp}");
+    let why: Value = serde_json::from_str(body(&resp)).unwrap();
+    let error = why["error"].as_str().unwrap();
+    assert!(
+        error.contains("region exited during the switchover"),
+        "{error}"
+    );
+    assert!(error.contains("edge stays primary"), "{error}");
+    let d = db.view().await.unwrap();
+    assert_eq!(d["primary"], "edge", "primary again at once: {d}");
+    let rows = db
+        .client()
+        .await
+        .unwrap()
+        .query("SELECT id FROM acked", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 3);
+    db.wait(Duration::from_secs(60), "healthy again", |d| {
+        d["state"] == "healthy" && d["primary"] == "edge" && d["sync_standby"] == "region"
+    })
+    .await;
+    wait_event(&db, "the abandoned switchover", |e| {
+        says(
+            e,
+            "orders/edge",
+            "switchover-abandoned",
+            "edge stays primary",
+        )
+    })
+    .await;
 }
