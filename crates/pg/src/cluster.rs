@@ -36,6 +36,9 @@ const TICK: Duration = Duration::from_millis(200);
 /// the third of the smallest lease (1 s) left before fencing.
 const SQL_TIMEOUT: Duration = Duration::from_millis(300);
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// Every this many ticks, each observation also opens a fresh connection: a postmaster that
+/// hangs still lets established sessions answer, while every new client waits.
+const FRESH_CHECK_TICKS: u64 = 5;
 /// A standby that has not streamed for this long is rewound.
 const STUCK: Duration = Duration::from_secs(15);
 /// On a stop, how long standbys are given to replay the stopped primary's last record.
@@ -360,6 +363,8 @@ struct Driver {
     /// first seen: a standby whose reply has not changed for `ttl` is silent.
     replies: HashMap<String, (String, Instant)>,
     restart: Restart,
+    /// Ticks so far (every [`FRESH_CHECK_TICKS`]th checks new connections too).
+    ticks: u64,
     /// A switchover is under way (the state says so).
     switching: bool,
     primary_lsn: u64,
@@ -417,6 +422,7 @@ impl Driver {
             sync_seen: now,
             replies: HashMap::new(),
             restart: Restart::default(),
+            ticks: 0,
             switching: false,
             primary_lsn: 0,
             pointed: None,
@@ -647,6 +653,7 @@ impl Driver {
     /// Asks the members at once, so a hung one cannot delay the primary's lease renewal.
     async fn observe_all(&mut self, which: &[usize]) {
         let mut asks = tokio::task::JoinSet::new();
+        let fresh = self.ticks.is_multiple_of(FRESH_CHECK_TICKS);
         for &i in which {
             let m = &mut self.members[i];
             if m.instance.is_none() {
@@ -658,7 +665,7 @@ impl Driver {
                 m.client.take(),
             );
             asks.spawn(async move {
-                let (client, result) = ask(addr, &password, client).await;
+                let (client, result) = ask(addr, &password, client, fresh).await;
                 (i, client, result)
             });
         }
@@ -682,6 +689,7 @@ impl Driver {
     }
 
     async fn tick(&mut self) {
+        self.ticks += 1;
         for i in 0..self.members.len() {
             self.reap(i).await;
         }
@@ -1746,11 +1754,29 @@ async fn shut_down(mut inst: Box<dyn Instance>) {
 
 /// One round of questions to a member, connecting first when needed; the connection comes
 /// back only while it works.
+/// One observation of a member, through `client` when it has one, else a new connection;
+/// with `fresh`, a new connection must also be accepted (bounded like every question).
 async fn ask(
     addr: SocketAddr,
     password: &str,
     client: Option<Client>,
+    fresh: bool,
 ) -> (Option<Client>, Result<Observation, String>) {
+    if fresh
+        && client.as_ref().is_some_and(|c| !c.is_closed())
+        && !matches!(
+            tokio::time::timeout(SQL_TIMEOUT, observe::connect(addr, password)).await,
+            Ok(Ok(_))
+        )
+    {
+        // The session is dropped too: until a new connection is accepted, every tick tries one.
+        return (
+            None,
+            Err(format!(
+                "a new connection got no answer within {SQL_TIMEOUT:?} (the postmaster hangs?)"
+            )),
+        );
+    }
     let client = match client.filter(|c| !c.is_closed()) {
         Some(c) => c,
         None => match tokio::time::timeout(SQL_TIMEOUT, observe::connect(addr, password)).await {
