@@ -1553,7 +1553,7 @@ fn database(cx: &mut Cx, s: Section<'_, '_>) -> Option<Database> {
             "add a [[database.member]] for each site that runs the database",
         );
     }
-    if replication == Some(Replication::Sync) && members.len() == 1 {
+    if replication.is_some_and(Replication::is_sync) && members.len() == 1 {
         cx.error(
             Code::OutOfRange,
             cx.header_span(s),

@@ -536,8 +536,18 @@ choice! {
 }
 
 choice! {
-    /// How commits are replicated.
-    Replication { Sync = "sync", Async = "async" }
+    /// How commits are replicated. `sync`: a commit waits for the synchronous standby while
+    /// there is one, and stops waiting when it has been gone for `failover_timeout` (Patroni's
+    /// `synchronous_mode`); `sync-strict`: a commit never completes without a synchronous
+    /// standby (Patroni's `synchronous_mode_strict`); `async`: commits never wait.
+    Replication { Sync = "sync", SyncStrict = "sync-strict", Async = "async" }
+}
+
+impl Replication {
+    /// Whether commits wait for a synchronous standby (`sync` or `sync-strict`).
+    pub fn is_sync(self) -> bool {
+        !matches!(self, Replication::Async)
+    }
 }
 
 /// `[[database.member]]`.

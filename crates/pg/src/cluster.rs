@@ -1045,14 +1045,14 @@ impl Driver {
         if !promoted {
             return Err("pg_promote did not complete within 30 s".into());
         }
-        observe::execute(
-            client,
-            &[
-                "ALTER SYSTEM SET synchronous_standby_names = ''",
-                "SELECT pg_reload_conf()",
-            ],
-        )
-        .await?;
+        // Strict: from its first commit on, a new primary waits for a standby (any, until one
+        // is named).
+        let names = if self.config.replication == Replication::SyncStrict {
+            "ALTER SYSTEM SET synchronous_standby_names = '*'"
+        } else {
+            "ALTER SYSTEM SET synchronous_standby_names = ''"
+        };
+        observe::execute(client, &[names, "SELECT pg_reload_conf()"]).await?;
         let site = self.members[c].site.clone();
         let others: Vec<String> = self
             .members
@@ -1080,9 +1080,10 @@ impl Driver {
             .trim()
             .trim_matches('"')
             .to_string();
+        let strict = self.config.replication == Replication::SyncStrict;
         let want = match self.config.replication {
             Replication::Async => None,
-            Replication::Sync => {
+            Replication::Sync | Replication::SyncStrict => {
                 let now = Instant::now();
                 // Seen is answering: a standby whose replies stopped (it hangs, its network
                 // is cut) is gone as soon as one that disconnected, though its WAL sender
@@ -1124,13 +1125,19 @@ impl Driver {
                     && now >= self.sync_seen + self.ttl
                 {
                     self.sync_standby = None;
+                    let commits = if strict {
+                        "commits wait for any standby to come back (sync-strict)"
+                    } else {
+                        "commits no longer wait for it"
+                    };
                     self.event(Some(s), "sync", format!(
-                        "synchronous standby {} gone for {:?}: commits no longer wait for it, and it may not be promoted until it is synchronous again",
+                        "synchronous standby {} gone for {:?}: {commits}, and it may not be promoted until it is synchronous again",
                         self.members[s].site, self.ttl
                     ));
                 }
                 let keep = self.sync_standby.map(|s| self.members[s].site.as_str());
                 let keep = keep.or_else(|| (!current.is_empty()).then_some(current.as_str()));
+                // Strict's `*` is no member's name: the first streaming standby is named.
                 failover::sync_choice(keep, &streaming).map(str::to_string)
             }
         };
@@ -1139,11 +1146,12 @@ impl Driver {
             Some(s) => Some(self.members[s].site.clone()),
             None => want,
         };
-        let target = want.clone().unwrap_or_default();
+        let nobody = if strict { "*" } else { "" };
+        let target = want.clone().unwrap_or_else(|| nobody.to_string());
         if current != target {
             let value = match &want {
                 Some(w) => observe::literal(&format!("\"{w}\"")),
-                None => "''".into(),
+                None => format!("'{nobody}'"),
             };
             let set = format!("ALTER SYSTEM SET synchronous_standby_names = {value}");
             let client = self.members[l].client.as_ref();
@@ -1699,8 +1707,7 @@ impl Driver {
         } else if self.switching {
             "switching-over"
         } else if primary.is_some() {
-            let sync_missing =
-                self.config.replication == Replication::Sync && self.sync_standby.is_none();
+            let sync_missing = self.config.replication.is_sync() && self.sync_standby.is_none();
             if sync_missing || standbys_streaming + 1 < self.members.len() {
                 "degraded"
             } else {

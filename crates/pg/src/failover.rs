@@ -28,7 +28,7 @@ pub fn choose(
     standbys: &[Standby],
 ) -> Result<String, String> {
     match mode {
-        Replication::Sync => {
+        Replication::Sync | Replication::SyncStrict => {
             let Some(name) = sync_standby else {
                 return Err("no standby was synchronous when the primary was lost: promoting one could lose acknowledged writes".into());
             };

@@ -100,7 +100,7 @@ async fn start_in(dir: tempfile::TempDir, net: u8, replication: &str, extra: &st
             format!("127.0.{}.21:8008", net + 1).parse().unwrap(),
         ],
     };
-    let sync = replication == "sync";
+    let sync = replication.starts_with("sync");
     db.wait(Duration::from_secs(60), "healthy with edge primary", |d| {
         d["state"] == "healthy" && d["primary"] == "edge" && (d["sync_standby"] == "region") == sync
     })
@@ -1127,6 +1127,57 @@ async fn a_lost_synchronous_standby_is_dropped_then_named_again_and_never_promot
         !events.iter().any(|e| e["kind"] == "failover"),
         "{events:#?}"
     );
+}
+
+/// `sync-strict` (Patroni's strict mode): a commit never completes without a synchronous
+/// standby. The standby hangs: it is dropped from `synchronous_standby_names` as in `sync`,
+/// but `*` takes its place, so the commit keeps waiting (in `sync` it goes through after
+/// `failover_timeout`) until a standby is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_strict_never_acknowledges_a_commit_without_a_synchronous_standby() {
+    let db = start_with(85, "sync-strict").await;
+    create_table(&db).await;
+    let view = db.view().await.unwrap();
+    let edge: SocketAddr = member(&view, "edge")["listen"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let primary = connect(&(edge, db.password())).await.unwrap();
+    assert_eq!(sync_names(&primary).await, "region");
+    let pid = member(&view, "region")["pid"].as_i64().unwrap() as i32;
+    let frozen = Frozen::new(pid).await;
+    let writer = connect(&(edge, db.password())).await.unwrap();
+    let mut commit = tokio::spawn(async move {
+        writer
+            .batch_execute("INSERT INTO acked VALUES (1)")
+            .await
+            .unwrap();
+    });
+    wait_event(&db, "the standby dropped", |e| {
+        says(e, "orders/region", "sync", "commits wait for any standby")
+    })
+    .await;
+    eventually(Duration::from_secs(10), "any standby named", || async {
+        (sync_names(&primary).await == "*").then_some(())
+    })
+    .await;
+    assert!(
+        tokio::time::timeout(Duration::from_secs(3), &mut commit)
+            .await
+            .is_err(),
+        "no commit without a synchronous standby"
+    );
+    drop(frozen);
+    tokio::time::timeout(Duration::from_secs(30), commit)
+        .await
+        .expect("the commit completes once the standby is back")
+        .unwrap();
+    db.wait(Duration::from_secs(60), "region synchronous again", |d| {
+        d["sync_standby"] == "region" && d["state"] == "healthy"
+    })
+    .await;
+    assert_eq!(sync_names(&primary).await, "region");
 }
 
 /// `kill -9` of the primary's postmaster, its data intact: Tandem restarts it in place
