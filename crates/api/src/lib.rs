@@ -151,9 +151,101 @@ impl EventLog {
         let _ = self.all.send(e);
     }
 
+    /// The single-process default's stand-in for the store's event records (cluster mode
+    /// keeps them in etcd): this process's events as JSON lines in `path`, so they outlive a
+    /// restart. What the file holds is loaded first (the last [`EVENT_LOG_SIZE`]); every
+    /// event recorded from now on is appended, and the file is cut back to the last
+    /// [`EVENT_LOG_SIZE`] whenever it has twice as many. Unreadable lines are skipped; a
+    /// file that cannot be written is logged once and the log works on without it.
+    pub fn journal(&self, path: std::path::PathBuf) {
+        let old: Vec<Event> = std::fs::read_to_string(&path)
+            .map(|t| {
+                t.lines()
+                    .filter_map(|l| serde_json::from_str(l).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let kept = &old[old.len().saturating_sub(EVENT_LOG_SIZE)..];
+        {
+            let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+            for e in kept {
+                if log.events.len() == EVENT_LOG_SIZE {
+                    log.events.pop_front();
+                }
+                let at = log.events.partition_point(|x| x.at <= e.at);
+                log.events.insert(at, e.clone());
+            }
+        }
+        let mut rx = self.local.subscribe();
+        let mut lines = kept.len();
+        let mut last: VecDeque<Event> = kept.iter().cloned().collect();
+        tokio::spawn(async move {
+            let mut warned = false;
+            if lines < old.len() {
+                warned |= rewrite(&path, &last, warned);
+            }
+            loop {
+                let e = match rx.recv().await {
+                    Ok(e) => e,
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return,
+                };
+                if last.len() == EVENT_LOG_SIZE {
+                    last.pop_front();
+                }
+                last.push_back(e.clone());
+                lines += 1;
+                if lines >= 2 * EVENT_LOG_SIZE {
+                    warned |= rewrite(&path, &last, warned);
+                    lines = last.len();
+                } else if let Err(err) = append(&path, &e)
+                    && !warned
+                {
+                    warned = true;
+                    tracing::warn!(file = %path.display(), "cannot keep events across restarts: {err}");
+                }
+            }
+        });
+    }
+
     pub fn snapshot(&self) -> Vec<Event> {
         let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
         log.events.iter().cloned().collect()
+    }
+}
+
+/// One event as a line at the end of the journal.
+fn append(path: &std::path::Path, e: &Event) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut line = serde_json::to_vec(e).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?
+        .write_all(&line)
+}
+
+/// The journal written anew with `events` (a temporary file renamed over it); true when that
+/// failed and was logged.
+fn rewrite(path: &std::path::Path, events: &VecDeque<Event>, warned: bool) -> bool {
+    let mut text = Vec::new();
+    for e in events {
+        if let Ok(mut line) = serde_json::to_vec(e) {
+            line.push(b'\n');
+            text.extend(line);
+        }
+    }
+    let tmp = path.with_extension("jsonl.tmp");
+    let done = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path));
+    match done {
+        Ok(()) => false,
+        Err(err) => {
+            if !warned {
+                tracing::warn!(file = %path.display(), "cannot keep events across restarts: {err}");
+            }
+            true
+        }
     }
 }
 

@@ -232,6 +232,11 @@ pub(crate) async fn build(config: Config) -> Result<Node, Error> {
             .map_err(|e| Error::Start(format!("cannot start the probe engine: {e}")))?,
     );
     let events = api::EventLog::new(config.node.clone());
+    // Events outlive a restart: in etcd in cluster mode, else beside the state the process
+    // keeps anyway (databases, scale sets' logs).
+    if me.is_none() && !(topology.databases.is_empty() && topology.scale_sets.is_empty()) {
+        events.journal(create_state_dir(&topology)?.join("events.jsonl"));
+    }
     events.follow(engine.events());
     let mut services: Vec<Box<dyn Service>> = Vec::new();
 

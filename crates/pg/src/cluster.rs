@@ -314,6 +314,15 @@ impl Rt {
     }
 }
 
+/// What outlives a restart of Tandem: the counters and the last change, in
+/// `STATE_DIR/databases/DB/history.json`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct History {
+    failovers: u64,
+    switchovers: u64,
+    last_change: Option<Change>,
+}
+
 /// Restarts of the primary in place, Patroni's first answer to a crashed postmaster.
 #[derive(Debug, Default)]
 struct Restart {
@@ -374,6 +383,8 @@ struct Driver {
     failovers: u64,
     switchovers: u64,
     bootstrapped: bool,
+    /// A failover or switchover happened in this run (a primary was seen).
+    changed_this_run: bool,
     /// Why the database cannot run (a failed bootstrap).
     failed: Option<String>,
     /// Where background work (clone, rewind) reports back to `run`.
@@ -431,6 +442,7 @@ impl Driver {
             failovers: 0,
             switchovers: 0,
             bootstrapped: false,
+            changed_this_run: false,
             failed: None,
             work: tx,
         };
@@ -493,6 +505,7 @@ impl Driver {
     /// Creates or resumes the members: the lease holder (or the one member not left as a
     /// standby) starts as primary; the others are started, cloned or rewound by the ticks.
     async fn bootstrap(&mut self) -> Result<(), String> {
+        self.load_history();
         let (lease, term) = self
             .wiring
             .store
@@ -1012,7 +1025,42 @@ impl Driver {
     }
 
     fn bootstrapped_with_leader(&self) -> bool {
-        self.last_change.is_some() || self.primary_lsn > 0
+        self.changed_this_run || self.primary_lsn > 0
+    }
+
+    /// The counters and last change of earlier runs (nothing when there were none, or the
+    /// file cannot be read: they are for operators, never for decisions).
+    fn load_history(&mut self) {
+        let path = self.local.dir.join("history.json");
+        let Ok(text) = std::fs::read(&path) else {
+            return;
+        };
+        match serde_json::from_slice::<History>(&text) {
+            Ok(h) => {
+                self.failovers = h.failovers;
+                self.switchovers = h.switchovers;
+                self.last_change = h.last_change;
+            }
+            Err(e) => tracing::warn!(file = %path.display(), "ignoring the database history: {e}"),
+        }
+    }
+
+    /// Writes the counters and last change (a temporary file renamed over the old one).
+    fn save_history(&self) {
+        let history = History {
+            failovers: self.failovers,
+            switchovers: self.switchovers,
+            last_change: self.last_change.clone(),
+        };
+        let path = self.local.dir.join("history.json");
+        let tmp = path.with_extension("json.tmp");
+        let written = serde_json::to_vec_pretty(&history)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::warn!(file = %path.display(), "cannot keep the database history: {e}");
+        }
     }
 
     fn index(&self, site: &str) -> usize {
@@ -1031,6 +1079,8 @@ impl Driver {
             term: self.term,
             seconds,
         });
+        self.changed_this_run = true;
+        self.save_history();
     }
 
     /// Promotes a standby and makes it a primary for the others: no synchronous standby until

@@ -624,6 +624,18 @@ async fn a_restart_resumes_the_same_data_and_primary() {
             .iter()
             .any(|e| e["message"].as_str().unwrap().contains("resumed edge"))
     );
+    // The events of the first run are still there, once each.
+    let initialised = events
+        .iter()
+        .filter(|e| says(e, "orders/edge", "bootstrapped", "initialised edge"))
+        .count();
+    assert_eq!(initialised, 1, "{events:#?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| says(e, "orders/edge", "stopped", "edge stopped (primary")),
+        "{events:#?}"
+    );
     let rows = db
         .client()
         .await
@@ -632,6 +644,26 @@ async fn a_restart_resumes_the_same_data_and_primary() {
         .await
         .unwrap();
     assert_eq!(rows.len(), 1);
+
+    // A switchover, then a restart: the counters and the last change are kept.
+    switchover_once(&db, "region").await;
+    assert!(db.up.terminate().success());
+    db.up = Up::start(&file, db.up.api, &[]);
+    let d = db
+        .wait(Duration::from_secs(60), "healthy on region", |d| {
+            d["state"] == "healthy" && d["primary"] == "region"
+        })
+        .await;
+    assert_eq!(d["term"], 2, "{d}");
+    assert_eq!(d["switchovers"], 1, "{d}");
+    assert_eq!(d["failovers"], 0, "{d}");
+    assert_eq!(d["last_change"]["kind"], "switchover", "{d}");
+    assert_eq!(d["last_change"]["to"], "region", "{d}");
+    let events = recent_events(db.up.api).await;
+    assert!(
+        events.iter().any(|e| e["kind"] == "switchover"),
+        "{events:#?}"
+    );
 }
 
 /// `tandem up` on a bad setup exits with an error that says what is wrong, and changes no

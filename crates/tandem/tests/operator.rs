@@ -126,15 +126,18 @@ async fn operator_output_tells_the_truth() {
     let console = || std::fs::read_to_string(&out_path).unwrap_or_default();
 
     // Where everything listens, once, first.
-    let text = eventually(
-        Duration::from_secs(20),
-        "both instances started",
-        || async {
-            let t = console();
-            (t.matches("started pid").count() >= 2).then_some(t)
-        },
-    )
-    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let t = console();
+        if t.matches("started pid").count() >= 2 {
+            break t;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "both instances started within 20 s; the console:\n{t}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(text.starts_with("──── tandem listening ────"), "{text}");
     assert!(text.contains(&format!("api    http://{api}")), "{text}");
     assert!(text.contains("dns    127.0.0.1:"), "{text}");
