@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use tokio_postgres::Client;
 
 use crate::failover::{self, Standby};
+use crate::lead::{Action, Lead, Process, RESTART_STABLE, Seen};
 use crate::local::{self, Local, format_lsn};
 use crate::observe::{self, Observation};
 use scaleset::Instance;
@@ -43,14 +44,6 @@ const FRESH_CHECK_TICKS: u64 = 5;
 const STUCK: Duration = Duration::from_secs(15);
 /// On a stop, how long standbys are given to replay the stopped primary's last record.
 const STOP_CATCH_UP: Duration = Duration::from_secs(10);
-/// A primary restarted in place that stays up this long has ended its crash loop.
-const RESTART_STABLE: Duration = Duration::from_secs(30);
-/// Exits in a row, each within [`RESTART_STABLE`] of its restart, after which a failover is
-/// preferred to another restart (when one is possible).
-const RESTART_LIMIT: u32 = 3;
-/// The wait before a restart after a quick exit: this, doubling, at most [`RESTART_BACKOFF_MAX`].
-const RESTART_BACKOFF: Duration = Duration::from_millis(500);
-const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// One member as the API shows it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -323,29 +316,6 @@ struct History {
     last_change: Option<Change>,
 }
 
-/// Restarts of the primary in place, Patroni's first answer to a crashed postmaster.
-#[derive(Debug, Default)]
-struct Restart {
-    /// When the primary's postmaster exited, until it is writable again.
-    exited: Option<Instant>,
-    /// When the last restart began, until it has stayed up [`RESTART_STABLE`].
-    began: Option<Instant>,
-    /// Exits in a row within [`RESTART_STABLE`] of their restart.
-    quick: u32,
-    /// No restart before this (the crash-loop backoff).
-    next: Option<Instant>,
-    /// Whether the crash loop was reported as given up for a failover.
-    gave_up: bool,
-}
-
-/// The wait before the restart that follows `quick` quick exits.
-fn restart_backoff(quick: u32) -> Duration {
-    match quick {
-        0 => Duration::ZERO,
-        n => (RESTART_BACKOFF * 2u32.saturating_pow(n - 1)).min(RESTART_BACKOFF_MAX),
-    }
-}
-
 /// The work a background task reports back.
 struct Done {
     member: usize,
@@ -363,15 +333,14 @@ struct Driver {
     members: Vec<Rt>,
     leader: Option<usize>,
     term: u64,
-    renewed: Instant,
-    lost_since: Option<Instant>,
+    /// The lease holder's decisions (renewal, restart in place, fence, failover).
+    lead: Lead,
     blocked: Option<String>,
     sync_standby: Option<usize>,
     sync_seen: Instant,
     /// Each standby's last reply as the primary reports it (`reply_time`), and when it was
     /// first seen: a standby whose reply has not changed for `ttl` is silent.
     replies: HashMap<String, (String, Instant)>,
-    restart: Restart,
     /// Ticks so far (every [`FRESH_CHECK_TICKS`]th checks new connections too).
     ticks: u64,
     /// A switchover is under way (the state says so).
@@ -416,6 +385,7 @@ impl Driver {
             })
             .collect();
         let (tx, rx) = mpsc::channel(16);
+        let ttl = config.failover_timeout;
         let driver = Driver {
             key: format!("databases/{}/leader", config.name),
             ttl: config.failover_timeout,
@@ -426,13 +396,11 @@ impl Driver {
             members,
             leader: None,
             term: 0,
-            renewed: now,
-            lost_since: None,
+            lead: Lead::new(ttl, now),
             blocked: None,
             sync_standby: None,
             sync_seen: now,
             replies: HashMap::new(),
-            restart: Restart::default(),
             ticks: 0,
             switching: false,
             primary_lsn: 0,
@@ -578,11 +546,9 @@ impl Driver {
     }
 
     fn take_lead(&mut self, l: usize, term: u64) {
-        self.restart = Restart::default();
         self.leader = Some(l);
         self.term = term;
-        self.renewed = Instant::now();
-        self.lost_since = None;
+        self.lead = Lead::new(self.ttl, Instant::now());
         self.blocked = None;
         self.sync_standby = None;
         self.point_frontends(Some(self.members[l].config.listen));
@@ -648,7 +614,7 @@ impl Driver {
             m.state = State::Stopped;
         }
         if !fenced && self.leader == Some(i) {
-            self.note_primary_exit(Instant::now());
+            self.lead.exited(Instant::now());
         }
         let m = &mut self.members[i];
         let tail = self.local.log_tail(&m.site);
@@ -714,59 +680,31 @@ impl Driver {
         self.point_replicas();
     }
 
-    /// The primary renews its lease while it answers as a writable server; otherwise it is
-    /// fenced before the lease can expire, and a standby promoted once it has.
+    /// The lease holder's tick, decided by [`Lead`]: renew while it answers as writable;
+    /// restart a crashed postmaster in place; fence it before the lease can expire; promote a
+    /// standby once it has.
     async fn lead(&mut self) {
         let now = Instant::now();
         let Some(l) = self.leader else {
             return self.fail_over(now).await;
         };
-        if self.members[l].is_writable() {
-            let site = self.members[l].site.clone();
-            match self
-                .wiring
-                .store
-                .renew(&self.key, &site, self.term, self.ttl)
-                .await
-            {
-                Ok(_) => {
-                    self.renewed = now;
-                    self.primary_lsn = self.members[l].obs.as_ref().map_or(0, |o| o.lsn);
-                    if self
-                        .restart
-                        .began
-                        .is_some_and(|b| now >= b + RESTART_STABLE)
-                    {
-                        self.restart = Restart::default();
-                    }
-                    if self.lost_since.take().is_some() {
-                        let message = match self.restart.exited.take() {
-                            Some(exited) => format!(
-                                "{site} restarted in place (term {}): writable again {:.2} s after its postmaster exited; no failover",
-                                self.term,
-                                exited.elapsed().as_secs_f64()
-                            ),
-                            None => format!("{site} answers again before any failover"),
-                        };
-                        self.event(Some(l), "primary-back", message);
-                        self.point_frontends(Some(self.members[l].config.listen));
-                    }
-                }
-                Err(e) => {
-                    self.event(
-                        Some(l),
-                        "fenced",
-                        format!("{site} lost its lease ({e}); stopping it"),
-                    );
-                    self.fence(l).await;
-                    self.leader = None;
-                    self.lost_since.get_or_insert(now);
-                }
-            }
-            return;
-        }
-        if self.lost_since.is_none() {
-            self.lost_since = Some(now);
+        let m = &self.members[l];
+        let site = m.site.clone();
+        let process = match (m.state, m.instance.is_some()) {
+            (State::Fenced, _) => Process::Fenced,
+            (_, false) => Process::Exited,
+            (State::Starting, true) if self.lead.began.is_some() => Process::Restarting,
+            _ => Process::Running,
+        };
+        let failover = self.candidate();
+        let seen = Seen {
+            writable: m.is_writable(),
+            process,
+            restartable: self.local.has_data(&site) && !self.local.is_standby(&site),
+            failover_possible: failover.is_ok(),
+        };
+        let (action, notes) = self.lead.decide(seen, now);
+        if notes.lost {
             let why = self.members[l]
                 .error
                 .clone()
@@ -774,30 +712,117 @@ impl Driver {
             self.event(
                 Some(l),
                 "primary-lost",
-                format!("primary {} lost: {why}", self.members[l].site),
+                format!("primary {site} lost: {why}"),
             );
             self.point_frontends(None);
         }
-        if self.restart_in_place(l, now).await {
-            return;
-        }
-        if self.members[l].state != State::Fenced
-            && now >= self.renewed + failover::fence_after(self.ttl)
-        {
-            self.fence(l).await;
+        if let Some(exits) = notes.gave_up {
             self.event(
                 Some(l),
-                "fenced",
+                "crash-loop",
                 format!(
-                    "{} fenced (term {}): no writes after {:?} without a lease renewal, before the lease can expire",
-                    self.members[l].site,
-                    self.term,
-                    failover::fence_after(self.ttl)
+                    "{site} exited {exits} times in a row within {RESTART_STABLE:?} of a restart; failing over instead"
                 ),
             );
         }
-        if self.members[l].state == State::Fenced && now >= self.renewed + self.ttl {
-            self.fail_over(now).await;
+        match action {
+            Action::Renew => self.renew(l, now).await,
+            Action::HoldLease => {
+                self.hold_lease(l, now).await;
+            }
+            Action::Restart { attempt, backoff } => {
+                self.restart(l, now, attempt, backoff, failover.err()).await;
+            }
+            Action::Fence => {
+                self.fence(l).await;
+                self.event(
+                    Some(l),
+                    "fenced",
+                    format!(
+                        "{site} fenced (term {}): no writes after {:?} without a lease renewal, before the lease can expire",
+                        self.term,
+                        failover::fence_after(self.ttl)
+                    ),
+                );
+            }
+            Action::FailOver => self.fail_over(now).await,
+            Action::Wait => {}
+        }
+    }
+
+    async fn renew(&mut self, l: usize, now: Instant) {
+        let site = self.members[l].site.clone();
+        let renewal = self
+            .wiring
+            .store
+            .renew(&self.key, &site, self.term, self.ttl)
+            .await;
+        match renewal {
+            Ok(_) => {
+                self.primary_lsn = self.members[l].obs.as_ref().map_or(0, |o| o.lsn);
+                let back = self.lead.renewed(true, now).unwrap_or_default();
+                if back.was_lost {
+                    let message = match back.restarted_after {
+                        Some(after) => format!(
+                            "{site} restarted in place (term {}): writable again {:.2} s after its postmaster exited; no failover",
+                            self.term,
+                            after.as_secs_f64()
+                        ),
+                        None => format!("{site} answers again before any failover"),
+                    };
+                    self.event(Some(l), "primary-back", message);
+                    self.point_frontends(Some(self.members[l].config.listen));
+                }
+            }
+            Err(e) => {
+                self.lead.renewed(false, now);
+                self.event(
+                    Some(l),
+                    "fenced",
+                    format!("{site} lost its lease ({e}); stopping it"),
+                );
+                self.fence(l).await;
+                self.leader = None;
+            }
+        }
+    }
+
+    /// Starts the lease holder's postmaster again in place as primary, its lease kept first.
+    async fn restart(
+        &mut self,
+        l: usize,
+        now: Instant,
+        attempt: u32,
+        backoff: Duration,
+        no_failover: Option<String>,
+    ) {
+        if !self.hold_lease(l, now).await {
+            return;
+        }
+        let site = self.members[l].site.clone();
+        let exited = self.lead.exited.unwrap_or(now);
+        let started = self.start_member(l, None);
+        self.lead.restarted(started.is_ok(), now);
+        match started {
+            Ok(()) => {
+                let attempt = match attempt {
+                    1 => String::new(),
+                    n => format!(", attempt {n} after a {backoff:?} backoff"),
+                };
+                let why = no_failover
+                    .map(|why| format!(" (no failover possible: {why})"))
+                    .unwrap_or_default();
+                self.event(
+                    Some(l),
+                    "restarting",
+                    format!(
+                        "{site}'s postmaster exited {:.2} s ago while it held the lease; restarting it in place as primary (term {}){attempt}{why}",
+                        (now - exited).as_secs_f64(),
+                        self.term
+                    ),
+                );
+            }
+            Err(e) => self.event(Some(l), "error", format!("cannot restart {site}: {e}")),
         }
     }
 
@@ -816,118 +841,24 @@ impl Driver {
         m.state = State::Fenced;
     }
 
-    /// Counts an exit of the primary's postmaster: quick when it came within
-    /// [`RESTART_STABLE`] of a restart, which then waits out a backoff.
-    fn note_primary_exit(&mut self, now: Instant) {
-        let r = &mut self.restart;
-        r.exited.get_or_insert(now);
-        let quick = r.began.is_some_and(|b| now < b + RESTART_STABLE);
-        r.quick = if quick { r.quick + 1 } else { 0 };
-        r.next = Some(now + restart_backoff(r.quick));
-    }
-
-    /// Patroni's order: a primary whose postmaster exited while it held the lease, with its
-    /// data intact, is started again in place (its clients lose their sessions, no writes)
-    /// before anyone is promoted. The restart has until the fence (two thirds of the lease
-    /// after its renewal) to answer as writable, then a failover follows as usual; after
-    /// [`RESTART_LIMIT`] quick exits a failover is preferred. While no failover is possible
-    /// (no synchronous standby, none within the lag limit) the primary keeps the lease and is
-    /// restarted however long it takes, with a backoff: it is the only complete copy.
-    /// True when this tick is done (the lease is held for the restart).
-    async fn restart_in_place(&mut self, l: usize, now: Instant) -> bool {
-        let (site, state) = (self.members[l].site.clone(), self.members[l].state);
-        let failover = self.candidate();
-        match (state, self.members[l].instance.is_some()) {
-            // A restart under way: all the time it needs while no one else can take over.
-            (State::Starting, true) if self.restart.began.is_some() => {
-                return failover.is_err() && self.hold_lease(l, now).await;
-            }
-            (State::Stopped | State::Fenced, false) => {}
-            _ => return false,
-        }
-        if !self.local.has_data(&site) || self.local.is_standby(&site) {
-            return false;
-        }
-        if failover.is_ok() {
-            // Fenced (hung, or a restart that never answered): the failover is the way.
-            if state == State::Fenced {
-                return false;
-            }
-            if self.restart.quick >= RESTART_LIMIT {
-                if !self.restart.gave_up {
-                    self.restart.gave_up = true;
-                    self.event(
-                        Some(l),
-                        "crash-loop",
-                        format!(
-                            "{site} exited {} times in a row within {RESTART_STABLE:?} of a restart; failing over instead",
-                            self.restart.quick
-                        ),
-                    );
-                }
-                return false;
-            }
-        }
-        if self.restart.next.is_some_and(|t| now < t) {
-            return failover.is_err() && self.hold_lease(l, now).await;
-        }
-        if !self.hold_lease(l, now).await {
-            return false;
-        }
-        let exited = *self.restart.exited.get_or_insert(now);
-        let attempt = match self.restart.quick {
-            0 => String::new(),
-            n => format!(
-                ", attempt {} after a {:?} backoff",
-                n + 1,
-                restart_backoff(n)
-            ),
-        };
-        let why = match &failover {
-            Ok(_) => String::new(),
-            Err(why) => format!(" (no failover possible: {why})"),
-        };
-        match self.start_member(l, None) {
-            Ok(()) => {
-                self.restart.began = Some(now);
-                self.event(
-                    Some(l),
-                    "restarting",
-                    format!(
-                        "{site}'s postmaster exited {:.2} s ago while it held the lease; restarting it in place as primary (term {}){attempt}{why}",
-                        (now - exited).as_secs_f64(),
-                        self.term
-                    ),
-                );
-                true
-            }
-            Err(e) => {
-                self.restart.began = Some(now);
-                self.note_primary_exit(now);
-                self.event(Some(l), "error", format!("cannot restart {site}: {e}"));
-                false
-            }
-        }
-    }
-
     /// Keeps (or, expired, takes again with the next term) the primary's lease while it
     /// restarts in place; false when the store refuses.
     async fn hold_lease(&mut self, l: usize, now: Instant) -> bool {
         let site = self.members[l].site.clone();
         let store = self.wiring.store.clone();
-        if now < self.renewed + self.ttl
+        if now < self.lead.renewed + self.ttl
             && store
                 .renew(&self.key, &site, self.term, self.ttl)
                 .await
                 .is_ok()
         {
-            self.renewed = now;
+            self.lead.held(true, now);
             return true;
         }
         match store.acquire(&self.key, &site, self.ttl).await {
             Ok(lease) => {
                 self.term = lease.term;
-                self.renewed = now;
+                self.lead.held(true, now);
                 if self.members[l].state == State::Fenced {
                     self.members[l].state = State::Stopped;
                 }
@@ -995,9 +926,9 @@ impl Driver {
         let from = self.leader.map(|l| self.members[l].site.clone());
         // Counted from the fault's latest possible time, the last renewal, not from its
         // detection (a tick and an SQL timeout later).
-        let (started, since) = match (&from, self.lost_since) {
-            (Some(f), _) => (self.renewed, format!("{f}'s last renewal")),
-            (None, Some(_)) => (self.renewed, "the primary's last renewal".to_string()),
+        let (started, since) = match (&from, self.lead.lost_since) {
+            (Some(f), _) => (self.lead.renewed, format!("{f}'s last renewal")),
+            (None, Some(_)) => (self.lead.renewed, "the primary's last renewal".to_string()),
             (None, None) => (now, "the lease was found free".to_string()),
         };
         self.term = lease.term;
@@ -1614,7 +1545,7 @@ impl Driver {
         let message = match restarted {
             Ok(()) => {
                 self.observe(l).await;
-                self.renewed = Instant::now();
+                self.lead.held(true, Instant::now());
                 self.point_frontends(Some(self.members[l].config.listen));
                 format!(
                     "switchover abandoned: {why}; {site} stays primary (term {})",
@@ -1763,9 +1694,9 @@ impl Driver {
             } else {
                 "healthy"
             }
-        } else if self.restart.exited.is_some() && self.restart.began.is_some() {
+        } else if self.lead.restarting() {
             "restarting"
-        } else if self.lost_since.is_some() {
+        } else if self.lead.lost_since.is_some() {
             "primary-lost"
         } else {
             "no-primary"

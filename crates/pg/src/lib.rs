@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod failover;
 pub mod family;
 pub mod http;
+pub mod lead;
 pub mod local;
 pub mod observe;
 
