@@ -121,8 +121,12 @@ pub struct Cluster {
     pub sites: Vec<String>,
     view: Mutex<View>,
     events: broadcast::Sender<Event>,
+    /// Subscribed before the members start; handed to the first caller of [`Cluster::events`].
+    first_events: Mutex<Option<broadcast::Receiver<Event>>>,
     commands: mpsc::Sender<Command>,
     stop: watch::Sender<bool>,
+    /// Set by [`Cluster::leave_running`]: the stop leaves the members running.
+    leave: std::sync::atomic::AtomicBool,
     done: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -179,7 +183,13 @@ impl Cluster {
                 .check_data(site)
                 .await
                 .map_err(|e| local::Error(format!("database {name}, member {site}: {e}")))?;
+            // A member still running from its data directory holds its own address: it is
+            // adopted, not started.
+            let running = local.adopt(site).is_some();
             for (what, addr) in [("listen", m.listen), ("health", m.health)] {
+                if what == "listen" && running {
+                    continue;
+                }
                 if let Err(e) = std::net::TcpListener::bind(addr) {
                     return Err(local::Error(format!(
                         "database {name}, member {site}: cannot use {what} address {addr}: {e}\n  help: another server (an existing PostgreSQL?) holds it; stop it or choose another address"
@@ -187,7 +197,7 @@ impl Cluster {
                 }
             }
         }
-        let (events, _) = broadcast::channel(256);
+        let (events, first_events) = broadcast::channel(256);
         let (commands, rx) = mpsc::channel(4);
         let (stop, stop_rx) = watch::channel(false);
         let cluster = Arc::new(Cluster {
@@ -200,8 +210,10 @@ impl Cluster {
                 ..View::default()
             }),
             events,
+            first_events: Mutex::new(Some(first_events)),
             commands,
             stop,
+            leave: std::sync::atomic::AtomicBool::new(false),
             done: Mutex::new(None),
         });
         for m in &config.members {
@@ -229,7 +241,14 @@ impl Cluster {
     }
 
     pub fn events(&self) -> broadcast::Receiver<Event> {
-        self.events.subscribe()
+        // The first subscriber gets the receiver made before the members started, so it
+        // misses none of the first events (bootstrap, adoption).
+        let first = self
+            .first_events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        first.unwrap_or_else(|| self.events.subscribe())
     }
 
     /// A planned handover to the member in `site`: waits for it to catch up, stops the primary
@@ -246,6 +265,12 @@ impl Cluster {
     }
 
     /// Stops every member cleanly (fast shutdown) and waits for them.
+    /// Makes the next [`Cluster::shutdown`] leave every member running, its lease in place,
+    /// for the next Tandem to adopt (a planned restart or an upgrade).
+    pub fn leave_running(&self) {
+        self.leave.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     pub async fn shutdown(&self) {
         let _ = self.stop.send(true);
         let task = self.done.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -466,7 +491,23 @@ impl Driver {
             }
             self.publish();
         }
-        self.stop_all().await;
+        if self.cluster.leave.load(std::sync::atomic::Ordering::SeqCst) {
+            let running: Vec<String> = self
+                .members
+                .iter()
+                .filter_map(|m| Some(format!("{} (pid {})", m.site, m.instance.as_ref()?.pid()?)))
+                .collect();
+            self.event(
+                None,
+                "left-running",
+                format!(
+                    "members left running for the next Tandem to adopt: {}",
+                    running.join(", ")
+                ),
+            );
+        } else {
+            self.stop_all().await;
+        }
         self.publish();
     }
 
@@ -484,6 +525,27 @@ impl Driver {
         let with_data: Vec<usize> = (0..self.members.len())
             .filter(|&i| self.local.has_data(&self.members[i].site))
             .collect();
+        // Members outlive Tandem: carry on with those still running.
+        let mut adopted = Vec::new();
+        for &i in &with_data {
+            let m = &mut self.members[i];
+            if let Some(inst) = self.local.adopt(&m.site) {
+                adopted.push(format!(
+                    "{} (pid {})",
+                    m.site,
+                    inst.pid().unwrap_or_default()
+                ));
+                m.instance = Some(inst);
+                m.state = State::Starting;
+            }
+        }
+        if !adopted.is_empty() {
+            self.event(
+                None,
+                "adopted",
+                format!("still running, carried on with: {}", adopted.join(", ")),
+            );
+        }
         let fresh = with_data.is_empty();
         let leader = if fresh {
             Some(0)
@@ -508,7 +570,10 @@ impl Driver {
         if fresh {
             self.local.initdb(&site).await.map_err(|e| e.to_string())?;
         }
-        self.start_member(l, None)?;
+        let was_running = self.members[l].instance.is_some();
+        if !was_running {
+            self.start_member(l, None)?;
+        }
         let client = self.wait_ready(l).await?;
         if fresh {
             let role = format!(
@@ -538,6 +603,11 @@ impl Driver {
             "bootstrapped",
             if fresh {
                 format!("initialised {site} as primary (term {})", self.term)
+            } else if was_running {
+                format!(
+                    "resumed {site} as primary, still running (term {})",
+                    self.term
+                )
             } else {
                 format!("resumed {site} as primary (term {})", self.term)
             },
@@ -775,14 +845,33 @@ impl Driver {
                 }
             }
             Err(e) => {
-                self.lead.renewed(false, now);
-                self.event(
-                    Some(l),
-                    "fenced",
-                    format!("{site} lost its lease ({e}); stopping it"),
-                );
-                self.fence(l).await;
-                self.leader = None;
+                // Lapsed during a stall (Tandem stopped or starved past the lease), and no one
+                // took it meanwhile: the store gives it back, with the next term. Taken by
+                // another member: this one must stop at once.
+                match self.wiring.store.acquire(&self.key, &site, self.ttl).await {
+                    Ok(lease) => {
+                        self.term = lease.term;
+                        self.lead.renewed(true, now);
+                        self.event(
+                            Some(l),
+                            "lease",
+                            format!(
+                                "{site} took its lease again (term {}) after it lapsed ({e}); no one else had taken it",
+                                self.term
+                            ),
+                        );
+                    }
+                    Err(_) => {
+                        self.lead.renewed(false, now);
+                        self.event(
+                            Some(l),
+                            "fenced",
+                            format!("{site} lost its lease ({e}); stopping it"),
+                        );
+                        self.fence(l).await;
+                        self.leader = None;
+                    }
+                }
             }
         }
     }

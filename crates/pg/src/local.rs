@@ -396,6 +396,8 @@ impl Local {
             log: self.log(site),
             env: self.environment(),
             clear_env: true,
+            // A member outlives Tandem (a crash, a restart): the next one adopts it.
+            detached: true,
             user: self.user,
         };
         let inner = self
@@ -477,6 +479,69 @@ impl Local {
                 tail.join(" | ")
             )))
         }
+    }
+}
+
+/// A postmaster left running by an earlier Tandem, found from its `postmaster.pid`: not our
+/// child, so its end is noticed by looking.
+#[derive(Debug)]
+struct Adopted {
+    pid: i32,
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+    })
+}
+
+impl Instance for Adopted {
+    fn pid(&self) -> Option<u32> {
+        alive(self.pid).then_some(self.pid as u32)
+    }
+
+    fn wait(&mut self) -> scaleset::driver::BoxFuture<'_, String> {
+        Box::pin(async move {
+            while alive(self.pid) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            "exited (adopted: its status is its parent's)".to_string()
+        })
+    }
+
+    fn stop(&mut self, grace: Duration) -> scaleset::driver::BoxFuture<'_, String> {
+        Box::pin(async move {
+            let pid = nix::unistd::Pid::from_raw(self.pid);
+            if !grace.is_zero() {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+                if tokio::time::timeout(grace, self.wait()).await.is_ok() {
+                    return "stopped".to_string();
+                }
+            }
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            self.wait().await
+        })
+    }
+}
+
+impl Local {
+    /// The member's postmaster when one is running from its data directory (left by an
+    /// earlier Tandem: members outlive it), to carry on with instead of starting one.
+    /// Only a process running this database's `postgres` with the data directory as its
+    /// working directory is taken, whatever `postmaster.pid` says.
+    pub fn adopt(&self, site: &str) -> Option<Box<dyn Instance>> {
+        let text = std::fs::read_to_string(self.data(site).join("postmaster.pid")).ok()?;
+        let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+        let exe = self.bins.join("postgres");
+        if !crate::family::in_data_dir(&exe, &self.data(site)).contains(&pid) {
+            return None;
+        }
+        Some(Box::new(Postmaster {
+            inner: Box::new(Adopted { pid }),
+            exe,
+            data: self.data(site),
+        }))
     }
 }
 

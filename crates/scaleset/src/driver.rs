@@ -28,6 +28,9 @@ pub struct Spec {
     pub env: Vec<(String, String)>,
     /// Start from an empty environment instead of Tandem's: `env` is all the process gets.
     pub clear_env: bool,
+    /// Outlive Tandem: no parent-death signal, not killed when its handle is dropped (a
+    /// database member, adopted by the next Tandem). Stopping it is still Tandem's.
+    pub detached: bool,
     /// Run as this user and group (uid, gid) instead of Tandem's own: servers such as
     /// PostgreSQL refuse to run as root.
     pub user: Option<(u32, u32)>,
@@ -70,7 +73,7 @@ impl Driver for ProcessDriver {
             .create(true)
             .append(true)
             .open(&spec.log)?;
-        let mut cmd = match &self.tandem {
+        let mut cmd = match self.tandem.as_ref().filter(|_| !spec.detached) {
             Some(tandem) => {
                 let mut c = tokio::process::Command::new(tandem);
                 c.arg("exec-instance")
@@ -98,8 +101,8 @@ impl Driver for ProcessDriver {
             .stdout(log.try_clone()?)
             .stderr(log)
             .process_group(0)
-            // Backstop: dropping the handle kills the process.
-            .kill_on_drop(true);
+            // Backstop: dropping the handle kills the process (unless it is to outlive us).
+            .kill_on_drop(!spec.detached);
         // Started from a long-lived runtime thread: the kernel's parent-death signal follows
         // the thread that forked, so a short-lived blocking thread must not start instances.
         let child = cmd.spawn()?;

@@ -409,6 +409,7 @@ impl Runner {
                 ("TANDEM_SCALE_SET".into(), self.set.name.to_string()),
             ],
             clear_env: false,
+            detached: false,
             user: None,
         };
         let probe = self.wiring.monitor.clone().map(|(monitor, port)| Target {

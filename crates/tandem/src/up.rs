@@ -60,14 +60,30 @@ async fn serve(config: node::Config, console: bool) -> Result<(), node::Error> {
         .map_err(|e| node::Error::Start(format!("cannot catch SIGINT and SIGTERM: {e}")))?;
     let hup = signal(SignalKind::hangup())
         .map_err(|e| node::Error::Start(format!("cannot catch SIGHUP: {e}")))?;
+    let mut usr2 = signal(SignalKind::user_defined2())
+        .map_err(|e| node::Error::Start(format!("cannot catch SIGUSR2: {e}")))?;
     let node = config.build().await?;
     let api = node.api().clone();
     tokio::spawn(reload_on_sighup(api.clone(), hup));
     if console {
         let addr = node.api_addr().ok();
-        tokio::spawn(crate::console::run(api, addr));
+        tokio::spawn(crate::console::run(api.clone(), addr));
     }
-    node.run(shutdown)
+    // SIGUSR2: a planned restart or upgrade. Everything stops as for SIGTERM, except the
+    // database members, left running with their leases for the next `tandem up` to adopt.
+    let databases = api.databases.clone();
+    let stop = async move {
+        tokio::select! {
+            () = shutdown => {}
+            _ = usr2.recv() => {
+                tracing::info!("SIGUSR2: exiting for a restart; database members keep running");
+                for db in &databases {
+                    db.leave_running();
+                }
+            }
+        }
+    };
+    node.run(stop)
         .await
         .map_err(|e| node::Error::Start(format!("API server failed: {e}")))
 }

@@ -28,6 +28,24 @@ struct Db {
     health: [SocketAddr; 2],
 }
 
+/// Members outlive Tandem: whatever a test leaves running goes with it. Tandem is asked to
+/// stop (it stops the members it runs), then anything still running from a member's data
+/// directory is killed.
+impl Drop for Db {
+    fn drop(&mut self) {
+        let _ = signal(self.up.child.id() as i32, nix::sys::signal::Signal::SIGTERM);
+        let end = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < end && matches!(self.up.child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let postgres = pg::local::find_bins(None).unwrap().join("postgres");
+        for site in ["edge", "region"] {
+            let data = self.state.join("databases/orders").join(site);
+            pg::family::kill_in_data_dir(&postgres, &data);
+        }
+    }
+}
+
 /// A state directory PostgreSQL's own user can reach (tempdirs are 0700).
 fn reachable_tempdir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -1159,6 +1177,154 @@ async fn a_lost_synchronous_standby_is_dropped_then_named_again_and_never_promot
         !events.iter().any(|e| e["kind"] == "failover"),
         "{events:#?}"
     );
+}
+
+/// A client writing straight to the primary, counting acknowledged writes and errors.
+struct Direct {
+    acked: Arc<Mutex<(u64, u64)>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Direct {
+    fn start(addr: SocketAddr, password: String) -> Direct {
+        let acked = Arc::new(Mutex::new((0, 0)));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let a = acked.clone();
+        let task = tokio::spawn(async move {
+            let client = connect(&(addr, password)).await.unwrap();
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let mut id: i64 = -1;
+            while !*stopped.borrow() && Instant::now() < deadline {
+                id -= 1; // below the writer's ids
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
+                let insert = client.execute("INSERT INTO acked VALUES ($1)", &params);
+                let ok = matches!(
+                    tokio::time::timeout(Duration::from_secs(5), insert).await,
+                    Ok(Ok(1))
+                );
+                {
+                    let mut c = a.lock().unwrap();
+                    if ok {
+                        c.0 += 1;
+                    } else {
+                        c.1 += 1;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        Direct { acked, stop, task }
+    }
+
+    fn counts(&self) -> (u64, u64) {
+        *self.acked.lock().unwrap()
+    }
+
+    async fn more_than(&self, n: u64, what: &str) {
+        eventually(Duration::from_secs(20), what, || async {
+            (self.counts().0 > n).then_some(())
+        })
+        .await;
+    }
+
+    async fn finish(self) -> (u64, u64) {
+        let _ = self.stop.send(true);
+        self.task.await.unwrap();
+        *self.acked.lock().unwrap()
+    }
+}
+
+/// Members outlive Tandem. `kill -9` of Tandem: both postmasters keep running and the primary
+/// keeps taking writes; the next `tandem up` carries on with them (same processes, same
+/// primary, no failover). SIGUSR2 (a planned restart) leaves them running too. Tandem stopped
+/// (SIGSTOP) past the lease: back, it takes its lapsed lease again instead of failing over.
+/// A client writing straight to the primary sees no error through all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_outlives_tandem_and_is_adopted() {
+    let mut db = start(87).await;
+    create_table(&db).await;
+    let view = db.view().await.unwrap();
+    let pids = |d: &Value| -> Vec<i64> {
+        ["edge", "region"]
+            .iter()
+            .map(|s| member(d, s)["pid"].as_i64().unwrap())
+            .collect()
+    };
+    let before = pids(&view);
+    let edge: SocketAddr = member(&view, "edge")["listen"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let writer = Direct::start(edge, db.password());
+    writer.more_than(20, "writes before").await;
+    let file = db.state.parent().unwrap().join("topology.toml");
+
+    // kill -9: nothing of PostgreSQL's goes with it.
+    db.up.child.kill().unwrap();
+    db.up.child.wait().unwrap();
+    for &pid in &before {
+        assert!(alive(pid as i32), "postmaster {pid} outlived tandem");
+    }
+    let n = writer.counts().0;
+    writer.more_than(n + 20, "writes with tandem gone").await;
+    db.up = Up::start(&file, db.up.api, &[]);
+    let d = db
+        .wait(Duration::from_secs(60), "healthy again", |d| {
+            d["state"] == "healthy" && d["sync_standby"] == "region"
+        })
+        .await;
+    assert_eq!(d["primary"], "edge", "{d}");
+    assert_eq!(pids(&d), before, "the same postmasters, adopted");
+    wait_event(&db, "the adoption", |e| {
+        says(e, "orders", "adopted", "edge (pid")
+    })
+    .await;
+
+    // SIGUSR2: a planned restart.
+    signal(db.up.child.id() as i32, nix::sys::signal::Signal::SIGUSR2).unwrap();
+    assert!(wait_exit(&mut db.up.child, Duration::from_secs(30)).success());
+    for &pid in &before {
+        assert!(alive(pid as i32), "postmaster {pid} left running");
+    }
+    db.up = Up::start(&file, db.up.api, &[]);
+    let d = db
+        .wait(Duration::from_secs(60), "healthy again", |d| {
+            d["state"] == "healthy" && d["sync_standby"] == "region"
+        })
+        .await;
+    assert_eq!(pids(&d), before);
+    let term = d["term"].as_i64().unwrap();
+
+    // Stopped past the lease (2 s), then back: no fence, no failover.
+    signal(db.up.child.id() as i32, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let n = writer.counts().0;
+    writer
+        .more_than(n + 100, "writes with tandem stopped")
+        .await;
+    signal(db.up.child.id() as i32, nix::sys::signal::Signal::SIGCONT).unwrap();
+    wait_event(&db, "the lease taken again", |e| {
+        says(e, "orders/edge", "lease", "took its lease again")
+    })
+    .await;
+    let d = db.view().await.unwrap();
+    assert_eq!(d["primary"], "edge", "{d}");
+    assert_eq!(d["term"].as_i64().unwrap(), term + 1, "{d}");
+    assert_eq!(pids(&d), before);
+    let events = recent_events(db.up.api).await;
+    assert!(
+        !events.iter().any(|e| matches!(
+            e["kind"].as_str(),
+            Some("fenced" | "failover" | "restarting")
+        )),
+        "{events:#?}"
+    );
+    let n = writer.counts().0;
+    writer.more_than(n + 20, "writes after").await;
+    let (acked, errors) = writer.finish().await;
+    eprintln!("straight to the primary: {acked} writes acknowledged, {errors} errors");
+    assert_eq!(errors, 0, "no client error");
 }
 
 /// `sync-strict` (Patroni's strict mode): a commit never completes without a synchronous
