@@ -149,6 +149,22 @@ impl Db {
     async fn client(&self) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
         connect(&(self.edge_frontend, self.password())).await
     }
+
+    /// Runs `sql` through the edge frontend.
+    async fn execute(&self, sql: &str) {
+        self.client()
+            .await
+            .unwrap()
+            .batch_execute(sql)
+            .await
+            .unwrap();
+    }
+
+    /// How many rows `acked` holds, through the edge frontend.
+    async fn rows(&self) -> usize {
+        let c = self.client().await.unwrap();
+        c.query("SELECT id FROM acked", &[]).await.unwrap().len()
+    }
 }
 
 /// The status code of a GET.
@@ -590,12 +606,7 @@ async fn async_mode_fails_over_to_a_standby_within_the_lag_limit() {
 async fn a_restart_resumes_the_same_data_and_primary() {
     let mut db = start(63).await;
     create_table(&db).await;
-    db.client()
-        .await
-        .unwrap()
-        .batch_execute("INSERT INTO acked VALUES (42)")
-        .await
-        .unwrap();
+    db.execute("INSERT INTO acked VALUES (42)").await;
     assert!(db.up.terminate().success());
     // A stop shuts the primary down first (its commits never lose their synchronous partner
     // while it still takes them), then the standby (PostgreSQL's own log times).
@@ -654,14 +665,7 @@ async fn a_restart_resumes_the_same_data_and_primary() {
             .any(|e| says(e, "orders/edge", "stopped", "edge stopped (primary")),
         "{events:#?}"
     );
-    let rows = db
-        .client()
-        .await
-        .unwrap()
-        .query("SELECT id FROM acked", &[])
-        .await
-        .unwrap();
-    assert_eq!(rows.len(), 1);
+    assert_eq!(db.rows().await, 1);
 
     // A switchover, then a restart: the counters and the last change are kept.
     switchover_once(&db, "region").await;
@@ -1491,12 +1495,7 @@ async fn a_crash_loop_backs_off_then_fails_over() {
     let extra = format!("bin_dir = \"{}\"\nfailover_timeout = \"6s\"", bin.display());
     let db = start_in(dir, 79, "sync", &extra).await;
     create_table(&db).await;
-    db.client()
-        .await
-        .unwrap()
-        .batch_execute("INSERT INTO acked VALUES (7)")
-        .await
-        .unwrap();
+    db.execute("INSERT INTO acked VALUES (7)").await;
     std::fs::write(&flag, "").unwrap();
     let pid = member(&db.view().await.unwrap(), "edge")["pid"]
         .as_i64()
@@ -1527,14 +1526,7 @@ async fn a_crash_loop_backs_off_then_fails_over() {
         restarts[2].contains("attempt 3 after a 1s backoff"),
         "{restarts:#?}"
     );
-    let rows = db
-        .client()
-        .await
-        .unwrap()
-        .query("SELECT id FROM acked", &[])
-        .await
-        .unwrap();
-    assert_eq!(rows.len(), 1);
+    assert_eq!(db.rows().await, 1);
     // Fixed: the former primary rejoins as a standby.
     std::fs::remove_file(&flag).unwrap();
     db.wait(Duration::from_secs(60), "edge streaming again", |d| {
@@ -1566,12 +1558,7 @@ async fn a_switchover_whose_target_dies_brings_the_old_primary_back() {
     let extra = format!("bin_dir = \"{}\"", bin.display());
     let db = start_in(dir, 81, "sync", &extra).await;
     create_table(&db).await;
-    db.client()
-        .await
-        .unwrap()
-        .batch_execute("INSERT INTO acked VALUES (1), (2), (3)")
-        .await
-        .unwrap();
+    db.execute("INSERT INTO acked VALUES (1), (2), (3)").await;
     std::fs::write(&flag, "").unwrap();
     let resp = http_post_json(
         db.up.api,
@@ -1590,14 +1577,7 @@ async fn a_switchover_whose_target_dies_brings_the_old_primary_back() {
     assert!(error.contains("edge stays primary"), "{error}");
     let d = db.view().await.unwrap();
     assert_eq!(d["primary"], "edge", "primary again at once: {d}");
-    let rows = db
-        .client()
-        .await
-        .unwrap()
-        .query("SELECT id FROM acked", &[])
-        .await
-        .unwrap();
-    assert_eq!(rows.len(), 3);
+    assert_eq!(db.rows().await, 3);
     db.wait(Duration::from_secs(60), "healthy again", |d| {
         d["state"] == "healthy" && d["primary"] == "edge" && d["sync_standby"] == "region"
     })
