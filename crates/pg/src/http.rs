@@ -80,6 +80,13 @@ async fn check(
         StatusCode::SERVICE_UNAVAILABLE
     };
     let mut body = serde_json::to_value(m).unwrap_or_default();
+    // Anyone who can reach a health check reads this: no paths, no error texts (they quote
+    // logs and paths); `GET /v1/databases` has them for operators.
+    if let Some(fields) = body.as_object_mut() {
+        for private in ["data_dir", "log", "error"] {
+            fields.remove(private);
+        }
+    }
     body["term"] = view.term.into();
     body["database"] = view.name.clone().into();
     (status, axum::Json(body)).into_response()

@@ -470,6 +470,11 @@ async fn sync_failover_keeps_every_acknowledged_write_and_the_old_primary_rejoin
     assert_eq!(why["state"], "streaming", "{why}");
     assert_eq!(why["database"], "orders", "{why}");
     assert_eq!(why["term"], 1, "{why}");
+    // It reveals no path and no error text to whoever can reach it.
+    for private in ["data_dir", "log", "error"] {
+        assert!(why.get(private).is_none(), "{private} in {why}");
+    }
+    assert!(!body(&resp).contains("databases/"), "{resp}");
 
     let rto = failover_once(&db, "edge", "region", 2).await;
     eprintln!("failover RTO (freeze to next acknowledged write): {rto:?}");
