@@ -28,6 +28,7 @@
 //! Reads of things other nodes run (`load-balancers`, `scale-sets`, `databases`) ask every live
 //! node (`?scope=local` asks only the one answering) and list the nodes that did not answer.
 
+pub mod auth;
 pub mod metrics;
 pub mod peers;
 pub mod types;
@@ -297,6 +298,8 @@ pub struct Api {
     pub intents: Arc<cluster::Intents>,
     pub reload: Option<Reload>,
     pub events: EventLog,
+    /// Bearer tokens with roles (`[tandem] tokens`); `None`: the API is open.
+    pub tokens: Option<Arc<auth::Tokens>>,
 }
 
 impl Api {
@@ -356,6 +359,10 @@ pub fn router(api: Api) -> Router {
         .route("/v1/drills/stop", post(stop_drill))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn_with_state(
+            api.clone(),
+            auth::authorize,
+        ))
         .with_state(api)
 }
 

@@ -24,10 +24,15 @@ pub async fn gather<T: DeserializeOwned + Send + 'static>(
         return (Vec::new(), Vec::new());
     };
     let mut tasks = tokio::task::JoinSet::new();
+    // Asked with the caller's token: every node reads the same tokens file.
+    let auth = crate::auth::AUTHORIZATION
+        .try_with(Clone::clone)
+        .ok()
+        .flatten();
     for (name, addr) in node.peers() {
-        let path = path.to_string();
+        let (path, auth) = (path.to_string(), auth.clone());
         tasks.spawn(async move {
-            let got = tokio::time::timeout(PEER_TIMEOUT, get::<T>(addr, &path)).await;
+            let got = tokio::time::timeout(PEER_TIMEOUT, get::<T>(addr, &path, auth)).await;
             (name, got.ok().flatten())
         });
     }
@@ -43,16 +48,17 @@ pub async fn gather<T: DeserializeOwned + Send + 'static>(
     (answers, missing)
 }
 
-async fn get<T: DeserializeOwned>(addr: SocketAddr, path: &str) -> Option<T> {
+async fn get<T: DeserializeOwned>(addr: SocketAddr, path: &str, auth: Option<String>) -> Option<T> {
     let stream = TcpStream::connect(addr).await.ok()?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .ok()?;
     tokio::spawn(conn);
-    let req = Request::get(path)
-        .header(hyper::header::HOST, addr.to_string())
-        .body(Empty::<Bytes>::new())
-        .ok()?;
+    let mut req = Request::get(path).header(hyper::header::HOST, addr.to_string());
+    if let Some(a) = auth {
+        req = req.header(hyper::header::AUTHORIZATION, a);
+    }
+    let req = req.body(Empty::<Bytes>::new()).ok()?;
     let resp = sender.send_request(req).await.ok()?;
     if !resp.status().is_success() {
         return None;

@@ -1,6 +1,6 @@
 //! The API over a real socket, with a health engine, DNS tables and the intent records behind
-//! it: errors name the field with the right status, one drill runs at a time, and `/metrics`
-//! is well-formed Prometheus text.
+//! it: errors name the field with the right status, one drill runs at a time, `/metrics`
+//! is well-formed Prometheus text, and tokens guard reads and changes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -47,6 +47,11 @@ monitor = "web"
 /// Serves the API of a process that runs site `region` only (so drills of `edge` are recorded
 /// without waiting for this process to apply them).
 async fn serve() -> SocketAddr {
+    serve_with(None).await
+}
+
+/// As [`serve`], with bearer tokens required.
+async fn serve_with(tokens: Option<api::auth::Tokens>) -> SocketAddr {
     let topology = match model::parse(model::Source::new("t.toml", TOPOLOGY)) {
         Ok(t) => Arc::new(t),
         Err(d) => panic!("{}", d.render()),
@@ -76,6 +81,7 @@ async fn serve() -> SocketAddr {
         intents: cluster::Intents::start(store, "local"),
         reload: None,
         events: api::EventLog::new(None),
+        tokens: tokens.map(Arc::new),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -85,10 +91,23 @@ async fn serve() -> SocketAddr {
 
 /// One request; the status and the body.
 async fn call(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let (status, _, body) = call_as(addr, method, path, body, None).await;
+    (status, body)
+}
+
+/// One request with `Authorization: Bearer TOKEN` when given; status, head and body.
+async fn call_as(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    token: Option<&str>,
+) -> (u16, String, String) {
     let talk = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
         let req = format!(
-            "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Length: {}\r\n\r\n{body}",
             body.len()
         );
         s.write_all(req.as_bytes()).await.unwrap();
@@ -100,11 +119,106 @@ async fn call(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, S
         .await
         .expect("the API answers within 10 s");
     let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = out
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    (status, body)
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (status, head.to_string(), body.to_string())
+}
+
+/// A tokens file with a read token and an admin token (only their SHA-256 in it).
+fn tokens(dir: &std::path::Path, open_reads: bool) -> api::auth::Tokens {
+    use sha2::Digest;
+    let hex = |s: &str| {
+        sha2::Sha256::digest(s.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let path = dir.join("tokens.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[token]]\nname = \"grafana\"\nrole = \"read\"\nsha256 = \"{}\"\n\n[[token]]\nname = \"ops\"\nrole = \"admin\"\nsha256 = \"{}\"\n",
+            hex("read-secret"),
+            hex("admin-secret")
+        ),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(!text.contains("secret"), "no secret in the file");
+    api::auth::Tokens::load(&path, open_reads).unwrap()
+}
+
+/// With `[tandem] tokens`: a change needs an admin token, a read a read token (unless reads
+/// are open), `/healthz` none. 401 says how to send one (with RFC 6750's `WWW-Authenticate`),
+/// 403 names the token; both name the field `authorization`.
+#[tokio::test]
+async fn tokens_guard_reads_and_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = serve_with(Some(tokens(dir.path(), false))).await;
+    let outage = r#"{"site": "edge", "for": "60s"}"#;
+    let cases = [
+        ("GET", "/healthz", "", None, 200),
+        ("GET", "/v1/nodes", "", None, 401),
+        ("GET", "/v1/nodes", "", Some("wrong"), 401),
+        ("GET", "/v1/nodes", "", Some("read-secret"), 200),
+        ("GET", "/metrics", "", Some("read-secret"), 200),
+        ("GET", "/v1/nodes", "", Some("admin-secret"), 200),
+        ("POST", "/v1/drills/outage", outage, None, 401),
+        (
+            "POST",
+            "/v1/drills/outage",
+            outage,
+            Some("read-secret"),
+            403,
+        ),
+        (
+            "POST",
+            "/v1/drills/outage",
+            outage,
+            Some("admin-secret"),
+            200,
+        ),
+        ("POST", "/v1/drills/stop", "", Some("admin-secret"), 200),
+    ];
+    for (method, path, body, token, want) in cases {
+        let (status, head, text) = call_as(api, method, path, body, token).await;
+        assert_eq!(status, want, "{method} {path} as {token:?}: {text}");
+        if status == 401 || status == 403 {
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(v["field"], "authorization", "{v}");
+        }
+        if status == 401 {
+            assert!(
+                head.to_ascii_lowercase()
+                    .contains("www-authenticate: bearer"),
+                "{head}"
+            );
+            assert!(text.contains("TANDEM_TOKEN"), "{text}");
+        }
+        if status == 403 {
+            let v: Value = serde_json::from_str(&text).unwrap();
+            let error = v["error"].as_str().unwrap();
+            assert!(error.contains("\"grafana\""), "{error}");
+        }
+    }
+    // Open reads: reads need no token, changes still do.
+    let open = serve_with(Some(tokens(dir.path(), true))).await;
+    assert_eq!(call_as(open, "GET", "/v1/nodes", "", None).await.0, 200);
+    assert_eq!(
+        call_as(open, "POST", "/v1/drills/stop", "", None).await.0,
+        401
+    );
+    // A file with no token, or a malformed hash, is refused with the reason.
+    let empty = dir.path().join("empty.toml");
+    std::fs::write(&empty, "").unwrap();
+    let e = api::auth::Tokens::load(&empty, false).unwrap_err();
+    assert!(e.contains("no [[token]]"), "{e}");
+    std::fs::write(
+        &empty,
+        "[[token]]\nname = \"x\"\nrole = \"admin\"\nsha256 = \"12\"\n",
+    )
+    .unwrap();
+    let e = api::auth::Tokens::load(&empty, false).unwrap_err();
+    assert!(e.contains("64 hex digits"), "{e}");
 }
 
 /// The status and the `field` of an error answer.

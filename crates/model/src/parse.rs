@@ -247,11 +247,13 @@ pub(crate) fn topology(cx: &mut Cx, root: &Value<'_>) -> Option<Topology> {
     // Problems in [tandem] are reported; the defaults stand in so the rest is still checked.
     let tandem = root
         .get("tandem")
-        .and_then(|v| cx.section(v, "[tandem]", &["state_dir", "api"]))
+        .and_then(|v| cx.section(v, "[tandem]", &["state_dir", "api", "tokens", "open_reads"]))
         .and_then(|s| settings(cx, s))
         .unwrap_or_else(|| Settings {
             state_dir: PathBuf::from(".tandem"),
             api: default_api(),
+            tokens: None,
+            open_reads: false,
         });
     let cluster = match root.get("cluster") {
         Some(v) => cx
@@ -325,9 +327,13 @@ fn settings(cx: &mut Cx, s: Section<'_, '_>) -> Option<Settings> {
             s.get("api").map(|v| v.span()),
         );
     }
+    let tokens: Option<Option<String>> = cx.opt(s, "tokens");
+    let open_reads = cx.or(s, "open_reads", false);
     Some(Settings {
         state_dir: PathBuf::from(state_dir?),
         api: api?,
+        tokens: tokens?.map(PathBuf::from),
+        open_reads: open_reads?,
     })
 }
 

@@ -157,6 +157,11 @@ pub struct Settings {
     pub state_dir: PathBuf,
     /// REST API, `/metrics` and dashboard. Default `127.0.0.1:7400`.
     pub api: SocketAddr,
+    /// The API's bearer tokens with roles (a TOML file of `[[token]]` name, role, sha256),
+    /// relative to the working directory. Default: none, the API is open.
+    pub tokens: Option<PathBuf>,
+    /// With `tokens`: reads (GET) need no token. Default `false`.
+    pub open_reads: bool,
 }
 
 choice! {

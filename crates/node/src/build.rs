@@ -207,6 +207,16 @@ pub(crate) async fn build(config: Config) -> Result<Node, Error> {
     let runs = |s: &str| site.as_deref().is_none_or(|mine| mine == s);
     let api_addr = me.as_ref().map_or(topology.tandem.api, |n| n.api);
     let hash = cluster::topology_hash(config.text.as_bytes());
+    let tokens = match &topology.tandem.tokens {
+        Some(path) => Some(Arc::new(
+            api::auth::Tokens::load(path, topology.tandem.open_reads).map_err(|e| {
+                Error::Start(format!(
+                    "{e}\n  help: [tandem] tokens names a TOML file of [[token]] name, role (read or admin), sha256"
+                ))
+            })?,
+        )),
+        None => None,
+    };
     let store = open_store(&config).await?;
 
     // Probes: every monitored endpoint (each node is a vantage point) and the static backends
@@ -378,6 +388,7 @@ pub(crate) async fn build(config: Config) -> Result<Node, Error> {
         databases,
         drills,
         intents: intents.clone(),
+        tokens,
         reload: Some(reload.hook()),
         events,
     };

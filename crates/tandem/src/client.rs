@@ -45,6 +45,14 @@ pub fn api_addr(given: Option<SocketAddr>) -> anyhow::Result<SocketAddr> {
         .map_err(|_| anyhow!("TANDEM_API={raw:?} is not an ip:port address"))
 }
 
+/// The API token every request carries (`--token` or `TANDEM_TOKEN`), if any.
+static TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// Sets the token once, at start.
+pub fn set_token(token: Option<String>) {
+    let _ = TOKEN.set(token.filter(|t| !t.is_empty()));
+}
+
 /// Runs a future on a small runtime of its own.
 pub fn block_on<T>(f: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
     tokio::runtime::Builder::new_current_thread()
@@ -83,12 +91,15 @@ async fn call<T: DeserializeOwned>(
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn);
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, api.to_string())
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))?;
+            .header(hyper::header::CONTENT_TYPE, "application/json");
+        if let Some(Some(token)) = TOKEN.get() {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let req = req.body(Full::new(Bytes::from(body)))?;
         let resp = sender.send_request(req).await?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await?.to_bytes();

@@ -35,6 +35,10 @@ pub const EXIT_RUNTIME: u8 = 3;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// API token, when the topology's `[tandem] tokens` asks for one [env: TANDEM_TOKEN]
+    /// (prefer the variable: a flag shows in `ps`).
+    #[arg(long, global = true)]
+    token: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -137,6 +141,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    client::set_token(cli.token.or_else(|| std::env::var("TANDEM_TOKEN").ok()));
     match cli.command {
         Command::Up {
             file,

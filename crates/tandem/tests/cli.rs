@@ -801,3 +801,108 @@ probe = "web"
     );
     assert!(up.terminate().success());
 }
+
+/// `[tandem] tokens`: the CLI sends the token from `TANDEM_TOKEN` or `--token`; without one a
+/// read is refused (401), with a read token a change is refused (403), with an admin token it
+/// goes through. A tokens file that cannot be read stops `tandem up` with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_carries_the_api_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = testkit::closed_port();
+    // SHA-256 of "read-secret" and "admin-secret".
+    std::fs::write(
+        dir.path().join("tokens.toml"),
+        "[[token]]\nname = \"grafana\"\nrole = \"read\"\nsha256 = \"f0fd6c09405cb6d3707d04067d8509cb924e62ae66fa02067c2bc467b0d721e4\"\n\n[[token]]\nname = \"ops\"\nrole = \"admin\"\nsha256 = \"16175223c8ddce5ace0493c948569c211b03c4c6bb3d3e484434999448cffe01\"\n",
+    )
+    .unwrap();
+    let write = |tokens: &str| {
+        let file = dir.path().join("topology.toml");
+        std::fs::write(
+            &file,
+            format!(
+                r#"[tandem]
+api = "{api}"
+state_dir = "{state}"
+tokens = "{tokens}"
+
+[dns]
+listen = ["127.0.0.1:0"]
+[[dns.zone]]
+name = "shop.test"
+nameservers = [{{ name = "ns1.shop.test", address = "127.0.0.1" }}]
+hostmaster = "hostmaster.shop.test"
+
+[[site]]
+name = "edge"
+role = "edge"
+
+[[monitor]]
+name = "web"
+protocol = "tcp"
+port = 9
+interval = "10s"
+
+[[profile]]
+name = "www"
+domain = "www.shop.test"
+routing = "priority"
+monitor = "web"
+  [[profile.endpoint]]
+  name = "edge"
+  target = {{ address = "127.0.0.1" }}
+  priority = 1
+"#,
+                state = dir.path().join("state").display(),
+                tokens = dir.path().join(tokens).display(),
+            ),
+        )
+        .unwrap();
+        file
+    };
+
+    // A tokens file that is not there.
+    let out = run(tandem()
+        .arg("up")
+        .arg(write("missing.toml"))
+        .arg("--no-console"));
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot read the tokens file"), "{err}");
+
+    let file = write("tokens.toml");
+    let _up = Up::start(&file, api, &[]);
+    let api_arg = api.to_string();
+    let as_who = |token: Option<&str>, args: &[&str]| {
+        let mut cmd = tandem();
+        cmd.args(args)
+            .args(["--api", &api_arg])
+            .env_remove("TANDEM_TOKEN");
+        if let Some(t) = token {
+            cmd.env("TANDEM_TOKEN", t);
+        }
+        run(&mut cmd)
+    };
+    let status = eventually(Duration::from_secs(10), "the API answering", || async {
+        let out = as_who(Some("read-secret"), &["status"]);
+        out.status.success().then_some(out)
+    })
+    .await;
+    assert!(String::from_utf8_lossy(&status.stdout).contains("www"));
+    let out = as_who(None, &["status"]);
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs a token"), "{err}");
+    let out = as_who(Some("read-secret"), &["drill", "outage", "edge"]);
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("may only read"), "{err}");
+    let out = as_who(
+        None,
+        &["--token", "admin-secret", "drill", "outage", "edge"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
