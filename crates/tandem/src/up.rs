@@ -30,13 +30,21 @@ pub fn run(file: &Path, node: Option<&str>, console: bool) -> ExitCode {
     } else {
         "info"
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("TANDEM_LOG").unwrap_or_else(|_| EnvFilter::new(level)),
-        )
-        .with_ansi(terminal)
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = EnvFilter::try_from_env("TANDEM_LOG").unwrap_or_else(|_| EnvFilter::new(level));
+    // TANDEM_LOG_FORMAT=json: one JSON object a line, for journald and log shippers.
+    if std::env::var("TANDEM_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(terminal)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     crate::log_warnings(&config.warnings);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,

@@ -906,3 +906,50 @@ monitor = "web"
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `TANDEM_LOG_FORMAT=json`: every log line is one JSON object, for journald and log shippers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_can_be_json_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = testkit::closed_port();
+    let file = topology_file(
+        dir.path(),
+        api,
+        r#"
+[dns]
+listen = ["127.0.0.1:0"]
+[[dns.zone]]
+name = "shop.test"
+nameservers = [{ name = "ns1.shop.test", address = "127.0.0.1" }]
+hostmaster = "hostmaster.shop.test"
+"#,
+    );
+    let mut up = Up::start(
+        &file,
+        api,
+        &[("TANDEM_LOG_FORMAT", "json"), ("TANDEM_LOG", "info")],
+    );
+    eventually(Duration::from_secs(10), "the API answering", || async {
+        up.status()
+    })
+    .await;
+    assert!(up.terminate().success());
+    let log = std::fs::read_to_string(up.log.as_ref().unwrap()).unwrap();
+    let lines: Vec<Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["level"].is_string() && l["timestamp"].is_string()),
+        "{log}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "shutting down"),
+        "{log}"
+    );
+}
