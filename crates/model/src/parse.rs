@@ -1209,6 +1209,7 @@ const SCALE_SET_KEYS: &[&str] = &[
     "upgrade",
     "scale_in",
     "stop_grace",
+    "log_max_size",
     "autoscale",
 ];
 
@@ -1272,6 +1273,20 @@ fn scale_set(cx: &mut Cx, s: Section<'_, '_>) -> Option<ScaleSet> {
         Duration::ZERO,
         MAX_INTERVAL,
     );
+    let log_max_size: Option<Size> = cx.or(s, "log_max_size", Size(10_000_000));
+    if let Some(Size(n)) = log_max_size
+        && n < 64_000
+    {
+        let at = s
+            .get("log_max_size")
+            .map_or(cx.header_span(s), |v| v.span());
+        cx.error(
+            Code::OutOfRange,
+            at,
+            format!("`log_max_size` of {n} bytes is below 64kB"),
+            "an instance log is rotated past this size: give it room for a few thousand lines (the default is 10MB)",
+        );
+    }
     let autoscale = cx.tables(
         s,
         "autoscale",
@@ -1336,6 +1351,7 @@ fn scale_set(cx: &mut Cx, s: Section<'_, '_>) -> Option<ScaleSet> {
         upgrade: upgrade?,
         scale_in: scale_in?,
         stop_grace: stop_grace?,
+        log_max_size: log_max_size?.0,
         autoscale,
     })
 }

@@ -532,6 +532,9 @@ pub struct ScaleSet {
     pub scale_in: ScaleIn,
     /// From SIGTERM to SIGKILL when an instance is stopped. Default 10 s.
     pub stop_grace: Duration,
+    /// An instance's log past this many bytes is moved to `INSTANCE.log.1` (the one before
+    /// it dropped) and started afresh (logrotate's copytruncate). Default 10 MB, at least 64 kB.
+    pub log_max_size: u64,
     pub autoscale: Vec<AutoscaleRule>,
 }
 

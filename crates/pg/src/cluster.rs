@@ -40,6 +40,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Every this many ticks, each observation also opens a fresh connection: a postmaster that
 /// hangs still lets established sessions answer, while every new client waits.
 const FRESH_CHECK_TICKS: u64 = 5;
+/// A member's log past this many bytes is moved to `SITE.log.1` (see
+/// `scaleset::driver::rotate_log`), checked every [`MEMBER_LOG_CHECK_TICKS`] ticks.
+const MEMBER_LOG_MAX: u64 = 10_000_000;
+const MEMBER_LOG_CHECK_TICKS: u64 = 25;
 /// A standby that has not streamed for this long is rewound.
 const STUCK: Duration = Duration::from_secs(15);
 /// On a stop, how long standbys are given to replay the stopped primary's last record.
@@ -739,6 +743,14 @@ impl Driver {
 
     async fn tick(&mut self) {
         self.ticks += 1;
+        if self.ticks.is_multiple_of(MEMBER_LOG_CHECK_TICKS) {
+            for m in &self.members {
+                let path = self.local.log(&m.site);
+                if let Err(e) = scaleset::driver::rotate_log(&path, MEMBER_LOG_MAX) {
+                    tracing::warn!(log = %path.display(), "cannot rotate a member's log: {e}");
+                }
+            }
+        }
         for i in 0..self.members.len() {
             self.reap(i).await;
         }

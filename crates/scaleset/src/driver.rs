@@ -184,3 +184,23 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
         .unwrap_or(100) as u64;
     Some(Duration::from_micros((utime + stime) * 1_000_000 / hz))
 }
+
+/// Keeps a log that a running process appends to under `max` bytes, as logrotate's
+/// copytruncate does: past `max`, its content is copied to `LOG.1` (replacing the one before)
+/// and the file emptied; the process, writing with `O_APPEND`, carries on at its new end.
+/// Lines written between the copy and the truncation are lost. True when it rotated.
+pub fn rotate_log(path: &std::path::Path, max: u64) -> io::Result<bool> {
+    let len = match std::fs::metadata(path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if len <= max {
+        return Ok(false);
+    }
+    let mut old = path.as_os_str().to_owned();
+    old.push(".1");
+    std::fs::copy(path, &old)?;
+    OpenOptions::new().write(true).open(path)?.set_len(0)?;
+    Ok(true)
+}

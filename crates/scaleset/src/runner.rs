@@ -316,6 +316,7 @@ impl Runner {
                 _ = ticks.tick() => {
                     let sample = self.sample();
                     self.ctl.tick(Instant::now(), sample);
+                    self.rotate_logs();
                 }
                 Some(r) = reports.recv() => self.report(r),
                 Ok(()) = health.changed() => self.health(),
@@ -387,6 +388,16 @@ impl Runner {
 
     fn target_id(&self, id: &str) -> String {
         health::instance_id(&self.set.name, id)
+    }
+
+    /// Keeps each running instance's log under the set's `log_max_size`.
+    fn rotate_logs(&self) {
+        for id in self.procs.keys() {
+            let path = self.log_path(id);
+            if let Err(e) = crate::driver::rotate_log(&path, self.set.log_max_size) {
+                tracing::warn!(log = %path.display(), "cannot rotate an instance log: {e}");
+            }
+        }
     }
 
     fn log_path(&self, id: &str) -> PathBuf {

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -971,4 +971,55 @@ async fn scale_in_drains_the_retired_instance_then_stops_it() {
         logged.contains(&format!("instance=\"{middle}\" stopped: exit status: 0")),
         "{logged}"
     );
+}
+
+/// An instance's log past `log_max_size` is moved to `INSTANCE.log.1` and started afresh, so a
+/// chatty instance never fills the disk; the instance keeps writing to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chatty_instance_log_is_rotated() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = testkit::closed_port();
+    let topology = topology_file(
+        dir.path(),
+        api,
+        r#"[[site]]
+name = "edge"
+role = "edge"
+[[scale_set]]
+name = "chatty"
+site = "edge"
+bind = "127.0.6.9"
+command = ["sh", "-c", 'i=0; for c in $(seq 20); do for j in $(seq 2000); do i=$((i+1)); echo "line $i 0123456789012345678901234567890123456789012345678901234567890123456789"; done; sleep 0.3; done; sleep 600']
+capacity = { min = 1, max = 1, initial = 1 }
+log_max_size = "64kB"
+stop_grace = "0s"
+"#,
+    );
+    let mut up = Up::start(&topology, api, &[]);
+    let log = eventually(Duration::from_secs(20), "the instance's log", || async {
+        let v = set_view(api).await;
+        let i = instances(&v).into_iter().next()?;
+        Some(PathBuf::from(i["log"].as_str()?))
+    })
+    .await;
+    let rotated = PathBuf::from(format!("{}.1", log.display()));
+    // The instance writes ~3.2 MB in 20 bursts over ~6 s; the log is cut back as it grows
+    // and the rotated copy is there.
+    eventually(
+        Duration::from_secs(60),
+        "the instance done writing",
+        || async {
+            let text = std::fs::read_to_string(&log).ok()?;
+            text.contains("line 40000 ").then_some(())
+        },
+    )
+    .await;
+    let size = std::fs::metadata(&log).unwrap().len();
+    let old = std::fs::metadata(&rotated).unwrap().len();
+    assert!(size < 3_200_000 / 2, "the log was cut back: {size} bytes");
+    assert!(
+        old > 64_000,
+        "the rotated copy holds the earlier lines: {old} bytes"
+    );
+    assert!(up.terminate().success());
 }
