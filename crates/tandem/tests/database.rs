@@ -1575,8 +1575,11 @@ async fn a_switchover_whose_target_dies_brings_the_old_primary_back() {
     assert_eq!(status(&resp), 409, "{resp}");
     let why: Value = serde_json::from_str(body(&resp)).unwrap();
     let error = why["error"].as_str().unwrap();
+    // Seen as an exit while it catches up, or — its backends outliving its postmaster for a
+    // moment — as a promotion that fails: either way it is given up at once.
     assert!(
-        error.contains("region exited during the switchover"),
+        error.contains("region exited during the switchover")
+            || error.contains("promoting region failed"),
         "{error}"
     );
     assert!(error.contains("edge stays primary"), "{error}");
