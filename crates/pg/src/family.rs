@@ -28,12 +28,21 @@ fn parents() -> HashMap<i32, i32> {
     .collect()
 }
 
-/// The parent of `pid` (`/proc/PID/stat`: the field after the state, past the command name,
-/// which is in parentheses and may hold anything).
-fn parent(pid: i32) -> Option<i32> {
+/// The fields of `/proc/PID/stat` after the command name (which is in parentheses and may
+/// hold anything): the state first, then the parent.
+fn stat(pid: i32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (_, rest) = stat.rsplit_once(')')?;
-    rest.split_whitespace().nth(1)?.parse().ok()
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+fn parent(pid: i32) -> Option<i32> {
+    stat(pid)?.get(1)?.parse().ok()
+}
+
+/// Whether `pid` runs: it exists and is not a zombie (one that exited, its wait missing).
+pub fn alive(pid: i32) -> bool {
+    stat(pid).is_some_and(|f| f.first().is_some_and(|s| s != "Z"))
 }
 
 /// Every process descending from `root`, `root` excluded, parents before their children.
@@ -127,14 +136,6 @@ mod tests {
     use std::time::Duration;
     use tokio::time::Instant;
 
-    fn gone(pid: i32) -> bool {
-        // Gone or a zombie: it has exited, only a wait is missing.
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
-            s.rsplit_once(')')
-                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-        })
-    }
-
     /// A shell whose children each lead a session of their own, as PostgreSQL's do: killing
     /// the family kills them all, though none is in the root's process group.
     #[test]
@@ -160,7 +161,7 @@ mod tests {
         }
         root.wait().unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !found.iter().all(|&p| gone(p)) {
+        while found.iter().any(|&p| alive(p)) {
             assert!(Instant::now() < deadline, "survivors of {found:?}");
             std::thread::sleep(Duration::from_millis(10));
         }

@@ -489,21 +489,14 @@ struct Adopted {
     pid: i32,
 }
 
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit_once(')')
-            .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
-    })
-}
-
 impl Instance for Adopted {
     fn pid(&self) -> Option<u32> {
-        alive(self.pid).then_some(self.pid as u32)
+        crate::family::alive(self.pid).then_some(self.pid as u32)
     }
 
     fn wait(&mut self) -> scaleset::driver::BoxFuture<'_, String> {
         Box::pin(async move {
-            while alive(self.pid) {
+            while crate::family::alive(self.pid) {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             "exited (adopted: its status is its parent's)".to_string()
