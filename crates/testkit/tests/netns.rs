@@ -36,9 +36,10 @@ fn listen(lab: &Lab, site: &str) -> TcpListener {
     lab.in_site(site, || TcpListener::bind("0.0.0.0:0").unwrap())
 }
 
-/// Waits (at most 5 s) until a child has exited.
+/// Waits (at most 20 s: the last tests of a CI run share a busy machine) until a child has
+/// exited.
 async fn exited(child: &mut Child, what: &str) {
-    eventually(Duration::from_secs(5), what, || {
+    eventually(Duration::from_secs(20), what, || {
         let done = child.try_wait().unwrap();
         async move { done }
     })
