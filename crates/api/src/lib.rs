@@ -40,10 +40,10 @@ use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{Method, StatusCode};
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Json, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use dns::manager::Manager;
 pub use event::{Event, Source};
 use health::Engine;
@@ -332,33 +332,49 @@ impl Api {
     }
 }
 
-/// The API's routes.
-pub fn router(api: Api) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/v1/cluster", get(cluster_view))
-        .route("/v1/nodes", get(nodes))
-        .route("/v1/health", get(health_targets))
-        .route("/v1/profiles", get(profiles))
-        .route(
+/// Every route of the API: its method, its path pattern (axum's `{param}` syntax) and its
+/// handler. [`router`] is built from this list, so a test can walk all of it and no route
+/// escapes the token check.
+pub fn routes() -> Vec<(Method, &'static str, MethodRouter<Api>)> {
+    vec![
+        (Method::GET, "/healthz", get(|| async { "ok\n" })),
+        (Method::GET, "/v1/cluster", get(cluster_view)),
+        (Method::GET, "/v1/nodes", get(nodes)),
+        (Method::GET, "/v1/health", get(health_targets)),
+        (Method::GET, "/v1/profiles", get(profiles)),
+        (
+            Method::POST,
             "/v1/profiles/{profile}/endpoints/{endpoint}/{action}",
             post(endpoint_action),
-        )
-        .route("/v1/load-balancers", get(load_balancers))
-        .route(
+        ),
+        (Method::GET, "/v1/load-balancers", get(load_balancers)),
+        (
+            Method::POST,
             "/v1/load-balancers/{lb}/backends/{address}/{action}",
             post(backend_action),
-        )
-        .route("/v1/scale-sets", get(scale_sets))
-        .route("/v1/scale-sets/{set}/scale", post(scale))
-        .route("/v1/databases", get(databases))
-        .route("/v1/databases/{db}/switchover", post(switchover))
-        .route("/v1/reload", post(reload))
-        .route("/v1/drills", get(drills))
-        .route("/v1/drills/outage", post(outage))
-        .route("/v1/drills/stop", post(stop_drill))
-        .route("/v1/events", get(events))
-        .route("/metrics", get(metrics))
+        ),
+        (Method::GET, "/v1/scale-sets", get(scale_sets)),
+        (Method::POST, "/v1/scale-sets/{set}/scale", post(scale)),
+        (Method::GET, "/v1/databases", get(databases)),
+        (
+            Method::POST,
+            "/v1/databases/{db}/switchover",
+            post(switchover),
+        ),
+        (Method::POST, "/v1/reload", post(reload)),
+        (Method::GET, "/v1/drills", get(drills)),
+        (Method::POST, "/v1/drills/outage", post(outage)),
+        (Method::POST, "/v1/drills/stop", post(stop_drill)),
+        (Method::GET, "/v1/events", get(events)),
+        (Method::GET, "/metrics", get(metrics)),
+    ]
+}
+
+/// The API's routes ([`routes`]) behind the token check ([`auth::authorize`]).
+pub fn router(api: Api) -> Router {
+    routes()
+        .into_iter()
+        .fold(Router::new(), |r, (_, path, handler)| r.route(path, handler))
         .layer(axum::middleware::from_fn_with_state(
             api.clone(),
             auth::authorize,

@@ -221,6 +221,63 @@ async fn tokens_guard_reads_and_changes() {
     assert!(e.contains("64 hex digits"), "{e}");
 }
 
+/// The status line of one request, read without waiting for the body (a stream may never end).
+async fn status_as(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> u16 {
+    let talk = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n") && s.read(&mut byte).await.unwrap() == 1 {
+            head.push(byte[0]);
+        }
+        String::from_utf8(head).unwrap()
+    };
+    let line = tokio::time::timeout(Duration::from_secs(10), talk)
+        .await
+        .expect("the API answers within 10 s");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Walks every route the router has (`api::routes`), so a new one cannot slip past the tokens:
+/// without a token each is refused (401), a read token is refused every change (403), the admin
+/// token is refused nothing; only `/healthz` is open.
+#[tokio::test]
+async fn every_route_is_guarded_by_the_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = serve_with(Some(tokens(dir.path(), false))).await;
+    let routes = api::routes();
+    assert!(routes.len() >= 18, "{} routes", routes.len());
+    for (method, pattern, _) in routes {
+        // `{param}` segments get a value no resource has: the check comes before the lookup.
+        let path = pattern
+            .split('/')
+            .map(|seg| if seg.starts_with('{') { "x" } else { seg })
+            .collect::<Vec<_>>()
+            .join("/");
+        let m = method.as_str();
+        let change = method != axum::http::Method::GET;
+        let anonymous = status_as(api, m, &path, None).await;
+        let read = status_as(api, m, &path, Some("read-secret")).await;
+        let admin = status_as(api, m, &path, Some("admin-secret")).await;
+        if pattern == "/healthz" {
+            assert_eq!((anonymous, read, admin), (200, 200, 200), "{m} {pattern}");
+            continue;
+        }
+        assert_eq!(anonymous, 401, "{m} {pattern} without a token");
+        if change {
+            assert_eq!(read, 403, "{m} {pattern} with a read token");
+        } else {
+            assert!(![401, 403].contains(&read), "{m} {pattern} read: {read}");
+        }
+        assert!(![401, 403].contains(&admin), "{m} {pattern} admin: {admin}");
+    }
+}
+
 /// The status and the `field` of an error answer.
 async fn refused(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
     let (status, text) = call(addr, method, path, body).await;
