@@ -31,6 +31,7 @@
 pub mod auth;
 pub mod metrics;
 pub mod peers;
+pub mod tls;
 pub mod types;
 
 use std::collections::VecDeque;
@@ -40,8 +41,8 @@ use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
-use axum::http::{Method, StatusCode};
 use axum::http::header::CONTENT_TYPE;
+use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{MethodRouter, get, post};
 use dns::manager::Manager;
@@ -300,6 +301,9 @@ pub struct Api {
     pub events: EventLog,
     /// Bearer tokens with roles (`[tandem] tokens`); `None`: the API is open.
     pub tokens: Option<Arc<auth::Tokens>>,
+    /// TLS (`[tandem] tls_cert`, `tls_key`, `tls_ca`): the API serves HTTPS only and asks
+    /// other nodes over HTTPS; `None`: plain HTTP.
+    pub tls: Option<Arc<tls::ApiTls>>,
 }
 
 impl Api {
@@ -374,7 +378,9 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<Api>)> {
 pub fn router(api: Api) -> Router {
     routes()
         .into_iter()
-        .fold(Router::new(), |r, (_, path, handler)| r.route(path, handler))
+        .fold(Router::new(), |r, (_, path, handler)| {
+            r.route(path, handler)
+        })
         .layer(axum::middleware::from_fn_with_state(
             api.clone(),
             auth::authorize,
@@ -382,15 +388,25 @@ pub fn router(api: Api) -> Router {
         .with_state(api)
 }
 
-/// Serves the API on `listener` until `shutdown` completes.
+/// Serves the API on `listener` until `shutdown` completes: over TLS when `api.tls` is set.
 pub async fn serve(
     listener: TcpListener,
     api: Api,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(api))
-        .with_graceful_shutdown(shutdown)
-        .await
+    match api.tls.clone() {
+        Some(tls) => {
+            let listener = tls::TlsListener::new(listener, tls.server.clone());
+            axum::serve(listener, router(api))
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        None => {
+            axum::serve(listener, router(api))
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    }
 }
 
 fn error(status: StatusCode, field: &str, message: impl Into<String>) -> Response {

@@ -1,6 +1,7 @@
 //! Asking the other live nodes' APIs, for views of what they run.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,10 +30,12 @@ pub async fn gather<T: DeserializeOwned + Send + 'static>(
         .try_with(Clone::clone)
         .ok()
         .flatten();
+    // Every node serves TLS when one does (one topology), verified with `tls_ca`.
+    let tls = api.tls.as_ref().and_then(|t| t.client.clone());
     for (name, addr) in node.peers() {
-        let (path, auth) = (path.to_string(), auth.clone());
+        let (path, auth, tls) = (path.to_string(), auth.clone(), tls.clone());
         tasks.spawn(async move {
-            let got = tokio::time::timeout(PEER_TIMEOUT, get::<T>(addr, &path, auth)).await;
+            let got = tokio::time::timeout(PEER_TIMEOUT, get::<T>(addr, &path, auth, tls)).await;
             (name, got.ok().flatten())
         });
     }
@@ -48,12 +51,33 @@ pub async fn gather<T: DeserializeOwned + Send + 'static>(
     (answers, missing)
 }
 
-async fn get<T: DeserializeOwned>(addr: SocketAddr, path: &str, auth: Option<String>) -> Option<T> {
-    let stream = TcpStream::connect(addr).await.ok()?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .ok()?;
-    tokio::spawn(conn);
+async fn get<T: DeserializeOwned>(
+    addr: SocketAddr,
+    path: &str,
+    auth: Option<String>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Option<T> {
+    let mut sender = match tls {
+        Some(config) => {
+            let stream = crate::tls::connect(addr, &config)
+                .await
+                .map_err(|e| tracing::debug!(%addr, "peer API over TLS: {e}"))
+                .ok()?;
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .ok()?;
+            tokio::spawn(conn);
+            sender
+        }
+        None => {
+            let stream = TcpStream::connect(addr).await.ok()?;
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .ok()?;
+            tokio::spawn(conn);
+            sender
+        }
+    };
     let mut req = Request::get(path).header(hyper::header::HOST, addr.to_string());
     if let Some(a) = auth {
         req = req.header(hyper::header::AUTHORIZATION, a);

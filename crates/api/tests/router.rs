@@ -52,6 +52,15 @@ async fn serve() -> SocketAddr {
 
 /// As [`serve`], with bearer tokens required.
 async fn serve_with(tokens: Option<api::auth::Tokens>) -> SocketAddr {
+    serve_full(tokens, None, "127.0.0.1:0".parse().unwrap()).await
+}
+
+/// As [`serve`], with tokens and TLS as given.
+async fn serve_full(
+    tokens: Option<api::auth::Tokens>,
+    tls: Option<api::tls::ApiTls>,
+    bind: SocketAddr,
+) -> SocketAddr {
     let topology = match model::parse(model::Source::new("t.toml", TOPOLOGY)) {
         Ok(t) => Arc::new(t),
         Err(d) => panic!("{}", d.render()),
@@ -82,8 +91,9 @@ async fn serve_with(tokens: Option<api::auth::Tokens>) -> SocketAddr {
         reload: None,
         events: api::EventLog::new(None),
         tokens: tokens.map(Arc::new),
+        tls: tls.map(Arc::new),
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = tokio::net::TcpListener::bind(bind).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(api::serve(listener, api, std::future::pending()));
     addr
@@ -455,4 +465,89 @@ async fn metrics_are_well_formed_prometheus_text() {
         text.contains("tandem_health_target_status{target=\"profile/www/edge\",monitor=\"web\",status=\"CheckingEndpoint\"} 1"),
         "{text}"
     );
+}
+
+/// `GET path` over TLS, trusting `ca`: the status and body, or the error of the handshake.
+async fn get_tls(
+    addr: SocketAddr,
+    ca: &std::path::Path,
+    path: &str,
+) -> Result<(u16, String), String> {
+    let config = api::tls::client_config(ca)?;
+    let talk = async {
+        let mut s = api::tls::connect(addr, &config)
+            .await
+            .map_err(|e| e.to_string())?;
+        let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out).await;
+        let status = out
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("0")
+            .parse()
+            .unwrap_or(0);
+        let body = out
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_string();
+        Ok((status, body))
+    };
+    tokio::time::timeout(Duration::from_secs(10), talk)
+        .await
+        .expect("the API answers within 10 s")
+}
+
+/// With `tls_cert` and `tls_key` the API speaks only TLS: a client trusting its CA is answered;
+/// one trusting another CA, or reaching an address the certificate does not name, is refused
+/// in the handshake; plain HTTP gets no answer. A silent client does not hold up the others.
+#[tokio::test]
+async fn the_api_over_tls_answers_only_verified_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = testkit::pki::Pki::new(&dir.path().join("pki"), "tandem test CA");
+    // The certificate names 127.0.0.1 only.
+    let issued = pki.issue("node", &["127.0.0.1"]);
+    let tls = api::tls::ApiTls::load(&issued.cert, &issued.key, Some(&pki.ca())).unwrap();
+    assert!(tls.client.is_some());
+    let api = serve_full(None, Some(tls.clone()), "127.0.0.1:0".parse().unwrap()).await;
+
+    // A client that connects and says nothing, left open through the rest of the test.
+    let _silent = tokio::net::TcpStream::connect(api).await.unwrap();
+    let (status, body) = get_tls(api, &pki.ca(), "/v1/nodes").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+
+    let other = testkit::pki::Pki::new(&dir.path().join("other"), "another CA");
+    let e = get_tls(api, &other.ca(), "/v1/nodes").await.unwrap_err();
+    assert!(e.to_lowercase().contains("certificate"), "{e}");
+
+    let plain = async {
+        let mut s = tokio::net::TcpStream::connect(api).await.unwrap();
+        s.write_all(b"GET /v1/nodes HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        out
+    };
+    let out = tokio::time::timeout(Duration::from_secs(10), plain)
+        .await
+        .expect("a plain HTTP request is closed within 10 s");
+    assert!(!out.starts_with(b"HTTP/"), "plain HTTP answered");
+
+    // Served on 127.0.0.2 with a certificate for 127.0.0.1 only: the name does not match.
+    let misnamed = serve_full(None, Some(tls), "127.0.0.2:0".parse().unwrap()).await;
+    let e = get_tls(misnamed, &pki.ca(), "/v1/nodes").await.unwrap_err();
+    assert!(e.to_lowercase().contains("certificate"), "{e}");
+
+    // Files that do not hold what they should are named in the error.
+    let e = api::tls::ApiTls::load(&issued.key, &issued.key, None).unwrap_err();
+    assert!(
+        e.contains("no PEM certificate") && e.contains("node-key.pem"),
+        "{e}"
+    );
+    let e = api::tls::ApiTls::load(&issued.cert, &dir.path().join("nope.pem"), None).unwrap_err();
+    assert!(e.contains("nope.pem"), "{e}");
 }

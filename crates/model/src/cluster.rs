@@ -11,7 +11,15 @@ use crate::diag::Code;
 use crate::read::{Cx, FromToml, Section, Value, integer, parsed, string};
 use crate::types::*;
 
-pub(crate) const CLUSTER_KEYS: &[&str] = &["name", "etcd", "lease_ttl", "health_quorum"];
+pub(crate) const CLUSTER_KEYS: &[&str] = &[
+    "name",
+    "etcd",
+    "lease_ttl",
+    "health_quorum",
+    "etcd_ca",
+    "etcd_cert",
+    "etcd_key",
+];
 pub(crate) const NODE_KEYS: &[&str] = &["name", "site", "api", "dns"];
 
 /// etcd's shortest lease (its election timeout × 1.5 with default settings, rounded up).
@@ -112,7 +120,9 @@ pub(crate) fn cluster(cx: &mut Cx, s: Section<'_, '_>) -> Option<Cluster> {
         );
         return None;
     }
+    let etcd_tls = etcd_tls(cx, s, etcd.as_deref().unwrap_or_default());
     Some(Cluster {
+        etcd_tls: etcd_tls?,
         span: s.span(),
         quorum_span: s
             .get("health_quorum")
@@ -152,6 +162,69 @@ pub(crate) fn node(cx: &mut Cx, s: Section<'_, '_>) -> Option<Node> {
         site: site?,
         api: api?,
         dns: dns?,
+    })
+}
+
+/// `etcd_ca` exactly when the endpoints are `https://` (all or none of them), `etcd_cert` and
+/// `etcd_key` together and only with TLS.
+fn etcd_tls(cx: &mut Cx, s: Section<'_, '_>, endpoints: &[EtcdEndpoint]) -> Option<EtcdTls> {
+    let ca: Option<String> = cx.opt(s, "etcd_ca")?;
+    let cert: Option<String> = cx.opt(s, "etcd_cert")?;
+    let key: Option<String> = cx.opt(s, "etcd_key")?;
+    let span_of = |key: &str| s.get(key).map_or_else(|| s.span(), |v| v.span());
+    let https = endpoints
+        .iter()
+        .filter(|e| e.0.starts_with("https://"))
+        .count();
+    if https > 0 && https < endpoints.len() {
+        cx.error(
+            Code::BadAddress,
+            span_of("etcd"),
+            "`etcd` mixes https:// and http:// endpoints",
+            "use https:// for every member (with etcd_ca) or for none",
+        );
+        return None;
+    }
+    if https > 0 && ca.is_none() {
+        cx.error(
+            Code::MissingKey,
+            span_of("etcd"),
+            "https:// etcd endpoints need `etcd_ca`",
+            "add etcd_ca: the CA certificate (PEM) that signs the etcd members' certificates (etcd's --trusted-ca-file)",
+        );
+        return None;
+    }
+    if https == 0 && !endpoints.is_empty() {
+        for k in ["etcd_ca", "etcd_cert", "etcd_key"] {
+            if s.get(k).is_some() {
+                cx.error(
+                    Code::NotAllowedHere,
+                    span_of(k),
+                    format!("`{k}` with http:// etcd endpoints"),
+                    "write the endpoints as https://…:2379 to talk TLS to etcd, or remove the TLS keys",
+                );
+                return None;
+            }
+        }
+    }
+    if cert.is_some() != key.is_some() {
+        let (has, lacks) = if cert.is_some() {
+            ("etcd_cert", "etcd_key")
+        } else {
+            ("etcd_key", "etcd_cert")
+        };
+        cx.error(
+            Code::MissingKey,
+            span_of(has),
+            format!("`{has}` without `{lacks}`"),
+            "give both: this node's client certificate (etcd_cert) and its private key (etcd_key), as PEM files",
+        );
+        return None;
+    }
+    Some(EtcdTls {
+        ca: ca.map(Into::into),
+        cert: cert.map(Into::into),
+        key: key.map(Into::into),
     })
 }
 

@@ -245,15 +245,17 @@ fn required_in(cx: &mut Cx, s: Section<'_, '_>, key: &str, min: u32, max: u32) -
 pub(crate) fn topology(cx: &mut Cx, root: &Value<'_>) -> Option<Topology> {
     let root = cx.section(root, "the topology", ROOT_KEYS)?;
     // Problems in [tandem] are reported; the defaults stand in so the rest is still checked.
+    let clustered = root.get("node").is_some();
     let tandem = root
         .get("tandem")
-        .and_then(|v| cx.section(v, "[tandem]", &["state_dir", "api", "tokens", "open_reads"]))
-        .and_then(|s| settings(cx, s))
+        .and_then(|v| cx.section(v, "[tandem]", SETTINGS_KEYS))
+        .and_then(|s| settings(cx, s, clustered))
         .unwrap_or_else(|| Settings {
             state_dir: PathBuf::from(".tandem"),
             api: default_api(),
             tokens: None,
             open_reads: false,
+            tls: None,
         });
     let cluster = match root.get("cluster") {
         Some(v) => cx
@@ -312,11 +314,21 @@ pub(crate) fn topology(cx: &mut Cx, root: &Value<'_>) -> Option<Topology> {
     })
 }
 
+const SETTINGS_KEYS: &[&str] = &[
+    "state_dir",
+    "api",
+    "tokens",
+    "open_reads",
+    "tls_cert",
+    "tls_key",
+    "tls_ca",
+];
+
 fn default_api() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7400))
 }
 
-fn settings(cx: &mut Cx, s: Section<'_, '_>) -> Option<Settings> {
+fn settings(cx: &mut Cx, s: Section<'_, '_>, clustered: bool) -> Option<Settings> {
     let state_dir: Option<String> = cx.or(s, "state_dir", ".tandem".into());
     let api = cx.or(s, "api", default_api());
     if let Some(api) = api {
@@ -329,12 +341,66 @@ fn settings(cx: &mut Cx, s: Section<'_, '_>) -> Option<Settings> {
     }
     let tokens: Option<Option<String>> = cx.opt(s, "tokens");
     let open_reads = cx.or(s, "open_reads", false);
+    let tls = tls(cx, s, clustered);
     Some(Settings {
         state_dir: PathBuf::from(state_dir?),
         api: api?,
         tokens: tokens?.map(PathBuf::from),
         open_reads: open_reads?,
+        tls: tls?,
     })
+}
+
+/// `tls_cert` and `tls_key` together, `tls_ca` only with them, and in cluster mode always with
+/// them (nodes ask each other's APIs and must verify them).
+fn tls(cx: &mut Cx, s: Section<'_, '_>, clustered: bool) -> Option<Option<Tls>> {
+    let cert: Option<String> = cx.opt(s, "tls_cert")?;
+    let key: Option<String> = cx.opt(s, "tls_key")?;
+    let ca: Option<String> = cx.opt(s, "tls_ca")?;
+    match (cert, key) {
+        (Some(_), Some(_)) if clustered && ca.is_none() => {
+            let span = s.get("tls_cert").map_or_else(|| s.span(), |v| v.span());
+            cx.error(
+                Code::MissingKey,
+                span,
+                "in cluster mode the API's TLS needs `tls_ca`",
+                "add tls_ca: the CA certificates (PEM) that sign every node's API certificate, so nodes can verify each other",
+            );
+            None
+        }
+        (Some(cert), Some(key)) => Some(Some(Tls {
+            cert: cert.into(),
+            key: key.into(),
+            ca: ca.map(PathBuf::from),
+        })),
+        (None, None) => {
+            if let Some(v) = s.get("tls_ca") {
+                cx.error(
+                    Code::MissingKey,
+                    v.span(),
+                    "`tls_ca` without `tls_cert` and `tls_key`",
+                    "add tls_cert and tls_key (PEM files) to serve the API over TLS, or remove tls_ca",
+                );
+                return None;
+            }
+            Some(None)
+        }
+        (Some(_), None) | (None, Some(_)) => {
+            let (has, lacks) = if s.get("tls_cert").is_some() {
+                ("tls_cert", "tls_key")
+            } else {
+                ("tls_key", "tls_cert")
+            };
+            let span = s.get(has).map_or_else(|| s.span(), |v| v.span());
+            cx.error(
+                Code::MissingKey,
+                span,
+                format!("`{has}` without `{lacks}`"),
+                "give both: the API's certificate chain (tls_cert) and its private key (tls_key), as PEM files",
+            );
+            None
+        }
+    }
 }
 
 fn site(cx: &mut Cx, s: Section<'_, '_>) -> Option<Site> {

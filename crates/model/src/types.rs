@@ -133,6 +133,8 @@ pub struct Cluster {
     pub lease_ttl: Duration,
     /// Default majority.
     pub health_quorum: Quorum,
+    /// TLS to etcd; used when the endpoints are `https://`.
+    pub etcd_tls: EtcdTls,
     /// Where the file sets it, and its `health_quorum` (for diagnostics).
     pub span: Span,
     pub quorum_span: Span,
@@ -162,6 +164,33 @@ pub struct Settings {
     pub tokens: Option<PathBuf>,
     /// With `tokens`: reads (GET) need no token. Default `false`.
     pub open_reads: bool,
+    /// `tls_cert`, `tls_key`, `tls_ca`: the API over TLS. Default: none, plain HTTP.
+    pub tls: Option<Tls>,
+}
+
+/// TLS for the API: PEM files, relative to the working directory. Every node of a cluster reads
+/// the same paths on its own machine (its own certificate there).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tls {
+    /// The certificate chain the API presents, leaf first. Other nodes and the CLI check that
+    /// it names the API's IP address (a subjectAltName of type IP).
+    pub cert: PathBuf,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// The CA certificates that sign the nodes' API certificates: how a node verifies the
+    /// others it asks. Required in cluster mode.
+    pub ca: Option<PathBuf>,
+}
+
+/// TLS to etcd (`[cluster] etcd_ca`, `etcd_cert`, `etcd_key`), as etcd's `--trusted-ca-file`
+/// and `--client-cert-auth` expect: PEM files, relative to the working directory.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// The CA that signs the etcd members' certificates; required with `https://` endpoints.
+    pub ca: Option<PathBuf>,
+    /// This node's client certificate and key, for members started with `--client-cert-auth`.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 choice! {

@@ -35,6 +35,10 @@ macro_rules! cases {
 cases!(
     syntax,
     cluster_nameservers,
+    tls_rules,
+    tls_cluster,
+    tls_single,
+    tls_mixed,
     unknown_keys,
     missing_keys,
     wrong_types,

@@ -158,9 +158,32 @@ async fn open_store(config: &Config) -> Result<Arc<dyn store::Store>, Error> {
     Ok(Arc::new(s))
 }
 
+/// Reads `[cluster] etcd_ca`, `etcd_cert` and `etcd_key`; `None` without TLS.
+#[cfg(feature = "cluster")]
+fn etcd_tls(t: &model::EtcdTls) -> Result<Option<store::EtcdTls>, Error> {
+    let read = |key: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| {
+            Error::Start(format!(
+                "cannot read [cluster] {key} {}: {e}\n  help: {key} names a PEM file, relative to the working directory",
+                path.display()
+            ))
+        })
+    };
+    let Some(ca) = &t.ca else { return Ok(None) };
+    let identity = match (&t.cert, &t.key) {
+        (Some(c), Some(k)) => Some((read("etcd_cert", c)?, read("etcd_key", k)?)),
+        _ => None,
+    };
+    Ok(Some(store::EtcdTls {
+        ca: read("etcd_ca", ca)?,
+        identity,
+    }))
+}
+
 #[cfg(feature = "cluster")]
 async fn connect_etcd(c: &model::Cluster) -> Result<Arc<dyn store::Store>, Error> {
-    let opts = store::EtcdOptions::new(c.etcd.clone(), &c.name, c.lease_ttl);
+    let mut opts = store::EtcdOptions::new(c.etcd.clone(), &c.name, c.lease_ttl);
+    opts.tls = etcd_tls(&c.etcd_tls)?;
     let etcd = store::Etcd::connect(opts)
         .await
         .map_err(|e| Error::Start(format!("{e}\n  help: check `etcd` in [cluster]")))?;
@@ -212,6 +235,16 @@ pub(crate) async fn build(config: Config) -> Result<Node, Error> {
             api::auth::Tokens::load(path, topology.tandem.open_reads).map_err(|e| {
                 Error::Start(format!(
                     "{e}\n  help: [tandem] tokens names a TOML file of [[token]] name, role (read or admin), sha256"
+                ))
+            })?,
+        )),
+        None => None,
+    };
+    let tls = match &topology.tandem.tls {
+        Some(t) => Some(Arc::new(
+            api::tls::ApiTls::load(&t.cert, &t.key, t.ca.as_deref()).map_err(|e| {
+                Error::Start(format!(
+                    "{e}\n  help: [tandem] tls_cert, tls_key and tls_ca name PEM files, relative to the working directory"
                 ))
             })?,
         )),
@@ -389,6 +422,7 @@ pub(crate) async fn build(config: Config) -> Result<Node, Error> {
         drills,
         intents: intents.clone(),
         tokens,
+        tls,
         reload: Some(reload.hook()),
         events,
     };

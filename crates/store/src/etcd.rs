@@ -44,6 +44,26 @@ pub struct EtcdOptions {
     pub session_ttl: Duration,
     /// Longest wait for one request. Default 2 s.
     pub request_timeout: Duration,
+    /// TLS, for `https://` endpoints. Default none.
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS to etcd, as its `--trusted-ca-file` and `--client-cert-auth` expect: PEM contents.
+#[derive(Clone, Default)]
+pub struct EtcdTls {
+    /// The CA certificate(s) that sign the members' certificates.
+    pub ca: Vec<u8>,
+    /// This client's certificate chain and private key, when members ask for one.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("EtcdTls")
+            .field("client_certificate", &self.identity.is_some())
+            .finish()
+    }
 }
 
 impl EtcdOptions {
@@ -53,6 +73,7 @@ impl EtcdOptions {
             cluster: cluster.to_string(),
             session_ttl,
             request_timeout: Duration::from_secs(2),
+            tls: None,
         }
     }
 }
@@ -146,11 +167,19 @@ impl Etcd {
     pub async fn connect(options: EtcdOptions) -> Result<Arc<Etcd>, StoreError> {
         // One attempt gets half the request timeout; `call` makes another on another member.
         let attempt = (options.request_timeout / 2).max(Duration::from_millis(500));
-        let connect = ConnectOptions::new()
+        let mut connect = ConnectOptions::new()
             .with_connect_timeout(attempt)
             .with_timeout(attempt)
             .with_keep_alive(Duration::from_secs(1), options.request_timeout)
             .with_require_leader(true);
+        if let Some(tls) = &options.tls {
+            let mut o = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca));
+            if let Some((cert, key)) = &tls.identity {
+                o = o.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            connect = connect.with_tls(o);
+        }
         let client = Client::connect(&options.endpoints, Some(connect))
             .await
             .map_err(|e| {

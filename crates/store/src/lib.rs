@@ -40,7 +40,7 @@ use tokio::time::Instant;
 
 pub use embedded::Embedded;
 #[cfg(feature = "etcd")]
-pub use etcd::{Etcd, EtcdOptions};
+pub use etcd::{Etcd, EtcdOptions, EtcdTls};
 pub use mirror::Mirror;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -200,3 +200,65 @@ async fn an_unreachable_etcd_says_so_and_fails_requests_quickly() {
     ));
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// TLS as etcd's `--client-cert-auth` expects: with the CA and a client certificate the store
+/// works; without the certificate, or trusting another CA, it never connects and says so.
+#[tokio::test]
+async fn tls_with_a_client_certificate_and_nothing_less() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = testkit::pki::Pki::new(&dir.path().join("pki"), "etcd test CA");
+    let etcd = EtcdMember::start_tls(&pki).await;
+    assert!(etcd.endpoint.starts_with("https://"), "{}", etcd.endpoint);
+    let client = pki.issue("node-1", &["127.0.0.1"]);
+    let read = |p: &std::path::Path| std::fs::read(p).unwrap();
+    let options = |tls: Option<store::EtcdTls>| {
+        let mut o = EtcdOptions::new(vec![etcd.endpoint.clone()], "tls", Duration::from_secs(5));
+        o.tls = tls;
+        o
+    };
+
+    let good = store::EtcdTls {
+        ca: read(&pki.ca()),
+        identity: Some((read(&client.cert), read(&client.key))),
+    };
+    let s = Etcd::connect(options(Some(good))).await.unwrap();
+    s.ready(Duration::from_secs(10)).await.unwrap();
+    s.put("k", b"over tls".to_vec(), Scope::Persistent, Expect::Any)
+        .await
+        .unwrap();
+    let debug = format!("{:?}", options(None).tls);
+    assert!(!debug.contains("PRIVATE KEY"), "{debug}");
+
+    // No client certificate: etcd refuses the handshake.
+    let anonymous = store::EtcdTls {
+        ca: read(&pki.ca()),
+        identity: None,
+    };
+    let other = testkit::pki::Pki::new(&dir.path().join("other"), "another CA");
+    let stranger = store::EtcdTls {
+        ca: read(&other.ca()),
+        identity: Some((read(&client.cert), read(&client.key))),
+    };
+    for (what, tls) in [
+        ("no client certificate", anonymous),
+        ("another CA", stranger),
+    ] {
+        let s = Etcd::connect(options(Some(tls))).await.unwrap();
+        let why = s.ready(Duration::from_secs(3)).await.unwrap_err();
+        assert!(!why.is_empty(), "{what}");
+        assert!(!s.connection().borrow().connected, "{what}");
+        assert!(
+            matches!(
+                s.put("k", b"no".to_vec(), Scope::Persistent, Expect::Any)
+                    .await,
+                Err(StoreError::Unavailable(_))
+            ),
+            "{what}"
+        );
+    }
+    assert_eq!(
+        etcd.etcdctl(&["get", "--print-value-only", "--prefix", "/tandem/tls/"])
+            .trim(),
+        "over tls"
+    );
+}

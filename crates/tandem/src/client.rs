@@ -53,6 +53,23 @@ pub fn set_token(token: Option<String>) {
     let _ = TOKEN.set(token.filter(|t| !t.is_empty()));
 }
 
+/// The TLS client configuration, when the API is served over TLS (`--ca` or `TANDEM_CA`).
+static TLS: std::sync::OnceLock<Option<std::sync::Arc<rustls::ClientConfig>>> =
+    std::sync::OnceLock::new();
+
+/// Sets the CA that signs the API's certificate once, at start; `None`: plain HTTP.
+///
+/// # Errors
+/// The file cannot be read or holds no CA certificate.
+pub fn set_ca(ca: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let config = ca
+        .map(api::tls::client_config)
+        .transpose()
+        .map_err(|e| anyhow!("{e} (--ca or TANDEM_CA)"))?;
+    let _ = TLS.set(config);
+    Ok(())
+}
+
 /// Runs a future on a small runtime of its own.
 pub fn block_on<T>(f: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
     tokio::runtime::Builder::new_current_thread()
@@ -85,12 +102,30 @@ async fn call<T: DeserializeOwned>(
         None => Vec::new(),
     };
     let exchange = async {
-        let stream = TcpStream::connect(api).await.with_context(|| {
-            format!("cannot reach the tandem API at {api}; is `tandem up` running?")
-        })?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
+        let unreachable =
+            || format!("cannot reach the tandem API at {api}; is `tandem up` running?");
+        let mut sender = match TLS.get().cloned().flatten() {
+            Some(config) => {
+                let stream = api::tls::connect(api, &config).await.with_context(|| {
+                    format!(
+                        "{}; with --ca/TANDEM_CA its certificate must be signed by that CA and name {}",
+                        unreachable(),
+                        api.ip()
+                    )
+                })?;
+                let (sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                tokio::spawn(conn);
+                sender
+            }
+            None => {
+                let stream = TcpStream::connect(api).await.with_context(unreachable)?;
+                let (sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                tokio::spawn(conn);
+                sender
+            }
+        };
         let mut req = Request::builder()
             .method(method)
             .uri(path)

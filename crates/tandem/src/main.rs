@@ -39,6 +39,10 @@ struct Cli {
     /// (prefer the variable: a flag shows in `ps`).
     #[arg(long, global = true)]
     token: Option<String>,
+    /// CA certificate (PEM) of an API served over TLS (`[tandem] tls_cert`): the CLI then talks
+    /// HTTPS and checks the API's certificate names its IP address [env: TANDEM_CA].
+    #[arg(long, global = true, value_name = "FILE")]
+    ca: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -142,6 +146,13 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     client::set_token(cli.token.or_else(|| std::env::var("TANDEM_TOKEN").ok()));
+    let ca = cli
+        .ca
+        .or_else(|| std::env::var_os("TANDEM_CA").map(Into::into));
+    if let Err(e) = client::set_ca(ca.as_deref()) {
+        eprintln!("error: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
     match cli.command {
         Command::Up {
             file,

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod netns;
+pub mod pki;
 
 pub use netns::{EtcdCluster, Lab, Proc};
 
@@ -297,11 +298,13 @@ pub fn dig(server: SocketAddr, name: &str, extra: &[&str]) -> Option<Vec<String>
 /// A real single-member etcd (Debian's `etcd-server`) on loopback, with its data in a
 /// temporary directory; killed and removed when dropped.
 pub struct EtcdMember {
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (`https://` with TLS).
     pub endpoint: String,
     pub peer: String,
     child: Option<std::process::Child>,
     dir: std::path::PathBuf,
+    /// With TLS: the member's CA, and the client certificate etcdctl uses.
+    tls: Option<(std::path::PathBuf, pki::Issued)>,
 }
 
 impl std::fmt::Debug for EtcdMember {
@@ -315,6 +318,16 @@ impl std::fmt::Debug for EtcdMember {
 impl EtcdMember {
     /// Starts a member and waits (at most 20 s) until it answers.
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// A member that serves clients over TLS with a certificate from `pki` and accepts only
+    /// clients with a certificate from it (etcd's `--client-cert-auth`).
+    pub async fn start_tls(pki: &pki::Pki) -> Self {
+        Self::start_with(Some(pki)).await
+    }
+
+    async fn start_with(pki: Option<&pki::Pki>) -> Self {
         let client = free_tcp_port(&["127.0.0.1"]);
         let mut peer = free_tcp_port(&["127.0.0.1"]);
         while peer == client {
@@ -323,10 +336,17 @@ impl EtcdMember {
         let dir = std::env::temp_dir().join(format!("tandem-etcd-{}-{client}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        let scheme = if pki.is_some() { "https" } else { "http" };
         let mut m = EtcdMember {
-            endpoint: format!("http://127.0.0.1:{client}"),
+            endpoint: format!("{scheme}://127.0.0.1:{client}"),
             peer: format!("http://127.0.0.1:{peer}"),
             child: None,
+            tls: pki.map(|p| {
+                (
+                    p.ca(),
+                    p.issue(&format!("etcd-{client}"), &["127.0.0.1", "localhost"]),
+                )
+            }),
             dir,
         };
         m.spawn();
@@ -336,7 +356,17 @@ impl EtcdMember {
 
     fn spawn(&mut self) {
         let log = std::fs::File::create(self.dir.join("etcd.log")).unwrap();
-        let child = std::process::Command::new("etcd")
+        let mut etcd = std::process::Command::new("etcd");
+        if let Some((ca, issued)) = &self.tls {
+            etcd.arg("--cert-file")
+                .arg(&issued.cert)
+                .arg("--key-file")
+                .arg(&issued.key)
+                .arg("--trusted-ca-file")
+                .arg(ca)
+                .arg("--client-cert-auth");
+        }
+        let child = etcd
             .args(["--name", "t", "--data-dir"])
             .arg(self.dir.join("data"))
             .args(["--listen-client-urls", &self.endpoint])
@@ -357,19 +387,34 @@ impl EtcdMember {
         let out = std::process::Command::new("etcdctl")
             .env("ETCDCTL_API", "3")
             .args(["--endpoints", &self.endpoint])
+            .args(self.etcdctl_tls())
             .args(args)
             .output()
             .expect("etcdctl is installed (scripts/test installs etcd-client)");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// etcdctl's TLS flags for this member: its CA and a client certificate.
+    fn etcdctl_tls(&self) -> Vec<String> {
+        match &self.tls {
+            Some((ca, issued)) => vec![
+                format!("--cacert={}", ca.display()),
+                format!("--cert={}", issued.cert.display()),
+                format!("--key={}", issued.key.display()),
+            ],
+            None => Vec::new(),
+        }
+    }
+
     async fn wait_ready(&self) {
         let ep = self.endpoint.clone();
+        let tls = self.etcdctl_tls();
         eventually(Duration::from_secs(20), "etcd to answer", || {
-            let ep = ep.clone();
+            let (ep, tls) = (ep.clone(), tls.clone());
             async move {
                 let out = tokio::process::Command::new("etcdctl")
                     .env("ETCDCTL_API", "3")
+                    .args(&tls)
                     .args(["--endpoints", &ep, "endpoint", "health"])
                     .output()
                     .await
