@@ -157,7 +157,7 @@ document.addEventListener("alpine:init", () => {
       }
       this.unreachable = [...unreachable];
       if (drill) this.drill = drill.drill;
-      if (failed.length < paths.length) this.refreshed = new Date().toLocaleTimeString();
+      if (failed.length < paths.length) this.refreshed = this.clock(new Date().toISOString());
     },
 
     /// Refreshes once shortly after a burst of events.
