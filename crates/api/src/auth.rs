@@ -10,7 +10,8 @@
 //! ```
 //!
 //! Every mutation (POST) needs an admin token; reads need a read or admin token unless
-//! `[tandem] open_reads = true`; `/healthz` is always open. A request without a valid token
+//! `[tandem] open_reads = true`; `/healthz` and the dashboard's static files (`/`,
+//! `/assets/…`, which hold no data) are always open. A request without a valid token
 //! gets 401 with `WWW-Authenticate: Bearer` (RFC 6750 §3), one whose token lacks the role 403;
 //! both name the field `authorization`. Without a tokens file the API is open, as before.
 
@@ -112,11 +113,13 @@ fn parse_hex(s: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// The role a request needs: none for `/healthz` and, when open, for reads.
+/// The role a request needs: none for `/healthz`, the dashboard's static files and, when
+/// open, for reads.
 fn needed(method: &Method, path: &str, open_reads: bool) -> Option<Role> {
     let read = matches!(*method, Method::GET | Method::HEAD);
     match (path, read) {
         ("/healthz", _) => None,
+        (p, true) if crate::dashboard::is_static(p) => None,
         (_, true) if open_reads => None,
         (_, true) => Some(Role::Read),
         (_, false) => Some(Role::Admin),
@@ -195,6 +198,13 @@ mod tests {
         assert_eq!(needed(&Method::GET, "/v1/nodes", false), Some(Role::Read));
         assert_eq!(needed(&Method::GET, "/v1/nodes", true), None);
         assert_eq!(needed(&Method::POST, "/v1/reload", true), Some(Role::Admin));
+        assert_eq!(needed(&Method::GET, "/", false), None);
+        assert_eq!(needed(&Method::GET, "/assets/app.js", false), None);
+        assert_eq!(needed(&Method::POST, "/", false), Some(Role::Admin));
+        assert_eq!(
+            needed(&Method::GET, "/v1/events/stream", false),
+            Some(Role::Read)
+        );
         assert!(Role::Admin > Role::Read);
         assert!(parse_hex(&"ab".repeat(32)).is_some());
         assert!(parse_hex("abc").is_none());

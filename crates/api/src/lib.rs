@@ -23,14 +23,18 @@
 //! | POST | `/v1/drills/outage` | `{"site": S, "for": "60s"}`: a whole site goes dark, then returns |
 //! | POST | `/v1/drills/stop` | end the drill now |
 //! | GET | `/v1/events` | the last 1,000 events of every node |
+//! | GET | `/v1/events/stream` | every event from now on, live, as Server-Sent Events ([`stream`]) |
 //! | GET | `/metrics` | Prometheus exposition |
+//! | GET | `/`, `/assets/…` | the dashboard ([`dashboard`]), without a token; it reads the API with one |
 //!
 //! Reads of things other nodes run (`load-balancers`, `scale-sets`, `databases`) ask every live
 //! node (`?scope=local` asks only the one answering) and list the nodes that did not answer.
 
 pub mod auth;
+pub mod dashboard;
 pub mod metrics;
 pub mod peers;
+pub mod stream;
 pub mod tls;
 pub mod types;
 
@@ -62,7 +66,39 @@ pub const APPLY_WAIT: Duration = Duration::from_secs(3);
 
 #[derive(Debug)]
 struct Log {
-    events: VecDeque<Event>,
+    /// In time order, each with its sequence number.
+    events: VecDeque<Numbered>,
+    /// The sequence number of the last event recorded (0: none yet).
+    last: u64,
+}
+
+impl Log {
+    /// Keeps `event` (numbered next) in time order, dropping the oldest beyond
+    /// [`EVENT_LOG_SIZE`].
+    fn insert(&mut self, event: Event) -> Numbered {
+        self.last += 1;
+        let n = Numbered {
+            seq: self.last,
+            event,
+        };
+        if self.events.len() == EVENT_LOG_SIZE {
+            self.events.pop_front();
+        }
+        // Other nodes' events arrive a little late: keep the log in time order.
+        let at = self.events.partition_point(|x| x.event.at <= n.event.at);
+        self.events.insert(at, n.clone());
+        n
+    }
+}
+
+/// An event with its sequence number in this process's [`EventLog`]: 1 for the first event
+/// recorded (or loaded from the journal) after the process started, one more for each next
+/// one, whatever node it comes from. Numbers are only meaningful with the log's
+/// [`EventLog::epoch`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Numbered {
+    pub seq: u64,
+    pub event: Event,
 }
 
 /// The most recent events of every node, oldest first, and every new one as it is recorded.
@@ -71,8 +107,15 @@ struct Log {
 pub struct EventLog {
     log: Arc<Mutex<Log>>,
     node: Option<String>,
+    /// When this log was made, in milliseconds since the Unix epoch: sequence numbers restart
+    /// with every process, and this tells one run's numbers from another's.
+    epoch: u64,
     all: broadcast::Sender<Event>,
     local: broadcast::Sender<Event>,
+    /// Every event with its sequence number, sent in sequence order.
+    numbered: broadcast::Sender<Numbered>,
+    /// Set when the API shuts down: live streams end.
+    closing: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Default for EventLog {
@@ -84,14 +127,57 @@ impl Default for EventLog {
 impl EventLog {
     /// A log for `node` (cluster mode) or for the single process.
     pub fn new(node: Option<String>) -> Self {
+        let epoch = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         EventLog {
             log: Arc::new(Mutex::new(Log {
                 events: VecDeque::with_capacity(EVENT_LOG_SIZE),
+                last: 0,
             })),
             node,
+            epoch,
             all: broadcast::Sender::new(1024),
             local: broadcast::Sender::new(1024),
+            numbered: broadcast::Sender::new(1024),
+            closing: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Log> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// When this log was made (milliseconds since the Unix epoch): the run its sequence
+    /// numbers belong to.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The sequence number of the last event recorded (0: none yet), and every event recorded
+    /// after it, numbered, as it is recorded. Taken together, so nothing falls between.
+    pub fn subscribe_numbered(&self) -> (u64, broadcast::Receiver<Numbered>) {
+        let log = self.lock();
+        (log.last, self.numbered.subscribe())
+    }
+
+    /// The events still in the log whose sequence number is above `seq`, in sequence order.
+    pub fn since(&self, seq: u64) -> Vec<Numbered> {
+        let log = self.lock();
+        let mut out: Vec<Numbered> = log.events.iter().filter(|n| n.seq > seq).cloned().collect();
+        out.sort_by_key(|n| n.seq);
+        out
+    }
+
+    /// Ends every live stream of this log (`/v1/events/stream`): the API is shutting down.
+    pub fn close_streams(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Completes once [`EventLog::close_streams`] has been called.
+    pub async fn closed(&self) {
+        let mut rx = self.closing.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
     }
 
     /// Every event recorded from now on, of any node.
@@ -139,13 +225,10 @@ impl EventLog {
             e.node.clone_from(&self.node);
         }
         {
-            let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
-            if log.events.len() == EVENT_LOG_SIZE {
-                log.events.pop_front();
-            }
-            // Other nodes' events arrive a little late: keep the log in time order.
-            let at = log.events.partition_point(|x| x.at <= e.at);
-            log.events.insert(at, e.clone());
+            let mut log = self.lock();
+            let n = log.insert(e.clone());
+            // Sent under the lock: streams see sequence numbers in order.
+            let _ = self.numbered.send(n);
         }
         if local {
             let _ = self.local.send(e.clone());
@@ -169,13 +252,9 @@ impl EventLog {
             .unwrap_or_default();
         let kept = &old[old.len().saturating_sub(EVENT_LOG_SIZE)..];
         {
-            let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+            let mut log = self.lock();
             for e in kept {
-                if log.events.len() == EVENT_LOG_SIZE {
-                    log.events.pop_front();
-                }
-                let at = log.events.partition_point(|x| x.at <= e.at);
-                log.events.insert(at, e.clone());
+                log.insert(e.clone());
             }
         }
         let mut rx = self.local.subscribe();
@@ -210,9 +289,10 @@ impl EventLog {
         });
     }
 
+    /// Every event in the log, oldest first.
     pub fn snapshot(&self) -> Vec<Event> {
-        let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
-        log.events.iter().cloned().collect()
+        let log = self.lock();
+        log.events.iter().map(|n| n.event.clone()).collect()
     }
 }
 
@@ -370,6 +450,9 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<Api>)> {
         (Method::POST, "/v1/drills/outage", post(outage)),
         (Method::POST, "/v1/drills/stop", post(stop_drill)),
         (Method::GET, "/v1/events", get(events)),
+        (Method::GET, "/v1/events/stream", get(stream::events_stream)),
+        (Method::GET, "/", get(dashboard::index)),
+        (Method::GET, "/assets/{*path}", get(dashboard::asset)),
         (Method::GET, "/metrics", get(metrics)),
     ]
 }
@@ -388,12 +471,18 @@ pub fn router(api: Api) -> Router {
         .with_state(api)
 }
 
-/// Serves the API on `listener` until `shutdown` completes: over TLS when `api.tls` is set.
+/// Serves the API on `listener` until `shutdown` completes, over TLS when `api.tls` is set;
+/// then live event streams end, and the requests in progress are finished.
 pub async fn serve(
     listener: TcpListener,
     api: Api,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let events = api.events.clone();
+    let shutdown = async move {
+        shutdown.await;
+        events.close_streams();
+    };
     match api.tls.clone() {
         Some(tls) => {
             let listener = tls::TlsListener::new(listener, tls.server.clone());
@@ -455,6 +544,15 @@ async fn cluster_view(State(api): State<Api>) -> Json<ClusterResponse> {
         store,
         topology: api.topology_hash.clone(),
         cluster_topology: api.node.as_ref().and_then(|n| n.cluster_hash()),
+        sites: api
+            .topology
+            .sites
+            .iter()
+            .map(|s| SiteView {
+                name: s.name.to_string(),
+                role: s.role.as_str().into(),
+            })
+            .collect(),
     })
 }
 

@@ -36,6 +36,17 @@ pub struct ClusterResponse {
     /// SHA-256 of the topology file this node runs, and of the cluster's.
     pub topology: String,
     pub cluster_topology: Option<String>,
+    /// Every site of the topology, in its order.
+    #[serde(default)]
+    pub sites: Vec<SiteView>,
+}
+
+/// A site of the topology.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SiteView {
+    pub name: String,
+    /// `edge`, `region` or `witness`.
+    pub role: String,
 }
 
 /// `GET /v1/nodes`.

@@ -1,6 +1,8 @@
 //! The API over a real socket, with a health engine, DNS tables and the intent records behind
 //! it: errors name the field with the right status, one drill runs at a time, `/metrics`
-//! is well-formed Prometheus text, and tokens guard reads and changes.
+//! is well-formed Prometheus text, tokens guard reads and changes, the event stream (SSE)
+//! delivers events live and resumes after `Last-Event-ID`, and the dashboard's files are
+//! served with their content types.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -45,7 +47,8 @@ monitor = "web"
 "#;
 
 /// Serves the API of a process that runs site `region` only (so drills of `edge` are recorded
-/// without waiting for this process to apply them).
+/// without waiting for this process to apply them). A stand-in for the node's intent applier
+/// applies drills of `edge` to an empty site, so they raise their events.
 async fn serve() -> SocketAddr {
     serve_with(None).await
 }
@@ -74,6 +77,32 @@ async fn serve_full(
         .unwrap(),
     );
     let store: Arc<dyn store::Store> = Arc::new(store::Embedded::in_memory());
+    let intents = cluster::Intents::start(store.clone(), "local");
+    let drills = orchestrator::Drills::new(vec![orchestrator::Site {
+        name: "edge".into(),
+        frontends: Vec::new(),
+        scale_sets: Vec::new(),
+    }]);
+    let events = api::EventLog::new(None);
+    events.follow(drills.events());
+    {
+        let (intents, drills) = (intents.clone(), drills.clone());
+        tokio::spawn(async move {
+            let mut changes = intents.subscribe();
+            loop {
+                let drill = intents.current().drill.map(|(d, _)| orchestrator::Drill {
+                    kind: d.kind,
+                    site: d.site,
+                    started: d.started,
+                    ends: d.ends,
+                });
+                drills.apply(drill.as_ref(), std::time::SystemTime::now());
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
     let api = api::Api {
         topology: topology.clone(),
         node: None,
@@ -86,10 +115,10 @@ async fn serve_full(
         load_balancers: Vec::new(),
         scale_sets: Vec::new(),
         databases: Vec::new(),
-        drills: orchestrator::Drills::new(Vec::new()),
-        intents: cluster::Intents::start(store, "local"),
+        drills,
+        intents,
         reload: None,
-        events: api::EventLog::new(None),
+        events,
         tokens: tokens.map(Arc::new),
         tls: tls.map(Arc::new),
     };
@@ -172,6 +201,9 @@ async fn tokens_guard_reads_and_changes() {
         ("GET", "/v1/nodes", "", Some("read-secret"), 200),
         ("GET", "/metrics", "", Some("read-secret"), 200),
         ("GET", "/v1/nodes", "", Some("admin-secret"), 200),
+        ("GET", "/v1/events/stream", "", None, 401),
+        ("GET", "/", "", None, 200),
+        ("GET", "/assets/app.js", "", None, 200),
         ("POST", "/v1/drills/outage", outage, None, 401),
         (
             "POST",
@@ -255,13 +287,13 @@ async fn status_as(addr: SocketAddr, method: &str, path: &str, token: Option<&st
 
 /// Walks every route the router has (`api::routes`), so a new one cannot slip past the tokens:
 /// without a token each is refused (401), a read token is refused every change (403), the admin
-/// token is refused nothing; only `/healthz` is open.
+/// token is refused nothing; only `/healthz` and the dashboard's static files are open.
 #[tokio::test]
 async fn every_route_is_guarded_by_the_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let api = serve_with(Some(tokens(dir.path(), false))).await;
     let routes = api::routes();
-    assert!(routes.len() >= 18, "{} routes", routes.len());
+    assert!(routes.len() >= 21, "{} routes", routes.len());
     for (method, pattern, _) in routes {
         // `{param}` segments get a value no resource has: the check comes before the lookup.
         let path = pattern
@@ -274,8 +306,11 @@ async fn every_route_is_guarded_by_the_tokens() {
         let anonymous = status_as(api, m, &path, None).await;
         let read = status_as(api, m, &path, Some("read-secret")).await;
         let admin = status_as(api, m, &path, Some("admin-secret")).await;
-        if pattern == "/healthz" {
-            assert_eq!((anonymous, read, admin), (200, 200, 200), "{m} {pattern}");
+        // `/healthz` and the dashboard's static files (no data in them) are open.
+        if ["/healthz", "/", "/assets/{*path}"].contains(&pattern) {
+            for status in [anonymous, read, admin] {
+                assert!(![401, 403].contains(&status), "{m} {pattern}: {status}");
+            }
             continue;
         }
         assert_eq!(anonymous, 401, "{m} {pattern} without a token");
@@ -550,4 +585,202 @@ async fn the_api_over_tls_answers_only_verified_tls() {
     );
     let e = api::tls::ApiTls::load(&issued.cert, &dir.path().join("nope.pem"), None).unwrap_err();
     assert!(e.contains("nope.pem"), "{e}");
+}
+
+/// A live `GET /v1/events/stream`: the response head, then SSE messages as they come.
+struct Stream {
+    s: tokio::net::TcpStream,
+    buf: String,
+}
+
+impl Stream {
+    /// Opens the stream (HTTP/1.0: the body is the SSE text itself, unchunked) and reads the
+    /// head; the status and the head.
+    async fn open(
+        addr: SocketAddr,
+        token: Option<&str>,
+        last_id: Option<&str>,
+    ) -> (u16, String, Self) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        let last = last_id.map_or(String::new(), |i| format!("Last-Event-ID: {i}\r\n"));
+        let req = format!(
+            "GET /v1/events/stream HTTP/1.0\r\nHost: {addr}\r\nAccept: text/event-stream\r\n{auth}{last}\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut stream = Stream {
+            s,
+            buf: String::new(),
+        };
+        let head = stream.until("\r\n\r\n").await;
+        let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        (status, head, stream)
+    }
+
+    /// The text up to `end` (excluded), read within 10 s.
+    async fn until(&mut self, end: &str) -> String {
+        let read = async {
+            loop {
+                if let Some(i) = self.buf.find(end) {
+                    let text = self.buf[..i].to_string();
+                    self.buf.drain(..i + end.len());
+                    return text;
+                }
+                let mut chunk = [0u8; 4096];
+                let n = self.s.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "the stream ended; read so far: {:?}", self.buf);
+                self.buf.push_str(std::str::from_utf8(&chunk[..n]).unwrap());
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .unwrap_or_else(|_| panic!("nothing within 10 s; read so far: {:?}", self.buf))
+    }
+
+    /// The next message with data: its id and its data as JSON (comments are skipped).
+    async fn next(&mut self) -> (Option<String>, Value) {
+        loop {
+            let block = self.until("\n\n").await;
+            let mut id = None;
+            let mut data = Vec::new();
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("id:") {
+                    id = Some(v.trim().to_string());
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push(v.trim_start().to_string());
+                } else {
+                    assert!(line.starts_with(':'), "an SSE field or comment: {line:?}");
+                }
+            }
+            if !data.is_empty() {
+                return (id, serde_json::from_str(&data.join("\n")).unwrap());
+            }
+        }
+    }
+
+    /// The next message whose event has `kind`, skipping others.
+    async fn next_kind(&mut self, kind: &str) -> (Option<String>, Value) {
+        loop {
+            let (id, e) = self.next().await;
+            if e["kind"] == kind {
+                return (id, e);
+            }
+        }
+    }
+}
+
+/// `GET /v1/events/stream` needs a read token like every read, and then delivers an event the
+/// moment it is recorded (an outage drill started by POST), as the same JSON `/v1/events`
+/// lists, with an id; a stream opened with that id as `Last-Event-ID` replays what came after
+/// it (the drill's end), and one with an id of another run does not.
+#[tokio::test]
+async fn events_stream_live_and_resume_after_last_event_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = serve_with(Some(tokens(dir.path(), false))).await;
+    let (status, _, _) = Stream::open(api, None, None).await;
+    assert_eq!(status, 401);
+
+    let (status, head, mut stream) = Stream::open(api, Some("read-secret"), None).await;
+    assert_eq!(status, 200, "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/event-stream"),
+        "{head}"
+    );
+    let started = tokio::time::Instant::now();
+    let (status, body) = {
+        let (s, _, b) = call_as(
+            api,
+            "POST",
+            "/v1/drills/outage",
+            r#"{"site": "edge", "for": "60s"}"#,
+            Some("admin-secret"),
+        )
+        .await;
+        (s, b)
+    };
+    assert_eq!(status, 200, "{body}");
+    let (id, event) = stream.next_kind("outage-start").await;
+    eprintln!(
+        "outage-start on the stream {:?} after the POST began",
+        started.elapsed()
+    );
+    assert_eq!(event["source"], "drill", "{event}");
+    assert_eq!(event["subject"], "edge", "{event}");
+    let id = id.expect("events carry an id");
+    // The same JSON as the event log's.
+    let (_, _, text) = call_as(api, "GET", "/v1/events", "", Some("read-secret")).await;
+    let log: Value = serde_json::from_str(&text).unwrap();
+    assert!(
+        log["events"].as_array().unwrap().contains(&event),
+        "{event} in {log}"
+    );
+
+    let (status, _, _) = call_as(api, "POST", "/v1/drills/stop", "", Some("admin-secret")).await;
+    assert_eq!(status, 200);
+    let (end_id, end) = stream.next_kind("outage-end").await;
+    assert_eq!(end["subject"], "edge", "{end}");
+
+    // Reconnecting after the start: the end is replayed, with the same id.
+    let (status, _, mut resumed) = Stream::open(api, Some("read-secret"), Some(&id)).await;
+    assert_eq!(status, 200);
+    let (again_id, again) = resumed.next().await;
+    assert_eq!((again_id, again), (end_id, end));
+
+    // An id of another run (a restarted node) replays nothing: the next message is a new event.
+    let (epoch, _) = id.split_once('-').unwrap();
+    let other = format!("{}-1", epoch.parse::<u64>().unwrap() - 1);
+    let (status, _, mut fresh) = Stream::open(api, Some("read-secret"), Some(&other)).await;
+    assert_eq!(status, 200);
+    let (status, _, _) = call_as(
+        api,
+        "POST",
+        "/v1/drills/outage",
+        r#"{"site": "edge", "for": "60s"}"#,
+        Some("admin-secret"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (_, first) = fresh.next().await;
+    assert_eq!(first["kind"], "outage-start", "{first}");
+}
+
+/// The dashboard: `/` is the page, `/assets/…` its files with their content types, all
+/// embedded; an unknown asset is 404.
+#[tokio::test]
+async fn dashboard_files_are_served_with_their_types() {
+    let api = serve().await;
+    let cases = [
+        ("/", "text/html", "/assets/vendor/alpine.min.js"),
+        ("/assets/app.js", "text/javascript", "/v1/events/stream"),
+        ("/assets/style.css", "text/css", "x-cloak"),
+        ("/assets/vendor/alpine.min.js", "text/javascript", "Alpine"),
+        (
+            "/assets/vendor/LICENSE-alpinejs.md",
+            "text/plain",
+            "MIT License",
+        ),
+    ];
+    for (path, content_type, needle) in cases {
+        let (status, head, body) = call_as(api, "GET", path, "", None).await;
+        assert_eq!(status, 200, "{path}");
+        let head = head.to_ascii_lowercase();
+        assert!(
+            head.contains(&format!("content-type: {content_type}")),
+            "{path}: {head}"
+        );
+        assert!(head.contains("x-content-type-options: nosniff"), "{head}");
+        assert!(body.contains(needle), "{path} lacks {needle:?}");
+    }
+    let (_, head, body) = call_as(api, "GET", "/", "", None).await;
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-security-policy: default-src 'none'"),
+        "{head}"
+    );
+    assert!(
+        !body.contains("http://") && !body.contains("https://"),
+        "nothing from elsewhere"
+    );
+    assert_eq!(call(api, "GET", "/assets/nope.js", "").await.0, 404);
 }
