@@ -391,7 +391,7 @@ pub const TCP_MAX_CONNECTIONS: usize = 1024;
 /// cannot take the slots of the others.
 pub const TCP_MAX_PER_CLIENT: usize = 32;
 
-/// The limits of DNS over TCP. UDP has none: each datagram is answered on its own.
+/// The limits of DNS over TCP. UDP has its own: response-rate limiting ([`crate::rrl`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcpLimits {
     /// Default [`TCP_MAX_CONNECTIONS`].
