@@ -594,7 +594,10 @@ mod tests {
         m.rrl_slipped.store(3, Ordering::Relaxed);
         let mut out = String::new();
         render_dns(&mut out, &[], &m);
-        assert!(out.contains("# TYPE tandem_dns_rrl_responses_total counter\n"), "{out}");
+        assert!(
+            out.contains("# TYPE tandem_dns_rrl_responses_total counter\n"),
+            "{out}"
+        );
         assert!(out.contains("tandem_dns_rrl_responses_total{action=\"dropped\"} 7\n"));
         assert!(out.contains("tandem_dns_rrl_responses_total{action=\"slipped\"} 3\n"));
     }

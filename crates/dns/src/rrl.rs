@@ -169,7 +169,7 @@ impl<S: BuildHasher> Limiter<S> {
             .limited
             .fetch_add(1, Ordering::Relaxed)
             .wrapping_add(1);
-        if self.slip != 0 && n % self.slip == 0 {
+        if self.slip != 0 && n.is_multiple_of(self.slip) {
             Verdict::Slip
         } else {
             Verdict::Drop
@@ -257,7 +257,13 @@ mod tests {
     }
 
     /// Verdicts for `n` responses at one instant.
-    fn burst(l: &Limiter<Fixed>, client: &str, class: Class<'_>, n: usize, at: Duration) -> Vec<Verdict> {
+    fn burst(
+        l: &Limiter<Fixed>,
+        client: &str,
+        class: Class<'_>,
+        n: usize,
+        at: Duration,
+    ) -> Vec<Verdict> {
         (0..n).map(|_| l.check(ip(client), class, at)).collect()
     }
 
@@ -310,7 +316,10 @@ mod tests {
                 .collect();
             assert_eq!(slipped.len(), expect, "slip {slip}");
             if slip > 0 {
-                assert!(slipped.iter().all(|n| n % slip as usize == 0), "every {slip}th: {slipped:?}");
+                assert!(
+                    slipped.iter().all(|n| n % slip as usize == 0),
+                    "every {slip}th: {slipped:?}"
+                );
             }
             assert!(limited.iter().all(|v| *v != Verdict::Send));
         }
@@ -336,8 +345,14 @@ mod tests {
         let l = limiter(10, 0);
         let c = "192.0.2.1";
         assert_eq!(sent(&burst(&l, c, A, 20, ms(0))), 10);
-        let aaaa = Class::Answer { name: WWW, qtype: 28 };
-        let api = Class::Answer { name: API, qtype: 1 };
+        let aaaa = Class::Answer {
+            name: WWW,
+            qtype: 28,
+        };
+        let api = Class::Answer {
+            name: API,
+            qtype: 1,
+        };
         assert_eq!(sent(&burst(&l, c, aaaa, 20, ms(0))), 10);
         assert_eq!(sent(&burst(&l, c, api, 20, ms(0))), 10);
         // Random names under a zone: one NXDOMAIN bucket; errors: one bucket.

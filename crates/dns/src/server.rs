@@ -254,12 +254,7 @@ impl Responded {
 ///
 /// AA is set on answers from a served zone (NOERROR and NXDOMAIN); never on REFUSED, FORMERR,
 /// NOTIMP or BADVERS, and not on a profile's SERVFAIL, which is no authoritative answer.
-fn respond(
-    tables: &Tables,
-    q: &wire::Query<'_>,
-    peer: IpAddr,
-    w: &mut Writer<'_>,
-) -> Responded {
+fn respond(tables: &Tables, q: &wire::Query<'_>, peer: IpAddr, w: &mut Writer<'_>) -> Responded {
     let (zone, profile) = match tables.lookup(&q.name) {
         Lookup::NotOurs => return Responded::error(rcode::REFUSED),
         Lookup::NxDomain { zone } => {
@@ -425,7 +420,14 @@ impl Server {
         metrics: Arc<Metrics>,
         udp_threads: usize,
     ) -> io::Result<Server> {
-        Self::start_with(listen, tables, metrics, udp_threads, TcpLimits::default(), None)
+        Self::start_with(
+            listen,
+            tables,
+            metrics,
+            udp_threads,
+            TcpLimits::default(),
+            None,
+        )
     }
 
     /// [`Server::start`] with chosen TCP limits and, with `rrl`, every UDP response charged to
@@ -442,7 +444,7 @@ impl Server {
         let rrl = rrl.map(|limiter| {
             Arc::new(Rate {
                 limiter,
-                origin: std::time::Instant::now(),
+                origin: Instant::now(),
             })
         });
         let stop = Arc::new(AtomicBool::new(false));
@@ -551,7 +553,7 @@ const BATCH: usize = 32;
 #[derive(Debug)]
 struct Rate {
     limiter: Limiter,
-    origin: std::time::Instant,
+    origin: Instant,
 }
 
 /// Serves one UDP socket: `recvmmsg` takes whatever queries are waiting (at least one), they

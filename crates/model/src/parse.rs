@@ -453,7 +453,9 @@ fn dns(cx: &mut Cx, s: Section<'_, '_>, cluster_mode: bool) -> Option<Dns> {
         },
     );
     let rrl = match s.get("rrl") {
-        Some(v) => cx.section(v, "[dns.rrl]", RRL_KEYS).and_then(|r| rrl(cx, r)),
+        Some(v) => cx
+            .section(v, "[dns.rrl]", RRL_KEYS)
+            .and_then(|r| rrl(cx, r)),
         None => Some(Rrl::default()),
     };
     Some(Dns {

@@ -166,7 +166,13 @@ fn dns_rrl_has_defaults_and_reads_every_key() {
     let d = model::Rrl::default();
     assert!(d.enabled);
     assert_eq!(
-        (d.responses_per_second, d.slip, d.ipv4_prefix, d.ipv6_prefix, d.table_size),
+        (
+            d.responses_per_second,
+            d.slip,
+            d.ipv4_prefix,
+            d.ipv6_prefix,
+            d.table_size
+        ),
         (20, 2, 24, 56, 65_536)
     );
     assert_eq!(
@@ -177,7 +183,11 @@ fn dns_rrl_has_defaults_and_reads_every_key() {
         "{base}[dns.rrl]\nenabled = false\nresponses_per_second = 5\nslip = 0\nipv4_prefix = 32\n\
          ipv6_prefix = 64\ntable_size = 1024\nexempt = []\n"
     );
-    let r = model::parse(model::Source::new("t.toml", text)).unwrap().dns.unwrap().rrl;
+    let r = model::parse(model::Source::new("t.toml", text))
+        .unwrap()
+        .dns
+        .unwrap()
+        .rrl;
     assert_eq!(
         r,
         model::Rrl {
