@@ -30,6 +30,9 @@ pub const DNS_PROFILE_QUERIES: &str = "tandem_dns_profile_queries_total";
 pub const DNS_TRUNCATED: &str = "tandem_dns_truncated_total";
 /// Datagrams dropped without an answer (not a query).
 pub const DNS_DROPPED: &str = "tandem_dns_dropped_total";
+/// UDP responses over the response-rate limit, by `action`: `dropped` (not sent) or `slipped`
+/// (sent truncated, so the client retries over TCP).
+pub const DNS_RRL: &str = "tandem_dns_rrl_responses_total";
 /// `1` for each endpoint a profile currently answers.
 pub const DNS_ENDPOINT_ANSWERED: &str = "tandem_dns_endpoint_answered";
 /// Changes of the endpoints a profile answers.
@@ -212,6 +215,19 @@ pub fn render_dns(out: &mut String, views: &[ProfileView], m: &DnsMetrics) {
     );
     header(out, DNS_DROPPED, "counter", "Datagrams dropped unanswered.");
     let _ = writeln!(out, "{DNS_DROPPED} {}", m.dropped.load(Ordering::Relaxed));
+    header(
+        out,
+        DNS_RRL,
+        "counter",
+        "UDP responses over the rate limit: dropped, or slipped (sent truncated).",
+    );
+    for (action, n) in [("dropped", &m.rrl_dropped), ("slipped", &m.rrl_slipped)] {
+        let _ = writeln!(
+            out,
+            "{DNS_RRL}{{action=\"{action}\"}} {}",
+            n.load(Ordering::Relaxed)
+        );
+    }
     header(
         out,
         DNS_ENDPOINT_ANSWERED,
@@ -564,5 +580,25 @@ pub fn render_cluster(out: &mut String, api: &crate::Api) {
                 escape(target)
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_rate_limited_responses_are_counted_by_action() {
+        let m = DnsMetrics::new(0);
+        m.rrl_dropped.store(7, Ordering::Relaxed);
+        m.rrl_slipped.store(3, Ordering::Relaxed);
+        let mut out = String::new();
+        render_dns(&mut out, &[], &m);
+        assert!(
+            out.contains("# TYPE tandem_dns_rrl_responses_total counter\n"),
+            "{out}"
+        );
+        assert!(out.contains("tandem_dns_rrl_responses_total{action=\"dropped\"} 7\n"));
+        assert!(out.contains("tandem_dns_rrl_responses_total{action=\"slipped\"} 3\n"));
     }
 }

@@ -19,6 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::rrl::{Class, Limiter, Verdict};
 use crate::table::{Client, Empty, Lookup, NsRecord, Tables};
 use crate::wire::{self, Reject, Writer, rcode, rtype};
 
@@ -61,6 +62,10 @@ pub struct Metrics {
     pub dropped: AtomicU64,
     /// Per profile, changes of the endpoints answered.
     pub answer_changes: Vec<AtomicU64>,
+    /// UDP responses not sent: over the rate limit ([`crate::rrl`]).
+    pub rrl_dropped: AtomicU64,
+    /// UDP responses over the rate limit sent truncated instead (TC, no records: a slip).
+    pub rrl_slipped: AtomicU64,
 }
 
 impl Metrics {
@@ -71,6 +76,8 @@ impl Metrics {
             truncated: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             answer_changes: (0..profiles).map(|_| AtomicU64::new(0)).collect(),
+            rrl_dropped: AtomicU64::new(0),
+            rrl_slipped: AtomicU64::new(0),
         }
     }
 
@@ -92,6 +99,32 @@ pub fn answer(
     out: &mut Vec<u8>,
     metrics: &Metrics,
 ) -> bool {
+    answer_limited(tables, msg, peer, transport, out, metrics, None)
+}
+
+/// A rate limiter and the time to charge responses at (since the limiter's origin).
+#[derive(Clone, Copy, Debug)]
+pub struct Limit<'a> {
+    pub limiter: &'a Limiter,
+    pub now: Duration,
+}
+
+/// [`answer`], with the response charged to `limit` ([`crate::rrl`]): over the limit it is
+/// dropped (false) or sent truncated — TC, the question, no record but our OPT — when it slips.
+/// The server passes a limit for UDP only.
+pub fn answer_limited(
+    tables: &Tables,
+    msg: &[u8],
+    peer: IpAddr,
+    transport: Transport,
+    out: &mut Vec<u8>,
+    metrics: &Metrics,
+    limit: Option<Limit<'_>>,
+) -> bool {
+    let verdict = |class: Class<'_>| match limit {
+        Some(l) => l.limiter.check(peer, class, l.now),
+        None => Verdict::Send,
+    };
     let q = match wire::parse(msg) {
         Ok(q) => q,
         Err(Reject::Drop) => {
@@ -104,7 +137,17 @@ pub fn answer(
             recursion_desired,
             rcode,
         }) => {
-            Writer::error(out, id, opcode, recursion_desired, rcode).finish();
+            let v = verdict(Class::Error);
+            if v == Verdict::Drop {
+                metrics.rrl_dropped.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            let mut w = Writer::error(out, id, opcode, recursion_desired, rcode);
+            if v == Verdict::Slip {
+                w.truncate(wire::HEADER);
+                metrics.rrl_slipped.fetch_add(1, Ordering::Relaxed);
+            }
+            w.finish();
             metrics.count(transport, rcode, None);
             return true;
         }
@@ -114,21 +157,58 @@ pub fn answer(
     if let Some(e) = q.edns
         && e.version > 0
     {
+        let v = verdict(Class::Error);
+        if v == Verdict::Drop {
+            metrics.rrl_dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        if v == Verdict::Slip {
+            w.truncate(question_end);
+            metrics.rrl_slipped.fetch_add(1, Ordering::Relaxed);
+        }
         w.opt(rcode::BADVERS, None);
         w.finish();
         metrics.count(transport, rcode::FORMERR, None);
         return true;
     }
-    let (code, profile, used_client) = if !q.is_class_in() {
-        (rcode::REFUSED, None, false)
+    let r = if !q.is_class_in() {
+        Responded::error(rcode::REFUSED)
     } else if let Some(code) = q.meta_rcode() {
-        (code, None, false)
+        Responded::error(code)
     } else {
         respond(tables, &q, peer, &mut w)
     };
+    let code = r.code;
+    let class = match (code, r.zone) {
+        (rcode::NOERROR, _) => Class::Answer {
+            name: q.name.wire(),
+            qtype: q.qtype,
+        },
+        (rcode::NXDOMAIN, Some(zone)) => Class::NxDomain {
+            zone: q
+                .name
+                .suffix(q.name.label_count() - tables.zone(zone).labels),
+        },
+        _ => Class::Error,
+    };
+    let v = verdict(class);
+    if v == Verdict::Drop {
+        metrics.rrl_dropped.fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
     w.set_rcode(code);
+    if v == Verdict::Slip {
+        w.truncate(question_end);
+        if let Some(e) = q.edns {
+            w.opt(0, e.subnet.map(|s| (s, 0)));
+        }
+        w.finish();
+        metrics.rrl_slipped.fetch_add(1, Ordering::Relaxed);
+        metrics.count(transport, code, r.profile);
+        return true;
+    }
     if let Some(e) = q.edns {
-        let scope = |s: wire::ClientSubnet| (s, if used_client { s.source_prefix } else { 0 });
+        let scope = |s: wire::ClientSubnet| (s, if r.used_client { s.source_prefix } else { 0 });
         w.opt(0, e.subnet.map(scope));
     }
     let limit = match (transport, q.edns) {
@@ -144,26 +224,46 @@ pub fn answer(
         metrics.truncated.fetch_add(1, Ordering::Relaxed);
     }
     w.finish();
-    metrics.count(transport, code, profile);
+    metrics.count(transport, code, r.profile);
     true
 }
 
-/// The body of an answer: (rcode, profile answered, whether it depended on the client).
+/// What [`respond`] wrote.
+struct Responded {
+    code: u8,
+    /// The profile answered.
+    profile: Option<usize>,
+    /// Whether the answer depended on the client.
+    used_client: bool,
+    /// The served zone the name is in.
+    zone: Option<usize>,
+}
+
+impl Responded {
+    fn error(code: u8) -> Self {
+        Responded {
+            code,
+            profile: None,
+            used_client: false,
+            zone: None,
+        }
+    }
+}
+
+/// The body of an answer.
 ///
 /// AA is set on answers from a served zone (NOERROR and NXDOMAIN); never on REFUSED, FORMERR,
 /// NOTIMP or BADVERS, and not on a profile's SERVFAIL, which is no authoritative answer.
-fn respond(
-    tables: &Tables,
-    q: &wire::Query<'_>,
-    peer: IpAddr,
-    w: &mut Writer<'_>,
-) -> (u8, Option<usize>, bool) {
+fn respond(tables: &Tables, q: &wire::Query<'_>, peer: IpAddr, w: &mut Writer<'_>) -> Responded {
     let (zone, profile) = match tables.lookup(&q.name) {
-        Lookup::NotOurs => return (rcode::REFUSED, None, false),
+        Lookup::NotOurs => return Responded::error(rcode::REFUSED),
         Lookup::NxDomain { zone } => {
             w.set_authoritative();
             negative(tables, q, zone, w);
-            return (rcode::NXDOMAIN, None, false);
+            return Responded {
+                zone: Some(zone),
+                ..Responded::error(rcode::NXDOMAIN)
+            };
         }
         Lookup::Found { zone, profile } => (zone, profile),
     };
@@ -203,7 +303,13 @@ fn respond(
         });
         match result {
             Ok(used) => used_client = used,
-            Err(Empty::Servfail) => return (rcode::SERVFAIL, Some(p), false),
+            Err(Empty::Servfail) => {
+                return Responded {
+                    profile: Some(p),
+                    zone: Some(zone),
+                    ..Responded::error(rcode::SERVFAIL)
+                };
+            }
             Err(Empty::Nodata) => {}
         }
     } else if let Some(host) = tables.host(&q.name) {
@@ -222,7 +328,12 @@ fn respond(
     if apex_ns {
         glue(w, z.ns, ns_start, z.ttl);
     }
-    (rcode::NOERROR, profile, used_client)
+    Responded {
+        code: rcode::NOERROR,
+        profile,
+        used_client,
+        zone: Some(zone),
+    }
 }
 
 /// The addresses of the zone's name servers in the additional section, after the NS records
@@ -275,7 +386,7 @@ pub const TCP_MAX_CONNECTIONS: usize = 1024;
 /// cannot take the slots of the others.
 pub const TCP_MAX_PER_CLIENT: usize = 32;
 
-/// The limits of DNS over TCP. UDP has none: each datagram is answered on its own.
+/// The limits of DNS over TCP. UDP has its own: response-rate limiting ([`crate::rrl`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcpLimits {
     /// Default [`TCP_MAX_CONNECTIONS`].
@@ -300,25 +411,42 @@ impl Default for TcpLimits {
 }
 
 impl Server {
-    /// Binds UDP and TCP on every address, with `udp_threads` sockets per address and the
-    /// default [`TcpLimits`]. Must run inside a tokio runtime (for TCP).
+    /// Binds UDP and TCP on every address, with `udp_threads` sockets per address, the
+    /// default [`TcpLimits`] and no response-rate limiting. Must run inside a tokio runtime (for
+    /// TCP).
     pub fn start(
         listen: &[SocketAddr],
         tables: Arc<ArcSwap<Tables>>,
         metrics: Arc<Metrics>,
         udp_threads: usize,
     ) -> io::Result<Server> {
-        Self::start_with(listen, tables, metrics, udp_threads, TcpLimits::default())
+        Self::start_with(
+            listen,
+            tables,
+            metrics,
+            udp_threads,
+            TcpLimits::default(),
+            None,
+        )
     }
 
-    /// [`Server::start`] with chosen TCP limits.
+    /// [`Server::start`] with chosen TCP limits and, with `rrl`, every UDP response charged to
+    /// that limiter (one for every socket; TCP is never limited).
     pub fn start_with(
         listen: &[SocketAddr],
         tables: Arc<ArcSwap<Tables>>,
         metrics: Arc<Metrics>,
         udp_threads: usize,
         limits: TcpLimits,
+        rrl: Option<Limiter>,
     ) -> io::Result<Server> {
+        // One origin for every thread: buckets keep times relative to it.
+        let rrl = rrl.map(|limiter| {
+            Arc::new(Rate {
+                limiter,
+                origin: Instant::now(),
+            })
+        });
         let stop = Arc::new(AtomicBool::new(false));
         let mut server = Server {
             addrs: Vec::new(),
@@ -332,10 +460,13 @@ impl Server {
             let bound = listener.local_addr()?;
             for socket in sockets {
                 let (tables, metrics, stop) = (tables.clone(), metrics.clone(), stop.clone());
+                let rrl = rrl.clone();
                 server.threads.push(
                     std::thread::Builder::new()
                         .name(format!("tandem-dns-udp-{bound}"))
-                        .spawn(move || serve_udp(socket, &tables, &metrics, &stop))?,
+                        .spawn(move || {
+                            serve_udp(socket, &tables, &metrics, rrl.as_deref(), &stop);
+                        })?,
                 );
             }
             let (tables, metrics, gate) = (tables.clone(), metrics.clone(), gate.clone());
@@ -418,9 +549,23 @@ fn tcp_listener(addr: SocketAddr) -> io::Result<TcpListener> {
 /// Datagrams taken or sent per system call under load.
 const BATCH: usize = 32;
 
+/// The UDP sockets' rate limiter and the origin of the times charged to it.
+#[derive(Debug)]
+struct Rate {
+    limiter: Limiter,
+    origin: Instant,
+}
+
 /// Serves one UDP socket: `recvmmsg` takes whatever queries are waiting (at least one), they
-/// are answered from one load of the tables, and `sendmmsg` sends every answer at once.
-fn serve_udp(socket: UdpSocket, tables: &ArcSwap<Tables>, metrics: &Metrics, stop: &AtomicBool) {
+/// are answered from one load of the tables (and charged to the rate limiter at one reading of
+/// the clock), and `sendmmsg` sends every answer at once.
+fn serve_udp(
+    socket: UdpSocket,
+    tables: &ArcSwap<Tables>,
+    metrics: &Metrics,
+    rrl: Option<&Rate>,
+    stop: &AtomicBool,
+) {
     use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
     use std::io::{IoSlice, IoSliceMut};
     use std::os::fd::AsRawFd;
@@ -457,13 +602,18 @@ fn serve_udp(socket: UdpSocket, tables: &ArcSwap<Tables>, metrics: &Metrics, sto
             }
         }
         let tables = tables.load();
+        let limit = rrl.map(|r| Limit {
+            limiter: &r.limiter,
+            now: r.origin.elapsed(),
+        });
         replies.clear();
         for (i, (len, addr)) in received.iter().enumerate() {
             let Some(peer) = addr.as_ref().and_then(peer_ip) else {
                 continue;
             };
             let msg = &inbox[i][..(*len).min(4096)];
-            if answer(&tables, msg, peer, Transport::Udp, &mut outbox[i], metrics) {
+            let out = &mut outbox[i];
+            if answer_limited(&tables, msg, peer, Transport::Udp, out, metrics, limit) {
                 replies.push(i);
             }
         }

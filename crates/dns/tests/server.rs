@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dns::manager::Manager;
-use dns::server::Server;
+use dns::rrl::Limiter;
+use dns::server::{Server, TcpLimits};
 use dns::table::HealthView;
 use health::Status;
 use hickory_proto::op::{Edns, Message, Query, ResponseCode};
@@ -77,14 +78,21 @@ impl Fixture {
 
     /// A server for a topology built in the test, which `validate` may not have let through.
     fn from_topology(topology: model::Topology) -> Self {
+        Self::with_rrl(topology, 1, None)
+    }
+
+    /// A server with `udp_threads` UDP sockets and, given a limiter, response-rate limiting.
+    fn with_rrl(topology: model::Topology, udp_threads: usize, rrl: Option<Limiter>) -> Self {
         let topology = Arc::new(topology);
         let health = Arc::new(Health::default());
         let manager = Manager::new(topology, health.clone()).unwrap();
-        let server = Server::start(
+        let server = Server::start_with(
             &["127.0.0.1:0".parse().unwrap()],
             manager.tables(),
             manager.metrics.clone(),
-            1,
+            udp_threads,
+            TcpLimits::default(),
+            rrl,
         )
         .unwrap();
         Fixture {
@@ -1399,4 +1407,153 @@ fn open_count(conns: &[tokio::net::TcpStream]) -> usize {
             )
         })
         .count()
+}
+
+/// Issue 18: response-rate limiting. A flood of UDP queries from one source (127.0.0.2: with
+/// the default /24 its client is 127.0.0.0/24) gets one second's worth of answers (the limit),
+/// then mostly silence: every second limited response (slip 2) comes back truncated, TC and no
+/// record, so a real client would retry over TCP; the others are dropped, and both are
+/// counted. Meanwhile 127.0.1.3 (another /24: its own bucket) is answered normally, TCP from
+/// the flooded source too, and once the flood stops the bucket refills and the source is
+/// answered again over UDP.
+#[tokio::test]
+async fn a_udp_flood_from_one_source_is_rate_limited_and_slips_while_others_are_answered() {
+    use std::sync::atomic::Ordering;
+    const RATE: u32 = 10;
+    const FLOOD: u16 = 400;
+    let rrl = model::Rrl {
+        responses_per_second: RATE,
+        slip: 2,
+        exempt: Vec::new(),
+        ..model::Rrl::default()
+    };
+    let t = topology(&format!("{ZONE}\n{PRIORITY}"));
+    let f = Fixture::with_rrl(t, 2, Some(Limiter::new(&rrl)));
+    let m = &f.manager.metrics;
+    let flood = UdpSocket::bind("127.0.0.2:0").unwrap();
+    flood.set_nonblocking(true).unwrap();
+    let other = UdpSocket::bind("127.0.1.3:0").unwrap();
+    other
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let q = |id: u16| {
+        let mut m = query("www.shop.test.", RecordType::A);
+        m.metadata.id = id;
+        m.to_vec().unwrap()
+    };
+    let (mut answered, mut slipped) = (0u32, 0u32);
+    let mut buf = [0u8; 4096];
+    let drain = |answered: &mut u32, slipped: &mut u32| {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = flood.recv(&mut buf) {
+            let (_, flags, _, counts) = header(&buf[..n]);
+            if flags & 0x02 != 0 {
+                assert_eq!(counts, [1, 0, 0, 0], "a slip: the question, no record");
+                *slipped += 1;
+            } else {
+                assert_eq!(counts[1], 1, "a whole answer");
+                *answered += 1;
+            }
+        }
+    };
+    let started = tokio::time::Instant::now();
+    for id in 0..FLOOD {
+        flood.send_to(&q(id), f.addr()).unwrap();
+        if id % 80 == 40 {
+            // Another prefix, at the same time: answered in full, not truncated.
+            other.send_to(&q(60_000 + id), f.addr()).unwrap();
+            let n = other.recv(&mut buf).expect("127.0.1.3 is answered");
+            let r = Message::from_vec(&buf[..n]).unwrap();
+            assert!(!r.metadata.truncation, "127.0.1.3 is not limited");
+            assert_eq!(r.metadata.id, 60_000 + id);
+            assert_eq!(rdata_text(&r.answers[0].data), "10.0.1.10");
+        }
+        drain(&mut answered, &mut slipped);
+    }
+    let sent_for = started.elapsed();
+    // The last replies: every slip the server counted has arrived.
+    testkit::eventually(Duration::from_secs(5), "every slip received", || {
+        drain(&mut answered, &mut slipped);
+        let done = u64::from(slipped) >= m.rrl_slipped.load(Ordering::Relaxed);
+        async move { done.then_some(()) }
+    })
+    .await;
+    let dropped = m.rrl_dropped.load(Ordering::Relaxed);
+    let slips = m.rrl_slipped.load(Ordering::Relaxed);
+    // What the server saw of the flood (the kernel may drop some when the socket's buffer is
+    // full): NOERROR responses over UDP (answers and slips, 5 of them to 127.0.1.3) and drops.
+    let noerror = m.responses[0][0].load(Ordering::Relaxed);
+    let full_answers = noerror - 5 - slips;
+    let seen = full_answers + slips + dropped;
+    eprintln!(
+        "{FLOOD} queries in {sent_for:?}, {seen} seen by the server: {answered} answered, \
+         {slipped} slipped, {dropped} dropped"
+    );
+    assert!(
+        seen >= 50,
+        "the flood reached the server: {seen} of {FLOOD}"
+    );
+    // One second's worth at once, plus the refill while the flood lasted.
+    let allowed = RATE + (sent_for.as_secs_f64() * f64::from(RATE)).ceil() as u32 + 1;
+    assert!(
+        answered >= 1 && answered <= allowed,
+        "{answered} answered, at most {allowed}"
+    );
+    assert!(
+        full_answers <= u64::from(allowed),
+        "{full_answers} answers sent"
+    );
+    assert!(slipped > 0, "some limited responses slip");
+    assert_eq!(u64::from(slipped), slips, "every slip counted and received");
+    assert!(dropped > seen / 3, "most are dropped: {dropped} of {seen}");
+    // Slip 2: every second limited response is a slip (the split is even, give or take one).
+    assert!(
+        dropped.abs_diff(slips) <= 1,
+        "{dropped} dropped, {slips} slipped"
+    );
+    // TCP from the flooded source is never limited.
+    let reply = f
+        .tcp_from("127.0.0.2", &q(1))
+        .await
+        .expect("answered over TCP");
+    let r = Message::from_vec(&reply).unwrap();
+    assert!(!r.metadata.truncation);
+    assert_eq!(rdata_text(&r.answers[0].data), "10.0.1.10");
+    // The flood over, the bucket refills: the source is answered again over UDP.
+    flood.set_nonblocking(false).unwrap();
+    flood
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    testkit::eventually(Duration::from_secs(5), "127.0.0.2 answered again", || {
+        flood.send_to(&q(7), f.addr()).unwrap();
+        let reply = flood.recv(&mut buf).ok().map(|n| buf[..n].to_vec());
+        async move {
+            let r = Message::from_vec(&reply?).ok()?;
+            (!r.metadata.truncation && !r.answers.is_empty()).then_some(())
+        }
+    })
+    .await;
+}
+
+/// Clients in `exempt` (loopback by default) are never limited, and without a limiter the
+/// server limits nothing: no count moves.
+#[tokio::test]
+async fn exempt_clients_and_servers_without_rrl_are_not_limited() {
+    use std::sync::atomic::Ordering;
+    let rrl = model::Rrl {
+        responses_per_second: 1,
+        ..model::Rrl::default()
+    };
+    let t = || topology(&format!("{ZONE}\n{PRIORITY}"));
+    for f in [
+        Fixture::with_rrl(t(), 1, Some(Limiter::new(&rrl))),
+        Fixture::with_rrl(t(), 1, None),
+    ] {
+        for _ in 0..50 {
+            assert_eq!(f.ask("www.shop.test.", RecordType::A, None), ["10.0.1.10"]);
+        }
+        let m = &f.manager.metrics;
+        assert_eq!(m.rrl_dropped.load(Ordering::Relaxed), 0);
+        assert_eq!(m.rrl_slipped.load(Ordering::Relaxed), 0);
+    }
 }

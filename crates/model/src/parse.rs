@@ -282,7 +282,7 @@ pub(crate) fn topology(cx: &mut Cx, root: &Value<'_>) -> Option<Topology> {
     let sites = cx.tables(root, "site", "site", &["name", "role", "location"], site);
     let dns = match root.get("dns") {
         Some(v) => cx
-            .section(v, "[dns]", &["listen", "zone"])
+            .section(v, "[dns]", &["listen", "zone", "rrl"])
             .map(|s| dns(cx, s, !nodes.is_empty())),
         None => Some(None),
     };
@@ -518,10 +518,54 @@ fn dns(cx: &mut Cx, s: Section<'_, '_>, cluster_mode: bool) -> Option<Dns> {
             })
         },
     );
+    let rrl = match s.get("rrl") {
+        Some(v) => cx
+            .section(v, "[dns.rrl]", RRL_KEYS)
+            .and_then(|r| rrl(cx, r)),
+        None => Some(Rrl::default()),
+    };
     Some(Dns {
         listen: listen?,
         listen_span,
         zones,
+        rrl: rrl?,
+    })
+}
+
+const RRL_KEYS: &[&str] = &[
+    "enabled",
+    "responses_per_second",
+    "slip",
+    "ipv4_prefix",
+    "ipv6_prefix",
+    "table_size",
+    "exempt",
+];
+
+/// `[dns.rrl]`: every key optional, each bounded (BIND's limits where it has one: slip 0-10).
+fn rrl(cx: &mut Cx, s: Section<'_, '_>) -> Option<Rrl> {
+    let enabled = cx.or(s, "enabled", true);
+    let responses_per_second = number_in(
+        cx,
+        s,
+        "responses_per_second",
+        RRL_RESPONSES_PER_SECOND,
+        1,
+        1_000_000,
+    );
+    let slip = number_in(cx, s, "slip", RRL_SLIP, 0, 10);
+    let ipv4_prefix = number_in(cx, s, "ipv4_prefix", u32::from(RRL_IPV4_PREFIX), 8, 32);
+    let ipv6_prefix = number_in(cx, s, "ipv6_prefix", u32::from(RRL_IPV6_PREFIX), 16, 128);
+    let table_size = number_in(cx, s, "table_size", RRL_TABLE_SIZE, 1024, 4_194_304);
+    let exempt = cx.or(s, "exempt", Rrl::default_exempt());
+    Some(Rrl {
+        enabled: enabled?,
+        responses_per_second: responses_per_second?,
+        slip: slip?,
+        ipv4_prefix: ipv4_prefix? as u8,
+        ipv6_prefix: ipv6_prefix? as u8,
+        table_size: table_size?,
+        exempt: exempt?,
     })
 }
 

@@ -222,6 +222,79 @@ pub struct Dns {
     /// Where the file sets `listen`, if it does.
     pub listen_span: Option<Span>,
     pub zones: Vec<Zone>,
+    /// `[dns.rrl]`: response-rate limiting of UDP answers.
+    pub rrl: Rrl,
+}
+
+/// Default of `[dns.rrl] responses_per_second`.
+pub const RRL_RESPONSES_PER_SECOND: u32 = 20;
+/// Default of `[dns.rrl] slip` (BIND 9's default).
+pub const RRL_SLIP: u32 = 2;
+/// Default of `[dns.rrl] ipv4_prefix` (BIND 9's `ipv4-prefix-length`).
+pub const RRL_IPV4_PREFIX: u8 = 24;
+/// Default of `[dns.rrl] ipv6_prefix` (BIND 9's `ipv6-prefix-length`).
+pub const RRL_IPV6_PREFIX: u8 = 56;
+/// Default of `[dns.rrl] table_size`, in buckets (16 bytes each: 1 MiB).
+pub const RRL_TABLE_SIZE: u32 = 65_536;
+
+/// `[dns.rrl]`: DNS response-rate limiting (RRL), so the server cannot be used to amplify a
+/// flood toward a spoofed source, after BIND 9's `rate-limit` and Knot DNS's `mod-rrl`.
+///
+/// Every UDP response is charged to a bucket of credit keyed by the client's prefix (`/24`
+/// IPv4, `/56` IPv6 by default) and the response's class, as BIND classifies: the same name
+/// and type for answers, the zone for NXDOMAIN, one class for every error. A bucket refills at
+/// `responses_per_second` and holds at most one second of credit. Over the limit a response
+/// is dropped, except every `slip`-th one, sent truncated (TC, no records) so that a real
+/// client behind the spoofed address retries over TCP. TCP is never limited: its source cannot
+/// be spoofed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rrl {
+    /// Default `true` (its cost was measured at noise level: bench/results/dns.md).
+    pub enabled: bool,
+    /// Responses per second per client prefix and class, 1 to 1,000,000. Default
+    /// [`RRL_RESPONSES_PER_SECOND`].
+    pub responses_per_second: u32,
+    /// 0: drop every limited response; 1: truncate every one; N: truncate every N-th, drop the
+    /// others. 0 to 10, as BIND. Default [`RRL_SLIP`].
+    pub slip: u32,
+    /// Bits of an IPv4 client address that make its prefix, 8 to 32. Default
+    /// [`RRL_IPV4_PREFIX`].
+    pub ipv4_prefix: u8,
+    /// Bits of an IPv6 client address that make its prefix, 16 to 128. Default
+    /// [`RRL_IPV6_PREFIX`].
+    pub ipv6_prefix: u8,
+    /// Buckets in the table, fixed at start, 1,024 to 4,194,304; keys are hashed (with a random
+    /// key) into it and share a bucket when they collide, as in Knot. Default
+    /// [`RRL_TABLE_SIZE`].
+    pub table_size: u32,
+    /// Clients never limited. Default the loopback prefixes `127.0.0.0/8` and `::1/128`: the
+    /// kernel drops datagrams from them arriving on any other interface, so they cannot be
+    /// spoofed from the network.
+    pub exempt: Vec<Cidr>,
+}
+
+impl Default for Rrl {
+    fn default() -> Self {
+        Rrl {
+            enabled: true,
+            responses_per_second: RRL_RESPONSES_PER_SECOND,
+            slip: RRL_SLIP,
+            ipv4_prefix: RRL_IPV4_PREFIX,
+            ipv6_prefix: RRL_IPV6_PREFIX,
+            table_size: RRL_TABLE_SIZE,
+            exempt: Rrl::default_exempt(),
+        }
+    }
+}
+
+impl Rrl {
+    /// `127.0.0.0/8` and `::1/128`.
+    pub fn default_exempt() -> Vec<Cidr> {
+        ["127.0.0.0/8", "::1/128"]
+            .iter()
+            .filter_map(|c| Cidr::parse(c))
+            .collect()
+    }
 }
 
 /// `[[dns.zone]]`: a zone served authoritatively.

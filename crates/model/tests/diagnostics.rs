@@ -66,6 +66,7 @@ cases!(
     nothing_to_run,
     address_clashes,
     address_clash_with_default_api,
+    dns_rrl,
     duplicate_names_listed_once,
 );
 
@@ -159,4 +160,48 @@ fn example_reads_into_typed_values() {
     assert_eq!(set.autoscale[1].change, -1);
     assert_eq!(t.databases[0].max_lag_on_failover, 1_000_000);
     assert_eq!(t.apps[0].sites.len(), 2);
+}
+
+#[test]
+fn dns_rrl_has_defaults_and_reads_every_key() {
+    let base = "[dns]\nlisten = [\"127.0.0.1:5353\"]\n";
+    let t = model::parse(model::Source::new("t.toml", base.to_string())).unwrap();
+    assert_eq!(t.dns.unwrap().rrl, model::Rrl::default());
+    let d = model::Rrl::default();
+    assert!(d.enabled);
+    assert_eq!(
+        (
+            d.responses_per_second,
+            d.slip,
+            d.ipv4_prefix,
+            d.ipv6_prefix,
+            d.table_size
+        ),
+        (20, 2, 24, 56, 65_536)
+    );
+    assert_eq!(
+        d.exempt.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        ["127.0.0.0/8", "::1/128"]
+    );
+    let text = format!(
+        "{base}[dns.rrl]\nenabled = false\nresponses_per_second = 5\nslip = 0\nipv4_prefix = 32\n\
+         ipv6_prefix = 64\ntable_size = 1024\nexempt = []\n"
+    );
+    let r = model::parse(model::Source::new("t.toml", text))
+        .unwrap()
+        .dns
+        .unwrap()
+        .rrl;
+    assert_eq!(
+        r,
+        model::Rrl {
+            enabled: false,
+            responses_per_second: 5,
+            slip: 0,
+            ipv4_prefix: 32,
+            ipv6_prefix: 64,
+            table_size: 1024,
+            exempt: Vec::new(),
+        }
+    );
 }

@@ -333,7 +333,7 @@ pub(crate) async fn build(config: Config) -> Result<Node, Error> {
     let mut dns_manager = None;
     let mut dns_server = None;
     let mut dns_listen = Vec::new();
-    if let Some(_zones) = &topology.dns
+    if let Some(dns_config) = &topology.dns
         && !listen.is_empty()
     {
         let health: Arc<dyn dns::table::HealthView + Send + Sync> = match &node {
@@ -345,11 +345,14 @@ pub(crate) async fn build(config: Config) -> Result<Node, Error> {
         };
         let manager = dns::manager::Manager::new(topology.clone(), health).map_err(Error::Start)?;
         events.follow(manager.events());
-        let server = dns::server::Server::start(
+        let rrl = &dns_config.rrl;
+        let server = dns::server::Server::start_with(
             &listen,
             manager.tables(),
             manager.metrics.clone(),
             workers(),
+            dns::server::TcpLimits::default(),
+            rrl.enabled.then(|| dns::rrl::Limiter::new(rrl)),
         )
         .map_err(|e| Error::Start(format!("cannot start the DNS server: {e}")))?;
         for a in &server.addrs {
