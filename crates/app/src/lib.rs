@@ -1,0 +1,577 @@
+//! The whole app's failover and failback decisions, sans IO: `(state, observation, now) ->
+//! actions`. An app (`[[app]]`) is a DNS profile, an optional database and a scale set per
+//! site that move between sites together; one site is **active** at a time, under a term that
+//! grows with every move (the fencing token a driver writes with the active site's record).
+//!
+//! A move is a [`Plan`] of ordered steps, each carried out by the driver and confirmed by what
+//! it observes next, as Azure Site Recovery runs a recovery plan:
+//!
+//! 1. **confirm the loss** (failover only): the active site stays unhealthy for `confirm`;
+//! 2. **promote** the database at the target (a failover, or a planned switchover when failing
+//!    back), confirmed when the database reports its primary there;
+//! 3. **scale** the target's set to the capacity the app had (warm standby), then **wait** until
+//!    that many instances are Online (or `step_timeout` passes: a partial site beats none);
+//! 4. **move DNS** to the target: the app is now active there, with the next term;
+//! 5. **scale down** what is left at the old site, when it is reachable.
+//!
+//! Failback to the preferred site (the first of `sites`) is automatic unless configured
+//! manual, and gated on the data, which no DNS traffic manager does: the site must have been
+//! healthy for `failback_hold` **and** its database member caught up ([`Observed::caught_up`]);
+//! [`App::waiting_for`] says what it waits for. A pinned app never moves by itself. When the
+//! database fails over on its own, the app follows its data.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// How the standby site runs while it is not active.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Standby {
+    /// Full capacity all along: nothing to scale before DNS moves.
+    Hot,
+    /// Its set's `min`; scaled to the active site's capacity during a failover, before DNS.
+    Warm,
+}
+
+/// The app's settings (from `[[app]]`).
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Sites in order of preference; the first is where the app belongs.
+    pub sites: Vec<String>,
+    /// Whether the app has a database that moves with it.
+    pub database: bool,
+    pub standby: Standby,
+    /// Automatic failback to the preferred site (else only on command).
+    pub automatic_failback: bool,
+    /// How long the preferred site must be healthy before failing back.
+    pub failback_hold: Duration,
+    /// How long the active site must stay unhealthy before a failover starts.
+    pub confirm: Duration,
+    /// The longest wait for one step's confirmation before the plan goes on (waiting for
+    /// instances) or is abandoned (a promotion that does not happen).
+    pub step_timeout: Duration,
+}
+
+/// What the driver sees at one moment.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    /// Per site: whether its entry points are healthy (the cluster's consensus, or the probes
+    /// in one process). A site missing is unhealthy.
+    pub healthy: BTreeMap<String, bool>,
+    /// Per site: whether its node (or, in one process, the site) can be reached to act on.
+    pub reachable: BTreeMap<String, bool>,
+    /// The database's primary site now, if any.
+    pub primary: Option<String>,
+    /// Per site: whether its database member has caught up with the primary (sync: streaming
+    /// and synchronous; async: no lag after a pause in writes).
+    pub caught_up: BTreeMap<String, bool>,
+    /// Per site: instances Online in the app's scale set there.
+    pub online: BTreeMap<String, u32>,
+    /// Per site: the scale set's desired capacity.
+    pub capacity: BTreeMap<String, u32>,
+}
+
+impl Observed {
+    fn healthy(&self, site: &str) -> bool {
+        self.healthy.get(site).copied().unwrap_or(false)
+    }
+    fn reachable(&self, site: &str) -> bool {
+        self.reachable.get(site).copied().unwrap_or(false)
+    }
+    fn caught_up(&self, site: &str) -> bool {
+        self.caught_up.get(site).copied().unwrap_or(false)
+    }
+    fn online(&self, site: &str) -> u32 {
+        self.online.get(site).copied().unwrap_or(0)
+    }
+    fn capacity(&self, site: &str) -> u32 {
+        self.capacity.get(site).copied().unwrap_or(0)
+    }
+}
+
+/// An operator's command (`tandem app failover|failback|pin|unpin`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Move to `to` now (a planned move: no loss to confirm).
+    Failover { to: String },
+    /// Move back to the preferred site now, if its data has caught up.
+    Failback,
+    /// Stay at `site` (moving there first if it is not active); no automatic moves.
+    Pin { site: String },
+    /// Automatic moves again.
+    Unpin,
+}
+
+/// Why a command was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refused(pub String);
+
+/// What the driver must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Make `site`'s database member the primary: a failover (fence the old primary first) or,
+    /// with `planned`, a switchover with no data loss.
+    Promote {
+        site: String,
+        planned: bool,
+        term: u64,
+    },
+    /// Set the capacity of the app's scale set at `site`.
+    Scale { site: String, capacity: u32 },
+    /// Answer the app's DNS profile with `site`, and record `site` active under `term`.
+    PointDns { site: String, term: u64 },
+    /// Return the old site's set to its standby capacity (`min` for warm), when reachable.
+    ScaleDown { site: String },
+    /// A move starts (the driver records it and tells the operator).
+    MoveStarted {
+        from: String,
+        to: String,
+        reason: Reason,
+        steps: Vec<Step>,
+    },
+    /// Tell the operator (an event): `kind` as in `app-move-end`, and what happened.
+    Event { kind: &'static str, message: String },
+}
+
+/// Why the app moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// The active site was lost.
+    SiteLost,
+    /// The database's primary moved to another site by itself.
+    DataMoved,
+    /// Back to the preferred site, its data caught up.
+    Failback,
+    /// An operator's command.
+    Operator,
+}
+
+/// One step of a plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    ConfirmLoss,
+    Promote,
+    Scale,
+    WaitOnline,
+    MoveDns,
+    ScaleDown,
+}
+
+/// A move in progress: from, to, why, its steps and how long each took.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub from: String,
+    pub to: String,
+    pub reason: Reason,
+    pub steps: Vec<Step>,
+    /// Index of the step under way.
+    pub at: usize,
+    /// The capacity the app had at `from` when the plan started.
+    pub capacity: u32,
+    pub started: Instant,
+    step_started: Instant,
+    /// Whether the current step's action was sent.
+    sent: bool,
+    /// Each finished step and its duration.
+    pub done: Vec<(Step, Duration)>,
+}
+
+impl Plan {
+    /// The steps a move from `from` to `to` takes, for `tandem app plan`.
+    pub fn steps_for(cfg: &Config, reason: Reason, primary_at_target: bool) -> Vec<Step> {
+        let mut steps = Vec::new();
+        if reason == Reason::SiteLost {
+            steps.push(Step::ConfirmLoss);
+        }
+        if cfg.database && !primary_at_target {
+            steps.push(Step::Promote);
+        }
+        if cfg.standby == Standby::Warm {
+            steps.push(Step::Scale);
+        }
+        steps.extend([Step::WaitOnline, Step::MoveDns, Step::ScaleDown]);
+        steps
+    }
+}
+
+/// The app's decisions.
+#[derive(Clone, Debug)]
+pub struct App {
+    cfg: Config,
+    active: String,
+    term: u64,
+    pinned: bool,
+    plan: Option<Plan>,
+    /// Since when each site has been healthy (for the failback hold).
+    healthy_since: BTreeMap<String, Instant>,
+    /// Since when the active site has been unhealthy.
+    unhealthy_since: Option<Instant>,
+}
+
+impl App {
+    /// An app active at `active` under `term` (as recorded; the preferred site and term 0 for
+    /// a new one).
+    pub fn new(cfg: Config, active: String, term: u64) -> App {
+        App {
+            cfg,
+            active,
+            term,
+            pinned: false,
+            plan: None,
+            healthy_since: BTreeMap::new(),
+            unhealthy_since: None,
+        }
+    }
+
+    pub fn active(&self) -> &str {
+        &self.active
+    }
+    pub fn term(&self) -> u64 {
+        self.term
+    }
+    pub fn pinned(&self) -> bool {
+        self.pinned
+    }
+    pub fn plan(&self) -> Option<&Plan> {
+        self.plan.as_ref()
+    }
+    fn preferred(&self) -> &str {
+        self.cfg.sites.first().map_or("", String::as_str)
+    }
+
+    /// What an automatic failback waits for, when the app is away from its preferred site and
+    /// no move is under way; `None` when it is home (or failback is manual and nothing else
+    /// keeps it away).
+    pub fn waiting_for(&self, seen: &Observed, now: Instant) -> Option<String> {
+        let home = self.preferred().to_string();
+        if self.active == home || self.plan.is_some() {
+            return None;
+        }
+        if self.pinned {
+            return Some(format!("pinned to {}", self.active));
+        }
+        if !self.cfg.automatic_failback {
+            return Some("failback is manual: `tandem app failback`".into());
+        }
+        let held = self
+            .healthy_since
+            .get(&home)
+            .map(|since| now.saturating_duration_since(*since));
+        match held {
+            None => Some(format!("{home} to be healthy")),
+            Some(h) if h < self.cfg.failback_hold => Some(format!(
+                "{home} healthy for {:?} of the {:?} hold",
+                h, self.cfg.failback_hold
+            )),
+            _ if self.cfg.database && !seen.caught_up(&home) => {
+                Some(format!("{home}'s database member to catch up"))
+            }
+            _ => None,
+        }
+    }
+
+    /// An operator's command; the actions it starts come from the next [`App::step`].
+    ///
+    /// # Errors
+    /// A move already under way, an unknown or unhealthy target, or a failback whose data has
+    /// not caught up.
+    pub fn command(&mut self, cmd: Command, seen: &Observed, now: Instant) -> Result<(), Refused> {
+        match cmd {
+            Command::Unpin => {
+                self.pinned = false;
+                Ok(())
+            }
+            Command::Pin { site } => {
+                self.known(&site)?;
+                if site != self.active {
+                    self.start_manual(&site, Reason::Operator, seen, now)?;
+                }
+                self.pinned = true;
+                Ok(())
+            }
+            Command::Failover { to } => {
+                self.known(&to)?;
+                if to == self.active {
+                    return Err(Refused(format!("the app is already active at {to}")));
+                }
+                self.start_manual(&to, Reason::Operator, seen, now)
+            }
+            Command::Failback => {
+                let home = self.preferred().to_string();
+                if home == self.active {
+                    return Err(Refused(format!("the app is already at {home}")));
+                }
+                if self.cfg.database && !seen.caught_up(&home) {
+                    return Err(Refused(format!(
+                        "{home}'s database member has not caught up; failing back now would lose writes"
+                    )));
+                }
+                self.start_manual(&home, Reason::Failback, seen, now)
+            }
+        }
+    }
+
+    fn known(&self, site: &str) -> Result<(), Refused> {
+        if self.cfg.sites.iter().any(|s| s == site) {
+            Ok(())
+        } else {
+            Err(Refused(format!(
+                "{site} is not one of the app's sites ({})",
+                self.cfg.sites.join(", ")
+            )))
+        }
+    }
+
+    fn start_manual(
+        &mut self,
+        to: &str,
+        reason: Reason,
+        seen: &Observed,
+        now: Instant,
+    ) -> Result<(), Refused> {
+        if let Some(p) = &self.plan {
+            return Err(Refused(format!(
+                "a move from {} to {} is under way",
+                p.from, p.to
+            )));
+        }
+        if !seen.healthy(to) {
+            return Err(Refused(format!("{to} is not healthy")));
+        }
+        self.plan = Some(self.new_plan(to, reason, seen, now));
+        Ok(())
+    }
+
+    fn new_plan(&self, to: &str, reason: Reason, seen: &Observed, now: Instant) -> Plan {
+        let at_target = seen.primary.as_deref() == Some(to);
+        Plan {
+            from: self.active.clone(),
+            to: to.to_string(),
+            reason,
+            steps: Plan::steps_for(&self.cfg, reason, at_target),
+            at: 0,
+            capacity: seen.capacity(&self.active).max(seen.capacity(to)),
+            started: now,
+            step_started: now,
+            sent: false,
+            done: Vec::new(),
+        }
+    }
+
+    /// One look at the world: the actions to carry out now.
+    pub fn step(&mut self, seen: &Observed, now: Instant) -> Vec<Action> {
+        self.track(seen, now);
+        let mut out = Vec::new();
+        if self.plan.is_none()
+            && let Some((to, reason)) = self.should_move(seen, now)
+        {
+            let plan = self.new_plan(&to, reason, seen, now);
+            out.push(Action::MoveStarted {
+                from: plan.from.clone(),
+                to: plan.to.clone(),
+                reason,
+                steps: plan.steps.clone(),
+            });
+            self.plan = Some(plan);
+        }
+        self.advance(seen, now, &mut out);
+        out
+    }
+
+    fn track(&mut self, seen: &Observed, now: Instant) {
+        for site in &self.cfg.sites {
+            if seen.healthy(site) {
+                self.healthy_since.entry(site.clone()).or_insert(now);
+            } else {
+                self.healthy_since.remove(site);
+            }
+        }
+        if seen.healthy(&self.active) {
+            self.unhealthy_since = None;
+        } else if self.unhealthy_since.is_none() {
+            self.unhealthy_since = Some(now);
+        }
+    }
+
+    /// Whether (and where, and why) the app should move by itself.
+    fn should_move(&self, seen: &Observed, now: Instant) -> Option<(String, Reason)> {
+        if self.pinned {
+            return None;
+        }
+        // The data moved without us (the database failed over): follow it.
+        if self.cfg.database
+            && let Some(p) = &seen.primary
+            && *p != self.active
+            && self.cfg.sites.contains(p)
+            && seen.healthy(p)
+        {
+            return Some((p.clone(), Reason::DataMoved));
+        }
+        if !seen.healthy(&self.active) {
+            // The next healthy site in order of preference.
+            let to = self
+                .cfg
+                .sites
+                .iter()
+                .find(|s| **s != self.active && seen.healthy(s))?;
+            return Some((to.clone(), Reason::SiteLost));
+        }
+        let home = self.preferred();
+        if self.active != home
+            && self.cfg.automatic_failback
+            && self.waiting_for(seen, now).is_none()
+            && seen.healthy(home)
+        {
+            return Some((home.to_string(), Reason::Failback));
+        }
+        None
+    }
+
+    fn advance(&mut self, seen: &Observed, now: Instant, out: &mut Vec<Action>) {
+        // Steps that complete at once run through in one call.
+        for _ in 0..8 {
+            let Some(plan) = self.plan.as_mut() else {
+                return;
+            };
+            let Some(step) = plan.steps.get(plan.at).copied() else {
+                self.finish(now, out);
+                return;
+            };
+            let waited = now.saturating_duration_since(plan.step_started);
+            let timed_out = waited >= self.cfg.step_timeout;
+            let done = match step {
+                Step::ConfirmLoss => {
+                    if seen.healthy(&plan.from) {
+                        let from = plan.from.clone();
+                        self.plan = None;
+                        out.push(Action::Event {
+                            kind: "app-move-abandoned",
+                            message: format!(
+                                "{from} is healthy again before the loss was confirmed"
+                            ),
+                        });
+                        return;
+                    }
+                    if !seen.healthy(&plan.to) {
+                        let why = format!("{} is not healthy", plan.to);
+                        self.abandon(why, out);
+                        return;
+                    }
+                    self.unhealthy_since
+                        .is_some_and(|s| now.saturating_duration_since(s) >= self.cfg.confirm)
+                }
+                Step::Promote => {
+                    if seen.primary.as_deref() == Some(plan.to.as_str()) {
+                        true
+                    } else if timed_out {
+                        let to = plan.to.clone();
+                        self.abandon(
+                            format!("the database did not become primary at {to} in {waited:?}"),
+                            out,
+                        );
+                        return;
+                    } else {
+                        if !plan.sent {
+                            plan.sent = true;
+                            out.push(Action::Promote {
+                                site: plan.to.clone(),
+                                planned: plan.reason != Reason::SiteLost,
+                                term: self.term + 1,
+                            });
+                        }
+                        false
+                    }
+                }
+                Step::Scale => {
+                    out.push(Action::Scale {
+                        site: plan.to.clone(),
+                        capacity: plan.capacity,
+                    });
+                    true
+                }
+                Step::WaitOnline => {
+                    let need = plan.capacity.max(1);
+                    if seen.online(&plan.to) >= need {
+                        true
+                    } else if timed_out {
+                        out.push(Action::Event {
+                            kind: "app-move-partial",
+                            message: format!(
+                                "{} of {need} instances Online at {} after {waited:?}; moving DNS anyway",
+                                seen.online(&plan.to),
+                                plan.to
+                            ),
+                        });
+                        true
+                    } else {
+                        false
+                    }
+                }
+                Step::MoveDns => {
+                    // Never answer with a site whose database is not the primary.
+                    if self.cfg.database && seen.primary.as_deref() != Some(plan.to.as_str()) {
+                        let to = plan.to.clone();
+                        self.abandon(format!("the database primary left {to}"), out);
+                        return;
+                    }
+                    self.term += 1;
+                    self.active = plan.to.clone();
+                    self.unhealthy_since = None;
+                    out.push(Action::PointDns {
+                        site: plan.to.clone(),
+                        term: self.term,
+                    });
+                    true
+                }
+                Step::ScaleDown => {
+                    if seen.reachable(&plan.from) {
+                        out.push(Action::ScaleDown {
+                            site: plan.from.clone(),
+                        });
+                    }
+                    true
+                }
+            };
+            if !done {
+                return;
+            }
+            let Some(plan) = self.plan.as_mut() else {
+                return;
+            };
+            plan.done.push((step, waited));
+            plan.at += 1;
+            plan.step_started = now;
+            plan.sent = false;
+        }
+    }
+
+    fn abandon(&mut self, why: String, out: &mut Vec<Action>) {
+        if let Some(p) = self.plan.take() {
+            out.push(Action::Event {
+                kind: "app-move-failed",
+                message: format!(
+                    "{} -> {}: {why}; the app stays at {}",
+                    p.from, p.to, self.active
+                ),
+            });
+        }
+    }
+
+    fn finish(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if let Some(p) = self.plan.take() {
+            let steps: Vec<String> = p.done.iter().map(|(s, d)| format!("{s:?} {d:?}")).collect();
+            out.push(Action::Event {
+                kind: "app-move-end",
+                message: format!(
+                    "{} -> {} in {:?} (term {}): {}",
+                    p.from,
+                    p.to,
+                    now.saturating_duration_since(p.started),
+                    self.term,
+                    steps.join(", ")
+                ),
+            });
+        }
+    }
+}

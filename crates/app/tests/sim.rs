@@ -1,0 +1,273 @@
+//! The app's decisions ([`app::App`]) simulated on virtual time against a world of sites that
+//! fail and return, a database whose primary moves when told (and sometimes by itself), members
+//! that fall behind and catch up, scale sets whose instances come Online after a while, and an
+//! operator who fails over, fails back, pins and unpins at random. Over many seeds, after every
+//! 500 ms tick:
+//!
+//! - DNS answers the active site only, and every move takes a higher term;
+//! - DNS never moves to a site whose database member is not the primary;
+//! - a move starts only towards a healthy site;
+//! - an automatic failback starts only when the preferred site has been healthy for the hold
+//!   and its member has caught up;
+//! - a pinned app never starts a move by itself;
+//! - a warm standby is scaled up before DNS moves to it;
+//! - once faults stop (every site healthy, members caught up, unpinned), the app ends at its
+//!   preferred site with its primary there and no move under way.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+
+use app::{Action, App, Command, Config, Observed, Standby};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::time::{Duration, Instant};
+
+const TICK: Duration = Duration::from_millis(500);
+const SEEDS: u64 = 400;
+const TICKS: usize = 1200;
+const QUIET: usize = 400;
+
+struct World {
+    sites: Vec<String>,
+    healthy: BTreeMap<String, bool>,
+    healthy_since: BTreeMap<String, Instant>,
+    primary: String,
+    caught_up: BTreeMap<String, bool>,
+    /// A promotion under way: site, when it happens, whether it is planned.
+    promoting: Option<(String, Instant, bool)>,
+    capacity: BTreeMap<String, u32>,
+    online: BTreeMap<String, u32>,
+    min: u32,
+}
+
+impl World {
+    fn observed(&self) -> Observed {
+        Observed {
+            healthy: self.healthy.clone(),
+            reachable: self.healthy.clone(),
+            primary: Some(self.primary.clone()),
+            caught_up: self.caught_up.clone(),
+            online: self.online.clone(),
+            capacity: self.capacity.clone(),
+        }
+    }
+}
+
+fn run(seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let three = rng.random_bool(0.3);
+    let mut sites = vec!["edge".to_string(), "region".to_string()];
+    if three {
+        sites.push("far".into());
+    }
+    let warm = rng.random_bool(0.5);
+    let database = rng.random_bool(0.8);
+    let cfg = Config {
+        sites: sites.clone(),
+        database,
+        standby: if warm { Standby::Warm } else { Standby::Hot },
+        automatic_failback: rng.random_bool(0.8),
+        failback_hold: Duration::from_secs(rng.random_range(1..=30)),
+        confirm: Duration::from_secs(rng.random_range(0..=5)),
+        step_timeout: Duration::from_secs(rng.random_range(5..=30)),
+    };
+    let start = Instant::now();
+    let full = 4;
+    let min = if warm { 1 } else { full };
+    let mut w = World {
+        sites: sites.clone(),
+        healthy: sites.iter().map(|s| (s.clone(), true)).collect(),
+        healthy_since: sites.iter().map(|s| (s.clone(), start)).collect(),
+        primary: "edge".into(),
+        caught_up: sites.iter().map(|s| (s.clone(), true)).collect(),
+        promoting: None,
+        capacity: sites
+            .iter()
+            .map(|s| (s.clone(), if s == "edge" { full } else { min }))
+            .collect(),
+        online: BTreeMap::new(),
+        min,
+    };
+    let mut app = App::new(cfg.clone(), "edge".into(), 0);
+    let mut dns = "edge".to_string();
+    let mut term = 0;
+    let mut pinned = false;
+    let ctx = |t: usize| format!("seed {seed} tick {t} cfg {cfg:?}");
+
+    for t in 0..TICKS {
+        let now = start + TICK * t as u32;
+        let faults = t < TICKS - QUIET;
+        // The world moves.
+        for s in &w.sites {
+            let h = w.healthy[s];
+            let flip = faults && rng.random_bool(if h { 0.01 } else { 0.05 });
+            let h = if flip { !h } else { h || !faults };
+            if h && !w.healthy[s] {
+                w.healthy_since.insert(s.clone(), now);
+                // A member back from an outage is behind.
+                if database && *s != w.primary {
+                    w.caught_up.insert(s.clone(), false);
+                }
+            }
+            w.healthy.insert(s.clone(), h);
+        }
+        for s in &w.sites {
+            let behind = !w.caught_up[s];
+            let catches_up =
+                behind && w.healthy[s] && rng.random_bool(if faults { 0.05 } else { 0.2 });
+            if *s == w.primary || catches_up {
+                w.caught_up.insert(s.clone(), true);
+            } else if faults && !behind && rng.random_bool(0.005) {
+                w.caught_up.insert(s.clone(), false);
+            }
+        }
+        if let Some((site, at, planned)) = w.promoting.clone()
+            && now >= at
+        {
+            // A planned switchover waits for the member to catch up (the database tier's
+            // rule); a failover happens if the site is up (sometimes it fails).
+            let ok = w.healthy[&site]
+                && (!planned || w.caught_up[&site])
+                && (!faults || rng.random_bool(0.9));
+            if ok {
+                w.primary = site;
+            }
+            w.promoting = None;
+        }
+        // Sometimes the database fails over by itself, to a healthy caught-up member.
+        if database && faults && w.promoting.is_none() && rng.random_bool(0.003) {
+            let others: Vec<String> = w
+                .sites
+                .iter()
+                .filter(|s| **s != w.primary && w.healthy[*s] && w.caught_up[*s])
+                .cloned()
+                .collect();
+            if !others.is_empty() {
+                w.primary = others[rng.random_range(0..others.len())].clone();
+            }
+        }
+        for s in &w.sites {
+            let want = if w.healthy[s] { w.capacity[s] } else { 0 };
+            let have = w.online.get(s).copied().unwrap_or(0);
+            let next = if have < want && rng.random_bool(0.3) {
+                have + 1
+            } else {
+                have.min(want)
+            };
+            w.online.insert(s.clone(), next);
+        }
+        // The operator, now and then.
+        let seen = w.observed();
+        if faults && rng.random_bool(0.01) {
+            let site = w.sites[rng.random_range(0..w.sites.len())].clone();
+            let cmd = match rng.random_range(0..4) {
+                0 => Command::Failover { to: site },
+                1 => Command::Failback,
+                2 => Command::Pin { site },
+                _ => Command::Unpin,
+            };
+            let pin = matches!(cmd, Command::Pin { .. });
+            let unpin = cmd == Command::Unpin;
+            if app.command(cmd, &seen, now).is_ok() {
+                pinned = (pinned || pin) && !unpin;
+            }
+        }
+        if !faults && pinned {
+            app.command(Command::Unpin, &seen, now).unwrap();
+            pinned = false;
+        }
+        assert_eq!(app.pinned(), pinned, "{}", ctx(t));
+
+        let actions = app.step(&seen, now);
+        for a in &actions {
+            match a {
+                Action::MoveStarted { to, reason, .. } => {
+                    assert!(seen.healthy[to], "move to an unhealthy site: {}", ctx(t));
+                    assert!(!pinned, "a pinned app moved by itself: {}", ctx(t));
+                    if *reason == app::Reason::Failback {
+                        let home = &w.sites[0];
+                        let held = now.saturating_duration_since(w.healthy_since[home]);
+                        assert!(
+                            held >= cfg.failback_hold,
+                            "failback before the hold: {}",
+                            ctx(t)
+                        );
+                        assert!(
+                            !database || w.caught_up[home],
+                            "failback before the data caught up: {}",
+                            ctx(t)
+                        );
+                    }
+                }
+                Action::Event { .. } => {}
+                Action::Promote { site, planned, .. } => {
+                    let delay = Duration::from_millis(rng.random_range(200..5000));
+                    w.promoting = Some((site.clone(), now + delay, *planned));
+                }
+                Action::Scale { site, capacity } => {
+                    w.capacity.insert(site.clone(), *capacity);
+                }
+                Action::ScaleDown { site } => {
+                    w.capacity.insert(site.clone(), w.min);
+                }
+                Action::PointDns { site, term: t2 } => {
+                    assert!(*t2 > term, "terms only grow: {t2} after {term}: {}", ctx(t));
+                    term = *t2;
+                    dns = site.clone();
+                    if database {
+                        assert_eq!(
+                            &seen.primary.clone().unwrap(),
+                            site,
+                            "DNS moved to a site whose member is not the primary: {}",
+                            ctx(t)
+                        );
+                    }
+                    assert!(
+                        w.capacity[site] >= full,
+                        "DNS moved to a standby not scaled up: {}",
+                        ctx(t)
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            app.active(),
+            dns,
+            "DNS answers the active site only: {}",
+            ctx(t)
+        );
+        assert_eq!(app.term(), term, "{}", ctx(t));
+    }
+    // Quiet: the app is home, with its data, and at rest.
+    if cfg.automatic_failback {
+        assert_eq!(
+            app.active(),
+            "edge",
+            "not home after the quiet period: {}",
+            ctx(TICKS)
+        );
+        if database {
+            assert_eq!(w.primary, "edge", "{}", ctx(TICKS));
+        }
+    }
+    assert!(
+        app.plan().is_none(),
+        "a move still under way: {}",
+        ctx(TICKS)
+    );
+    let waits = app.waiting_for(&w.observed(), start + TICK * TICKS as u32);
+    assert_eq!(
+        waits.is_none(),
+        app.active() == "edge",
+        "{waits:?}: {}",
+        ctx(TICKS)
+    );
+}
+
+#[test]
+fn the_app_moves_safely_over_many_seeds() {
+    for seed in 0..SEEDS {
+        run(seed);
+    }
+}
