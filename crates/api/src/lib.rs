@@ -32,6 +32,7 @@
 
 pub mod auth;
 pub mod dashboard;
+pub mod limit;
 pub mod metrics;
 pub mod peers;
 pub mod stream;
@@ -471,11 +472,22 @@ pub fn router(api: Api) -> Router {
         .with_state(api)
 }
 
-/// Serves the API on `listener` until `shutdown` completes, over TLS when `api.tls` is set;
-/// then live event streams end, and the requests in progress are finished.
+/// Serves the API on `listener` until `shutdown` completes, over TLS when `api.tls` is set,
+/// within the default [`limit::Limits`]; then live event streams end, and the requests in
+/// progress are finished.
 pub async fn serve(
     listener: TcpListener,
     api: Api,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_with_limits(listener, api, limit::Limits::default(), shutdown).await
+}
+
+/// As [`serve`], with connection limits of one's own.
+pub async fn serve_with_limits(
+    listener: TcpListener,
+    api: Api,
+    limits: limit::Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let events = api.events.clone();
@@ -485,13 +497,13 @@ pub async fn serve(
     };
     match api.tls.clone() {
         Some(tls) => {
-            let listener = tls::TlsListener::new(listener, tls.server.clone());
+            let listener = tls::TlsListener::new(listener, tls.server.clone(), limits);
             axum::serve(listener, router(api))
                 .with_graceful_shutdown(shutdown)
                 .await
         }
         None => {
-            axum::serve(listener, router(api))
+            axum::serve(limit::Slots::new(listener, limits), router(api))
                 .with_graceful_shutdown(shutdown)
                 .await
         }

@@ -16,6 +16,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
 
+use crate::limit::{Guarded, Limits, Slots};
+
 /// A client that has not finished its handshake by then is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -107,13 +109,17 @@ pub async fn connect(
     TlsConnector::from(config.clone()).connect(name, tcp).await
 }
 
+/// A TLS connection within the API's limits.
+pub type TlsConnection = server::TlsStream<Guarded<TcpStream>>;
+
 /// A listener for `axum::serve` whose connections are TLS. Each handshake runs in its own task
-/// (bounded by [`HANDSHAKE_TIMEOUT`]), so a slow or silent client never holds up the others.
+/// (bounded by [`HANDSHAKE_TIMEOUT`]), so a slow or silent client never holds up the others;
+/// every connection, handshakes included, holds one of the [`Limits`]' slots.
 pub struct TlsListener {
-    tcp: TcpListener,
+    tcp: Slots,
     acceptor: TlsAcceptor,
-    ready_tx: mpsc::Sender<(server::TlsStream<TcpStream>, SocketAddr)>,
-    ready: mpsc::Receiver<(server::TlsStream<TcpStream>, SocketAddr)>,
+    ready_tx: mpsc::Sender<(TlsConnection, SocketAddr)>,
+    ready: mpsc::Receiver<(TlsConnection, SocketAddr)>,
 }
 
 impl std::fmt::Debug for TlsListener {
@@ -125,17 +131,17 @@ impl std::fmt::Debug for TlsListener {
 }
 
 impl TlsListener {
-    pub fn new(tcp: TcpListener, config: Arc<ServerConfig>) -> TlsListener {
+    pub fn new(tcp: TcpListener, config: Arc<ServerConfig>, limits: Limits) -> TlsListener {
         let (ready_tx, ready) = mpsc::channel(READY_QUEUE);
         TlsListener {
-            tcp,
+            tcp: Slots::new(tcp, limits),
             acceptor: TlsAcceptor::from(config),
             ready_tx,
             ready,
         }
     }
 
-    fn handshake(&self, stream: TcpStream, peer: SocketAddr) {
+    fn handshake(&self, stream: Guarded<TcpStream>, peer: SocketAddr) {
         let (acceptor, ready) = (self.acceptor.clone(), self.ready_tx.clone());
         tokio::spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -150,21 +156,14 @@ impl TlsListener {
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = server::TlsStream<TcpStream>;
+    type Io = TlsConnection;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
             tokio::select! {
                 Some(done) = self.ready.recv() => return done,
-                got = self.tcp.accept() => match got {
-                    Ok((stream, peer)) => self.handshake(stream, peer),
-                    // Out of file descriptors and the like: as axum's own listener does.
-                    Err(e) => {
-                        tracing::warn!("the API cannot accept a connection: {e}");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                },
+                (stream, peer) = self.tcp.accept() => self.handshake(stream, peer),
             }
         }
     }

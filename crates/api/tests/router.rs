@@ -64,6 +64,16 @@ async fn serve_full(
     tls: Option<api::tls::ApiTls>,
     bind: SocketAddr,
 ) -> SocketAddr {
+    serve_limited(tokens, tls, bind, api::limit::Limits::default()).await
+}
+
+/// As [`serve_full`], within `limits`.
+async fn serve_limited(
+    tokens: Option<api::auth::Tokens>,
+    tls: Option<api::tls::ApiTls>,
+    bind: SocketAddr,
+    limits: api::limit::Limits,
+) -> SocketAddr {
     let topology = match model::parse(model::Source::new("t.toml", TOPOLOGY)) {
         Ok(t) => Arc::new(t),
         Err(d) => panic!("{}", d.render()),
@@ -124,7 +134,12 @@ async fn serve_full(
     };
     let listener = tokio::net::TcpListener::bind(bind).await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(api::serve(listener, api, std::future::pending()));
+    tokio::spawn(api::serve_with_limits(
+        listener,
+        api,
+        limits,
+        std::future::pending(),
+    ));
     addr
 }
 
@@ -783,4 +798,68 @@ async fn dashboard_files_are_served_with_their_types() {
         "nothing from elsewhere"
     );
     assert_eq!(call(api, "GET", "/assets/nope.js", "").await.0, 404);
+}
+
+/// Reads until the peer closes (or errs); `None` if it is still open after `within`.
+async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> Option<()> {
+    let mut buf = [0u8; 64];
+    tokio::time::timeout(within, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
+/// At most `max_connections` at once: the next waits until one closes. A connection that says
+/// nothing is closed after `idle_timeout`, so silent clients cannot hold the slots.
+#[tokio::test]
+async fn connections_are_bounded_and_idle_ones_closed() {
+    use api::limit::Limits;
+    let full = Limits {
+        max_connections: 2,
+        idle_timeout: Duration::from_secs(600),
+    };
+    let api = serve_limited(None, None, "127.0.0.1:0".parse().unwrap(), full).await;
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        silent.push(tokio::net::TcpStream::connect(api).await.unwrap());
+    }
+    // Both slots are held: a third client is not served while they are.
+    let third = tokio::spawn(async move { call(api, "GET", "/healthz", "").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !third.is_finished(),
+        "a third connection was served beyond the limit"
+    );
+    silent.pop();
+    let (status, _) = tokio::time::timeout(Duration::from_secs(10), third)
+        .await
+        .expect("served once a slot is free")
+        .unwrap();
+    assert_eq!(status, 200);
+
+    // Idle connections are closed, with or without TLS.
+    let idle = Limits {
+        max_connections: 8,
+        idle_timeout: Duration::from_secs(1),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pki = testkit::pki::Pki::new(&dir.path().join("pki"), "tandem test CA");
+    let issued = pki.issue("node", &["127.0.0.1"]);
+    let tls = api::tls::ApiTls::load(&issued.cert, &issued.key, Some(&pki.ca())).unwrap();
+    for tls in [None, Some(tls)] {
+        let api = serve_limited(None, tls, "127.0.0.1:0".parse().unwrap(), idle).await;
+        let mut s = tokio::net::TcpStream::connect(api).await.unwrap();
+        assert!(
+            closed_within(&mut s, Duration::from_secs(10))
+                .await
+                .is_some(),
+            "an idle connection stays open"
+        );
+    }
 }

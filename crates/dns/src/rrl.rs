@@ -31,8 +31,8 @@ use model::units::Cidr;
 /// What a response is, for rate limiting (BIND 9's classes, simplified).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Class<'a> {
-    /// A NOERROR response (an answer or NODATA): the question's name (lower-case wire format)
-    /// and type.
+    /// A NOERROR response: the question's name (lower-case wire format) and type; type 0 for
+    /// NODATA (no records), which BIND keys by name alone.
     Answer { name: &'a [u8], qtype: u16 },
     /// NXDOMAIN: the zone's apex (lower-case wire format), so that random names under a zone
     /// share one bucket per client prefix.

@@ -180,9 +180,11 @@ pub fn answer_limited(
     };
     let code = r.code;
     let class = match (code, r.zone) {
+        // NODATA is one class per name whatever the type asked (as BIND keys it), so rotating
+        // the type cannot open a fresh bucket for each of 65,536 types.
         (rcode::NOERROR, _) => Class::Answer {
             name: q.name.wire(),
-            qtype: q.qtype,
+            qtype: if r.answered { q.qtype } else { 0 },
         },
         (rcode::NXDOMAIN, Some(zone)) => Class::NxDomain {
             zone: q
@@ -237,6 +239,8 @@ struct Responded {
     used_client: bool,
     /// The served zone the name is in.
     zone: Option<usize>,
+    /// Whether the answer section holds records (NOERROR without them is NODATA).
+    answered: bool,
 }
 
 impl Responded {
@@ -246,6 +250,7 @@ impl Responded {
             profile: None,
             used_client: false,
             zone: None,
+            answered: false,
         }
     }
 }
@@ -333,6 +338,7 @@ fn respond(tables: &Tables, q: &wire::Query<'_>, peer: IpAddr, w: &mut Writer<'_
         profile,
         used_client,
         zone: Some(zone),
+        answered,
     }
 }
 

@@ -1416,6 +1416,56 @@ fn open_count(conns: &[tokio::net::TcpStream]) -> usize {
 /// counted. Meanwhile 127.0.1.3 (another /24: its own bucket) is answered normally, TCP from
 /// the flooded source too, and once the flood stops the bucket refills and the source is
 /// answered again over UDP.
+/// NODATA answers share one bucket per name whatever the type asked (as BIND keys them): a
+/// flood rotating through query types gets no more full answers than one type would.
+#[tokio::test]
+async fn rotating_the_query_type_does_not_escape_the_limit() {
+    use std::sync::atomic::Ordering;
+    const RATE: u32 = 10;
+    let rrl = model::Rrl {
+        responses_per_second: RATE,
+        slip: 0,
+        exempt: Vec::new(),
+        ..model::Rrl::default()
+    };
+    let t = topology(&format!("{ZONE}\n{PRIORITY}"));
+    let f = Fixture::with_rrl(t, 2, Some(Limiter::new(&rrl)));
+    let flood = UdpSocket::bind("127.0.0.2:0").unwrap();
+    flood.set_nonblocking(true).unwrap();
+    let mut answered = 0u32;
+    let mut buf = [0u8; 4096];
+    let started = tokio::time::Instant::now();
+    for (i, qtype) in (1000u16..1400).enumerate() {
+        // Types www has no record of: every answer is NODATA.
+        let mut m = query("www.shop.test.", RecordType::Unknown(qtype));
+        m.metadata.id = i as u16;
+        flood.send_to(&m.to_vec().unwrap(), f.addr()).unwrap();
+        while let Ok(n) = flood.recv(&mut buf) {
+            let (_, flags, _, counts) = header(&buf[..n]);
+            assert_eq!(flags & 0x02, 0, "slip 0 sends nothing truncated");
+            assert_eq!(counts[1], 0, "NODATA");
+            answered += 1;
+        }
+    }
+    let sent_for = started.elapsed();
+    let m = &f.manager.metrics;
+    testkit::eventually(Duration::from_secs(5), "the flood counted", || {
+        let seen = m.rrl_dropped.load(Ordering::Relaxed) + u64::from(answered);
+        async move { (seen >= 50).then_some(()) }
+    })
+    .await;
+    while let Ok(n) = flood.recv(&mut buf) {
+        let _ = header(&buf[..n]);
+        answered += 1;
+    }
+    let allowed = RATE + (sent_for.as_secs_f64() * f64::from(RATE)).ceil() as u32 + 1;
+    assert!(
+        answered <= allowed,
+        "{answered} NODATA answers for rotating types, at most {allowed}"
+    );
+    assert!(m.rrl_dropped.load(Ordering::Relaxed) > 0);
+}
+
 #[tokio::test]
 async fn a_udp_flood_from_one_source_is_rate_limited_and_slips_while_others_are_answered() {
     use std::sync::atomic::Ordering;
