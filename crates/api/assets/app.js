@@ -229,7 +229,11 @@ document.addEventListener("alpine:init", () => {
           }
         }
         this.live = false;
-        if (!abort.signal.aborted) await sleep(RETRY_MS);
+        // Whatever ended this round, its connection is closed before the next one opens (a
+        // leaked stream would hold one of the browser's few connections to the node).
+        const restarted = abort.signal.aborted;
+        abort.abort();
+        if (!restarted) await sleep(RETRY_MS);
       }
     },
 

@@ -150,8 +150,43 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .then_some(token.trim())
 }
 
-/// The middleware: checks the request's token against the role it needs.
+/// A change sent by a browser from another site (its `Origin` is not the `Host` it was sent
+/// to): a page the operator visits must not drive the API with the operator's network access
+/// (cross-site request forgery). Clients other than browsers send no `Origin`.
+fn cross_site(req: &Request) -> bool {
+    if matches!(*req.method(), Method::GET | Method::HEAD) {
+        return false;
+    }
+    let Some(origin) = req.headers().get(header::ORIGIN) else {
+        return false;
+    };
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok());
+    let origin_host = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.split_once("://"))
+        .map(|(_, rest)| rest.trim_end_matches('/'));
+    match (origin_host, host) {
+        (Some(o), Some(h)) => !o.eq_ignore_ascii_case(h),
+        _ => true,
+    }
+}
+
+/// The middleware: refuses cross-site changes, then checks the request's token against the
+/// role it needs.
 pub async fn authorize(State(api): State<Api>, req: Request, next: Next) -> Response {
+    if cross_site(&req) {
+        let body = crate::types::ErrorResponse {
+            error: "a change from a page of another site is refused (its Origin is not this API)"
+                .into(),
+            field: "origin".into(),
+            diagnostics: None,
+        };
+        return (StatusCode::FORBIDDEN, axum::Json(body)).into_response();
+    }
     let header = req
         .headers()
         .get(header::AUTHORIZATION)

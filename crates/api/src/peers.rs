@@ -61,7 +61,15 @@ async fn get<T: DeserializeOwned>(
         Some(config) => {
             let stream = crate::tls::connect(addr, &config)
                 .await
-                .map_err(|e| tracing::debug!(%addr, "peer API over TLS: {e}"))
+                // A certificate that does not name the peer, or a wrong `tls_ca`, is a
+                // misconfiguration the operator must see; an unreachable peer is not.
+                .map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::InvalidData {
+                        tracing::warn!(%addr, "the peer's API refused TLS: {e}; check tls_ca and that its certificate names {}", addr.ip());
+                    } else {
+                        tracing::debug!(%addr, "peer API over TLS: {e}");
+                    }
+                })
                 .ok()?;
             let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
                 .await

@@ -90,7 +90,9 @@ pub(crate) async fn events_stream(
     let log = api.events.clone();
     let (now, rx) = log.subscribe_numbered();
     let (last, pending) = match resume_after(&headers, &log) {
-        Some(seq) => (seq, log.since(seq).into()),
+        // An id from the future (a client's mistake) resumes from now, not in silence.
+        Some(seq) if seq <= now => (seq, log.since(seq).into()),
+        Some(_) => (now, VecDeque::new()),
         None => (now, VecDeque::new()),
     };
     let tail = Tail {

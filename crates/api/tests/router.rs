@@ -863,3 +863,37 @@ async fn connections_are_bounded_and_idle_ones_closed() {
         );
     }
 }
+
+/// A change a browser sends from a page of another site is refused (CSRF), even with the API
+/// open; the same change from the API's own page (its Origin is the Host), or from a client
+/// that sends no Origin, reaches the handler.
+#[tokio::test]
+async fn changes_from_another_site_are_refused() {
+    let api = serve().await;
+    let send = |origin: Option<String>| async move {
+        let mut s = tokio::net::TcpStream::connect(api).await.unwrap();
+        let origin = origin.map_or(String::new(), |o| format!("Origin: {o}\r\n"));
+        let req = format!(
+            "POST /v1/drills/stop HTTP/1.0\r\nHost: {api}\r\n{origin}Content-Length: 0\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let status: u16 = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let body = out.split_once("\r\n\r\n").unwrap().1.to_string();
+        (status, body)
+    };
+    for evil in [
+        "http://evil.example",
+        "null",
+        &format!("http://{api}.evil.example"),
+    ] {
+        let (status, body) = send(Some(evil.to_string())).await;
+        assert_eq!(status, 403, "{evil}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["field"], "origin", "{v}");
+    }
+    // No drill is running: the handler answers 409, so the request got through.
+    assert_eq!(send(Some(format!("http://{api}"))).await.0, 409);
+    assert_eq!(send(None).await.0, 409);
+}

@@ -135,7 +135,14 @@ async fn call<T: DeserializeOwned>(
             req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
         }
         let req = req.body(Full::new(Bytes::from(body)))?;
-        let resp = sender.send_request(req).await?;
+        let resp = sender.send_request(req).await.map_err(|e| {
+            let hint = if TLS.get().cloned().flatten().is_none() {
+                "; if the API serves TLS ([tandem] tls_cert), set TANDEM_CA (or --ca) to its CA"
+            } else {
+                ""
+            };
+            anyhow!("the tandem API at {api} closed the request: {e}{hint}")
+        })?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await?.to_bytes();
         if !status.is_success() {

@@ -63,7 +63,11 @@ fn listening(api: &api::Api, addr: Option<SocketAddr>) -> String {
         let _ = writeln!(out, "  node   {} (site {})", n.name(), n.site());
     }
     if let Some(a) = addr {
-        let _ = writeln!(out, "  api    http://{a}  (/v1/…, /metrics)");
+        let scheme = if api.tls.is_some() { "https" } else { "http" };
+        let _ = writeln!(
+            out,
+            "  api    {scheme}://{a}  (dashboard at /, /v1/…, /metrics)"
+        );
     }
     let dns: Vec<String> = api.dns_listen.iter().map(ToString::to_string).collect();
     if !dns.is_empty() {

@@ -146,9 +146,12 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     client::set_token(cli.token.or_else(|| std::env::var("TANDEM_TOKEN").ok()));
-    let ca = cli
-        .ca
-        .or_else(|| std::env::var_os("TANDEM_CA").map(Into::into));
+    // An empty TANDEM_CA is unset, as an empty TANDEM_TOKEN is.
+    let ca = cli.ca.or_else(|| {
+        std::env::var_os("TANDEM_CA")
+            .filter(|v| !v.is_empty())
+            .map(Into::into)
+    });
     if let Err(e) = client::set_ca(ca.as_deref()) {
         eprintln!("error: {e}");
         return ExitCode::from(EXIT_USAGE);
