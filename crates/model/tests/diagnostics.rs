@@ -67,6 +67,8 @@ cases!(
     address_clashes,
     address_clash_with_default_api,
     duplicate_names_listed_once,
+    backup_rules,
+    backup_ok,
 );
 
 #[test]
