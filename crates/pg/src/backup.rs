@@ -406,8 +406,14 @@ pub struct Backups {
     failed_backup: Mutex<Option<SystemTime>>,
     failed_drill: Mutex<Option<SystemTime>>,
     first_behind: Mutex<Option<SystemTime>>,
+    /// The last error event of each kind (reported once until resolved).
+    reported: Mutex<std::collections::HashMap<String, String>>,
+    stanza_tried: Mutex<Option<tokio::time::Instant>>,
     events: broadcast::Sender<Event>,
 }
+
+/// How often `stanza-create` is tried again while it fails (a repository missing, unwritable).
+pub const STANZA_RETRY: Duration = Duration::from_secs(10);
 
 /// `PATH`'s `pgbackrest`, else `/usr/bin/pgbackrest`.
 pub fn find_pgbackrest() -> Result<PathBuf, Error> {
@@ -480,6 +486,8 @@ impl Backups {
             failed_backup: Mutex::new(None),
             failed_drill: Mutex::new(None),
             first_behind: Mutex::new(None),
+            reported: Mutex::new(std::collections::HashMap::new()),
+            stanza_tried: Mutex::new(None),
             events,
         };
         b.write_conf(None)?;
@@ -807,12 +815,17 @@ impl Backups {
         )
     }
 
-    /// One look by the background task: the stanza, the archive, then whatever the schedule
-    /// says is due.
+    /// One look by the background task: the stanza (tried every [`STANZA_RETRY`] until it
+    /// exists), the archive, then whatever the schedule says is due.
     pub async fn tend(&self, p: &Primary, client: Option<&tokio_postgres::Client>, refresh: bool) {
-        if !lock(&self.view).ready {
+        let ready = lock(&self.view).ready;
+        let try_stanza = !ready
+            && lock(&self.stanza_tried).is_none_or(|t| t.elapsed() >= STANZA_RETRY);
+        if try_stanza {
+            *lock(&self.stanza_tried) = Some(tokio::time::Instant::now());
             match self.create_stanza(p).await {
                 Ok(()) => {
+                    self.resolved("backup-error");
                     self.event(
                         "backup-ready",
                         format!(
@@ -824,16 +837,16 @@ impl Backups {
                     );
                     let _ = self.list().await;
                 }
-                Err(e) => {
-                    self.failure("backup-error", format!("cannot create the stanza: {e}"));
-                    return;
-                }
+                Err(e) => self.failure("backup-error", format!("cannot create the stanza: {e}")),
             }
         }
         if let Some(c) = client
             && let Err(e) = self.watch_archive(c).await
         {
             tracing::debug!(database = %self.stanza, "pg_stat_archiver: {e}");
+        }
+        if !lock(&self.view).ready {
+            return;
         }
         if refresh && self.busy.try_lock().is_ok() {
             let _ = self.list().await;
@@ -851,7 +864,10 @@ impl Backups {
             && due <= now
         {
             match self.backup(p, kind).await {
-                Ok(_) => *lock(&self.failed_backup) = None,
+                Ok(_) => {
+                    *lock(&self.failed_backup) = None;
+                    self.resolved("backup-failed");
+                }
                 Err(e) => {
                     *lock(&self.failed_backup) = Some(SystemTime::now());
                     self.failure(
@@ -866,15 +882,22 @@ impl Backups {
         }
     }
 
-    /// An error event, once per distinct message.
+    /// An error event, once per distinct message of each kind until it is resolved.
     fn failure(&self, kind: &str, message: String) {
-        let mut v = lock(&self.view);
-        if v.last_error.as_deref() == Some(message.as_str()) {
+        lock(&self.view).last_error = Some(message.clone());
+        let mut reported = lock(&self.reported);
+        if reported.get(kind) == Some(&message) {
             return;
         }
-        v.last_error = Some(message.clone());
-        drop(v);
+        reported.insert(kind.to_string(), message.clone());
+        drop(reported);
         self.event(kind, message);
+    }
+
+    fn resolved(&self, kind: &str) {
+        if lock(&self.reported).remove(kind).is_some() {
+            lock(&self.view).last_error = None;
+        }
     }
 
     /// A restore drill: the newest backup and the archived WAL (up to `to`, else all of it)
