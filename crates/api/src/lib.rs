@@ -369,16 +369,8 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<Api>)> {
             "/v1/databases/{db}/switchover",
             post(switchover),
         ),
-        (
-            Method::GET,
-            "/v1/databases/{db}/backups",
-            get(backups_list),
-        ),
-        (
-            Method::POST,
-            "/v1/databases/{db}/backups",
-            post(backup_now),
-        ),
+        (Method::GET, "/v1/databases/{db}/backups", get(backups_list)),
+        (Method::POST, "/v1/databases/{db}/backups", post(backup_now)),
         (
             Method::POST,
             "/v1/databases/{db}/backups/verify",
@@ -819,11 +811,17 @@ async fn switchover(
     }
 }
 
-fn database<'a>(api: &'a Api, name: &str) -> Result<&'a Arc<pg::Cluster>, Response> {
+fn database<'a>(api: &'a Api, name: &str) -> Result<&'a Arc<pg::Cluster>, Box<Response>> {
     api.databases
         .iter()
         .find(|d| d.name == name)
-        .ok_or_else(|| error(StatusCode::NOT_FOUND, "db", format!("no database {name:?}")))
+        .ok_or_else(|| {
+            Box::new(error(
+                StatusCode::NOT_FOUND,
+                "db",
+                format!("no database {name:?}"),
+            ))
+        })
 }
 
 fn backup_error(e: pg::BackupError) -> Response {
@@ -839,7 +837,7 @@ fn backup_error(e: pg::BackupError) -> Response {
 async fn backups_list(State(api): State<Api>, Path(name): Path<String>) -> Response {
     let db = match database(&api, &name) {
         Ok(db) => db,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match db.backup_list().await {
         Ok(backups) => Json(BackupsResponse {
@@ -861,7 +859,7 @@ async fn backup_now(
 ) -> Response {
     let db = match database(&api, &name) {
         Ok(db) => db,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let req = if body.is_empty() {
         BackupRequest::default()
@@ -906,7 +904,7 @@ async fn backup_now(
 async fn backup_verify(State(api): State<Api>, Path(name): Path<String>) -> Response {
     let db = match database(&api, &name) {
         Ok(db) => db,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match db.backup_verify().await {
         Ok(report) => Json(VerifyResponse {
@@ -927,7 +925,7 @@ async fn restore_drill(
 ) -> Response {
     let db = match database(&api, &name) {
         Ok(db) => db,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let req = if body.is_empty() {
         RestoreDrillRequest::default()

@@ -489,6 +489,14 @@ pub const DRILL_RPO: &str = "tandem_restore_drill_rpo_seconds";
 /// Unix time (seconds) the last restore drill started.
 pub const DRILL_LAST: &str = "tandem_restore_drill_last_timestamp";
 
+/// A backup metric: name, type, help, and its value for one database's backups.
+type BackupGauge<'a> = (
+    &'a str,
+    &'a str,
+    &'a str,
+    &'a dyn Fn(&pg::backup::BackupView) -> Option<f64>,
+);
+
 /// Appends the backup metrics of the databases with `[database.backup]`.
 pub fn render_backups(out: &mut String, views: &[pg::View]) {
     let with: Vec<(&str, &pg::backup::BackupView)> = views
@@ -503,7 +511,7 @@ pub fn render_backups(out: &mut String, views: &[pg::View]) {
             .unwrap_or_default()
             .as_secs_f64()
     };
-    let gauges: [(&str, &str, &str, &dyn Fn(&pg::backup::BackupView) -> Option<f64>); 8] = [
+    let gauges: [BackupGauge<'_>; 8] = [
         (
             BACKUP_LAST_SUCCESS,
             "gauge",
@@ -538,13 +546,23 @@ pub fn render_backups(out: &mut String, views: &[pg::View]) {
             DRILL_RTO,
             "gauge",
             "The last passed restore drill's RTO (restore plus start), in seconds.",
-            &|b| b.last_drill.as_ref().filter(|d| d.ok).map(|d| d.rto_seconds),
+            &|b| {
+                b.last_drill
+                    .as_ref()
+                    .filter(|d| d.ok)
+                    .map(|d| d.rto_seconds)
+            },
         ),
         (
             DRILL_RPO,
             "gauge",
             "The last passed restore drill's RPO (newest acknowledged minus newest restored commit), in seconds.",
-            &|b| b.last_drill.as_ref().filter(|d| d.ok).and_then(|d| d.rpo_seconds),
+            &|b| {
+                b.last_drill
+                    .as_ref()
+                    .filter(|d| d.ok)
+                    .and_then(|d| d.rpo_seconds)
+            },
         ),
         (
             DRILL_LAST,

@@ -1656,7 +1656,9 @@ fn backup(cx: &mut Cx, s: Section<'_, '_>) -> Option<Backup> {
 /// `table` or `schema.table`, each part an unquoted SQL identifier.
 fn valid_table(s: &str) -> bool {
     let part = |p: &str| {
-        p.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        p.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && p.len() <= 63
             && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
     };

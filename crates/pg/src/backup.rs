@@ -177,8 +177,9 @@ impl Archiver {
 /// ever was.
 pub fn archive_lag(a: &Archiver, now: SystemTime, first_behind: Option<SystemTime>) -> f64 {
     let since = |t: Option<SystemTime>| {
-        t.or(first_behind)
-            .map_or(0.0, |t| now.duration_since(t).unwrap_or_default().as_secs_f64())
+        t.or(first_behind).map_or(0.0, |t| {
+            now.duration_since(t).unwrap_or_default().as_secs_f64()
+        })
     };
     if a.failing() {
         return since(a.last_archived_at);
@@ -228,12 +229,12 @@ pub struct BackupSet {
     pub prior: Option<String>,
 }
 
+/// The backups of a stanza (oldest first) and its archived WAL range (oldest, newest segment).
+pub type Info = (Vec<BackupSet>, Option<(String, String)>);
+
 /// Parses `pgbackrest info --output=json` for one stanza: its backups (oldest first) and the
 /// archived WAL range (`min`, `max` of the newest database id).
-pub fn parse_info(
-    json: &str,
-    stanza: &str,
-) -> Result<(Vec<BackupSet>, Option<(String, String)>), String> {
+pub fn parse_info(json: &str, stanza: &str) -> Result<Info, String> {
     #[derive(Deserialize)]
     struct Stanza {
         name: String,
@@ -253,7 +254,7 @@ pub fn parse_info(
         #[serde(rename = "type")]
         kind: String,
         timestamp: Stamps,
-        info: Info,
+        info: Sizes,
         archive: Option<Range>,
         lsn: Option<Range>,
         prior: Option<String>,
@@ -266,7 +267,7 @@ pub fn parse_info(
         stop: u64,
     }
     #[derive(Deserialize)]
-    struct Info {
+    struct Sizes {
         size: u64,
         repository: Repo,
     }
@@ -514,9 +515,12 @@ impl Backups {
 
     fn event(&self, kind: &str, message: String) {
         tracing::info!(database = %self.stanza, what = kind, "{message}");
-        let _ = self
-            .events
-            .send(Event::new(Source::Database, self.stanza.clone(), kind, message));
+        let _ = self.events.send(Event::new(
+            Source::Database,
+            self.stanza.clone(),
+            kind,
+            message,
+        ));
     }
 
     /// The whole configuration file, naming `primary` (its data directory and port) when known.
@@ -555,7 +559,8 @@ impl Backups {
         let text = self.conf_text(primary);
         let tmp = self.conf.with_extension("conf.tmp");
         local::write_private(&tmp, &text, self.local.user)?;
-        std::fs::rename(&tmp, &self.conf).map_err(|e| Error(format!("{}: {e}", self.conf.display())))
+        std::fs::rename(&tmp, &self.conf)
+            .map_err(|e| Error(format!("{}: {e}", self.conf.display())))
     }
 
     /// Points the configuration at `p` when it names another primary.
@@ -670,9 +675,7 @@ impl Backups {
 
     async fn refresh_info(&self) -> Result<Vec<BackupSet>, Error> {
         self.check_repository()?;
-        let out = self
-            .pgbackrest("info", &["--output=json"], None)
-            .await?;
+        let out = self.pgbackrest("info", &["--output=json"], None).await?;
         let (sets, wal) = parse_info(&out, &self.stanza).map_err(Error)?;
         let repo = self.repository.clone();
         let bytes = tokio::task::spawn_blocking(move || dir_bytes(&repo))
@@ -819,8 +822,8 @@ impl Backups {
     /// exists), the archive, then whatever the schedule says is due.
     pub async fn tend(&self, p: &Primary, client: Option<&tokio_postgres::Client>, refresh: bool) {
         let ready = lock(&self.view).ready;
-        let try_stanza = !ready
-            && lock(&self.stanza_tried).is_none_or(|t| t.elapsed() >= STANZA_RETRY);
+        let try_stanza =
+            !ready && lock(&self.stanza_tried).is_none_or(|t| t.elapsed() >= STANZA_RETRY);
         if try_stanza {
             *lock(&self.stanza_tried) = Some(tokio::time::Instant::now());
             match self.create_stanza(p).await {
@@ -979,7 +982,8 @@ impl Backups {
                 "no backup in the repository yet\n  help: `tandem backup DB now`".into(),
             ));
         }
-        std::fs::create_dir_all(scratch).map_err(|e| Error(format!("{}: {e}", scratch.display())))?;
+        std::fs::create_dir_all(scratch)
+            .map_err(|e| Error(format!("{}: {e}", scratch.display())))?;
         if let Some((uid, gid)) = self.local.user {
             local::chown(scratch, uid, gid)?;
         }
@@ -1054,8 +1058,7 @@ impl Backups {
                 .await
                 .map_err(|e| Error(format!("the restored copy does not answer: {e}")))?;
             if let Some(t) = &self.config.drill_table {
-                let quoted: Vec<String> =
-                    t.split('.').map(|p| format!("\"{p}\"")).collect();
+                let quoted: Vec<String> = t.split('.').map(|p| format!("\"{p}\"")).collect();
                 let q = format!("SELECT count(*) FROM {}", quoted.join("."));
                 let n: i64 = client
                     .query_one(&q, &[])
@@ -1091,7 +1094,8 @@ impl Backups {
         port: u16,
         log: &Path,
     ) -> Result<tokio::process::Child, Error> {
-        let logfile = std::fs::File::create(log).map_err(|e| Error(format!("{}: {e}", log.display())))?;
+        let logfile =
+            std::fs::File::create(log).map_err(|e| Error(format!("{}: {e}", log.display())))?;
         let errfile = logfile
             .try_clone()
             .map_err(|e| Error(format!("{}: {e}", log.display())))?;
@@ -1141,15 +1145,16 @@ async fn stop_child(child: &mut tokio::process::Child) {
     }
 }
 
-/// The newest commit's time (`track_commit_timestamp`), when known.
+/// The newest commit's time (`track_commit_timestamp`), when known: the last commit this
+/// server made or replayed, else (a restored copy that replayed no commit, a primary not
+/// written since its start) the newest among the last 1,000 transaction ids.
+const LAST_COMMIT_SQL: &str = "SELECT extract(epoch FROM greatest((pg_last_committed_xact()).timestamp, \
+     (SELECT max(pg_xact_commit_timestamp(((s.x - g) % 4294967296)::text::xid)) \
+      FROM (SELECT txid_snapshot_xmax(txid_current_snapshot()) AS x) s, generate_series(1, 1000) g \
+      WHERE s.x - g >= 3)))::float8";
+
 async fn last_commit(client: &tokio_postgres::Client) -> Option<SystemTime> {
-    let row = client
-        .query_one(
-            "SELECT extract(epoch FROM (pg_last_committed_xact()).timestamp)::float8",
-            &[],
-        )
-        .await
-        .ok()?;
+    let row = client.query_one(LAST_COMMIT_SQL, &[]).await.ok()?;
     let secs: Option<f64> = row.get(0);
     secs.map(|s| UNIX_EPOCH + Duration::from_secs_f64(s.max(0.0)))
 }
@@ -1214,9 +1219,15 @@ mod tests {
     fn a_full_backup_first_then_differentials_between_fulls() {
         let s = schedule(Some(7 * DAY), Some(DAY));
         // None yet: a full one, due at once.
-        assert_eq!(s.next_backup(None, None, None), Some((Kind::Full, UNIX_EPOCH)));
+        assert_eq!(
+            s.next_backup(None, None, None),
+            Some((Kind::Full, UNIX_EPOCH))
+        );
         let full = t(1_000_000);
-        assert_eq!(s.next_backup(Some(full), None, None), Some((Kind::Diff, full + DAY)));
+        assert_eq!(
+            s.next_backup(Some(full), None, None),
+            Some((Kind::Diff, full + DAY))
+        );
         let diff = full + DAY + H;
         assert_eq!(
             s.next_backup(Some(full), Some(diff), None),
@@ -1229,10 +1240,19 @@ mod tests {
         );
         // When both fall at once, the full one.
         let s = schedule(Some(DAY), Some(DAY));
-        assert_eq!(s.next_backup(Some(full), None, None), Some((Kind::Full, full + DAY)));
+        assert_eq!(
+            s.next_backup(Some(full), None, None),
+            Some((Kind::Full, full + DAY))
+        );
         // Never: on request only.
-        assert_eq!(schedule(None, None).next_backup(Some(full), None, None), None);
-        assert_eq!(schedule(None, Some(DAY)).next_backup(None, None, None), None);
+        assert_eq!(
+            schedule(None, None).next_backup(Some(full), None, None),
+            None
+        );
+        assert_eq!(
+            schedule(None, Some(DAY)).next_backup(None, None, None),
+            None
+        );
     }
 
     #[test]
@@ -1249,7 +1269,11 @@ mod tests {
             s.next_backup(Some(full), None, Some(failed)),
             Some((Kind::Full, full + DAY))
         );
-        assert_eq!(s.next_drill(None, false, None), None, "nothing to restore yet");
+        assert_eq!(
+            s.next_drill(None, false, None),
+            None,
+            "nothing to restore yet"
+        );
         assert_eq!(s.next_drill(None, true, None), Some(UNIX_EPOCH));
         assert_eq!(s.next_drill(Some(full), true, None), Some(full + DAY));
         assert_eq!(
@@ -1258,7 +1282,12 @@ mod tests {
         );
     }
 
-    fn archiver(current: &str, last: Option<&str>, archived: Option<u64>, failed: Option<u64>) -> Archiver {
+    fn archiver(
+        current: &str,
+        last: Option<&str>,
+        archived: Option<u64>,
+        failed: Option<u64>,
+    ) -> Archiver {
         Archiver {
             archived_count: i64::from(last.is_some()),
             last_archived_wal: last.map(str::to_string),
@@ -1274,28 +1303,56 @@ mod tests {
     #[test]
     fn archive_lag_is_zero_while_every_completed_segment_is_archived() {
         let now = t(1000);
-        let a = archiver("000000010000000000000005", Some("000000010000000000000004"), Some(900), None);
+        let a = archiver(
+            "000000010000000000000005",
+            Some("000000010000000000000004"),
+            Some(900),
+            None,
+        );
         assert_eq!(archive_lag(&a, now, None), 0.0);
         // Behind by two segments: since the last archived one.
-        let a = archiver("000000010000000000000006", Some("000000010000000000000004"), Some(900), None);
+        let a = archiver(
+            "000000010000000000000006",
+            Some("000000010000000000000004"),
+            Some(900),
+            None,
+        );
         assert_eq!(archive_lag(&a, now, None), 100.0);
         // Failing: since the last success, whatever the segments say.
-        let a = archiver("000000010000000000000005", Some("000000010000000000000004"), Some(900), Some(950));
+        let a = archiver(
+            "000000010000000000000005",
+            Some("000000010000000000000004"),
+            Some(900),
+            Some(950),
+        );
         assert!(a.failing());
         assert_eq!(archive_lag(&a, now, None), 100.0);
         // A success after the failure: not failing.
-        let a = archiver("000000010000000000000005", Some("000000010000000000000004"), Some(960), Some(950));
+        let a = archiver(
+            "000000010000000000000005",
+            Some("000000010000000000000004"),
+            Some(960),
+            Some(950),
+        );
         assert!(!a.failing());
         // Never archived anything and failing: since first seen behind.
         let a = archiver("000000010000000000000003", None, None, Some(950));
         assert_eq!(archive_lag(&a, now, Some(t(700))), 300.0);
         // After a failover the last archived file is a history file: nothing failed since.
-        let a = archiver("000000020000000000000005", Some("00000002.history"), Some(990), None);
+        let a = archiver(
+            "000000020000000000000005",
+            Some("00000002.history"),
+            Some(990),
+            None,
+        );
         assert_eq!(archive_lag(&a, now, None), 0.0);
         // A log boundary: 0/FF then 1/00.
         assert_eq!(segment_index("000000010000000100000000"), Some(256));
         assert_eq!(segment_index("0000000100000000000000FF"), Some(255));
-        assert_eq!(segment_index("000000010000000000000002.00000028.backup"), Some(2));
+        assert_eq!(
+            segment_index("000000010000000000000002.00000028.backup"),
+            Some(2)
+        );
         assert_eq!(segment_index("00000002.history"), None);
     }
 
@@ -1313,11 +1370,17 @@ mod tests {
         assert_eq!(sets[0].kind, "full");
         assert_eq!(sets[0].stopped, t(1_796_048_618));
         assert_eq!(sets[0].repository_bytes, 4_522_232);
-        assert_eq!(sets[0].wal_start.as_deref(), Some("000000010000000000000002"));
+        assert_eq!(
+            sets[0].wal_start.as_deref(),
+            Some("000000010000000000000002")
+        );
         assert_eq!(sets[1].prior.as_deref(), Some("20261130-142333F"));
         assert_eq!(
             wal,
-            Some(("000000010000000000000001".into(), "000000010000000000000006".into()))
+            Some((
+                "000000010000000000000001".into(),
+                "000000010000000000000006".into()
+            ))
         );
         // Another stanza, or none yet: nothing.
         assert_eq!(parse_info(json, "carts").unwrap().0.len(), 0);

@@ -320,8 +320,12 @@ impl Cluster {
     pub async fn backup_now(&self, kind: backup::Kind) -> Result<BackupSet, BackupError> {
         let b = self.backups_or_refuse()?;
         let p = self.primary()?;
-        run_detached(async move { b.backup(&p, kind).await.map_err(|e| BackupError::Failed(e.0)) })
-            .await
+        run_detached(async move {
+            b.backup(&p, kind)
+                .await
+                .map_err(|e| BackupError::Failed(e.0))
+        })
+        .await
     }
 
     /// The backups in the repository, oldest first.
@@ -419,12 +423,10 @@ async fn run_detached<T: Send + 'static>(
 async fn tend_backups(b: Arc<Backups>, cluster: Arc<Cluster>, mut stop: watch::Receiver<bool>) {
     let mut client: Option<(String, Client)> = None;
     let mut ticks: u64 = 0;
-    let password = std::fs::read_to_string(
-        PathBuf::from(&b.config_dir()).join("password"),
-    )
-    .unwrap_or_default()
-    .trim()
-    .to_string();
+    let password = std::fs::read_to_string(PathBuf::from(&b.config_dir()).join("password"))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     while !*stop.borrow() {
         ticks += 1;
         if let Ok(p) = cluster.primary() {
@@ -432,11 +434,12 @@ async fn tend_backups(b: Arc<Backups>, cluster: Arc<Cluster>, mut stop: watch::R
                 .as_ref()
                 .is_none_or(|(site, c)| *site != p.site || c.is_closed())
             {
-                client = tokio::time::timeout(SQL_TIMEOUT * 3, observe::connect(p.listen, &password))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .map(|c| (p.site.clone(), c));
+                client =
+                    tokio::time::timeout(SQL_TIMEOUT * 3, observe::connect(p.listen, &password))
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .map(|c| (p.site.clone(), c));
             }
             let refresh = ticks.is_multiple_of(BACKUP_REFRESH_TICKS) || ticks == 1;
             tokio::select! {

@@ -484,9 +484,14 @@ impl Local {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<String, Error> {
-        self.run_program(&self.bins.join(program), args, env, Duration::from_secs(600))
-            .await
-            .map(|(out, err)| format!("{out}{err}"))
+        self.run_program(
+            &self.bins.join(program),
+            args,
+            env,
+            Duration::from_secs(600),
+        )
+        .await
+        .map(|(out, err)| format!("{out}{err}"))
     }
 
     /// Runs `path` as the database user, with [`Local::environment`] and `env`, from the
@@ -499,9 +504,10 @@ impl Local {
         env: &[(&str, &str)],
         limit: Duration,
     ) -> Result<(String, String), Error> {
-        let program = path
-            .file_name()
-            .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+        let program = path.file_name().map_or_else(
+            || path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
         let mut cmd = tokio::process::Command::new(path);
         cmd.args(args)
             .env_clear()
@@ -738,7 +744,11 @@ fn secret(path: &Path) -> Result<String, Error> {
     Ok(s)
 }
 
-pub(crate) fn write_private(path: &Path, text: &str, owner: Option<(u32, u32)>) -> Result<(), Error> {
+pub(crate) fn write_private(
+    path: &Path,
+    text: &str,
+    owner: Option<(u32, u32)>,
+) -> Result<(), Error> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let mut f = std::fs::OpenOptions::new()
         .write(true)

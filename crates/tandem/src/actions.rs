@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use api::types::{
-    BackupRequest, BackupsResponse, DrillResponse, RestoreDrillRequest, VerifyResponse, IntentResponse, OutageRequest, ReloadResponse, ScaleRequest, SwitchoverRequest,
-    SwitchoverResponse,
+    BackupRequest, BackupsResponse, DrillResponse, IntentResponse, OutageRequest, ReloadResponse,
+    RestoreDrillRequest, ScaleRequest, SwitchoverRequest, SwitchoverResponse, VerifyResponse,
 };
 use clap::Subcommand;
 
@@ -366,10 +366,7 @@ fn print_drill(db: &str, r: &pg::backup::DrillReport) {
         );
     }
     println!("  backup        {} (target {})", or(&r.backup), r.target);
-    println!(
-        "  restored in   {} (port {}, removed)",
-        r.directory, r.port
-    );
+    println!("  restored in   {} (port {}, removed)", r.directory, r.port);
     println!(
         "  RTO           {:.2} s (restore {:.2} s + start and replay {:.2} s)",
         r.rto_seconds, r.restore_seconds, r.start_seconds

@@ -113,11 +113,15 @@ frontends = {{ edge = "127.0.{e}.20:{port}", region = "127.0.{r}.20:{port}" }}
         up,
         frontend: format!("127.0.{e}.20:{port}").parse().unwrap(),
     };
-    eventually(Duration::from_secs(60), "healthy with edge primary", || async {
-        let v = try_get_json(db.up.api, "/v1/databases").await?;
-        let d = &v["databases"][0];
-        (d["state"] == "healthy" && d["primary"] == "edge").then_some(())
-    })
+    eventually(
+        Duration::from_secs(60),
+        "healthy with edge primary",
+        || async {
+            let v = try_get_json(db.up.api, "/v1/databases").await?;
+            let d = &v["databases"][0];
+            (d["state"] == "healthy" && d["primary"] == "edge").then_some(())
+        },
+    )
     .await;
     db
 }
@@ -167,14 +171,18 @@ impl Db {
             .await
             .unwrap()
             .get(0);
-        eventually(Duration::from_secs(30), &format!("{seg} archived"), || async {
-            let last: Option<String> = c
-                .query_one("SELECT last_archived_wal FROM pg_stat_archiver", &[])
-                .await
-                .ok()?
-                .get(0);
-            last.filter(|l| l.get(8..24) >= seg.get(8..24)).map(|_| ())
-        })
+        eventually(
+            Duration::from_secs(30),
+            &format!("{seg} archived"),
+            || async {
+                let last: Option<String> = c
+                    .query_one("SELECT last_archived_wal FROM pg_stat_archiver", &[])
+                    .await
+                    .ok()?
+                    .get(0);
+                last.filter(|l| l.get(8..24) >= seg.get(8..24)).map(|_| ())
+            },
+        )
         .await;
         seg
     }
@@ -267,13 +275,24 @@ async fn backups_archive_and_restore_drills_follow_the_primary() {
 
     // After a switchover the new primary archives (a new timeline) and is backed up.
     let out = db.cli(&["db", "switchover", "orders", "--to", "region"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     db.insert(30).await;
     let seg = db.switch_and_archive().await;
-    assert!(seg.starts_with("00000002"), "timeline 2 after the switchover: {seg}");
+    assert!(
+        seg.starts_with("00000002"),
+        "timeline 2 after the switchover: {seg}"
+    );
     let out = db.cli(&["backup", "orders", "now", "--type", "incr"]);
     let said = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(said.contains("incr backup"), "{said}");
     let (r, ok) = db.drill(&[]);
     assert!(ok, "{r:#}");
@@ -290,7 +309,10 @@ async fn backups_archive_and_restore_drills_follow_the_primary() {
         .collect();
     assert_eq!(kinds, ["full", "incr"], "{list:#}");
     let incr = &list["backups"][1];
-    assert!(incr["wal_start"].as_str().unwrap().starts_with("00000002"), "{incr}");
+    assert!(
+        incr["wal_start"].as_str().unwrap().starts_with("00000002"),
+        "{incr}"
+    );
     assert!(incr["label"].as_str().unwrap().ends_with('I'));
     let out = db.cli(&["backup", "orders", "list"]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -324,6 +346,32 @@ async fn backups_archive_and_restore_drills_follow_the_primary() {
     assert!(value("tandem_backup_repository_bytes") > 1_000_000.0);
     assert_eq!(value("tandem_restore_drill_success"), 1.0);
     assert!(value("tandem_restore_drill_rto_seconds") > 0.0);
+    // Every backup and drill metric the README names, with its HELP, TYPE and a sample.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let mut names: Vec<&str> = Vec::new();
+    for prefix in ["tandem_backup_", "tandem_restore_drill_"] {
+        let mut rest = readme.as_str();
+        while let Some(at) = rest.find(prefix) {
+            let tail = &rest[at..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                .unwrap_or(tail.len());
+            let name = &tail[..end];
+            if !name.ends_with('_') && !names.contains(&name) {
+                names.push(name);
+            }
+            rest = &tail[end..];
+        }
+    }
+    assert!(names.len() >= 8, "README names {names:?}");
+    for name in &names {
+        assert!(
+            metrics.contains(&format!("# TYPE {name} "))
+                && metrics.contains(&format!("\n{name}{{database=\"orders\"}} ")),
+            "README names {name}; /metrics lacks it:\n{metrics}"
+        );
+    }
     eventually(Duration::from_secs(10), "archive lag 0", || async {
         let m = http_get(db.up.api, "/metrics").await;
         m.lines()
@@ -337,8 +385,14 @@ async fn backups_archive_and_restore_drills_follow_the_primary() {
     std::fs::write(scratch.join("keep"), "mine").unwrap();
     let (r, ok) = db.drill(&[]);
     assert!(!ok, "{r:#}");
-    assert!(r["error"].as_str().unwrap().contains("is not empty"), "{r:#}");
-    assert_eq!(std::fs::read_to_string(scratch.join("keep")).unwrap(), "mine");
+    assert!(
+        r["error"].as_str().unwrap().contains("is not empty"),
+        "{r:#}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(scratch.join("keep")).unwrap(),
+        "mine"
+    );
     std::fs::remove_dir_all(&scratch).unwrap();
     let _ = &db.dir;
 }
@@ -381,7 +435,10 @@ async fn a_missing_repository_is_reported_and_never_blocks_commits() {
     let out = db.cli(&["backup", "orders", "now", "--type", "full"]);
     assert_eq!(out.status.code(), Some(3));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not-mounted/orders") && err.contains("does not create it"), "{err}");
+    assert!(
+        err.contains("not-mounted/orders") && err.contains("does not create it"),
+        "{err}"
+    );
     let (r, ok) = db.drill(&[]);
     assert!(!ok && r["ok"] == false, "{r:#}");
     let metrics = http_get(db.up.api, "/metrics").await;
@@ -397,7 +454,10 @@ async fn a_missing_repository_is_reported_and_never_blocks_commits() {
     wait_event(db.up.api, "WAL archiving works again").await;
     eventually(Duration::from_secs(90), "a full backup", || async {
         let b = db.backups().await;
-        b["backups"].as_array().filter(|a| !a.is_empty()).map(|_| ())
+        b["backups"]
+            .as_array()
+            .filter(|a| !a.is_empty())
+            .map(|_| ())
     })
     .await;
 }
