@@ -18,6 +18,10 @@
 //! | POST | `/v1/scale-sets/{set}/scale` | `{"capacity": N}` |
 //! | GET | `/v1/databases` | every database: primary, term, members with role, LSNs, lag |
 //! | POST | `/v1/databases/{db}/switchover` | `{"to": SITE}`: planned handover, no data loss |
+//! | GET | `/v1/databases/{db}/backups` | the backups in the repository, the WAL archive, the schedule, the last drill |
+//! | POST | `/v1/databases/{db}/backups` | `{"type": "full"\|"diff"\|"incr"}`: a backup now; answers when it is done |
+//! | POST | `/v1/databases/{db}/backups/verify` | `pgbackrest verify` of the repository |
+//! | POST | `/v1/databases/{db}/restore-drill` | `{"to": TIME}` (optional): restore into a scratch copy, count, measure RTO and RPO |
 //! | POST | `/v1/reload` | re-read the topology file on every node; what changed and what applies now |
 //! | GET | `/v1/drills` | the drill in progress |
 //! | POST | `/v1/drills/outage` | `{"site": S, "for": "60s"}`: a whole site goes dark, then returns |
@@ -445,6 +449,18 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<Api>)> {
             Method::POST,
             "/v1/databases/{db}/switchover",
             post(switchover),
+        ),
+        (Method::GET, "/v1/databases/{db}/backups", get(backups_list)),
+        (Method::POST, "/v1/databases/{db}/backups", post(backup_now)),
+        (
+            Method::POST,
+            "/v1/databases/{db}/backups/verify",
+            post(backup_verify),
+        ),
+        (
+            Method::POST,
+            "/v1/databases/{db}/restore-drill",
+            post(restore_drill),
         ),
         (Method::POST, "/v1/reload", post(reload)),
         (Method::GET, "/v1/drills", get(drills)),
@@ -905,6 +921,155 @@ async fn switchover(
     }
 }
 
+fn database<'a>(api: &'a Api, name: &str) -> Result<&'a Arc<pg::Cluster>, Box<Response>> {
+    api.databases
+        .iter()
+        .find(|d| d.name == name)
+        .ok_or_else(|| {
+            Box::new(error(
+                StatusCode::NOT_FOUND,
+                "db",
+                format!("no database {name:?}"),
+            ))
+        })
+}
+
+fn backup_error(e: pg::BackupError) -> Response {
+    let status = match &e {
+        pg::BackupError::NotConfigured(_) => StatusCode::NOT_FOUND,
+        pg::BackupError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        pg::BackupError::Failed(_) => StatusCode::CONFLICT,
+    };
+    error(status, "backup", e.to_string())
+}
+
+/// `GET /v1/databases/{db}/backups`.
+async fn backups_list(State(api): State<Api>, Path(name): Path<String>) -> Response {
+    let db = match database(&api, &name) {
+        Ok(db) => db,
+        Err(r) => return *r,
+    };
+    match db.backup_list().await {
+        Ok(backups) => Json(BackupsResponse {
+            database: name,
+            backups,
+            created: None,
+            status: db.view().backup,
+        })
+        .into_response(),
+        Err(e) => backup_error(e),
+    }
+}
+
+/// `POST /v1/databases/{db}/backups` with `{"type": …}` (optional).
+async fn backup_now(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let db = match database(&api, &name) {
+        Ok(db) => db,
+        Err(r) => return *r,
+    };
+    let req = if body.is_empty() {
+        BackupRequest::default()
+    } else {
+        match serde_json::from_slice::<BackupRequest>(&body) {
+            Ok(r) => r,
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "type",
+                    "expected a JSON body {\"type\": \"full\"|\"diff\"|\"incr\"}",
+                );
+            }
+        }
+    };
+    let kind = match req.kind.as_deref() {
+        None => pg::backup::Kind::Incr,
+        Some(k) => match pg::backup::Kind::parse(k) {
+            Some(k) => k,
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "type",
+                    format!("unknown backup type {k:?}: use full, diff or incr"),
+                );
+            }
+        },
+    };
+    match db.backup_now(kind).await {
+        Ok(created) => Json(BackupsResponse {
+            database: name,
+            backups: db.view().backup.map(|b| b.backups).unwrap_or_default(),
+            created: Some(created),
+            status: db.view().backup,
+        })
+        .into_response(),
+        Err(e) => backup_error(e),
+    }
+}
+
+/// `POST /v1/databases/{db}/backups/verify`.
+async fn backup_verify(State(api): State<Api>, Path(name): Path<String>) -> Response {
+    let db = match database(&api, &name) {
+        Ok(db) => db,
+        Err(r) => return *r,
+    };
+    match db.backup_verify().await {
+        Ok(report) => Json(VerifyResponse {
+            database: name,
+            report,
+        })
+        .into_response(),
+        Err(e) => backup_error(e),
+    }
+}
+
+/// `POST /v1/databases/{db}/restore-drill` with `{"to": TIME}` (optional). A drill that ran
+/// and failed answers 200 with `ok: false` and the reason.
+async fn restore_drill(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let db = match database(&api, &name) {
+        Ok(db) => db,
+        Err(r) => return *r,
+    };
+    let req = if body.is_empty() {
+        RestoreDrillRequest::default()
+    } else {
+        match serde_json::from_slice::<RestoreDrillRequest>(&body) {
+            Ok(r) => r,
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "to",
+                    "expected a JSON body {\"to\": \"2024-05-01T12:00:00Z\"} or none",
+                );
+            }
+        }
+    };
+    let to = match req.to.as_deref() {
+        None | Some("latest") => None,
+        Some(t) => match event::parse_rfc3339(t) {
+            Some(t) => Some(t),
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "to",
+                    format!("{t:?} is not a time such as 2024-05-01T12:00:00Z (UTC), or latest"),
+                );
+            }
+        },
+    };
+    match db.restore_drill(to).await {
+        Ok(report) => Json(report).into_response(),
+        Err(e) => backup_error(e),
+    }
+}
+
 async fn reload(State(api): State<Api>) -> Response {
     match reload_now(&api).await {
         Ok(r) => Json(r).into_response(),
@@ -1076,6 +1241,7 @@ async fn metrics(State(api): State<Api>) -> impl IntoResponse {
     metrics::render_scale_sets(&mut body, &sets);
     let dbs: Vec<pg::View> = api.databases.iter().map(|d| d.view()).collect();
     metrics::render_databases(&mut body, &dbs);
+    metrics::render_backups(&mut body, &dbs);
     metrics::render_cluster(&mut body, &api);
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],

@@ -488,6 +488,120 @@ pub fn render_databases(out: &mut String, views: &[pg::View]) {
     }
 }
 
+/// Unix time (seconds) the newest backup in the repository finished.
+pub const BACKUP_LAST_SUCCESS: &str = "tandem_backup_last_success_timestamp";
+/// Seconds the WAL archive is behind: 0 while every completed segment is archived.
+pub const BACKUP_ARCHIVE_LAG: &str = "tandem_backup_wal_archive_lag_seconds";
+/// Bytes under the backup repository (backups and archived WAL).
+pub const BACKUP_REPOSITORY_BYTES: &str = "tandem_backup_repository_bytes";
+/// WAL segments the primary failed to archive since its statistics were reset.
+pub const BACKUP_ARCHIVE_FAILURES: &str = "tandem_backup_wal_archive_failures_total";
+/// 1 when the last restore drill passed, 0 when it failed.
+pub const DRILL_SUCCESS: &str = "tandem_restore_drill_success";
+/// The last restore drill's RTO (restore plus start), in seconds.
+pub const DRILL_RTO: &str = "tandem_restore_drill_rto_seconds";
+/// The last restore drill's RPO (acknowledged commits missing from the copy), in seconds.
+pub const DRILL_RPO: &str = "tandem_restore_drill_rpo_seconds";
+/// Unix time (seconds) the last restore drill started.
+pub const DRILL_LAST: &str = "tandem_restore_drill_last_timestamp";
+
+/// A backup metric: name, type, help, and its value for one database's backups.
+type BackupGauge<'a> = (
+    &'a str,
+    &'a str,
+    &'a str,
+    &'a dyn Fn(&pg::backup::BackupView) -> Option<f64>,
+);
+
+/// Appends the backup metrics of the databases with `[database.backup]`.
+pub fn render_backups(out: &mut String, views: &[pg::View]) {
+    let with: Vec<(&str, &pg::backup::BackupView)> = views
+        .iter()
+        .filter_map(|v| Some((v.name.as_str(), v.backup.as_ref()?)))
+        .collect();
+    if with.is_empty() {
+        return;
+    }
+    let secs = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64()
+    };
+    let gauges: [BackupGauge<'_>; 8] = [
+        (
+            BACKUP_LAST_SUCCESS,
+            "gauge",
+            "Unix time the newest backup in the repository finished.",
+            &|b| b.last_success.map(secs),
+        ),
+        (
+            BACKUP_ARCHIVE_LAG,
+            "gauge",
+            "Seconds the WAL archive is behind the primary (0: every completed segment archived).",
+            &|b| b.archive_lag_seconds,
+        ),
+        (
+            BACKUP_REPOSITORY_BYTES,
+            "gauge",
+            "Bytes under the backup repository.",
+            &|b| b.repository_bytes.map(|n| n as f64),
+        ),
+        (
+            BACKUP_ARCHIVE_FAILURES,
+            "counter",
+            "WAL segments the primary failed to archive (pg_stat_archiver.failed_count).",
+            &|b| b.archiver.as_ref().map(|a| a.failed_count as f64),
+        ),
+        (
+            DRILL_SUCCESS,
+            "gauge",
+            "1 when the last restore drill passed, 0 when it failed.",
+            &|b| b.last_drill.as_ref().map(|d| f64::from(u8::from(d.ok))),
+        ),
+        (
+            DRILL_RTO,
+            "gauge",
+            "The last passed restore drill's RTO (restore plus start), in seconds.",
+            &|b| {
+                b.last_drill
+                    .as_ref()
+                    .filter(|d| d.ok)
+                    .map(|d| d.rto_seconds)
+            },
+        ),
+        (
+            DRILL_RPO,
+            "gauge",
+            "The last passed restore drill's RPO (newest acknowledged minus newest restored commit), in seconds.",
+            &|b| {
+                b.last_drill
+                    .as_ref()
+                    .filter(|d| d.ok)
+                    .and_then(|d| d.rpo_seconds)
+            },
+        ),
+        (
+            DRILL_LAST,
+            "gauge",
+            "Unix time the last restore drill started.",
+            &|b| {
+                b.last_drill
+                    .as_ref()
+                    .and_then(|d| event::parse_rfc3339(&d.started))
+                    .map(secs)
+            },
+        ),
+    ];
+    for (name, kind, help, value) in gauges {
+        header(out, name, kind, help);
+        for (db, b) in &with {
+            if let Some(v) = value(b) {
+                let _ = writeln!(out, "{name}{{database=\"{db}\"}} {v}");
+            }
+        }
+    }
+}
+
 /// Whether this node is cut off from the cluster store (1) or not.
 pub const CLUSTER_ISOLATED: &str = "tandem_cluster_isolated";
 /// 1 on the node holding the leader lease.

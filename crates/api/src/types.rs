@@ -173,6 +173,43 @@ pub struct SwitchoverResponse {
     pub database: pg::View,
 }
 
+/// `POST /v1/databases/{db}/backups`: a backup now. `type`: `full`, `diff` or `incr`;
+/// default `incr` (pgBackRest makes it full when there is none yet).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct BackupRequest {
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+}
+
+/// `GET /v1/databases/{db}/backups` and the answer to `POST` (with `created`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BackupsResponse {
+    pub database: String,
+    /// Oldest first.
+    pub backups: Vec<pg::backup::BackupSet>,
+    /// The backup just taken (`POST`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<pg::backup::BackupSet>,
+    /// The archive, the schedule, the last error and drill.
+    pub status: Option<pg::backup::BackupView>,
+}
+
+/// `POST /v1/databases/{db}/backups/verify`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VerifyResponse {
+    pub database: String,
+    /// What `pgbackrest verify` reported.
+    pub report: String,
+}
+
+/// `POST /v1/databases/{db}/restore-drill`: restore the latest backup and the archived WAL
+/// into a scratch copy; `to` (RFC 3339, UTC) restores to that time instead of the newest WAL.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RestoreDrillRequest {
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
 /// `POST /v1/reload`: what changed in the file and what became of each change.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ReloadResponse {

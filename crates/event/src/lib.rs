@@ -111,6 +111,12 @@ pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
+/// Reads a time written as RFC 3339 (`2024-05-01T12:00:00Z`, `2024-05-01 12:00:00.5Z`; UTC
+/// only, as [`rfc3339`] writes it); `None` when it is not one.
+pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339_weak(s.trim()).ok()
+}
+
 /// `#[serde(with = "event::time")]` for times in [`rfc3339`].
 pub mod time {
     use std::time::SystemTime;

@@ -1610,7 +1610,105 @@ const DATABASE_KEYS: &[&str] = &[
     "member",
     "bin_dir",
     "rewind_failure",
+    "backup",
 ];
+
+const BACKUP_KEYS: &[&str] = &[
+    "repository",
+    "full",
+    "differential",
+    "archive_timeout",
+    "retention_full",
+    "drill",
+    "drill_table",
+];
+
+impl FromToml for Every {
+    const EXAMPLE: &'static str = "\"weekly\"";
+    fn from_toml(cx: &mut Cx, key: &str, v: &Value<'_>) -> Option<Self> {
+        parsed(
+            cx,
+            key,
+            v,
+            Code::BadDuration,
+            "schedule",
+            "write \"hourly\", \"daily\", \"weekly\", \"never\" or a duration of at least 1m such as \"12h\"",
+            |s| match s {
+                "never" => Some(Every(None)),
+                "hourly" => Some(Every(Some(Duration::from_secs(3600)))),
+                "daily" => Some(Every(Some(Duration::from_secs(86_400)))),
+                "weekly" => Some(Every(Some(Duration::from_secs(7 * 86_400)))),
+                other => units::parse_duration(other)
+                    .filter(|d| *d >= Duration::from_secs(60))
+                    .map(|d| Every(Some(d))),
+            },
+        )
+    }
+}
+
+/// `[database.backup]`.
+fn backup(cx: &mut Cx, s: Section<'_, '_>) -> Option<Backup> {
+    let repository: Option<String> = cx.req(s, "repository");
+    if let (Some(r), Some(v)) = (&repository, s.get("repository"))
+        && r.trim().is_empty()
+    {
+        cx.error(
+            Code::OutOfRange,
+            v.span(),
+            "`repository` is empty",
+            "give the directory pgBackRest keeps backups and WAL in, such as \"/srv/tandem-backups/orders\"",
+        );
+        return None;
+    }
+    let full = cx.or(s, "full", Every(Some(Duration::from_secs(7 * 86_400))));
+    let differential = cx.or(s, "differential", Every(None));
+    let archive_timeout = duration_in(
+        cx,
+        s,
+        "archive_timeout",
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        MAX_INTERVAL,
+    );
+    let retention_full = number_in(cx, s, "retention_full", 2, 1, 100);
+    let drill = cx.or(s, "drill", Every(None));
+    let drill_table: Option<Option<String>> = cx.opt(s, "drill_table");
+    let drill_table = match drill_table {
+        Some(Some(t)) if !valid_table(&t) => {
+            let span = s.get("drill_table").map(|v| v.span()).unwrap_or_default();
+            cx.error(
+                Code::BadName,
+                span,
+                format!("invalid table name {t:?} for `drill_table`"),
+                "write \"schema.table\" or \"table\" with letters, digits and underscores",
+            );
+            None
+        }
+        other => other,
+    };
+    Some(Backup {
+        repository: PathBuf::from(repository?),
+        full: full?.0,
+        differential: differential?.0,
+        archive_timeout: archive_timeout?,
+        retention_full: retention_full?,
+        drill: drill?.0,
+        drill_table: drill_table?,
+    })
+}
+
+/// `table` or `schema.table`, each part an unquoted SQL identifier.
+fn valid_table(s: &str) -> bool {
+    let part = |p: &str| {
+        p.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && p.len() <= 63
+            && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    let parts: Vec<&str> = s.split('.').collect();
+    parts.len() <= 2 && parts.iter().all(|p| part(p))
+}
 
 /// Patroni's REST API port: what HAProxy users already point `check port` at.
 const DB_HEALTH_PORT: u16 = 8008;
@@ -1677,6 +1775,12 @@ fn database(cx: &mut Cx, s: Section<'_, '_>) -> Option<Database> {
     );
     let bin_dir: Option<Option<String>> = cx.opt(s, "bin_dir");
     let rewind_failure = cx.or(s, "rewind_failure", RewindFailure::Clone);
+    let backup = match s.get("backup") {
+        Some(v) => cx
+            .section(v, "[database.backup]", BACKUP_KEYS)
+            .map(|b| backup(cx, b)),
+        None => Some(None),
+    };
     if s.get("member").is_none() {
         cx.error(
             Code::MissingKey,
@@ -1714,6 +1818,7 @@ fn database(cx: &mut Cx, s: Section<'_, '_>) -> Option<Database> {
         members,
         bin_dir: bin_dir?.map(PathBuf::from),
         rewind_failure: rewind_failure?,
+        backup: backup?,
     })
 }
 
@@ -1764,6 +1869,16 @@ fn app(cx: &mut Cx, s: Section<'_, '_>) -> Option<App> {
     let database = cx.opt(s, "database");
     let scale_sets = cx.or(s, "scale_sets", Vec::new());
     let standby = cx.or(s, "standby", Standby::Hot);
+    if standby == Some(Standby::Cold)
+        && let Some(v) = s.get("standby")
+    {
+        cx.error(
+            Code::NotAllowedHere,
+            v.span(),
+            "`standby = \"cold\"` is not available yet (it needs app failover across tiers)",
+            "use \"hot\" or \"warm\"; backups and restore drills work today with [database.backup]",
+        );
+    }
     let failback = cx.or(s, "failback", Failback::Automatic);
     Some(App {
         name: name?,

@@ -695,7 +695,38 @@ pub struct Database {
     pub bin_dir: Option<PathBuf>,
     /// A former primary whose `pg_rewind` fails: cloned afresh (default) or left stopped.
     pub rewind_failure: RewindFailure,
+    /// `[database.backup]`: base backups and a continuous WAL archive with pgBackRest.
+    pub backup: Option<Backup>,
 }
+
+/// `[database.backup]`: pgBackRest base backups, continuous WAL archiving from whichever
+/// member is primary, and restore drills.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Backup {
+    /// The pgBackRest repository (`repo1-path`): a directory that must exist and be writable
+    /// by the database user. Relative paths are relative to Tandem's working directory, as
+    /// `state_dir` is.
+    pub repository: PathBuf,
+    /// How often a full backup is taken (`"weekly"`, `"daily"`, `"hourly"` or a duration of at
+    /// least 1 minute; `"never"`: only on request). Default weekly.
+    pub full: Option<Duration>,
+    /// How often a differential backup is taken between full ones. Default never.
+    pub differential: Option<Duration>,
+    /// PostgreSQL's `archive_timeout`: a WAL segment with any write in it is archived at least
+    /// this often, the RPO bound when no standby survives. Default 60 s, from 1 s to 1 h.
+    pub archive_timeout: Duration,
+    /// Full backups kept (`repo1-retention-full`), with the differentials and WAL they need.
+    /// Default 2, from 1 to 100.
+    pub retention_full: u32,
+    /// How often a restore drill runs by itself. Default never (on request only).
+    pub drill: Option<Duration>,
+    /// The table whose rows a restore drill counts (`"schema.table"` or `"table"`).
+    pub drill_table: Option<String>,
+}
+
+/// A schedule: `"hourly"`, `"daily"`, `"weekly"`, a duration (at least 1 minute), or `"never"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Every(pub Option<Duration>);
 
 choice! {
     /// What happens to a former primary that `pg_rewind` cannot bring back.

@@ -68,6 +68,8 @@ cases!(
     address_clash_with_default_api,
     dns_rrl,
     duplicate_names_listed_once,
+    backup_rules,
+    backup_ok,
 );
 
 #[test]

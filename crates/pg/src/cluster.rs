@@ -26,6 +26,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_postgres::Client;
 
+use crate::backup::{self, BackupSet, Backups, DrillReport, Primary};
 use crate::failover::{self, Standby};
 use crate::lead::{Action, Lead, Process, RESTART_STABLE, Seen};
 use crate::local::{self, Local, format_lsn};
@@ -106,6 +107,9 @@ pub struct View {
     pub error: Option<String>,
     pub failovers: u64,
     pub switchovers: u64,
+    /// `[database.backup]`: backups, the WAL archive, the last restore drill.
+    #[serde(default)]
+    pub backup: Option<crate::backup::BackupView>,
 }
 
 /// Why a switchover was refused or failed.
@@ -132,7 +136,15 @@ pub struct Cluster {
     /// Set by [`Cluster::leave_running`]: the stop leaves the members running.
     leave: std::sync::atomic::AtomicBool,
     done: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// `[database.backup]`.
+    backups: Option<Arc<Backups>>,
+    backups_done: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
+
+/// How often the backup task looks at the primary's archiver and the schedule.
+const BACKUP_TICK: Duration = Duration::from_secs(2);
+/// Every this many backup ticks, the repository is listed again (metrics, schedule).
+const BACKUP_REFRESH_TICKS: u64 = 15;
 
 /// What a database follows and feeds.
 #[derive(Clone, Debug)]
@@ -180,7 +192,11 @@ impl Cluster {
         let bins = local::find_bins(config.bin_dir.as_deref()).map_err(named)?;
         let user = local::run_as()?;
         let dir = state_dir.join("databases").join(&name);
-        let local = Local::open(bins, user, dir, config.failover_timeout).map_err(named)?;
+        let mut local = Local::open(bins, user, dir, config.failover_timeout).map_err(named)?;
+        if let Some(b) = &config.backup {
+            Backups::prepare(&name, b, &mut local).map_err(named)?;
+        }
+        let local = Arc::new(local);
         for m in &config.members {
             let site = m.site.as_str();
             local
@@ -202,6 +218,12 @@ impl Cluster {
             }
         }
         let (events, first_events) = broadcast::channel(256);
+        let backups = match &config.backup {
+            Some(b) => Some(Arc::new(
+                Backups::open(&name, b.clone(), local.clone(), events.clone()).map_err(named)?,
+            )),
+            None => None,
+        };
         let (commands, rx) = mpsc::channel(4);
         let (stop, stop_rx) = watch::channel(false);
         let cluster = Arc::new(Cluster {
@@ -219,6 +241,8 @@ impl Cluster {
             stop,
             leave: std::sync::atomic::AtomicBool::new(false),
             done: Mutex::new(None),
+            backups,
+            backups_done: Mutex::new(None),
         });
         for m in &config.members {
             let listener = tokio::net::TcpListener::bind(m.health).await.map_err(|e| {
@@ -234,14 +258,93 @@ impl Cluster {
                 stop_rx.clone(),
             ));
         }
-        let (driver, work) = Driver::new(config, wiring, Arc::new(local), cluster.clone());
+        if let Some(b) = cluster.backups.clone() {
+            let task = tokio::spawn(tend_backups(b, cluster.clone(), stop_rx.clone()));
+            *cluster
+                .backups_done
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(task);
+        }
+        let (driver, work) = Driver::new(config, wiring, local, cluster.clone());
         let task = tokio::spawn(driver.run(rx, work, stop_rx));
         *cluster.done.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
         Ok(cluster)
     }
 
     pub fn view(&self) -> View {
-        self.view.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        let mut view = self.view.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        view.backup = self.backups.as_ref().map(|b| b.view());
+        view
+    }
+
+    /// The database's backups, when it has `[database.backup]`.
+    pub fn backups(&self) -> Option<&Arc<Backups>> {
+        self.backups.as_ref()
+    }
+
+    /// The writable primary, for what pgBackRest needs of it.
+    pub fn primary(&self) -> Result<Primary, BackupError> {
+        let view = self.view.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let site = view.primary.clone().ok_or_else(|| {
+            BackupError::Unavailable(format!(
+                "database {} has no writable primary now (state {})",
+                self.name, view.state
+            ))
+        })?;
+        let m = view
+            .members
+            .iter()
+            .find(|m| m.site == site)
+            .ok_or_else(|| BackupError::Unavailable(format!("no member {site}")))?;
+        Ok(Primary {
+            site,
+            listen: m
+                .listen
+                .parse()
+                .map_err(|_| BackupError::Unavailable(format!("bad address {}", m.listen)))?,
+            data: PathBuf::from(&m.data_dir),
+        })
+    }
+
+    fn backups_or_refuse(&self) -> Result<Arc<Backups>, BackupError> {
+        self.backups.clone().ok_or_else(|| {
+            BackupError::NotConfigured(format!(
+                "database {} has no [database.backup] in the topology",
+                self.name
+            ))
+        })
+    }
+
+    /// A backup of the primary now (`full`, `diff` or `incr`); waits for it. It runs on a
+    /// task of its own: a caller that goes away does not cut it short.
+    pub async fn backup_now(&self, kind: backup::Kind) -> Result<BackupSet, BackupError> {
+        let b = self.backups_or_refuse()?;
+        let p = self.primary()?;
+        run_detached(async move {
+            b.backup(&p, kind)
+                .await
+                .map_err(|e| BackupError::Failed(e.0))
+        })
+        .await
+    }
+
+    /// The backups in the repository, oldest first.
+    pub async fn backup_list(&self) -> Result<Vec<BackupSet>, BackupError> {
+        let b = self.backups_or_refuse()?;
+        b.list().await.map_err(|e| BackupError::Failed(e.0))
+    }
+
+    /// `pgbackrest verify` of the repository: what it reported.
+    pub async fn backup_verify(&self) -> Result<String, BackupError> {
+        let b = self.backups_or_refuse()?;
+        run_detached(async move { b.verify().await.map_err(|e| BackupError::Failed(e.0)) }).await
+    }
+
+    /// A restore drill (see [`Backups::drill`]) to the newest archived WAL or to `to`.
+    pub async fn restore_drill(&self, to: Option<SystemTime>) -> Result<DrillReport, BackupError> {
+        let b = self.backups_or_refuse()?;
+        let p = self.primary()?;
+        run_detached(async move { Ok(b.drill(&p, to).await) }).await
     }
 
     pub fn events(&self) -> broadcast::Receiver<Event> {
@@ -277,9 +380,79 @@ impl Cluster {
 
     pub async fn shutdown(&self) {
         let _ = self.stop.send(true);
+        let backups = self
+            .backups_done
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(t) = backups {
+            let _ = t.await;
+        }
         let task = self.done.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(t) = task {
             let _ = t.await;
+        }
+    }
+}
+
+/// Why a backup operation was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// The database has no `[database.backup]`.
+    #[error("{0}")]
+    NotConfigured(String),
+    /// No writable primary to back up or to compare with.
+    #[error("{0}")]
+    Unavailable(String),
+    /// pgBackRest (or the repository) said no.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Runs `f` on a task of its own and waits for it: dropping the wait leaves it running.
+async fn run_detached<T: Send + 'static>(
+    f: impl std::future::Future<Output = Result<T, BackupError>> + Send + 'static,
+) -> Result<T, BackupError> {
+    tokio::spawn(f)
+        .await
+        .map_err(|e| BackupError::Failed(format!("the operation stopped: {e}")))?
+}
+
+/// The backup task: every [`BACKUP_TICK`], the primary's archiver and the schedule
+/// ([`Backups::tend`]); a connection to the primary kept while it stays the primary.
+async fn tend_backups(b: Arc<Backups>, cluster: Arc<Cluster>, mut stop: watch::Receiver<bool>) {
+    let mut client: Option<(String, Client)> = None;
+    let mut ticks: u64 = 0;
+    let password = std::fs::read_to_string(PathBuf::from(&b.config_dir()).join("password"))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    while !*stop.borrow() {
+        ticks += 1;
+        if let Ok(p) = cluster.primary() {
+            if client
+                .as_ref()
+                .is_none_or(|(site, c)| *site != p.site || c.is_closed())
+            {
+                client =
+                    tokio::time::timeout(SQL_TIMEOUT * 3, observe::connect(p.listen, &password))
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .map(|c| (p.site.clone(), c));
+            }
+            let refresh = ticks.is_multiple_of(BACKUP_REFRESH_TICKS) || ticks == 1;
+            tokio::select! {
+                _ = b.tend(&p, client.as_ref().map(|(_, c)| c), refresh) => {}
+                _ = stop.changed() => {
+                    b.abandon();
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(BACKUP_TICK) => {}
+            _ = stop.changed() => {}
         }
     }
 }
@@ -1820,6 +1993,7 @@ impl Driver {
             error: self.failed.clone(),
             failovers: self.failovers,
             switchovers: self.switchovers,
+            backup: None,
         };
         *self.cluster.view.lock().unwrap_or_else(|p| p.into_inner()) = view;
     }

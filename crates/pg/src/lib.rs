@@ -2,6 +2,7 @@
 //! asynchronous), watches, fails over under a lease with fencing tokens, rejoins with
 //! `pg_rewind`, and switches over on request, keeping internal load balancers on the primary.
 
+pub mod backup;
 pub mod cluster;
 pub mod failover;
 pub mod family;
@@ -10,4 +11,4 @@ pub mod lead;
 pub mod local;
 pub mod observe;
 
-pub use cluster::{Change, Cluster, MemberView, SwitchoverError, View, Wiring};
+pub use cluster::{BackupError, Change, Cluster, MemberView, SwitchoverError, View, Wiring};

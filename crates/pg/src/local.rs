@@ -135,7 +135,25 @@ pub struct Local {
     pub replication_password: String,
     /// The primary's lease: how long a silent peer may go unnoticed (see [`Local::start`]).
     pub failover_timeout: Duration,
+    /// Continuous WAL archiving (`[database.backup]`): every member starts with it, so it
+    /// carries on from whichever member is primary (a standby does not archive).
+    pub archive: Option<Archive>,
     driver: ProcessDriver,
+}
+
+/// How members archive their WAL: `archive_command` is `command` followed by the member's
+/// own `--pg1-path` and `archive-push %p`; `archive_timeout` forces a segment out at least
+/// this often when anything was written.
+#[derive(Clone, Debug)]
+pub struct Archive {
+    /// `pgbackrest --config=… --stanza=…`, its paths shell-quoted.
+    pub command: String,
+    pub timeout: Duration,
+}
+
+/// A path quoted for `sh` (`archive_command` runs through the shell).
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 impl Local {
@@ -171,6 +189,7 @@ impl Local {
             password,
             replication_password,
             failover_timeout,
+            archive: None,
             driver: ProcessDriver {
                 tandem: std::env::current_exe().ok(),
             },
@@ -377,6 +396,23 @@ impl Local {
             "-c".into(),
             format!("wal_receiver_status_interval={status_interval}s"),
         ];
+        if let Some(a) = &self.archive {
+            let data = self.data(site).to_string_lossy().into_owned();
+            for setting in [
+                "archive_mode=on".to_string(),
+                format!(
+                    "archive_command={} --pg1-path={} archive-push %p",
+                    a.command,
+                    shell_quote(&data)
+                ),
+                format!("archive_timeout={}s", a.timeout.as_secs().max(1)),
+                // A restore drill's RPO: the newest commit's time, restored and on the primary.
+                "track_commit_timestamp=on".to_string(),
+            ] {
+                argv.push("-c".into());
+                argv.push(setting);
+            }
+        }
         if let Some(up) = upstream {
             argv.push("-c".into());
             argv.push(format!(
@@ -448,7 +484,31 @@ impl Local {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<String, Error> {
-        let mut cmd = tokio::process::Command::new(self.bins.join(program));
+        self.run_program(
+            &self.bins.join(program),
+            args,
+            env,
+            Duration::from_secs(600),
+        )
+        .await
+        .map(|(out, err)| format!("{out}{err}"))
+    }
+
+    /// Runs `path` as the database user, with [`Local::environment`] and `env`, from the
+    /// database's directory, killed after `limit`: its standard output and error; the error
+    /// carries the end of what it wrote.
+    pub async fn run_program(
+        &self,
+        path: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        limit: Duration,
+    ) -> Result<(String, String), Error> {
+        let program = path.file_name().map_or_else(
+            || path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        let mut cmd = tokio::process::Command::new(path);
         cmd.args(args)
             .env_clear()
             .envs(self.environment())
@@ -459,18 +519,18 @@ impl Local {
         if let Some((uid, gid)) = self.user {
             cmd.uid(uid).gid(gid);
         }
-        let out = tokio::time::timeout(Duration::from_secs(600), cmd.output())
+        let out = tokio::time::timeout(limit, cmd.output())
             .await
-            .map_err(|_| Error(format!("{program} took more than 10 minutes")))?
+            .map_err(|_| Error(format!("{program} took more than {limit:?}")))?
             .map_err(|e| err(format!("cannot run {program}"), e))?;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
         );
         if out.status.success() {
-            Ok(text)
+            Ok((stdout, stderr))
         } else {
+            let text = format!("{stdout}{stderr}");
             let tail: Vec<&str> = text.lines().rev().take(4).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
             Err(Error(format!(
@@ -624,11 +684,11 @@ pub fn format_lsn(lsn: u64) -> String {
     format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
 }
 
-fn is_empty(dir: &Path) -> bool {
+pub(crate) fn is_empty(dir: &Path) -> bool {
     std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none())
 }
 
-fn chown(path: &Path, uid: u32, gid: u32) -> Result<(), Error> {
+pub(crate) fn chown(path: &Path, uid: u32, gid: u32) -> Result<(), Error> {
     nix::unistd::chown(
         path,
         Some(nix::unistd::Uid::from_raw(uid)),
@@ -684,7 +744,11 @@ fn secret(path: &Path) -> Result<String, Error> {
     Ok(s)
 }
 
-fn write_private(path: &Path, text: &str, owner: Option<(u32, u32)>) -> Result<(), Error> {
+pub(crate) fn write_private(
+    path: &Path,
+    text: &str,
+    owner: Option<(u32, u32)>,
+) -> Result<(), Error> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let mut f = std::fs::OpenOptions::new()
         .write(true)

@@ -5,12 +5,12 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use api::types::{
-    DrillResponse, IntentResponse, OutageRequest, ReloadResponse, ScaleRequest, SwitchoverRequest,
-    SwitchoverResponse,
+    BackupRequest, BackupsResponse, DrillResponse, IntentResponse, OutageRequest, ReloadResponse,
+    RestoreDrillRequest, ScaleRequest, SwitchoverRequest, SwitchoverResponse, VerifyResponse,
 };
 use clap::Subcommand;
 
-use crate::client::{Refused, api_addr, block_on, post};
+use crate::client::{Refused, api_addr, block_on, get_long, post, post_long};
 use crate::{EXIT_INVALID, EXIT_RUNTIME};
 
 #[derive(Debug, clap::Args)]
@@ -72,6 +72,47 @@ pub enum Drill {
     },
     /// End the drill in progress now.
     Stop {
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Restore DB's latest backup and archived WAL into a scratch copy (its own directory and
+    /// port, never a running member), start it, check it answers, count `drill_table`,
+    /// report RTO and RPO, and remove it.
+    Restore {
+        /// The database's name.
+        db: String,
+        /// Restore to this time (RFC 3339, UTC: 2024-05-01T12:00:00Z) instead of the newest
+        /// archived WAL.
+        #[arg(long, default_value = "latest")]
+        to: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: Api,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Backup {
+    /// Take a backup of the primary now and wait for it.
+    Now {
+        /// full, diff or incr (pgBackRest makes the first one full).
+        #[arg(long = "type", default_value = "incr")]
+        kind: String,
+        #[command(flatten)]
+        api: Api,
+    },
+    /// The backups in the repository: label, type, start and stop, size, WAL range.
+    List {
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Check every backup and archived WAL file against its checksum (`pgbackrest verify`).
+    Verify {
         #[command(flatten)]
         api: Api,
     },
@@ -259,6 +300,36 @@ pub fn drill(action: Drill) -> ExitCode {
                 );
             },
         ),
+        Drill::Restore { db, to, json, api } => {
+            let path = format!("/v1/databases/{db}/restore-drill");
+            let mut failed = false;
+            let code = call(
+                &api,
+                async |a| {
+                    post_long::<pg::backup::DrillReport>(
+                        a,
+                        &path,
+                        Some(RestoreDrillRequest {
+                            to: Some(to.clone()),
+                        }),
+                    )
+                    .await
+                },
+                |r| {
+                    failed = !r.ok;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                    } else {
+                        print_drill(&db, &r);
+                    }
+                },
+            );
+            if failed {
+                ExitCode::from(EXIT_RUNTIME)
+            } else {
+                code
+            }
+        }
         Drill::Stop { api } => call(
             &api,
             async |a| post::<DrillResponse>(a, "/v1/drills/stop", None::<()>).await,
@@ -282,4 +353,121 @@ pub fn db(action: Db) -> ExitCode {
         },
         |r| println!("{}", r.message),
     )
+}
+
+fn print_drill(db: &str, r: &pg::backup::DrillReport) {
+    let or = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    if r.ok {
+        println!("restore drill of {db}: passed");
+    } else {
+        println!(
+            "restore drill of {db}: FAILED: {}",
+            r.error.as_deref().unwrap_or("?")
+        );
+    }
+    println!("  backup        {} (target {})", or(&r.backup), r.target);
+    println!("  restored in   {} (port {}, removed)", r.directory, r.port);
+    println!(
+        "  RTO           {:.2} s (restore {:.2} s + start and replay {:.2} s)",
+        r.rto_seconds, r.restore_seconds, r.start_seconds
+    );
+    if let Some(t) = &r.table {
+        println!(
+            "  rows          {} in {t}",
+            r.rows.map_or_else(|| "-".into(), |n| n.to_string())
+        );
+    }
+    println!(
+        "  RPO           {} (newest restored commit {}, newest acknowledged {})",
+        r.rpo_seconds
+            .map_or_else(|| "unknown".into(), |s| format!("{s:.2} s")),
+        or(&r.newest_restored_commit),
+        or(&r.newest_acknowledged_commit)
+    );
+}
+
+pub fn backup(db: &str, action: Backup) -> ExitCode {
+    let path = format!("/v1/databases/{db}/backups");
+    match action {
+        Backup::Now { kind, api } => call(
+            &api,
+            async |a| {
+                post_long::<BackupsResponse>(
+                    a,
+                    &path,
+                    Some(BackupRequest {
+                        kind: Some(kind.clone()),
+                    }),
+                )
+                .await
+            },
+            |r| {
+                if let Some(b) = r.created {
+                    println!(
+                        "{} backup {} of {db} done in {:.1} s: {} bytes ({} in the repository), WAL {}..{}",
+                        b.kind,
+                        b.label,
+                        b.stopped
+                            .duration_since(b.started)
+                            .unwrap_or_default()
+                            .as_secs_f64(),
+                        b.size_bytes,
+                        b.repository_bytes,
+                        b.wal_start.as_deref().unwrap_or("?"),
+                        b.wal_stop.as_deref().unwrap_or("?")
+                    );
+                }
+            },
+        ),
+        Backup::List { json, api } => call(
+            &api,
+            async |a| get_long::<BackupsResponse>(a, &path).await,
+            |r| {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                    return;
+                }
+                println!(
+                    "{:<36} {:<5} {:<24} {:<24} {:>12} {:>12}  WAL",
+                    "LABEL", "TYPE", "STARTED", "STOPPED", "SIZE", "STORED"
+                );
+                for b in &r.backups {
+                    println!(
+                        "{:<36} {:<5} {:<24} {:<24} {:>12} {:>12}  {}..{}",
+                        b.label,
+                        b.kind,
+                        event::rfc3339(b.started),
+                        event::rfc3339(b.stopped),
+                        b.size_bytes,
+                        b.repository_bytes,
+                        b.wal_start.as_deref().unwrap_or("?"),
+                        b.wal_stop.as_deref().unwrap_or("?")
+                    );
+                }
+                if let Some(s) = r.status {
+                    println!(
+                        "archive: {}..{}, lag {}; repository {} ({} bytes)",
+                        s.wal_min.as_deref().unwrap_or("-"),
+                        s.wal_max.as_deref().unwrap_or("-"),
+                        s.archive_lag_seconds
+                            .map_or_else(|| "unknown".into(), |l| format!("{l:.0} s")),
+                        s.repository,
+                        s.repository_bytes
+                            .map_or_else(|| "?".into(), |n| n.to_string())
+                    );
+                    if let (Some(k), Some(at)) = (&s.next_backup, s.next_backup_at) {
+                        println!("next: {k} backup at {}", event::rfc3339(at));
+                    }
+                    if let Some(e) = &s.last_error {
+                        println!("last error: {e}");
+                    }
+                }
+            },
+        ),
+        Backup::Verify { api } => call(
+            &api,
+            async |a| post_long::<VerifyResponse>(a, &format!("{path}/verify"), None::<()>).await,
+            |r| println!("{}", r.report),
+        ),
+    }
 }

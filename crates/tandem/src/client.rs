@@ -19,6 +19,8 @@ const DEFAULT_API: &str = "127.0.0.1:7400";
 
 /// How long the CLI waits for one answer.
 pub const TIMEOUT: Duration = Duration::from_secs(15);
+/// How long it waits for a backup, a verify or a restore drill to finish.
+pub const LONG_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
 /// The API refused the request: its status and what it said.
 #[derive(Debug)]
@@ -79,7 +81,21 @@ pub fn block_on<T>(f: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result
 }
 
 pub async fn get<T: DeserializeOwned>(api: SocketAddr, path: &str) -> anyhow::Result<T> {
-    call(api, Method::GET, path, None::<()>).await
+    call(api, Method::GET, path, None::<()>, TIMEOUT).await
+}
+
+/// POST of a long operation (a backup, a restore drill): waits up to [`LONG_TIMEOUT`].
+pub async fn post_long<T: DeserializeOwned>(
+    api: SocketAddr,
+    path: &str,
+    body: Option<impl Serialize>,
+) -> anyhow::Result<T> {
+    call(api, Method::POST, path, body, LONG_TIMEOUT).await
+}
+
+/// GET that may wait for pgBackRest (listing a repository): up to [`LONG_TIMEOUT`].
+pub async fn get_long<T: DeserializeOwned>(api: SocketAddr, path: &str) -> anyhow::Result<T> {
+    call(api, Method::GET, path, None::<()>, LONG_TIMEOUT).await
 }
 
 /// POST, with a JSON body when given.
@@ -88,7 +104,7 @@ pub async fn post<T: DeserializeOwned>(
     path: &str,
     body: Option<impl Serialize>,
 ) -> anyhow::Result<T> {
-    call(api, Method::POST, path, body).await
+    call(api, Method::POST, path, body, TIMEOUT).await
 }
 
 async fn call<T: DeserializeOwned>(
@@ -96,6 +112,7 @@ async fn call<T: DeserializeOwned>(
     method: Method,
     path: &str,
     body: Option<impl Serialize>,
+    timeout: Duration,
 ) -> anyhow::Result<T> {
     let body = match body {
         Some(b) => serde_json::to_vec(&b)?,
@@ -160,7 +177,7 @@ async fn call<T: DeserializeOwned>(
         }
         serde_json::from_slice(&bytes).with_context(|| format!("{path} answered invalid JSON"))
     };
-    tokio::time::timeout(TIMEOUT, exchange)
+    tokio::time::timeout(timeout, exchange)
         .await
-        .with_context(|| format!("the tandem API at {api} did not answer within {TIMEOUT:?}"))?
+        .with_context(|| format!("the tandem API at {api} did not answer within {timeout:?}"))?
 }

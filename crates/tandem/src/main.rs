@@ -93,7 +93,8 @@ enum Command {
         json: bool,
     },
     /// Rehearse a failure: `drill outage SITE [--for 60s]` takes a whole site down (its load
-    /// balancers stop answering, its instances stop), then restores it; `drill stop` ends it.
+    /// balancers stop answering, its instances stop), then restores it; `drill stop` ends it;
+    /// `drill restore DB [--to TIME]` restores a backup into a scratch copy and measures it.
     Drill {
         #[command(subcommand)]
         action: actions::Drill,
@@ -103,6 +104,14 @@ enum Command {
     Db {
         #[command(subcommand)]
         action: actions::Db,
+    },
+    /// Backups of a database with pgBackRest ([database.backup]): `backup DB now [--type
+    /// full|diff|incr]`, `backup DB list`, `backup DB verify`.
+    Backup {
+        /// The database's name.
+        db: String,
+        #[command(subcommand)]
+        action: actions::Backup,
     },
     /// Set a scale set's capacity (within its min and max).
     Scale {
@@ -164,6 +173,7 @@ fn main() -> ExitCode {
         } => up::run(&file, node.as_deref(), !no_console),
         Command::Drill { action } => actions::drill(action),
         Command::Db { action } => actions::db(action),
+        Command::Backup { db, action } => actions::backup(&db, action),
         Command::Validate { file, node, json } => validate(&file, node.as_deref(), json),
         Command::Endpoint { action } => actions::endpoint(action),
         Command::Backend { action } => actions::backend(action),

@@ -75,7 +75,7 @@ fn the_grafana_dashboard_queries_only_exported_metrics() {
     let unknown: Vec<_> = queried.difference(&named).collect();
     assert!(unknown.is_empty(), "queried but not exported: {unknown:?}");
     // Every tier has a panel: at least a metric of each family.
-    for family in ["health", "dns", "lb", "scaleset", "db", "cluster"] {
+    for family in ["health", "dns", "lb", "scaleset", "db", "cluster", "backup"] {
         let prefix = format!("tandem_{family}_");
         assert!(
             queried.iter().any(|m| m.starts_with(&prefix)),
