@@ -943,6 +943,19 @@ fn backup_error(e: pg::BackupError) -> Response {
     error(status, "backup", e.to_string())
 }
 
+/// An optional JSON body: the default when empty, 400 naming `field` when malformed.
+fn optional_json<T: Default + serde::de::DeserializeOwned>(
+    body: &[u8],
+    field: &str,
+    expected: &str,
+) -> Result<T, Box<Response>> {
+    if body.is_empty() {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body)
+        .map_err(|_| Box::new(error(StatusCode::BAD_REQUEST, field, expected)))
+}
+
 /// `GET /v1/databases/{db}/backups`.
 async fn backups_list(State(api): State<Api>, Path(name): Path<String>) -> Response {
     let db = match database(&api, &name) {
@@ -971,19 +984,13 @@ async fn backup_now(
         Ok(db) => db,
         Err(r) => return *r,
     };
-    let req = if body.is_empty() {
-        BackupRequest::default()
-    } else {
-        match serde_json::from_slice::<BackupRequest>(&body) {
-            Ok(r) => r,
-            Err(_) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "type",
-                    "expected a JSON body {\"type\": \"full\"|\"diff\"|\"incr\"}",
-                );
-            }
-        }
+    let req: BackupRequest = match optional_json(
+        &body,
+        "type",
+        "expected a JSON body {\"type\": \"full\"|\"diff\"|\"incr\"}",
+    ) {
+        Ok(r) => r,
+        Err(r) => return *r,
     };
     let kind = match req.kind.as_deref() {
         None => pg::backup::Kind::Incr,
@@ -1037,19 +1044,13 @@ async fn restore_drill(
         Ok(db) => db,
         Err(r) => return *r,
     };
-    let req = if body.is_empty() {
-        RestoreDrillRequest::default()
-    } else {
-        match serde_json::from_slice::<RestoreDrillRequest>(&body) {
-            Ok(r) => r,
-            Err(_) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "to",
-                    "expected a JSON body {\"to\": \"2024-05-01T12:00:00Z\"} or none",
-                );
-            }
-        }
+    let req: RestoreDrillRequest = match optional_json(
+        &body,
+        "to",
+        "expected a JSON body {\"to\": \"2024-05-01T12:00:00Z\"} or none",
+    ) {
+        Ok(r) => r,
+        Err(r) => return *r,
     };
     let to = match req.to.as_deref() {
         None | Some("latest") => None,
