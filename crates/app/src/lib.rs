@@ -491,7 +491,8 @@ impl App {
                     true
                 }
                 Step::WaitOnline => {
-                    let need = plan.capacity.max(1);
+                    // An app without instances (capacity 0) has nothing to wait for.
+                    let need = plan.capacity;
                     if seen.online(&plan.to) >= need {
                         true
                     } else if timed_out {
