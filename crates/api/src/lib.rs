@@ -1006,13 +1006,19 @@ async fn backup_now(
         },
     };
     match db.backup_now(kind).await {
-        Ok(created) => Json(BackupsResponse {
-            database: name,
-            backups: db.view().backup.map(|b| b.backups).unwrap_or_default(),
-            created: Some(created),
-            status: db.view().backup,
-        })
-        .into_response(),
+        Ok(created) => {
+            let status = db.view().backup;
+            Json(BackupsResponse {
+                database: name,
+                backups: status
+                    .as_ref()
+                    .map(|b| b.backups.clone())
+                    .unwrap_or_default(),
+                created: Some(created),
+                status,
+            })
+            .into_response()
+        }
         Err(e) => backup_error(e),
     }
 }

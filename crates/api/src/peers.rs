@@ -71,21 +71,11 @@ async fn get<T: DeserializeOwned>(
                     }
                 })
                 .ok()?;
-            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .ok()?;
-            tokio::spawn(conn);
-            sender
+            http1(stream).await
         }
-        None => {
-            let stream = TcpStream::connect(addr).await.ok()?;
-            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .ok()?;
-            tokio::spawn(conn);
-            sender
-        }
-    };
+        None => http1(TcpStream::connect(addr).await.ok()?).await,
+    }
+    .ok()?;
     let mut req = Request::get(path).header(hyper::header::HOST, addr.to_string());
     if let Some(a) = auth {
         req = req.header(hyper::header::AUTHORIZATION, a);
@@ -97,4 +87,20 @@ async fn get<T: DeserializeOwned>(
     }
     let body = resp.into_body().collect().await.ok()?.to_bytes();
     serde_json::from_slice(&body).ok()
+}
+
+/// An HTTP/1.1 client connection over `io` (plain TCP or TLS), driven by a task of its own.
+///
+/// # Errors
+/// The handshake failed.
+pub async fn http1<IO, B>(io: IO) -> hyper::Result<hyper::client::conn::http1::SendRequest<B>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
 }

@@ -10,7 +10,6 @@ use api::types::ErrorResponse;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request};
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpStream;
@@ -130,17 +129,11 @@ async fn call<T: DeserializeOwned>(
                         api.ip()
                     )
                 })?;
-                let (sender, conn) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-                tokio::spawn(conn);
-                sender
+                api::peers::http1(stream).await?
             }
             None => {
                 let stream = TcpStream::connect(api).await.with_context(unreachable)?;
-                let (sender, conn) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-                tokio::spawn(conn);
-                sender
+                api::peers::http1(stream).await?
             }
         };
         let mut req = Request::builder()
