@@ -22,6 +22,12 @@
 //! | POST | `/v1/databases/{db}/backups` | `{"type": "full"\|"diff"\|"incr"}`: a backup now; answers when it is done |
 //! | POST | `/v1/databases/{db}/backups/verify` | `pgbackrest verify` of the repository |
 //! | POST | `/v1/databases/{db}/restore-drill` | `{"to": TIME}` (optional): restore into a scratch copy, count, measure RTO and RPO |
+//! | GET | `/v1/apps` | every app: active site, term, each site's health, data and capacity, the move under way, what failback waits for, the last move |
+//! | GET | `/v1/apps/{app}/plan?to=SITE` | the steps a move to `SITE` would take now, without starting it |
+//! | POST | `/v1/apps/{app}/failover` | `{"to": SITE}`: move the whole app there now (planned: switchover, scale, DNS) |
+//! | POST | `/v1/apps/{app}/failback` | back to the preferred site, refused until its data has caught up |
+//! | POST | `/v1/apps/{app}/pin` | `{"site": SITE}`: stay there (moving first if needed); no automatic moves |
+//! | POST | `/v1/apps/{app}/unpin` | automatic moves again |
 //! | POST | `/v1/reload` | re-read the topology file on every node; what changed and what applies now |
 //! | GET | `/v1/drills` | the drill in progress |
 //! | POST | `/v1/drills/outage` | `{"site": S, "for": "60s"}`: a whole site goes dark, then returns |
@@ -381,6 +387,8 @@ pub struct Api {
     pub scale_sets: Vec<Arc<scaleset::ScaleSet>>,
     pub databases: Vec<Arc<pg::Cluster>>,
     pub drills: Arc<orchestrator::Drills>,
+    /// The apps this process drives (the single-process default drives every `[[app]]`).
+    pub apps: Vec<Arc<orchestrator::AppRunner>>,
     pub intents: Arc<cluster::Intents>,
     pub reload: Option<Reload>,
     pub events: EventLog,
@@ -462,6 +470,9 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<Api>)> {
             "/v1/databases/{db}/restore-drill",
             post(restore_drill),
         ),
+        (Method::GET, "/v1/apps", get(apps)),
+        (Method::GET, "/v1/apps/{app}/plan", get(app_plan)),
+        (Method::POST, "/v1/apps/{app}/{action}", post(app_action)),
         (Method::POST, "/v1/reload", post(reload)),
         (Method::GET, "/v1/drills", get(drills)),
         (Method::POST, "/v1/drills/outage", post(outage)),
@@ -956,6 +967,98 @@ fn optional_json<T: Default + serde::de::DeserializeOwned>(
         .map_err(|_| Box::new(error(StatusCode::BAD_REQUEST, field, expected)))
 }
 
+/// `GET /v1/apps`.
+async fn apps(State(api): State<Api>) -> Json<AppsResponse> {
+    Json(AppsResponse {
+        apps: api.apps.iter().map(|a| a.view()).collect(),
+    })
+}
+
+fn app_runner<'a>(
+    api: &'a Api,
+    name: &str,
+) -> Result<&'a Arc<orchestrator::AppRunner>, Box<Response>> {
+    if let Some(a) = api.apps.iter().find(|a| a.name == name) {
+        return Ok(a);
+    }
+    let message = if api.topology.app(name).is_some() {
+        format!(
+            "app {name:?} is not driven by this process: apps run in the single-process mode for now"
+        )
+    } else {
+        format!("no app {name:?}")
+    };
+    Err(Box::new(error(StatusCode::NOT_FOUND, "app", message)))
+}
+
+/// `GET /v1/apps/{app}/plan?to=SITE`.
+async fn app_plan(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    Query(q): Query<PlanQuery>,
+) -> Response {
+    let app = match app_runner(&api, &name) {
+        Ok(a) => a,
+        Err(r) => return *r,
+    };
+    let Some(to) = q.to else {
+        return error(StatusCode::BAD_REQUEST, "to", "expected ?to=SITE");
+    };
+    match app.plan(&to) {
+        Ok(plan) => Json(plan).into_response(),
+        Err(e) => error(StatusCode::CONFLICT, "to", e.0),
+    }
+}
+
+/// `POST /v1/apps/{app}/{failover|failback|pin|unpin}`: answers with the app once the
+/// command is taken; the move runs on (`GET /v1/apps` shows it).
+async fn app_action(
+    State(api): State<Api>,
+    Path((name, action)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Response {
+    let app = match app_runner(&api, &name) {
+        Ok(a) => a,
+        Err(r) => return *r,
+    };
+    let req: AppRequest = match optional_json(
+        &body,
+        "body",
+        "expected a JSON body {\"to\": SITE} (failover) or {\"site\": SITE} (pin)",
+    ) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    let (cmd, field) = match (action.as_str(), req) {
+        ("failover", AppRequest { to: Some(to), .. }) => (app::Command::Failover { to }, "to"),
+        ("failover", _) => {
+            return error(StatusCode::BAD_REQUEST, "to", "expected {\"to\": SITE}");
+        }
+        (
+            "pin",
+            AppRequest {
+                site: Some(site), ..
+            },
+        ) => (app::Command::Pin { site }, "site"),
+        ("pin", _) => {
+            return error(StatusCode::BAD_REQUEST, "site", "expected {\"site\": SITE}");
+        }
+        ("failback", _) => (app::Command::Failback, "app"),
+        ("unpin", _) => (app::Command::Unpin, "app"),
+        (other, _) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "action",
+                format!("no app action {other:?}: use failover, failback, pin or unpin"),
+            );
+        }
+    };
+    match app.command(cmd) {
+        Ok(()) => (StatusCode::ACCEPTED, Json(app.view())).into_response(),
+        Err(e) => error(StatusCode::CONFLICT, field, e.0),
+    }
+}
+
 /// `GET /v1/databases/{db}/backups`.
 async fn backups_list(State(api): State<Api>, Path(name): Path<String>) -> Response {
     let db = match database(&api, &name) {
@@ -1249,6 +1352,8 @@ async fn metrics(State(api): State<Api>) -> impl IntoResponse {
     let dbs: Vec<pg::View> = api.databases.iter().map(|d| d.view()).collect();
     metrics::render_databases(&mut body, &dbs);
     metrics::render_backups(&mut body, &dbs);
+    let apps: Vec<_> = api.apps.iter().map(|a| a.view()).collect();
+    metrics::render_apps(&mut body, &apps);
     metrics::render_cluster(&mut body, &api);
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],

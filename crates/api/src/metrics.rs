@@ -488,6 +488,96 @@ pub fn render_databases(out: &mut String, views: &[pg::View]) {
     }
 }
 
+/// 1 for the site an app is active at, 0 for its other sites.
+pub const APP_ACTIVE_SITE: &str = "tandem_app_active_site";
+/// The app's term: grows with every move.
+pub const APP_TERM: &str = "tandem_app_term";
+/// Moves of an app that ended, by `outcome` (`done`, `failed`).
+pub const APP_MOVES: &str = "tandem_app_moves_total";
+/// Seconds the app's last completed move took (its RTO as Tandem measured it).
+pub const APP_LAST_MOVE: &str = "tandem_app_last_move_seconds";
+/// 1 while a move of the app is under way.
+pub const APP_MOVING: &str = "tandem_app_moving";
+
+/// Appends the app metrics.
+pub fn render_apps(out: &mut String, views: &[orchestrator::AppView]) {
+    if views.is_empty() {
+        return;
+    }
+    header(
+        out,
+        APP_ACTIVE_SITE,
+        "gauge",
+        "1 for the site the app is active at, 0 for its other sites.",
+    );
+    for v in views {
+        for s in &v.sites {
+            let up = u8::from(s.site == v.active);
+            let _ = writeln!(
+                out,
+                "{APP_ACTIVE_SITE}{{app=\"{}\",site=\"{}\"}} {up}",
+                v.name, s.site
+            );
+        }
+    }
+    header(
+        out,
+        APP_TERM,
+        "gauge",
+        "The app's term: grows with every move.",
+    );
+    for v in views {
+        let _ = writeln!(out, "{APP_TERM}{{app=\"{}\"}} {}", v.name, v.term);
+    }
+    header(
+        out,
+        APP_MOVES,
+        "counter",
+        "Moves of the app that ended, by outcome (done; failed or abandoned).",
+    );
+    for v in views {
+        let _ = writeln!(
+            out,
+            "{APP_MOVES}{{app=\"{}\",outcome=\"done\"}} {}",
+            v.name, v.moves
+        );
+        let _ = writeln!(
+            out,
+            "{APP_MOVES}{{app=\"{}\",outcome=\"failed\"}} {}",
+            v.name, v.failed_moves
+        );
+    }
+    header(
+        out,
+        APP_MOVING,
+        "gauge",
+        "1 while a move of the app is under way.",
+    );
+    for v in views {
+        let _ = writeln!(
+            out,
+            "{APP_MOVING}{{app=\"{}\"}} {}",
+            v.name,
+            u8::from(v.moving.is_some())
+        );
+    }
+    header(
+        out,
+        APP_LAST_MOVE,
+        "gauge",
+        "Seconds the app's last completed move took, from its start to its last step.",
+    );
+    for v in views {
+        if let Some(m) = v.last_move.as_ref().filter(|m| m.outcome == "done") {
+            let _ = writeln!(
+                out,
+                "{APP_LAST_MOVE}{{app=\"{}\",reason=\"{}\"}} {:.3}",
+                v.name, m.reason, m.seconds
+            );
+        }
+    }
+}
+
 /// Unix time (seconds) the newest backup in the repository finished.
 pub const BACKUP_LAST_SUCCESS: &str = "tandem_backup_last_success_timestamp";
 /// Seconds the WAL archive is behind: 0 while every completed segment is archived.

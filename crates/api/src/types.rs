@@ -227,3 +227,25 @@ pub struct Peer {
     pub node: String,
     pub api: SocketAddr,
 }
+
+/// `GET /v1/apps`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AppsResponse {
+    pub apps: Vec<orchestrator::AppView>,
+}
+
+/// `POST /v1/apps/{app}/failover` (`to`) and `/pin` (`site`); `failback` and `unpin` take no
+/// body.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AppRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+}
+
+/// `GET /v1/apps/{app}/plan?to=SITE`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PlanQuery {
+    pub to: Option<String>,
+}

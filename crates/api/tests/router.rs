@@ -126,6 +126,7 @@ async fn serve_limited(
         scale_sets: Vec::new(),
         databases: Vec::new(),
         drills,
+        apps: Vec::new(),
         intents,
         reload: None,
         events,

@@ -147,6 +147,18 @@ pub enum Reason {
     Operator,
 }
 
+impl Reason {
+    /// As the API, events and metrics spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::SiteLost => "site-lost",
+            Reason::DataMoved => "data-moved",
+            Reason::Failback => "failback",
+            Reason::Operator => "operator",
+        }
+    }
+}
+
 /// One step of a plan.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Step {
@@ -156,6 +168,20 @@ pub enum Step {
     WaitOnline,
     MoveDns,
     ScaleDown,
+}
+
+impl Step {
+    /// As the API and the CLI spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::ConfirmLoss => "confirm-loss",
+            Step::Promote => "promote",
+            Step::Scale => "scale",
+            Step::WaitOnline => "wait-online",
+            Step::MoveDns => "move-dns",
+            Step::ScaleDown => "scale-down",
+        }
+    }
 }
 
 /// A move in progress: from, to, why, its steps and how long each took.
@@ -190,9 +216,67 @@ impl Plan {
         if cfg.standby == Standby::Warm {
             steps.push(Step::Scale);
         }
-        steps.extend([Step::WaitOnline, Step::MoveDns, Step::ScaleDown]);
+        steps.extend([Step::WaitOnline, Step::MoveDns]);
+        // A hot standby keeps its capacity: nothing to scale down.
+        if cfg.standby == Standby::Warm {
+            steps.push(Step::ScaleDown);
+        }
         steps
     }
+}
+
+/// How a move ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The app is active at the target.
+    Moved,
+    /// A step failed (why); the app stays where it was.
+    Failed(String),
+    /// The lost site came back before the loss was confirmed.
+    Abandoned(String),
+}
+
+impl Outcome {
+    /// `done`, `failed` or `abandoned`, as the API spells it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Outcome::Moved => "done",
+            Outcome::Failed(_) => "failed",
+            Outcome::Abandoned(_) => "abandoned",
+        }
+    }
+
+    /// Why the move did not happen.
+    pub fn error(&self) -> Option<&str> {
+        match self {
+            Outcome::Moved => None,
+            Outcome::Failed(why) | Outcome::Abandoned(why) => Some(why),
+        }
+    }
+
+    /// The event kind that tells it.
+    fn kind(&self) -> &'static str {
+        match self {
+            Outcome::Moved => "app-move-end",
+            Outcome::Failed(_) => "app-move-failed",
+            Outcome::Abandoned(_) => "app-move-abandoned",
+        }
+    }
+}
+
+/// A move that ended, for status and the drill report.
+#[derive(Clone, Debug)]
+pub struct Finished {
+    pub from: String,
+    pub to: String,
+    pub reason: Reason,
+    /// Each finished step and how long it took.
+    pub steps: Vec<(Step, Duration)>,
+    /// From the move's start to its end.
+    pub took: Duration,
+    pub outcome: Outcome,
+    /// The app's term after it.
+    pub term: u64,
 }
 
 /// The app's decisions.
@@ -207,6 +291,7 @@ pub struct App {
     healthy_since: BTreeMap<String, Instant>,
     /// Since when the active site has been unhealthy.
     unhealthy_since: Option<Instant>,
+    last: Option<Finished>,
 }
 
 impl App {
@@ -221,7 +306,16 @@ impl App {
             plan: None,
             healthy_since: BTreeMap::new(),
             unhealthy_since: None,
+            last: None,
         }
+    }
+
+    /// The last move that ended (moved, failed or abandoned).
+    pub fn last_move(&self) -> Option<&Finished> {
+        self.last.as_ref()
+    }
+    pub fn config(&self) -> &Config {
+        &self.cfg
     }
 
     pub fn active(&self) -> &str {
@@ -302,14 +396,31 @@ impl App {
                 if home == self.active {
                     return Err(Refused(format!("the app is already at {home}")));
                 }
-                if self.cfg.database && !seen.caught_up(&home) {
-                    return Err(Refused(format!(
-                        "{home}'s database member has not caught up; failing back now would lose writes"
-                    )));
-                }
                 self.start_manual(&home, Reason::Failback, seen, now)
             }
         }
+    }
+
+    /// The steps an operator's move to `to` would take now (`tandem app plan`), without
+    /// starting it.
+    ///
+    /// # Errors
+    /// As [`App::command`] would refuse `Failover { to }`.
+    pub fn preview(&self, to: &str, seen: &Observed) -> Result<Vec<Step>, Refused> {
+        self.known(to)?;
+        if to == self.active {
+            return Err(Refused(format!("the app is already active at {to}")));
+        }
+        if !seen.healthy(to) {
+            return Err(Refused(format!("{to} is not healthy")));
+        }
+        if self.cfg.database && !seen.caught_up(to) {
+            return Err(Refused(format!(
+                "{to}'s database member has not caught up; moving now would lose writes"
+            )));
+        }
+        let at_target = seen.primary.as_deref() == Some(to);
+        Ok(Plan::steps_for(&self.cfg, Reason::Operator, at_target))
     }
 
     fn known(&self, site: &str) -> Result<(), Refused> {
@@ -339,6 +450,12 @@ impl App {
         if !seen.healthy(to) {
             return Err(Refused(format!("{to} is not healthy")));
         }
+        // A planned move is a switchover: only to a member that has every write.
+        if self.cfg.database && !seen.caught_up(to) {
+            return Err(Refused(format!(
+                "{to}'s database member has not caught up; moving now would lose writes"
+            )));
+        }
         self.plan = Some(self.new_plan(to, reason, seen, now));
         Ok(())
     }
@@ -351,7 +468,11 @@ impl App {
             reason,
             steps: Plan::steps_for(&self.cfg, reason, at_target),
             at: 0,
-            capacity: seen.capacity(&self.active).max(seen.capacity(to)),
+            // Warm: the capacity the app has now; hot: the target's own.
+            capacity: match self.cfg.standby {
+                Standby::Warm => seen.capacity(&self.active).max(seen.capacity(to)),
+                Standby::Hot => seen.capacity(to),
+            },
             started: now,
             step_started: now,
             sent: false,
@@ -435,7 +556,7 @@ impl App {
                 return;
             };
             let Some(step) = plan.steps.get(plan.at).copied() else {
-                self.finish(now, out);
+                self.end(Outcome::Moved, now, out);
                 return;
             };
             let waited = now.saturating_duration_since(plan.step_started);
@@ -443,19 +564,16 @@ impl App {
             let done = match step {
                 Step::ConfirmLoss => {
                     if seen.healthy(&plan.from) {
-                        let from = plan.from.clone();
-                        self.plan = None;
-                        out.push(Action::Event {
-                            kind: "app-move-abandoned",
-                            message: format!(
-                                "{from} is healthy again before the loss was confirmed"
-                            ),
-                        });
+                        let why = format!(
+                            "{} is healthy again before the loss was confirmed",
+                            plan.from
+                        );
+                        self.end(Outcome::Abandoned(why), now, out);
                         return;
                     }
                     if !seen.healthy(&plan.to) {
                         let why = format!("{} is not healthy", plan.to);
-                        self.abandon(why, out);
+                        self.end(Outcome::Failed(why), now, out);
                         return;
                     }
                     self.unhealthy_since
@@ -466,10 +584,9 @@ impl App {
                         true
                     } else if timed_out {
                         let to = plan.to.clone();
-                        self.abandon(
-                            format!("the database did not become primary at {to} in {waited:?}"),
-                            out,
-                        );
+                        let why =
+                            format!("the database did not become primary at {to} in {waited:?}");
+                        self.end(Outcome::Failed(why), now, out);
                         return;
                     } else {
                         if !plan.sent {
@@ -512,8 +629,8 @@ impl App {
                 Step::MoveDns => {
                     // Never answer with a site whose database is not the primary.
                     if self.cfg.database && seen.primary.as_deref() != Some(plan.to.as_str()) {
-                        let to = plan.to.clone();
-                        self.abandon(format!("the database primary left {to}"), out);
+                        let why = format!("the database primary left {}", plan.to);
+                        self.end(Outcome::Failed(why), now, out);
                         return;
                     }
                     self.term += 1;
@@ -547,32 +664,59 @@ impl App {
         }
     }
 
-    fn abandon(&mut self, why: String, out: &mut Vec<Action>) {
-        if let Some(p) = self.plan.take() {
-            out.push(Action::Event {
-                kind: "app-move-failed",
-                message: format!(
-                    "{} -> {}: {why}; the app stays at {}",
-                    p.from, p.to, self.active
-                ),
-            });
+    /// The driver could not carry out `step` of the move to `to` (a switchover refused, say):
+    /// that move ends as failed at once rather than at `step_timeout`. Ignored when the move
+    /// under way is another one, or past that step.
+    pub fn action_failed(
+        &mut self,
+        step: Step,
+        to: &str,
+        why: String,
+        now: Instant,
+    ) -> Vec<Action> {
+        let mut out = Vec::new();
+        let current = self
+            .plan
+            .as_ref()
+            .is_some_and(|p| p.to == to && p.steps.get(p.at) == Some(&step));
+        if current {
+            self.end(Outcome::Failed(why), now, &mut out);
         }
+        out
     }
 
-    fn finish(&mut self, now: Instant, out: &mut Vec<Action>) {
-        if let Some(p) = self.plan.take() {
-            let steps: Vec<String> = p.done.iter().map(|(s, d)| format!("{s:?} {d:?}")).collect();
-            out.push(Action::Event {
-                kind: "app-move-end",
-                message: format!(
-                    "{} -> {} in {:?} (term {}): {}",
-                    p.from,
-                    p.to,
-                    now.saturating_duration_since(p.started),
-                    self.term,
-                    steps.join(", ")
-                ),
-            });
-        }
+    /// Ends the move under way, with its event.
+    fn end(&mut self, outcome: Outcome, now: Instant, out: &mut Vec<Action>) {
+        let Some(p) = self.plan.take() else {
+            return;
+        };
+        let took = now.saturating_duration_since(p.started);
+        let steps: Vec<String> = p.done.iter().map(|(s, d)| format!("{s:?} {d:?}")).collect();
+        let message = match outcome.error() {
+            None => format!(
+                "{} -> {} in {took:?} (term {}): {}",
+                p.from,
+                p.to,
+                self.term,
+                steps.join(", ")
+            ),
+            Some(why) => format!(
+                "{} -> {}: {why}; the app stays at {}",
+                p.from, p.to, self.active
+            ),
+        };
+        out.push(Action::Event {
+            kind: outcome.kind(),
+            message,
+        });
+        self.last = Some(Finished {
+            from: p.from,
+            to: p.to,
+            reason: p.reason,
+            steps: p.done,
+            took,
+            outcome,
+            term: self.term,
+        });
     }
 }

@@ -50,6 +50,8 @@ struct State {
     suspended: HashMap<String, u64>,
     /// This node's own decisions, by profile, as last computed.
     local: HashMap<String, Option<String>>,
+    /// Why the next rebuild changes an answer when no endpoint changed state.
+    reason: Option<String>,
 }
 
 /// The DNS traffic manager's control side.
@@ -109,6 +111,7 @@ impl Manager {
                 following: None,
                 suspended: HashMap::new(),
                 local: HashMap::new(),
+                reason: None,
             }),
             events: broadcast::Sender::new(1024),
             changed: Notify::new(),
@@ -215,6 +218,36 @@ impl Manager {
         Ok(())
     }
 
+    /// The site an `[[app]]` is active at, for its profile: only that site's endpoints are
+    /// answered from now on (`None`: routing as configured). Takes effect before this returns;
+    /// the answer's change is an event whose reason names the app's site.
+    pub fn set_active_site(&self, profile: &str, site: Option<&str>) -> Result<(), NotFound> {
+        if self.topology.profile(profile).is_none() {
+            return Err(NotFound::Profile(profile.into()));
+        }
+        {
+            let mut st = self.state();
+            let before = st.overrides.active_site.get(profile).cloned();
+            if before.as_deref() == site {
+                return Ok(());
+            }
+            match site {
+                Some(s) => {
+                    st.overrides
+                        .active_site
+                        .insert(profile.to_string(), s.to_string());
+                    st.reason = Some(format!("the app is active at {s}"));
+                }
+                None => {
+                    st.overrides.active_site.remove(profile);
+                }
+            }
+        }
+        self.rebuild(Instant::now());
+        self.changed.notify_one();
+        Ok(())
+    }
+
     /// Recomputes failback decisions and tables at `now`, publishes them, and records events.
     pub fn rebuild(&self, now: Instant) {
         let mut st = self.state();
@@ -241,7 +274,10 @@ impl Manager {
             };
             let avail: Vec<bool> = order
                 .iter()
-                .map(|&i| table::available(statuses[pi][i]))
+                .map(|&i| {
+                    table::available(statuses[pi][i])
+                        && !overrides.outside_active_site(&self.topology, p, &p.endpoints[i])
+                })
                 .collect();
             let followed = following.as_ref().and_then(|f| f.get(p.name.as_str()));
             let leader = match followed {
@@ -304,8 +340,9 @@ impl Manager {
             self.geo.clone(),
         );
         let before = self.tables.load();
+        let reason = st.reason.take();
         for (i, (old, new)) in before.views().iter().zip(tables.views()).enumerate() {
-            if let Some(e) = change(old, new) {
+            if let Some(e) = change(old, new, reason.as_deref()) {
                 if let Some(n) = self.metrics.answer_changes.get(i) {
                     n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
@@ -327,7 +364,7 @@ fn answered(v: &ProfileView) -> Vec<String> {
 }
 
 /// The event for a change of answered endpoints or of the all-down state, if any.
-fn change(old: &ProfileView, new: &ProfileView) -> Option<Event> {
+fn change(old: &ProfileView, new: &ProfileView, reason: Option<&str>) -> Option<Event> {
     let (from, to) = (answered(old), answered(new));
     if from == to && old.all_down == new.all_down {
         return None;
@@ -345,7 +382,7 @@ fn change(old: &ProfileView, new: &ProfileView) -> Option<Event> {
         reasons.push("an endpoint is available again".into());
     }
     if reasons.is_empty() {
-        reasons.push("failback hold ended".into());
+        reasons.push(reason.unwrap_or("failback hold ended").into());
     }
     let list = |l: &[String]| {
         if l.is_empty() {

@@ -309,6 +309,20 @@ pub struct Overrides {
     pub disabled: HashSet<(String, String)>,
     /// Priority profiles: the endpoint the failback controller lets take traffic.
     pub priority_current: HashMap<String, Option<usize>>,
+    /// Profiles of an `[[app]]`: the site the app is active at. Only endpoints of that site
+    /// (and endpoints of no site) are answered, whatever their health elsewhere.
+    pub active_site: HashMap<String, String>,
+}
+
+impl Overrides {
+    /// Whether an app keeps endpoint `e` of profile `p` out of the answers (it runs at
+    /// another site than the app's active one).
+    pub fn outside_active_site(&self, t: &Topology, p: &Profile, e: &model::Endpoint) -> bool {
+        let Some(active) = self.active_site.get(p.name.as_str()) else {
+            return false;
+        };
+        t.endpoint_site(e).is_some_and(|s| s != active)
+    }
 }
 
 impl Tables {
@@ -691,7 +705,16 @@ fn profile_table(
     o: &Overrides,
 ) -> (ProfileTable, Vec<bool>, bool) {
     let st = &statuses[pi];
-    let mut usable: Vec<bool> = st.iter().map(|s| available(*s)).collect();
+    let inside: Vec<bool> = p
+        .endpoints
+        .iter()
+        .map(|e| !o.outside_active_site(t, p, e))
+        .collect();
+    let mut usable: Vec<bool> = st
+        .iter()
+        .zip(&inside)
+        .map(|(s, i)| *i && available(*s))
+        .collect();
     let all_down = !usable.iter().any(|u| *u);
     let ttl = secs(p.ttl);
     let uses_client = matches!(
@@ -700,7 +723,13 @@ fn profile_table(
     );
     if all_down {
         match p.all_down {
-            AllDown::ServeAll => usable = st.iter().map(|s| *s != Status::Disabled).collect(),
+            AllDown::ServeAll => {
+                usable = st
+                    .iter()
+                    .zip(&inside)
+                    .map(|(s, i)| *i && *s != Status::Disabled)
+                    .collect();
+            }
             AllDown::Nodata | AllDown::Servfail => {
                 let pick = if p.all_down == AllDown::Nodata {
                     Pick::Nodata

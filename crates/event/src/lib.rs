@@ -34,6 +34,8 @@ pub enum Source {
     Node,
     /// A decision of the cluster (leadership, intent applied).
     Cluster,
+    /// An app's move between sites, step by step.
+    App,
 }
 
 impl Source {
@@ -47,6 +49,7 @@ impl Source {
             Source::Drill => "drill",
             Source::Node => "node",
             Source::Cluster => "cluster",
+            Source::App => "app",
         }
     }
 }

@@ -100,6 +100,20 @@ impl Topology {
     pub fn node(&self, name: &str) -> Option<&Node> {
         self.nodes.iter().find(|n| n.name.as_str() == name)
     }
+    pub fn app(&self, name: &str) -> Option<&App> {
+        self.apps.iter().find(|a| a.name.as_str() == name)
+    }
+    /// Where an endpoint runs: its `site`, else its load balancer's site; `None` for an
+    /// address, CNAME or nested profile without `site`.
+    pub fn endpoint_site<'a>(&'a self, e: &'a Endpoint) -> Option<&'a str> {
+        if let Some(s) = &e.site {
+            return Some(s.as_str());
+        }
+        match &e.target {
+            Target::LoadBalancer(lb) => self.load_balancer(lb).map(|l| l.site.as_str()),
+            _ => None,
+        }
+    }
 }
 
 /// How many live vantage points must say an endpoint is Degraded before it is, for DNS.

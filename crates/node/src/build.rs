@@ -54,6 +54,17 @@ impl Service for Leave {
     }
 }
 
+struct AppService(Arc<orchestrator::AppRunner>);
+impl Service for AppService {
+    fn name(&self) -> String {
+        format!("app {}", self.0.name)
+    }
+    fn stop(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        self.0.shutdown();
+        Box::pin(async {})
+    }
+}
+
 struct SetService(Arc<scaleset::ScaleSet>);
 impl Service for SetService {
     fn name(&self) -> String {
@@ -398,7 +409,22 @@ pub(crate) async fn build(config: Config) -> Result<Node, Error> {
     let drills = orchestrator::Drills::new(sites(&topology, &runs, frontends, &scale_sets));
     events.follow(drills.events());
 
-    // Stop order: leave the cluster, instances, databases, DNS, load balancers, probes.
+    let apps = start_apps(
+        &topology,
+        me.is_none(),
+        &engine,
+        &dns_manager,
+        &databases,
+        &scale_sets,
+        &drills,
+        &events,
+    );
+
+    // Stop order: leave the cluster, apps (so nothing moves while the tiers stop), instances,
+    // databases, DNS, load balancers, probes.
+    for a in &apps {
+        services.push(Box::new(AppService(a.clone())));
+    }
     for s in &scale_sets {
         services.push(Box::new(SetService(s.clone())));
     }
@@ -423,6 +449,7 @@ pub(crate) async fn build(config: Config) -> Result<Node, Error> {
         scale_sets,
         databases,
         drills,
+        apps,
         intents: intents.clone(),
         tokens,
         tls,
@@ -524,6 +551,53 @@ async fn start_databases(
         out.push(cluster);
     }
     Ok(out)
+}
+
+/// Starts driving every `[[app]]`, in the single-process mode (where this process runs every
+/// tier of every site); in cluster mode apps are not driven yet.
+#[allow(clippy::too_many_arguments)]
+fn start_apps(
+    topology: &Arc<model::Topology>,
+    single_process: bool,
+    engine: &Arc<health::Engine>,
+    dns: &Option<Arc<dns::manager::Manager>>,
+    databases: &[Arc<pg::Cluster>],
+    scale_sets: &[Arc<scaleset::ScaleSet>],
+    drills: &Arc<orchestrator::Drills>,
+    events: &api::EventLog,
+) -> Vec<Arc<orchestrator::AppRunner>> {
+    if !single_process {
+        if !topology.apps.is_empty() {
+            tracing::warn!(
+                "[[app]] is driven in the single-process mode only for now: in cluster mode each tier fails over by itself"
+            );
+        }
+        return Vec::new();
+    }
+    topology
+        .apps
+        .iter()
+        .map(|a| {
+            let tiers = orchestrator::Tiers {
+                topology: topology.clone(),
+                engine: engine.clone(),
+                dns: dns.clone(),
+                database: a
+                    .database
+                    .as_ref()
+                    .and_then(|d| databases.iter().find(|c| c.name == d.as_str()).cloned()),
+                scale_sets: scale_sets
+                    .iter()
+                    .filter(|s| a.scale_sets.iter().any(|n| n.as_str() == s.name))
+                    .cloned()
+                    .collect(),
+                drills: drills.clone(),
+            };
+            let runner = orchestrator::AppRunner::start(a.clone(), tiers);
+            events.follow(runner.events());
+            runner
+        })
+        .collect()
 }
 
 /// Starts this node's scale sets, their instances feeding its load balancers' pools.

@@ -1,8 +1,12 @@
-//! Operations on a whole site across tiers. Today: the site outage drill, which makes a site
-//! fail as it would for real — its load balancers stop answering (listeners closed, flows
-//! reset) and its scale sets' instances stop — then restores it. App failover, failback and
-//! backups build on the same per-site handles.
+//! Operations on a whole site or a whole app across tiers:
+//! - `drill`: the site outage drill, which makes a site fail as it would for real — its load
+//!   balancers stop answering (listeners closed, flows reset) and its scale sets' instances
+//!   stop — then restores it;
+//! - `app`: the driver of an `[[app]]`'s failover and failback ([`app::App`] decides; the
+//!   driver observes the tiers and carries out the steps).
 
+pub mod app;
 pub mod drill;
 
+pub use app::{AppRunner, AppView, Tiers};
 pub use drill::{Drill, Drills, Frontend, Site};

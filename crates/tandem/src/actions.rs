@@ -17,7 +17,7 @@ use crate::{EXIT_INVALID, EXIT_RUNTIME};
 pub struct Api {
     /// API address of a running node [env: TANDEM_API] [default: 127.0.0.1:7400].
     #[arg(long)]
-    api: Option<SocketAddr>,
+    pub api: Option<SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -135,7 +135,7 @@ pub enum Db {
 }
 
 /// Runs one call and maps its failure to an exit code.
-fn call<T>(
+pub fn call<T>(
     api: &Api,
     f: impl AsyncFnOnce(SocketAddr) -> anyhow::Result<T>,
     print: impl FnOnce(T),

@@ -6,6 +6,7 @@
 //! use, the API unreachable, a node already running).
 
 mod actions;
+mod apps;
 mod client;
 mod console;
 mod sample_app;
@@ -99,6 +100,12 @@ enum Command {
         #[command(subcommand)]
         action: actions::Drill,
     },
+    /// The whole app (`[[app]]`) across tiers: `app status`, `app plan APP --to SITE`, `app
+    /// failover APP --to SITE`, `app failback APP`, `app pin APP SITE`, `app unpin APP`.
+    App {
+        #[command(subcommand)]
+        action: apps::App,
+    },
     /// Database operations: `db switchover DB --to SITE` hands the primary over without data
     /// loss.
     Db {
@@ -173,6 +180,7 @@ fn main() -> ExitCode {
         } => up::run(&file, node.as_deref(), !no_console),
         Command::Drill { action } => actions::drill(action),
         Command::Db { action } => actions::db(action),
+        Command::App { action } => apps::run(action),
         Command::Backup { db, action } => actions::backup(&db, action),
         Command::Validate { file, node, json } => validate(&file, node.as_deref(), json),
         Command::Endpoint { action } => actions::endpoint(action),

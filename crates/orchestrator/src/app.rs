@@ -1,0 +1,552 @@
+//! The driver of an `[[app]]`: observes every tier of it (site health from the probes, the
+//! database's primary and members, the scale sets, drills), feeds [`app::App`], and carries
+//! out its actions — a switchover, a scale set's capacity, the DNS profile's active site.
+//!
+//! One task per app, a tick every [`TICK`] and at once on a health change or a command.
+//! Slow actions (a switchover, scaling) run on tasks of their own; the next observations
+//! confirm them, so the tick never waits.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use app::{Action, App, Command, Observed, Refused, Standby};
+use event::{Event, Source};
+use health::Status;
+use model::Topology;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, broadcast, watch};
+use tokio::time::Instant;
+
+use crate::Drills;
+
+/// How often an app looks at its tiers when nothing wakes it.
+pub const TICK: Duration = Duration::from_millis(250);
+
+/// What an app drives, in this process.
+#[derive(Clone)]
+pub struct Tiers {
+    pub topology: Arc<Topology>,
+    pub engine: Arc<health::Engine>,
+    /// The DNS traffic manager, when this process answers DNS.
+    pub dns: Option<Arc<dns::manager::Manager>>,
+    /// The app's database, when it has one.
+    pub database: Option<Arc<pg::Cluster>>,
+    /// The app's scale sets this process runs.
+    pub scale_sets: Vec<Arc<scaleset::ScaleSet>>,
+    pub drills: Arc<Drills>,
+}
+
+/// One site of an app as the API shows it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SiteView {
+    pub site: String,
+    /// Its entry points (the profile's endpoints there) are healthy.
+    pub healthy: bool,
+    /// It can be acted on (not under an outage drill).
+    pub reachable: bool,
+    /// Its database member holds the primary role.
+    pub primary: bool,
+    /// Its database member has caught up with the primary (streaming, and synchronous in
+    /// sync replication, or no lag in async).
+    pub caught_up: bool,
+    /// Instances Online in the app's scale set there, and the set's desired capacity.
+    pub online: u32,
+    pub capacity: u32,
+}
+
+/// A move under way or ended.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MoveView {
+    pub from: String,
+    pub to: String,
+    /// `site-lost`, `data-moved`, `failback` or `operator`.
+    pub reason: String,
+    /// Every step of the plan, in order (`confirm-loss`, `promote`, `scale`, `wait-online`,
+    /// `move-dns`, `scale-down`).
+    pub steps: Vec<String>,
+    /// The steps done and how long each took, in seconds.
+    pub done: Vec<StepTime>,
+    /// Seconds from the start to the end (or to now, while under way).
+    pub seconds: f64,
+    /// `under-way`, `done`, `failed` or `abandoned`.
+    pub outcome: String,
+    /// Why it failed or was abandoned.
+    pub error: Option<String>,
+    #[serde(with = "event::opt_time", default)]
+    pub ended: Option<SystemTime>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StepTime {
+    pub step: String,
+    pub seconds: f64,
+}
+
+/// One app as the API shows it (`GET /v1/apps`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AppView {
+    pub name: String,
+    pub profile: String,
+    pub database: Option<String>,
+    /// `hot` or `warm`.
+    pub standby: String,
+    /// `automatic` or `manual`.
+    pub failback: String,
+    /// Where the app runs now, and the term of that (grows with every move).
+    pub active: String,
+    pub term: u64,
+    /// The first of its sites, where it belongs.
+    pub preferred: String,
+    pub pinned: bool,
+    pub sites: Vec<SiteView>,
+    /// The move under way.
+    pub moving: Option<MoveView>,
+    /// Away from the preferred site: what failing back waits for.
+    pub waiting_for: Option<String>,
+    /// The last move that ended.
+    pub last_move: Option<MoveView>,
+    /// Moves that ended since start: done, and failed or abandoned.
+    pub moves: u64,
+    pub failed_moves: u64,
+}
+
+/// The steps a move would take (`GET /v1/apps/{app}/plan?to=SITE`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PlanView {
+    pub app: String,
+    pub from: String,
+    pub to: String,
+    pub steps: Vec<String>,
+}
+
+impl std::fmt::Debug for Tiers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tiers")
+            .field("database", &self.database)
+            .field("scale_sets", &self.scale_sets.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A running app.
+pub struct AppRunner {
+    pub name: String,
+    config: model::App,
+    tiers: Tiers,
+    state: Mutex<State>,
+    events: broadcast::Sender<Event>,
+    wake: Notify,
+    stop: watch::Sender<bool>,
+}
+
+struct State {
+    app: App,
+    seen: Observed,
+    moves: u64,
+    failed_moves: u64,
+    /// When the last move ended, by the wall clock (for the API).
+    ended: Option<SystemTime>,
+}
+
+impl std::fmt::Debug for AppRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppRunner")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long the active site must stay unhealthy before a failover: the profile's monitor
+/// has already needed `tolerated_failures + 1` failures; one more tick confirms it is not a
+/// blip of the moment.
+const CONFIRM: Duration = Duration::from_secs(1);
+/// The longest wait for a promotion or for instances to come Online.
+const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl AppRunner {
+    /// Starts driving `config` (a validated `[[app]]`); the app starts active at its preferred
+    /// site under term 0, or where its database's primary is when it has one already.
+    pub fn start(config: model::App, tiers: Tiers) -> Arc<AppRunner> {
+        let profile = tiers.topology.profile(&config.profile);
+        let cfg = app::Config {
+            sites: config.sites.iter().map(ToString::to_string).collect(),
+            database: config.database.is_some(),
+            standby: match config.standby {
+                model::Standby::Warm => Standby::Warm,
+                _ => Standby::Hot,
+            },
+            automatic_failback: config.failback == model::Failback::Automatic,
+            failback_hold: profile.map_or(Duration::from_secs(30), |p| p.failback_hold),
+            confirm: CONFIRM,
+            step_timeout: STEP_TIMEOUT,
+        };
+        let home = cfg.sites.first().cloned().unwrap_or_default();
+        let (stop, _) = watch::channel(false);
+        let runner = Arc::new(AppRunner {
+            name: config.name.to_string(),
+            config,
+            tiers,
+            state: Mutex::new(State {
+                app: App::new(cfg, home, 0),
+                seen: Observed::default(),
+                moves: 0,
+                failed_moves: 0,
+                ended: None,
+            }),
+            events: broadcast::Sender::new(256),
+            wake: Notify::new(),
+            stop,
+        });
+        let active = runner.state().app.active().to_string();
+        runner.point_dns(&active);
+        tokio::spawn(runner.clone().run());
+        runner
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Source `app`, subject the app: `app-move-start`, `app-move-end`, `app-move-failed`,
+    /// `app-move-abandoned`, `app-move-partial`, `app-command`, `app-action-failed`.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    fn event(&self, kind: &'static str, message: String) {
+        tracing::info!(app = %self.name, kind, %message, "app");
+        let _ = self
+            .events
+            .send(Event::new(Source::App, self.name.clone(), kind, message));
+    }
+
+    pub fn view(&self) -> AppView {
+        let st = self.state();
+        let now = Instant::now();
+        let seen = &st.seen;
+        let app = &st.app;
+        let sites = app
+            .config()
+            .sites
+            .iter()
+            .map(|s| SiteView {
+                site: s.clone(),
+                healthy: seen.healthy.get(s).copied().unwrap_or(false),
+                reachable: seen.reachable.get(s).copied().unwrap_or(false),
+                primary: seen.primary.as_deref() == Some(s),
+                caught_up: seen.caught_up.get(s).copied().unwrap_or(false),
+                online: seen.online.get(s).copied().unwrap_or(0),
+                capacity: seen.capacity.get(s).copied().unwrap_or(0),
+            })
+            .collect();
+        let moving = app.plan().map(|p| MoveView {
+            from: p.from.clone(),
+            to: p.to.clone(),
+            reason: p.reason.as_str().into(),
+            steps: p.steps.iter().map(|s| s.as_str().into()).collect(),
+            done: times(&p.done),
+            seconds: now.saturating_duration_since(p.started).as_secs_f64(),
+            outcome: "under-way".into(),
+            error: None,
+            ended: None,
+        });
+        let last_move = app.last_move().map(|f| MoveView {
+            from: f.from.clone(),
+            to: f.to.clone(),
+            reason: f.reason.as_str().into(),
+            steps: f.steps.iter().map(|(s, _)| s.as_str().into()).collect(),
+            done: times(&f.steps),
+            seconds: f.took.as_secs_f64(),
+            outcome: f.outcome.as_str().into(),
+            error: f.outcome.error().map(str::to_string),
+            ended: st.ended,
+        });
+        AppView {
+            name: self.name.clone(),
+            profile: self.config.profile.to_string(),
+            database: self.config.database.as_ref().map(ToString::to_string),
+            standby: self.config.standby.to_string(),
+            failback: self.config.failback.to_string(),
+            active: app.active().to_string(),
+            term: app.term(),
+            preferred: app.config().sites.first().cloned().unwrap_or_default(),
+            pinned: app.pinned(),
+            sites,
+            moving,
+            waiting_for: app.waiting_for(seen, now),
+            last_move,
+            moves: st.moves,
+            failed_moves: st.failed_moves,
+        }
+    }
+
+    /// The steps a move to `to` would take now, without starting it.
+    ///
+    /// # Errors
+    /// As [`AppRunner::command`] would refuse a failover to `to`.
+    pub fn plan(&self, to: &str) -> Result<PlanView, Refused> {
+        let st = self.state();
+        let steps = st.app.preview(to, &st.seen)?;
+        Ok(PlanView {
+            app: self.name.clone(),
+            from: st.app.active().to_string(),
+            to: to.to_string(),
+            steps: steps.iter().map(|s| s.as_str().into()).collect(),
+        })
+    }
+
+    /// An operator's command (failover, failback, pin, unpin), checked against what was
+    /// last observed; the move it starts runs in the background (see [`AppRunner::view`]).
+    ///
+    /// # Errors
+    /// Why the app refuses it (a move under way, an unknown or unhealthy site, a failback
+    /// whose data has not caught up).
+    pub fn command(&self, cmd: Command) -> Result<(), Refused> {
+        let text = format!("{cmd:?}");
+        {
+            let mut st = self.state();
+            let seen = st.seen.clone();
+            st.app.command(cmd, &seen, Instant::now())?;
+        }
+        self.event("app-command", text);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Stops driving (the tiers are left as they are).
+    pub fn shutdown(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    async fn run(self: Arc<Self>) {
+        let mut health = self.tiers.engine.subscribe();
+        let mut stop = self.stop.subscribe();
+        loop {
+            self.tick();
+            tokio::select! {
+                () = tokio::time::sleep(TICK) => {}
+                () = self.wake.notified() => {}
+                r = health.changed() => if r.is_err() { return },
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    fn tick(self: &Arc<Self>) {
+        let seen = self.observe();
+        let now = Instant::now();
+        let actions = {
+            let mut st = self.state();
+            st.seen = seen.clone();
+            let actions = st.app.step(&seen, now);
+            count(&mut st, &actions);
+            actions
+        };
+        for a in actions {
+            self.carry_out(a, &seen);
+        }
+    }
+
+    /// A step's action failed: the move ends now, as failed.
+    fn failed(&self, step: app::Step, to: &str, why: String) {
+        let actions = {
+            let mut st = self.state();
+            let actions = st.app.action_failed(step, to, why, Instant::now());
+            count(&mut st, &actions);
+            actions
+        };
+        for a in actions {
+            if let Action::Event { kind, message } = a {
+                self.event(kind, message);
+            }
+        }
+    }
+
+    fn carry_out(self: &Arc<Self>, action: Action, seen: &Observed) {
+        match action {
+            Action::MoveStarted {
+                from,
+                to,
+                reason,
+                steps,
+            } => {
+                let steps: Vec<&str> = steps.iter().map(|s| s.as_str()).collect();
+                self.event(
+                    "app-move-start",
+                    format!("{from} -> {to} ({}): {}", reason.as_str(), steps.join(", ")),
+                );
+            }
+            Action::Event { kind, message } => self.event(kind, message),
+            Action::Promote { site, planned, .. } => self.promote(site, planned, seen),
+            Action::Scale { site, capacity } => self.scale(&site, Some(capacity)),
+            Action::ScaleDown { site } => self.scale(&site, None),
+            Action::PointDns { site, .. } => self.point_dns(&site),
+        }
+    }
+
+    /// The database's primary to `site`: a switchover while the current primary runs (no
+    /// data lost, even when the app leaves a site whose entry points failed); with no
+    /// primary, the database fails over by itself and the step waits for it.
+    fn promote(self: &Arc<Self>, site: String, planned: bool, seen: &Observed) {
+        let Some(db) = self.tiers.database.clone() else {
+            return;
+        };
+        if seen.primary.is_none() {
+            self.event(
+                "app-promote-wait",
+                format!(
+                    "no primary now: waiting for database {} to fail over",
+                    db.name
+                ),
+            );
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = db.switchover(&site).await {
+                let kind = if planned { "switchover" } else { "promotion" };
+                me.failed(
+                    app::Step::Promote,
+                    &site,
+                    format!("{kind} of database {} to {site}: {e}", db.name),
+                );
+            }
+        });
+    }
+
+    /// The app's set at `site` to `capacity`, or back to its `min` (a warm standby's).
+    fn scale(&self, site: &str, capacity: Option<u32>) {
+        for set in self.sets_at(site) {
+            let n = capacity.unwrap_or(set.view().min);
+            let me = self.events.clone();
+            let name = self.name.clone();
+            tokio::spawn(async move {
+                if let Err(e) = set.scale_to(n).await {
+                    let message = format!("scaling {} to {n}: {e}", set.name);
+                    let _ = me.send(Event::new(Source::App, name, "app-action-failed", message));
+                }
+            });
+        }
+    }
+
+    fn point_dns(&self, site: &str) {
+        if let Some(dns) = &self.tiers.dns
+            && let Err(e) = dns.set_active_site(&self.config.profile, Some(site))
+        {
+            self.event("app-action-failed", format!("pointing DNS at {site}: {e}"));
+        }
+    }
+
+    fn sets_at(&self, site: &str) -> Vec<Arc<scaleset::ScaleSet>> {
+        self.tiers
+            .scale_sets
+            .iter()
+            .filter(|s| {
+                s.site == site && self.config.scale_sets.iter().any(|n| n.as_str() == s.name)
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// One look at every tier.
+    fn observe(&self) -> Observed {
+        let t = &self.tiers;
+        let mut seen = Observed::default();
+        let statuses = profile_statuses(t, &self.config.profile);
+        let outage = t
+            .drills
+            .applied()
+            .filter(|d| d.kind == "outage")
+            .map(|d| d.site);
+        for site in &self.config.sites {
+            let site = site.to_string();
+            let healthy = statuses
+                .iter()
+                .any(|(s, st)| s.as_deref() == Some(site.as_str()) && dns::table::available(*st));
+            seen.healthy.insert(site.clone(), healthy);
+            seen.reachable
+                .insert(site.clone(), outage.as_deref() != Some(site.as_str()));
+            let (mut online, mut capacity) = (0, 0);
+            for set in self.sets_at(&site) {
+                let v = set.view();
+                capacity += v.desired;
+                online += v
+                    .instances
+                    .iter()
+                    .filter(|i| i.health == Status::Online)
+                    .count() as u32;
+            }
+            seen.online.insert(site.clone(), online);
+            seen.capacity.insert(site, capacity);
+        }
+        if let Some(db) = &t.database {
+            let v = db.view();
+            seen.primary.clone_from(&v.primary);
+            for m in &v.members {
+                seen.caught_up.insert(m.site.clone(), caught_up(&v, m));
+            }
+        }
+        seen
+    }
+}
+
+/// Counts the moves that `actions` end.
+fn count(st: &mut State, actions: &[Action]) {
+    for a in actions {
+        if let Action::Event { kind, .. } = a {
+            match *kind {
+                "app-move-end" => st.moves += 1,
+                "app-move-failed" | "app-move-abandoned" => st.failed_moves += 1,
+                _ => continue,
+            }
+            st.ended = Some(SystemTime::now());
+        }
+    }
+}
+
+/// Each endpoint of the profile: its site and its status (operator switches ignored: a
+/// disabled endpoint is still a site's entry point).
+fn profile_statuses(t: &Tiers, profile: &str) -> Vec<(Option<String>, Status)> {
+    let Some(pi) = t
+        .topology
+        .profiles
+        .iter()
+        .position(|p| p.name.as_str() == profile)
+    else {
+        return Vec::new();
+    };
+    let statuses =
+        dns::table::endpoint_statuses(&t.topology, &*t.engine, &dns::table::Overrides::default());
+    let p = &t.topology.profiles[pi];
+    p.endpoints
+        .iter()
+        .zip(statuses.get(pi).cloned().unwrap_or_default())
+        .map(|(e, s)| (t.topology.endpoint_site(e).map(str::to_string), s))
+        .collect()
+}
+
+/// Whether a member has every acknowledged write: the primary itself; a standby streaming
+/// and synchronous (sync replication) or streaming with nothing left to replay (async).
+fn caught_up(v: &pg::View, m: &pg::MemberView) -> bool {
+    if v.primary.as_deref() == Some(m.site.as_str()) {
+        return true;
+    }
+    if m.state != "streaming" {
+        return false;
+    }
+    if v.replication == "sync" {
+        v.sync_standby.as_deref() == Some(m.site.as_str())
+    } else {
+        m.lag_bytes == Some(0)
+    }
+}
+
+fn times(steps: &[(app::Step, Duration)]) -> Vec<StepTime> {
+    steps
+        .iter()
+        .map(|(s, d)| StepTime {
+            step: s.as_str().into(),
+            seconds: d.as_secs_f64(),
+        })
+        .collect()
+}

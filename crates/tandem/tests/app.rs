@@ -1,0 +1,532 @@
+//! The whole app moving between sites in the single-process mode, against real parts: real
+//! PostgreSQL members (edge primary, region synchronous standby), real sample-app instances
+//! behind real load balancers, real DNS answers read with `dig`, and a writer whose every
+//! acknowledged row is checked at the end.
+//!
+//! One test walks the operator's path and the automatic one: a planned failover (`tandem app
+//! failover`) and the automatic failback that follows once the edge's data has caught up; the
+//! edge's member held back (SIGSTOP) so failback waits and says why; pin and unpin; a site
+//! outage drill of the edge (the app moves by itself) and the failback after it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt as _;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+use testkit::{eventually, free_tcp_port};
+use tokio::time::Instant;
+
+const EDGE: u8 = 60;
+const REGION: u8 = 61;
+
+struct Lab {
+    dir: tempfile::TempDir,
+    up: Up,
+    dns: SocketAddr,
+    /// The region's database frontend (the writer's way in: the region never goes dark).
+    region_db: SocketAddr,
+}
+
+/// Members outlive Tandem only if it dies: stop it, then kill anything left in the data
+/// directories.
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.up.child.id() as i32),
+            nix::sys::signal::Signal::SIGCONT,
+        );
+        self.up.terminate();
+        let postgres = pg::local::find_bins(None).unwrap().join("postgres");
+        for site in ["edge", "region"] {
+            let data = self.dir.path().join("state/databases/orders").join(site);
+            pg::family::kill_in_data_dir(&postgres, &data);
+        }
+    }
+}
+
+fn topology(dns: SocketAddr, web: u16, pg: u16) -> String {
+    let (e, r) = (EDGE, REGION);
+    format!(
+        r#"
+[[site]]
+name = "edge"
+role = "edge"
+
+[[site]]
+name = "region"
+role = "region"
+
+[dns]
+listen = ["{dns}"]
+
+[[dns.zone]]
+name = "shop.test"
+nameservers = ["ns1.shop.test"]
+hostmaster = "hostmaster.shop.test"
+
+[[monitor]]
+name = "web"
+protocol = "http"
+port = {web}
+path = "/healthz"
+interval = "300ms"
+timeout = "250ms"
+tolerated_failures = 1
+recovery_successes = 2
+
+[[profile]]
+name = "www"
+domain = "www.shop.test"
+routing = "priority"
+monitor = "web"
+ttl = "1s"
+failback_hold = "3s"
+
+  [[profile.endpoint]]
+  name = "edge"
+  target = {{ load_balancer = "edge-web" }}
+  priority = 1
+
+  [[profile.endpoint]]
+  name = "region"
+  target = {{ load_balancer = "region-web" }}
+  priority = 2
+
+[[load_balancer]]
+name = "edge-web"
+site = "edge"
+frontend = "127.0.{e}.10:{web}"
+pool = {{ scale_set = "edge-web", port = "http" }}
+probe = "web"
+drain_timeout = "1s"
+
+[[load_balancer]]
+name = "region-web"
+site = "region"
+frontend = "127.0.{r}.10:{web}"
+pool = {{ scale_set = "region-web", port = "http" }}
+probe = "web"
+drain_timeout = "1s"
+
+[[scale_set]]
+name = "edge-web"
+site = "edge"
+command = ["tandem", "sample-app", "--listen", "{{address}}:{{port.http}}", "--site", "{{site}}"]
+bind = "127.0.{e}.1"
+ports = {{ http = "21500-21519" }}
+capacity = {{ min = 2, max = 3, initial = 2 }}
+health = "web"
+stop_grace = "1s"
+
+[[scale_set]]
+name = "region-web"
+site = "region"
+command = ["tandem", "sample-app", "--listen", "{{address}}:{{port.http}}", "--site", "{{site}}"]
+bind = "127.0.{r}.1"
+ports = {{ http = "21500-21519" }}
+capacity = {{ min = 1, max = 3, initial = 1 }}
+health = "web"
+stop_grace = "1s"
+
+[[database]]
+name = "orders"
+replication = "sync"
+failover_timeout = "2s"
+frontends = {{ edge = "127.0.{e}.20:{pg}", region = "127.0.{r}.20:{pg}" }}
+
+  [[database.member]]
+  site = "edge"
+  listen = "127.0.{e}.21:{pg}"
+
+  [[database.member]]
+  site = "region"
+  listen = "127.0.{r}.21:{pg}"
+
+[[app]]
+name = "shop"
+sites = ["edge", "region"]
+profile = "www"
+database = "orders"
+scale_sets = ["edge-web", "region-web"]
+standby = "warm"
+failback = "automatic"
+"#
+    )
+}
+
+async fn start() -> Lab {
+    // PostgreSQL's own user must reach the state directory (tempdirs are 0700).
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ips: Vec<String> = [EDGE, REGION]
+        .iter()
+        .flat_map(|n| [10, 20, 21].map(|h| format!("127.0.{n}.{h}")))
+        .collect();
+    let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+    let web = free_tcp_port(&ips);
+    let pg = free_tcp_port(&ips);
+    let dns: SocketAddr = (
+        [127, 0, 0, 1],
+        testkit::free_udp_tcp_port([127, 0, 0, 1].into()),
+    )
+        .into();
+    let api: SocketAddr = format!("127.0.0.1:{}", free_tcp_port(&["127.0.0.1"]))
+        .parse()
+        .unwrap();
+    let file = topology_file(dir.path(), api, &topology(dns, web, pg));
+    let up = Up::start(&file, api, &[]);
+    Lab {
+        dir,
+        up,
+        dns,
+        region_db: format!("127.0.{REGION}.20:{pg}").parse().unwrap(),
+    }
+}
+
+impl Lab {
+    async fn app(&self) -> Option<Value> {
+        let v = try_get_json(self.up.api, "/v1/apps").await?;
+        Some(v["apps"][0].clone())
+    }
+
+    /// Waits for the app to satisfy `check`, up to `secs`.
+    async fn wait(&self, secs: u64, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        eventually(Duration::from_secs(secs), what, || async {
+            self.app().await.filter(|a| check(a))
+        })
+        .await
+    }
+
+    /// Waits until the app is at rest at `site` under `term`, DNS answers that site's load
+    /// balancer and the database's primary is there.
+    async fn at_rest(&self, site: &str, term: u64, secs: u64) -> Value {
+        let a = self
+            .wait(secs, &format!("active at {site}, term {term}"), |a| {
+                a["active"] == site && a["term"] == term && a["moving"].is_null()
+            })
+            .await;
+        let net = if site == "edge" { EDGE } else { REGION };
+        let want = vec![format!("127.0.{net}.10")];
+        eventually(
+            Duration::from_secs(5),
+            &format!("DNS answers {site}"),
+            || async {
+                (testkit::dig(self.dns, "www.shop.test", &[]) == Some(want.clone())).then_some(())
+            },
+        )
+        .await;
+        let db = get_json(self.up.api, "/v1/databases").await;
+        assert_eq!(db["databases"][0]["primary"], site, "{db}");
+        a
+    }
+
+    fn password(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("state/databases/orders/password"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    fn cli(&self, args: &[&str]) -> (bool, String) {
+        let out = run(tandem()
+            .arg("app")
+            .args(args)
+            .args(["--api", &self.up.api.to_string()]));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+}
+
+fn site<'a>(app: &'a Value, name: &str) -> &'a Value {
+    app["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["site"] == name)
+        .unwrap()
+}
+
+async fn connect(db: SocketAddr, password: &str) -> Option<tokio_postgres::Client> {
+    let mut c = tokio_postgres::Config::new();
+    c.host(db.ip().to_string())
+        .port(db.port())
+        .user("postgres")
+        .password(password)
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(1));
+    let (client, conn) = c.connect(tokio_postgres::NoTls).await.ok()?;
+    tokio::spawn(conn);
+    Some(client)
+}
+
+/// Inserts increasing ids through a frontend, reconnecting after errors, and keeps every
+/// acknowledged one; bounded to 10 minutes.
+struct Writer {
+    acked: Arc<Mutex<Vec<i64>>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    fn start(db: SocketAddr, password: String) -> Writer {
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let a = acked.clone();
+        let task = tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(600);
+            let mut next: i64 = 1;
+            let mut client = None;
+            while !*stopped.borrow() && Instant::now() < deadline {
+                if client.is_none() {
+                    client = connect(db, &password).await;
+                    if client.is_none() {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                }
+                let c = client.as_ref().unwrap();
+                let id = next;
+                next += 1;
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
+                let insert = c.execute("INSERT INTO acked (id) VALUES ($1)", &params);
+                match tokio::time::timeout(Duration::from_secs(5), insert).await {
+                    Ok(Ok(_)) => a.lock().unwrap().push(id),
+                    _ => client = None,
+                }
+                // A steady trickle, not a flood: the test is about the moves.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        Writer { acked, stop, task }
+    }
+
+    fn count(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    async fn more_than(&self, n: usize, what: &str) {
+        eventually(Duration::from_secs(30), what, || async {
+            (self.count() > n).then_some(())
+        })
+        .await;
+    }
+
+    async fn finish(self) -> Vec<i64> {
+        let _ = self.stop.send(true);
+        self.task.await.unwrap();
+        Arc::try_unwrap(self.acked).unwrap().into_inner().unwrap()
+    }
+}
+
+/// Sends `signal` to every process of the member whose data directory is `data`.
+fn signal_member(data: &std::path::Path, signal: nix::sys::signal::Signal) {
+    let data = std::fs::canonicalize(data).unwrap();
+    let mut n = 0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cwd = std::fs::read_link(entry.path().join("cwd")).ok();
+        let exe = std::fs::read_link(entry.path().join("exe")).ok();
+        if cwd.as_deref() == Some(data.as_path())
+            && exe.is_some_and(|e| e.to_string_lossy().contains("postgres"))
+        {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+            n += 1;
+        }
+    }
+    assert!(n > 0, "no process of the member in {}", data.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_app_fails_over_and_back_with_its_data() {
+    let lab = start().await;
+    // At rest at the edge: DNS answers the edge, the edge's member is the primary, the region
+    // (warm) runs its set's min.
+    let a = lab
+        .wait(120, "edge and region healthy, region caught up", |a| {
+            site(a, "edge")["healthy"] == true
+                && site(a, "region")["caught_up"] == true
+                && site(a, "edge")["online"] == 2
+                && site(a, "region")["online"] == 1
+        })
+        .await;
+    assert_eq!(a["standby"], "warm");
+    lab.at_rest("edge", 0, 10).await;
+
+    // The plan, printed without acting on it.
+    let (ok, text) = lab.cli(&["plan", "shop", "--to", "region"]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("shop: edge -> region")
+            && text.contains("1. promote")
+            && text.contains("2. scale")
+            && text.contains("3. wait-online")
+            && text.contains("4. move-dns")
+            && text.contains("5. scale-down"),
+        "{text}"
+    );
+    let (ok, text) = lab.cli(&["plan", "shop", "--to", "moon"]);
+    assert!(
+        !ok && text.contains("moon is not one of the app's sites"),
+        "{text}"
+    );
+
+    // A writer through the region's frontend, which follows the primary wherever it is.
+    let password = lab.password();
+    let c = connect(lab.region_db, &password).await.unwrap();
+    c.batch_execute("CREATE TABLE acked (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+    let writer = Writer::start(lab.region_db, password.clone());
+    writer.more_than(20, "writes before the failover").await;
+
+    // (4) Pin: the app moves to the region (a switchover, the warm region scaled to the
+    // edge's capacity before DNS) and stays there past the failback hold.
+    let (ok, text) = lab.cli(&["pin", "shop", "region"]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("move edge -> region (operator): done"),
+        "{text}"
+    );
+    for step in ["promote", "scale", "wait-online", "move-dns", "scale-down"] {
+        assert!(text.contains(step), "{step} missing: {text}");
+    }
+    let a = lab.at_rest("region", 1, 10).await;
+    assert_eq!(a["pinned"], true);
+    assert_eq!(a["waiting_for"], "pinned to region");
+    assert_eq!(
+        site(&a, "region")["capacity"],
+        2,
+        "warm standby scaled up: {a}"
+    );
+    lab.wait(60, "the edge's member caught up again", |a| {
+        site(a, "edge")["caught_up"] == true && site(a, "edge")["healthy"] == true
+    })
+    .await;
+    // Past the 3 s hold, a pinned app stays where it is (watched for 5 s).
+    let watch_until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < watch_until {
+        let a = lab.app().await.unwrap();
+        assert_eq!(a["active"], "region", "a pinned app moved: {a}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let n = writer.count();
+    writer.more_than(n + 20, "writes at the region").await;
+
+    // (2) Failback gated on the data: the edge's member held back (every process stopped)
+    // stops streaming; failback is refused on command and waits by itself, saying why.
+    let edge_data = lab.dir.path().join("state/databases/orders/edge");
+    signal_member(&edge_data, nix::sys::signal::Signal::SIGSTOP);
+    lab.wait(20, "the edge's member behind", |a| {
+        site(a, "edge")["caught_up"] == false
+    })
+    .await;
+    let (ok, text) = lab.cli(&["failback", "shop"]);
+    assert!(!ok && text.contains("has not caught up"), "{text}");
+    let (ok, text) = lab.cli(&["unpin", "shop"]);
+    assert!(ok && text.contains("unpinned"), "{text}");
+    let a = lab.app().await.unwrap();
+    assert_eq!(a["active"], "region", "{a}");
+    assert!(
+        a["waiting_for"]
+            .as_str()
+            .is_some_and(|w| w.contains("edge's database member to catch up")),
+        "{a}"
+    );
+    signal_member(&edge_data, nix::sys::signal::Signal::SIGCONT);
+    let a = lab.at_rest("edge", 2, 90).await;
+    assert_eq!(a["last_move"]["reason"], "failback");
+    assert_eq!(a["last_move"]["outcome"], "done");
+    lab.wait(30, "the region scaled back to its min", |a| {
+        site(a, "region")["capacity"] == 1
+    })
+    .await;
+
+    // (4) A planned failover without a pin: done, then the automatic failback brings the app
+    // home once the edge's member has caught up.
+    lab.wait(60, "the region's member caught up again", |a| {
+        site(a, "region")["caught_up"] == true
+    })
+    .await;
+    let (ok, text) = lab.cli(&["failover", "shop", "--to", "region"]);
+    assert!(
+        ok && text.contains("move edge -> region (operator): done"),
+        "{text}"
+    );
+    let a = lab.at_rest("edge", 4, 90).await;
+    assert_eq!(a["last_move"]["reason"], "failback");
+    let n = writer.count();
+    writer.more_than(n + 20, "writes after failing back").await;
+
+    // (1) The edge site lost (an outage drill: its load balancers and instances stop): the
+    // app moves by itself, then fails back once the edge returns and has caught up.
+    let n = writer.count();
+    let resp = http_post_json(
+        lab.up.api,
+        "/v1/drills/outage",
+        r#"{"site": "edge", "for": "5m"}"#,
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.0 200"), "{resp}");
+    let a = lab.at_rest("region", 5, 60).await;
+    assert_eq!(a["last_move"]["reason"], "site-lost");
+    let steps: Vec<&str> = a["last_move"]["done"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "confirm-loss",
+            "promote",
+            "scale",
+            "wait-online",
+            "move-dns",
+            "scale-down"
+        ],
+        "{a}"
+    );
+    assert_eq!(a["waiting_for"], "edge to be healthy", "{a}");
+    writer.more_than(n + 20, "writes after the site loss").await;
+    let resp = http_post(lab.up.api, "/v1/drills/stop").await;
+    assert!(resp.starts_with("HTTP/1.0 200"), "{resp}");
+    lab.at_rest("edge", 6, 90).await;
+
+    // Every acknowledged write is there.
+    let acked = writer.finish().await;
+    let c = eventually(Duration::from_secs(10), "a connection", || async {
+        connect(lab.region_db, &password).await
+    })
+    .await;
+    let rows = c.query("SELECT id FROM acked", &[]).await.unwrap();
+    let have: std::collections::HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
+    let lost: Vec<&i64> = acked.iter().filter(|id| !have.contains(id)).collect();
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    assert!(acked.len() > 100, "{} writes", acked.len());
+
+    // Metrics tell the same story.
+    let metrics = http_get(lab.up.api, "/metrics").await;
+    for line in [
+        "tandem_app_active_site{app=\"shop\",site=\"edge\"} 1",
+        "tandem_app_active_site{app=\"shop\",site=\"region\"} 0",
+        "tandem_app_term{app=\"shop\"} 6",
+        "tandem_app_moves_total{app=\"shop\",outcome=\"done\"} 6",
+        "tandem_app_moving{app=\"shop\"} 0",
+    ] {
+        assert!(metrics.contains(line), "{line} missing");
+    }
+    assert!(metrics.contains("tandem_app_last_move_seconds{app=\"shop\",reason=\"failback\"}"));
+}
