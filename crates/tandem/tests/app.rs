@@ -6,7 +6,8 @@
 //! One test walks the operator's path and the automatic one: a planned failover (`tandem app
 //! failover`) and the automatic failback that follows once the edge's data has caught up; the
 //! edge's member held back (SIGSTOP) so failback waits and says why; pin and unpin; a site
-//! outage drill of the edge (the app moves by itself) and the failback after it.
+//! outage drill of the edge (the app moves by itself) and the failback after it; the edge's
+//! primary alone frozen (the database fails over, the app follows its data) and back.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -26,8 +27,9 @@ const EDGE: u8 = 60;
 const REGION: u8 = 61;
 
 struct Lab {
-    dir: tempfile::TempDir,
+    /// Before `dir`: its log is read from there when a test fails.
     up: Up,
+    dir: tempfile::TempDir,
     dns: SocketAddr,
     /// The region's database frontend (the writer's way in: the region never goes dark).
     region_db: SocketAddr,
@@ -345,7 +347,9 @@ fn signal_member(data: &std::path::Path, signal: nix::sys::signal::Signal) {
             n += 1;
         }
     }
-    assert!(n > 0, "no process of the member in {}", data.display());
+    if signal == nix::sys::signal::Signal::SIGSTOP {
+        assert!(n > 0, "no process of the member in {}", data.display());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -505,6 +509,23 @@ async fn the_whole_app_fails_over_and_back_with_its_data() {
     assert!(resp.starts_with("HTTP/1.0 200"), "{resp}");
     lab.at_rest("edge", 6, 90).await;
 
+    // (3) The database alone fails (the edge's primary freezes; the edge's web tier stays
+    // healthy): the database fails over by itself, and the whole app follows its data, then
+    // comes home once the edge's member has rejoined and caught up.
+    lab.wait(60, "the region's member synchronous again", |a| {
+        site(a, "region")["caught_up"] == true
+    })
+    .await;
+    let n = writer.count();
+    signal_member(&edge_data, nix::sys::signal::Signal::SIGSTOP);
+    let moved = wait_event(lab.up.api, "edge -> region (data-moved)").await;
+    assert_eq!(moved["kind"], "app-move-start", "{moved}");
+    // Whatever fencing left of the frozen member runs on (and is stopped or rewound).
+    signal_member(&edge_data, nix::sys::signal::Signal::SIGCONT);
+    let a = lab.at_rest("edge", 8, 120).await;
+    assert_eq!(a["last_move"]["reason"], "failback");
+    writer.more_than(n + 20, "writes after the database failover").await;
+
     // Every acknowledged write is there.
     let acked = writer.finish().await;
     let c = eventually(Duration::from_secs(10), "a connection", || async {
@@ -522,8 +543,8 @@ async fn the_whole_app_fails_over_and_back_with_its_data() {
     for line in [
         "tandem_app_active_site{app=\"shop\",site=\"edge\"} 1",
         "tandem_app_active_site{app=\"shop\",site=\"region\"} 0",
-        "tandem_app_term{app=\"shop\"} 6",
-        "tandem_app_moves_total{app=\"shop\",outcome=\"done\"} 6",
+        "tandem_app_term{app=\"shop\"} 8",
+        "tandem_app_moves_total{app=\"shop\",outcome=\"done\"} 8",
         "tandem_app_moving{app=\"shop\"} 0",
     ] {
         assert!(metrics.contains(line), "{line} missing");
