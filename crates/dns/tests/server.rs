@@ -387,6 +387,95 @@ async fn priority_fails_over_at_once_and_answers_checking_endpoints() {
     assert_eq!(f.ask("www.shop.test.", RecordType::A, None), ["10.0.1.10"]);
 }
 
+/// An app's active site: only that site's endpoints (and endpoints of no site) are answered,
+/// whatever the routing would pick; with all of them down, serve-all stays inside the site.
+#[tokio::test]
+async fn an_apps_active_site_is_the_only_one_answered() {
+    let sites = r#"
+[[site]]
+name = "edge"
+role = "edge"
+[[site]]
+name = "region"
+role = "region"
+"#;
+    let f = Fixture::new(&format!(
+        r#"{sites}
+[[profile]]
+name = "www"
+domain = "www.shop.test"
+routing = "multivalue"
+monitor = "web"
+  [[profile.endpoint]]
+  name = "edge-a"
+  target = {{ address = "10.0.1.10" }}
+  site = "edge"
+  [[profile.endpoint]]
+  name = "edge-b"
+  target = {{ address = "10.0.1.11" }}
+  site = "edge"
+  [[profile.endpoint]]
+  name = "region"
+  target = {{ address = "10.0.2.10" }}
+  site = "region"
+  [[profile.endpoint]]
+  name = "anywhere"
+  target = {{ address = "10.0.9.10" }}
+{}"#,
+        PRIORITY
+            .replace("name = \"www\"", "name = \"api\"")
+            .replace("www.shop.test", "api.shop.test")
+            .replace(
+                "target = { address = \"10.0.1.10\" }",
+                "target = { address = \"10.0.1.10\" }\n  site = \"edge\""
+            )
+            .replace(
+                "target = { address = \"10.0.2.10\" }",
+                "target = { address = \"10.0.2.10\" }\n  site = \"region\""
+            )
+    ));
+    let mut events = f.manager.events();
+    for e in ["edge-a", "edge-b", "region", "anywhere"] {
+        f.set("www", e, Status::Online);
+    }
+    let all = ["10.0.1.10", "10.0.1.11", "10.0.2.10", "10.0.9.10"];
+    assert_eq!(f.ask("www.shop.test.", RecordType::A, None), all);
+    f.manager.set_active_site("www", Some("region")).unwrap();
+    assert_eq!(
+        f.ask("www.shop.test.", RecordType::A, None),
+        ["10.0.2.10", "10.0.9.10"]
+    );
+    let e = events.try_recv().unwrap();
+    assert!(
+        e.message.ends_with("the app is active at region"),
+        "{}",
+        e.message
+    );
+    // Everything of the active site down: serve-all answers it, never the other site.
+    f.set("www", "region", Status::Degraded);
+    f.set("www", "anywhere", Status::Degraded);
+    assert_eq!(
+        f.ask("www.shop.test.", RecordType::A, None),
+        ["10.0.2.10", "10.0.9.10"]
+    );
+    f.manager.set_active_site("www", None).unwrap();
+    assert_eq!(
+        f.ask("www.shop.test.", RecordType::A, None),
+        ["10.0.1.10", "10.0.1.11"]
+    );
+
+    // Priority: the active site's endpoint even while a better one elsewhere is Online, and
+    // the best one of the site again as soon as the app comes back.
+    f.set("api", "edge", Status::Online);
+    f.set("api", "region", Status::Online);
+    assert_eq!(f.ask("api.shop.test.", RecordType::A, None), ["10.0.1.10"]);
+    f.manager.set_active_site("api", Some("region")).unwrap();
+    assert_eq!(f.ask("api.shop.test.", RecordType::A, None), ["10.0.2.10"]);
+    f.manager.set_active_site("api", Some("edge")).unwrap();
+    assert_eq!(f.ask("api.shop.test.", RecordType::A, None), ["10.0.1.10"]);
+    assert!(f.manager.set_active_site("nope", Some("edge")).is_err());
+}
+
 #[tokio::test]
 async fn all_down_behaviours() {
     for (mode, expect) in [

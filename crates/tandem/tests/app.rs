@@ -524,7 +524,9 @@ async fn the_whole_app_fails_over_and_back_with_its_data() {
     signal_member(&edge_data, nix::sys::signal::Signal::SIGCONT);
     let a = lab.at_rest("edge", 8, 120).await;
     assert_eq!(a["last_move"]["reason"], "failback");
-    writer.more_than(n + 20, "writes after the database failover").await;
+    writer
+        .more_than(n + 20, "writes after the database failover")
+        .await;
 
     // Every acknowledged write is there.
     let acked = writer.finish().await;
