@@ -28,6 +28,7 @@
 //! | POST | `/v1/apps/{app}/failback` | back to the preferred site, refused until its data has caught up |
 //! | POST | `/v1/apps/{app}/pin` | `{"site": SITE}`: stay there (moving first if needed); no automatic moves |
 //! | POST | `/v1/apps/{app}/unpin` | automatic moves again |
+//! | POST | `/v1/apps/{app}/drill` | a failover and failback with clients on the app's public entry; answers with the report when done |
 //! | POST | `/v1/reload` | re-read the topology file on every node; what changed and what applies now |
 //! | GET | `/v1/drills` | the drill in progress |
 //! | POST | `/v1/drills/outage` | `{"site": S, "for": "60s"}`: a whole site goes dark, then returns |
@@ -472,6 +473,7 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<Api>)> {
         ),
         (Method::GET, "/v1/apps", get(apps)),
         (Method::GET, "/v1/apps/{app}/plan", get(app_plan)),
+        (Method::POST, "/v1/apps/{app}/drill", post(app_drill)),
         (Method::POST, "/v1/apps/{app}/{action}", post(app_action)),
         (Method::POST, "/v1/reload", post(reload)),
         (Method::GET, "/v1/drills", get(drills)),
@@ -1007,6 +1009,26 @@ async fn app_plan(
     match app.plan(&to) {
         Ok(plan) => Json(plan).into_response(),
         Err(e) => error(StatusCode::CONFLICT, "to", e.0),
+    }
+}
+
+/// `POST /v1/apps/{app}/drill`: runs the drill and answers with its report (200 with `ok:
+/// false` when it failed; 409 when it cannot start).
+async fn app_drill(State(api): State<Api>, Path(name): Path<String>) -> Response {
+    let app = match app_runner(&api, &name) {
+        Ok(a) => a,
+        Err(r) => return *r,
+    };
+    let Some(config) = api.topology.app(&name) else {
+        return error(StatusCode::NOT_FOUND, "app", format!("no app {name:?}"));
+    };
+    let entry = match orchestrator::app_drill::Entry::of(&api.topology, config, &api.dns_listen) {
+        Ok(e) => e,
+        Err(e) => return error(StatusCode::CONFLICT, "app", e),
+    };
+    match app.drill(entry).await {
+        Ok(report) => Json(report).into_response(),
+        Err(e) => error(StatusCode::CONFLICT, "app", e.0),
     }
 }
 

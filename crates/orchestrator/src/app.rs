@@ -108,6 +108,10 @@ pub struct AppView {
     /// Moves that ended since start: done, and failed or abandoned.
     pub moves: u64,
     pub failed_moves: u64,
+    /// A drill (`tandem drill app`) is running.
+    pub drilling: bool,
+    /// The last drill's report.
+    pub last_drill: Option<crate::app_drill::AppDrillReport>,
 }
 
 /// The steps a move would take (`GET /v1/apps/{app}/plan?to=SITE`).
@@ -146,6 +150,8 @@ struct State {
     failed_moves: u64,
     /// When the last move ended, by the wall clock (for the API).
     ended: Option<SystemTime>,
+    drilling: bool,
+    last_drill: Option<crate::app_drill::AppDrillReport>,
 }
 
 impl std::fmt::Debug for AppRunner {
@@ -192,6 +198,8 @@ impl AppRunner {
                 moves: 0,
                 failed_moves: 0,
                 ended: None,
+                drilling: false,
+                last_drill: None,
             }),
             events: broadcast::Sender::new(256),
             wake: Notify::new(),
@@ -277,7 +285,40 @@ impl AppRunner {
             last_move,
             moves: st.moves,
             failed_moves: st.failed_moves,
+            drilling: st.drilling,
+            last_drill: st.last_drill.clone(),
         }
+    }
+
+    /// Runs `tandem drill app` (see [`crate::app_drill`]): one at a time.
+    ///
+    /// # Errors
+    /// A drill of this app is already running.
+    pub async fn drill(
+        self: &Arc<Self>,
+        entry: crate::app_drill::Entry,
+    ) -> Result<crate::app_drill::AppDrillReport, Refused> {
+        {
+            let mut st = self.state();
+            if st.drilling {
+                return Err(Refused(format!("a drill of {} is running", self.name)));
+            }
+            st.drilling = true;
+        }
+        let me = self.clone();
+        let database = self.tiers.database.clone();
+        // On a task of its own: a caller that goes away does not leave the app pinned.
+        let report = tokio::spawn(crate::app_drill::run(me, entry, database)).await;
+        self.state().drilling = false;
+        report.map_err(|e| Refused(format!("the drill stopped: {e}")))
+    }
+
+    pub(crate) fn drill_event(&self, kind: &'static str, message: String) {
+        self.event(kind, message);
+    }
+
+    pub(crate) fn set_last_drill(&self, report: crate::app_drill::AppDrillReport) {
+        self.state().last_drill = Some(report);
     }
 
     /// The steps a move to `to` would take now, without starting it.

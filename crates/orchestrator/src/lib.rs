@@ -3,9 +3,11 @@
 //!   balancers stop answering (listeners closed, flows reset) and its scale sets' instances
 //!   stop — then restores it;
 //! - `app`: the driver of an `[[app]]`'s failover and failback ([`app::App`] decides; the
-//!   driver observes the tiers and carries out the steps).
+//!   driver observes the tiers and carries out the steps);
+//! - `app_drill`: `tandem drill app`, a failover and failback with clients on the public entry.
 
 pub mod app;
+pub mod app_drill;
 pub mod drill;
 
 pub use app::{AppRunner, AppView, Tiers};

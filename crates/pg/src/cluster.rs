@@ -139,6 +139,17 @@ pub struct Cluster {
     /// `[database.backup]`.
     backups: Option<Arc<Backups>>,
     backups_done: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The superuser's password, for [`Cluster::connect_primary`].
+    password: Redacted,
+}
+
+/// A secret that `Debug` never shows.
+struct Redacted(String);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("(redacted)")
+    }
 }
 
 /// How often the backup task looks at the primary's archiver and the schedule.
@@ -243,6 +254,7 @@ impl Cluster {
             done: Mutex::new(None),
             backups,
             backups_done: Mutex::new(None),
+            password: Redacted(local.password.clone()),
         });
         for m in &config.members {
             let listener = tokio::net::TcpListener::bind(m.health).await.map_err(|e| {
@@ -304,6 +316,23 @@ impl Cluster {
                 .map_err(|_| BackupError::Unavailable(format!("bad address {}", m.listen)))?,
             data: PathBuf::from(&m.data_dir),
         })
+    }
+
+    /// A superuser connection to the writable primary (for drills that check what it holds).
+    ///
+    /// # Errors
+    /// No primary now, or it does not answer within 2 s.
+    pub async fn connect_primary(&self) -> Result<Client, BackupError> {
+        let p = self.primary()?;
+        let connect = observe::connect(p.listen, &self.password.0);
+        match tokio::time::timeout(Duration::from_secs(2), connect).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(BackupError::Unavailable(e)),
+            Err(_) => Err(BackupError::Unavailable(format!(
+                "primary {} did not answer within 2 s",
+                p.site
+            ))),
+        }
     }
 
     fn backups_or_refuse(&self) -> Result<Arc<Backups>, BackupError> {

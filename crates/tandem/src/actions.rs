@@ -9,6 +9,7 @@ use api::types::{
     RestoreDrillRequest, ScaleRequest, SwitchoverRequest, SwitchoverResponse, VerifyResponse,
 };
 use clap::Subcommand;
+use orchestrator::app_drill::AppDrillReport;
 
 use crate::client::{Refused, api_addr, block_on, get_long, post, post_long};
 use crate::{EXIT_INVALID, EXIT_RUNTIME};
@@ -85,6 +86,20 @@ pub enum Drill {
         /// archived WAL.
         #[arg(long, default_value = "latest")]
         to: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Fail APP over to its next healthy site and back while a writer and a reader go through
+    /// its public entry (DNS name, load balancer, instance, database frontend); report each
+    /// step's time, the RTO the clients saw, client errors and acknowledged writes lost. Its
+    /// instances must be `tandem sample-app --database …` (or serve `POST /write` and `GET
+    /// /read` alike).
+    App {
+        /// The app's name.
+        app: String,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -321,6 +336,27 @@ pub fn drill(action: Drill) -> ExitCode {
                         println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
                     } else {
                         print_drill(&db, &r);
+                    }
+                },
+            );
+            if failed {
+                ExitCode::from(EXIT_RUNTIME)
+            } else {
+                code
+            }
+        }
+        Drill::App { app, json, api } => {
+            let path = format!("/v1/apps/{app}/drill");
+            let mut failed = false;
+            let code = call(
+                &api,
+                async |a| post_long::<AppDrillReport>(a, &path, None::<()>).await,
+                |r| {
+                    failed = !r.ok;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                    } else {
+                        crate::apps::print_drill(&r);
                     }
                 },
             );

@@ -286,3 +286,50 @@ fn print_app(v: &AppView) {
         print_move("  last move", m);
     }
 }
+
+/// `tandem drill app`'s report, as text.
+pub fn print_drill(r: &orchestrator::app_drill::AppDrillReport) {
+    let secs = |s: Option<f64>| s.map_or_else(|| "-".to_string(), |s| format!("{s:.2} s"));
+    match &r.error {
+        None if r.ok => println!("app drill of {}: passed ({:.1} s)", r.app, r.seconds),
+        _ => println!(
+            "app drill of {}: FAILED: {}",
+            r.app,
+            r.error
+                .as_deref()
+                .unwrap_or("acknowledged writes were lost")
+        ),
+    }
+    for (what, m, c) in [
+        ("failover", &r.failover, &r.failover_clients),
+        ("failback", &r.failback, &r.failback_clients),
+    ] {
+        if let Some(m) = m {
+            print_move(&format!("  {what}"), m);
+            println!(
+                "    clients: RTO {} (to the first write committed at {}), longest gap {}, {} writes failed",
+                secs(c.rto_seconds),
+                m.to,
+                secs(c.longest_gap_seconds),
+                c.failed_writes
+            );
+        }
+    }
+    println!(
+        "  writes        {} acknowledged, {} failed; reads {} ok, {} failed",
+        r.writes_acknowledged, r.writes_failed, r.reads_ok, r.reads_failed
+    );
+    println!(
+        "  RPO           {} acknowledged writes lost{}",
+        r.writes_lost
+            .map_or_else(|| "unknown:".to_string(), |n| n.to_string()),
+        if r.lost_ids.is_empty() {
+            String::new()
+        } else {
+            format!(" (ids {:?})", r.lost_ids)
+        }
+    );
+    for e in &r.errors {
+        println!("  client error  {e}");
+    }
+}

@@ -95,7 +95,8 @@ enum Command {
     },
     /// Rehearse a failure: `drill outage SITE [--for 60s]` takes a whole site down (its load
     /// balancers stop answering, its instances stop), then restores it; `drill stop` ends it;
-    /// `drill restore DB [--to TIME]` restores a backup into a scratch copy and measures it.
+    /// `drill restore DB [--to TIME]` restores a backup into a scratch copy and measures it;
+    /// `drill app APP` fails an app over and back with clients on its public entry.
     Drill {
         #[command(subcommand)]
         action: actions::Drill,
@@ -148,6 +149,16 @@ enum Command {
         /// The instance name it reports [default: $TANDEM_INSTANCE, else the listen address].
         #[arg(long)]
         instance: Option<String>,
+        /// A database frontend, ip:port: `POST /write` and `GET /read` go through it.
+        #[arg(long)]
+        database: Option<SocketAddr>,
+        /// The database role.
+        #[arg(long, default_value = "postgres", requires = "database")]
+        database_user: String,
+        /// A file holding the role's password (Tandem keeps the superuser's in
+        /// STATE_DIR/databases/DB/password, mode 0600).
+        #[arg(long, requires = "database")]
+        database_password_file: Option<PathBuf>,
     },
     /// Internal: how `tandem up` starts scale set instances, so they die with it.
     #[command(hide = true)]
@@ -192,7 +203,15 @@ fn main() -> ExitCode {
             listen,
             site,
             instance,
-        } => sample_app::run(listen, site, instance),
+            database,
+            database_user,
+            database_password_file,
+        } => sample_app::run(
+            listen,
+            site,
+            instance,
+            database.map(|a| sample_app::Database::new(a, database_user, database_password_file)),
+        ),
         Command::ExecInstance { parent, command } => {
             let e = scaleset::driver::exec_instance(parent, &command);
             eprintln!("error: cannot start {:?}: {e}", command.join(" "));

@@ -1,6 +1,12 @@
 //! `tandem sample-app`: a small HTTP server for demos and tests. `/` names its site and
 //! instance and counts requests; `/healthz` answers 200 or 503; `POST /fail` and
 //! `POST /recover` toggle that; `/burn?ms=N` burns CPU for N milliseconds (at most 10 s).
+//!
+//! With `--database HOST:PORT` (a database frontend) it also writes and reads through it:
+//! `POST /write` inserts a row into `tandem_sample` (created when missing) and answers
+//! `id=N site=S instance=I member=M` (`M`: the member that committed it); `GET /read` answers
+//! `rows=N max_id=N site=S instance=I member=M`. A database error is a 503 with its reason;
+//! `/healthz` does not depend on the database (the app's health is its own).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -22,9 +28,43 @@ struct App {
     instance: String,
     requests: AtomicU64,
     failing: AtomicBool,
+    database: Option<Database>,
 }
 
-pub fn run(listen: SocketAddr, site: String, instance: Option<String>) -> ExitCode {
+/// A database frontend and how to log in; one connection, made again after an error.
+#[derive(Debug)]
+pub struct Database {
+    pub address: SocketAddr,
+    pub user: String,
+    /// Read at each connection (the password may be created after the instance starts).
+    pub password_file: Option<std::path::PathBuf>,
+    client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+}
+
+impl Database {
+    pub fn new(
+        address: SocketAddr,
+        user: String,
+        password_file: Option<std::path::PathBuf>,
+    ) -> Self {
+        Database {
+            address,
+            user,
+            password_file,
+            client: tokio::sync::Mutex::new(None),
+        }
+    }
+}
+
+/// Bounds one database round trip: a client through a failover must not hang.
+const DB_TIMEOUT: Duration = Duration::from_secs(3);
+
+pub fn run(
+    listen: SocketAddr,
+    site: String,
+    instance: Option<String>,
+    database: Option<Database>,
+) -> ExitCode {
     let instance = instance
         .or_else(|| std::env::var("TANDEM_INSTANCE").ok())
         .unwrap_or_else(|| listen.to_string());
@@ -33,6 +73,7 @@ pub fn run(listen: SocketAddr, site: String, instance: Option<String>) -> ExitCo
         instance,
         requests: AtomicU64::new(0),
         failing: AtomicBool::new(false),
+        database,
     });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -70,6 +111,8 @@ async fn serve(listen: SocketAddr, app: Arc<App>) -> anyhow::Result<()> {
         .route("/fail", post(fail))
         .route("/recover", post(recover))
         .route("/burn", get(burn).post(burn))
+        .route("/write", post(write))
+        .route("/read", get(read))
         .with_state(app);
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
@@ -121,4 +164,125 @@ async fn burn(Query(b): Query<Burn>) -> String {
     .await
     .unwrap_or(0);
     format!("burned {ms}ms ({spun} spins)\n")
+}
+
+async fn write(State(app): State<Arc<App>>) -> (StatusCode, String) {
+    let sql = "INSERT INTO tandem_sample (site, instance) VALUES ($1, $2) \
+               RETURNING id, current_setting('cluster_name')";
+    let (site, instance) = (app.site.clone(), app.instance.clone());
+    let answer = query(&app, async move |c: &tokio_postgres::Client| {
+        let row = c.query_one(sql, &[&site, &instance]).await?;
+        Ok(format!(
+            "id={} member={}",
+            row.get::<_, i64>(0),
+            row.get::<_, String>(1)
+        ))
+    })
+    .await;
+    reply(&app, answer)
+}
+
+async fn read(State(app): State<Arc<App>>) -> (StatusCode, String) {
+    let sql = "SELECT count(*), coalesce(max(id), 0), current_setting('cluster_name') \
+               FROM tandem_sample";
+    let answer = query(&app, async move |c: &tokio_postgres::Client| {
+        let row = c.query_one(sql, &[]).await?;
+        Ok(format!(
+            "rows={} max_id={} member={}",
+            row.get::<_, i64>(0),
+            row.get::<_, i64>(1),
+            row.get::<_, String>(2)
+        ))
+    })
+    .await;
+    reply(&app, answer)
+}
+
+/// `id=… member=…` becomes `id=… site=S instance=I member=…`: who served it, end to end.
+fn reply(app: &App, answer: Result<String, String>) -> (StatusCode, String) {
+    match answer {
+        Ok(text) => {
+            let (first, member) = text.split_once(" member=").unwrap_or((&text, "?"));
+            (
+                StatusCode::OK,
+                format!(
+                    "{first} site={} instance={} member={member}\n",
+                    app.site, app.instance
+                ),
+            )
+        }
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "database: {e} (site={} instance={})\n",
+                app.site, app.instance
+            ),
+        ),
+    }
+}
+
+/// Runs `f` on the instance's connection (made, and the table created, when missing);
+/// drops the connection after an error so the next request connects afresh (through the
+/// frontend, to whichever member is the primary then).
+async fn query<F>(app: &App, f: F) -> Result<String, String>
+where
+    F: AsyncFnOnce(&tokio_postgres::Client) -> Result<String, tokio_postgres::Error>,
+{
+    let Some(db) = &app.database else {
+        return Err("no --database given".into());
+    };
+    let mut slot = db.client.lock().await;
+    if slot.is_none() {
+        *slot = Some(connect(db).await?);
+    }
+    let Some(client) = slot.as_ref() else {
+        return Err("no connection".into());
+    };
+    match tokio::time::timeout(DB_TIMEOUT, f(client)).await {
+        Ok(Ok(text)) => Ok(text),
+        Ok(Err(e)) => {
+            *slot = None;
+            Err(e.to_string())
+        }
+        Err(_) => {
+            *slot = None;
+            Err(format!("no answer within {DB_TIMEOUT:?}"))
+        }
+    }
+}
+
+async fn connect(db: &Database) -> Result<tokio_postgres::Client, String> {
+    let password = match &db.password_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map_err(|e| format!("cannot read {}: {e}", p.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let mut c = tokio_postgres::Config::new();
+    c.host(db.address.ip().to_string())
+        .port(db.address.port())
+        .user(&db.user)
+        .dbname("postgres")
+        .application_name("tandem-sample-app")
+        .connect_timeout(DB_TIMEOUT);
+    if let Some(p) = &password {
+        c.password(p);
+    }
+    let connect = c.connect(tokio_postgres::NoTls);
+    let (client, conn) = tokio::time::timeout(DB_TIMEOUT, connect)
+        .await
+        .map_err(|_| format!("{} did not answer within {DB_TIMEOUT:?}", db.address))?
+        .map_err(|e| format!("{}: {e}", db.address))?;
+    tokio::spawn(conn);
+    // Idempotent; two instances racing may see a duplicate type error, which a retry settles.
+    let create = "CREATE TABLE IF NOT EXISTS tandem_sample (\
+                  id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT now(), \
+                  site text NOT NULL, instance text NOT NULL)";
+    if let Err(e) = client.batch_execute(create).await {
+        return Err(format!("creating tandem_sample: {e}"));
+    }
+    Ok(client)
 }

@@ -7,7 +7,8 @@
 //! failover`) and the automatic failback that follows once the edge's data has caught up; the
 //! edge's member held back (SIGSTOP) so failback waits and says why; pin and unpin; a site
 //! outage drill of the edge (the app moves by itself) and the failback after it; the edge's
-//! primary alone frozen (the database fails over, the app follows its data) and back.
+//! primary alone frozen (the database fails over, the app follows its data) and back; and
+//! `tandem drill app`, whose clients go through the public entry.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -52,8 +53,10 @@ impl Drop for Lab {
     }
 }
 
-fn topology(dns: SocketAddr, web: u16, pg: u16) -> String {
+fn topology(dns: SocketAddr, web: u16, pg: u16, state: &std::path::Path) -> String {
     let (e, r) = (EDGE, REGION);
+    let password = state.join("databases/orders/password");
+    let password = password.display();
     format!(
         r#"
 [[site]]
@@ -119,7 +122,8 @@ drain_timeout = "1s"
 [[scale_set]]
 name = "edge-web"
 site = "edge"
-command = ["tandem", "sample-app", "--listen", "{{address}}:{{port.http}}", "--site", "{{site}}"]
+command = ["tandem", "sample-app", "--listen", "{{address}}:{{port.http}}", "--site", "{{site}}",
+           "--database", "127.0.{e}.20:{pg}", "--database-password-file", "{password}"]
 bind = "127.0.{e}.1"
 ports = {{ http = "21500-21519" }}
 capacity = {{ min = 2, max = 3, initial = 2 }}
@@ -129,7 +133,8 @@ stop_grace = "1s"
 [[scale_set]]
 name = "region-web"
 site = "region"
-command = ["tandem", "sample-app", "--listen", "{{address}}:{{port.http}}", "--site", "{{site}}"]
+command = ["tandem", "sample-app", "--listen", "{{address}}:{{port.http}}", "--site", "{{site}}",
+           "--database", "127.0.{r}.20:{pg}", "--database-password-file", "{password}"]
 bind = "127.0.{r}.1"
 ports = {{ http = "21500-21519" }}
 capacity = {{ min = 1, max = 3, initial = 1 }}
@@ -181,7 +186,8 @@ async fn start() -> Lab {
     let api: SocketAddr = format!("127.0.0.1:{}", free_tcp_port(&["127.0.0.1"]))
         .parse()
         .unwrap();
-    let file = topology_file(dir.path(), api, &topology(dns, web, pg));
+    let state = dir.path().join("state");
+    let file = topology_file(dir.path(), api, &topology(dns, web, pg, &state));
     let up = Up::start(&file, api, &[]);
     Lab {
         dir,
@@ -540,13 +546,71 @@ async fn the_whole_app_fails_over_and_back_with_its_data() {
     assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
     assert!(acked.len() > 100, "{} writes", acked.len());
 
+    // (5) The drill: failover and failback with clients on the public entry (DNS name, load
+    // balancer, sample-app instance, the site's database frontend); its figures match the
+    // rows the clients left.
+    lab.wait(60, "the region's member caught up before the drill", |a| {
+        site(a, "region")["caught_up"] == true
+    })
+    .await;
+    let out = run(tandem().args([
+        "drill",
+        "app",
+        "shop",
+        "--json",
+        "--api",
+        &lab.up.api.to_string(),
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(
+        (r["from"].as_str(), r["to"].as_str()),
+        (Some("edge"), Some("region"))
+    );
+    assert_eq!(r["failover"]["outcome"], "done", "{r}");
+    assert_eq!(r["failback"]["outcome"], "done", "{r}");
+    assert_eq!(r["writes_lost"], 0, "{r}");
+    for phase in ["failover_clients", "failback_clients"] {
+        let rto = r[phase]["rto_seconds"].as_f64().unwrap();
+        assert!(rto > 0.0 && rto < 60.0, "{phase}: {r}");
+    }
+    let acked = r["writes_acknowledged"].as_u64().unwrap();
+    let failed = r["writes_failed"].as_u64().unwrap();
+    assert!(acked >= 15, "{r}");
+    assert!(r["reads_ok"].as_u64().unwrap() > 0, "{r}");
+    let c = connect(lab.region_db, &password).await.unwrap();
+    let rows: i64 = c
+        .query_one("SELECT count(*) FROM tandem_sample", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // Every acknowledged write is a row; a failed one may or may not have committed.
+    let rows = rows as u64;
+    assert!(rows >= acked && rows <= acked + failed, "{rows} rows: {r}");
+    let a = lab.at_rest("edge", 10, 30).await;
+    assert_eq!(a["pinned"], false, "the drill leaves the app unpinned: {a}");
+    assert_eq!(a["last_drill"]["ok"], true);
+    // The text report.
+    let shown = run(tandem().args(["app", "status", "--api", &lab.up.api.to_string()]));
+    let shown = String::from_utf8_lossy(&shown.stdout).to_string();
+    assert!(
+        shown.contains("app shop: active at edge (term 10)"),
+        "{shown}"
+    );
+
     // Metrics tell the same story.
     let metrics = http_get(lab.up.api, "/metrics").await;
     for line in [
         "tandem_app_active_site{app=\"shop\",site=\"edge\"} 1",
         "tandem_app_active_site{app=\"shop\",site=\"region\"} 0",
-        "tandem_app_term{app=\"shop\"} 8",
-        "tandem_app_moves_total{app=\"shop\",outcome=\"done\"} 8",
+        "tandem_app_term{app=\"shop\"} 10",
+        "tandem_app_moves_total{app=\"shop\",outcome=\"done\"} 10",
         "tandem_app_moving{app=\"shop\"} 0",
     ] {
         assert!(metrics.contains(line), "{line} missing");
