@@ -28,7 +28,7 @@
 //! | POST | `/v1/apps/{app}/failback` | back to the preferred site, refused until its data has caught up |
 //! | POST | `/v1/apps/{app}/pin` | `{"site": SITE}`: stay there (moving first if needed); no automatic moves |
 //! | POST | `/v1/apps/{app}/unpin` | automatic moves again |
-//! | POST | `/v1/apps/{app}/drill` | a failover and failback with clients on the app's public entry; answers with the report when done |
+//! | POST | `/v1/apps/{app}/drill` | start a failover and failback with clients on the app's public entry; the report comes in `GET /v1/apps` (`last_drill`) |
 //! | POST | `/v1/reload` | re-read the topology file on every node; what changed and what applies now |
 //! | GET | `/v1/drills` | the drill in progress |
 //! | POST | `/v1/drills/outage` | `{"site": S, "for": "60s"}`: a whole site goes dark, then returns |
@@ -1012,8 +1012,8 @@ async fn app_plan(
     }
 }
 
-/// `POST /v1/apps/{app}/drill`: runs the drill and answers with its report (200 with `ok:
-/// false` when it failed; 409 when it cannot start).
+/// `POST /v1/apps/{app}/drill`: starts the drill and answers 202 with the app (`drilling`);
+/// its report becomes the app's `last_drill`. 409 when it cannot start, with why.
 async fn app_drill(State(api): State<Api>, Path(name): Path<String>) -> Response {
     let app = match app_runner(&api, &name) {
         Ok(a) => a,
@@ -1026,8 +1026,8 @@ async fn app_drill(State(api): State<Api>, Path(name): Path<String>) -> Response
         Ok(e) => e,
         Err(e) => return error(StatusCode::CONFLICT, "app", e),
     };
-    match app.drill(entry).await {
-        Ok(report) => Json(report).into_response(),
+    match app.start_drill(entry) {
+        Ok(_) => (StatusCode::ACCEPTED, Json(app.view())).into_response(),
         Err(e) => error(StatusCode::CONFLICT, "app", e.0),
     }
 }
@@ -1043,6 +1043,13 @@ async fn app_action(
         Ok(a) => a,
         Err(r) => return *r,
     };
+    if !["failover", "failback", "pin", "unpin"].contains(&action.as_str()) {
+        return error(
+            StatusCode::NOT_FOUND,
+            "action",
+            format!("no app action {action:?}: use failover, failback, pin, unpin or drill"),
+        );
+    }
     let req: AppRequest = match optional_json(
         &body,
         "body",
@@ -1066,14 +1073,8 @@ async fn app_action(
             return error(StatusCode::BAD_REQUEST, "site", "expected {\"site\": SITE}");
         }
         ("failback", _) => (app::Command::Failback, "app"),
-        ("unpin", _) => (app::Command::Unpin, "app"),
-        (other, _) => {
-            return error(
-                StatusCode::NOT_FOUND,
-                "action",
-                format!("no app action {other:?}: use failover, failback, pin or unpin"),
-            );
-        }
+        // Validated above: what is left is `unpin`.
+        _ => (app::Command::Unpin, "app"),
     };
     match app.command(cmd) {
         Ok(()) => (StatusCode::ACCEPTED, Json(app.view())).into_response(),

@@ -492,7 +492,7 @@ pub fn render_databases(out: &mut String, views: &[pg::View]) {
 pub const APP_ACTIVE_SITE: &str = "tandem_app_active_site";
 /// The app's term: grows with every move.
 pub const APP_TERM: &str = "tandem_app_term";
-/// Moves of an app that ended, by `outcome` (`done`, `failed`).
+/// Moves of an app that ended, by `outcome` (`done`, `failed`, `abandoned`).
 pub const APP_MOVES: &str = "tandem_app_moves_total";
 /// Seconds the app's last completed move took (its RTO as Tandem measured it).
 pub const APP_LAST_MOVE: &str = "tandem_app_last_move_seconds";
@@ -533,7 +533,7 @@ pub fn render_apps(out: &mut String, views: &[orchestrator::AppView]) {
         out,
         APP_MOVES,
         "counter",
-        "Moves of the app that ended, by outcome (done; failed or abandoned).",
+        "Moves of the app that ended, by outcome (done, failed, abandoned).",
     );
     for v in views {
         let _ = writeln!(
@@ -545,6 +545,11 @@ pub fn render_apps(out: &mut String, views: &[orchestrator::AppView]) {
             out,
             "{APP_MOVES}{{app=\"{}\",outcome=\"failed\"}} {}",
             v.name, v.failed_moves
+        );
+        let _ = writeln!(
+            out,
+            "{APP_MOVES}{{app=\"{}\",outcome=\"abandoned\"}} {}",
+            v.name, v.abandoned_moves
         );
     }
     header(

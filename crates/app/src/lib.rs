@@ -1,7 +1,7 @@
 //! The whole app's failover and failback decisions, sans IO: `(state, observation, now) ->
 //! actions`. An app (`[[app]]`) is a DNS profile, an optional database and a scale set per
 //! site that move between sites together; one site is **active** at a time, under a term that
-//! grows with every move (the fencing token a driver writes with the active site's record).
+//! grows with every move (the driver records both, so a restart resumes where the app was).
 //!
 //! A move is a [`Plan`] of ordered steps, each carried out by the driver and confirmed by what
 //! it observes next, as Azure Site Recovery runs a recovery plan:
@@ -116,6 +116,8 @@ pub enum Action {
         site: String,
         planned: bool,
         term: u64,
+        /// The move it belongs to ([`Plan::id`]), for [`App::action_failed`].
+        plan: u64,
     },
     /// Set the capacity of the app's scale set at `site`.
     Scale { site: String, capacity: u32 },
@@ -187,6 +189,8 @@ impl Step {
 /// A move in progress: from, to, why, its steps and how long each took.
 #[derive(Clone, Debug)]
 pub struct Plan {
+    /// Numbers the moves of this `App`, so a late report about an earlier one is told apart.
+    pub id: u64,
     pub from: String,
     pub to: String,
     pub reason: Reason,
@@ -292,7 +296,17 @@ pub struct App {
     /// Since when the active site has been unhealthy.
     unhealthy_since: Option<Instant>,
     last: Option<Finished>,
+    next_plan: u64,
+    /// Moves failed in a row, and when the app may try to move by itself again.
+    failures: u32,
+    retry_at: Option<Instant>,
 }
+
+/// After a failed move the app waits this long before moving by itself again, doubling with
+/// every failure in a row up to [`RETRY_MAX`]: a move that cannot succeed (a switchover
+/// refused) must not be retried every tick. Operator commands are not held back.
+pub const RETRY_FIRST: Duration = Duration::from_secs(5);
+pub const RETRY_MAX: Duration = Duration::from_secs(60);
 
 impl App {
     /// An app active at `active` under `term` (as recorded; the preferred site and term 0 for
@@ -307,7 +321,17 @@ impl App {
             healthy_since: BTreeMap::new(),
             unhealthy_since: None,
             last: None,
+            next_plan: 0,
+            failures: 0,
+            retry_at: None,
         }
+    }
+
+    /// Restores a pin (as recorded before a restart).
+    #[must_use]
+    pub fn pinned_as(mut self, pinned: bool) -> App {
+        self.pinned = pinned;
+        self
     }
 
     /// The last move that ended (moved, failed or abandoned).
@@ -344,6 +368,13 @@ impl App {
         }
         if self.pinned {
             return Some(format!("pinned to {}", self.active));
+        }
+        if let Some(at) = self.retry_at.filter(|at| now < *at) {
+            return Some(format!(
+                "the next try in {:?}, after {} failed moves in a row",
+                at.saturating_duration_since(now),
+                self.failures
+            ));
         }
         if !self.cfg.automatic_failback {
             return Some("failback is manual: `tandem app failback`".into());
@@ -408,6 +439,12 @@ impl App {
     /// As [`App::command`] would refuse `Failover { to }`.
     pub fn preview(&self, to: &str, seen: &Observed) -> Result<Vec<Step>, Refused> {
         self.known(to)?;
+        if let Some(p) = &self.plan {
+            return Err(Refused(format!(
+                "a move from {} to {} is under way",
+                p.from, p.to
+            )));
+        }
         if to == self.active {
             return Err(Refused(format!("the app is already active at {to}")));
         }
@@ -460,9 +497,11 @@ impl App {
         Ok(())
     }
 
-    fn new_plan(&self, to: &str, reason: Reason, seen: &Observed, now: Instant) -> Plan {
+    fn new_plan(&mut self, to: &str, reason: Reason, seen: &Observed, now: Instant) -> Plan {
         let at_target = seen.primary.as_deref() == Some(to);
+        self.next_plan += 1;
         Plan {
+            id: self.next_plan,
             from: self.active.clone(),
             to: to.to_string(),
             reason,
@@ -517,7 +556,7 @@ impl App {
 
     /// Whether (and where, and why) the app should move by itself.
     fn should_move(&self, seen: &Observed, now: Instant) -> Option<(String, Reason)> {
-        if self.pinned {
+        if self.pinned || self.retry_at.is_some_and(|at| now < at) {
             return None;
         }
         // The data moved without us (the database failed over): follow it.
@@ -595,6 +634,7 @@ impl App {
                                 site: plan.to.clone(),
                                 planned: plan.reason != Reason::SiteLost,
                                 term: self.term + 1,
+                                plan: plan.id,
                             });
                         }
                         false
@@ -664,13 +704,13 @@ impl App {
         }
     }
 
-    /// The driver could not carry out `step` of the move to `to` (a switchover refused, say):
-    /// that move ends as failed at once rather than at `step_timeout`. Ignored when the move
-    /// under way is another one, or past that step.
+    /// The driver could not carry out `step` of move `plan` (a switchover refused, say): that
+    /// move ends as failed at once rather than at `step_timeout`. Ignored when the move under
+    /// way is another one, or past that step.
     pub fn action_failed(
         &mut self,
+        plan: u64,
         step: Step,
-        to: &str,
         why: String,
         now: Instant,
     ) -> Vec<Action> {
@@ -678,7 +718,7 @@ impl App {
         let current = self
             .plan
             .as_ref()
-            .is_some_and(|p| p.to == to && p.steps.get(p.at) == Some(&step));
+            .is_some_and(|p| p.id == plan && p.steps.get(p.at) == Some(&step));
         if current {
             self.end(Outcome::Failed(why), now, &mut out);
         }
@@ -709,6 +749,20 @@ impl App {
             kind: outcome.kind(),
             message,
         });
+        match &outcome {
+            Outcome::Moved => {
+                self.failures = 0;
+                self.retry_at = None;
+            }
+            Outcome::Failed(_) => {
+                self.failures += 1;
+                let wait = RETRY_FIRST
+                    .saturating_mul(1 << (self.failures - 1).min(8))
+                    .min(RETRY_MAX);
+                self.retry_at = Some(now + wait);
+            }
+            Outcome::Abandoned(_) => {}
+        }
         self.last = Some(Finished {
             from: p.from,
             to: p.to,

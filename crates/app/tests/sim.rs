@@ -11,6 +11,8 @@
 //!   and its member has caught up;
 //! - a pinned app never starts a move by itself;
 //! - a warm standby is scaled up before DNS moves to it;
+//! - a promotion the driver reports failed ends its move at once, a report about an earlier
+//!   move changes nothing, and after a failed move the app waits before moving by itself;
 //! - once faults stop (every site healthy, members caught up, unpinned), the app ends at its
 //!   preferred site with its primary there and no move under way.
 
@@ -34,8 +36,8 @@ struct World {
     healthy_since: BTreeMap<String, Instant>,
     primary: String,
     caught_up: BTreeMap<String, bool>,
-    /// A promotion under way: site, when it happens, whether it is planned.
-    promoting: Option<(String, Instant, bool)>,
+    /// A promotion under way: site, when it happens, whether it is planned, its plan.
+    promoting: Option<(String, Instant, bool, u64)>,
     capacity: BTreeMap<String, u32>,
     online: BTreeMap<String, u32>,
     min: u32,
@@ -93,6 +95,7 @@ fn run(seed: u64) {
     let mut dns = "edge".to_string();
     let mut term = 0;
     let mut pinned = false;
+    let mut failed_at: Option<Instant> = None;
     let ctx = |t: usize| format!("seed {seed} tick {t} cfg {cfg:?}");
 
     for t in 0..TICKS {
@@ -122,7 +125,8 @@ fn run(seed: u64) {
                 w.caught_up.insert(s.clone(), false);
             }
         }
-        if let Some((site, at, planned)) = w.promoting.clone()
+        let mut reported = Vec::new();
+        if let Some((site, at, planned, plan)) = w.promoting.clone()
             && now >= at
         {
             // A planned switchover waits for the member to catch up (the database tier's
@@ -132,6 +136,17 @@ fn run(seed: u64) {
                 && (!faults || rng.random_bool(0.9));
             if ok {
                 w.primary = site;
+            } else if rng.random_bool(0.5) {
+                // The driver's switchover was refused: it says so.
+                reported = app.action_failed(plan, app::Step::Promote, "refused".into(), now);
+                if let Some(p) = app.plan() {
+                    assert_ne!(
+                        p.id,
+                        plan,
+                        "a failed promotion left its move on: {}",
+                        ctx(t)
+                    );
+                }
             }
             w.promoting = None;
         }
@@ -179,11 +194,32 @@ fn run(seed: u64) {
         }
         assert_eq!(app.pinned(), pinned, "{}", ctx(t));
 
-        let actions = app.step(&seen, now);
+        // A late report about an earlier move changes nothing.
+        if let Some(p) = app.plan()
+            && p.id > 1
+            && rng.random_bool(0.05)
+        {
+            let id = p.id;
+            let late = app.action_failed(id - 1, app::Step::Promote, "late".into(), now);
+            assert!(late.is_empty(), "a stale report ended a move: {}", ctx(t));
+            assert_eq!(app.plan().map(|p| p.id), Some(id), "{}", ctx(t));
+        }
+
+        let mut actions = app.step(&seen, now);
+        reported.append(&mut actions);
+        let actions = reported;
         for a in &actions {
             match a {
                 Action::MoveStarted { to, reason, .. } => {
                     assert!(seen.healthy[to], "move to an unhealthy site: {}", ctx(t));
+                    if let Some(f) = failed_at {
+                        assert!(
+                            now >= f + app::RETRY_FIRST,
+                            "moved by itself {:?} after a failed move: {}",
+                            now - f,
+                            ctx(t)
+                        );
+                    }
                     assert!(!pinned, "a pinned app moved by itself: {}", ctx(t));
                     if *reason == app::Reason::Failback {
                         let home = &w.sites[0];
@@ -200,10 +236,19 @@ fn run(seed: u64) {
                         );
                     }
                 }
-                Action::Event { .. } => {}
-                Action::Promote { site, planned, .. } => {
+                Action::Event { kind, .. } => match *kind {
+                    "app-move-failed" => failed_at = Some(now),
+                    "app-move-end" => failed_at = None,
+                    _ => {}
+                },
+                Action::Promote {
+                    site,
+                    planned,
+                    plan,
+                    ..
+                } => {
                     let delay = Duration::from_millis(rng.random_range(200..5000));
-                    w.promoting = Some((site.clone(), now + delay, *planned));
+                    w.promoting = Some((site.clone(), now + delay, *planned, *plan));
                 }
                 Action::Scale { site, capacity } => {
                     w.capacity.insert(site.clone(), *capacity);

@@ -1875,7 +1875,7 @@ fn app(cx: &mut Cx, s: Section<'_, '_>) -> Option<App> {
         cx.error(
             Code::NotAllowedHere,
             v.span(),
-            "`standby = \"cold\"` is not available yet (it needs app failover across tiers)",
+            "`standby = \"cold\"` is not available yet (it restores the standby from backups)",
             "use \"hot\" or \"warm\"; backups and restore drills work today with [database.backup]",
         );
     }

@@ -100,6 +100,9 @@ impl Topology {
     pub fn node(&self, name: &str) -> Option<&Node> {
         self.nodes.iter().find(|n| n.name.as_str() == name)
     }
+    pub fn database(&self, name: &str) -> Option<&Database> {
+        self.databases.iter().find(|d| d.name.as_str() == name)
+    }
     pub fn app(&self, name: &str) -> Option<&App> {
         self.apps.iter().find(|a| a.name.as_str() == name)
     }

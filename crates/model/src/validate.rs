@@ -2,7 +2,7 @@
 //! cycles, what each DNS name holds (no CNAME beside other data), every address bound once;
 //! and, for a valid file, the warnings.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 
 use crate::diag::Code;
@@ -77,16 +77,93 @@ pub(crate) fn topology(cx: &mut Cx, t: &Topology, names: &Names) {
             names.check(cx, "site", &f.site);
         }
     }
+    let mut profile_owner: HashMap<&str, &Name> = HashMap::new();
     for app in &t.apps {
         for s in &app.sites {
             names.check(cx, "site", s);
         }
-        names.check(cx, "profile", &app.profile);
+        if names.check(cx, "profile", &app.profile)
+            && let Some(first) = profile_owner.insert(app.profile.as_str(), &app.name)
+        {
+            cx.error(
+                Code::NotAllowedHere,
+                app.profile.span(),
+                format!("profile `{}` already belongs to app `{first}`", app.profile),
+                "each app answers its own profile (the app decides which site it answers)",
+            );
+        }
         if let Some(db) = &app.database {
             names.check(cx, "database", db);
         }
         for s in &app.scale_sets {
             names.check(cx, "scale set", s);
+        }
+        app_sites(cx, t, app);
+    }
+}
+
+/// An app moves between its sites: at least two, each once, each with an endpoint of its
+/// profile and a member of its database; its scale sets run in its sites.
+fn app_sites(cx: &mut Cx, t: &Topology, app: &App) {
+    if app.sites.len() < 2 {
+        cx.error(
+            Code::OutOfRange,
+            app.name.span(),
+            format!("app `{}` lists {} site(s)", app.name, app.sites.len()),
+            "an app moves between sites: list at least two, the preferred first (sites = [\"edge\", \"region\"])",
+        );
+    }
+    let mut seen = HashSet::new();
+    for site in &app.sites {
+        if !seen.insert(site.as_str()) {
+            cx.error(
+                Code::DuplicateName,
+                site.span(),
+                format!("site `{site}` is listed twice"),
+                "list each site once, in order of preference",
+            );
+            continue;
+        }
+        if t.site(site).is_none() {
+            continue;
+        }
+        if let Some(p) = t.profile(&app.profile)
+            && !p
+                .endpoints
+                .iter()
+                .any(|e| t.endpoint_site(e) == Some(site.as_str()))
+        {
+            cx.error(
+                Code::UnknownReference,
+                site.span(),
+                format!("profile `{}` has no endpoint in site `{site}`", app.profile),
+                "the app answers its active site's endpoints: give the profile one there (a load balancer of that site, or `site = …`)",
+            );
+        }
+        if let Some(db) = app.database.as_ref().and_then(|d| t.database(d))
+            && !db.members.iter().any(|m| m.site == *site)
+        {
+            cx.error(
+                Code::UnknownReference,
+                site.span(),
+                format!("database `{}` has no member in site `{site}`", db.name),
+                "the app's database moves with it: give it a [[database.member]] in every site of the app",
+            );
+        }
+    }
+    for name in &app.scale_sets {
+        if let Some(set) = t.scale_set(name)
+            && !app.sites.contains(&set.site)
+        {
+            cx.error(
+                Code::NotAllowedHere,
+                name.span(),
+                format!(
+                    "scale set `{name}` runs in site `{}`, not one of the app's sites",
+                    set.site
+                ),
+                "list the scale sets of the app's sites only",
+            );
         }
     }
 }

@@ -70,6 +70,7 @@ cases!(
     duplicate_names_listed_once,
     backup_rules,
     backup_ok,
+    app_rules,
 );
 
 #[test]

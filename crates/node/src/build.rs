@@ -592,6 +592,7 @@ fn start_apps(
                     .cloned()
                     .collect(),
                 drills: drills.clone(),
+                state_dir: Some(topology.tandem.state_dir.clone()),
             };
             let runner = orchestrator::AppRunner::start(a.clone(), tiers);
             events.follow(runner.events());

@@ -34,6 +34,8 @@ pub struct Tiers {
     /// The app's scale sets this process runs.
     pub scale_sets: Vec<Arc<scaleset::ScaleSet>>,
     pub drills: Arc<Drills>,
+    /// Where the app's record is kept (`STATE_DIR/apps/`); `None`: not kept.
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 /// One site of an app as the API shows it.
@@ -105,13 +107,22 @@ pub struct AppView {
     pub waiting_for: Option<String>,
     /// The last move that ended.
     pub last_move: Option<MoveView>,
-    /// Moves that ended since start: done, and failed or abandoned.
+    /// Moves that ended since start: done, failed, abandoned (the lost site came back before
+    /// the loss was confirmed).
     pub moves: u64,
     pub failed_moves: u64,
+    pub abandoned_moves: u64,
     /// A drill (`tandem drill app`) is running.
     pub drilling: bool,
     /// The last drill's report.
     pub last_drill: Option<crate::app_drill::AppDrillReport>,
+}
+
+impl AppView {
+    /// Every move that ended since start, however.
+    pub fn ended_moves(&self) -> u64 {
+        self.moves + self.failed_moves + self.abandoned_moves
+    }
 }
 
 /// The steps a move would take (`GET /v1/apps/{app}/plan?to=SITE`).
@@ -141,6 +152,7 @@ pub struct AppRunner {
     events: broadcast::Sender<Event>,
     wake: Notify,
     stop: watch::Sender<bool>,
+    record_path: Option<std::path::PathBuf>,
 }
 
 struct State {
@@ -148,10 +160,51 @@ struct State {
     seen: Observed,
     moves: u64,
     failed_moves: u64,
+    abandoned_moves: u64,
+    /// A switchover this driver started is still running (no second one is started).
+    promoting: bool,
+    /// What is recorded in the app's state file, as last written.
+    recorded: Option<Record>,
     /// When the last move ended, by the wall clock (for the API).
     ended: Option<SystemTime>,
     drilling: bool,
     last_drill: Option<crate::app_drill::AppDrillReport>,
+}
+
+/// What outlives a restart of Tandem, in `STATE_DIR/apps/APP.json`: where the app is, under
+/// which term, and whether an operator pinned it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Record {
+    active: String,
+    term: u64,
+    pinned: bool,
+}
+
+impl Record {
+    fn load(path: &std::path::Path, sites: &[String]) -> Option<Record> {
+        let text = std::fs::read_to_string(path).ok()?;
+        match serde_json::from_str::<Record>(&text) {
+            Ok(r) if sites.contains(&r.active) => Some(r),
+            Ok(r) => {
+                tracing::warn!(path = %path.display(), active = %r.active, "the app's recorded site is no longer one of its sites; starting at its preferred site");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the app's record; starting at its preferred site");
+                None
+            }
+        }
+    }
+
+    /// Written whole to a temporary file, then renamed: never half a record.
+    fn save(&self, path: &std::path::Path) -> std::io::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self).unwrap_or_default())?;
+        std::fs::rename(&tmp, path)
+    }
 }
 
 impl std::fmt::Debug for AppRunner {
@@ -170,8 +223,9 @@ const CONFIRM: Duration = Duration::from_secs(1);
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl AppRunner {
-    /// Starts driving `config` (a validated `[[app]]`); the app starts active at its preferred
-    /// site under term 0, or where its database's primary is when it has one already.
+    /// Starts driving `config` (a validated `[[app]]`): the app starts where its record says
+    /// it was (`STATE_DIR/apps/APP.json`: site, term, pin), else at its preferred site under
+    /// term 0 (and follows its data from there if the database's primary is elsewhere).
     pub fn start(config: model::App, tiers: Tiers) -> Arc<AppRunner> {
         let profile = tiers.topology.profile(&config.profile);
         let cfg = app::Config {
@@ -187,16 +241,28 @@ impl AppRunner {
             step_timeout: STEP_TIMEOUT,
         };
         let home = cfg.sites.first().cloned().unwrap_or_default();
+        let path = tiers
+            .state_dir
+            .as_ref()
+            .map(|d| d.join("apps").join(format!("{}.json", config.name)));
+        let record = path.as_deref().and_then(|p| Record::load(p, &cfg.sites));
+        let app = match &record {
+            Some(r) => App::new(cfg, r.active.clone(), r.term).pinned_as(r.pinned),
+            None => App::new(cfg, home, 0),
+        };
         let (stop, _) = watch::channel(false);
         let runner = Arc::new(AppRunner {
             name: config.name.to_string(),
             config,
             tiers,
             state: Mutex::new(State {
-                app: App::new(cfg, home, 0),
+                app,
                 seen: Observed::default(),
                 moves: 0,
                 failed_moves: 0,
+                abandoned_moves: 0,
+                promoting: false,
+                recorded: record.clone(),
                 ended: None,
                 drilling: false,
                 last_drill: None,
@@ -204,6 +270,7 @@ impl AppRunner {
             events: broadcast::Sender::new(256),
             wake: Notify::new(),
             stop,
+            record_path: path,
         });
         let active = runner.state().app.active().to_string();
         runner.point_dns(&active);
@@ -285,40 +352,50 @@ impl AppRunner {
             last_move,
             moves: st.moves,
             failed_moves: st.failed_moves,
+            abandoned_moves: st.abandoned_moves,
             drilling: st.drilling,
             last_drill: st.last_drill.clone(),
         }
     }
 
-    /// Runs `tandem drill app` (see [`crate::app_drill`]): one at a time.
+    /// Starts `tandem drill app` (see [`crate::app_drill`]) on a task of its own; its report
+    /// becomes [`AppView::last_drill`]. One at a time; operator commands are refused meanwhile.
     ///
     /// # Errors
-    /// A drill of this app is already running.
-    pub async fn drill(
+    /// A drill already running, a move under way, the app pinned or away from its preferred
+    /// site, or no other site healthy with its data caught up.
+    pub fn start_drill(
         self: &Arc<Self>,
         entry: crate::app_drill::Entry,
-    ) -> Result<crate::app_drill::AppDrillReport, Refused> {
-        {
+    ) -> Result<String, Refused> {
+        let to = {
             let mut st = self.state();
             if st.drilling {
                 return Err(Refused(format!("a drill of {} is running", self.name)));
             }
+            let to = drill_target(&st)?;
             st.drilling = true;
+            to
+        };
+        /// Clears `drilling` however the drill ends (a panic included).
+        struct Drilling(Arc<AppRunner>);
+        impl Drop for Drilling {
+            fn drop(&mut self) {
+                self.0.state().drilling = false;
+            }
         }
-        let me = self.clone();
+        let guard = Drilling(self.clone());
         let database = self.tiers.database.clone();
-        // On a task of its own: a caller that goes away does not leave the app pinned.
-        let report = tokio::spawn(crate::app_drill::run(me, entry, database)).await;
-        self.state().drilling = false;
-        report.map_err(|e| Refused(format!("the drill stopped: {e}")))
+        let target = to.clone();
+        tokio::spawn(async move {
+            let report = crate::app_drill::run(guard.0.clone(), entry, database, target).await;
+            guard.0.state().last_drill = Some(report);
+        });
+        Ok(to)
     }
 
     pub(crate) fn drill_event(&self, kind: &'static str, message: String) {
         self.event(kind, message);
-    }
-
-    pub(crate) fn set_last_drill(&self, report: crate::app_drill::AppDrillReport) {
-        self.state().last_drill = Some(report);
     }
 
     /// The steps a move to `to` would take now, without starting it.
@@ -343,6 +420,17 @@ impl AppRunner {
     /// Why the app refuses it (a move under way, an unknown or unhealthy site, a failback
     /// whose data has not caught up).
     pub fn command(&self, cmd: Command) -> Result<(), Refused> {
+        if self.state().drilling {
+            return Err(Refused(format!(
+                "a drill of {} is running (`tandem app status` follows it); commands wait for its end",
+                self.name
+            )));
+        }
+        self.command_unchecked(cmd)
+    }
+
+    /// [`AppRunner::command`] during a drill: the drill's own commands.
+    pub(crate) fn command_unchecked(&self, cmd: Command) -> Result<(), Refused> {
         let text = format!("{cmd:?}");
         {
             let mut st = self.state();
@@ -386,13 +474,40 @@ impl AppRunner {
         for a in actions {
             self.carry_out(a, &seen);
         }
+        self.save_record();
+    }
+
+    /// Keeps the record current: after every move and every change of pin.
+    fn save_record(&self) {
+        let Some(path) = &self.record_path else {
+            return;
+        };
+        let mut st = self.state();
+        let now = Record {
+            active: st.app.active().to_string(),
+            term: st.app.term(),
+            pinned: st.app.pinned(),
+        };
+        if st.recorded.as_ref() == Some(&now) {
+            return;
+        }
+        match now.save(path) {
+            Ok(()) => st.recorded = Some(now),
+            Err(e) => {
+                // Tried again next tick; said once.
+                if st.recorded.is_some() {
+                    tracing::warn!(app = %self.name, path = %path.display(), error = %e, "cannot record the app's site");
+                }
+                st.recorded = None;
+            }
+        }
     }
 
     /// A step's action failed: the move ends now, as failed.
-    fn failed(&self, step: app::Step, to: &str, why: String) {
+    fn failed(&self, plan: u64, step: app::Step, why: String) {
         let actions = {
             let mut st = self.state();
-            let actions = st.app.action_failed(step, to, why, Instant::now());
+            let actions = st.app.action_failed(plan, step, why, Instant::now());
             count(&mut st, &actions);
             actions
         };
@@ -418,7 +533,12 @@ impl AppRunner {
                 );
             }
             Action::Event { kind, message } => self.event(kind, message),
-            Action::Promote { site, planned, .. } => self.promote(site, planned, seen),
+            Action::Promote {
+                site,
+                planned,
+                plan,
+                ..
+            } => self.promote(site, planned, plan, seen),
             Action::Scale { site, capacity } => self.scale(&site, Some(capacity)),
             Action::ScaleDown { site } => self.scale(&site, None),
             Action::PointDns { site, .. } => self.point_dns(&site),
@@ -428,7 +548,7 @@ impl AppRunner {
     /// The database's primary to `site`: a switchover while the current primary runs (no
     /// data lost, even when the app leaves a site whose entry points failed); with no
     /// primary, the database fails over by itself and the step waits for it.
-    fn promote(self: &Arc<Self>, site: String, planned: bool, seen: &Observed) {
+    fn promote(self: &Arc<Self>, site: String, planned: bool, plan: u64, seen: &Observed) {
         let Some(db) = self.tiers.database.clone() else {
             return;
         };
@@ -442,13 +562,27 @@ impl AppRunner {
             );
             return;
         }
+        {
+            let mut st = self.state();
+            if st.promoting {
+                drop(st);
+                self.event(
+                    "app-promote-wait",
+                    format!("a switchover of database {} is still running", db.name),
+                );
+                return;
+            }
+            st.promoting = true;
+        }
         let me = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = db.switchover(&site).await {
+            let result = db.switchover(&site).await;
+            me.state().promoting = false;
+            if let Err(e) = result {
                 let kind = if planned { "switchover" } else { "promotion" };
                 me.failed(
+                    plan,
                     app::Step::Promote,
-                    &site,
                     format!("{kind} of database {} to {site}: {e}", db.name),
                 );
             }
@@ -531,13 +665,52 @@ impl AppRunner {
     }
 }
 
+/// Where a drill would fail the app over to: the first other site healthy with its data
+/// caught up; refused unless the app is at rest, unpinned, at its preferred site.
+fn drill_target(st: &State) -> Result<String, Refused> {
+    let app = &st.app;
+    let seen = &st.seen;
+    let home = app.config().sites.first().cloned().unwrap_or_default();
+    let refused = |why: String| Err(Refused(format!("drill not started: {why}")));
+    if let Some(p) = app.plan() {
+        return refused(format!("a move from {} to {} is under way", p.from, p.to));
+    }
+    if app.pinned() {
+        return refused(format!(
+            "the app is pinned to {}; unpin it first",
+            app.active()
+        ));
+    }
+    if app.active() != home {
+        return refused(format!(
+            "the app is at {}, not at its preferred site {home}",
+            app.active()
+        ));
+    }
+    let database = app.config().database;
+    app.config()
+        .sites
+        .iter()
+        .find(|s| {
+            **s != home
+                && seen.healthy.get(*s).copied().unwrap_or(false)
+                && (!database || seen.caught_up.get(*s).copied().unwrap_or(false))
+        })
+        .cloned()
+        .map_or_else(
+            || refused("no other site is healthy with its data caught up".into()),
+            Ok,
+        )
+}
+
 /// Counts the moves that `actions` end.
 fn count(st: &mut State, actions: &[Action]) {
     for a in actions {
         if let Action::Event { kind, .. } = a {
             match *kind {
                 "app-move-end" => st.moves += 1,
-                "app-move-failed" | "app-move-abandoned" => st.failed_moves += 1,
+                "app-move-failed" => st.failed_moves += 1,
+                "app-move-abandoned" => st.abandoned_moves += 1,
                 _ => continue,
             }
             st.ended = Some(SystemTime::now());

@@ -49,7 +49,7 @@ pub struct Entry {
 impl Entry {
     /// The entry of `app`: Tandem's first DNS listener (a wildcard one asked on loopback),
     /// the profile's domain, and the frontend port of the load balancer its preferred site's
-    /// endpoint targets.
+    /// endpoint targets (else any load balancer endpoint's).
     ///
     /// # Errors
     /// No DNS listener here, or no endpoint of the profile is a load balancer.
@@ -67,15 +67,19 @@ impl Entry {
         let profile = topology
             .profile(&app.profile)
             .ok_or_else(|| format!("no profile {}", app.profile))?;
+        let home = app.sites.first().map(model::Name::as_str);
+        let port_of = |e: &model::Endpoint| match &e.target {
+            model::Target::LoadBalancer(lb) => {
+                topology.load_balancer(lb).map(|l| l.frontend.port())
+            }
+            _ => None,
+        };
         let port = profile
             .endpoints
             .iter()
-            .find_map(|e| match &e.target {
-                model::Target::LoadBalancer(lb) => {
-                    topology.load_balancer(lb).map(|l| l.frontend.port())
-                }
-                _ => None,
-            })
+            .filter(|e| topology.endpoint_site(e) == home)
+            .find_map(port_of)
+            .or_else(|| profile.endpoints.iter().find_map(port_of))
             .ok_or_else(|| {
                 format!(
                     "profile {} has no load balancer endpoint: the drill needs the port clients use",
@@ -93,8 +97,9 @@ impl Entry {
 /// What the clients saw during one move.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ClientView {
-    /// From the move's start to the first write committed by the target's member and
-    /// acknowledged through the public entry, in seconds.
+    /// From the move's start to the first write served at the target end to end — DNS
+    /// answered its load balancer, one of its instances took it, its member committed it —
+    /// in seconds.
     pub rto_seconds: Option<f64>,
     /// The longest time between two acknowledged writes from the move's start to that first
     /// write at the target, in seconds (the outage the writer felt).
@@ -131,12 +136,21 @@ pub struct AppDrillReport {
     pub errors: Vec<String>,
 }
 
-/// One acknowledged write: its id, who committed it, when.
+/// One acknowledged write: its id, the site of the instance that served it, the member that
+/// committed it, when.
 #[derive(Clone, Debug)]
 struct Ack {
     id: i64,
+    site: String,
     member: String,
     at: Instant,
+}
+
+impl Ack {
+    /// Served at `site` end to end: DNS answered its load balancer, and its member committed.
+    fn at_site(&self, site: &str) -> bool {
+        self.site == site && self.member == site
+    }
 }
 
 #[derive(Debug, Default)]
@@ -159,10 +173,11 @@ impl Log {
 /// Runs the drill: the clients start, the app fails over to the next healthy site (pinned
 /// there meanwhile), then fails back once its preferred site's data has caught up, and is
 /// unpinned. Never leaves the app pinned.
-pub async fn run(
+pub(crate) async fn run(
     runner: Arc<AppRunner>,
     entry: Entry,
     database: Option<Arc<pg::Cluster>>,
+    to: String,
 ) -> AppDrillReport {
     let started = SystemTime::now();
     let t0 = Instant::now();
@@ -187,30 +202,6 @@ pub async fn run(
         lost_ids: Vec::new(),
         errors: Vec::new(),
     };
-    let target = v
-        .sites
-        .iter()
-        .find(|s| s.site != v.active && s.healthy && (v.database.is_none() || s.caught_up))
-        .map(|s| s.site.clone());
-    let refused = if v.moving.is_some() {
-        Some("a move is under way".to_string())
-    } else if v.pinned {
-        Some(format!("the app is pinned to {}; unpin it first", v.active))
-    } else if v.active != v.preferred {
-        Some(format!(
-            "the app is at {}, not at its preferred site {}",
-            v.active, v.preferred
-        ))
-    } else if target.is_none() {
-        Some("no other site is healthy with its data caught up".into())
-    } else {
-        None
-    };
-    if let Some(why) = refused {
-        report.error = Some(format!("drill not started: {why}"));
-        return report;
-    }
-    let to = target.unwrap_or_default();
     report.to.clone_from(&to);
     runner.drill_event(
         "app-drill-start",
@@ -226,12 +217,13 @@ pub async fn run(
     let writer = tokio::spawn(write_loop(resolver.clone(), log.clone(), stopped.clone()));
     let reader = tokio::spawn(read_loop(resolver, log.clone(), stopped));
 
-    let outcome = moves(&runner, &log, &v.active, &to, &mut report).await;
+    let outcome = moves(&runner, &log, &v.active, &to, t0, &mut report).await;
     let _ = stop.send(true);
     let _ = writer.await;
     let _ = reader.await;
-    // Never left pinned by the drill, whatever happened.
-    let _ = runner.command(app::Command::Unpin);
+    // Never left pinned by the drill, whatever happened (operators' commands are refused
+    // while it runs, so the pin is the drill's own).
+    let _ = runner.command_unchecked(app::Command::Unpin);
 
     let log = std::mem::take(&mut *log.lock().unwrap_or_else(|p| p.into_inner()));
     report.writes_acknowledged = log.acks.len() as u64;
@@ -285,7 +277,6 @@ pub async fn run(
                 .map_or(String::new(), |e| format!(": {e}"))
         ),
     );
-    runner.set_last_drill(report.clone());
     report
 }
 
@@ -299,17 +290,18 @@ async fn moves(
     log: &Arc<Mutex<Log>>,
     home: &str,
     to: &str,
+    t0: Instant,
     report: &mut AppDrillReport,
 ) -> Result<(), String> {
-    let writes = |member: &str, since: Instant| {
+    let writes = |site: &str, since: Instant| {
         let log = log.lock().unwrap_or_else(|p| p.into_inner());
         log.acks
             .iter()
-            .filter(|a| a.at >= since && a.member == member)
+            .filter(|a| a.at >= since && a.at_site(site))
             .count()
     };
     wait_for(WRITES_WAIT, "writes acknowledged through the public entry (is the app's sample-app started with --database?)", || {
-        writes(home, Instant::now() - Duration::from_secs(3600)) >= WRITES_TO_SEE
+        writes(home, t0) >= WRITES_TO_SEE
     })
     .await?;
 
@@ -360,13 +352,12 @@ async fn moves(
 
 /// Gives the command and waits for the move it starts to end.
 async fn follow(runner: &Arc<AppRunner>, cmd: app::Command) -> Result<MoveView, String> {
-    let before = runner.view();
-    let ended = before.moves + before.failed_moves;
-    runner.command(cmd).map_err(|e| e.0)?;
+    let ended = runner.view().ended_moves();
+    runner.command_unchecked(cmd).map_err(|e| e.0)?;
     let mut last = None;
     wait_for(MOVE_WAIT, "the move to end", || {
         let v = runner.view();
-        if v.moves + v.failed_moves > ended {
+        if v.ended_moves() > ended {
             last = v.last_move;
             true
         } else {
@@ -396,13 +387,13 @@ async fn wait_for(
     }
 }
 
-/// What the writer saw from `start` to its first write committed by `member`.
-fn clients(log: &Mutex<Log>, start: Instant, member: &str) -> ClientView {
+/// What the writer saw from `start` to its first write served at `site` end to end.
+fn clients(log: &Mutex<Log>, start: Instant, site: &str) -> ClientView {
     let log = log.lock().unwrap_or_else(|p| p.into_inner());
     let first = log
         .acks
         .iter()
-        .find(|a| a.at >= start && a.member == member)
+        .find(|a| a.at >= start && a.at_site(site))
         .map(|a| a.at);
     let Some(first) = first else {
         return ClientView::default();
@@ -578,6 +569,7 @@ async fn write_loop(
         let ack = r.as_ref().ok().and_then(|t| {
             Some(Ack {
                 id: field(t, "id")?.parse().ok()?,
+                site: field(t, "site")?.to_string(),
                 member: field(t, "member")?.to_string(),
                 at: Instant::now(),
             })

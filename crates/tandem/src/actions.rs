@@ -9,7 +9,6 @@ use api::types::{
     RestoreDrillRequest, ScaleRequest, SwitchoverRequest, SwitchoverResponse, VerifyResponse,
 };
 use clap::Subcommand;
-use orchestrator::app_drill::AppDrillReport;
 
 use crate::client::{Refused, api_addr, block_on, get_long, post, post_long};
 use crate::{EXIT_INVALID, EXIT_RUNTIME};
@@ -350,7 +349,7 @@ pub fn drill(action: Drill) -> ExitCode {
             let mut failed = false;
             let code = call(
                 &api,
-                async |a| post_long::<AppDrillReport>(a, &path, None::<()>).await,
+                async |a| crate::apps::drill(a, &app, &path).await,
                 |r| {
                     failed = !r.ok;
                     if json {

@@ -162,7 +162,7 @@ fn command(app: &str, action: &str, req: AppRequest, wait: &Wait) -> ExitCode {
             if wait.no_wait || v.moving.is_none() {
                 return Ok((v, None));
             }
-            let ended = follow(a, app, v.moves + v.failed_moves, timeout).await?;
+            let ended = follow(a, app, v.ended_moves(), timeout).await?;
             Ok((v, Some(ended)))
         },
         |(v, ended)| match (&v.moving, ended) {
@@ -210,7 +210,7 @@ async fn follow(
             .into_iter()
             .find(|v| v.name == app)
             .ok_or_else(|| anyhow::anyhow!("app {app} is gone"))?;
-        if v.moves + v.failed_moves > ended_before
+        if v.ended_moves() > ended_before
             && let Some(m) = v.last_move
         {
             return Ok(m);
@@ -284,6 +284,38 @@ fn print_app(v: &AppView) {
     }
     if let Some(m) = &v.last_move {
         print_move("  last move", m);
+    }
+}
+
+/// Starts `tandem drill app` and follows it to its end (the drill can take minutes: the
+/// API answers at once and the report comes with the app's view).
+pub async fn drill(
+    api: SocketAddr,
+    app: &str,
+    path: &str,
+) -> anyhow::Result<orchestrator::app_drill::AppDrillReport> {
+    let before = get::<AppsResponse>(api, "/v1/apps")
+        .await?
+        .apps
+        .into_iter()
+        .find(|v| v.name == app)
+        .and_then(|v| v.last_drill.map(|d| d.started));
+    post::<AppView>(api, path, None::<()>).await?;
+    let mut every = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        every.tick().await;
+        let v = get::<AppsResponse>(api, "/v1/apps")
+            .await?
+            .apps
+            .into_iter()
+            .find(|v| v.name == app)
+            .ok_or_else(|| anyhow::anyhow!("app {app} is gone"))?;
+        if !v.drilling
+            && let Some(d) = v.last_drill
+            && Some(d.started) != before
+        {
+            return Ok(d);
+        }
     }
 }
 

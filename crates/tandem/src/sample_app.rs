@@ -281,8 +281,14 @@ async fn connect(db: &Database) -> Result<tokio_postgres::Client, String> {
     let create = "CREATE TABLE IF NOT EXISTS tandem_sample (\
                   id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT now(), \
                   site text NOT NULL, instance text NOT NULL)";
-    if let Err(e) = client.batch_execute(create).await {
-        return Err(format!("creating tandem_sample: {e}"));
+    match tokio::time::timeout(DB_TIMEOUT, client.batch_execute(create)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(format!("creating tandem_sample: {e}")),
+        Err(_) => {
+            return Err(format!(
+                "creating tandem_sample: no answer within {DB_TIMEOUT:?}"
+            ));
+        }
     }
     Ok(client)
 }

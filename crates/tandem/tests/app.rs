@@ -8,7 +8,8 @@
 //! edge's member held back (SIGSTOP) so failback waits and says why; pin and unpin; a site
 //! outage drill of the edge (the app moves by itself) and the failback after it; the edge's
 //! primary alone frozen (the database fails over, the app follows its data) and back; and
-//! `tandem drill app`, whose clients go through the public entry.
+//! `tandem drill app`, whose clients go through the public entry; a restart of Tandem that
+//! keeps the app's site, term and pin.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -53,7 +54,14 @@ impl Drop for Lab {
     }
 }
 
-fn topology(dns: SocketAddr, web: u16, pg: u16, state: &std::path::Path) -> String {
+/// Probes every `probe` (timeout `probe_timeout`), Degraded after two failures.
+fn topology(
+    dns: SocketAddr,
+    web: u16,
+    pg: u16,
+    state: &std::path::Path,
+    (probe, probe_timeout): (&str, &str),
+) -> String {
     let (e, r) = (EDGE, REGION);
     let password = state.join("databases/orders/password");
     let password = password.display();
@@ -80,8 +88,8 @@ name = "web"
 protocol = "http"
 port = {web}
 path = "/healthz"
-interval = "300ms"
-timeout = "250ms"
+interval = "{probe}"
+timeout = "{probe_timeout}"
 tolerated_failures = 1
 recovery_successes = 2
 
@@ -168,6 +176,10 @@ failback = "automatic"
 }
 
 async fn start() -> Lab {
+    start_probing(("300ms", "250ms")).await
+}
+
+async fn start_probing(probe: (&str, &str)) -> Lab {
     // PostgreSQL's own user must reach the state directory (tempdirs are 0700).
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -187,7 +199,7 @@ async fn start() -> Lab {
         .parse()
         .unwrap();
     let state = dir.path().join("state");
-    let file = topology_file(dir.path(), api, &topology(dns, web, pg, &state));
+    let file = topology_file(dir.path(), api, &topology(dns, web, pg, &state, probe));
     let up = Up::start(&file, api, &[]);
     Lab {
         dir,
@@ -229,8 +241,17 @@ impl Lab {
             },
         )
         .await;
-        let db = get_json(self.up.api, "/v1/databases").await;
-        assert_eq!(db["databases"][0]["primary"], site, "{db}");
+        // The primary is there (at once after a move; after a restart once the members are
+        // back).
+        eventually(
+            Duration::from_secs(60),
+            &format!("primary at {site}"),
+            || async {
+                let db = try_get_json(self.up.api, "/v1/databases").await?;
+                (db["databases"][0]["primary"] == site).then_some(())
+            },
+        )
+        .await;
         a
     }
 
@@ -360,7 +381,7 @@ fn signal_member(data: &std::path::Path, signal: nix::sys::signal::Signal) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_whole_app_fails_over_and_back_with_its_data() {
-    let lab = start().await;
+    let mut lab = start().await;
     // At rest at the edge: DNS answers the edge, the edge's member is the primary, the region
     // (warm) runs its set's min.
     let a = lab
@@ -616,4 +637,202 @@ async fn the_whole_app_fails_over_and_back_with_its_data() {
         assert!(metrics.contains(line), "{line} missing");
     }
     assert!(metrics.contains("tandem_app_last_move_seconds{app=\"shop\",reason=\"failback\"}"));
+
+    // A restart of Tandem keeps where the app is, its term and its pin (STATE_DIR/apps/).
+    lab.wait(60, "the region's member caught up", |a| {
+        site(a, "region")["caught_up"] == true
+    })
+    .await;
+    let (ok, text) = lab.cli(&["pin", "shop", "region"]);
+    assert!(ok, "{text}");
+    lab.at_rest("region", 11, 30).await;
+    assert!(lab.up.terminate().success());
+    let file = lab.dir.path().join("topology.toml");
+    lab.up = Up::start(&file, lab.up.api, &[]);
+    let a = lab
+        .wait(120, "the app back after the restart", |a| {
+            site(a, "region")["healthy"] == true && a["active"] == "region"
+        })
+        .await;
+    assert_eq!(
+        (a["term"].as_u64(), a["pinned"].as_bool()),
+        (Some(11), Some(true)),
+        "{a}"
+    );
+    lab.at_rest("region", 11, 120).await;
+}
+
+/// A POST through the public entry: the name asked of Tandem's DNS (`dig`, every time: a
+/// client that re-resolves), then the load balancer it answers; the body of a 200.
+async fn public_write(dns: SocketAddr, port: u16) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ip = testkit::dig(dns, "www.shop.test", &[])?
+        .into_iter()
+        .next()?;
+    let addr: SocketAddr = format!("{ip}:{port}").parse().ok()?;
+    let talk = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let req = "POST /write HTTP/1.0\r\nHost: www.shop.test\r\nContent-Length: 0\r\n\r\n";
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.ok()?;
+        out.starts_with("HTTP/1.0 200")
+            .then(|| out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()))?
+    };
+    tokio::time::timeout(Duration::from_secs(3), talk)
+        .await
+        .ok()?
+}
+
+fn median_max(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[v.len() - 1])
+}
+
+/// Whole-app RTO with 1 s probes, median and max over `TANDEM_RTO_RUNS` rounds (default 10,
+/// half of them with the edge's database member frozen as well): a site outage (drill) of the
+/// edge to the first write acknowledged through the public entry and committed at the
+/// region, by a client that re-resolves DNS for every write; and
+/// `tandem drill app` (planned failover and failback: client RTO, writes lost).
+/// `cargo nextest run -p tandem --test app --run-ignored only --no-capture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement"]
+async fn measure_whole_app_rto() {
+    let runs: usize = std::env::var("TANDEM_RTO_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let lab = start_probing(("1s", "500ms")).await;
+    lab.wait(120, "both sites healthy, the region caught up", |a| {
+        site(a, "edge")["healthy"] == true
+            && site(a, "region")["caught_up"] == true
+            && site(a, "edge")["online"] == 2
+    })
+    .await;
+    let web = {
+        let t = std::fs::read_to_string(lab.dir.path().join("topology.toml")).unwrap();
+        let line = t
+            .lines()
+            .find(|l| l.starts_with("frontend = \"127.0.60.10:"))
+            .unwrap();
+        line.trim_end_matches('"')
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse::<u16>()
+            .unwrap()
+    };
+    eventually(
+        Duration::from_secs(30),
+        "a write through the public entry",
+        || async { public_write(lab.dns, web).await },
+    )
+    .await;
+    let mut term = lab.app().await.unwrap()["term"].as_u64().unwrap();
+    let (mut outage, mut outage_db) = (Vec::new(), Vec::new());
+    let (mut planned_fo, mut planned_fb) = (Vec::new(), Vec::new());
+    let mut lost = 0;
+    for round in 0..runs {
+        lab.wait(120, "the region caught up", |a| {
+            site(a, "region")["caught_up"] == true && a["moving"].is_null()
+        })
+        .await;
+        // Odd rounds: the edge's database member freezes too (a real failover after the
+        // lease expires, not a switchover).
+        let freeze = round % 2 == 1;
+        let edge_data = lab.dir.path().join("state/databases/orders/edge");
+        let start = Instant::now();
+        if freeze {
+            signal_member(&edge_data, nix::sys::signal::Signal::SIGSTOP);
+        }
+        let resp = http_post_json(
+            lab.up.api,
+            "/v1/drills/outage",
+            r#"{"site": "edge", "for": "5m"}"#,
+        )
+        .await;
+        assert!(resp.starts_with("HTTP/1.0 200"), "{resp}");
+        let end = start + Duration::from_secs(120);
+        let mut rto = None;
+        while Instant::now() < end {
+            if let Some(body) = public_write(lab.dns, web).await
+                && body.contains("member=region")
+            {
+                rto = Some(start.elapsed().as_secs_f64());
+                break;
+            }
+        }
+        let rto = rto.expect("a write at the region within 120 s");
+        lab.wait(60, "the app at the region", |a| {
+            a["active"] == "region" && a["moving"].is_null()
+        })
+        .await;
+        if freeze {
+            signal_member(&edge_data, nix::sys::signal::Signal::SIGCONT);
+        }
+        let _ = http_post(lab.up.api, "/v1/drills/stop").await;
+        let a = lab
+            .wait(180, "the app back at the edge", |a| {
+                a["active"] == "edge"
+                    && a["moving"].is_null()
+                    && a["term"].as_u64() > Some(term + 1)
+            })
+            .await;
+        term = a["term"].as_u64().unwrap();
+        let what = if freeze {
+            "with its database member frozen"
+        } else {
+            "web tier only"
+        };
+        println!("round {round}: site loss ({what}) to the first write at the region: {rto:.2} s");
+        if freeze {
+            outage_db.push(rto)
+        } else {
+            outage.push(rto)
+        }
+
+        lab.wait(120, "the region caught up", |a| {
+            site(a, "region")["caught_up"] == true
+        })
+        .await;
+        let out = run(tandem().args([
+            "drill",
+            "app",
+            "shop",
+            "--json",
+            "--api",
+            &lab.up.api.to_string(),
+        ]));
+        let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(r["ok"], true, "{r}");
+        term += 2;
+        let fo = r["failover_clients"]["rto_seconds"].as_f64().unwrap();
+        let fb = r["failback_clients"]["rto_seconds"].as_f64().unwrap();
+        lost += r["writes_lost"].as_u64().unwrap();
+        println!(
+            "round {round}: drill app: failover {fo:.2} s (move {:.2} s), failback {fb:.2} s (move {:.2} s), {} writes, {} lost",
+            r["failover"]["seconds"].as_f64().unwrap(),
+            r["failback"]["seconds"].as_f64().unwrap(),
+            r["writes_acknowledged"],
+            r["writes_lost"]
+        );
+        planned_fo.push(fo);
+        planned_fb.push(fb);
+    }
+    let n = outage.len();
+    let (m, x) = median_max(outage);
+    println!(
+        "site loss (web tier) -> first write at the region (1 s probes): median {m:.2} s, max {x:.2} s over {n}"
+    );
+    let n = outage_db.len();
+    let (m, x) = median_max(outage_db);
+    println!(
+        "site loss (web tier and database member) -> first write at the region: median {m:.2} s, max {x:.2} s over {n}"
+    );
+    let (m, x) = median_max(planned_fo);
+    println!("planned failover (client RTO): median {m:.2} s, max {x:.2} s over {runs}");
+    let (m, x) = median_max(planned_fb);
+    println!(
+        "planned failback (client RTO): median {m:.2} s, max {x:.2} s over {runs}; {lost} acknowledged writes lost"
+    );
 }
