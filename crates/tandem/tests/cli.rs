@@ -80,7 +80,7 @@ fn validate_reports_every_problem_with_its_location() {
         format!("error[E005]: invalid duration \"1 second\" for `interval`\n  --> {name}:34:12"),
         format!("error[E011]: unknown monitor `wbe`\n  --> {name}:46:11"),
         format!(
-            "error[E017]: capacity needs min <= initial <= max, found min 3, initial 2, max 6\n  --> {name}:89:12"
+            "error[E017]: capacity needs min <= initial <= max, found min 3, initial 2, max 6\n  --> {name}:91:12"
         ),
         format!("error: {name} has 4 problems"),
     ] {
