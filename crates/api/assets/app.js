@@ -69,6 +69,7 @@ document.addEventListener("alpine:init", () => {
     loadBalancers: [],
     scaleSets: [],
     databases: [],
+    apps: [],
     unreachable: [],
     drill: null,
     drillFor: "60s",
@@ -125,6 +126,7 @@ document.addEventListener("alpine:init", () => {
         "/v1/scale-sets",
         "/v1/databases",
         "/v1/drills",
+        "/v1/apps",
       ];
       const got = await Promise.allSettled(paths.map((p) => this.get(p)));
       const failed = got.filter((g) => g.status === "rejected").map((g) => g.reason);
@@ -135,7 +137,7 @@ document.addEventListener("alpine:init", () => {
       }
       const other = failed.find((e) => e.status !== 401);
       this.error = other ? `The API answered: ${other.message}` : "";
-      const [cluster, nodes, health, profiles, lbs, sets, dbs, drill] = got.map((g) =>
+      const [cluster, nodes, health, profiles, lbs, sets, dbs, drill, apps] = got.map((g) =>
         g.status === "fulfilled" ? g.value : null,
       );
       if (cluster) this.cluster = cluster;
@@ -157,6 +159,7 @@ document.addEventListener("alpine:init", () => {
       }
       this.unreachable = [...unreachable];
       if (drill) this.drill = drill.drill;
+      if (apps) this.apps = apps.apps;
       if (failed.length < paths.length) this.refreshed = this.clock(new Date().toISOString());
     },
 

@@ -21,6 +21,7 @@ struct Status {
     load_balancers: Vec<Placed<lb::View>>,
     scale_sets: Vec<Placed<scaleset::View>>,
     databases: Vec<Placed<pg::View>>,
+    apps: Vec<orchestrator::AppView>,
     targets: Vec<TargetView>,
     /// Nodes that did not answer for their views.
     unreachable: Vec<String>,
@@ -35,6 +36,7 @@ async fn fetch(api: SocketAddr) -> anyhow::Result<Status> {
     let sets: ScaleSetsResponse = get(api, "/v1/scale-sets").await?;
     let dbs: DatabasesResponse = get(api, "/v1/databases").await?;
     let health: HealthResponse = get(api, "/v1/health").await?;
+    let apps: AppsResponse = get(api, "/v1/apps").await?;
     let mut unreachable: Vec<String> = lbs
         .unreachable
         .iter()
@@ -52,6 +54,7 @@ async fn fetch(api: SocketAddr) -> anyhow::Result<Status> {
         load_balancers: lbs.load_balancers,
         scale_sets: sets.scale_sets,
         databases: dbs.databases,
+        apps: apps.apps,
         targets: health.targets,
         unreachable,
     })
@@ -90,6 +93,7 @@ fn text(s: &Status) -> String {
     };
     section(node_rows(s));
     section(drill_rows(&s.drill));
+    section(app_rows(&s.apps));
     section(profile_rows(&s.profiles));
     section(lb_rows(&s.load_balancers));
     section(set_rows(&s.scale_sets));
@@ -333,6 +337,50 @@ fn set_rows(sets: &[Placed<scaleset::View>]) -> Vec<Vec<String>> {
 }
 
 /// One line per database (primary, term, state), then one per member.
+/// One row per app: where it is and why, then one per site.
+fn app_rows(apps: &[orchestrator::AppView]) -> Vec<Vec<String>> {
+    let mut rows = vec![cells(["APP", "ACTIVE", "STATE", "DATA", "INSTANCES"])];
+    let yes = |b: bool, y: &str, n: &str| if b { y.to_string() } else { n.to_string() };
+    for a in apps {
+        let state = match (&a.moving, &a.waiting_for) {
+            (Some(m), _) => format!("moving {} -> {} ({})", m.from, m.to, m.reason),
+            (None, Some(w)) => format!("failback waits for {w}"),
+            (None, None) if a.drilling => "drill running".into(),
+            (None, None) => "at rest".into(),
+        };
+        rows.push(vec![
+            format!("{} ({}, failback {})", a.name, a.standby, a.failback),
+            format!(
+                "{}, term {}{}",
+                a.active,
+                a.term,
+                if a.pinned { ", PINNED" } else { "" }
+            ),
+            state,
+            String::new(),
+            String::new(),
+        ]);
+        for s in &a.sites {
+            rows.push(vec![
+                format!("  {}", s.site),
+                yes(s.site == a.active, "active", ""),
+                format!(
+                    "{}{}",
+                    yes(s.healthy, "healthy", "unhealthy"),
+                    yes(s.reachable, "", ", unreachable")
+                ),
+                match (a.database.is_some(), s.primary, s.caught_up) {
+                    (false, _, _) => "-".into(),
+                    (true, true, _) => "primary".into(),
+                    (true, false, c) => yes(c, "caught up", "behind"),
+                },
+                format!("{}/{} Online", s.online, s.capacity),
+            ]);
+        }
+    }
+    rows
+}
+
 fn db_rows(dbs: &[Placed<pg::View>]) -> Vec<Vec<String>> {
     let mut rows = vec![cells([
         "DATABASE", "ROLE", "STATE", "LSN", "LAG", "TIMELINE",

@@ -637,6 +637,21 @@ async fn the_whole_app_fails_over_and_back_with_its_data() {
         assert!(metrics.contains(line), "{line} missing");
     }
     assert!(metrics.contains("tandem_app_last_move_seconds{app=\"shop\",reason=\"failback\"}"));
+    // Every app metric the README names is exported with its HELP and TYPE.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let named: std::collections::BTreeSet<&str> = readme
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("tandem_app_"))
+        .collect();
+    assert!(named.len() >= 5, "{named:?}");
+    for name in named {
+        assert!(
+            metrics.contains(&format!("# TYPE {name} "))
+                && metrics.contains(&format!("# HELP {name} ")),
+            "{name} is in the README but not exported"
+        );
+    }
 
     // A restart of Tandem keeps where the app is, its term and its pin (STATE_DIR/apps/).
     lab.wait(60, "the region's member caught up", |a| {

@@ -348,7 +348,7 @@ async fn operator_output_tells_the_truth() {
         "no changes: the file is the running topology\n"
     );
 
-    // Every metric the README names outside databases, backups and cluster mode is exported, with its
+    // Every metric the README names outside databases, backups, apps and cluster mode is exported, with its
     // HELP and TYPE (those two are covered by the database and cluster tests).
     // (A sample of each: the CPU of an instance needs two readings, so wait a little.)
     let readme =
@@ -361,6 +361,8 @@ async fn operator_output_tells_the_truth() {
         // Backups and drills: covered by the backup tests.
         .filter(|n| !n.starts_with("tandem_backup_") && !n.starts_with("tandem_restore_drill_"))
         .filter(|n| *n != "tandem_store_writes_total")
+        // Apps: covered by the app test.
+        .filter(|n| !n.starts_with("tandem_app_"))
         .collect();
     let exported = |metrics: &str, name: &str| {
         metrics.contains(&format!("# TYPE {name} ")) && metrics.contains(&format!("\n{name}"))
