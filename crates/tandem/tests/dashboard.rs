@@ -197,8 +197,15 @@ fn artifacts() -> PathBuf {
 
 /// The quickstart's shape in `NET.0/24` (`NET.10` the edge load balancer, `NET.20` the
 /// region's, instances on `NET.11` and `NET.21`), the load balancers on port `front`, `extra`
-/// in `[tandem]`.
-fn quickstart(dir: &Path, api: SocketAddr, net: &str, front: u16, extra: &str) -> PathBuf {
+/// in `[tandem]`, `tail` at the end.
+fn quickstart(
+    dir: &Path,
+    api: SocketAddr,
+    net: &str,
+    front: u16,
+    extra: &str,
+    tail: &str,
+) -> PathBuf {
     topology_file(
         dir,
         api,
@@ -275,6 +282,7 @@ bind = "{net}.21"
 ports = {{ http = "23000-23009" }}
 capacity = {{ min = 1, max = 2, initial = 1 }}
 health = "web"
+{tail}
 "#
         ),
     )
@@ -290,7 +298,15 @@ async fn dashboard_follows_an_outage_drill_live() {
     let dir = tempfile::tempdir().unwrap();
     let api = testkit::closed_port();
     let front = testkit::free_tcp_port(&[EDGE, REGION]);
-    let file = quickstart(dir.path(), api, "127.0.9", front, "");
+    // The tiers moving together: an app (without a database) shows in its panel.
+    let app = r#"
+[[app]]
+name = "shop"
+sites = ["edge", "region"]
+profile = "www"
+scale_sets = ["edge-web", "region-web"]
+"#;
+    let file = quickstart(dir.path(), api, "127.0.9", front, "", app);
     let mut up = Up::start(&file, api, &[]);
     eventually(Duration::from_secs(30), "both endpoints Online", || async {
         let p = try_get_json(api, "/v1/profiles").await?;
@@ -319,6 +335,13 @@ async fn dashboard_follows_an_outage_drill_live() {
     )
     .await;
     wait_text(&client, "#sites", "region", Duration::from_secs(10)).await;
+    wait_text(
+        &client,
+        r#"[data-app="shop"]"#,
+        "active at edge",
+        Duration::from_secs(10),
+    )
+    .await;
     eprintln!(
         "dashboard: edge answer shown {:?} after goto",
         started.elapsed()
@@ -358,6 +381,15 @@ async fn dashboard_follows_an_outage_drill_live() {
         Duration::from_secs(5),
     )
     .await;
+    // The app moved by itself: its panel says where, and how the move went.
+    let panel = wait_text(
+        &client,
+        r#"[data-app="shop"]"#,
+        "active at region",
+        Duration::from_secs(15),
+    )
+    .await;
+    assert!(panel.contains("(site-lost): done"), "{panel}");
     let timeline = text(&client, "#events").await.unwrap();
     assert!(timeline.contains("drill"), "{timeline}");
     let shot = artifacts().join("dashboard.png");
@@ -411,7 +443,7 @@ async fn dashboard_asks_for_a_token_and_its_buttons_need_an_admin() {
     let (edge, region) = ("127.0.10.10", "127.0.10.20");
     let front = testkit::free_tcp_port(&[edge, region]);
     let extra = format!("tokens = \"{}\"\n", tokens.display());
-    let file = quickstart(dir.path(), api, "127.0.10", front, &extra);
+    let file = quickstart(dir.path(), api, "127.0.10", front, &extra, "");
     let _up = Up::start(&file, api, &[]);
     eventually(Duration::from_secs(30), "the API up", || async {
         tokio::net::TcpStream::connect(api).await.ok()
