@@ -23,6 +23,7 @@
 //! | POST | `/v1/databases/{db}/backups/verify` | `pgbackrest verify` of the repository |
 //! | POST | `/v1/databases/{db}/restore-drill` | `{"to": TIME}` (optional): restore into a scratch copy, count, measure RTO and RPO |
 //! | GET | `/v1/apps` | every app: active site, term, each site's health, data and capacity, the move under way, what failback waits for, the last move |
+//! | GET | `/v1/apps/{app}` | one app, as in `/v1/apps` |
 //! | GET | `/v1/apps/{app}/plan?to=SITE` | the steps a move to `SITE` would take now, without starting it |
 //! | POST | `/v1/apps/{app}/failover` | `{"to": SITE}`: move the whole app there now (planned: switchover, scale, DNS) |
 //! | POST | `/v1/apps/{app}/failback` | back to the preferred site, refused until its data has caught up |
@@ -472,6 +473,7 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<Api>)> {
             post(restore_drill),
         ),
         (Method::GET, "/v1/apps", get(apps)),
+        (Method::GET, "/v1/apps/{app}", get(app_view)),
         (Method::GET, "/v1/apps/{app}/plan", get(app_plan)),
         (Method::POST, "/v1/apps/{app}/drill", post(app_drill)),
         (Method::POST, "/v1/apps/{app}/{action}", post(app_action)),
@@ -993,6 +995,32 @@ fn app_runner<'a>(
     Err(Box::new(error(StatusCode::NOT_FOUND, "app", message)))
 }
 
+/// `GET /v1/apps/{app}`.
+async fn app_view(State(api): State<Api>, Path(name): Path<String>) -> Response {
+    match app_runner(&api, &name) {
+        Ok(a) => Json(a.view()).into_response(),
+        Err(r) => *r,
+    }
+}
+
+/// A site an app command names: 404 unless it is one of the app's sites.
+fn app_site(api: &Api, app: &str, site: &str, field: &str) -> Result<(), Box<Response>> {
+    let sites = api
+        .topology
+        .app(app)
+        .map(|a| a.sites.clone())
+        .unwrap_or_default();
+    if sites.iter().any(|s| s.as_str() == site) {
+        return Ok(());
+    }
+    let list: Vec<&str> = sites.iter().map(model::Name::as_str).collect();
+    Err(Box::new(error(
+        StatusCode::NOT_FOUND,
+        field,
+        format!("{site} is not one of the app's sites ({})", list.join(", ")),
+    )))
+}
+
 /// `GET /v1/apps/{app}/plan?to=SITE`.
 async fn app_plan(
     State(api): State<Api>,
@@ -1006,6 +1034,9 @@ async fn app_plan(
     let Some(to) = q.to else {
         return error(StatusCode::BAD_REQUEST, "to", "expected ?to=SITE");
     };
+    if let Err(r) = app_site(&api, &name, &to, "to") {
+        return *r;
+    }
     match app.plan(&to) {
         Ok(plan) => Json(plan).into_response(),
         Err(e) => error(StatusCode::CONFLICT, "to", e.0),
@@ -1076,6 +1107,16 @@ async fn app_action(
         // Validated above: what is left is `unpin`.
         _ => (app::Command::Unpin, "app"),
     };
+    let named = match &cmd {
+        app::Command::Failover { to } => Some(to),
+        app::Command::Pin { site } => Some(site),
+        _ => None,
+    };
+    if let Some(site) = named
+        && let Err(r) = app_site(&api, &name, site, field)
+    {
+        return *r;
+    }
     match app.command(cmd) {
         Ok(()) => (StatusCode::ACCEPTED, Json(app.view())).into_response(),
         Err(e) => error(StatusCode::CONFLICT, field, e.0),

@@ -103,6 +103,17 @@ pub enum Command {
     Unpin,
 }
 
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Failover { to } => write!(f, "failover to {to}"),
+            Command::Failback => f.write_str("failback"),
+            Command::Pin { site } => write!(f, "pin to {site}"),
+            Command::Unpin => f.write_str("unpin"),
+        }
+    }
+}
+
 /// Why a command was refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refused(pub String);
@@ -371,8 +382,8 @@ impl App {
         }
         if let Some(at) = self.retry_at.filter(|at| now < *at) {
             return Some(format!(
-                "the next try in {:?}, after {} failed moves in a row",
-                at.saturating_duration_since(now),
+                "the next try in {:.1} s, after {} failed moves in a row",
+                at.saturating_duration_since(now).as_secs_f64(),
                 self.failures
             ));
         }
@@ -386,8 +397,9 @@ impl App {
         match held {
             None => Some(format!("{home} to be healthy")),
             Some(h) if h < self.cfg.failback_hold => Some(format!(
-                "{home} healthy for {:?} of the {:?} hold",
-                h, self.cfg.failback_hold
+                "{home} healthy for {:.1} s of the {:.1} s hold",
+                h.as_secs_f64(),
+                self.cfg.failback_hold.as_secs_f64()
             )),
             _ if self.cfg.database && !seen.caught_up(&home) => {
                 Some(format!("{home}'s database member to catch up"))
@@ -731,12 +743,17 @@ impl App {
             return;
         };
         let took = now.saturating_duration_since(p.started);
-        let steps: Vec<String> = p.done.iter().map(|(s, d)| format!("{s:?} {d:?}")).collect();
+        let steps: Vec<String> = p
+            .done
+            .iter()
+            .map(|(s, d)| format!("{} {:.2} s", s.as_str(), d.as_secs_f64()))
+            .collect();
         let message = match outcome.error() {
             None => format!(
-                "{} -> {} in {took:?} (term {}): {}",
+                "{} -> {} in {:.2} s (term {}): {}",
                 p.from,
                 p.to,
+                took.as_secs_f64(),
                 self.term,
                 steps.join(", ")
             ),

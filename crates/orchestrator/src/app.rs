@@ -422,7 +422,7 @@ impl AppRunner {
     pub fn command(&self, cmd: Command) -> Result<(), Refused> {
         if self.state().drilling {
             return Err(Refused(format!(
-                "a drill of {} is running (`tandem app status` follows it); commands wait for its end",
+                "a drill of {} is running (`tandem app status` follows it); commands are refused until it ends",
                 self.name
             )));
         }
@@ -431,13 +431,26 @@ impl AppRunner {
 
     /// [`AppRunner::command`] during a drill: the drill's own commands.
     pub(crate) fn command_unchecked(&self, cmd: Command) -> Result<(), Refused> {
-        let text = format!("{cmd:?}");
-        {
+        let text = cmd.to_string();
+        let started = {
             let mut st = self.state();
             let seen = st.seen.clone();
+            let before = st.app.plan().map(|p| p.id);
             st.app.command(cmd, &seen, Instant::now())?;
-        }
+            st.app
+                .plan()
+                .filter(|p| Some(p.id) != before)
+                .map(|p| (p.from.clone(), p.to.clone(), p.steps.clone()))
+        };
         self.event("app-command", text);
+        // A move the command started is announced as the app's own moves are.
+        if let Some((from, to, steps)) = started {
+            let steps: Vec<&str> = steps.iter().map(|s| s.as_str()).collect();
+            self.event(
+                "app-move-start",
+                format!("{from} -> {to} (operator): {}", steps.join(", ")),
+            );
+        }
         self.wake.notify_one();
         Ok(())
     }

@@ -214,8 +214,20 @@ pub(crate) async fn run(
     let log = Arc::new(Mutex::new(Log::default()));
     let (stop, stopped) = watch::channel(false);
     let resolver = Arc::new(Resolver::new(entry.clone()));
-    let writer = tokio::spawn(write_loop(resolver.clone(), log.clone(), stopped.clone()));
-    let reader = tokio::spawn(read_loop(resolver, log.clone(), stopped));
+    let writer = tokio::spawn(client_loop(
+        resolver.clone(),
+        log.clone(),
+        stopped.clone(),
+        (WRITE_EVERY, "POST", "/write"),
+        note_write,
+    ));
+    let reader = tokio::spawn(client_loop(
+        resolver,
+        log.clone(),
+        stopped,
+        (READ_EVERY, "GET", "/read"),
+        note_read,
+    ));
 
     let outcome = moves(&runner, &log, &v.active, &to, t0, &mut report).await;
     let _ = stop.send(true);
@@ -552,61 +564,55 @@ fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
-async fn write_loop(
+/// A client of the public entry: `method path` every `every` until stopped, each outcome
+/// noted in the log by `note`.
+async fn client_loop(
     resolver: Arc<Resolver>,
     log: Arc<Mutex<Log>>,
     mut stopped: watch::Receiver<bool>,
+    (every, method, path): (Duration, &'static str, &'static str),
+    note: fn(&mut Log, Result<String, String>),
 ) {
-    let mut every = tokio::time::interval(WRITE_EVERY);
+    let mut every = tokio::time::interval(every);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !*stopped.borrow() {
         tokio::select! {
             _ = every.tick() => {}
             _ = stopped.changed() => return,
         }
-        let r = request(&resolver, "POST", "/write").await;
-        let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
-        let ack = r.as_ref().ok().and_then(|t| {
-            Some(Ack {
-                id: field(t, "id")?.parse().ok()?,
-                site: field(t, "site")?.to_string(),
-                member: field(t, "member")?.to_string(),
-                at: Instant::now(),
-            })
-        });
-        match (ack, r) {
-            (Some(a), _) => log.acks.push(a),
-            (None, r) => {
-                log.failed_writes.push(Instant::now());
-                log.error(match r {
-                    Ok(t) => format!("write: unexpected answer {t:?}"),
-                    Err(e) => format!("write: {e}"),
-                });
-            }
+        let r = request(&resolver, method, path).await;
+        note(&mut log.lock().unwrap_or_else(|p| p.into_inner()), r);
+    }
+}
+
+/// A write: acknowledged with its id, site and member, or failed.
+fn note_write(log: &mut Log, r: Result<String, String>) {
+    let ack = r.as_ref().ok().and_then(|t| {
+        Some(Ack {
+            id: field(t, "id")?.parse().ok()?,
+            site: field(t, "site")?.to_string(),
+            member: field(t, "member")?.to_string(),
+            at: Instant::now(),
+        })
+    });
+    match (ack, r) {
+        (Some(a), _) => log.acks.push(a),
+        (None, r) => {
+            log.failed_writes.push(Instant::now());
+            log.error(match r {
+                Ok(t) => format!("write: unexpected answer {t:?}"),
+                Err(e) => format!("write: {e}"),
+            });
         }
     }
 }
 
-async fn read_loop(
-    resolver: Arc<Resolver>,
-    log: Arc<Mutex<Log>>,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let mut every = tokio::time::interval(READ_EVERY);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    while !*stopped.borrow() {
-        tokio::select! {
-            _ = every.tick() => {}
-            _ = stopped.changed() => return,
-        }
-        let r = request(&resolver, "GET", "/read").await;
-        let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
-        match r {
-            Ok(_) => log.reads_ok += 1,
-            Err(e) => {
-                log.reads_failed += 1;
-                log.error(format!("read: {e}"));
-            }
+fn note_read(log: &mut Log, r: Result<String, String>) {
+    match r {
+        Ok(_) => log.reads_ok += 1,
+        Err(e) => {
+            log.reads_failed += 1;
+            log.error(format!("read: {e}"));
         }
     }
 }

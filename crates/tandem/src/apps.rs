@@ -84,13 +84,15 @@ pub fn run(action: App) -> ExitCode {
     match action {
         App::Status { app, json, api } => call(
             &api,
-            async |a| get::<AppsResponse>(a, "/v1/apps").await,
+            async |a| match &app {
+                // One app: an unknown name is the API's 404.
+                Some(name) => Ok(AppsResponse {
+                    apps: vec![get::<AppView>(a, &format!("/v1/apps/{name}")).await?],
+                }),
+                None => get::<AppsResponse>(a, "/v1/apps").await,
+            },
             |r| {
-                let apps: Vec<&AppView> = r
-                    .apps
-                    .iter()
-                    .filter(|v| app.as_ref().is_none_or(|n| *n == v.name))
-                    .collect();
+                let apps: Vec<&AppView> = r.apps.iter().collect();
                 if json {
                     println!(
                         "{}",

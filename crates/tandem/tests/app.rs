@@ -409,9 +409,13 @@ async fn the_whole_app_fails_over_and_back_with_its_data() {
     );
     let (ok, text) = lab.cli(&["plan", "shop", "--to", "moon"]);
     assert!(
-        !ok && text.contains("moon is not one of the app's sites"),
+        !ok && text.contains("moon is not one of the app's sites (edge, region) (404)"),
         "{text}"
     );
+    let (ok, text) = lab.cli(&["failover", "shop", "--to", "moon"]);
+    assert!(!ok && text.contains("(404)"), "{text}");
+    let (ok, text) = lab.cli(&["status", "nope"]);
+    assert!(!ok && text.contains("no app \"nope\""), "{text}");
 
     // A writer through the region's frontend, which follows the primary wherever it is.
     let password = lab.password();
