@@ -187,7 +187,7 @@ pub(crate) async fn run(
         ok: false,
         error: None,
         from: v.active.clone(),
-        to: String::new(),
+        to: to.clone(),
         started,
         seconds: 0.0,
         failover: None,
@@ -202,7 +202,6 @@ pub(crate) async fn run(
         lost_ids: Vec::new(),
         errors: Vec::new(),
     };
-    report.to.clone_from(&to);
     runner.drill_event(
         "app-drill-start",
         format!(
@@ -266,7 +265,8 @@ pub(crate) async fn run(
     if let Err(e) = outcome {
         report.error = Some(e);
     }
-    report.ok = report.error.is_none() && report.writes_lost == Some(0);
+    // With a database, passing needs every acknowledged write found.
+    report.ok = report.error.is_none() && (database.is_none() || report.writes_lost == Some(0));
     report.seconds = t0.elapsed().as_secs_f64();
     runner.drill_event(
         if report.ok {
