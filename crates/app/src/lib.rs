@@ -10,15 +10,18 @@
 //! 2. **promote** the database at the target (a failover, or a planned switchover when failing
 //!    back), confirmed when the database reports its primary there;
 //! 3. **scale** the target's set to the capacity the app had (warm standby), then **wait** until
-//!    that many instances are Online (or `step_timeout` passes: a partial site beats none);
+//!    that many instances are Online (hot: the target's own capacity), or `step_timeout`
+//!    passes: a partial site beats none;
 //! 4. **move DNS** to the target: the app is now active there, with the next term;
-//! 5. **scale down** what is left at the old site, when it is reachable.
+//! 5. **scale down** (warm) what is left at the old site, when it is reachable.
 //!
 //! Failback to the preferred site (the first of `sites`) is automatic unless configured
 //! manual, and gated on the data, which no DNS traffic manager does: the site must have been
 //! healthy for `failback_hold` **and** its database member caught up ([`Observed::caught_up`]);
 //! [`App::waiting_for`] says what it waits for. A pinned app never moves by itself. When the
-//! database fails over on its own, the app follows its data.
+//! database fails over on its own, the app follows its data. A planned move goes only to a
+//! member that has caught up; a move that fails holds back the app's own moves for
+//! [`RETRY_FIRST`], doubling up to [`RETRY_MAX`].
 
 use std::collections::BTreeMap;
 use std::time::Duration;
