@@ -47,6 +47,9 @@ pub struct Config {
     pub standby: Standby,
     /// Automatic failback to the preferred site (else only on command).
     pub automatic_failback: bool,
+    /// When the database fails over by itself, the app follows its data (else compute and
+    /// DNS stay where they are, and an event says so).
+    pub follow_data: bool,
     /// How long the preferred site must be healthy before failing back.
     pub failback_hold: Duration,
     /// How long the active site must stay unhealthy before a failover starts.
@@ -309,6 +312,8 @@ pub struct App {
     healthy_since: BTreeMap<String, Instant>,
     /// Since when the active site has been unhealthy.
     unhealthy_since: Option<Instant>,
+    /// The database's primary site as last seen (for `follow = "none"`'s event).
+    primary_seen: Option<String>,
     last: Option<Finished>,
     next_plan: u64,
     /// Moves failed in a row, and when the app may try to move by itself again.
@@ -334,6 +339,7 @@ impl App {
             plan: None,
             healthy_since: BTreeMap::new(),
             unhealthy_since: None,
+            primary_seen: None,
             last: None,
             next_plan: 0,
             failures: 0,
@@ -538,6 +544,7 @@ impl App {
     pub fn step(&mut self, seen: &Observed, now: Instant) -> Vec<Action> {
         self.track(seen, now);
         let mut out = Vec::new();
+        self.data_moved(seen, &mut out);
         if self.plan.is_none()
             && let Some((to, reason)) = self.should_move(seen, now)
         {
@@ -552,6 +559,30 @@ impl App {
         }
         self.advance(seen, now, &mut out);
         out
+    }
+
+    /// With `follow = "none"`, says once per change that the data moved and the app stays.
+    fn data_moved(&mut self, seen: &Observed, out: &mut Vec<Action>) {
+        let Some(p) = &seen.primary else {
+            return;
+        };
+        let changed = self.primary_seen.as_ref() != Some(p);
+        if changed
+            && self.cfg.database
+            && !self.cfg.follow_data
+            && self.primary_seen.is_some()
+            && *p != self.active
+            && self.plan.is_none()
+        {
+            out.push(Action::Event {
+                kind: "app-data-moved",
+                message: format!(
+                    "the database's primary moved to {p}; the app stays at {} (follow = \"none\"): its instances reach the primary through their frontends",
+                    self.active
+                ),
+            });
+        }
+        self.primary_seen = Some(p.clone());
     }
 
     fn track(&mut self, seen: &Observed, now: Instant) {
@@ -576,6 +607,7 @@ impl App {
         }
         // The data moved without us (the database failed over): follow it.
         if self.cfg.database
+            && self.cfg.follow_data
             && let Some(p) = &seen.primary
             && *p != self.active
             && self.cfg.sites.contains(p)

@@ -1860,6 +1860,7 @@ const APP_KEYS: &[&str] = &[
     "scale_sets",
     "standby",
     "failback",
+    "follow",
 ];
 
 fn app(cx: &mut Cx, s: Section<'_, '_>) -> Option<App> {
@@ -1880,6 +1881,7 @@ fn app(cx: &mut Cx, s: Section<'_, '_>) -> Option<App> {
         );
     }
     let failback = cx.or(s, "failback", Failback::Automatic);
+    let follow = cx.or(s, "follow", Follow::Data);
     Some(App {
         name: name?,
         sites: sites?,
@@ -1888,6 +1890,7 @@ fn app(cx: &mut Cx, s: Section<'_, '_>) -> Option<App> {
         scale_sets: scale_sets?,
         standby: standby?,
         failback: failback?,
+        follow: follow?,
     })
 }
 

@@ -760,6 +760,12 @@ choice! {
     Failback { Automatic = "automatic", Manual = "manual" }
 }
 
+choice! {
+    /// What an app does when its database fails over on its own: follow its data to the new
+    /// primary's site, or keep its compute and DNS where they are.
+    Follow { Data = "data", None = "none" }
+}
+
 /// `[[app]]`: the failover unit.
 #[derive(Clone, Debug)]
 pub struct App {
@@ -773,6 +779,8 @@ pub struct App {
     pub standby: Standby,
     /// Default `automatic`.
     pub failback: Failback,
+    /// Default `data`.
+    pub follow: Follow,
 }
 
 impl Database {

@@ -94,6 +94,8 @@ pub struct AppView {
     pub standby: String,
     /// `automatic` or `manual`.
     pub failback: String,
+    /// `data` (the app follows its database's own failovers) or `none`.
+    pub follow: String,
     /// Where the app runs now, and the term of that (grows with every move).
     pub active: String,
     pub term: u64,
@@ -236,6 +238,7 @@ impl AppRunner {
                 _ => Standby::Hot,
             },
             automatic_failback: config.failback == model::Failback::Automatic,
+            follow_data: config.follow == model::Follow::Data,
             failback_hold: profile.map_or(Duration::from_secs(30), |p| p.failback_hold),
             confirm: CONFIRM,
             step_timeout: STEP_TIMEOUT,
@@ -342,6 +345,7 @@ impl AppRunner {
             database: self.config.database.as_ref().map(ToString::to_string),
             standby: self.config.standby.to_string(),
             failback: self.config.failback.to_string(),
+            follow: self.config.follow.to_string(),
             active: app.active().to_string(),
             term: app.term(),
             preferred: app.config().sites.first().cloned().unwrap_or_default(),
