@@ -1003,22 +1003,14 @@ async fn app_view(State(api): State<Api>, Path(name): Path<String>) -> Response 
     }
 }
 
-/// A site an app command names: 404 unless it is one of the app's sites.
-fn app_site(api: &Api, app: &str, site: &str, field: &str) -> Result<(), Box<Response>> {
-    let sites = api
-        .topology
-        .app(app)
-        .map(|a| a.sites.clone())
-        .unwrap_or_default();
-    if sites.iter().any(|s| s.as_str() == site) {
-        return Ok(());
-    }
-    let list: Vec<&str> = sites.iter().map(model::Name::as_str).collect();
-    Err(Box::new(error(
-        StatusCode::NOT_FOUND,
-        field,
-        format!("{site} is not one of the app's sites ({})", list.join(", ")),
-    )))
+/// An app's refusal: 404 when it names a site that is not the app's, else 409.
+fn refused(field: &str, e: app::Refused) -> Response {
+    let status = if e.unknown_site {
+        StatusCode::NOT_FOUND
+    } else {
+        StatusCode::CONFLICT
+    };
+    error(status, field, e.why)
 }
 
 /// `GET /v1/apps/{app}/plan?to=SITE`.
@@ -1034,12 +1026,9 @@ async fn app_plan(
     let Some(to) = q.to else {
         return error(StatusCode::BAD_REQUEST, "to", "expected ?to=SITE");
     };
-    if let Err(r) = app_site(&api, &name, &to, "to") {
-        return *r;
-    }
     match app.plan(&to) {
         Ok(plan) => Json(plan).into_response(),
-        Err(e) => error(StatusCode::CONFLICT, "to", e.0),
+        Err(e) => refused("to", e),
     }
 }
 
@@ -1059,7 +1048,7 @@ async fn app_drill(State(api): State<Api>, Path(name): Path<String>) -> Response
     };
     match app.start_drill(entry) {
         Ok(_) => (StatusCode::ACCEPTED, Json(app.view())).into_response(),
-        Err(e) => error(StatusCode::CONFLICT, "app", e.0),
+        Err(e) => refused("app", e),
     }
 }
 
@@ -1107,19 +1096,9 @@ async fn app_action(
         // Validated above: what is left is `unpin`.
         _ => (app::Command::Unpin, "app"),
     };
-    let named = match &cmd {
-        app::Command::Failover { to } => Some(to),
-        app::Command::Pin { site } => Some(site),
-        _ => None,
-    };
-    if let Some(site) = named
-        && let Err(r) = app_site(&api, &name, site, field)
-    {
-        return *r;
-    }
     match app.command(cmd) {
         Ok(()) => (StatusCode::ACCEPTED, Json(app.view())).into_response(),
-        Err(e) => error(StatusCode::CONFLICT, field, e.0),
+        Err(e) => refused(field, e),
     }
 }
 

@@ -122,7 +122,20 @@ impl std::fmt::Display for Command {
 
 /// Why a command was refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Refused(pub String);
+pub struct Refused {
+    pub why: String,
+    /// It named a site that is not one of the app's (the API's 404; else a conflict, 409).
+    pub unknown_site: bool,
+}
+
+impl Refused {
+    pub fn new(why: impl Into<String>) -> Refused {
+        Refused {
+            why: why.into(),
+            unknown_site: false,
+        }
+    }
+}
 
 /// What the driver must do.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -295,9 +308,25 @@ pub struct Finished {
     pub steps: Vec<(Step, Duration)>,
     /// From the move's start to its end.
     pub took: Duration,
+    /// When it ended.
+    pub ended: Instant,
     pub outcome: Outcome,
     /// The app's term after it.
     pub term: u64,
+}
+
+/// How the moves since start ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub moved: u64,
+    pub failed: u64,
+    pub abandoned: u64,
+}
+
+impl Tally {
+    pub fn total(&self) -> u64 {
+        self.moved + self.failed + self.abandoned
+    }
 }
 
 /// The app's decisions.
@@ -315,6 +344,7 @@ pub struct App {
     /// The database's primary site as last seen (for `follow = "none"`'s event).
     primary_seen: Option<String>,
     last: Option<Finished>,
+    tally: Tally,
     next_plan: u64,
     /// Moves failed in a row, and when the app may try to move by itself again.
     failures: u32,
@@ -341,6 +371,7 @@ impl App {
             unhealthy_since: None,
             primary_seen: None,
             last: None,
+            tally: Tally::default(),
             next_plan: 0,
             failures: 0,
             retry_at: None,
@@ -357,6 +388,10 @@ impl App {
     /// The last move that ended (moved, failed or abandoned).
     pub fn last_move(&self) -> Option<&Finished> {
         self.last.as_ref()
+    }
+    /// How the moves since start ended.
+    pub fn tally(&self) -> Tally {
+        self.tally
     }
     pub fn config(&self) -> &Config {
         &self.cfg
@@ -439,14 +474,14 @@ impl App {
             Command::Failover { to } => {
                 self.known(&to)?;
                 if to == self.active {
-                    return Err(Refused(format!("the app is already active at {to}")));
+                    return Err(Refused::new(format!("the app is already active at {to}")));
                 }
                 self.start_manual(&to, Reason::Operator, seen, now)
             }
             Command::Failback => {
                 let home = self.preferred().to_string();
                 if home == self.active {
-                    return Err(Refused(format!("the app is already at {home}")));
+                    return Err(Refused::new(format!("the app is already at {home}")));
                 }
                 self.start_manual(&home, Reason::Failback, seen, now)
             }
@@ -460,23 +495,11 @@ impl App {
     /// As [`App::command`] would refuse `Failover { to }`.
     pub fn preview(&self, to: &str, seen: &Observed) -> Result<Vec<Step>, Refused> {
         self.known(to)?;
-        if let Some(p) = &self.plan {
-            return Err(Refused(format!(
-                "a move from {} to {} is under way",
-                p.from, p.to
-            )));
-        }
+        self.idle()?;
         if to == self.active {
-            return Err(Refused(format!("the app is already active at {to}")));
+            return Err(Refused::new(format!("the app is already active at {to}")));
         }
-        if !seen.healthy(to) {
-            return Err(Refused(format!("{to} is not healthy")));
-        }
-        if self.cfg.database && !seen.caught_up(to) {
-            return Err(Refused(format!(
-                "{to}'s database member has not caught up; moving now would lose writes"
-            )));
-        }
+        self.ready(to, seen)?;
         let at_target = seen.primary.as_deref() == Some(to);
         Ok(Plan::steps_for(&self.cfg, Reason::Operator, at_target))
     }
@@ -485,10 +508,13 @@ impl App {
         if self.cfg.sites.iter().any(|s| s == site) {
             Ok(())
         } else {
-            Err(Refused(format!(
-                "{site} is not one of the app's sites ({})",
-                self.cfg.sites.join(", ")
-            )))
+            Err(Refused {
+                why: format!(
+                    "{site} is not one of the app's sites ({})",
+                    self.cfg.sites.join(", ")
+                ),
+                unknown_site: true,
+            })
         }
     }
 
@@ -499,22 +525,34 @@ impl App {
         seen: &Observed,
         now: Instant,
     ) -> Result<(), Refused> {
-        if let Some(p) = &self.plan {
-            return Err(Refused(format!(
+        self.idle()?;
+        self.ready(to, seen)?;
+        self.plan = Some(self.new_plan(to, reason, seen, now));
+        Ok(())
+    }
+
+    /// No move under way.
+    fn idle(&self) -> Result<(), Refused> {
+        match &self.plan {
+            Some(p) => Err(Refused::new(format!(
                 "a move from {} to {} is under way",
                 p.from, p.to
-            )));
+            ))),
+            None => Ok(()),
         }
+    }
+
+    /// `to` can take a planned move: healthy, and (a planned move is a switchover) its
+    /// member has every write.
+    fn ready(&self, to: &str, seen: &Observed) -> Result<(), Refused> {
         if !seen.healthy(to) {
-            return Err(Refused(format!("{to} is not healthy")));
+            return Err(Refused::new(format!("{to} is not healthy")));
         }
-        // A planned move is a switchover: only to a member that has every write.
         if self.cfg.database && !seen.caught_up(to) {
-            return Err(Refused(format!(
+            return Err(Refused::new(format!(
                 "{to}'s database member has not caught up; moving now would lose writes"
             )));
         }
-        self.plan = Some(self.new_plan(to, reason, seen, now));
         Ok(())
     }
 
@@ -803,17 +841,19 @@ impl App {
         });
         match &outcome {
             Outcome::Moved => {
+                self.tally.moved += 1;
                 self.failures = 0;
                 self.retry_at = None;
             }
             Outcome::Failed(_) => {
+                self.tally.failed += 1;
                 self.failures += 1;
                 let wait = RETRY_FIRST
                     .saturating_mul(1 << (self.failures - 1).min(8))
                     .min(RETRY_MAX);
                 self.retry_at = Some(now + wait);
             }
-            Outcome::Abandoned(_) => {}
+            Outcome::Abandoned(_) => self.tally.abandoned += 1,
         }
         self.last = Some(Finished {
             from: p.from,
@@ -821,6 +861,7 @@ impl App {
             reason: p.reason,
             steps: p.done,
             took,
+            ended: now,
             outcome,
             term: self.term,
         });

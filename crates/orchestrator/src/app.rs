@@ -160,15 +160,10 @@ pub struct AppRunner {
 struct State {
     app: App,
     seen: Observed,
-    moves: u64,
-    failed_moves: u64,
-    abandoned_moves: u64,
     /// A switchover this driver started is still running (no second one is started).
     promoting: bool,
     /// What is recorded in the app's state file, as last written.
     recorded: Option<Record>,
-    /// When the last move ended, by the wall clock (for the API).
-    ended: Option<SystemTime>,
     drilling: bool,
     last_drill: Option<crate::app_drill::AppDrillReport>,
 }
@@ -261,12 +256,8 @@ impl AppRunner {
             state: Mutex::new(State {
                 app,
                 seen: Observed::default(),
-                moves: 0,
-                failed_moves: 0,
-                abandoned_moves: 0,
                 promoting: false,
                 recorded: record.clone(),
-                ended: None,
                 drilling: false,
                 last_drill: None,
             }),
@@ -303,6 +294,7 @@ impl AppRunner {
         let now = Instant::now();
         let seen = &st.seen;
         let app = &st.app;
+        let tally = app.tally();
         let sites = app
             .config()
             .sites
@@ -337,7 +329,8 @@ impl AppRunner {
             seconds: f.took.as_secs_f64(),
             outcome: f.outcome.as_str().into(),
             error: f.outcome.error().map(str::to_string),
-            ended: st.ended,
+            // The wall-clock time of the move's end, for the API.
+            ended: SystemTime::now().checked_sub(now.saturating_duration_since(f.ended)),
         });
         AppView {
             name: self.name.clone(),
@@ -354,9 +347,9 @@ impl AppRunner {
             moving,
             waiting_for: app.waiting_for(seen, now),
             last_move,
-            moves: st.moves,
-            failed_moves: st.failed_moves,
-            abandoned_moves: st.abandoned_moves,
+            moves: tally.moved,
+            failed_moves: tally.failed,
+            abandoned_moves: tally.abandoned,
             drilling: st.drilling,
             last_drill: st.last_drill.clone(),
         }
@@ -375,7 +368,7 @@ impl AppRunner {
         let to = {
             let mut st = self.state();
             if st.drilling {
-                return Err(Refused(format!("a drill of {} is running", self.name)));
+                return Err(Refused::new(format!("a drill of {} is running", self.name)));
             }
             let to = drill_target(&st)?;
             st.drilling = true;
@@ -425,7 +418,7 @@ impl AppRunner {
     /// whose data has not caught up).
     pub fn command(&self, cmd: Command) -> Result<(), Refused> {
         if self.state().drilling {
-            return Err(Refused(format!(
+            return Err(Refused::new(format!(
                 "a drill of {} is running (`tandem app status` follows it); commands are refused until it ends",
                 self.name
             )));
@@ -484,9 +477,7 @@ impl AppRunner {
         let actions = {
             let mut st = self.state();
             st.seen = seen.clone();
-            let actions = st.app.step(&seen, now);
-            count(&mut st, &actions);
-            actions
+            st.app.step(&seen, now)
         };
         for a in actions {
             self.carry_out(a, &seen);
@@ -524,9 +515,7 @@ impl AppRunner {
     fn failed(&self, plan: u64, step: app::Step, why: String) {
         let actions = {
             let mut st = self.state();
-            let actions = st.app.action_failed(plan, step, why, Instant::now());
-            count(&mut st, &actions);
-            actions
+            st.app.action_failed(plan, step, why, Instant::now())
         };
         for a in actions {
             if let Action::Event { kind, message } = a {
@@ -688,7 +677,7 @@ fn drill_target(st: &State) -> Result<String, Refused> {
     let app = &st.app;
     let seen = &st.seen;
     let home = app.config().sites.first().cloned().unwrap_or_default();
-    let refused = |why: String| Err(Refused(format!("drill not started: {why}")));
+    let refused = |why: String| Err(Refused::new(format!("drill not started: {why}")));
     if let Some(p) = app.plan() {
         return refused(format!("a move from {} to {} is under way", p.from, p.to));
     }
@@ -718,21 +707,6 @@ fn drill_target(st: &State) -> Result<String, Refused> {
             || refused("no other site is healthy with its data caught up".into()),
             Ok,
         )
-}
-
-/// Counts the moves that `actions` end.
-fn count(st: &mut State, actions: &[Action]) {
-    for a in actions {
-        if let Action::Event { kind, .. } = a {
-            match *kind {
-                "app-move-end" => st.moves += 1,
-                "app-move-failed" => st.failed_moves += 1,
-                "app-move-abandoned" => st.abandoned_moves += 1,
-                _ => continue,
-            }
-            st.ended = Some(SystemTime::now());
-        }
-    }
 }
 
 /// Each endpoint of the profile: its site and its status (operator switches ignored: a

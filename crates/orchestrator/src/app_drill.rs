@@ -365,7 +365,7 @@ async fn moves(
 /// Gives the command and waits for the move it starts to end.
 async fn follow(runner: &Arc<AppRunner>, cmd: app::Command) -> Result<MoveView, String> {
     let ended = runner.view().ended_moves();
-    runner.command_unchecked(cmd).map_err(|e| e.0)?;
+    runner.command_unchecked(cmd).map_err(|e| e.why)?;
     let mut last = None;
     wait_for(MOVE_WAIT, "the move to end", || {
         let v = runner.view();

@@ -172,11 +172,7 @@ async fn write(State(app): State<Arc<App>>) -> (StatusCode, String) {
     let (site, instance) = (app.site.clone(), app.instance.clone());
     let answer = query(&app, async move |c: &tokio_postgres::Client| {
         let row = c.query_one(sql, &[&site, &instance]).await?;
-        Ok(format!(
-            "id={} member={}",
-            row.get::<_, i64>(0),
-            row.get::<_, String>(1)
-        ))
+        Ok((format!("id={}", row.get::<_, i64>(0)), row.get(1)))
     })
     .await;
     reply(&app, answer)
@@ -187,30 +183,28 @@ async fn read(State(app): State<Arc<App>>) -> (StatusCode, String) {
                FROM tandem_sample";
     let answer = query(&app, async move |c: &tokio_postgres::Client| {
         let row = c.query_one(sql, &[]).await?;
-        Ok(format!(
-            "rows={} max_id={} member={}",
+        let what = format!(
+            "rows={} max_id={}",
             row.get::<_, i64>(0),
-            row.get::<_, i64>(1),
-            row.get::<_, String>(2)
-        ))
+            row.get::<_, i64>(1)
+        );
+        Ok((what, row.get(2)))
     })
     .await;
     reply(&app, answer)
 }
 
-/// `id=… member=…` becomes `id=… site=S instance=I member=…`: who served it, end to end.
-fn reply(app: &App, answer: Result<String, String>) -> (StatusCode, String) {
+/// What was done, then who served it end to end: `… site=S instance=I member=M` (`M`: the
+/// member that answered, by its `cluster_name`).
+fn reply(app: &App, answer: Result<(String, String), String>) -> (StatusCode, String) {
     match answer {
-        Ok(text) => {
-            let (first, member) = text.split_once(" member=").unwrap_or((&text, "?"));
-            (
-                StatusCode::OK,
-                format!(
-                    "{first} site={} instance={} member={member}\n",
-                    app.site, app.instance
-                ),
-            )
-        }
+        Ok((what, member)) => (
+            StatusCode::OK,
+            format!(
+                "{what} site={} instance={} member={member}\n",
+                app.site, app.instance
+            ),
+        ),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
@@ -224,9 +218,9 @@ fn reply(app: &App, answer: Result<String, String>) -> (StatusCode, String) {
 /// Runs `f` on the instance's connection (made, and the table created, when missing);
 /// drops the connection after an error so the next request connects afresh (through the
 /// frontend, to whichever member is the primary then).
-async fn query<F>(app: &App, f: F) -> Result<String, String>
+async fn query<T, F>(app: &App, f: F) -> Result<T, String>
 where
-    F: AsyncFnOnce(&tokio_postgres::Client) -> Result<String, tokio_postgres::Error>,
+    F: AsyncFnOnce(&tokio_postgres::Client) -> Result<T, tokio_postgres::Error>,
 {
     let Some(db) = &app.database else {
         return Err("no --database given".into());
