@@ -283,12 +283,36 @@ pub(crate) fn placement(cx: &mut Cx, t: &Topology, cluster_declared: bool) {
         needs_node(cx, &set.site, format!("scale set `{}`", set.name));
     }
     for db in &t.databases {
-        cx.error(
-            Code::Placement,
-            db.name.span(),
-            format!("database `{}` cannot run in cluster mode yet", db.name),
-            "cluster mode runs load balancers, scale sets and DNS per node; run databases without [[node]] sections for now",
-        );
+        for m in &db.members {
+            needs_node(cx, &m.site, format!("database `{}`'s member", db.name));
+            if nodes_in(&m.site) > 1 {
+                cx.error(
+                    Code::Placement,
+                    m.site.span(),
+                    format!(
+                        "database `{}` has a member in site `{}`, which has {} nodes: a member runs on its site's one node",
+                        db.name,
+                        m.site,
+                        nodes_in(&m.site)
+                    ),
+                    "keep one [[node]] in a site with a database member, or move the member",
+                );
+            }
+        }
+        for f in &db.frontends {
+            needs_node(cx, &f.site, format!("database `{}`'s frontend", db.name));
+        }
+        if db.backup.is_some() {
+            cx.error(
+                Code::Placement,
+                db.name.span(),
+                format!(
+                    "database `{}` has [database.backup], which runs in the single-process mode only for now",
+                    db.name
+                ),
+                "remove [database.backup] in cluster mode (one repository reached by every member's node is not set up yet), or run without [[node]] sections",
+            );
+        }
     }
     if let Some(dns) = &t.dns
         && let Some(span) = &dns.listen_span

@@ -57,6 +57,7 @@ cases!(
     placement,
     cluster_rules,
     cluster_ok,
+    cluster_database,
     cluster_addresses,
     cname_at_apex,
     profile_domains,

@@ -404,7 +404,8 @@ pub(crate) async fn build(config: Config) -> Result<Node, Error> {
         load_balancers.push(balancer);
         frontends.push(orchestrator::Frontend::new(r, workers()));
     }
-    let databases = start_databases(&topology, &store, &load_balancers, &events).await?;
+    let databases =
+        start_databases(&topology, site.as_deref(), &store, &load_balancers, &events).await?;
     let scale_sets = start_scale_sets(&topology, &runs, &engine, &load_balancers, &events)?;
     let drills = orchestrator::Drills::new(sites(&topology, &runs, frontends, &scale_sets));
     events.follow(drills.events());
@@ -530,20 +531,33 @@ fn sites(
 }
 
 /// Starts every database: its members bootstrap or resume in the background; what can be
-/// checked first (programs, addresses, data directories) fails here, touching nothing.
+/// checked first (programs, addresses, data directories) fails here, touching nothing. In
+/// cluster mode (`here`: the node's site) a node runs its site's members and follows the
+/// others through the store, for each database with a member or a frontend in its site.
 async fn start_databases(
     topology: &model::Topology,
+    here: Option<&str>,
     store: &Arc<dyn store::Store>,
     balancers: &[Arc<lb::Balancer>],
     events: &api::EventLog,
 ) -> Result<Vec<Arc<pg::Cluster>>, Error> {
-    if topology.databases.is_empty() {
+    let placed = |db: &&model::Database| {
+        here.is_none_or(|site| {
+            db.members.iter().any(|m| m.site.as_str() == site)
+                || db.frontends.iter().any(|f| f.site.as_str() == site)
+        })
+    };
+    let databases: Vec<&model::Database> = topology.databases.iter().filter(placed).collect();
+    if databases.is_empty() {
         return Ok(Vec::new());
     }
     let state_dir = create_state_dir(topology)?;
     let mut out = Vec::new();
-    for db in &topology.databases {
-        let wiring = pg::Wiring::of(db, store.clone(), balancers);
+    for db in databases {
+        let mut wiring = pg::Wiring::of(db, store.clone(), balancers);
+        if let Some(site) = here {
+            wiring = wiring.on_node(vec![site.to_string()]);
+        }
         let cluster = pg::Cluster::start(db.clone(), wiring, state_dir.clone())
             .await
             .map_err(|e| Error::Start(e.to_string()))?;

@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime};
 use event::{Event, Source};
 use model::{Database, DbRole, Member, Replication, RewindFailure};
 use serde::{Deserialize, Serialize};
-use store::{Store, StoreError};
+use store::{Store, StoreError, StoreExt as _};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_postgres::Client;
@@ -166,6 +166,10 @@ pub struct Wiring {
     pub primary: Vec<Arc<lb::Balancer>>,
     /// Load balancers whose pool is the streaming standbys.
     pub replicas: Vec<Arc<lb::Balancer>>,
+    /// The sites whose members this process runs: `None` in the single-process mode (every
+    /// member); in cluster mode the node's site, the other members being run by their own
+    /// nodes, observed over the network and followed through the lease in the store.
+    pub here: Option<Vec<String>>,
 }
 
 impl Wiring {
@@ -185,8 +189,69 @@ impl Wiring {
             store,
             primary: follow(DbRole::Primary),
             replicas: follow(DbRole::Replica),
+            here: None,
         }
     }
+
+    /// Runs only the members in `sites` (cluster mode: the node's site).
+    #[must_use]
+    pub fn on_node(mut self, sites: Vec<String>) -> Wiring {
+        self.here = Some(sites);
+        self
+    }
+
+    /// Whether this process runs the member in `site`.
+    pub fn runs(&self, site: &str) -> bool {
+        self.here
+            .as_ref()
+            .is_none_or(|sites| sites.iter().any(|s| s == site))
+    }
+}
+
+/// The database's generated passwords, shared through the store in cluster mode so that
+/// every node's members and tools use the same (`STORE/databases/DB/credentials`).
+#[derive(Serialize, Deserialize)]
+struct Credentials {
+    password: String,
+    replication_password: String,
+}
+
+/// Cluster mode: the first node to start creates the passwords (or keeps those it has) and
+/// writes them to the store, create-only; every node then writes the store's into its own
+/// 0600 files before the members start, so nothing else ever carries them.
+async fn share_credentials(
+    store: &Arc<dyn Store>,
+    name: &str,
+    dir: &std::path::Path,
+) -> Result<(), local::Error> {
+    let key = format!("databases/{name}/credentials");
+    let fail =
+        |e: StoreError| local::Error(format!("cannot share the passwords through the store: {e}"));
+    let read = async || -> Result<Option<Credentials>, local::Error> {
+        let record = store.read(&key).await.map_err(fail)?;
+        Ok(record.and_then(|r| r.json()))
+    };
+    let shared = match read().await? {
+        Some(c) => c,
+        None => {
+            let mine = local::Local::credentials(dir)?;
+            let c = Credentials {
+                password: mine.0,
+                replication_password: mine.1,
+            };
+            match store
+                .put_json(&key, &c, store::Scope::Persistent, store::Expect::Absent)
+                .await
+            {
+                Ok(_) => c,
+                Err(StoreError::Conflict { .. }) => read().await?.ok_or_else(|| {
+                    local::Error("the shared passwords vanished from the store".into())
+                })?,
+                Err(e) => return Err(fail(e)),
+            }
+        }
+    };
+    local::Local::keep_credentials(dir, &shared.password, &shared.replication_password)
 }
 
 impl Cluster {
@@ -203,12 +268,17 @@ impl Cluster {
         let bins = local::find_bins(config.bin_dir.as_deref()).map_err(named)?;
         let user = local::run_as()?;
         let dir = state_dir.join("databases").join(&name);
+        if wiring.here.is_some() {
+            share_credentials(&wiring.store, &name, &dir)
+                .await
+                .map_err(named)?;
+        }
         let mut local = Local::open(bins, user, dir, config.failover_timeout).map_err(named)?;
         if let Some(b) = &config.backup {
             Backups::prepare(&name, b, &mut local).map_err(named)?;
         }
         let local = Arc::new(local);
-        for m in &config.members {
+        for m in config.members.iter().filter(|m| wiring.runs(&m.site)) {
             let site = m.site.as_str();
             local
                 .check_data(site)
@@ -256,7 +326,7 @@ impl Cluster {
             backups_done: Mutex::new(None),
             password: Redacted(local.password.clone()),
         });
-        for m in &config.members {
+        for m in config.members.iter().filter(|m| wiring.runs(&m.site)) {
             let listener = tokio::net::TcpListener::bind(m.health).await.map_err(|e| {
                 local::Error(format!(
                     "member {}: health address {}: {e}",
@@ -514,6 +584,8 @@ impl State {
 struct Rt {
     config: Member,
     site: String,
+    /// This process runs it (always, in the single-process mode); else it is only observed.
+    here: bool,
     instance: Option<Box<dyn Instance>>,
     client: Option<Client>,
     obs: Option<Observation>,
@@ -524,6 +596,8 @@ struct Rt {
     /// Rejoin attempts that failed in a row, and when the next may start.
     failures: u32,
     retry_at: Instant,
+    /// Cluster mode: the watchdog guarding it while it is this node's primary.
+    watchdog: Option<crate::watchdog::Guard>,
 }
 
 impl Rt {
@@ -589,6 +663,41 @@ struct Driver {
     failed: Option<String>,
     /// Where background work (clone, rewind) reports back to `run`.
     work: mpsc::Sender<Done>,
+    /// Cluster mode: members run on their own nodes, the lease and these records in the
+    /// store say who leads.
+    shared: Option<Shared>,
+}
+
+/// What the nodes of a database in cluster mode share through the store besides the lease.
+struct Shared {
+    /// `databases/DB/sync`: the synchronous standby the primary trusts ([`SyncRecord`]).
+    sync_key: String,
+    /// `databases/DB/primary`: the last member that led, with its term ([`PrimaryRecord`]).
+    primary_key: String,
+    /// The lease was held (by anyone) at the last look.
+    lease_live: bool,
+    /// What this node last wrote, so each is written once per change.
+    sync_written: Option<(u64, Option<String>)>,
+    primary_written: u64,
+}
+
+/// `databases/DB/sync`: who may be promoted without loss in sync mode, written by the
+/// primary's node under its lease (a standby is trusted in the record only after the primary
+/// reports it synchronous, and untrusted in the record before the primary stops waiting for
+/// it: Patroni's `/sync` key). Only a record of the current term counts.
+#[derive(Serialize, Deserialize)]
+struct SyncRecord {
+    term: u64,
+    member: Option<String>,
+}
+
+/// `databases/DB/primary`: which member led at `term`. A node that finds the lease free
+/// resumes its member as primary only if it is this one at the latest term (no one was
+/// promoted since).
+#[derive(Serialize, Deserialize)]
+struct PrimaryRecord {
+    term: u64,
+    member: String,
 }
 
 impl Driver {
@@ -605,6 +714,7 @@ impl Driver {
             .map(|m| Rt {
                 config: m.clone(),
                 site: m.site.to_string(),
+                here: wiring.runs(&m.site),
                 instance: None,
                 client: None,
                 obs: None,
@@ -613,11 +723,20 @@ impl Driver {
                 not_streaming_since: None,
                 failures: 0,
                 retry_at: now,
+                watchdog: None,
             })
             .collect();
         let (tx, rx) = mpsc::channel(16);
         let ttl = config.failover_timeout;
+        let shared = wiring.here.is_some().then(|| Shared {
+            sync_key: format!("databases/{}/sync", config.name),
+            primary_key: format!("databases/{}/primary", config.name),
+            lease_live: false,
+            sync_written: None,
+            primary_written: 0,
+        });
         let driver = Driver {
+            shared,
             key: format!("databases/{}/leader", config.name),
             ttl: config.failover_timeout,
             config,
@@ -729,11 +848,19 @@ impl Driver {
             .map_err(|e| e.to_string())?;
         self.term = term;
         let with_data: Vec<usize> = (0..self.members.len())
-            .filter(|&i| self.local.has_data(&self.members[i].site))
+            .filter(|&i| self.members[i].here && self.local.has_data(&self.members[i].site))
             .collect();
-        // Members outlive Tandem: carry on with those still running.
+        self.adopt(&with_data);
+        if self.shared.is_some() {
+            return self.bootstrap_on_node(lease, term, &with_data).await;
+        }
+        self.bootstrap_here(lease, &with_data).await
+    }
+
+    /// Members outlive Tandem: carries on with those of `with_data` still running.
+    fn adopt(&mut self, with_data: &[usize]) {
         let mut adopted = Vec::new();
-        for &i in &with_data {
+        for &i in with_data {
             let m = &mut self.members[i];
             if let Some(inst) = self.local.adopt(&m.site) {
                 adopted.push(format!(
@@ -752,6 +879,131 @@ impl Driver {
                 format!("still running, carried on with: {}", adopted.join(", ")),
             );
         }
+    }
+
+    /// Cluster mode's start, on one node: the lease in the store says who leads. This node's
+    /// member resumes as primary only when it holds the lease, or when the lease is free and
+    /// it was the last to lead at the latest term; the first member's node initialises a
+    /// database that never had a primary. The lease is taken before the member starts
+    /// writable. Every other member is made a standby of the primary by the ticks, wherever
+    /// it runs.
+    async fn bootstrap_on_node(
+        &mut self,
+        lease: Option<store::Lease>,
+        term: u64,
+        with_data: &[usize],
+    ) -> Result<(), String> {
+        let last: Option<PrimaryRecord> = match &self.shared {
+            Some(sh) => self
+                .wiring
+                .store
+                .read(&sh.primary_key)
+                .await
+                .map_err(|e| e.to_string())?
+                .and_then(|r| r.json()),
+            None => None,
+        };
+        let (l, fresh) = match &lease {
+            Some(lease) => match self.position(&lease.holder) {
+                Some(h) if with_data.contains(&h) => (h, false),
+                h => {
+                    self.leader = h;
+                    return Ok(());
+                }
+            },
+            None if term == 0 && with_data.is_empty() && self.members[0].here => (0, true),
+            None if term == 0 => {
+                self.event(
+                    None,
+                    "waiting",
+                    format!(
+                        "waiting for {}'s node to initialise the database (no primary yet)",
+                        self.members[0].site
+                    ),
+                );
+                return Ok(());
+            }
+            None => {
+                let last = last
+                    .filter(|r| r.term == term)
+                    .and_then(|r| self.position(&r.member));
+                match last {
+                    Some(i)
+                        if with_data.contains(&i)
+                            && !self.local.is_standby(&self.members[i].site) =>
+                    {
+                        (i, false)
+                    }
+                    other => {
+                        // Its standby may be promoted (by the ticks, once the sync rule
+                        // allows): the lease is free.
+                        self.leader = other;
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        let site = self.members[l].site.clone();
+        // Safety rule 1 across machines: the lease first, then a writable server.
+        let lease = self
+            .wiring
+            .store
+            .acquire(&self.key, &site, self.ttl)
+            .await
+            .map_err(|e| format!("cannot take the lease for {site}: {e}"))?;
+        self.leader = Some(l);
+        self.term = lease.term;
+        if fresh {
+            self.local.initdb(&site).await.map_err(|e| e.to_string())?;
+        }
+        let was_running = self.members[l].instance.is_some();
+        if !was_running {
+            self.start_member(l, None)?;
+        }
+        let client = self.wait_ready(l).await?;
+        if fresh {
+            let role = format!(
+                "CREATE ROLE {} WITH REPLICATION LOGIN PASSWORD {}",
+                local::REPLICATION_USER,
+                observe::literal(&self.local.replication_password)
+            );
+            observe::execute(&client, &[&role]).await?;
+        }
+        let others: Vec<String> = self
+            .members
+            .iter()
+            .filter(|m| m.site != site)
+            .map(|m| m.site.clone())
+            .collect();
+        ensure_slots(&client, &others, false).await?;
+        self.members[l].client = Some(client);
+        self.wiring
+            .store
+            .renew(&self.key, &site, self.term, self.ttl)
+            .await
+            .map_err(|e| format!("lost the lease for {site} while it started: {e}"))?;
+        self.take_lead(l, self.term);
+        let how = if fresh {
+            "initialised"
+        } else if was_running {
+            "resumed, still running,"
+        } else {
+            "resumed"
+        };
+        self.event(
+            Some(l),
+            "bootstrapped",
+            format!("{how} {site} as primary on this node (term {})", self.term),
+        );
+        Ok(())
+    }
+
+    /// Single-process start, continued: every member is this process's.
+    async fn bootstrap_here(
+        &mut self,
+        lease: Option<store::Lease>,
+        with_data: &[usize],
+    ) -> Result<(), String> {
         let fresh = with_data.is_empty();
         let leader = if fresh {
             Some(0)
@@ -828,6 +1080,65 @@ impl Driver {
         self.blocked = None;
         self.sync_standby = None;
         self.point_frontends(Some(self.members[l].config.listen));
+        self.guard(l, self.lead.renewed);
+    }
+
+    /// Cluster mode: (re)arms the watchdog of this node's primary `l` for the lease renewed
+    /// (asked) at `renewed`, starting one when none watches its postmaster.
+    fn guard(&mut self, l: usize, renewed: Instant) {
+        if self.shared.is_none() || !self.members[l].here {
+            return;
+        }
+        let site = self.members[l].site.clone();
+        let Some(pid) = self.members[l].instance.as_ref().and_then(|x| x.pid()) else {
+            return;
+        };
+        let file = crate::watchdog::file(&self.local.dir, &site);
+        let deadline = renewed + failover::fence_after(self.ttl);
+        if let Err(e) = crate::watchdog::arm(&file, deadline) {
+            tracing::warn!(database = %self.config.name, member = %site, "cannot arm the watchdog: {e}");
+            return;
+        }
+        if self.members[l]
+            .watchdog
+            .as_ref()
+            .is_some_and(|g| crate::watchdog::watches(g, pid))
+        {
+            return;
+        }
+        let Some(tandem) = std::env::current_exe().ok() else {
+            return;
+        };
+        let log = self.local.dir.join(format!("{site}.watchdog.log"));
+        let spawned = crate::watchdog::spawn(
+            &tandem,
+            pid,
+            &self.local.bins.join("postgres"),
+            &self.local.data(&site),
+            &file,
+            &log,
+        );
+        match spawned {
+            Ok(g) => self.members[l].watchdog = Some(g),
+            Err(e) => self.event(
+                Some(l),
+                "error",
+                format!(
+                    "cannot start the watchdog of {site}: {e}; a frozen node could not fence it"
+                ),
+            ),
+        }
+    }
+
+    /// Stops guarding member `i` (it is being stopped or is no longer the primary).
+    fn unguard(&mut self, i: usize) {
+        if self.shared.is_some() {
+            crate::watchdog::disarm(&crate::watchdog::file(
+                &self.local.dir,
+                &self.members[i].site,
+            ));
+            self.members[i].watchdog = None;
+        }
     }
 
     fn start_member(&mut self, i: usize, upstream: Option<SocketAddr>) -> Result<(), String> {
@@ -845,7 +1156,19 @@ impl Driver {
     /// Waits until a started member answers SQL.
     async fn wait_ready(&mut self, i: usize) -> Result<Client, String> {
         let deadline = Instant::now() + READY_TIMEOUT;
+        let mut renewed = Instant::now();
         loop {
+            // Cluster mode: a long crash recovery must not let the lease lapse meanwhile.
+            if self.shared.is_some() && self.leader == Some(i) && renewed.elapsed() >= self.ttl / 3
+            {
+                let site = self.members[i].site.clone();
+                self.wiring
+                    .store
+                    .renew(&self.key, &site, self.term, self.ttl)
+                    .await
+                    .map_err(|e| format!("lost the lease for {site} while it started: {e}"))?;
+                renewed = Instant::now();
+            }
             if self.reap(i).await {
                 return Err(format!(
                     "postgres for {} exited while starting: {}",
@@ -911,7 +1234,7 @@ impl Driver {
         let fresh = self.ticks.is_multiple_of(FRESH_CHECK_TICKS);
         for &i in which {
             let m = &mut self.members[i];
-            if m.instance.is_none() {
+            if m.here && m.instance.is_none() {
                 continue;
             }
             let (addr, password, client) = (
@@ -958,10 +1281,194 @@ impl Driver {
         }
         let all: Vec<usize> = (0..self.members.len()).collect();
         self.observe_all(&all).await;
+        self.follow_store().await;
         self.lead().await;
+        self.write_primary().await;
         self.keep_sync().await;
         self.tend_standbys().await;
         self.point_replicas();
+    }
+
+    /// Cluster mode: who leads is whoever holds the lease in the store. A lease handed to this
+    /// node's member by a switchover on the old primary's node is taken up by promoting it; a
+    /// member of this node that is writable without the lease is fenced; the frontends point
+    /// at another node's primary while its lease lives, and at nothing once it lapsed.
+    async fn follow_store(&mut self) {
+        let Some(sh) = &self.shared else { return };
+        let sync_key = sh.sync_key.clone();
+        // The store away: this node's primary fails to renew and fences itself in time; the
+        // others can take no lease meanwhile, so there is nothing to decide.
+        let Ok((lease, term)) = self.wiring.store.get(&self.key).await else {
+            return;
+        };
+        if let Some(sh) = self.shared.as_mut() {
+            sh.lease_live = lease.is_some();
+        }
+        self.term = self.term.max(term);
+        let holder = lease
+            .as_ref()
+            .and_then(|l| self.members.iter().position(|m| m.site == l.holder));
+        if let Some(h) = holder
+            && self.leader != Some(h)
+        {
+            self.led_elsewhere(h).await;
+        }
+        for i in 0..self.members.len() {
+            let m = &self.members[i];
+            if m.here && holder.is_some_and(|h| h != i) && m.instance.is_some() && m.is_writable() {
+                let site = m.site.clone();
+                self.fence(i).await;
+                let who = lease
+                    .as_ref()
+                    .map_or("no one".to_string(), |l| l.holder.clone());
+                self.event(Some(i), "fenced", format!(
+                    "{site} answered as a writable primary while the lease is {who}'s (term {}); stopped",
+                    self.term
+                ));
+            }
+        }
+        let Some(l) = self.leader.filter(|&l| !self.members[l].here) else {
+            return;
+        };
+        if lease.is_some() && self.members[l].is_writable() {
+            // Seen at work: a failover is counted from the last sighting.
+            self.lead = Lead::new(self.ttl, Instant::now());
+            self.primary_lsn = self.members[l].obs.as_ref().map_or(0, |o| o.lsn);
+        }
+        // Unseen for as long as its own node would take to fence it, it is treated as gone:
+        // this site's clients are refused at once rather than left waiting on a connect.
+        let seen = Instant::now() < self.lead.renewed + failover::fence_after(self.ttl);
+        let address = self.members[l].config.listen;
+        self.point_frontends((lease.is_some() && seen).then_some(address));
+        let record: Option<SyncRecord> = match self.wiring.store.read(&sync_key).await {
+            Ok(r) => r.and_then(|r| r.json()),
+            Err(_) => return,
+        };
+        self.sync_standby = record
+            .filter(|r| r.term == self.term)
+            .and_then(|r| r.member)
+            .and_then(|m| self.members.iter().position(|x| x.site == m));
+    }
+
+    /// The lease is now member `h`'s, taken on another node or handed to this one.
+    async fn led_elsewhere(&mut self, h: usize) {
+        if let Some(old) = self.leader.filter(|&o| self.members[o].here)
+            && self.members[old].instance.is_some()
+        {
+            let site = self.members[old].site.clone();
+            self.fence(old).await;
+            self.event(
+                Some(old),
+                "fenced",
+                format!(
+                    "{site} lost its lease to {} (term {}); stopped",
+                    self.members[h].site, self.term
+                ),
+            );
+        }
+        self.leader = Some(h);
+        self.lead = Lead::new(self.ttl, Instant::now());
+        self.sync_standby = None;
+        self.blocked = None;
+        let site = self.members[h].site.clone();
+        if !self.members[h].here {
+            self.event(
+                Some(h),
+                "leader",
+                format!(
+                    "{site} leads on its node (term {}); this node follows it",
+                    self.term
+                ),
+            );
+            return;
+        }
+        // Handed over by a switchover on the old primary's node, which waited until this
+        // standby had every record.
+        if self.members[h].obs.as_ref().is_some_and(|o| o.in_recovery) {
+            match self.promote(h).await {
+                Ok(()) => {
+                    self.take_lead(h, self.term);
+                    self.event(
+                        Some(h),
+                        "promoted",
+                        format!(
+                            "{site} promoted on this node: the lease was handed to it (term {})",
+                            self.term
+                        ),
+                    );
+                }
+                Err(e) => self.event(Some(h), "error", format!("promoting {site} failed: {e}")),
+            }
+        } else {
+            self.take_lead(h, self.term);
+        }
+    }
+
+    /// Cluster mode: records which member leads at this term, once per term, under its lease.
+    async fn write_primary(&mut self) {
+        let (Some(sh), Some(l)) = (&self.shared, self.leader) else {
+            return;
+        };
+        if !self.members[l].here
+            || !self.members[l].is_writable()
+            || sh.primary_written == self.term
+        {
+            return;
+        }
+        let site = self.members[l].site.clone();
+        let record = PrimaryRecord {
+            term: self.term,
+            member: site.clone(),
+        };
+        let bytes = serde_json::to_vec(&record).unwrap_or_default();
+        let key = sh.primary_key.clone();
+        let written = self
+            .wiring
+            .store
+            .put_fenced(&key, bytes, &self.key, &site, self.term)
+            .await;
+        if written.is_ok()
+            && let Some(sh) = self.shared.as_mut()
+        {
+            sh.primary_written = self.term;
+        }
+    }
+
+    /// Cluster mode: writes the trusted synchronous standby for the other nodes, under the
+    /// primary's lease; false when that failed (the caller then changes nothing).
+    async fn write_sync(&mut self) -> bool {
+        let (Some(sh), Some(l)) = (&self.shared, self.leader) else {
+            return true;
+        };
+        let member = self.sync_standby.map(|s| self.members[s].site.clone());
+        let now = (self.term, member.clone());
+        if sh.sync_written.as_ref() == Some(&now) {
+            return true;
+        }
+        let site = self.members[l].site.clone();
+        let bytes = serde_json::to_vec(&SyncRecord {
+            term: self.term,
+            member,
+        })
+        .unwrap_or_default();
+        let key = sh.sync_key.clone();
+        match self
+            .wiring
+            .store
+            .put_fenced(&key, bytes, &self.key, &site, self.term)
+            .await
+        {
+            Ok(_) => {
+                if let Some(sh) = self.shared.as_mut() {
+                    sh.sync_written = Some(now);
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(database = %self.config.name, "cannot write the synchronous standby to the store: {e}");
+                false
+            }
+        }
     }
 
     /// The lease holder's tick, decided by [`Lead`]: renew while it answers as writable;
@@ -972,6 +1479,14 @@ impl Driver {
         let Some(l) = self.leader else {
             return self.fail_over(now).await;
         };
+        if !self.members[l].here {
+            // Another node's: it renews, restarts or fences it; this node may only promote
+            // its own standby, once the lease is free.
+            if self.shared.as_ref().is_some_and(|s| !s.lease_live) {
+                self.fail_over(now).await;
+            }
+            return;
+        }
         let m = &self.members[l];
         let site = m.site.clone();
         let process = match (m.state, m.instance.is_some()) {
@@ -1044,6 +1559,7 @@ impl Driver {
         match renewal {
             Ok(_) => {
                 self.primary_lsn = self.members[l].obs.as_ref().map_or(0, |o| o.lsn);
+                self.guard(l, now);
                 let back = self.lead.renewed(true, now).unwrap_or_default();
                 if back.was_lost {
                     let message = match back.restarted_after {
@@ -1106,6 +1622,7 @@ impl Driver {
         let exited = self.lead.exited.unwrap_or(now);
         let started = self.start_member(l, None);
         self.lead.restarted(started.is_ok(), now);
+        self.guard(l, self.lead.renewed);
         match started {
             Ok(()) => {
                 let attempt = match attempt {
@@ -1135,6 +1652,7 @@ impl Driver {
         if self.leader == Some(i) {
             self.point_frontends(None);
         }
+        self.unguard(i);
         let m = &mut self.members[i];
         if let Some(mut inst) = m.instance.take() {
             inst.stop(Duration::ZERO).await;
@@ -1213,6 +1731,10 @@ impl Driver {
                 return;
             }
         };
+        if !self.members[c].here {
+            // Its own node promotes it.
+            return;
+        }
         let site = self.members[c].site.clone();
         let lease = match self.wiring.store.acquire(&self.key, &site, self.ttl).await {
             Ok(l) => l,
@@ -1297,6 +1819,10 @@ impl Driver {
         }
     }
 
+    fn position(&self, site: &str) -> Option<usize> {
+        self.members.iter().position(|m| m.site == site)
+    }
+
     fn index(&self, site: &str) -> usize {
         self.members
             .iter()
@@ -1355,7 +1881,9 @@ impl Driver {
     /// failover once the primary reports it synchronous, and drops it (trust first) when it
     /// has been gone for `failover_timeout`, so commits do not hang. Async mode: no names.
     async fn keep_sync(&mut self) {
-        let Some(l) = self.leader else { return };
+        let Some(l) = self.leader.filter(|&l| self.members[l].here) else {
+            return;
+        };
         let Some(obs) = self.members[l].obs.clone().filter(|o| !o.in_recovery) else {
             return;
         };
@@ -1432,6 +1960,11 @@ impl Driver {
         };
         let nobody = if strict { "*" } else { "" };
         let target = want.clone().unwrap_or_else(|| nobody.to_string());
+        // An untrusted standby is untrusted in the store before the primary stops waiting for
+        // it, or another node could promote a copy missing commits.
+        if current != target && !self.write_sync().await {
+            return;
+        }
         if current != target {
             let value = match &want {
                 Some(w) => observe::literal(&format!("\"{w}\"")),
@@ -1460,6 +1993,7 @@ impl Driver {
             let s = self.index(&w);
             self.sync_standby = Some(s);
             self.sync_seen = Instant::now();
+            self.write_sync().await;
             self.event(
                 Some(s),
                 "sync",
@@ -1478,7 +2012,7 @@ impl Driver {
         let upstream = self.members[l].config.listen;
         let now = Instant::now();
         for i in 0..self.members.len() {
-            if i == l {
+            if i == l || !self.members[i].here {
                 continue;
             }
             if self.members[i].is_writable() {
@@ -1718,6 +2252,12 @@ impl Driver {
         let Some(l) = self.leader.filter(|&l| self.members[l].is_writable()) else {
             return fail("there is no healthy primary to hand over from".into());
         };
+        if !self.members[l].here {
+            return fail(format!(
+                "the primary, {}, runs on its own site's node: ask that node's API",
+                self.members[l].site
+            ));
+        }
         if l == t {
             return fail(format!("{to} is already the primary"));
         }
@@ -1806,6 +2346,9 @@ impl Driver {
             }
         };
         self.term = lease.term;
+        if !self.members[t].here {
+            return self.hand_over(l, t, requested).await;
+        }
         if let Err(e) = self.promote(t).await {
             // It may have been promoted all the same: stopped for good, it takes no write,
             // and the old primary, which has every write, takes the lease back.
@@ -1828,13 +2371,56 @@ impl Driver {
         Ok(msg)
     }
 
+    /// Cluster mode, a switchover's end: the target's node, seeing the lease handed to its
+    /// member, promotes it; this node waits (at most the lease's time to live and 10 s) to
+    /// see it writable. Should it not be, the lease lapses and the old primary comes back.
+    async fn hand_over(
+        &mut self,
+        l: usize,
+        t: usize,
+        requested: Instant,
+    ) -> Result<String, SwitchoverError> {
+        let (old, to) = (self.members[l].site.clone(), self.members[t].site.clone());
+        let deadline = Instant::now() + self.ttl + Duration::from_secs(10);
+        loop {
+            self.observe(t).await;
+            if self.members[t].is_writable() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return self
+                    .undo_switchover(l, format!("{to}'s node did not promote it in time"))
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.take_lead(t, self.term);
+        self.members[l].state = State::Stopped; // rejoins as a standby through pg_rewind
+        let seconds = requested.elapsed().as_secs_f64();
+        self.switchovers += 1;
+        self.record("switchover", Some(old.clone()), &to, seconds);
+        let msg = format!(
+            "switched over from {old} to {to} (term {}) in {seconds:.2} s: {to}'s node promoted it; {old} rejoins as a standby",
+            self.term
+        );
+        self.event(Some(t), "switchover", msg.clone());
+        Ok(msg)
+    }
+
     /// A switchover that cannot finish: the former primary, which has every write, keeps
     /// the lease (or takes it back with the next term) and comes back as primary. Should that
     /// fail too, the ticks restart it in place or fail over as for a crash.
     async fn undo_switchover(&mut self, l: usize, why: String) -> Result<String, SwitchoverError> {
         let site = self.members[l].site.clone();
         self.leader = Some(l);
-        let restarted = if !self.hold_lease(l, Instant::now()).await {
+        let mut held = self.hold_lease(l, Instant::now()).await;
+        // Cluster mode: a lease handed to another node's member is taken back once it lapses.
+        let until = Instant::now() + self.ttl + Duration::from_secs(2);
+        while !held && self.shared.is_some() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            held = self.hold_lease(l, Instant::now()).await;
+        }
+        let restarted = if !held {
             Err("cannot take the lease back".to_string())
         } else {
             match self.start_member(l, None) {
@@ -1863,6 +2449,7 @@ impl Driver {
 
     /// Stops a member (see [`shut_down`]), waiting for it.
     async fn stop_member(&mut self, i: usize) {
+        self.unguard(i);
         let m = &mut self.members[i];
         m.client = None;
         m.obs = None;
@@ -1881,12 +2468,12 @@ impl Driver {
         let standbys: Vec<usize> = (0..self.members.len())
             .filter(|&i| Some(i) != self.leader && self.members[i].instance.is_some())
             .collect();
-        let streaming: Vec<usize> = standbys
-            .iter()
-            .copied()
-            .filter(|&i| self.members[i].is_streaming())
+        // Other nodes' standbys too: they are handed the lease once they have every record.
+        let streaming: Vec<usize> = (0..self.members.len())
+            .filter(|&i| Some(i) != self.leader && self.members[i].is_streaming())
             .collect();
         let mut end = None;
+        let mut released = None;
         if let Some(l) = self.leader.filter(|&l| self.members[l].instance.is_some()) {
             let site = self.members[l].site.clone();
             self.stop_member(l).await;
@@ -1902,6 +2489,22 @@ impl Driver {
         }
         if let Some(end) = end {
             self.wait_replayed(&streaming, end).await;
+            // Cluster mode: the lease is given up at once, so another node's standby, which
+            // has replayed the last record, is promoted without waiting for it to lapse.
+            if let (Some(_), Some(l)) = (&self.shared, self.leader) {
+                let site = self.members[l].site.clone();
+                released = Some(self.wiring.store.release(&self.key, &site, self.term).await);
+            }
+        }
+        if let Some(r) = released {
+            let message = match r {
+                Ok(()) => "lease released: another node's standby may be promoted now".to_string(),
+                Err(e) => format!(
+                    "cannot release the lease ({e}): it lapses in {:?}",
+                    self.ttl
+                ),
+            };
+            self.event(self.leader, "lease", message);
         }
         for i in standbys {
             let replayed = self.members[i].obs.as_ref().map(|o| o.lsn);
@@ -1977,8 +2580,16 @@ impl Driver {
                     timeline: o.map(|o| o.timeline),
                     sync_state: replica.map(|r| r.sync_state.clone()),
                     error: m.error.clone(),
-                    data_dir: self.local.data(&m.site).display().to_string(),
-                    log: self.local.log(&m.site).display().to_string(),
+                    data_dir: if m.here {
+                        self.local.data(&m.site).display().to_string()
+                    } else {
+                        String::new()
+                    },
+                    log: if m.here {
+                        self.local.log(&m.site).display().to_string()
+                    } else {
+                        String::new()
+                    },
                 }
             })
             .collect::<Vec<_>>();

@@ -10,5 +10,6 @@ pub mod http;
 pub mod lead;
 pub mod local;
 pub mod observe;
+pub mod watchdog;
 
 pub use cluster::{BackupError, Change, Cluster, MemberView, SwitchoverError, View, Wiring};

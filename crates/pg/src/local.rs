@@ -196,6 +196,22 @@ impl Local {
         })
     }
 
+    /// The passwords kept in `dir` (generated there on first use): superuser, replication.
+    pub fn credentials(dir: &Path) -> Result<(String, String), Error> {
+        std::fs::create_dir_all(dir).map_err(|e| err(dir.display(), e))?;
+        Ok((
+            secret(&dir.join("password"))?,
+            secret(&dir.join("replication.password"))?,
+        ))
+    }
+
+    /// Keeps `password` and `replication` in `dir` (mode 0600), replacing what was there.
+    pub fn keep_credentials(dir: &Path, password: &str, replication: &str) -> Result<(), Error> {
+        std::fs::create_dir_all(dir).map_err(|e| err(dir.display(), e))?;
+        write_private(&dir.join("password"), password, None)?;
+        write_private(&dir.join("replication.password"), replication, None)
+    }
+
     pub fn data(&self, site: &str) -> PathBuf {
         self.dir.join(site)
     }
@@ -650,6 +666,12 @@ impl Instance for Postmaster {
             }
             let killed = self.kill_all();
             let status = self.inner.stop(Duration::ZERO).await;
+            // A postmaster killed while its parent does not reap it (an adopted one whose
+            // parent is a subreaper) stays a zombie whose pid still answers signals, and the
+            // lock file naming it makes `pg_rewind` and the next start refuse the directory.
+            if crate::family::in_data_dir(&self.exe, &self.data).is_empty() {
+                let _ = std::fs::remove_file(self.data.join("postmaster.pid"));
+            }
             format!(
                 "{status} (killed with {} processes of its own)",
                 killed.len().saturating_sub(1)

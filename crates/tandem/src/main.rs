@@ -160,6 +160,19 @@ enum Command {
         #[arg(long, requires = "database")]
         database_password_file: Option<PathBuf>,
     },
+    /// Internal: the watchdog beside a primary in cluster mode (see `pg::watchdog`): kills the
+    /// postmaster's family once the deadline in the file has passed.
+    #[command(hide = true)]
+    Watchdog {
+        #[arg(long)]
+        pid: i32,
+        #[arg(long)]
+        postgres: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        deadline_file: PathBuf,
+    },
     /// Internal: how `tandem up` starts scale set instances, so they die with it.
     #[command(hide = true)]
     ExecInstance {
@@ -212,6 +225,17 @@ fn main() -> ExitCode {
             instance,
             database.map(|a| sample_app::Database::new(a, database_user, database_password_file)),
         ),
+        Command::Watchdog {
+            pid,
+            postgres,
+            data,
+            deadline_file,
+        } => {
+            eprintln!("watchdog {}: guarding postmaster {pid}", std::process::id());
+            let end = pg::watchdog::run(pid, &postgres, &data, &deadline_file);
+            eprintln!("watchdog {}: {end:?}", std::process::id());
+            ExitCode::SUCCESS
+        }
         Command::ExecInstance { parent, command } => {
             let e = scaleset::driver::exec_instance(parent, &command);
             eprintln!("error: cannot start {:?}: {e}", command.join(" "));

@@ -30,6 +30,9 @@ pub struct Options {
     pub timeout: &'static str,
     /// Extra TOML appended to the file.
     pub extra: String,
+    /// Each node keeps its state in its own directory (`LAB/SITE/state`), as on separate
+    /// machines; else they share `LAB/state`.
+    pub state_per_node: bool,
 }
 
 impl Default for Options {
@@ -43,11 +46,13 @@ impl Default for Options {
             interval: "250ms",
             timeout: "200ms",
             extra: String::new(),
+            state_per_node: false,
         }
     }
 }
 
 pub struct Sites {
+    pub opts: Options,
     pub lab: Lab,
     pub etcd: EtcdCluster,
     pub nodes: BTreeMap<String, Proc>,
@@ -92,7 +97,11 @@ impl Sites {
         etcd.wait_healthy().await;
         let topology = lab.dir().join("topology.toml");
         std::fs::write(&topology, topology_text(&lab, &etcd, &opts)).unwrap();
+        for site in SITES {
+            std::fs::create_dir_all(lab.dir().join(site)).unwrap();
+        }
         let mut sites = Sites {
+            opts,
             lab,
             etcd,
             nodes: BTreeMap::new(),
@@ -114,9 +123,58 @@ impl Sites {
         cmd.arg("up")
             .arg(&self.topology)
             .args(["--node", &node_name(site), "--no-console"])
-            .env("TANDEM_LOG", "info");
+            .env("TANDEM_LOG", "info")
+            .current_dir(self.lab.dir().join(site));
         let proc = self.lab.spawn(cmd, &format!("tandem-{site}"));
         self.nodes.insert(site.to_string(), proc);
+    }
+
+    /// `site`'s node's state directory.
+    pub fn state(&self, site: &str) -> PathBuf {
+        if self.opts.state_per_node {
+            self.lab.dir().join(site).join("state")
+        } else {
+            self.lab.dir().join("state")
+        }
+    }
+
+    /// A PostgreSQL session to `addr` from the client's namespace (the socket is made there,
+    /// then driven here), as the superuser with `password`.
+    pub async fn sql(
+        &self,
+        addr: SocketAddr,
+        password: &str,
+    ) -> Result<tokio_postgres::Client, String> {
+        self.sql_from("client", addr, password).await
+    }
+
+    /// As [`Sites::sql`], from inside namespace `from`.
+    pub async fn sql_from(
+        &self,
+        from: &str,
+        addr: SocketAddr,
+        password: &str,
+    ) -> Result<tokio_postgres::Client, String> {
+        let (lab, from) = (self.lab.clone(), from.to_string());
+        let stream = tokio::task::spawn_blocking(move || {
+            lab.in_site(&from, || {
+                TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let stream = tokio::net::TcpStream::from_std(stream).map_err(|e| e.to_string())?;
+        let mut c = tokio_postgres::Config::new();
+        c.user("postgres").password(password).dbname("postgres");
+        let connect = c.connect_raw(stream, tokio_postgres::NoTls);
+        let (client, conn) = tokio::time::timeout(Duration::from_secs(2), connect)
+            .await
+            .map_err(|_| "no answer within 2 s".to_string())?
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        Ok(client)
     }
 
     /// The node's process.
@@ -346,7 +404,11 @@ fn topology_text(lab: &Lab, etcd: &EtcdCluster, o: &Options) -> String {
         .iter()
         .map(|e| format!("\"{e}\""))
         .collect();
-    let state = lab.dir().join("state");
+    let state = if o.state_per_node {
+        PathBuf::from("state")
+    } else {
+        lab.dir().join("state")
+    };
     let mut t = format!(
         r#"[tandem]
 state_dir = "{state}"

@@ -4,6 +4,7 @@
 #![cfg(feature = "cluster")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod database;
 mod harness;
 
 use std::time::Duration;
