@@ -817,6 +817,21 @@ impl Driver {
             self.publish();
         }
         if self.cluster.leave.load(std::sync::atomic::Ordering::SeqCst) {
+            // Cluster mode: the next Tandem has the whole of the watchdog's deadline, counted
+            // from a renewal made now, to take over the renewals.
+            if let Some(l) = self.leader.filter(|&l| self.members[l].here) {
+                let (site, asked) = (self.members[l].site.clone(), Instant::now());
+                if self.shared.is_some()
+                    && self
+                        .wiring
+                        .store
+                        .renew(&self.key, &site, self.term, self.ttl)
+                        .await
+                        .is_ok()
+                {
+                    self.guard(l, asked);
+                }
+            }
             let running: Vec<String> = self
                 .members
                 .iter()

@@ -1,7 +1,9 @@
 //! A database across machines: the edge's member on the edge node, the region's on the
 //! region node, the lease in etcd, every site's frontend on the primary wherever it runs.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -9,7 +11,7 @@ use serde_json::Value;
 use testkit::eventually;
 use tokio::time::Instant;
 
-use crate::harness::{Options, Sites};
+use crate::harness::{Options, Sites, sql};
 
 /// Frontends on .40, members on .50 (health on :8008) of each site.
 fn database() -> String {
@@ -80,53 +82,124 @@ async fn served_by(c: &tokio_postgres::Client) -> String {
     row.get(0)
 }
 
-/// Ids acknowledged by the writer, with when.
-type Acks = Arc<Mutex<Vec<(i64, Instant)>>>;
+/// The ids a writer had acknowledged, with when, and its client errors.
+#[derive(Clone, Default)]
+struct Writes {
+    acks: Arc<Mutex<Vec<(i64, Instant)>>>,
+    errors: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
 
-/// Inserts an id every 50 ms through `site`'s frontend, reconnecting after any error, until
-/// `stop`; every acknowledged id goes into `acks`.
-fn writer(
-    s: Arc<Sites>,
-    site: &'static str,
-    password: String,
-    acks: Acks,
-) -> tokio::task::JoinHandle<u64> {
-    tokio::spawn(async move {
-        let addr = frontend(&s, site);
+impl Writes {
+    fn count(&self) -> usize {
+        self.acks.lock().unwrap().len()
+    }
+
+    /// The first acknowledgement after `t`, as a delay from it.
+    fn first_after(&self, t: Instant) -> Option<Duration> {
+        let acks = self.acks.lock().unwrap();
+        acks.iter().find(|(_, at)| *at > t).map(|(_, at)| *at - t)
+    }
+
+    /// The longest time between two acknowledgements: the outage the writer saw.
+    fn longest_gap(&self) -> Duration {
+        let acks = self.acks.lock().unwrap();
+        acks.windows(2)
+            .map(|p| p[1].1 - p[0].1)
+            .max()
+            .unwrap_or_default()
+    }
+
+    fn ids(&self) -> Vec<i64> {
+        self.acks
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    async fn wait_more(&self, n: usize, what: &str) {
+        let want = self.count() + n;
+        eventually(Duration::from_secs(20), what, || async {
+            (self.count() >= want).then_some(())
+        })
+        .await;
+    }
+}
+
+/// Inserts an id every 50 ms through `site`'s frontend from the client, reconnecting after
+/// any error, until told to stop.
+fn writer(s: &Sites, site: &str, password: &str) -> (Writes, tokio::task::JoinHandle<()>) {
+    let w = Writes::default();
+    let (lab, addr, password, out) = (
+        s.lab.clone(),
+        frontend(s, site),
+        password.to_string(),
+        w.clone(),
+    );
+    let task = tokio::spawn(async move {
         let mut client: Option<tokio_postgres::Client> = None;
-        let mut errors = 0;
-        for id in 1..=2_000_i64 {
-            if s.lab.dir().join("stop-writer").exists() {
+        for id in 1..=4_000_i64 {
+            if out.stop.load(Ordering::SeqCst) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
             if client.as_ref().is_none_or(|c| c.is_closed()) {
-                client = s.sql(addr, &password).await.ok();
+                client = sql(&lab, "client", addr, &password).await.ok();
             }
             let Some(c) = &client else {
-                errors += 1;
+                out.errors.fetch_add(1, Ordering::SeqCst);
                 continue;
             };
             let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
             let insert = c.execute("INSERT INTO t (id) VALUES ($1)", &params);
             match tokio::time::timeout(Duration::from_secs(2), insert).await {
-                Ok(Ok(_)) => acks.lock().unwrap().push((id, Instant::now())),
+                Ok(Ok(_)) => out.acks.lock().unwrap().push((id, Instant::now())),
                 _ => {
-                    errors += 1;
+                    out.errors.fetch_add(1, Ordering::SeqCst);
                     client = None;
                 }
             }
         }
-        errors
-    })
+    });
+    (w, task)
 }
 
-/// The edge site lost (its link cut, its node killed): the region's node takes the lapsed lease
-/// and promotes its synchronous standby, the region's frontend follows, no acknowledged write
-/// is lost. Back, the edge's old primary is fenced and rewound over the network into a standby;
-/// a switchover asked of the region's node hands the lease back to the edge's.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_database_across_nodes_fails_over_with_its_site_and_switches_back() {
+/// Stops the writer; checks every id it had acknowledged is in the primary behind `site`'s
+/// frontend; the ids kept.
+async fn check_no_loss(
+    s: &Sites,
+    site: &str,
+    password: &str,
+    w: Writes,
+    task: tokio::task::JoinHandle<()>,
+) -> HashSet<i64> {
+    w.stop.store(true, Ordering::SeqCst);
+    task.await.unwrap();
+    let c = s.sql(frontend(s, site), password).await.unwrap();
+    let kept: HashSet<i64> = c
+        .query("SELECT id FROM t", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let acked = w.ids();
+    let lost: Vec<&i64> = acked.iter().filter(|id| !kept.contains(id)).collect();
+    eprintln!(
+        "{} writes acknowledged, {} client errors, {} lost",
+        acked.len(),
+        w.errors.load(Ordering::SeqCst),
+        lost.len()
+    );
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    kept
+}
+
+/// Starts the three sites with the database; waits until it is healthy with the edge primary;
+/// creates table `t`; the superuser's password.
+async fn start() -> (Sites, String) {
     let opts = Options {
         extra: database(),
         state_per_node: true,
@@ -141,11 +214,29 @@ async fn a_database_across_nodes_fails_over_with_its_site_and_switches_back() {
     })
     .await;
     wait_healthy(&s, "edge", "region", Duration::from_secs(120)).await;
+    let file = s.state("edge").join("databases/orders/password");
+    let password = std::fs::read_to_string(file).unwrap().trim().to_string();
+    let c = s.sql(frontend(&s, "edge"), &password).await.unwrap();
+    c.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+    (s, password)
+}
 
-    // One set of passwords, made once, in 0600 files on both nodes.
+/// The edge site lost (its link cut, its node killed): the region's node takes the lapsed lease
+/// and promotes its synchronous standby, the region's frontend follows, no acknowledged write
+/// is lost. Back, the edge's old primary is fenced and rewound over the network into a standby;
+/// a switchover asked of the region's node hands the lease back to the edge's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_across_nodes_fails_over_with_its_site_and_switches_back() {
+    let (mut s, password) = start().await;
+
+    // One set of passwords, made once, in 0600 files on both nodes, in no log.
     let file = |site: &str| s.state(site).join("databases/orders/password");
-    let password = std::fs::read_to_string(file("edge")).unwrap();
-    assert_eq!(password, std::fs::read_to_string(file("region")).unwrap());
+    assert_eq!(
+        password,
+        std::fs::read_to_string(file("region")).unwrap().trim()
+    );
     {
         use std::os::unix::fs::PermissionsExt as _;
         let mode = std::fs::metadata(file("region"))
@@ -154,7 +245,6 @@ async fn a_database_across_nodes_fails_over_with_its_site_and_switches_back() {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
-    let password = password.trim().to_string();
     assert!(
         !s.log("edge").contains(&password) && !s.log("region").contains(&password),
         "a password in a node's log"
@@ -162,9 +252,6 @@ async fn a_database_across_nodes_fails_over_with_its_site_and_switches_back() {
 
     // The region's frontend reaches the edge's primary.
     let c = s.sql(frontend(&s, "region"), &password).await.unwrap();
-    c.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY)")
-        .await
-        .unwrap();
     assert_eq!(served_by(&c).await, s.ip("edge", 50).to_string());
     drop(c);
 
@@ -180,48 +267,16 @@ async fn a_database_across_nodes_fails_over_with_its_site_and_switches_back() {
     assert_eq!(status, 409, "{body}");
     assert!(body.to_string().contains("edge"), "{body}");
 
-    let password2 = password.clone();
-    let s = Arc::new(s);
-    let acks: Acks = Arc::default();
-    let w = writer(s.clone(), "region", password2, acks.clone());
-    eventually(
-        Duration::from_secs(20),
-        "20 writes acknowledged",
-        || async { (acks.lock().unwrap().len() >= 20).then_some(()) },
-    )
-    .await;
+    let (w, task) = writer(&s, "region", &password);
+    w.wait_more(20, "20 writes acknowledged").await;
 
     // The whole edge site goes: its link, then its node (the postmaster stays, cut off).
     let lost = Instant::now();
     s.lab.cut("edge");
-    signal_node(&s, "edge", nix::sys::signal::Signal::SIGKILL);
-    // Polled from inside the edge (cut off from the rest): its primary must be gone, fenced
-    // by its watchdog, before the region's member is promoted.
-    let edge_member = SocketAddr::new(s.ip("edge", 50), 5432);
-    let (mut edge_gone, mut promoted) = (None, None);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while promoted.is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "the region's node did not promote region"
-        );
-        if edge_gone.is_none() && s.sql_from("edge", edge_member, &password).await.is_err() {
-            edge_gone = Some(lost.elapsed());
-        }
-        if view(&s, "region")
-            .await
-            .is_some_and(|v| v["primary"] == "region")
-        {
-            promoted = Some(lost.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    s.node("edge").kill9();
+    let (gone, promoted) = fenced_then_promoted(&s, &password, lost).await;
     eprintln!(
-        "edge site lost -> edge primary fenced by its watchdog {edge_gone:?}, region promoted {promoted:?}"
-    );
-    assert!(
-        edge_gone.is_some_and(|g| Some(g) <= promoted),
-        "the edge's primary still took connections when the region was promoted"
+        "edge site lost -> edge primary fenced by its watchdog {gone:?}, region promoted {promoted:?}"
     );
     let watchdog_log = s.state("edge").join("databases/orders/edge.watchdog.log");
     let text = std::fs::read_to_string(&watchdog_log).unwrap_or_default();
@@ -229,60 +284,20 @@ async fn a_database_across_nodes_fails_over_with_its_site_and_switches_back() {
         text.contains("Fenced"),
         "the watchdog says it fenced: {text}"
     );
-    eventually(
-        Duration::from_secs(20),
-        "a write acknowledged after the loss",
-        || async {
-            acks.lock()
-                .unwrap()
-                .iter()
-                .any(|(_, at)| *at > lost)
-                .then_some(())
-        },
-    )
-    .await;
-    let rto = acks
-        .lock()
-        .unwrap()
-        .iter()
-        .find(|(_, at)| *at > lost)
-        .map(|(_, at)| *at - lost)
-        .unwrap();
-    eprintln!("edge site lost -> first write acknowledged through the region's frontend: {rto:?}");
+    w.wait_more(10, "writes after the loss").await;
+    let rto = w.first_after(lost).unwrap();
+    eprintln!(
+        "edge site lost -> first write acknowledged through the region's frontend: {rto:?} (longest gap {:?})",
+        w.longest_gap()
+    );
     let region = view(&s, "region").await.unwrap();
     assert_eq!(region["last_change"]["kind"], "failover", "{region}");
-    let before = acks.lock().unwrap().len();
-    eventually(Duration::from_secs(10), "writes go on", || async {
-        (acks.lock().unwrap().len() >= before + 10).then_some(())
-    })
-    .await;
-
-    std::fs::write(s.lab.dir().join("stop-writer"), "").unwrap();
-    let errors = w.await.unwrap();
+    let kept = check_no_loss(&s, "region", &password, w, task).await;
     let c = s.sql(frontend(&s, "region"), &password).await.unwrap();
     assert_eq!(served_by(&c).await, s.ip("region", 50).to_string());
-    let kept: std::collections::HashSet<i64> = c
-        .query("SELECT id FROM t", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let acked: Vec<i64> = acks.lock().unwrap().iter().map(|(id, _)| *id).collect();
-    let lost_ids: Vec<&i64> = acked.iter().filter(|id| !kept.contains(id)).collect();
-    eprintln!(
-        "{} writes acknowledged, {errors} client errors, {} lost",
-        acked.len(),
-        lost_ids.len()
-    );
-    assert!(
-        lost_ids.is_empty(),
-        "acknowledged writes lost: {lost_ids:?}"
-    );
 
-    // The edge comes back: its old primary must never take a write again.
+    // The edge comes back: its old primary is rewound into a standby of the region's.
     s.lab.heal("edge");
-    let mut s = Arc::try_unwrap(s).ok().expect("the writer is done");
     s.start_node("edge");
     wait_healthy(&s, "region", "edge", Duration::from_secs(90)).await;
     let edge = view(&s, "edge").await.unwrap();
@@ -291,8 +306,8 @@ async fn a_database_across_nodes_fails_over_with_its_site_and_switches_back() {
     assert!(
         events
             .iter()
-            .any(|e| e["kind"] == "rejoined" || e["kind"] == "recloned"),
-        "the edge's member rejoined: {events:?}"
+            .any(|e| e["subject"] == "orders/edge" && e["kind"] == "rejoined"),
+        "the edge's member rejoined through pg_rewind: {events:?}"
     );
 
     // A planned switchover asked of the primary's node: the edge's node promotes its member.
@@ -319,11 +334,97 @@ async fn a_database_across_nodes_fails_over_with_its_site_and_switches_back() {
         .unwrap();
 }
 
-/// Signals `site`'s node process.
-fn signal_node(s: &Sites, site: &str, signal: nix::sys::signal::Signal) {
-    let pid = s.nodes[site].pid();
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
-        signal,
+/// After the edge's node stopped renewing at `since`: polled from inside the edge, its
+/// primary must stop taking connections (its watchdog) before the region's member is
+/// promoted. Both delays.
+async fn fenced_then_promoted(s: &Sites, password: &str, since: Instant) -> (Duration, Duration) {
+    let edge_member = SocketAddr::new(s.ip("edge", 50), 5432);
+    let (mut gone, mut promoted) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while promoted.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the region's node did not promote region"
+        );
+        if gone.is_none() && s.sql_from("edge", edge_member, password).await.is_err() {
+            gone = Some(since.elapsed());
+        }
+        if view(s, "region")
+            .await
+            .is_some_and(|v| v["primary"] == "region")
+        {
+            promoted = Some(since.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let gone =
+        gone.expect("the edge's primary still took connections when the region was promoted");
+    (gone, promoted.unwrap())
+}
+
+/// A planned restart of the primary's node (`SIGUSR2`, then up again) leaves its postmaster
+/// running and costs the other site's clients no write; a frozen primary's node (`SIGSTOP`)
+/// cannot renew, and its watchdog fences the primary before the region's is promoted; resumed,
+/// the node finds the lease gone and its member rejoins as a standby.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_keeps_its_primary_and_a_frozen_one_is_fenced() {
+    let (mut s, password) = start().await;
+    let before = view(&s, "edge").await.unwrap();
+    let pid = member(&before, "edge")["pid"].clone();
+    assert!(pid.is_u64(), "{before}");
+    let (w, task) = writer(&s, "region", &password);
+    w.wait_more(10, "writes before the restart").await;
+    let errors = w.errors.load(Ordering::SeqCst);
+
+    let restart = Instant::now();
+    s.node("edge").signal(nix::sys::signal::Signal::SIGUSR2);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.node("edge").is_running() {
+        assert!(
+            Instant::now() < deadline,
+            "the edge's node did not exit on SIGUSR2"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let exited = restart.elapsed();
+    s.start_node("edge");
+    eventually(
+        Duration::from_secs(30),
+        "the restarted node leads with the same postmaster",
+        || async {
+            let v = view(&s, "edge").await?;
+            (v["primary"] == "edge"
+                && member(&v, "edge")["pid"] == pid
+                && v["term"] == before["term"])
+                .then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "planned restart of the primary's node: exited after {exited:?}, leading again after {:?}",
+        restart.elapsed()
     );
+    w.wait_more(20, "writes after the restart").await;
+    assert_eq!(
+        w.errors.load(Ordering::SeqCst),
+        errors,
+        "client errors through the region's frontend while the primary's node restarted"
+    );
+    let region = view(&s, "region").await.unwrap();
+    assert!(region["last_change"].is_null(), "no failover: {region}");
+
+    let frozen = Instant::now();
+    s.node("edge").stop();
+    let (gone, promoted) = fenced_then_promoted(&s, &password, frozen).await;
+    eprintln!(
+        "primary's node frozen -> its watchdog fenced it {gone:?}, region promoted {promoted:?}"
+    );
+    w.wait_more(10, "writes after the freeze").await;
+    eprintln!(
+        "primary's node frozen -> longest time without an acknowledged write through the region's frontend: {:?}",
+        w.longest_gap()
+    );
+    s.node("edge").cont();
+    wait_healthy(&s, "region", "edge", Duration::from_secs(90)).await;
+    check_no_loss(&s, "region", &password, w, task).await;
 }

@@ -155,26 +155,7 @@ impl Sites {
         addr: SocketAddr,
         password: &str,
     ) -> Result<tokio_postgres::Client, String> {
-        let (lab, from) = (self.lab.clone(), from.to_string());
-        let stream = tokio::task::spawn_blocking(move || {
-            lab.in_site(&from, || {
-                TcpStream::connect_timeout(&addr, Duration::from_secs(1))
-            })
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-        stream.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let stream = tokio::net::TcpStream::from_std(stream).map_err(|e| e.to_string())?;
-        let mut c = tokio_postgres::Config::new();
-        c.user("postgres").password(password).dbname("postgres");
-        let connect = c.connect_raw(stream, tokio_postgres::NoTls);
-        let (client, conn) = tokio::time::timeout(Duration::from_secs(2), connect)
-            .await
-            .map_err(|_| "no answer within 2 s".to_string())?
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        Ok(client)
+        sql(&self.lab, from, addr, password).await
     }
 
     /// The node's process.
@@ -394,6 +375,36 @@ fn exchange(addr: SocketAddr, request: &str) -> Option<(u16, String)> {
     let status = out.split_whitespace().nth(1)?.parse().ok()?;
     let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
     Some((status, body))
+}
+
+/// A PostgreSQL session to `addr` from inside `lab`'s namespace `from` (the socket is made
+/// there, then driven from here), as the superuser with `password`.
+pub async fn sql(
+    lab: &Lab,
+    from: &str,
+    addr: SocketAddr,
+    password: &str,
+) -> Result<tokio_postgres::Client, String> {
+    let (lab, from) = (lab.clone(), from.to_string());
+    let stream = tokio::task::spawn_blocking(move || {
+        lab.in_site(&from, || {
+            TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+        })
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let stream = tokio::net::TcpStream::from_std(stream).map_err(|e| e.to_string())?;
+    let mut c = tokio_postgres::Config::new();
+    c.user("postgres").password(password).dbname("postgres");
+    let connect = c.connect_raw(stream, tokio_postgres::NoTls);
+    let (client, conn) = tokio::time::timeout(Duration::from_secs(2), connect)
+        .await
+        .map_err(|_| "no answer within 2 s".to_string())?
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    Ok(client)
 }
 
 /// The three-site topology with the lab's addresses.
