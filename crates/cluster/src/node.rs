@@ -680,7 +680,8 @@ impl Node {
             let now = Instant::now();
             // Only a node that knows it runs the cluster's topology decides for it.
             let unsure = !self.topology.synced() || self.cluster_hash().is_none();
-            if unsure || self.topology_mismatch() {
+            let mismatch = self.topology_mismatch();
+            if unsure || mismatch {
                 if l.me {
                     let _ = self.store.release(keys::LEADER, self.name(), l.term).await;
                     self.leader.send_modify(|x| x.me = false);
@@ -689,8 +690,13 @@ impl Node {
                         self.name(),
                         "lost-leadership",
                         format!(
-                            "{} steps down: it runs another topology than the cluster",
-                            self.name()
+                            "{} steps down: {}",
+                            self.name(),
+                            if mismatch {
+                                "it runs another topology than the cluster"
+                            } else {
+                                "its view of the cluster's topology is not current yet"
+                            }
                         ),
                     );
                     self.bump();

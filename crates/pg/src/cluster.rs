@@ -663,6 +663,8 @@ struct Driver {
     failed: Option<String>,
     /// Where background work (clone, rewind) reports back to `run`.
     work: mpsc::Sender<Done>,
+    /// The last renewal failed for want of the store (announced once).
+    unrenewed: bool,
     /// Cluster mode: members run on their own nodes, the lease and these records in the
     /// store say who leads.
     shared: Option<Shared>,
@@ -736,6 +738,7 @@ impl Driver {
             primary_written: 0,
         });
         let driver = Driver {
+            unrenewed: false,
             shared,
             key: format!("databases/{}/leader", config.name),
             ttl: config.failover_timeout,
@@ -1313,7 +1316,7 @@ impl Driver {
         let sync_key = sh.sync_key.clone();
         // The store away: this node's primary fails to renew and fences itself in time; the
         // others can take no lease meanwhile, so there is nothing to decide.
-        let Ok((lease, term)) = self.wiring.store.get(&self.key).await else {
+        let Ok((lease, term)) = within(self.ttl, self.wiring.store.get(&self.key)).await else {
             return;
         };
         if let Some(sh) = self.shared.as_mut() {
@@ -1355,10 +1358,11 @@ impl Driver {
         let seen = Instant::now() < self.lead.renewed + failover::fence_after(self.ttl);
         let address = self.members[l].config.listen;
         self.point_frontends((lease.is_some() && seen).then_some(address));
-        let record: Option<SyncRecord> = match self.wiring.store.read(&sync_key).await {
-            Ok(r) => r.and_then(|r| r.json()),
-            Err(_) => return,
-        };
+        let record: Option<SyncRecord> =
+            match within(self.ttl, self.wiring.store.read(&sync_key)).await {
+                Ok(r) => r.and_then(|r| r.json()),
+                Err(_) => return,
+            };
         self.sync_standby = record
             .filter(|r| r.term == self.term)
             .and_then(|r| r.member)
@@ -1437,11 +1441,13 @@ impl Driver {
         };
         let bytes = serde_json::to_vec(&record).unwrap_or_default();
         let key = sh.primary_key.clone();
-        let written = self
-            .wiring
-            .store
-            .put_fenced(&key, bytes, &self.key, &site, self.term)
-            .await;
+        let written = within(
+            self.ttl,
+            self.wiring
+                .store
+                .put_fenced(&key, bytes, &self.key, &site, self.term),
+        )
+        .await;
         if written.is_ok()
             && let Some(sh) = self.shared.as_mut()
         {
@@ -1467,11 +1473,13 @@ impl Driver {
         })
         .unwrap_or_default();
         let key = sh.sync_key.clone();
-        match self
-            .wiring
-            .store
-            .put_fenced(&key, bytes, &self.key, &site, self.term)
-            .await
+        match within(
+            self.ttl,
+            self.wiring
+                .store
+                .put_fenced(&key, bytes, &self.key, &site, self.term),
+        )
+        .await
         {
             Ok(_) => {
                 if let Some(sh) = self.shared.as_mut() {
@@ -1566,13 +1574,36 @@ impl Driver {
 
     async fn renew(&mut self, l: usize, now: Instant) {
         let site = self.members[l].site.clone();
-        let renewal = self
-            .wiring
-            .store
-            .renew(&self.key, &site, self.term, self.ttl)
-            .await;
+        let renewal = within(
+            self.ttl,
+            self.wiring
+                .store
+                .renew(&self.key, &site, self.term, self.ttl),
+        )
+        .await;
         match renewal {
+            // The store away (etcd without quorum, cut off): the lease may still be ours, and
+            // the renewals go on; past two thirds of it the primary is fenced, so it takes no
+            // write by the time the lease can lapse (its watchdog would do it too).
+            Err(StoreError::Unavailable(why)) => {
+                if now >= self.lead.renewed + failover::fence_after(self.ttl) {
+                    self.fence(l).await;
+                    self.event(Some(l), "fenced", format!(
+                        "{site} fenced (term {}): its lease could not be renewed for {:?} ({why}), before it can lapse",
+                        self.term,
+                        failover::fence_after(self.ttl)
+                    ));
+                } else if !self.unrenewed {
+                    self.event(
+                        Some(l),
+                        "lease",
+                        format!("cannot renew {site}'s lease: {why}; retrying"),
+                    );
+                }
+                self.unrenewed = true;
+            }
             Ok(_) => {
+                self.unrenewed = false;
                 self.primary_lsn = self.members[l].obs.as_ref().map_or(0, |o| o.lsn);
                 self.guard(l, now);
                 let back = self.lead.renewed(true, now).unwrap_or_default();
@@ -1593,7 +1624,12 @@ impl Driver {
                 // Lapsed during a stall (Tandem stopped or starved past the lease), and no one
                 // took it meanwhile: the store gives it back, with the next term. Taken by
                 // another member: this one must stop at once.
-                match self.wiring.store.acquire(&self.key, &site, self.ttl).await {
+                match within(
+                    self.ttl,
+                    self.wiring.store.acquire(&self.key, &site, self.ttl),
+                )
+                .await
+                {
                     Ok(lease) => {
                         self.term = lease.term;
                         self.lead.renewed(true, now);
@@ -1683,15 +1719,14 @@ impl Driver {
         let site = self.members[l].site.clone();
         let store = self.wiring.store.clone();
         if now < self.lead.renewed + self.ttl
-            && store
-                .renew(&self.key, &site, self.term, self.ttl)
+            && within(self.ttl, store.renew(&self.key, &site, self.term, self.ttl))
                 .await
                 .is_ok()
         {
             self.lead.held(true, now);
             return true;
         }
-        match store.acquire(&self.key, &site, self.ttl).await {
+        match within(self.ttl, store.acquire(&self.key, &site, self.ttl)).await {
             Ok(lease) => {
                 self.term = lease.term;
                 self.lead.held(true, now);
@@ -1751,7 +1786,12 @@ impl Driver {
             return;
         }
         let site = self.members[c].site.clone();
-        let lease = match self.wiring.store.acquire(&self.key, &site, self.ttl).await {
+        let lease = match within(
+            self.ttl,
+            self.wiring.store.acquire(&self.key, &site, self.ttl),
+        )
+        .await
+        {
             Ok(l) => l,
             Err(StoreError::Held { .. }) => return,
             Err(e) => {
@@ -1899,6 +1939,8 @@ impl Driver {
         let Some(l) = self.leader.filter(|&l| self.members[l].here) else {
             return;
         };
+        // Again under a new term (a lease taken back after it lapsed).
+        self.write_sync().await;
         let Some(obs) = self.members[l].obs.clone().filter(|o| !o.in_recovery) else {
             return;
         };
@@ -2652,6 +2694,21 @@ impl Driver {
         };
         *self.cluster.view.lock().unwrap_or_else(|p| p.into_inner()) = view;
     }
+}
+
+/// A store call bounded to a quarter of the lease `ttl` (at least 250 ms): a store that does
+/// not answer (etcd electing a leader, cut off) must not hold up the ticks that renew and
+/// fence in time.
+async fn within<T>(
+    ttl: Duration,
+    call: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let bound = (ttl / 4).max(Duration::from_millis(250));
+    tokio::time::timeout(bound, call).await.unwrap_or_else(|_| {
+        Err(StoreError::Unavailable(format!(
+            "no answer within {bound:?}"
+        )))
+    })
 }
 
 /// Fast shutdown (SIGINT: clients disconnected, a clean checkpoint), killed after 30 s.

@@ -428,3 +428,63 @@ async fn a_restarted_node_keeps_its_primary_and_a_frozen_one_is_fenced() {
     wait_healthy(&s, "region", "edge", Duration::from_secs(90)).await;
     check_no_loss(&s, "region", &password, w, task).await;
 }
+
+/// The standby's site lost (its node and postmaster killed): the primary stops waiting for it
+/// after `failover_timeout` and writes go on; its node back, the member streams again. Then the
+/// primary's site cut off with its node alive: the node cannot renew the lease (no etcd
+/// quorum there) and fences its own primary before the lease can lapse and the region's is
+/// promoted; healed, the node follows the region and its member rejoins as a standby.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_standby_costs_no_write_and_a_cut_off_primary_fences_itself() {
+    let (mut s, password) = start().await;
+    let (w, task) = writer(&s, "edge", &password);
+    w.wait_more(10, "writes before the standby's loss").await;
+    // Its pid as its own node knows it.
+    let region = view(&s, "region").await.unwrap();
+    let standby_pid = member(&region, "region")["pid"].clone();
+    let lost = Instant::now();
+    s.node("region").kill9();
+    let pid = i32::try_from(standby_pid.as_u64().unwrap()).unwrap();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    w.wait_more(20, "writes after the standby's loss").await;
+    eprintln!(
+        "standby's site lost -> longest time without an acknowledged write through the edge's frontend: {:?}",
+        w.longest_gap()
+    );
+    assert!(w.first_after(lost).is_some());
+    s.start_node("region");
+    wait_healthy(&s, "edge", "region", Duration::from_secs(90)).await;
+    check_no_loss(&s, "edge", &password, w, task).await;
+
+    let (w, task) = writer(&s, "region", &password);
+    w.wait_more(10, "writes before the cut").await;
+    let cut = Instant::now();
+    s.lab.cut("edge");
+    let (gone, promoted) = fenced_then_promoted(&s, &password, cut).await;
+    eprintln!(
+        "primary's site cut off -> its primary fenced {gone:?}, region promoted {promoted:?}"
+    );
+    w.wait_more(10, "writes after the cut").await;
+    s.lab.heal("edge");
+    wait_healthy(&s, "region", "edge", Duration::from_secs(90)).await;
+    // Whichever looked first: the node at its next tick, or its watchdog (same deadline).
+    let events = s.events("edge").await;
+    let by_node = events.iter().any(|e| {
+        e["subject"] == "orders/edge"
+            && e["kind"] == "fenced"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("could not be renewed"))
+    });
+    let watchdog_log = s.state("edge").join("databases/orders/edge.watchdog.log");
+    let by_watchdog = std::fs::read_to_string(&watchdog_log).is_ok_and(|t| t.contains("Fenced"));
+    eprintln!("fenced by the node: {by_node}, by its watchdog: {by_watchdog}");
+    assert!(
+        by_node || by_watchdog,
+        "the edge's primary was fenced: {events:?}"
+    );
+    check_no_loss(&s, "region", &password, w, task).await;
+}
