@@ -6,6 +6,7 @@ psycopg 3):
   event.py setup  --dsn DSN
       creates the writer's table `acked` and pgbench's table `load` (through the entry point).
   event.py event  --dsn DSN --kind kill --pid PID ...
+  event.py event  --dsn DSN --kind node --pid PID --pid PID ...   (a machine lost: all at once)
   event.py event  --dsn DSN --kind switchover --url URL --body JSON ...
       a writer inserts an increasing id every 20 ms (one connection, reconnecting after any
       error) and pgbench -c 4 runs a one-row INSERT at 100 tx/s in all (restarted 200 ms after it
@@ -196,8 +197,12 @@ async def event(a):
         n_before = len(st.acks)
         switch = None
         fault = now()
-        if a.kind == "kill":
-            os.kill(a.pid, signal.SIGKILL)
+        if a.kind in ("kill", "node"):
+            for pid in a.pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         else:
             switch = asyncio.create_task(asyncio.to_thread(post, a.url, a.body))
         end = fault + RECOVERY_DEADLINE
@@ -276,8 +281,8 @@ def main():
     p.add_argument("mode", choices=["setup", "event", "verify"])
     p.add_argument("--dsn", required=True)
     p.add_argument("--label", default="")
-    p.add_argument("--kind", choices=["kill", "switchover"])
-    p.add_argument("--pid", type=int)
+    p.add_argument("--kind", choices=["kill", "node", "switchover"])
+    p.add_argument("--pid", type=int, action="append", default=[])
     p.add_argument("--url")
     p.add_argument("--body")
     p.add_argument("--acked")

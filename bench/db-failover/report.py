@@ -8,11 +8,14 @@ import time
 CASES = {
     "tandem-default": ("Tandem", '`replication = "sync"`, default `failover_timeout` (3 s)'),
     "tandem-2s": ("Tandem", '`replication = "sync"`, `failover_timeout = "2s"`'),
+    "tandem-cluster": ("Tandem", 'cluster mode (a node per member, etcd), `replication = "sync"`, default `failover_timeout` (3 s)'),
+    "tandem-cluster-2s": ("Tandem", 'cluster mode (a node per member, etcd), `replication = "sync"`, `failover_timeout = "2s"`'),
     "patroni-default": ("Patroni", "synchronous_mode, defaults: ttl 30, loop_wait 10, retry_timeout 10"),
     "patroni-tuned": ("Patroni", "synchronous_mode, tuned: ttl 20, loop_wait 1, retry_timeout 3"),
     "patroni-tuned-fastchecks": ("Patroni", "as tuned, HAProxy checks `inter 1s fall 1 rise 1` (not the documented 3s/3/2)"),
 }
-KINDS = {"kill": "`kill -9` primary postmaster", "switchover": "switchover"}
+KINDS = {"kill": "`kill -9` primary postmaster", "switchover": "switchover",
+         "node": "primary's node lost (`kill -9` of its agent and PostgreSQL)"}
 
 
 def med(xs):
@@ -64,15 +67,22 @@ def main():
     w("")
     w("Two PostgreSQL members (edge and region) on loopback addresses of this machine, the same")
     w("PostgreSQL 15 binaries for both systems, synchronous replication. Per case, a fresh cluster,")
-    w(f"then {a.runs} repetitions of: `kill -9` of the primary's postmaster, wait until healthy")
-    w("again (old primary back as synchronous standby), planned switchover to the other member.")
+    w("then N repetitions of: `kill -9` of the primary's postmaster, wait until healthy")
+    w("again (old primary back as synchronous standby), planned switchover to the other member;")
+    w("for Tandem in cluster mode and for Patroni, then the primary's node lost: `kill -9` at once of the agent (Tandem's")
+    w("node with its watchdog, or Patroni) and the postmaster, as when its machine dies, and the")
+    w("agent started again afterwards.")
     w("During each event a writer inserts an increasing id every 20 ms over one connection")
     w("(reconnecting after any error, 2 s connect and 5 s query timeouts) and pgbench -c 4 runs a")
     w("one-row INSERT at 100 tx/s in all, both through the system's entry point:")
     w("")
-    w("- **Tandem**: the database frontend `127.0.170.20:5432` (Tandem's internal TCP load balancer")
-    w("  for the edge site, whose pool is the current primary). Single `tandem up` process; the")
-    w("  lease is in its local store (the database tier does not run in cluster mode/etcd yet).")
+    w("- **Tandem**, single process: the database frontend `127.0.170.20:5432` (Tandem's internal")
+    w("  TCP load balancer for the edge site, whose pool is the current primary); the lease in its")
+    w("  local store.")
+    w("- **Tandem**, cluster mode: a node per member (`tandem up --node`, each with its own state")
+    w("  directory), one etcd member, the lease in etcd; clients list both sites' frontends")
+    w("  (`host=127.0.172.20,127.0.173.20`: libpq tries the next when one refuses, as the lost")
+    w("  node's does).")
     w("- **Patroni**: HAProxy `127.0.180.20:5432` with Patroni's documented check (`option httpchk")
     w("  OPTIONS /primary`, `http-check expect status 200`, `default-server inter 3s fall 3 rise 2")
     w("  on-marked-down shutdown-sessions`, `check port 8008`), two Patroni agents, one etcd member")
@@ -112,7 +122,9 @@ def main():
         f"{c}: {v['lost']} of {v['acked']} lost" for c, v in verify.items()) + ".")
     w("")
     pairs = [("tandem-default", "patroni-default"), ("tandem-2s", "patroni-tuned"),
-             ("tandem-2s", "patroni-tuned-fastchecks"), ("tandem-default", "patroni-tuned")]
+             ("tandem-2s", "patroni-tuned-fastchecks"), ("tandem-default", "patroni-tuned"),
+             ("tandem-cluster", "patroni-default"), ("tandem-cluster", "patroni-tuned"),
+             ("tandem-cluster-2s", "patroni-tuned"), ("tandem-cluster-2s", "patroni-tuned-fastchecks")]
     ratio_lines = []
     for t, pt in pairs:
         for k in KINDS:
