@@ -28,6 +28,7 @@ use tokio_postgres::Client;
 
 use crate::backup::{self, BackupSet, Backups, DrillReport, Primary};
 use crate::failover::{self, Standby};
+use crate::follow::{Follower, LeaseSeen, MemberSeen, Step};
 use crate::lead::{Action, Lead, Process, RESTART_STABLE, Seen};
 use crate::local::{self, Local, format_lsn};
 use crate::observe::{self, Observation};
@@ -665,6 +666,8 @@ struct Driver {
     work: mpsc::Sender<Done>,
     /// The last renewal failed for want of the store (announced once).
     unrenewed: bool,
+    /// Cluster mode: this node's rules about the lease (`follow_store`).
+    follower: Follower,
     /// Cluster mode: members run on their own nodes, the lease and these records in the
     /// store say who leads.
     shared: Option<Shared>,
@@ -676,8 +679,6 @@ struct Shared {
     sync_key: String,
     /// `databases/DB/primary`: the last member that led, with its term ([`PrimaryRecord`]).
     primary_key: String,
-    /// The lease was held (by anyone) at the last look.
-    lease_live: bool,
     /// What this node last wrote, so each is written once per change.
     sync_written: Option<(u64, Option<String>)>,
     primary_written: u64,
@@ -733,12 +734,12 @@ impl Driver {
         let shared = wiring.here.is_some().then(|| Shared {
             sync_key: format!("databases/{}/sync", config.name),
             primary_key: format!("databases/{}/primary", config.name),
-            lease_live: false,
             sync_written: None,
             primary_written: 0,
         });
         let driver = Driver {
             unrenewed: false,
+            follower: Follower::new(ttl, now),
             shared,
             key: format!("databases/{}/leader", config.name),
             ttl: config.failover_timeout,
@@ -858,12 +859,26 @@ impl Driver {
     /// standby) starts as primary; the others are started, cloned or rewound by the ticks.
     async fn bootstrap(&mut self) -> Result<(), String> {
         self.load_history();
-        let (lease, term) = self
-            .wiring
-            .store
-            .get(&self.key)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut waited = false;
+        let (lease, term) = loop {
+            match within(self.ttl, self.wiring.store.get(&self.key)).await {
+                Ok(got) => break got,
+                // Cluster mode: etcd away (no quorum here yet): nothing is decided until it
+                // answers; the members that outlive Tandem keep running meanwhile.
+                Err(e) if self.shared.is_some() => {
+                    if !waited {
+                        self.event(
+                            None,
+                            "waiting",
+                            format!("waiting for the store before starting: {e}"),
+                        );
+                        waited = true;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        };
         self.term = term;
         let with_data: Vec<usize> = (0..self.members.len())
             .filter(|&i| self.members[i].here && self.local.has_data(&self.members[i].site))
@@ -911,15 +926,11 @@ impl Driver {
         term: u64,
         with_data: &[usize],
     ) -> Result<(), String> {
-        let last: Option<PrimaryRecord> = match &self.shared {
-            Some(sh) => self
-                .wiring
-                .store
-                .read(&sh.primary_key)
-                .await
-                .map_err(|e| e.to_string())?
-                .and_then(|r| r.json()),
-            None => None,
+        let last = loop {
+            match self.last_primary().await {
+                Ok(last) => break last,
+                Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
         };
         let (l, fresh) = match &lease {
             Some(lease) => match self.position(&lease.holder) {
@@ -941,17 +952,12 @@ impl Driver {
                 );
                 return Ok(());
             }
+            // Named last (before any promotion), no other member was promoted since: its
+            // data has every acknowledged commit. A standby's data too (a switchover's target
+            // whose node stopped before promoting it): it starts writable.
             None => {
-                let last = last
-                    .filter(|r| r.term == term)
-                    .and_then(|r| self.position(&r.member));
                 match last {
-                    Some(i)
-                        if with_data.contains(&i)
-                            && !self.local.is_standby(&self.members[i].site) =>
-                    {
-                        (i, false)
-                    }
+                    Some(i) if with_data.contains(&i) => (i, false),
                     other => {
                         // Its standby may be promoted (by the ticks, once the sync rule
                         // allows): the lease is free.
@@ -971,6 +977,9 @@ impl Driver {
             .map_err(|e| format!("cannot take the lease for {site}: {e}"))?;
         self.leader = Some(l);
         self.term = lease.term;
+        if !self.claim_primary(l).await {
+            return Err(format!("cannot record {site} as the primary in the store"));
+        }
         if fresh {
             self.local.initdb(&site).await.map_err(|e| e.to_string())?;
         }
@@ -1314,64 +1323,96 @@ impl Driver {
     async fn follow_store(&mut self) {
         let Some(sh) = &self.shared else { return };
         let sync_key = sh.sync_key.clone();
-        // The store away: this node's primary fails to renew and fences itself in time; the
-        // others can take no lease meanwhile, so there is nothing to decide.
-        let Ok((lease, term)) = within(self.ttl, self.wiring.store.get(&self.key)).await else {
-            return;
+        let got = within(self.ttl, self.wiring.store.get(&self.key)).await;
+        let lease = match &got {
+            Ok((Some(l), _)) => match self.position(&l.holder) {
+                Some(holder) => LeaseSeen::Held { holder },
+                None => LeaseSeen::Unknown,
+            },
+            Ok((None, _)) => LeaseSeen::Free,
+            // The store away: this node's primary fails to renew and is fenced in time; the
+            // others can take no lease meanwhile, so there is nothing to decide.
+            Err(_) => LeaseSeen::Unknown,
         };
-        if let Some(sh) = self.shared.as_mut() {
-            sh.lease_live = lease.is_some();
-        }
-        self.term = self.term.max(term);
-        let holder = lease
-            .as_ref()
-            .and_then(|l| self.members.iter().position(|m| m.site == l.holder));
-        if let Some(h) = holder
-            && self.leader != Some(h)
-        {
-            self.led_elsewhere(h).await;
-        }
-        for i in 0..self.members.len() {
-            let m = &self.members[i];
-            if m.here && holder.is_some_and(|h| h != i) && m.instance.is_some() && m.is_writable() {
-                let site = m.site.clone();
-                self.fence(i).await;
-                let who = lease
-                    .as_ref()
-                    .map_or("no one".to_string(), |l| l.holder.clone());
-                self.event(Some(i), "fenced", format!(
-                    "{site} answered as a writable primary while the lease is {who}'s (term {}); stopped",
-                    self.term
-                ));
+        // This node's own primary keeps the term of the lease it holds (`take_back` compares);
+        // its lease lapsed and another term came since, it leads no more.
+        if let Ok((_, term)) = &got {
+            match self.leader.filter(|&l| self.members[l].here) {
+                Some(l) if lease == LeaseSeen::Free && *term > self.term => {
+                    let site = self.members[l].site.clone();
+                    self.event(Some(l), "lease", format!(
+                        "{site}'s lease (term {}) lapsed and term {term} came since: it leads no more",
+                        self.term
+                    ));
+                    if self.members[l].instance.is_some() {
+                        self.fence(l).await;
+                    }
+                    self.leader = None;
+                    self.term = *term;
+                }
+                Some(_) => {}
+                None => self.term = self.term.max(*term),
             }
         }
-        let Some(l) = self.leader.filter(|&l| !self.members[l].here) else {
-            return;
+        // Whom a failover may promote comes from the primary's node's record.
+        if self.leader.is_none_or(|l| !self.members[l].here)
+            && lease != LeaseSeen::Unknown
+            && let Ok(record) = within(self.ttl, self.wiring.store.read(&sync_key)).await
+        {
+            let record: Option<SyncRecord> = record.and_then(|r| r.json());
+            self.sync_standby = record
+                .filter(|r| r.term == self.term)
+                .and_then(|r| r.member)
+                .and_then(|m| self.position(&m));
+        }
+        let members: Vec<MemberSeen> = self
+            .members
+            .iter()
+            .map(|m| MemberSeen {
+                here: m.here,
+                running: m.instance.is_some(),
+                writable: m.is_writable(),
+                standby: m.obs.as_ref().is_some_and(|o| o.in_recovery),
+            })
+            .collect();
+        let candidate = if lease == LeaseSeen::Free {
+            self.why_no_candidate().ok()
+        } else {
+            None
         };
-        if lease.is_some() && self.members[l].is_writable() {
-            // Seen at work: a failover is counted from the last sighting.
-            self.lead = Lead::new(self.ttl, Instant::now());
+        let now = Instant::now();
+        self.follower.leader = self.leader;
+        for step in self.follower.decide(lease, &members, candidate, now) {
+            match step {
+                Step::Follow(h) => self.led_elsewhere(h).await,
+                Step::Fence(i) => {
+                    let site = self.members[i].site.clone();
+                    self.fence(i).await;
+                    let who = self
+                        .leader
+                        .map_or("no one", |l| self.members[l].site.as_str());
+                    let message = format!(
+                        "{site} answered as a writable primary while the lease is {who}'s (term {}); stopped",
+                        self.term
+                    );
+                    self.event(Some(i), "fenced", message);
+                }
+                Step::TakeUp(h) => self.take_up(h).await,
+                Step::FailOver(c) => self.fail_over_to(c, now).await,
+                Step::Point(p) => self.point_frontends(p.map(|i| self.members[i].config.listen)),
+            }
+        }
+        if let Some(l) = self
+            .leader
+            .filter(|&l| !self.members[l].here && self.members[l].is_writable())
+        {
             self.primary_lsn = self.members[l].obs.as_ref().map_or(0, |o| o.lsn);
         }
-        // Unseen for as long as its own node would take to fence it, it is treated as gone:
-        // this site's clients are refused at once rather than left waiting on a connect.
-        let seen = Instant::now() < self.lead.renewed + failover::fence_after(self.ttl);
-        let address = self.members[l].config.listen;
-        self.point_frontends((lease.is_some() && seen).then_some(address));
-        let record: Option<SyncRecord> =
-            match within(self.ttl, self.wiring.store.read(&sync_key)).await {
-                Ok(r) => r.and_then(|r| r.json()),
-                Err(_) => return,
-            };
-        self.sync_standby = record
-            .filter(|r| r.term == self.term)
-            .and_then(|r| r.member)
-            .and_then(|m| self.members.iter().position(|x| x.site == m));
     }
 
     /// The lease is now member `h`'s, taken on another node or handed to this one.
     async fn led_elsewhere(&mut self, h: usize) {
-        if let Some(old) = self.leader.filter(|&o| self.members[o].here)
+        if let Some(old) = self.leader.filter(|&o| o != h && self.members[o].here)
             && self.members[old].instance.is_some()
         {
             let site = self.members[old].site.clone();
@@ -1399,41 +1440,59 @@ impl Driver {
                     self.term
                 ),
             );
+        } else if self.members[h].is_writable() {
+            self.take_lead(h, self.term);
+        }
+    }
+
+    /// The lease was handed to this node's standby `h` by a switchover on the old primary's
+    /// node, which waited until it had every record: promote it.
+    async fn take_up(&mut self, h: usize) {
+        let site = self.members[h].site.clone();
+        if !self.claim_primary(h).await {
             return;
         }
-        // Handed over by a switchover on the old primary's node, which waited until this
-        // standby had every record.
-        if self.members[h].obs.as_ref().is_some_and(|o| o.in_recovery) {
-            match self.promote(h).await {
-                Ok(()) => {
-                    self.take_lead(h, self.term);
-                    self.event(
-                        Some(h),
-                        "promoted",
-                        format!(
-                            "{site} promoted on this node: the lease was handed to it (term {})",
-                            self.term
-                        ),
-                    );
-                }
-                Err(e) => self.event(Some(h), "error", format!("promoting {site} failed: {e}")),
+        match self.promote(h).await {
+            Ok(()) => {
+                self.take_lead(h, self.term);
+                self.event(
+                    Some(h),
+                    "promoted",
+                    format!(
+                        "{site} promoted on this node: the lease was handed to it (term {})",
+                        self.term
+                    ),
+                );
             }
-        } else {
-            self.take_lead(h, self.term);
+            Err(e) => self.event(Some(h), "error", format!("promoting {site} failed: {e}")),
         }
     }
 
     /// Cluster mode: records which member leads at this term, once per term, under its lease.
     async fn write_primary(&mut self) {
-        let (Some(sh), Some(l)) = (&self.shared, self.leader) else {
+        let Some(l) = self
+            .leader
+            .filter(|&l| self.members[l].here && self.members[l].is_writable())
+        else {
             return;
         };
-        if !self.members[l].here
-            || !self.members[l].is_writable()
-            || sh.primary_written == self.term
+        if self
+            .shared
+            .as_ref()
+            .is_some_and(|sh| sh.primary_written != self.term)
         {
-            return;
+            self.claim_primary(l).await;
         }
+    }
+
+    /// Cluster mode: writes that member `l` leads at this term, under its lease — before it
+    /// is promoted or started writable, so a record naming a member means no other was
+    /// promoted since it led (what a start with the lease free and a switchover given up rely
+    /// on). False when the store refused or did not answer: then it must not be promoted.
+    async fn claim_primary(&mut self, l: usize) -> bool {
+        let Some(sh) = &self.shared else {
+            return true;
+        };
         let site = self.members[l].site.clone();
         let record = PrimaryRecord {
             term: self.term,
@@ -1448,11 +1507,34 @@ impl Driver {
                 .put_fenced(&key, bytes, &self.key, &site, self.term),
         )
         .await;
-        if written.is_ok()
-            && let Some(sh) = self.shared.as_mut()
-        {
-            sh.primary_written = self.term;
+        match written {
+            Ok(_) => {
+                if let Some(sh) = self.shared.as_mut() {
+                    sh.primary_written = self.term;
+                }
+                true
+            }
+            Err(e) => {
+                self.event(Some(l), "error", format!(
+                    "cannot record {site} as the primary of term {} ({e}); not promoting it now",
+                    self.term
+                ));
+                false
+            }
         }
+    }
+
+    /// Cluster mode: the member the store's `databases/DB/primary` names (who led last).
+    async fn last_primary(&mut self) -> Result<Option<usize>, String> {
+        let Some(key) = self.shared.as_ref().map(|sh| sh.primary_key.clone()) else {
+            return Ok(None);
+        };
+        let store = self.wiring.store.clone();
+        let record = within(self.ttl, store.read(&key))
+            .await
+            .map_err(|e| e.to_string())?;
+        let record: Option<PrimaryRecord> = record.and_then(|r| r.json());
+        Ok(record.and_then(|r| self.position(&r.member)))
     }
 
     /// Cluster mode: writes the trusted synchronous standby for the other nodes, under the
@@ -1499,17 +1581,13 @@ impl Driver {
     /// standby once it has.
     async fn lead(&mut self) {
         let now = Instant::now();
-        let Some(l) = self.leader else {
-            return self.fail_over(now).await;
-        };
-        if !self.members[l].here {
-            // Another node's: it renews, restarts or fences it; this node may only promote
-            // its own standby, once the lease is free.
-            if self.shared.as_ref().is_some_and(|s| !s.lease_live) {
+        let Some(l) = self.leader.filter(|&l| self.members[l].here) else {
+            // Cluster mode: another node's primary, or none, is the follower's (`follow_store`).
+            if self.shared.is_none() {
                 self.fail_over(now).await;
             }
             return;
-        }
+        };
         let m = &self.members[l];
         let site = m.site.clone();
         let process = match (m.state, m.instance.is_some()) {
@@ -1518,7 +1596,25 @@ impl Driver {
             (State::Starting, true) if self.lead.began.is_some() => Process::Restarting,
             _ => Process::Running,
         };
-        let failover = self.candidate();
+        // Cluster mode, sync: a failover another node can make, which needs the standby
+        // recorded under this term.
+        let failover = self.candidate().and_then(|c| {
+            let recorded = match &self.shared {
+                Some(sh) if self.config.replication.is_sync() => {
+                    sh.sync_written.as_ref()
+                        == Some(&(self.term, Some(self.members[c].site.clone())))
+                }
+                _ => true,
+            };
+            if recorded {
+                Ok(c)
+            } else {
+                Err(format!(
+                    "{} is not recorded as the synchronous standby in the store",
+                    self.members[c].site
+                ))
+            }
+        });
         let seen = Seen {
             writable: m.is_writable(),
             process,
@@ -1624,14 +1720,9 @@ impl Driver {
                 // Lapsed during a stall (Tandem stopped or starved past the lease), and no one
                 // took it meanwhile: the store gives it back, with the next term. Taken by
                 // another member: this one must stop at once.
-                match within(
-                    self.ttl,
-                    self.wiring.store.acquire(&self.key, &site, self.ttl),
-                )
-                .await
-                {
-                    Ok(lease) => {
-                        self.term = lease.term;
+                match self.take_back(&site).await {
+                    Ok(term) => {
+                        self.term = term;
                         self.lead.renewed(true, now);
                         self.event(
                             Some(l),
@@ -1726,9 +1817,9 @@ impl Driver {
             self.lead.held(true, now);
             return true;
         }
-        match within(self.ttl, store.acquire(&self.key, &site, self.ttl)).await {
-            Ok(lease) => {
-                self.term = lease.term;
+        match self.take_back(&site).await {
+            Ok(term) => {
+                self.term = term;
                 self.lead.held(true, now);
                 if self.members[l].state == State::Fenced {
                     self.members[l].state = State::Stopped;
@@ -1737,6 +1828,32 @@ impl Driver {
             }
             Err(_) => false,
         }
+    }
+
+    /// Takes this node's primary's lapsed lease again, with the next term — in cluster mode
+    /// only when no one held it in between (the store's term is this lease's next): a member
+    /// promoted meanwhile, even one gone since, may have taken writes this one lacks.
+    async fn take_back(&mut self, site: &str) -> Result<u64, StoreError> {
+        if self.shared.is_some() {
+            // Not even tried once another term came: each try would move the term on.
+            let (_, term) = within(self.ttl, self.wiring.store.get(&self.key)).await?;
+            if term > self.term {
+                return Err(StoreError::Lost { holder: None, term });
+            }
+        }
+        let lease = within(
+            self.ttl,
+            self.wiring.store.acquire(&self.key, site, self.ttl),
+        )
+        .await?;
+        if self.shared.is_none() || lease.term <= self.term + 1 {
+            return Ok(lease.term);
+        }
+        let _ = self.wiring.store.release(&self.key, site, lease.term).await;
+        Err(StoreError::Lost {
+            holder: None,
+            term: lease.term,
+        })
     }
 
     /// The standby a failover would promote now, or why there is none.
@@ -1771,20 +1888,26 @@ impl Driver {
 
     /// Promotes the best standby once the lease is free.
     async fn fail_over(&mut self, now: Instant) {
-        let c = match self.candidate() {
-            Ok(c) => c,
-            Err(why) => {
-                if self.blocked.as_deref() != Some(why.as_str()) {
-                    self.event(None, "failover-blocked", format!("no failover: {why}"));
-                    self.blocked = Some(why);
-                }
-                return;
-            }
-        };
-        if !self.members[c].here {
-            // Its own node promotes it.
-            return;
+        if let Ok(c) = self.why_no_candidate()
+            && self.members[c].here
+        {
+            // Another node's member is promoted by its own node.
+            self.fail_over_to(c, now).await;
         }
+    }
+
+    /// [`Driver::candidate`], announcing once why there is none.
+    fn why_no_candidate(&mut self) -> Result<usize, String> {
+        self.candidate().inspect_err(|why| {
+            if self.blocked.as_deref() != Some(why.as_str()) {
+                self.event(None, "failover-blocked", format!("no failover: {why}"));
+                self.blocked = Some(why.clone());
+            }
+        })
+    }
+
+    /// Takes the lease for this node's member `c` and promotes it.
+    async fn fail_over_to(&mut self, c: usize, now: Instant) {
         let site = self.members[c].site.clone();
         let lease = match within(
             self.ttl,
@@ -1807,11 +1930,17 @@ impl Driver {
         // Counted from the fault's latest possible time, the last renewal, not from its
         // detection (a tick and an SQL timeout later).
         let (started, since) = match (&from, self.lead.lost_since) {
+            (Some(f), _) if self.leader.is_some_and(|l| !self.members[l].here) => {
+                (self.follower.seen, format!("{f} was last seen writable"))
+            }
             (Some(f), _) => (self.lead.renewed, format!("{f}'s last renewal")),
             (None, Some(_)) => (self.lead.renewed, "the primary's last renewal".to_string()),
             (None, None) => (now, "the lease was found free".to_string()),
         };
         self.term = lease.term;
+        if !self.claim_primary(c).await {
+            return;
+        }
         match self.promote(c).await {
             Ok(()) => {
                 self.take_lead(c, lease.term);
@@ -2063,11 +2192,27 @@ impl Driver {
     /// former primary, clones a member without data. Slow work runs on its own task.
     async fn tend_standbys(&mut self) {
         let Some(l) = self.leader else { return };
-        if !self.members[l].is_writable() {
-            return;
-        }
         let upstream = self.members[l].config.listen;
         let now = Instant::now();
+        if !self.members[l].is_writable() {
+            // Cluster mode: this node's standby (its machine back, say) starts in recovery
+            // even while no primary answers, or it could never be the one promoted.
+            if self.shared.is_some() {
+                for i in (0..self.members.len()).filter(|&i| i != l) {
+                    let m = &self.members[i];
+                    if m.here
+                        && matches!(m.state, State::Stopped)
+                        && now >= m.retry_at
+                        && self.local.has_data(&m.site)
+                        && self.local.is_standby(&m.site)
+                        && let Err(e) = self.start_member(i, Some(upstream))
+                    {
+                        self.failed_attempt(i, e);
+                    }
+                }
+            }
+            return;
+        }
         for i in 0..self.members.len() {
             if i == l || !self.members[i].here {
                 continue;
@@ -2469,6 +2614,25 @@ impl Driver {
     /// fail too, the ticks restart it in place or fail over as for a crash.
     async fn undo_switchover(&mut self, l: usize, why: String) -> Result<String, SwitchoverError> {
         let site = self.members[l].site.clone();
+        if self.shared.is_some() {
+            match self.last_primary().await {
+                Ok(Some(p)) if p == l => {}
+                named => {
+                    // The target's node recorded it before promoting: it leads, or will when
+                    // its node can; this member rejoins it as a standby.
+                    let who = match named {
+                        Ok(Some(p)) => self.members[p].site.clone(),
+                        Ok(None) => "no member".to_string(),
+                        Err(e) => format!("unknown ({e})"),
+                    };
+                    let message = format!(
+                        "switchover not confirmed: {why}; the store names {who} the primary, so {site} stays stopped and rejoins as a standby"
+                    );
+                    self.event(Some(l), "switchover-abandoned", message.clone());
+                    return Err(SwitchoverError(message));
+                }
+            }
+        }
         self.leader = Some(l);
         let mut held = self.hold_lease(l, Instant::now()).await;
         // Cluster mode: a lease handed to another node's member is taken back once it lapses.

@@ -6,6 +6,7 @@ pub mod backup;
 pub mod cluster;
 pub mod failover;
 pub mod family;
+pub mod follow;
 pub mod http;
 pub mod lead;
 pub mod local;
