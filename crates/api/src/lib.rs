@@ -926,6 +926,25 @@ async fn switchover(
             ),
         );
     }
+    // Cluster mode: the primary's own node runs a switchover; asked elsewhere, it is passed
+    // on to that node and its answer returned as it is.
+    if let Some(node) = primary_elsewhere(&api, db) {
+        let path = format!("/v1/databases/{name}/switchover");
+        let wait = Duration::from_secs(120);
+        return match peers::forward(&api, node.api, Method::POST, &path, body, wait).await {
+            Some((status, body)) => {
+                (status, [(CONTENT_TYPE, "application/json")], body).into_response()
+            }
+            None => error(
+                StatusCode::BAD_GATEWAY,
+                "to",
+                format!(
+                    "the primary runs on node {} ({}), which gave no answer",
+                    node.name, node.api
+                ),
+            ),
+        };
+    }
     match db.switchover(&to).await {
         Ok(message) => Json(SwitchoverResponse {
             message,
@@ -934,6 +953,19 @@ async fn switchover(
         .into_response(),
         Err(e) => error(StatusCode::CONFLICT, "to", e.to_string()),
     }
+}
+
+/// Cluster mode: the node running `db`'s primary when it is another node's.
+fn primary_elsewhere<'a>(api: &'a Api, db: &pg::Cluster) -> Option<&'a model::Node> {
+    api.node.as_ref()?;
+    let primary = db.view().primary?;
+    if api.site.as_deref() == Some(primary.as_str()) {
+        return None;
+    }
+    api.topology
+        .nodes
+        .iter()
+        .find(|n| n.site.as_str() == primary)
 }
 
 fn database<'a>(api: &'a Api, name: &str) -> Result<&'a Arc<pg::Cluster>, Box<Response>> {

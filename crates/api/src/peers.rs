@@ -51,6 +51,45 @@ pub async fn gather<T: DeserializeOwned + Send + 'static>(
     (answers, missing)
 }
 
+/// `method path` with a JSON `body` to the node API at `addr`, with the caller's token, for a
+/// request only that node can carry out; its status and body, or `None` when it gave no answer
+/// within `timeout`.
+pub async fn forward(
+    api: &Api,
+    addr: SocketAddr,
+    method: hyper::Method,
+    path: &str,
+    body: Bytes,
+    timeout: Duration,
+) -> Option<(hyper::StatusCode, Bytes)> {
+    let auth = crate::auth::AUTHORIZATION
+        .try_with(Clone::clone)
+        .ok()
+        .flatten();
+    let tls = api.tls.as_ref().and_then(|t| t.client.clone());
+    let ask = async move {
+        let mut sender = match tls {
+            Some(config) => http1(crate::tls::connect(addr, &config).await.ok()?).await,
+            None => http1(TcpStream::connect(addr).await.ok()?).await,
+        }
+        .ok()?;
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, addr.to_string())
+            .header(hyper::header::CONTENT_TYPE, "application/json");
+        if let Some(a) = auth {
+            req = req.header(hyper::header::AUTHORIZATION, a);
+        }
+        let req = req.body(http_body_util::Full::new(body)).ok()?;
+        let resp = sender.send_request(req).await.ok()?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await.ok()?.to_bytes();
+        Some((status, body))
+    };
+    tokio::time::timeout(timeout, ask).await.ok().flatten()
+}
+
 async fn get<T: DeserializeOwned>(
     addr: SocketAddr,
     path: &str,

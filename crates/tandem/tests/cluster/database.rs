@@ -225,8 +225,9 @@ async fn start() -> (Sites, String) {
 
 /// The edge site lost (its link cut, its node killed): the region's node takes the lapsed lease
 /// and promotes its synchronous standby, the region's frontend follows, no acknowledged write
-/// is lost. Back, the edge's old primary is fenced and rewound over the network into a standby;
-/// a switchover asked of the region's node hands the lease back to the edge's.
+/// is lost. Back, the edge's old primary is rewound over the network into a standby; a
+/// switchover asked of the edge's node is passed on to the region's, which hands the lease
+/// back to the edge's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_across_nodes_fails_over_with_its_site_and_switches_back() {
     let (mut s, password) = start().await;
@@ -254,18 +255,6 @@ async fn a_database_across_nodes_fails_over_with_its_site_and_switches_back() {
     let c = s.sql(frontend(&s, "region"), &password).await.unwrap();
     assert_eq!(served_by(&c).await, s.ip("edge", 50).to_string());
     drop(c);
-
-    // Asked of a node whose member is not the primary: refused with where to ask.
-    let (status, body) = s
-        .post(
-            "region",
-            "/v1/databases/orders/switchover",
-            r#"{"to": "region"}"#,
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, 409, "{body}");
-    assert!(body.to_string().contains("edge"), "{body}");
 
     let (w, task) = writer(&s, "region", &password);
     w.wait_more(20, "20 writes acknowledged").await;
@@ -310,16 +299,23 @@ async fn a_database_across_nodes_fails_over_with_its_site_and_switches_back() {
         "the edge's member rejoined through pg_rewind: {events:?}"
     );
 
-    // A planned switchover asked of the primary's node: the edge's node promotes its member.
+    // A planned switchover asked of the edge's node, whose member is the standby: passed on to
+    // the primary's node, which hands the lease to the edge's, which promotes its member.
     let (status, body) = s
         .post(
-            "region",
+            "edge",
             "/v1/databases/orders/switchover",
             r#"{"to": "edge"}"#,
         )
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("switched over from region to edge")),
+        "{body}"
+    );
     wait_healthy(&s, "edge", "region", Duration::from_secs(60)).await;
     let c = s.sql(frontend(&s, "edge"), &password).await.unwrap();
     assert_eq!(served_by(&c).await, s.ip("edge", 50).to_string());
@@ -486,5 +482,63 @@ async fn a_lost_standby_costs_no_write_and_a_cut_off_primary_fences_itself() {
         by_node || by_watchdog,
         "the edge's primary was fenced: {events:?}"
     );
+    check_no_loss(&s, "region", &password, w, task).await;
+}
+
+/// The primary's postmaster killed on its node: restarted in place under the same lease and
+/// term, no failover. Then frozen (`SIGSTOP`, a hung server): its node fences it before the
+/// lease can lapse and the region's node promotes its standby; the edge's member rejoins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_primary_is_restarted_on_its_node_and_a_hung_one_failed_over() {
+    let (s, password) = start().await;
+    let (w, task) = writer(&s, "region", &password);
+    w.wait_more(10, "writes before the crash").await;
+    let before = view(&s, "edge").await.unwrap();
+    let pid = member(&before, "edge")["pid"].as_u64().unwrap();
+    let signal = |sig| {
+        let _ =
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()), sig);
+    };
+    let crashed = Instant::now();
+    signal(nix::sys::signal::Signal::SIGKILL);
+    eventually(
+        Duration::from_secs(20),
+        "edge restarted in place",
+        || async {
+            let v = view(&s, "edge").await?;
+            let now = member(&v, "edge")["pid"].as_u64()?;
+            (v["primary"] == "edge" && now != pid && v["term"] == before["term"]).then_some(())
+        },
+    )
+    .await;
+    w.wait_more(10, "writes after the restart").await;
+    eprintln!(
+        "primary's postmaster killed -> restarted in place on its node; longest time without an acknowledged write {:?} ({:?} in all)",
+        w.longest_gap(),
+        crashed.elapsed()
+    );
+    let region = view(&s, "region").await.unwrap();
+    assert!(region["last_change"].is_null(), "no failover: {region}");
+
+    let v = view(&s, "edge").await.unwrap();
+    let pid = member(&v, "edge")["pid"].as_u64().unwrap();
+    let hung = Instant::now();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGSTOP,
+    );
+    eventually(Duration::from_secs(30), "region promoted", || async {
+        let v = view(&s, "region").await?;
+        (v["primary"] == "region").then_some(())
+    })
+    .await;
+    eprintln!(
+        "primary's postmaster hung -> region promoted after {:?}",
+        hung.elapsed()
+    );
+    w.wait_more(10, "writes after the failover").await;
+    wait_healthy(&s, "region", "edge", Duration::from_secs(90)).await;
+    let region = view(&s, "region").await.unwrap();
+    assert_eq!(region["last_change"]["kind"], "failover", "{region}");
     check_no_loss(&s, "region", &password, w, task).await;
 }
