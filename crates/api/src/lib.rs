@@ -904,6 +904,7 @@ async fn databases(State(api): State<Api>, Query(q): Query<Scope>) -> Json<Datab
 async fn switchover(
     State(api): State<Api>,
     Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
     let Some(db) = api.databases.iter().find(|d| d.name == name) else {
@@ -928,7 +929,10 @@ async fn switchover(
     }
     // Cluster mode: the primary's own node runs a switchover; asked elsewhere, it is passed
     // on to that node and its answer returned as it is.
-    if let Some(node) = primary_elsewhere(&api, db) {
+    // Passed on once only: two nodes that each see the other's member as primary (views a
+    // tick apart) must not send a request back and forth.
+    let forwarded = headers.contains_key(peers::FORWARDED);
+    if let Some(node) = primary_elsewhere(&api, db).filter(|_| !forwarded) {
         let path = format!("/v1/databases/{name}/switchover");
         let wait = Duration::from_secs(120);
         return match peers::forward(&api, node.api, Method::POST, &path, body, wait).await {

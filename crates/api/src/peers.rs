@@ -51,6 +51,9 @@ pub async fn gather<T: DeserializeOwned + Send + 'static>(
     (answers, missing)
 }
 
+/// The header a request passed on to another node carries (it is not passed on again).
+pub const FORWARDED: &str = "x-tandem-forwarded";
+
 /// `method path` with a JSON `body` to the node API at `addr`, with the caller's token, for a
 /// request only that node can carry out; its status and body, or `None` when it gave no answer
 /// within `timeout`.
@@ -77,7 +80,8 @@ pub async fn forward(
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, addr.to_string())
-            .header(hyper::header::CONTENT_TYPE, "application/json");
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header(FORWARDED, "1");
         if let Some(a) = auth {
             req = req.header(hyper::header::AUTHORIZATION, a);
         }

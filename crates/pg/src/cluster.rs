@@ -666,6 +666,9 @@ struct Driver {
     work: mpsc::Sender<Done>,
     /// The last renewal failed for want of the store (announced once).
     unrenewed: bool,
+    /// The standby the primary first reported synchronous, and the primary's position then:
+    /// it is trusted once it has flushed up to there.
+    sync_from: Option<(String, u64)>,
     /// Cluster mode: this node's rules about the lease (`follow_store`).
     follower: Follower,
     /// Cluster mode: members run on their own nodes, the lease and these records in the
@@ -739,6 +742,7 @@ impl Driver {
         });
         let driver = Driver {
             unrenewed: false,
+            sync_from: None,
             follower: Follower::new(ttl, now),
             shared,
             key: format!("databases/{}/leader", config.name),
@@ -825,14 +829,11 @@ impl Driver {
             // from a renewal made now, to take over the renewals.
             if let Some(l) = self.leader.filter(|&l| self.members[l].here) {
                 let (site, asked) = (self.members[l].site.clone(), Instant::now());
-                if self.shared.is_some()
-                    && self
-                        .wiring
-                        .store
-                        .renew(&self.key, &site, self.term, self.ttl)
-                        .await
-                        .is_ok()
-                {
+                let renewal = self
+                    .wiring
+                    .store
+                    .renew(&self.key, &site, self.term, self.ttl);
+                if self.shared.is_some() && within(self.ttl, renewal).await.is_ok() {
                     self.guard(l, asked);
                 }
             }
@@ -968,17 +969,30 @@ impl Driver {
             }
         };
         let site = self.members[l].site.clone();
-        // Safety rule 1 across machines: the lease first, then a writable server.
-        let lease = self
-            .wiring
-            .store
-            .acquire(&self.key, &site, self.ttl)
-            .await
-            .map_err(|e| format!("cannot take the lease for {site}: {e}"))?;
+        // Safety rule 1 across machines: the lease and the record first, then a writable
+        // server. Refused (another node was quicker, the store away), the ticks carry on.
+        let asked = Instant::now();
+        let lease = match within(
+            self.ttl,
+            self.wiring.store.acquire(&self.key, &site, self.ttl),
+        )
+        .await
+        {
+            Ok(lease) => lease,
+            Err(e) => {
+                self.event(
+                    Some(l),
+                    "waiting",
+                    format!("cannot take the lease for {site} ({e}); following the store"),
+                );
+                return Ok(());
+            }
+        };
         self.leader = Some(l);
         self.term = lease.term;
         if !self.claim_primary(l).await {
-            return Err(format!("cannot record {site} as the primary in the store"));
+            self.leader = None;
+            return Ok(());
         }
         if fresh {
             self.local.initdb(&site).await.map_err(|e| e.to_string())?;
@@ -987,7 +1001,21 @@ impl Driver {
         if !was_running {
             self.start_member(l, None)?;
         }
-        let client = self.wait_ready(l).await?;
+        self.guard(l, asked);
+        let client = match self.wait_ready(l).await {
+            Ok(c) => c,
+            Err(e) => {
+                // Never left writable without its lease renewed: the ticks take it from here.
+                self.fence(l).await;
+                self.leader = None;
+                self.event(
+                    Some(l),
+                    "error",
+                    format!("{site} did not start as primary: {e}; stopped"),
+                );
+                return Ok(());
+            }
+        };
         if fresh {
             let role = format!(
                 "CREATE ROLE {} WITH REPLICATION LOGIN PASSWORD {}",
@@ -1002,14 +1030,30 @@ impl Driver {
             .filter(|m| m.site != site)
             .map(|m| m.site.clone())
             .collect();
-        ensure_slots(&client, &others, false).await?;
-        self.members[l].client = Some(client);
-        self.wiring
-            .store
-            .renew(&self.key, &site, self.term, self.ttl)
+        let renewed = Instant::now();
+        let ready = match ensure_slots(&client, &others, false).await {
+            Ok(()) => within(
+                self.ttl,
+                self.wiring
+                    .store
+                    .renew(&self.key, &site, self.term, self.ttl),
+            )
             .await
-            .map_err(|e| format!("lost the lease for {site} while it started: {e}"))?;
-        self.take_lead(l, self.term);
+            .map_err(|e| format!("lost the lease for {site} while it started: {e}")),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = ready {
+            self.fence(l).await;
+            self.leader = None;
+            self.event(
+                Some(l),
+                "error",
+                format!("{site} did not start as primary: {e}; stopped"),
+            );
+            return Ok(());
+        }
+        self.members[l].client = Some(client);
+        self.take_lead_at(l, self.term, renewed);
         let how = if fresh {
             "initialised"
         } else if was_running {
@@ -1101,9 +1145,15 @@ impl Driver {
     }
 
     fn take_lead(&mut self, l: usize, term: u64) {
+        self.take_lead_at(l, term, Instant::now());
+    }
+
+    /// [`Driver::take_lead`] for a lease renewed (or taken), as asked, at `renewed`: the
+    /// fence and the watchdog count from then, never from later.
+    fn take_lead_at(&mut self, l: usize, term: u64, renewed: Instant) {
         self.leader = Some(l);
         self.term = term;
-        self.lead = Lead::new(self.ttl, Instant::now());
+        self.lead = Lead::new(self.ttl, renewed);
         self.blocked = None;
         self.sync_standby = None;
         self.point_frontends(Some(self.members[l].config.listen));
@@ -1189,12 +1239,17 @@ impl Driver {
             if self.shared.is_some() && self.leader == Some(i) && renewed.elapsed() >= self.ttl / 3
             {
                 let site = self.members[i].site.clone();
-                self.wiring
-                    .store
-                    .renew(&self.key, &site, self.term, self.ttl)
-                    .await
-                    .map_err(|e| format!("lost the lease for {site} while it started: {e}"))?;
-                renewed = Instant::now();
+                let asked = Instant::now();
+                within(
+                    self.ttl,
+                    self.wiring
+                        .store
+                        .renew(&self.key, &site, self.term, self.ttl),
+                )
+                .await
+                .map_err(|e| format!("lost the lease for {site} while it started: {e}"))?;
+                renewed = asked;
+                self.guard(i, asked);
             }
             if self.reap(i).await {
                 return Err(format!(
@@ -1355,15 +1410,22 @@ impl Driver {
             }
         }
         // Whom a failover may promote comes from the primary's node's record.
-        if self.leader.is_none_or(|l| !self.members[l].here)
-            && lease != LeaseSeen::Unknown
-            && let Ok(record) = within(self.ttl, self.wiring.store.read(&sync_key)).await
-        {
-            let record: Option<SyncRecord> = record.and_then(|r| r.json());
-            self.sync_standby = record
-                .filter(|r| r.term == self.term)
-                .and_then(|r| r.member)
-                .and_then(|m| self.position(&m));
+        // Valid from the term of the last primary on record: a later term nobody claimed
+        // promoted nobody. Unreadable, no standby is trusted.
+        let leads_here = self
+            .leader
+            .is_some_and(|l| self.members[l].here && !self.local.is_standby(&self.members[l].site));
+        if !leads_here && lease != LeaseSeen::Unknown {
+            let claimed = self.last_claim().await;
+            let record = within(self.ttl, self.wiring.store.read(&sync_key)).await;
+            self.sync_standby = match (claimed, record) {
+                (Ok(claimed), Ok(record)) => record
+                    .and_then(|r| r.json::<SyncRecord>())
+                    .filter(|r| r.term >= claimed && r.term <= self.term)
+                    .and_then(|r| r.member)
+                    .and_then(|m| self.position(&m)),
+                _ => None,
+            };
         }
         let members: Vec<MemberSeen> = self
             .members
@@ -1373,6 +1435,7 @@ impl Driver {
                 running: m.instance.is_some(),
                 writable: m.is_writable(),
                 standby: m.obs.as_ref().is_some_and(|o| o.in_recovery),
+                primary: m.here && self.local.has_data(&m.site) && !self.local.is_standby(&m.site),
             })
             .collect();
         let candidate = if lease == LeaseSeen::Free {
@@ -1449,12 +1512,18 @@ impl Driver {
     /// node, which waited until it had every record: promote it.
     async fn take_up(&mut self, h: usize) {
         let site = self.members[h].site.clone();
-        if !self.claim_primary(h).await {
+        // The lease was taken elsewhere, at a time this node does not know: renewed first.
+        let asked = Instant::now();
+        let renewal = self
+            .wiring
+            .store
+            .renew(&self.key, &site, self.term, self.ttl);
+        if within(self.ttl, renewal).await.is_err() || !self.claim_primary(h).await {
             return;
         }
-        match self.promote(h).await {
-            Ok(()) => {
-                self.take_lead(h, self.term);
+        match self.promote_guarded(h, asked).await {
+            Ok(renewed) => {
+                self.take_lead_at(h, self.term, renewed);
                 self.event(
                     Some(h),
                     "promoted",
@@ -1524,6 +1593,20 @@ impl Driver {
         }
     }
 
+    /// Cluster mode: the term of the last primary on record (0 when none).
+    async fn last_claim(&mut self) -> Result<u64, String> {
+        let Some(key) = self.shared.as_ref().map(|sh| sh.primary_key.clone()) else {
+            return Ok(0);
+        };
+        let store = self.wiring.store.clone();
+        let record = within(self.ttl, store.read(&key))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(record
+            .and_then(|r| r.json::<PrimaryRecord>())
+            .map_or(0, |r| r.term))
+    }
+
     /// Cluster mode: the member the store's `databases/DB/primary` names (who led last).
     async fn last_primary(&mut self) -> Result<Option<usize>, String> {
         let Some(key) = self.shared.as_ref().map(|sh| sh.primary_key.clone()) else {
@@ -1588,6 +1671,12 @@ impl Driver {
             }
             return;
         };
+        // Cluster mode: a lease taken for this node's standby that is not promoted yet is the
+        // follower's too (`take_up` promotes it, or the lease lapses and a failover is tried
+        // again); nothing to renew, restart or fence.
+        if self.shared.is_some() && self.local.is_standby(&self.members[l].site) {
+            return;
+        }
         let m = &self.members[l];
         let site = m.site.clone();
         let process = match (m.state, m.instance.is_some()) {
@@ -1760,6 +1849,14 @@ impl Driver {
         if !self.hold_lease(l, now).await {
             return;
         }
+        if self
+            .shared
+            .as_ref()
+            .is_some_and(|sh| sh.primary_written != self.term)
+            && !self.claim_primary(l).await
+        {
+            return;
+        }
         let site = self.members[l].site.clone();
         let exited = self.lead.exited.unwrap_or(now);
         let started = self.start_member(l, None);
@@ -1815,12 +1912,14 @@ impl Driver {
                 .is_ok()
         {
             self.lead.held(true, now);
+            self.guard(l, now);
             return true;
         }
         match self.take_back(&site).await {
             Ok(term) => {
                 self.term = term;
                 self.lead.held(true, now);
+                self.guard(l, now);
                 if self.members[l].state == State::Fenced {
                     self.members[l].state = State::Stopped;
                 }
@@ -1849,7 +1948,11 @@ impl Driver {
         if self.shared.is_none() || lease.term <= self.term + 1 {
             return Ok(lease.term);
         }
-        let _ = self.wiring.store.release(&self.key, site, lease.term).await;
+        let _ = within(
+            self.ttl,
+            self.wiring.store.release(&self.key, site, lease.term),
+        )
+        .await;
         Err(StoreError::Lost {
             holder: None,
             term: lease.term,
@@ -1909,6 +2012,7 @@ impl Driver {
     /// Takes the lease for this node's member `c` and promotes it.
     async fn fail_over_to(&mut self, c: usize, now: Instant) {
         let site = self.members[c].site.clone();
+        let asked = Instant::now();
         let lease = match within(
             self.ttl,
             self.wiring.store.acquire(&self.key, &site, self.ttl),
@@ -1941,9 +2045,14 @@ impl Driver {
         if !self.claim_primary(c).await {
             return;
         }
-        match self.promote(c).await {
-            Ok(()) => {
-                self.take_lead(c, lease.term);
+        let promoted = if self.shared.is_some() {
+            self.promote_guarded(c, asked).await
+        } else {
+            self.promote(c).await.map(|()| Instant::now())
+        };
+        match promoted {
+            Ok(renewed) => {
+                self.take_lead_at(c, lease.term, renewed);
                 let seconds = started.elapsed().as_secs_f64();
                 self.failovers += 1;
                 self.record("failover", from.clone(), &site, seconds);
@@ -1960,6 +2069,43 @@ impl Driver {
             Err(e) => {
                 self.leader = None;
                 self.event(Some(c), "error", format!("promoting {site} failed: {e}"));
+            }
+        }
+    }
+
+    /// Cluster mode: promotes this node's standby `c` under the lease taken or renewed, as
+    /// asked, at `asked`: its watchdog armed first (so a promotion that completes late is
+    /// still fenced in time), the wait bounded by what is left before the fence, the lease
+    /// renewed right after. On any failure the member is fenced. The renewal's time.
+    async fn promote_guarded(&mut self, c: usize, asked: Instant) -> Result<Instant, String> {
+        self.guard(c, asked);
+        let left =
+            (asked + failover::fence_after(self.ttl)).saturating_duration_since(Instant::now());
+        let wait = i32::try_from(left.as_secs()).unwrap_or(i32::MAX).max(1);
+        let site = self.members[c].site.clone();
+        let promoted = match self.promote_within(c, wait).await {
+            Ok(()) => {
+                let renewed = Instant::now();
+                within(
+                    self.ttl,
+                    self.wiring
+                        .store
+                        .renew(&self.key, &site, self.term, self.ttl),
+                )
+                .await
+                .map(|_| renewed)
+                .map_err(|e| format!("the lease could not be renewed after the promotion: {e}"))
+            }
+            Err(e) => Err(e),
+        };
+        match promoted {
+            Ok(renewed) => {
+                self.guard(c, renewed);
+                Ok(renewed)
+            }
+            Err(e) => {
+                self.fence(c).await;
+                Err(e)
             }
         }
     }
@@ -2030,14 +2176,19 @@ impl Driver {
     /// Promotes a standby and makes it a primary for the others: no synchronous standby until
     /// one streams from it, a fresh replication slot for every other member.
     async fn promote(&mut self, c: usize) -> Result<(), String> {
+        self.promote_within(c, 30).await
+    }
+
+    /// [`Driver::promote`], `pg_promote` waiting at most `wait` seconds.
+    async fn promote_within(&mut self, c: usize, wait: i32) -> Result<(), String> {
         let client = self.members[c].client.as_ref().ok_or("no connection")?;
         let promoted: bool = client
-            .query_one("SELECT pg_promote(true, 30)", &[])
+            .query_one("SELECT pg_promote(true, $1)", &[&wait])
             .await
             .map_err(|e| e.to_string())?
             .get(0);
         if !promoted {
-            return Err("pg_promote did not complete within 30 s".into());
+            return Err(format!("pg_promote did not complete within {wait} s"));
         }
         // Strict: from its first commit on, a new primary waits for a standby (any, until one
         // is named).
@@ -2169,12 +2320,28 @@ impl Driver {
             }
             return;
         }
-        if self.sync_standby.is_none()
-            && let Some(w) = want
-            && obs
-                .replicas
+        // Trusted (and recorded for the other nodes) once it has flushed what the primary had
+        // written when it first reported it synchronous: commits acknowledged just before,
+        // with no standby to wait for, may not have reached it yet (Patroni waits the same).
+        let reported = want.as_ref().and_then(|w| {
+            obs.replicas
                 .iter()
-                .any(|r| r.name == w && r.sync_state == "sync")
+                .find(|r| r.name == *w && r.sync_state == "sync")
+        });
+        let caught_up = match (reported, &self.sync_from) {
+            (Some(r), Some((name, lsn))) if *name == r.name => r.flush_lsn >= *lsn,
+            (Some(r), _) => {
+                self.sync_from = Some((r.name.clone(), obs.lsn));
+                false
+            }
+            (None, _) => {
+                self.sync_from = None;
+                false
+            }
+        };
+        if self.sync_standby.is_none()
+            && caught_up
+            && let Some(w) = want
         {
             let s = self.index(&w);
             self.sync_standby = Some(s);
@@ -2198,7 +2365,8 @@ impl Driver {
             // Cluster mode: this node's standby (its machine back, say) starts in recovery
             // even while no primary answers, or it could never be the one promoted.
             if self.shared.is_some() {
-                for i in (0..self.members.len()).filter(|&i| i != l) {
+                // Its own standby too, when the lease was taken for it and it is not promoted.
+                for i in 0..self.members.len() {
                     let m = &self.members[i];
                     if m.here
                         && matches!(m.state, State::Stopped)
@@ -2467,6 +2635,11 @@ impl Driver {
         // 1. The target must stream and catch up while the primary still takes writes.
         let deadline = requested + Duration::from_secs(30);
         loop {
+            // The ticks wait meanwhile: the lease (and the watchdog) are kept here.
+            self.renew(l, Instant::now()).await;
+            if self.leader != Some(l) || self.members[l].instance.is_none() {
+                return fail("the primary lost its lease during the switchover".into());
+            }
             self.observe_all(&[l, t]).await;
             let (Some(p), Some(s)) = (&self.members[l].obs, &self.members[t].obs) else {
                 return fail("the primary or the target stopped answering".into());
@@ -2534,12 +2707,12 @@ impl Driver {
         }
         // 4. Hand the lease over and promote.
         let store = self.wiring.store.clone();
-        if let Err(e) = store.release(&self.key, &old, self.term).await {
+        if let Err(e) = within(self.ttl, store.release(&self.key, &old, self.term)).await {
             return self
                 .undo_switchover(l, format!("cannot release the lease: {e}"))
                 .await;
         }
-        let lease = match store.acquire(&self.key, to, self.ttl).await {
+        let lease = match within(self.ttl, store.acquire(&self.key, to, self.ttl)).await {
             Ok(lease) => lease,
             Err(e) => {
                 return self
@@ -2555,7 +2728,7 @@ impl Driver {
             // It may have been promoted all the same: stopped for good, it takes no write,
             // and the old primary, which has every write, takes the lease back.
             self.fence(t).await;
-            let _ = store.release(&self.key, to, self.term).await;
+            let _ = within(self.ttl, store.release(&self.key, to, self.term)).await;
             return self
                 .undo_switchover(l, format!("promoting {to} failed: {e}"))
                 .await;
@@ -2645,10 +2818,12 @@ impl Driver {
             Err("cannot take the lease back".to_string())
         } else {
             match self.start_member(l, None) {
-                Ok(()) => self
-                    .wait_ready(l)
-                    .await
-                    .map(|c| self.members[l].client = Some(c)),
+                Ok(()) => {
+                    self.guard(l, self.lead.renewed);
+                    self.wait_ready(l)
+                        .await
+                        .map(|c| self.members[l].client = Some(c))
+                }
                 Err(e) => Err(e),
             }
         };
@@ -2714,7 +2889,8 @@ impl Driver {
             // has replayed the last record, is promoted without waiting for it to lapse.
             if let (Some(_), Some(l)) = (&self.shared, self.leader) {
                 let site = self.members[l].site.clone();
-                released = Some(self.wiring.store.release(&self.key, &site, self.term).await);
+                let release = self.wiring.store.release(&self.key, &site, self.term);
+                released = Some(within(self.ttl, release).await);
             }
         }
         if let Some(r) = released {

@@ -45,6 +45,8 @@ pub struct MemberSeen {
     pub writable: bool,
     /// It answered SQL in recovery.
     pub standby: bool,
+    /// Its data is a primary's, not marked a standby's (known for this node's members only).
+    pub primary: bool,
 }
 
 /// One step, in the order given.
@@ -121,8 +123,17 @@ impl Follower {
             LeaseSeen::Free => {
                 // This node's own lapsed lease is its lease holder's business (`Lead` takes
                 // it again, or fences); anyone else's means a failover may be due.
-                if self.leader.is_some_and(|l| members[l].here) {
+                if self
+                    .leader
+                    .is_some_and(|l| members[l].here && members[l].primary)
+                {
                     return steps;
+                }
+                // Nobody's lease: a member of this node taking writes is fenced.
+                for (i, m) in members.iter().enumerate() {
+                    if m.here && m.running && m.writable {
+                        steps.push(Step::Fence(i));
+                    }
                 }
                 steps.push(Step::Point(None));
                 if let Some(c) = candidate.filter(|&c| members[c].here) {
@@ -146,6 +157,7 @@ mod tests {
             running: false,
             writable,
             standby: !writable,
+            primary: false,
         }
     }
 
@@ -155,6 +167,7 @@ mod tests {
             running: true,
             writable,
             standby: !writable,
+            primary: writable,
         }
     }
 

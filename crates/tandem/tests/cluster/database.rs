@@ -197,6 +197,73 @@ async fn check_no_loss(
     kept
 }
 
+/// Both members polled for writability every 100 ms, each from inside its own site (so a cut
+/// link hides neither): `NOT pg_is_in_recovery()` through a new connection, a member that
+/// does not answer counting as not writable. Every poll that finds both writable is kept.
+struct Polls {
+    stop: Arc<AtomicBool>,
+    both: Arc<Mutex<Vec<Duration>>>,
+    polls: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn poll_writability(s: &Sites, password: &str) -> Polls {
+    let (lab, password) = (s.lab.clone(), password.to_string());
+    let members = ["edge", "region"].map(|site| (site, SocketAddr::new(s.ip(site, 50), 5432)));
+    let (stop, both, polls) = (
+        Arc::<AtomicBool>::default(),
+        Arc::<Mutex<Vec<Duration>>>::default(),
+        Arc::<AtomicU64>::default(),
+    );
+    let (stop2, both2, polls2) = (stop.clone(), both.clone(), polls.clone());
+    let task = tokio::spawn(async move {
+        let started = Instant::now();
+        for _ in 0..20_000 {
+            if stop2.load(Ordering::SeqCst) {
+                break;
+            }
+            let mut writable = 0;
+            for (site, addr) in members {
+                let Ok(c) = sql(&lab, site, addr, &password).await else {
+                    continue;
+                };
+                let ask = c.query_one("SELECT NOT pg_is_in_recovery()", &[]);
+                if let Ok(Ok(row)) = tokio::time::timeout(Duration::from_millis(500), ask).await
+                    && row.get::<_, bool>(0)
+                {
+                    writable += 1;
+                }
+            }
+            polls2.fetch_add(1, Ordering::SeqCst);
+            if writable > 1 {
+                both2.lock().unwrap().push(started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    Polls {
+        stop,
+        both,
+        polls,
+        task,
+    }
+}
+
+impl Polls {
+    /// Stops polling; never were both members writable.
+    async fn check(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.unwrap();
+        let both = self.both.lock().unwrap().clone();
+        eprintln!(
+            "{} polls of both members' writability, {} with both writable",
+            self.polls.load(Ordering::SeqCst),
+            both.len()
+        );
+        assert!(both.is_empty(), "both members writable at {both:?}");
+    }
+}
+
 /// Starts the three sites with the database; waits until it is healthy with the edge primary;
 /// creates table `t`; the superuser's password.
 async fn start() -> (Sites, String) {
@@ -231,6 +298,7 @@ async fn start() -> (Sites, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_across_nodes_fails_over_with_its_site_and_switches_back() {
     let (mut s, password) = start().await;
+    let polls = poll_writability(&s, &password);
 
     // One set of passwords, made once, in 0600 files on both nodes, in no log.
     let file = |site: &str| s.state(site).join("databases/orders/password");
@@ -328,6 +396,7 @@ async fn a_database_across_nodes_fails_over_with_its_site_and_switches_back() {
     c.execute("INSERT INTO t (id) VALUES (100000)", &[])
         .await
         .unwrap();
+    polls.check().await;
 }
 
 /// After the edge's node stopped renewing at `since`: polled from inside the edge, its
@@ -365,6 +434,7 @@ async fn fenced_then_promoted(s: &Sites, password: &str, since: Instant) -> (Dur
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_keeps_its_primary_and_a_frozen_one_is_fenced() {
     let (mut s, password) = start().await;
+    let polls = poll_writability(&s, &password);
     let before = view(&s, "edge").await.unwrap();
     let pid = member(&before, "edge")["pid"].clone();
     assert!(pid.is_u64(), "{before}");
@@ -423,6 +493,7 @@ async fn a_restarted_node_keeps_its_primary_and_a_frozen_one_is_fenced() {
     s.node("edge").cont();
     wait_healthy(&s, "region", "edge", Duration::from_secs(90)).await;
     check_no_loss(&s, "region", &password, w, task).await;
+    polls.check().await;
 }
 
 /// The standby's site lost (its node and postmaster killed): the primary stops waiting for it
@@ -433,6 +504,7 @@ async fn a_restarted_node_keeps_its_primary_and_a_frozen_one_is_fenced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_standby_costs_no_write_and_a_cut_off_primary_fences_itself() {
     let (mut s, password) = start().await;
+    let polls = poll_writability(&s, &password);
     let (w, task) = writer(&s, "edge", &password);
     w.wait_more(10, "writes before the standby's loss").await;
     // Its pid as its own node knows it.
@@ -483,14 +555,18 @@ async fn a_lost_standby_costs_no_write_and_a_cut_off_primary_fences_itself() {
         "the edge's primary was fenced: {events:?}"
     );
     check_no_loss(&s, "region", &password, w, task).await;
+    polls.check().await;
 }
 
 /// The primary's postmaster killed on its node: restarted in place under the same lease and
 /// term, no failover. Then frozen (`SIGSTOP`, a hung server): its node fences it before the
 /// lease can lapse and the region's node promotes its standby; the edge's member rejoins.
+/// Then the region's node killed alone: its watchdog fences the primary, the edge's is
+/// promoted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_primary_is_restarted_on_its_node_and_a_hung_one_failed_over() {
-    let (s, password) = start().await;
+    let (mut s, password) = start().await;
+    let polls = poll_writability(&s, &password);
     let (w, task) = writer(&s, "region", &password);
     w.wait_more(10, "writes before the crash").await;
     let before = view(&s, "edge").await.unwrap();
@@ -541,4 +617,33 @@ async fn a_crashed_primary_is_restarted_on_its_node_and_a_hung_one_failed_over()
     let region = view(&s, "region").await.unwrap();
     assert_eq!(region["last_change"]["kind"], "failover", "{region}");
     check_no_loss(&s, "region", &password, w, task).await;
+
+    // The primary's node killed alone, its postmaster left running: its watchdog fences the
+    // primary before the lease lapses and the edge's is promoted.
+    let (w, task) = writer(&s, "edge", &password);
+    w.wait_more(10, "writes before the node's kill").await;
+    let killed = Instant::now();
+    s.node("region").kill9();
+    eventually(Duration::from_secs(30), "edge promoted", || async {
+        let v = view(&s, "edge").await?;
+        (v["primary"] == "edge").then_some(())
+    })
+    .await;
+    eprintln!(
+        "primary's node killed -> edge promoted after {:?}",
+        killed.elapsed()
+    );
+    w.wait_more(10, "writes after the node's kill").await;
+    let log = s
+        .state("region")
+        .join("databases/orders/region.watchdog.log");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("Fenced"),
+        "the region's watchdog fenced its primary: {text}"
+    );
+    s.start_node("region");
+    wait_healthy(&s, "edge", "region", Duration::from_secs(90)).await;
+    check_no_loss(&s, "edge", &password, w, task).await;
+    polls.check().await;
 }
