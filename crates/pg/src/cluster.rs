@@ -942,6 +942,8 @@ impl Driver {
                 }
             },
             None if term == 0 && with_data.is_empty() && self.members[0].here => (0, true),
+            // Initialised here before, never led (stopped between initdb and its start).
+            None if term == 0 && self.members[0].here && with_data.contains(&0) => (0, false),
             None if term == 0 => {
                 self.event(
                     None,
@@ -969,9 +971,12 @@ impl Driver {
             }
         };
         let site = self.members[l].site.clone();
+        // A new database's files first: initdb starts no server, and takes a while.
+        if fresh {
+            self.local.initdb(&site).await.map_err(|e| e.to_string())?;
+        }
         // Safety rule 1 across machines: the lease and the record first, then a writable
         // server. Refused (another node was quicker, the store away), the ticks carry on.
-        let asked = Instant::now();
         let lease = match within(
             self.ttl,
             self.wiring.store.acquire(&self.key, &site, self.ttl),
@@ -994,8 +999,15 @@ impl Driver {
             self.leader = None;
             return Ok(());
         }
-        if fresh {
-            self.local.initdb(&site).await.map_err(|e| e.to_string())?;
+        // Renewed right before the start: the fence and the watchdog count from here.
+        let asked = Instant::now();
+        let renewal = self
+            .wiring
+            .store
+            .renew(&self.key, &site, self.term, self.ttl);
+        if within(self.ttl, renewal).await.is_err() {
+            self.leader = None;
+            return Ok(());
         }
         let was_running = self.members[l].instance.is_some();
         if !was_running {
@@ -1016,22 +1028,8 @@ impl Driver {
                 return Ok(());
             }
         };
-        if fresh {
-            let role = format!(
-                "CREATE ROLE {} WITH REPLICATION LOGIN PASSWORD {}",
-                local::REPLICATION_USER,
-                observe::literal(&self.local.replication_password)
-            );
-            observe::execute(&client, &[&role]).await?;
-        }
-        let others: Vec<String> = self
-            .members
-            .iter()
-            .filter(|m| m.site != site)
-            .map(|m| m.site.clone())
-            .collect();
         let renewed = Instant::now();
-        let ready = match ensure_slots(&client, &others, false).await {
+        let ready = match self.prepare_primary(&client, &site).await {
             Ok(()) => within(
                 self.ttl,
                 self.wiring
@@ -1069,6 +1067,33 @@ impl Driver {
         Ok(())
     }
 
+    /// A primary just started: the replication role (created when missing), a replication
+    /// slot for every other member.
+    async fn prepare_primary(&mut self, client: &Client, site: &str) -> Result<(), String> {
+        // Whenever missing (a start cut short after initdb too).
+        let role = format!(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {user}) THEN CREATE ROLE {name} WITH REPLICATION LOGIN PASSWORD {password}; END IF; END $$",
+            user = observe::literal(local::REPLICATION_USER),
+            name = local::REPLICATION_USER,
+            password = observe::literal(&self.local.replication_password)
+        );
+        // Not through `observe::execute`, whose errors quote the statement: the password.
+        client
+            .batch_execute(&role)
+            .await
+            .map_err(|e| format!("cannot create the replication role: {e}"))?;
+        ensure_slots(client, &self.others(site), false).await
+    }
+
+    /// Every member's site but `site`.
+    fn others(&self, site: &str) -> Vec<String> {
+        self.members
+            .iter()
+            .filter(|m| m.site != site)
+            .map(|m| m.site.clone())
+            .collect()
+    }
+
     /// Single-process start, continued: every member is this process's.
     async fn bootstrap_here(
         &mut self,
@@ -1104,21 +1129,7 @@ impl Driver {
             self.start_member(l, None)?;
         }
         let client = self.wait_ready(l).await?;
-        if fresh {
-            let role = format!(
-                "CREATE ROLE {} WITH REPLICATION LOGIN PASSWORD {}",
-                local::REPLICATION_USER,
-                observe::literal(&self.local.replication_password)
-            );
-            observe::execute(&client, &[&role]).await?;
-        }
-        let others: Vec<String> = self
-            .members
-            .iter()
-            .filter(|m| m.site != site)
-            .map(|m| m.site.clone())
-            .collect();
-        ensure_slots(&client, &others, false).await?;
+        self.prepare_primary(&client, &site).await?;
         self.members[l].client = Some(client);
         let lease = self
             .wiring
@@ -2199,12 +2210,7 @@ impl Driver {
         };
         observe::execute(client, &[names, "SELECT pg_reload_conf()"]).await?;
         let site = self.members[c].site.clone();
-        let others: Vec<String> = self
-            .members
-            .iter()
-            .filter(|m| m.site != site)
-            .map(|m| m.site.clone())
-            .collect();
+        let others = self.others(&site);
         ensure_slots(client, &others, true).await?;
         if let Some(o) = self.members[c].obs.as_mut() {
             o.in_recovery = false;
