@@ -810,9 +810,22 @@ impl Driver {
         self.bootstrapped = true;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Cluster mode: a tick at once when the lease changes hands or lapses (etcd deletes an
+        // expired lease's key), not at the next 200 ms: a handed or free lease is acted on
+        // without waiting.
+        let changed = Arc::new(tokio::sync::Notify::new());
+        if self.shared.is_some() {
+            tokio::spawn(watch_lease(
+                self.wiring.store.clone(),
+                store::keys::lease(&self.key),
+                changed.clone(),
+                stop.clone(),
+            ));
+        }
         while !*stop.borrow() {
             tokio::select! {
                 _ = tick.tick() => self.tick().await,
+                () = changed.notified() => self.tick().await,
                 Some(c) = commands.recv() => match c {
                     Command::Switchover(site, reply) => {
                         let r = self.switchover(&site).await;
@@ -3039,6 +3052,34 @@ impl Driver {
             backup: None,
         };
         *self.cluster.view.lock().unwrap_or_else(|p| p.into_inner()) = view;
+    }
+}
+
+/// Wakes `changed` whenever the lease record `key` changes, until `stop`; starts over (after
+/// a second) when the watch ends, the ticks covering the gap.
+async fn watch_lease(
+    store: Arc<dyn Store>,
+    key: String,
+    changed: Arc<tokio::sync::Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    while !*stop.borrow() {
+        let watched = async {
+            let (_, revision) = store.list(&key).await?;
+            let mut w = store.watch(&key, revision).await?;
+            while let Some(Ok(_)) = w.recv().await {
+                changed.notify_one();
+            }
+            Ok::<(), StoreError>(())
+        };
+        tokio::select! {
+            _ = watched => {}
+            _ = stop.changed() => return,
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return,
+        }
     }
 }
 
