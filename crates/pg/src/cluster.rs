@@ -666,6 +666,9 @@ struct Driver {
     work: mpsc::Sender<Done>,
     /// The last renewal failed for want of the store (announced once).
     unrenewed: bool,
+    /// A failover this node began (its lease taken) but could not finish at once: from whom,
+    /// counted since when, said how; `take_up` finishes and records it.
+    failing_over: Option<(Option<String>, Instant, String)>,
     /// The standby the primary first reported synchronous, and the primary's position then:
     /// it is trusted once it has flushed up to there.
     sync_from: Option<(String, u64)>,
@@ -742,6 +745,7 @@ impl Driver {
         });
         let driver = Driver {
             unrenewed: false,
+            failing_over: None,
             sync_from: None,
             follower: Follower::new(ttl, now),
             shared,
@@ -1027,8 +1031,8 @@ impl Driver {
             self.start_member(l, None)?;
         }
         self.guard(l, asked);
-        let client = match self.wait_ready(l).await {
-            Ok(c) => c,
+        let (client, renewed) = match self.ready_primary(l, &site).await {
+            Ok(ready) => ready,
             Err(e) => {
                 // Never left writable without its lease renewed: the ticks take it from here.
                 self.fence(l).await;
@@ -1041,28 +1045,6 @@ impl Driver {
                 return Ok(());
             }
         };
-        let renewed = Instant::now();
-        let ready = match self.prepare_primary(&client, &site).await {
-            Ok(()) => within(
-                self.ttl,
-                self.wiring
-                    .store
-                    .renew(&self.key, &site, self.term, self.ttl),
-            )
-            .await
-            .map_err(|e| format!("lost the lease for {site} while it started: {e}")),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = ready {
-            self.fence(l).await;
-            self.leader = None;
-            self.event(
-                Some(l),
-                "error",
-                format!("{site} did not start as primary: {e}; stopped"),
-            );
-            return Ok(());
-        }
         self.members[l].client = Some(client);
         self.take_lead_at(l, self.term, renewed);
         let how = if fresh {
@@ -1078,6 +1060,23 @@ impl Driver {
             format!("{how} {site} as primary on this node (term {})", self.term),
         );
         Ok(())
+    }
+
+    /// Cluster mode: waits until this node's member `l`, just started as primary, answers,
+    /// prepares it, then renews its lease; the connection and when the renewal was asked.
+    async fn ready_primary(&mut self, l: usize, site: &str) -> Result<(Client, Instant), String> {
+        let client = self.wait_ready(l).await?;
+        self.prepare_primary(&client, site).await?;
+        let renewed = Instant::now();
+        within(
+            self.ttl,
+            self.wiring
+                .store
+                .renew(&self.key, site, self.term, self.ttl),
+        )
+        .await
+        .map_err(|e| format!("lost the lease for {site} while it started: {e}"))?;
+        Ok((client, renewed))
     }
 
     /// A primary just started: the replication role (created when missing), a replication
@@ -1519,6 +1518,7 @@ impl Driver {
         self.blocked = None;
         let site = self.members[h].site.clone();
         if !self.members[h].here {
+            self.failing_over = None;
             self.event(
                 Some(h),
                 "leader",
@@ -1548,14 +1548,24 @@ impl Driver {
         match self.promote_guarded(h, asked).await {
             Ok(renewed) => {
                 self.take_lead_at(h, self.term, renewed);
-                self.event(
-                    Some(h),
-                    "promoted",
-                    format!(
-                        "{site} promoted on this node: the lease was handed to it (term {})",
+                if let Some((from, started, since)) = self.failing_over.take() {
+                    let seconds = started.elapsed().as_secs_f64();
+                    self.failovers += 1;
+                    self.record("failover", from, &site, seconds);
+                    self.event(Some(h), "failover", format!(
+                        "promoted {site} (term {}) {seconds:.2} s after {since}, on a second attempt",
                         self.term
-                    ),
-                );
+                    ));
+                } else {
+                    self.event(
+                        Some(h),
+                        "promoted",
+                        format!(
+                            "{site} promoted on this node: the lease was handed to it (term {})",
+                            self.term
+                        ),
+                    );
+                }
             }
             Err(e) => self.event(Some(h), "error", format!("promoting {site} failed: {e}")),
         }
@@ -2066,6 +2076,8 @@ impl Driver {
             (None, None) => (now, "the lease was found free".to_string()),
         };
         self.term = lease.term;
+        // Finished by `take_up` if this attempt falls short (the lease stays this member's).
+        self.failing_over = Some((from.clone(), started, since.clone()));
         if !self.claim_primary(c).await {
             return;
         }
@@ -2076,6 +2088,7 @@ impl Driver {
         };
         match promoted {
             Ok(renewed) => {
+                self.failing_over = None;
                 self.take_lead_at(c, lease.term, renewed);
                 let seconds = started.elapsed().as_secs_f64();
                 self.failovers += 1;
@@ -2103,23 +2116,53 @@ impl Driver {
     /// renewed right after. On any failure the member is fenced. The renewal's time.
     async fn promote_guarded(&mut self, c: usize, asked: Instant) -> Result<Instant, String> {
         self.guard(c, asked);
-        let left =
-            (asked + failover::fence_after(self.ttl)).saturating_duration_since(Instant::now());
-        let wait = i32::try_from(left.as_secs()).unwrap_or(i32::MAX).max(1);
         let site = self.members[c].site.clone();
-        let promoted = match self.promote_within(c, wait).await {
-            Ok(()) => {
-                let renewed = Instant::now();
-                within(
-                    self.ttl,
-                    self.wiring
-                        .store
-                        .renew(&self.key, &site, self.term, self.ttl),
-                )
-                .await
-                .map(|_| renewed)
-                .map_err(|e| format!("the lease could not be renewed after the promotion: {e}"))
+        let Some(client) = self.members[c].client.take() else {
+            self.fence(c).await;
+            return Err("no connection".into());
+        };
+        // The lease (and the watchdog) kept every third of it while PostgreSQL replays what it
+        // received and promotes, however long that takes.
+        let (store, ttl, term) = (self.wiring.store.clone(), self.ttl, self.term);
+        let file = crate::watchdog::file(&self.local.dir, &site);
+        let mut renewed = asked;
+        let outcome = {
+            let promote = client.query_one(PROMOTE, &[]);
+            tokio::pin!(promote);
+            loop {
+                tokio::select! {
+                    r = &mut promote => break match r {
+                        Ok(row) if row.get::<_, bool>(0) => Ok(()),
+                        Ok(_) => Err("pg_promote did not complete within 30 s".to_string()),
+                        Err(e) => Err(e.to_string()),
+                    },
+                    () = tokio::time::sleep_until(renewed + ttl / 3) => {
+                        let at = Instant::now();
+                        match within(ttl, store.renew(&self.key, &site, term, ttl)).await {
+                            Ok(_) => {
+                                renewed = at;
+                                let _ = crate::watchdog::arm(&file, at + failover::fence_after(ttl));
+                            }
+                            Err(e) => break Err(format!("the lease could not be kept during the promotion: {e}")),
+                        }
+                    }
+                }
             }
+        };
+        self.members[c].client = Some(client);
+        let promoted = match outcome {
+            Ok(()) => match self.promoted(c).await {
+                Ok(()) => {
+                    let at = Instant::now();
+                    within(ttl, store.renew(&self.key, &site, term, ttl))
+                        .await
+                        .map(|_| at)
+                        .map_err(|e| {
+                            format!("the lease could not be renewed after the promotion: {e}")
+                        })
+                }
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
         match promoted {
@@ -2200,20 +2243,22 @@ impl Driver {
     /// Promotes a standby and makes it a primary for the others: no synchronous standby until
     /// one streams from it, a fresh replication slot for every other member.
     async fn promote(&mut self, c: usize) -> Result<(), String> {
-        self.promote_within(c, 30).await
-    }
-
-    /// [`Driver::promote`], `pg_promote` waiting at most `wait` seconds.
-    async fn promote_within(&mut self, c: usize, wait: i32) -> Result<(), String> {
         let client = self.members[c].client.as_ref().ok_or("no connection")?;
         let promoted: bool = client
-            .query_one("SELECT pg_promote(true, $1)", &[&wait])
+            .query_one(PROMOTE, &[])
             .await
             .map_err(|e| e.to_string())?
             .get(0);
         if !promoted {
-            return Err(format!("pg_promote did not complete within {wait} s"));
+            return Err("pg_promote did not complete within 30 s".into());
         }
+        self.promoted(c).await
+    }
+
+    /// A standby just promoted made a primary for the others: no synchronous standby until
+    /// one streams from it, a fresh replication slot for every other member.
+    async fn promoted(&mut self, c: usize) -> Result<(), String> {
+        let client = self.members[c].client.as_ref().ok_or("no connection")?;
         // Strict: from its first commit on, a new primary waits for a standby (any, until one
         // is named).
         let names = if self.config.replication == Replication::SyncStrict {
@@ -2388,7 +2433,7 @@ impl Driver {
                 for i in 0..self.members.len() {
                     let m = &self.members[i];
                     if m.here
-                        && matches!(m.state, State::Stopped)
+                        && matches!(m.state, State::Stopped | State::Fenced)
                         && now >= m.retry_at
                         && self.local.has_data(&m.site)
                         && self.local.is_standby(&m.site)
@@ -3097,6 +3142,9 @@ async fn within<T>(
         )))
     })
 }
+
+/// Promotes a standby, waiting for the end of it (at most 30 s).
+const PROMOTE: &str = "SELECT pg_promote(true, 30)";
 
 /// Fast shutdown (SIGINT: clients disconnected, a clean checkpoint), killed after 30 s.
 async fn shut_down(mut inst: Box<dyn Instance>) {
