@@ -21,7 +21,7 @@ fn database() -> String {
 [[database]]
 name = "orders"
 replication = "sync"
-failover_timeout = "2s"
+failover_timeout = "3s"
 frontends = {{ edge = "{e40}:5432", region = "{r40}:5432" }}
 
   [[database.member]]
@@ -73,13 +73,37 @@ fn frontend(s: &Sites, site: &str) -> SocketAddr {
     SocketAddr::new(s.ip(site, 40), 5432)
 }
 
-/// Which member's address served `c`.
-async fn served_by(c: &tokio_postgres::Client) -> String {
-    let row = c
-        .query_one("SELECT host(inet_server_addr())", &[])
-        .await
-        .unwrap();
-    row.get(0)
+/// Which member's address serves a new session through `site`'s frontend. Asked again for up
+/// to 10 s: on a starved machine a tick may miss the primary for a moment, and its frontend
+/// then resets its flows.
+async fn served_by(s: &Sites, site: &str, password: &str) -> String {
+    eventually(
+        Duration::from_secs(10),
+        "a session through the frontend",
+        || async {
+            let c = s.sql(frontend(s, site), password).await.ok()?;
+            let row = c
+                .query_one("SELECT host(inet_server_addr())", &[])
+                .await
+                .ok()?;
+            Some(row.get::<_, String>(0))
+        },
+    )
+    .await
+}
+
+/// `sql` through `site`'s frontend, asked again for up to 10 s (see [`served_by`]).
+async fn through(
+    s: &Sites,
+    site: &str,
+    password: &str,
+    statement: &str,
+) -> Vec<tokio_postgres::Row> {
+    eventually(Duration::from_secs(10), statement, || async {
+        let c = s.sql(frontend(s, site), password).await.ok()?;
+        c.query(statement, &[]).await.ok()
+    })
+    .await
 }
 
 /// The ids a writer had acknowledged, with when, and its client errors.
@@ -177,11 +201,8 @@ async fn check_no_loss(
 ) -> HashSet<i64> {
     w.stop.store(true, Ordering::SeqCst);
     task.await.unwrap();
-    let c = s.sql(frontend(s, site), password).await.unwrap();
-    let kept: HashSet<i64> = c
-        .query("SELECT id FROM t", &[])
+    let kept: HashSet<i64> = through(s, site, password, "SELECT id FROM t")
         .await
-        .unwrap()
         .iter()
         .map(|r| r.get(0))
         .collect();
@@ -283,10 +304,13 @@ async fn start() -> (Sites, String) {
     wait_healthy(&s, "edge", "region", Duration::from_secs(120)).await;
     let file = s.state("edge").join("databases/orders/password");
     let password = std::fs::read_to_string(file).unwrap().trim().to_string();
-    let c = s.sql(frontend(&s, "edge"), &password).await.unwrap();
-    c.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY)")
-        .await
-        .unwrap();
+    through(
+        &s,
+        "edge",
+        &password,
+        "CREATE TABLE IF NOT EXISTS t (id bigint PRIMARY KEY)",
+    )
+    .await;
     (s, password)
 }
 
@@ -320,9 +344,10 @@ async fn a_database_across_nodes_fails_over_with_its_site_and_switches_back() {
     );
 
     // The region's frontend reaches the edge's primary.
-    let c = s.sql(frontend(&s, "region"), &password).await.unwrap();
-    assert_eq!(served_by(&c).await, s.ip("edge", 50).to_string());
-    drop(c);
+    assert_eq!(
+        served_by(&s, "region", &password).await,
+        s.ip("edge", 50).to_string()
+    );
 
     let (w, task) = writer(&s, "region", &password);
     w.wait_more(20, "20 writes acknowledged").await;
@@ -350,8 +375,10 @@ async fn a_database_across_nodes_fails_over_with_its_site_and_switches_back() {
     let region = view(&s, "region").await.unwrap();
     assert_eq!(region["last_change"]["kind"], "failover", "{region}");
     let kept = check_no_loss(&s, "region", &password, w, task).await;
-    let c = s.sql(frontend(&s, "region"), &password).await.unwrap();
-    assert_eq!(served_by(&c).await, s.ip("region", 50).to_string());
+    assert_eq!(
+        served_by(&s, "region", &password).await,
+        s.ip("region", 50).to_string()
+    );
 
     // The edge comes back: its old primary is rewound into a standby of the region's.
     s.lab.heal("edge");
@@ -385,17 +412,13 @@ async fn a_database_across_nodes_fails_over_with_its_site_and_switches_back() {
         "{body}"
     );
     wait_healthy(&s, "edge", "region", Duration::from_secs(60)).await;
-    let c = s.sql(frontend(&s, "edge"), &password).await.unwrap();
-    assert_eq!(served_by(&c).await, s.ip("edge", 50).to_string());
-    let rows: i64 = c
-        .query_one("SELECT count(*) FROM t", &[])
-        .await
-        .unwrap()
-        .get(0);
+    assert_eq!(
+        served_by(&s, "edge", &password).await,
+        s.ip("edge", 50).to_string()
+    );
+    let rows: i64 = through(&s, "edge", &password, "SELECT count(*) FROM t").await[0].get(0);
     assert_eq!(rows, kept.len() as i64, "every row after the switchover");
-    c.execute("INSERT INTO t (id) VALUES (100000)", &[])
-        .await
-        .unwrap();
+    through(&s, "edge", &password, "INSERT INTO t (id) VALUES (100000)").await;
     polls.check().await;
 }
 
