@@ -1473,7 +1473,6 @@ impl Driver {
                 Step::Follow(h) => self.led_elsewhere(h).await,
                 Step::Fence(i) => {
                     let site = self.members[i].site.clone();
-                    self.fence(i).await;
                     let who = self
                         .leader
                         .map_or("no one", |l| self.members[l].site.as_str());
@@ -1481,7 +1480,7 @@ impl Driver {
                         "{site} answered as a writable primary while the lease is {who}'s (term {}); stopped",
                         self.term
                     );
-                    self.event(Some(i), "fenced", message);
+                    self.fence_because(i, message).await;
                 }
                 Step::TakeUp(h) => self.take_up(h).await,
                 Step::FailOver(c) => self.fail_over_to(c, now).await,
@@ -1501,16 +1500,11 @@ impl Driver {
         if let Some(old) = self.leader.filter(|&o| o != h && self.members[o].here)
             && self.members[old].instance.is_some()
         {
-            let site = self.members[old].site.clone();
-            self.fence(old).await;
-            self.event(
-                Some(old),
-                "fenced",
-                format!(
-                    "{site} lost its lease to {} (term {}); stopped",
-                    self.members[h].site, self.term
-                ),
+            let message = format!(
+                "{} lost its lease to {} (term {}); stopped",
+                self.members[old].site, self.members[h].site, self.term
             );
+            self.fence_because(old, message).await;
         }
         self.leader = Some(h);
         self.lead = Lead::new(self.ttl, Instant::now());
@@ -1627,22 +1621,8 @@ impl Driver {
         }
     }
 
-    /// Cluster mode: the term of the last primary on record (0 when none).
-    async fn last_claim(&mut self) -> Result<u64, String> {
-        let Some(key) = self.shared.as_ref().map(|sh| sh.primary_key.clone()) else {
-            return Ok(0);
-        };
-        let store = self.wiring.store.clone();
-        let record = within(self.ttl, store.read(&key))
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(record
-            .and_then(|r| r.json::<PrimaryRecord>())
-            .map_or(0, |r| r.term))
-    }
-
-    /// Cluster mode: the member the store's `databases/DB/primary` names (who led last).
-    async fn last_primary(&mut self) -> Result<Option<usize>, String> {
+    /// Cluster mode: the last primary on record (`databases/DB/primary`), if any.
+    async fn primary_record(&mut self) -> Result<Option<PrimaryRecord>, String> {
         let Some(key) = self.shared.as_ref().map(|sh| sh.primary_key.clone()) else {
             return Ok(None);
         };
@@ -1650,7 +1630,17 @@ impl Driver {
         let record = within(self.ttl, store.read(&key))
             .await
             .map_err(|e| e.to_string())?;
-        let record: Option<PrimaryRecord> = record.and_then(|r| r.json());
+        Ok(record.and_then(|r| r.json()))
+    }
+
+    /// The term of the last primary on record (0 when none).
+    async fn last_claim(&mut self) -> Result<u64, String> {
+        Ok(self.primary_record().await?.map_or(0, |r| r.term))
+    }
+
+    /// The member the last primary on record is (who led last).
+    async fn last_primary(&mut self) -> Result<Option<usize>, String> {
+        let record = self.primary_record().await?;
         Ok(record.and_then(|r| self.position(&r.member)))
     }
 
@@ -1806,12 +1796,12 @@ impl Driver {
             // write by the time the lease can lapse (its watchdog would do it too).
             Err(StoreError::Unavailable(why)) => {
                 if now >= self.lead.renewed + failover::fence_after(self.ttl) {
-                    self.fence(l).await;
-                    self.event(Some(l), "fenced", format!(
+                    let message = format!(
                         "{site} fenced (term {}): its lease could not be renewed for {:?} ({why}), before it can lapse",
                         self.term,
                         failover::fence_after(self.ttl)
-                    ));
+                    );
+                    self.fence_because(l, message).await;
                 } else if !self.unrenewed {
                     self.event(
                         Some(l),
@@ -1917,6 +1907,12 @@ impl Driver {
             }
             Err(e) => self.event(Some(l), "error", format!("cannot restart {site}: {e}")),
         }
+    }
+
+    /// [`Driver::fence`], then the `fenced` event saying why.
+    async fn fence_because(&mut self, i: usize, message: String) {
+        self.fence(i).await;
+        self.event(Some(i), "fenced", message);
     }
 
     /// Stops a member taking writes at once: out of every frontend, flows reset, the
@@ -2451,16 +2447,11 @@ impl Driver {
             }
             if self.members[i].is_writable() {
                 // A second writable server: never allowed to take a write.
-                let site = self.members[i].site.clone();
-                self.fence(i).await;
-                self.event(
-                    Some(i),
-                    "fenced",
-                    format!(
-                        "{site} answered as a writable primary while {} holds the lease; stopped",
-                        self.members[l].site
-                    ),
+                let message = format!(
+                    "{} answered as a writable primary while {} holds the lease; stopped",
+                    self.members[i].site, self.members[l].site
                 );
+                self.fence_because(i, message).await;
                 continue;
             }
             if self.stuck(i, now) {
