@@ -353,54 +353,68 @@ impl Etcd {
         }
     }
 
-    /// Keeps an etcd lease alive once; its remaining time to live (0: it expired).
+    /// Keeps an etcd lease alive once; its remaining time to live (0: it expired). A stream
+    /// that broke (its member gone) is opened again at once, which puts it on another member,
+    /// within twice the request timeout, as [`Etcd::call`] does for requests.
     async fn keep_alive(&self, id: i64) -> Result<i64, StoreError> {
+        let deadline = Instant::now() + self.options.request_timeout * 2;
+        let mut pause = Duration::from_millis(20);
         let mut keepers = self.keepers.lock().await;
+        loop {
+            let again = Instant::now() + pause < deadline;
+            match self.keep_alive_once(&mut keepers, id).await {
+                KeepAlive::Ttl(ttl) => {
+                    self.set_connected(true, None);
+                    return Ok(ttl);
+                }
+                KeepAlive::Expired => return Ok(0),
+                KeepAlive::Failed(e) if again && retry(&e, true) => {}
+                KeepAlive::Failed(e) => return self.seen(Err(e)),
+                KeepAlive::Closed if again => {}
+                KeepAlive::Closed => {
+                    return Err(StoreError::Unavailable("keep-alive stream closed".into()));
+                }
+                KeepAlive::TimedOut(why) => {
+                    self.set_connected(false, Some(why.clone()));
+                    return Err(StoreError::Unavailable(why));
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+        }
+    }
+
+    /// One keep-alive on the lease's stream, opening it first if needed; a stream that failed
+    /// is dropped.
+    async fn keep_alive_once(&self, keepers: &mut HashMap<i64, Keeper>, id: i64) -> KeepAlive {
         if let std::collections::hash_map::Entry::Vacant(slot) = keepers.entry(id) {
             match self.client().lease_keep_alive(id).await {
                 Ok(k) => {
                     slot.insert(k);
                 }
                 // Opening a keep-alive stream checks the lease first.
-                Err(e) if expired(&e) => return Ok(0),
-                Err(e) => return self.seen(Err(e)),
+                Err(e) if expired(&e) => return KeepAlive::Expired,
+                Err(e) => return KeepAlive::Failed(e),
             }
         }
         let timeout = self.options.request_timeout;
-        let result = match keepers.get_mut(&id) {
-            Some((keeper, stream)) => {
-                tokio::time::timeout(timeout, async {
-                    keeper.keep_alive().await?;
-                    stream.message().await
-                })
-                .await
-            }
-            None => return Err(StoreError::Unavailable("no keep-alive stream".into())),
+        let Some((keeper, stream)) = keepers.get_mut(&id) else {
+            return KeepAlive::Closed;
         };
-        match result {
-            Ok(Ok(Some(resp))) => {
-                self.set_connected(true, None);
-                Ok(resp.ttl())
-            }
-            Ok(Ok(None)) => {
-                keepers.remove(&id);
-                Err(StoreError::Unavailable("keep-alive stream closed".into()))
-            }
-            Ok(Err(e)) if expired(&e) => {
-                keepers.remove(&id);
-                Ok(0)
-            }
-            Ok(Err(e)) => {
-                keepers.remove(&id);
-                self.seen::<()>(Err(e)).map(|_| 0)
-            }
-            Err(_) => {
-                keepers.remove(&id);
-                let why = format!("no keep-alive answer within {timeout:?}");
-                self.set_connected(false, Some(why.clone()));
-                Err(StoreError::Unavailable(why))
-            }
-        }
+        let answer = tokio::time::timeout(timeout, async {
+            keeper.keep_alive().await?;
+            stream.message().await
+        })
+        .await;
+        let outcome = match answer {
+            Ok(Ok(Some(resp))) => return KeepAlive::Ttl(resp.ttl()),
+            Ok(Ok(None)) => KeepAlive::Closed,
+            Ok(Err(e)) if expired(&e) => KeepAlive::Expired,
+            Ok(Err(e)) => KeepAlive::Failed(e),
+            Err(_) => KeepAlive::TimedOut(format!("no keep-alive answer within {timeout:?}")),
+        };
+        keepers.remove(&id);
+        outcome
     }
 
     async fn forget_keeper(&self, id: i64) {
@@ -454,13 +468,34 @@ impl Etcd {
     }
 }
 
+/// What one keep-alive on a lease's stream came to.
+enum KeepAlive {
+    /// The lease's remaining time to live, in seconds.
+    Ttl(i64),
+    /// etcd says the lease is gone.
+    Expired,
+    /// The stream could not be opened or broke.
+    Failed(etcd_client::Error),
+    /// The member closed the stream.
+    Closed,
+    /// No answer within the request timeout.
+    TimedOut(String),
+}
+
+/// The first pause after a failed keep-alive.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Keeps the session alive every third of its time to live; grants a new one when etcd says
-/// it expired (or before the first).
+/// it expired (or before the first). A failed attempt is tried again soon (from 100 ms,
+/// doubling up to the usual period): the member that held the keep-alive stream may just have
+/// gone, and the next attempt goes to another one well within the second a cluster node waits
+/// before it says it is isolated.
 async fn keep_session(store: std::sync::Weak<Etcd>) {
+    let mut retry_in = RETRY_FIRST;
     loop {
         let Some(s) = store.upgrade() else { return };
         let every = s.options.session_ttl / 3;
@@ -477,12 +512,21 @@ async fn keep_session(store: std::sync::Weak<Etcd>) {
                 Err(e) => Err(e),
             }
         };
-        if let Err(e) = outcome {
-            tracing::debug!(error = %e, "etcd session keep-alive failed");
-        }
+        let wait = match outcome {
+            Ok(()) => {
+                retry_in = RETRY_FIRST;
+                every
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "etcd session keep-alive failed");
+                let wait = retry_in.min(every);
+                retry_in = (retry_in * 2).min(every);
+                wait
+            }
+        };
         // Holding `s` while waiting delays the end of a dropped store by one wait at most.
         tokio::select! {
-            () = tokio::time::sleep(every) => {}
+            () = tokio::time::sleep(wait) => {}
             () = s.check_session.notified() => {}
         }
     }

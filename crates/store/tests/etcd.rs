@@ -262,3 +262,80 @@ async fn tls_with_a_client_certificate_and_nothing_less() {
         "over tls"
     );
 }
+
+/// One member of three going away, among them the one holding the session's keep-alive
+/// stream, leaves the store connected: the next keep-alive goes to another member well within
+/// the second a cluster node waits before it says it is isolated (it used to wait a third of
+/// the session's time to live). The raft leader stays up, so no election is measured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_member_with_the_keep_alive_stream_keeps_the_store_connected() {
+    let mut members = EtcdMember::start_cluster(3).await;
+    let leader = eventually(Duration::from_secs(10), "a raft leader", || async {
+        members.iter().position(is_leader)
+    })
+    .await;
+    let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    let s = Etcd::connect(EtcdOptions::new(
+        followers
+            .iter()
+            .map(|i| members[*i].endpoint.clone())
+            .collect(),
+        "three",
+        Duration::from_secs(6),
+    ))
+    .await
+    .unwrap();
+    s.ready(Duration::from_secs(10)).await.unwrap();
+    let longest = Arc::new(std::sync::Mutex::new(Duration::ZERO));
+    let watch = tokio::spawn(longest_disconnection(s.connection(), longest.clone()));
+    // The stream is on one of the two followers: killing each in turn hits it once.
+    for i in followers {
+        members[i].kill();
+        // Two keep-alive periods (a third of 6 s) without the member.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        members[i].restart().await;
+    }
+    watch.abort();
+    let longest = *longest.lock().unwrap();
+    assert!(
+        longest < Duration::from_secs(1),
+        "disconnected for {longest:?}"
+    );
+    assert!(s.connection().borrow().connected);
+}
+
+/// Whether `m` is the raft leader, by `etcdctl endpoint status`.
+fn is_leader(m: &EtcdMember) -> bool {
+    let v: serde_json::Value =
+        serde_json::from_str(&m.etcdctl(&["endpoint", "status", "-w", "json"])).unwrap_or_default();
+    let status = &v[0]["Status"];
+    status["leader"].is_u64() && status["leader"] == status["header"]["member_id"]
+}
+
+/// Keeps the longest time `connection` said disconnected in `longest`, an ongoing one included.
+async fn longest_disconnection(
+    mut connection: tokio::sync::watch::Receiver<store::Connection>,
+    longest: Arc<std::sync::Mutex<Duration>>,
+) {
+    let mut down_since = None;
+    loop {
+        let connected = connection.borrow_and_update().connected;
+        match (connected, down_since) {
+            (false, None) => down_since = Some(tokio::time::Instant::now()),
+            (true, Some(t)) => {
+                let mut l = longest.lock().unwrap();
+                *l = (*l).max(t.elapsed());
+                down_since = None;
+            }
+            _ => {}
+        }
+        let changed = tokio::time::timeout(Duration::from_millis(50), connection.changed()).await;
+        if let (Some(t), Err(_)) = (down_since, &changed) {
+            let mut l = longest.lock().unwrap();
+            *l = (*l).max(t.elapsed());
+        }
+        if matches!(changed, Ok(Err(_))) {
+            return;
+        }
+    }
+}

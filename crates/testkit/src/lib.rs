@@ -301,6 +301,9 @@ pub struct EtcdMember {
     /// `http://127.0.0.1:PORT` (`https://` with TLS).
     pub endpoint: String,
     pub peer: String,
+    /// The member's name, and the `--initial-cluster` it was started with.
+    name: String,
+    initial_cluster: String,
     child: Option<std::process::Child>,
     dir: std::path::PathBuf,
     /// With TLS: the member's CA, and the client certificate etcdctl uses.
@@ -327,19 +330,55 @@ impl EtcdMember {
         Self::start_with(Some(pki)).await
     }
 
-    async fn start_with(pki: Option<&pki::Pki>) -> Self {
-        let client = free_tcp_port(&["127.0.0.1"]);
-        let mut peer = free_tcp_port(&["127.0.0.1"]);
-        while peer == client {
-            peer = free_tcp_port(&["127.0.0.1"]);
+    /// Starts `n` members forming one cluster (each with its own ports and data) and waits
+    /// (at most 20 s each) until every one answers.
+    pub async fn start_cluster(n: usize) -> Vec<Self> {
+        let mut members: Vec<Self> = (0..n)
+            .map(|i| Self::unstarted(None, &format!("m{i}")))
+            .collect();
+        let initial = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",");
+        for m in &mut members {
+            m.initial_cluster.clone_from(&initial);
+            m.spawn();
         }
+        for m in &members {
+            m.wait_ready().await;
+        }
+        members
+    }
+
+    async fn start_with(pki: Option<&pki::Pki>) -> Self {
+        let mut m = Self::unstarted(pki, "t");
+        m.spawn();
+        m.wait_ready().await;
+        m
+    }
+
+    /// A member with its own ports and directory, not started, alone in its cluster.
+    fn unstarted(pki: Option<&pki::Pki>, name: &str) -> Self {
+        let mut taken = Vec::new();
+        let mut port = || loop {
+            let p = free_tcp_port(&["127.0.0.1"]);
+            if !taken.contains(&p) {
+                taken.push(p);
+                return p;
+            }
+        };
+        let (client, peer) = (port(), port());
         let dir = std::env::temp_dir().join(format!("tandem-etcd-{}-{client}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let scheme = if pki.is_some() { "https" } else { "http" };
-        let mut m = EtcdMember {
+        let peer = format!("http://127.0.0.1:{peer}");
+        EtcdMember {
             endpoint: format!("{scheme}://127.0.0.1:{client}"),
-            peer: format!("http://127.0.0.1:{peer}"),
+            initial_cluster: format!("{name}={peer}"),
+            name: name.to_string(),
+            peer,
             child: None,
             tls: pki.map(|p| {
                 (
@@ -348,10 +387,7 @@ impl EtcdMember {
                 )
             }),
             dir,
-        };
-        m.spawn();
-        m.wait_ready().await;
-        m
+        }
     }
 
     fn spawn(&mut self) {
@@ -367,13 +403,13 @@ impl EtcdMember {
                 .arg("--client-cert-auth");
         }
         let child = etcd
-            .args(["--name", "t", "--data-dir"])
+            .args(["--name", &self.name, "--data-dir"])
             .arg(self.dir.join("data"))
             .args(["--listen-client-urls", &self.endpoint])
             .args(["--advertise-client-urls", &self.endpoint])
             .args(["--listen-peer-urls", &self.peer])
             .args(["--initial-advertise-peer-urls", &self.peer])
-            .args(["--initial-cluster", &format!("t={}", self.peer)])
+            .args(["--initial-cluster", &self.initial_cluster])
             .args(["--log-level", "warn"])
             .stdout(log.try_clone().unwrap())
             .stderr(log)
