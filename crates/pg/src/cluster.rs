@@ -42,6 +42,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Every this many ticks, each observation also opens a fresh connection: a postmaster that
 /// hangs still lets established sessions answer, while every new client waits.
 const FRESH_CHECK_TICKS: u64 = 5;
+/// Late observations in a row a running member is allowed before it counts as down (a
+/// starved machine answers one connection late now and then; a hung postmaster never does).
+const LATE_TOLERATED: u32 = 1;
 /// A member's log past this many bytes is moved to `SITE.log.1` (see
 /// `scaleset::driver::rotate_log`), checked every [`MEMBER_LOG_CHECK_TICKS`] ticks.
 const MEMBER_LOG_MAX: u64 = 10_000_000;
@@ -590,6 +593,8 @@ struct Rt {
     instance: Option<Box<dyn Instance>>,
     client: Option<Client>,
     obs: Option<Observation>,
+    /// Observations in a row that got no answer in time while the last one stood.
+    late: u32,
     state: State,
     error: Option<String>,
     /// Since when a running standby has not been streaming.
@@ -727,6 +732,7 @@ impl Driver {
                 instance: None,
                 client: None,
                 obs: None,
+                late: 0,
                 state: State::Stopped,
                 error: None,
                 not_streaming_since: None,
@@ -1359,13 +1365,24 @@ impl Driver {
                 Ok(o) => {
                     m.obs = Some(o);
                     m.error = None;
+                    m.late = 0;
                     if m.state == State::Starting {
                         m.state = State::Running;
                     }
                 }
-                Err(e) => {
+                // One late answer from a running member is a busy machine until the next
+                // tick says otherwise: its last observation stands that long. A member
+                // that refuses or fails, or is late twice in a row, is down.
+                Err(miss)
+                    if !miss.is_down(m.late, m.state == State::Running && m.obs.is_some()) =>
+                {
+                    m.late += 1;
+                    tracing::debug!(site = %m.site, "{}; asking again next tick", miss.why);
+                }
+                Err(miss) => {
                     m.obs = None;
-                    m.error = Some(e);
+                    m.error = Some(miss.why);
+                    m.late = 0;
                 }
             }
         }
@@ -3153,51 +3170,86 @@ async fn shut_down(mut inst: Box<dyn Instance>) {
     }
 }
 
-/// One round of questions to a member, connecting first when needed; the connection comes
-/// back only while it works.
 /// One observation of a member, through `client` when it has one, else a new connection;
-/// with `fresh`, a new connection must also be accepted (bounded like every question).
+/// with `fresh`, a new connection must also be accepted (bounded like every question). The
+/// connection comes back only while it works.
 async fn ask(
     addr: SocketAddr,
     password: &str,
     client: Option<Client>,
     fresh: bool,
-) -> (Option<Client>, Result<Observation, String>) {
-    if fresh
-        && client.as_ref().is_some_and(|c| !c.is_closed())
-        && !matches!(
-            tokio::time::timeout(SQL_TIMEOUT, observe::connect(addr, password)).await,
-            Ok(Ok(_))
-        )
-    {
-        // The session is dropped too: until a new connection is accepted, every tick tries one.
-        return (
-            None,
-            Err(format!(
-                "a new connection got no answer within {SQL_TIMEOUT:?} (the postmaster hangs?)"
-            )),
-        );
-    }
-    let client = match client.filter(|c| !c.is_closed()) {
-        Some(c) => c,
-        None => match tokio::time::timeout(SQL_TIMEOUT, observe::connect(addr, password)).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return (None, Err(e)),
+) -> (Option<Client>, Result<Observation, Miss>) {
+    let client = client.filter(|c| !c.is_closed());
+    if fresh && client.is_some() {
+        match tokio::time::timeout(SQL_TIMEOUT, observe::connect(addr, password)).await {
+            Ok(Ok(_)) => {}
+            // The session is dropped too: until a new connection is accepted, every tick
+            // tries one.
+            Ok(Err(e)) => return (None, Err(Miss::failed(e))),
             Err(_) => {
                 return (
                     None,
-                    Err(format!("no answer to a connection within {SQL_TIMEOUT:?}")),
+                    Err(Miss::timed_out(format!(
+                        "a new connection got no answer within {SQL_TIMEOUT:?} (the postmaster hangs?)"
+                    ))),
+                );
+            }
+        }
+    }
+    let client = match client {
+        Some(c) => c,
+        None => match tokio::time::timeout(SQL_TIMEOUT, observe::connect(addr, password)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return (None, Err(Miss::failed(e))),
+            Err(_) => {
+                return (
+                    None,
+                    Err(Miss::timed_out(format!(
+                        "a new connection got no answer within {SQL_TIMEOUT:?} (the postmaster hangs?)"
+                    ))),
                 );
             }
         },
     };
     match tokio::time::timeout(SQL_TIMEOUT, observe::observe(&client)).await {
         Ok(Ok(o)) => (Some(client), Ok(o)),
-        Ok(Err(e)) => (None, Err(e)),
+        Ok(Err(e)) => (None, Err(Miss::failed(e))),
         Err(_) => (
             None,
-            Err(format!("no answer to SQL within {SQL_TIMEOUT:?}")),
+            Err(Miss::timed_out(format!(
+                "no answer to SQL within {SQL_TIMEOUT:?}"
+            ))),
         ),
+    }
+}
+
+/// Why an observation of a member came to nothing.
+struct Miss {
+    why: String,
+    /// No answer in time (busy or hung), rather than a refusal or an error.
+    timed_out: bool,
+}
+
+impl Miss {
+    fn failed(why: String) -> Self {
+        Miss {
+            why,
+            timed_out: false,
+        }
+    }
+
+    fn timed_out(why: String) -> Self {
+        Miss {
+            why,
+            timed_out: true,
+        }
+    }
+
+    /// Whether the member counts as down, after `late` late answers in a row, when its last
+    /// observation `stands` (it is running and was observed): a refusal or an error at once,
+    /// a late answer only past [`LATE_TOLERATED`] in a row.
+    fn is_down(&self, late: u32, stands: bool) -> bool {
+        !self.timed_out || !stands || late >= LATE_TOLERATED
     }
 }
 
@@ -3218,4 +3270,18 @@ async fn ensure_slots(client: &Client, sites: &[String], fresh: bool) -> Result<
         observe::execute(client, &[&create]).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_late_answer_is_a_busy_machine_a_second_or_a_refusal_is_down() {
+        let late = Miss::timed_out("late".into());
+        assert!(!late.is_down(0, true));
+        assert!(late.is_down(1, true), "twice in a row");
+        assert!(late.is_down(0, false), "nothing stands to keep");
+        assert!(Miss::failed("refused".into()).is_down(0, true));
+    }
 }
