@@ -89,6 +89,7 @@ async fn serve_limited(
     let store: Arc<dyn store::Store> = Arc::new(store::Embedded::in_memory());
     let intents = cluster::Intents::start(store.clone(), "local");
     let drills = orchestrator::Drills::new(vec![orchestrator::Site {
+        databases: Vec::new(),
         name: "edge".into(),
         frontends: Vec::new(),
         scale_sets: Vec::new(),

@@ -407,7 +407,8 @@ pub(crate) async fn build(config: Config) -> Result<Node, Error> {
     let databases =
         start_databases(&topology, site.as_deref(), &store, &load_balancers, &events).await?;
     let scale_sets = start_scale_sets(&topology, &runs, &engine, &load_balancers, &events)?;
-    let drills = orchestrator::Drills::new(sites(&topology, &runs, frontends, &scale_sets));
+    let drills =
+        orchestrator::Drills::new(sites(&topology, &runs, frontends, &scale_sets, &databases));
     events.follow(drills.events());
 
     let apps = start_apps(
@@ -504,6 +505,7 @@ fn sites(
     runs: &dyn Fn(&str) -> bool,
     frontends: Vec<orchestrator::Frontend>,
     sets: &[Arc<scaleset::ScaleSet>],
+    databases: &[Arc<pg::Cluster>],
 ) -> Vec<orchestrator::Site> {
     let mut sites: Vec<orchestrator::Site> = topology
         .sites
@@ -515,6 +517,11 @@ fn sites(
             scale_sets: sets
                 .iter()
                 .filter(|set| set.site == s.name.as_str())
+                .cloned()
+                .collect(),
+            databases: databases
+                .iter()
+                .filter(|d| d.sites.iter().any(|m| m == s.name.as_str()))
                 .cloned()
                 .collect(),
         })

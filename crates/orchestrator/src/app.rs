@@ -662,7 +662,13 @@ impl AppRunner {
         }
         if let Some(db) = &t.database {
             let v = db.view();
-            seen.primary.clone_from(&v.primary);
+            // A primary that is fenced or down (an outage drill, a crash) is no primary to
+            // switch over from: the move waits for the database's own failover instead.
+            seen.primary = v.primary.clone().filter(|p| {
+                v.members.iter().any(|m| {
+                    m.site == *p && !matches!(m.state.as_str(), "fenced" | "stopped" | "failed")
+                })
+            });
             for m in &v.members {
                 seen.caught_up.insert(m.site.clone(), caught_up(&v, m));
             }

@@ -1,6 +1,8 @@
 //! Site outage drills, applied from the drill in progress (an operator intent): the site's
 //! load balancers close their listeners and reset their flows, its scale sets stop every
-//! instance; when the drill ends (its time is up, or it is stopped) they come back.
+//! instance, its database members stop as if their machine were gone (a primary fails over
+//! once its lease lapses); when the drill ends (its time is up, or it is stopped) they come
+//! back, the members as standbys.
 //!
 //! Which drill runs is decided elsewhere (the intent record, one at a time); this only makes
 //! the sites this process runs match it, so it is idempotent: applying the same drill twice
@@ -60,6 +62,8 @@ pub struct Site {
     pub name: String,
     pub frontends: Vec<Frontend>,
     pub scale_sets: Vec<Arc<ScaleSet>>,
+    /// The databases with a member in the site.
+    pub databases: Vec<Arc<pg::Cluster>>,
 }
 
 /// A drill: which site, since when, until when.
@@ -158,14 +162,18 @@ impl Drills {
         for set in &s.scale_sets {
             set.down(&format!("outage drill of site {}", d.site));
         }
+        for db in &s.databases {
+            db.set_outage(&d.site, Some(format!("outage drill of site {}", d.site)));
+        }
         let left = d.ends.duration_since(now).unwrap_or_default();
         self.event(
             &d.site,
             "outage-start",
             format!(
-                "outage drill: {} load balancers stopped answering, {} scale sets stopping; back in {}",
+                "outage drill: {} load balancers stopped answering, {} scale sets stopping, {} database members stopped; back in {}",
                 s.frontends.len(),
                 s.scale_sets.len(),
+                s.databases.len(),
                 model::units::format_duration(std::time::Duration::from_secs(left.as_secs().max(1)))
             ),
         );
@@ -182,9 +190,12 @@ impl Drills {
         for set in &s.scale_sets {
             set.up(&format!("outage drill of site {} ended", s.name));
         }
+        for db in &s.databases {
+            db.set_outage(&s.name, None);
+        }
         let lasted = now.duration_since(d.started).unwrap_or_default();
         let mut message = format!(
-            "outage drill ended{} after {:.1}s: load balancers answering again, instances starting",
+            "outage drill ended{} after {:.1}s: load balancers answering again, instances starting, database members rejoining",
             if early { " early" } else { "" },
             lasted.as_secs_f64()
         );

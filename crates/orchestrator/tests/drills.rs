@@ -61,6 +61,7 @@ async fn edge() -> (Arc<Drills>, SocketAddr) {
     let balancer = Balancer::new(t.load_balancers[0].clone(), Arc::new(AllUp));
     let running = Running::start(balancer, 1).unwrap();
     let site = Site {
+        databases: Vec::new(),
         name: "edge".into(),
         frontends: vec![Frontend::new(running, 1)],
         scale_sets: Vec::new(),

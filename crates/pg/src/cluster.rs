@@ -136,6 +136,8 @@ pub struct Cluster {
     /// Subscribed before the members start; handed to the first caller of [`Cluster::events`].
     first_events: Mutex<Option<broadcast::Receiver<Event>>>,
     commands: mpsc::Sender<Command>,
+    /// Sites under an outage drill, and why ([`Cluster::set_outage`]).
+    outages: watch::Sender<std::collections::BTreeMap<String, String>>,
     stop: watch::Sender<bool>,
     /// Set by [`Cluster::leave_running`]: the stop leaves the members running.
     leave: std::sync::atomic::AtomicBool,
@@ -323,6 +325,7 @@ impl Cluster {
             events,
             first_events: Mutex::new(Some(first_events)),
             commands,
+            outages: watch::Sender::default(),
             stop,
             leave: std::sync::atomic::AtomicBool::new(false),
             done: Mutex::new(None),
@@ -474,6 +477,23 @@ impl Cluster {
             .map_err(|_| SwitchoverError("the database is shutting down".into()))?
     }
 
+    /// An outage drill of `site` (`Some(why)`) or its end (`None`): the site's member run by
+    /// this process is stopped at once, as if its machine were gone (fenced; a primary fails
+    /// over once its lease lapses, as in a real outage), and is neither observed, restarted,
+    /// rejoined nor promoted until the drill ends; then it rejoins as a standby (or, still
+    /// holding the lease because no failover was possible, restarts in place). Returns once
+    /// the driver's next tick, at once. A site without a member here is left alone.
+    pub fn set_outage(&self, site: &str, why: Option<String>) {
+        self.outages.send_modify(|o| match why {
+            Some(why) => {
+                o.insert(site.to_string(), why);
+            }
+            None => {
+                o.remove(site);
+            }
+        });
+    }
+
     /// Stops every member cleanly (fast shutdown) and waits for them.
     /// Makes the next [`Cluster::shutdown`] leave every member running, its lease in place,
     /// for the next Tandem to adopt (a planned restart or an upgrade).
@@ -595,6 +615,8 @@ struct Rt {
     obs: Option<Observation>,
     /// Observations in a row that got no answer in time while the last one stood.
     late: u32,
+    /// Under an outage drill: why. Kept down (fenced) until it ends.
+    outage: Option<String>,
     state: State,
     error: Option<String>,
     /// Since when a running standby has not been streaming.
@@ -733,6 +755,7 @@ impl Driver {
                 client: None,
                 obs: None,
                 late: 0,
+                outage: None,
                 state: State::Stopped,
                 error: None,
                 not_streaming_since: None,
@@ -832,15 +855,18 @@ impl Driver {
                 stop.clone(),
             ));
         }
+        let mut outages = self.cluster.outages.subscribe();
         while !*stop.borrow() {
             tokio::select! {
                 _ = tick.tick() => self.tick().await,
+                Ok(()) = outages.changed() => self.tick().await,
                 () = changed.notified() => self.tick().await,
                 Some(c) = commands.recv() => match c {
                     Command::Switchover(site, reply) => {
                         let r = self.switchover(&site).await;
                         let _ = reply.send(r);
                     }
+
                 },
                 Some(done) = work.recv() => self.work_done(done),
                 _ = stop.changed() => {}
@@ -1348,6 +1374,12 @@ impl Driver {
             if m.here && m.instance.is_none() {
                 continue;
             }
+            if let Some(why) = &m.outage {
+                // Its machine is "gone": nothing answers from it.
+                m.obs = None;
+                m.error = Some(why.clone());
+                continue;
+            }
             let (addr, password, client) = (
                 m.config.listen,
                 self.local.password.clone(),
@@ -1390,6 +1422,11 @@ impl Driver {
 
     async fn tick(&mut self) {
         self.ticks += 1;
+        let outages = self.cluster.outages.borrow().clone();
+        for i in 0..self.members.len() {
+            let why = outages.get(&self.members[i].site).cloned();
+            self.outage(i, why).await;
+        }
         if self.ticks.is_multiple_of(MEMBER_LOG_CHECK_TICKS) {
             for m in &self.members {
                 let path = self.local.log(&m.site);
@@ -1748,7 +1785,9 @@ impl Driver {
         let seen = Seen {
             writable: m.is_writable(),
             process,
-            restartable: self.local.has_data(&site) && !self.local.is_standby(&site),
+            restartable: self.local.has_data(&site)
+                && !self.local.is_standby(&site)
+                && self.members[l].outage.is_none(),
             failover_possible: failover.is_ok(),
         };
         let (action, notes) = self.lead.decide(seen, now);
@@ -1923,6 +1962,40 @@ impl Driver {
                 );
             }
             Err(e) => self.event(Some(l), "error", format!("cannot restart {site}: {e}")),
+        }
+    }
+
+    /// Makes member `i`, when this process runs it, under an outage drill (`Some(why)`) or
+    /// not (see [`Cluster::set_outage`]).
+    async fn outage(&mut self, i: usize, why: Option<String>) {
+        if !self.members[i].here {
+            return;
+        }
+        let site = self.members[i].site.clone();
+        match why {
+            Some(why) if self.members[i].outage.is_none() => {
+                let role = if self.leader == Some(i) {
+                    "primary"
+                } else {
+                    "standby"
+                };
+                self.members[i].outage = Some(why.clone());
+                self.fence_because(i, format!("{site} ({role}) stopped: {why}"))
+                    .await;
+                self.members[i].error = Some(why);
+            }
+            None if self.members[i].outage.is_some() => {
+                let m = &mut self.members[i];
+                m.outage = None;
+                m.error = None;
+                m.retry_at = Instant::now();
+                self.event(
+                    Some(i),
+                    "outage-end",
+                    format!("{site}'s outage drill ended; it rejoins"),
+                );
+            }
+            _ => {}
         }
     }
 
@@ -2446,6 +2519,7 @@ impl Driver {
                 for i in 0..self.members.len() {
                     let m = &self.members[i];
                     if m.here
+                        && m.outage.is_none()
                         && matches!(m.state, State::Stopped | State::Fenced)
                         && now >= m.retry_at
                         && self.local.has_data(&m.site)
@@ -2459,7 +2533,7 @@ impl Driver {
             return;
         }
         for i in 0..self.members.len() {
-            if i == l || !self.members[i].here {
+            if i == l || !self.members[i].here || self.members[i].outage.is_some() {
                 continue;
             }
             if self.members[i].is_writable() {

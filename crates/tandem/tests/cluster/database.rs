@@ -670,3 +670,42 @@ async fn a_crashed_primary_is_restarted_on_its_node_and_a_hung_one_failed_over()
     check_no_loss(&s, "edge", &password, w, task).await;
     polls.check().await;
 }
+
+/// An outage drill of the edge, asked of the witness's node, stops the edge's member on the
+/// edge's node as if its machine were gone: the region's node promotes its member once the
+/// lease lapses, no acknowledged write is lost, never are both writable; when the drill is
+/// stopped the edge's member rejoins as the synchronous standby.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_drill_fails_the_sites_member_over_and_it_rejoins_after() {
+    let (s, password) = start().await;
+    let polls = poll_writability(&s, &password);
+    let (w, task) = writer(&s, "region", &password);
+    w.wait_more(20, "20 writes acknowledged").await;
+    let (status, body) = s
+        .post(
+            "witness",
+            "/v1/drills/outage",
+            r#"{"site": "edge", "for": "5m"}"#,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    eventually(Duration::from_secs(30), "the region promoted", || async {
+        let v = view(&s, "region").await?;
+        (v["primary"] == "region" && v["last_change"]["kind"] == "failover").then_some(())
+    })
+    .await;
+    let edge = view(&s, "edge").await.unwrap();
+    assert_eq!(member(&edge, "edge")["state"], "fenced", "{edge}");
+    assert_eq!(
+        member(&edge, "edge")["error"],
+        "outage drill of site edge",
+        "{edge}"
+    );
+    w.wait_more(10, "writes after the failover").await;
+    check_no_loss(&s, "region", &password, w, task).await;
+    let (status, body) = s.post("witness", "/v1/drills/stop", "").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    wait_healthy(&s, "region", "edge", Duration::from_secs(90)).await;
+    polls.check().await;
+}
