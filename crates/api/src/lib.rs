@@ -1022,9 +1022,7 @@ fn app_runner<'a>(
         return Ok(a);
     }
     let message = if api.topology.app(name).is_some() {
-        format!(
-            "app {name:?} is not driven by this process: apps run in the single-process mode for now"
-        )
+        format!("app {name:?} is not running in this process")
     } else {
         format!("no app {name:?}")
     };
@@ -1075,6 +1073,13 @@ async fn app_drill(State(api): State<Api>, Path(name): Path<String>) -> Response
         Ok(a) => a,
         Err(r) => return *r,
     };
+    if api.node.is_some() {
+        return error(
+            StatusCode::CONFLICT,
+            "app",
+            "app drills run in the single-process mode for now; in cluster mode, `tandem drill outage SITE` fails a whole site",
+        );
+    }
     let Some(config) = api.topology.app(&name) else {
         return error(StatusCode::NOT_FOUND, "app", format!("no app {name:?}"));
     };
@@ -1093,12 +1098,38 @@ async fn app_drill(State(api): State<Api>, Path(name): Path<String>) -> Response
 async fn app_action(
     State(api): State<Api>,
     Path((name, action)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
     let app = match app_runner(&api, &name) {
         Ok(a) => a,
         Err(r) => return *r,
     };
+    // Cluster mode: the leader drives the apps; asked elsewhere, the command is passed on to
+    // it (once only) and its answer returned as it is.
+    if let Some(leader) = app
+        .leader_elsewhere()
+        .filter(|_| !headers.contains_key(peers::FORWARDED))
+        && let Some(addr) = api.node.as_ref().and_then(|n| {
+            n.peers()
+                .into_iter()
+                .find(|(p, _)| *p == leader)
+                .map(|(_, a)| a)
+        })
+    {
+        let path = format!("/v1/apps/{name}/{action}");
+        let wait = Duration::from_secs(10);
+        return match peers::forward(&api, addr, Method::POST, &path, body, wait).await {
+            Some((status, body)) => {
+                (status, [(CONTENT_TYPE, "application/json")], body).into_response()
+            }
+            None => error(
+                StatusCode::BAD_GATEWAY,
+                "app",
+                format!("the leader, node {leader} ({addr}), gave no answer"),
+            ),
+        };
+    }
     if !["failover", "failback", "pin", "unpin"].contains(&action.as_str()) {
         return error(
             StatusCode::NOT_FOUND,

@@ -411,9 +411,19 @@ pub(crate) async fn build(config: Config) -> Result<Node, Error> {
         orchestrator::Drills::new(sites(&topology, &runs, frontends, &scale_sets, &databases));
     events.follow(drills.events());
 
+    let shared = node.as_ref().map(|n| orchestrator::app_shared::Shared {
+        node: n.clone(),
+        store: store.clone(),
+        intents: intents.clone(),
+        mirror: store::Mirror::start(store.clone(), store::keys::APPS),
+        health: Arc::new(ClusterHealth {
+            node: n.clone(),
+            engine: engine.clone(),
+        }),
+    });
     let apps = start_apps(
         &topology,
-        me.is_none(),
+        shared,
         &engine,
         &dns_manager,
         &databases,
@@ -574,12 +584,13 @@ async fn start_databases(
     Ok(out)
 }
 
-/// Starts driving every `[[app]]`, in the single-process mode (where this process runs every
-/// tier of every site); in cluster mode apps are not driven yet.
+/// Starts every `[[app]]`: in the single-process mode this process runs every tier of every
+/// site and drives it; in cluster mode (`shared`) every node follows the app, reports on its
+/// own site's part and the leader drives it ([`orchestrator::app_shared`]).
 #[allow(clippy::too_many_arguments)]
 fn start_apps(
     topology: &Arc<model::Topology>,
-    single_process: bool,
+    shared: Option<orchestrator::app_shared::Shared>,
     engine: &Arc<health::Engine>,
     dns: &Option<Arc<dns::manager::Manager>>,
     databases: &[Arc<pg::Cluster>],
@@ -587,14 +598,6 @@ fn start_apps(
     drills: &Arc<orchestrator::Drills>,
     events: &api::EventLog,
 ) -> Vec<Arc<orchestrator::AppRunner>> {
-    if !single_process {
-        if !topology.apps.is_empty() {
-            tracing::warn!(
-                "[[app]] is driven in the single-process mode only for now: in cluster mode each tier fails over by itself"
-            );
-        }
-        return Vec::new();
-    }
     topology
         .apps
         .iter()
@@ -614,6 +617,7 @@ fn start_apps(
                     .collect(),
                 drills: drills.clone(),
                 state_dir: Some(topology.tandem.state_dir.clone()),
+                shared: shared.clone(),
             };
             let runner = orchestrator::AppRunner::start(a.clone(), tiers);
             events.follow(runner.events());

@@ -6,6 +6,7 @@
 //! Slow actions (a switchover, scaling) run on tasks of their own; the next observations
 //! confirm them, so the tick never waits.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -36,6 +37,9 @@ pub struct Tiers {
     pub drills: Arc<Drills>,
     /// Where the app's record is kept (`STATE_DIR/apps/`); `None`: not kept.
     pub state_dir: Option<std::path::PathBuf>,
+    /// Cluster mode: the store, the leader, the consensus ([`crate::app_shared`]); the tiers
+    /// above are then this node's only.
+    pub shared: Option<crate::app_shared::Shared>,
 }
 
 /// One site of an app as the API shows it.
@@ -166,6 +170,17 @@ struct State {
     recorded: Option<Record>,
     drilling: bool,
     last_drill: Option<crate::app_drill::AppDrillReport>,
+    /// Cluster mode: this node follows the leader's record rather than stepping the app.
+    following: bool,
+    /// Cluster mode: the site DNS answers with, as last set from the record.
+    pointed: Option<String>,
+    /// Cluster mode: this node's site report as last written, and the last switchover
+    /// request it carried out (term, plan).
+    reported: Option<crate::app_shared::Report>,
+    switched: Option<(u64, u64)>,
+    /// Cluster mode: each site's capacity as last reported, for a site whose node is gone (a
+    /// warm standby is scaled to the capacity the lost site had).
+    known_capacity: BTreeMap<String, u32>,
 }
 
 /// What outlives a restart of Tandem, in `STATE_DIR/apps/APP.json`: where the app is, under
@@ -243,7 +258,17 @@ impl AppRunner {
             .state_dir
             .as_ref()
             .map(|d| d.join("apps").join(format!("{}.json", config.name)));
-        let record = path.as_deref().and_then(|p| Record::load(p, &cfg.sites));
+        let record = match &tiers.shared {
+            Some(sh) => sh.record(&config.name).map(|r| Record {
+                active: r.active,
+                term: r.term,
+                pinned: r.pinned,
+            }),
+            None => path.as_deref().and_then(|p| Record::load(p, &cfg.sites)),
+        };
+        // Cluster mode: the record lives in the store, not in a file.
+        let path = path.filter(|_| tiers.shared.is_none());
+        let following = tiers.shared.is_some();
         let app = match &record {
             Some(r) => App::new(cfg, r.active.clone(), r.term).pinned_as(r.pinned),
             None => App::new(cfg, home, 0),
@@ -260,6 +285,11 @@ impl AppRunner {
                 recorded: record.clone(),
                 drilling: false,
                 last_drill: None,
+                following,
+                pointed: None,
+                reported: None,
+                switched: None,
+                known_capacity: BTreeMap::new(),
             }),
             events: broadcast::Sender::new(256),
             wake: Notify::new(),
@@ -410,6 +440,15 @@ impl AppRunner {
         })
     }
 
+    /// Cluster mode, on a node that does not drive the app: the node that does (the leader).
+    pub fn leader_elsewhere(&self) -> Option<String> {
+        let sh = self.tiers.shared.as_ref()?;
+        if sh.drives() {
+            return None;
+        }
+        sh.node.leadership().holder.filter(|h| h != sh.node.name())
+    }
+
     /// An operator's command (failover, failback, pin, unpin), checked against what was
     /// last observed; the move it starts runs in the background (see [`AppRunner::view`]).
     ///
@@ -417,6 +456,19 @@ impl AppRunner {
     /// Why the app refuses it (a move under way, an unknown or unhealthy site, a failback
     /// whose data has not caught up).
     pub fn command(&self, cmd: Command) -> Result<(), Refused> {
+        if let Some(sh) = &self.tiers.shared
+            && !sh.drives()
+        {
+            let leader = sh
+                .node
+                .leadership()
+                .holder
+                .unwrap_or_else(|| "no node".into());
+            return Err(Refused::new(format!(
+                "{leader} leads the cluster and drives the apps: ask its API (this is {})",
+                sh.node.name()
+            )));
+        }
         if self.state().drilling {
             return Err(Refused::new(format!(
                 "a drill of {} is running (`tandem app status` follows it); commands are refused until it ends",
@@ -460,12 +512,19 @@ impl AppRunner {
     async fn run(self: Arc<Self>) {
         let mut health = self.tiers.engine.subscribe();
         let mut stop = self.stop.subscribe();
+        // Cluster mode: at once when a record, a report or a request changes.
+        let mut store = self.tiers.shared.as_ref().map(|sh| sh.mirror.subscribe());
+        let store_changed = async |rx: &mut Option<watch::Receiver<u64>>| match rx {
+            Some(rx) => rx.changed().await.is_ok(),
+            None => std::future::pending().await,
+        };
         loop {
             self.tick();
             tokio::select! {
                 () = tokio::time::sleep(TICK) => {}
                 () = self.wake.notified() => {}
                 r = health.changed() => if r.is_err() { return },
+                alive = store_changed(&mut store) => if !alive { return },
                 _ = stop.changed() => return,
             }
         }
@@ -473,6 +532,21 @@ impl AppRunner {
 
     fn tick(self: &Arc<Self>) {
         let seen = self.observe();
+        if let Some(sh) = &self.tiers.shared {
+            self.report(sh);
+            if !sh.drives() {
+                self.follow(sh, seen);
+                return;
+            }
+            let mut st = self.state();
+            if st.following {
+                // Just became the leader: from the record as it stands.
+                st.following = false;
+                let app = self.app_of_record(sh, st.app.config().clone());
+                st.app = app;
+                st.recorded = None;
+            }
+        }
         let now = Instant::now();
         let actions = {
             let mut st = self.state();
@@ -485,11 +559,113 @@ impl AppRunner {
         self.save_record();
     }
 
-    /// Keeps the record current: after every move and every change of pin.
-    fn save_record(&self) {
-        let Some(path) = &self.record_path else {
+    /// Cluster mode, not the leader: the app as the leader's record says, DNS answering its
+    /// site.
+    fn follow(&self, sh: &crate::app_shared::Shared, seen: Observed) {
+        let mut st = self.state();
+        st.following = true;
+        st.seen = seen;
+        if let Some(r) = sh.record(&self.name)
+            && (r.active != st.app.active()
+                || r.term != st.app.term()
+                || r.pinned != st.app.pinned())
+        {
+            let app = App::new(st.app.config().clone(), r.active, r.term).pinned_as(r.pinned);
+            st.app = app;
+        }
+        let active = st.app.active().to_string();
+        if st.pointed.as_deref() != Some(active.as_str()) {
+            st.pointed = Some(active.clone());
+            drop(st);
+            self.point_dns(&active);
+        }
+    }
+
+    /// The app as the store's record has it (its preferred site under term 0 without one).
+    fn app_of_record(&self, sh: &crate::app_shared::Shared, cfg: app::Config) -> App {
+        match sh.record(&self.name) {
+            Some(r) => App::new(cfg, r.active, r.term).pinned_as(r.pinned),
+            None => {
+                let home = cfg.sites.first().cloned().unwrap_or_default();
+                App::new(cfg, home, 0)
+            }
+        }
+    }
+
+    /// Cluster mode, a node of one of the app's sites: writes what it sees of its own site
+    /// when that changed, and carries out a switchover the leader asked of its primary.
+    fn report(self: &Arc<Self>, sh: &crate::app_shared::Shared) {
+        let site = sh.node.site().to_string();
+        if !self.config.sites.iter().any(|s| s.as_str() == site) {
+            return;
+        }
+        let mut report = crate::app_shared::Report::default();
+        for set in self.sets_at(&site) {
+            let v = set.view();
+            report.capacity += v.desired;
+            report.min += v.min;
+            report.online += v
+                .instances
+                .iter()
+                .filter(|i| i.health == Status::Online)
+                .count() as u32;
+        }
+        let db = self.tiers.database.as_ref().map(|db| db.view());
+        if let Some(v) = &db {
+            report.primary = answering_primary(v).as_deref() == Some(site.as_str());
+            report.caught_up = v.members.iter().any(|m| m.site == site && caught_up(v, m));
+        }
+        let ask = sh.switchover(&self.name);
+        let mut st = self.state();
+        if st.reported.as_ref() != Some(&report) {
+            st.reported = Some(report.clone());
+            let (me, sh2, name, written) =
+                (self.clone(), sh.clone(), self.name.clone(), report.clone());
+            tokio::spawn(async move {
+                if let Err(e) = sh2.report(&name, &written).await {
+                    tracing::debug!(app = %name, error = %e, "cannot write the site's report; again next tick");
+                    me.state().reported = None;
+                }
+            });
+        }
+        // The switchover, once, by the primary's node, while the request is fresh.
+        let Some(ask) = ask else { return };
+        let fresh = SystemTime::now()
+            .duration_since(ask.at)
+            .is_ok_and(|age| age < crate::app_shared::SWITCHOVER_FRESH);
+        if !fresh
+            || !report.primary
+            || ask.from != site
+            || ask.to == site
+            || st.switched == Some((ask.term, ask.plan))
+        {
+            return;
+        }
+        st.switched = Some((ask.term, ask.plan));
+        drop(st);
+        let Some(db) = self.tiers.database.clone() else {
             return;
         };
+        let me = self.clone();
+        self.event(
+            "app-switchover",
+            format!(
+                "the leader asks for a switchover of database {} to {}",
+                db.name, ask.to
+            ),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = db.switchover(&ask.to).await {
+                me.event(
+                    "app-action-failed",
+                    format!("switchover of database {} to {}: {e}", db.name, ask.to),
+                );
+            }
+        });
+    }
+
+    /// Keeps the record current: after every move and every change of pin.
+    fn save_record(self: &Arc<Self>) {
         let mut st = self.state();
         let now = Record {
             active: st.app.active().to_string(),
@@ -499,6 +675,26 @@ impl AppRunner {
         if st.recorded.as_ref() == Some(&now) {
             return;
         }
+        if let Some(sh) = self.tiers.shared.clone() {
+            // Cluster mode: in the store, under the leader's lease; again next tick on failure.
+            st.recorded = Some(now.clone());
+            let (me, name) = (self.clone(), self.name.clone());
+            let record = crate::app_shared::Record {
+                active: now.active,
+                term: now.term,
+                pinned: now.pinned,
+            };
+            tokio::spawn(async move {
+                if let Err(e) = sh.write_record(&name, &record).await {
+                    tracing::warn!(app = %name, error = %e, "cannot write the app's record");
+                    me.state().recorded = None;
+                }
+            });
+            return;
+        }
+        let Some(path) = &self.record_path else {
+            return;
+        };
         match now.save(path) {
             Ok(()) => st.recorded = Some(now),
             Err(e) => {
@@ -555,19 +751,40 @@ impl AppRunner {
     /// data lost, even when the app leaves a site whose entry points failed); with no
     /// primary, the database fails over by itself and the step waits for it.
     fn promote(self: &Arc<Self>, site: String, planned: bool, plan: u64, seen: &Observed) {
-        let Some(db) = self.tiers.database.clone() else {
-            return;
-        };
+        let name = self.config.database.as_ref().map(ToString::to_string);
+        let Some(name) = name else { return };
         if seen.primary.is_none() {
             self.event(
                 "app-promote-wait",
-                format!(
-                    "no primary now: waiting for database {} to fail over",
-                    db.name
-                ),
+                format!("no primary now: waiting for database {name} to fail over"),
             );
             return;
         }
+        if let Some(sh) = self.tiers.shared.clone() {
+            // Cluster mode: the primary's node carries it out (`report`); the step waits
+            // for the primary to be reported at `site`.
+            let ask = crate::app_shared::SwitchoverAsk {
+                from: seen.primary.clone().unwrap_or_default(),
+                to: site.clone(),
+                term: sh.node.leadership().term,
+                plan,
+                at: SystemTime::now(),
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = sh.ask_switchover(&me.name, &ask).await {
+                    me.failed(
+                        plan,
+                        app::Step::Promote,
+                        format!("asking for a switchover of database {name} to {site}: {e}"),
+                    );
+                }
+            });
+            return;
+        }
+        let Some(db) = self.tiers.database.clone() else {
+            return;
+        };
         {
             let mut st = self.state();
             if st.promoting {
@@ -597,6 +814,30 @@ impl AppRunner {
 
     /// The app's set at `site` to `capacity`, or back to its `min` (a warm standby's).
     fn scale(&self, site: &str, capacity: Option<u32>) {
+        if let Some(sh) = self.tiers.shared.clone() {
+            // Cluster mode: as operator intent, which the site's node applies.
+            let min = sh.reports(&self.name).get(site).map_or(0, |r| r.min);
+            let n = capacity.unwrap_or(min);
+            let sets: Vec<String> = self
+                .tiers
+                .topology
+                .scale_sets
+                .iter()
+                .filter(|s| s.site.as_str() == site && self.config.scale_sets.contains(&s.name))
+                .map(|s| s.name.to_string())
+                .collect();
+            for set in sets {
+                let (sh, me, name) = (sh.clone(), self.events.clone(), self.name.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = sh.intents.set_capacity(&set, n).await {
+                        let message = format!("scaling {set} to {n}: {e}");
+                        let _ =
+                            me.send(Event::new(Source::App, name, "app-action-failed", message));
+                    }
+                });
+            }
+            return;
+        }
         for set in self.sets_at(site) {
             let n = capacity.unwrap_or(set.view().min);
             let me = self.events.clone();
@@ -631,9 +872,12 @@ impl AppRunner {
 
     /// One look at every tier.
     fn observe(&self) -> Observed {
+        if let Some(sh) = &self.tiers.shared {
+            return self.observe_shared(sh);
+        }
         let t = &self.tiers;
         let mut seen = Observed::default();
-        let statuses = profile_statuses(t, &self.config.profile);
+        let statuses = profile_statuses(t, &*t.engine, &self.config.profile);
         let outage = t
             .drills
             .applied()
@@ -662,19 +906,65 @@ impl AppRunner {
         }
         if let Some(db) = &t.database {
             let v = db.view();
-            // A primary that is fenced or down (an outage drill, a crash) is no primary to
-            // switch over from: the move waits for the database's own failover instead.
-            seen.primary = v.primary.clone().filter(|p| {
-                v.members.iter().any(|m| {
-                    m.site == *p && !matches!(m.state.as_str(), "fenced" | "stopped" | "failed")
-                })
-            });
+            seen.primary = answering_primary(&v);
             for m in &v.members {
                 seen.caught_up.insert(m.site.clone(), caught_up(&v, m));
             }
         }
         seen
     }
+
+    /// Cluster mode: health from the cluster's consensus, the drill from the intents, the
+    /// rest from the sites' reports (a site without one is unreachable: its node is gone).
+    fn observe_shared(&self, sh: &crate::app_shared::Shared) -> Observed {
+        let mut seen = Observed::default();
+        let statuses = profile_statuses(&self.tiers, &*sh.health, &self.config.profile);
+        let now = SystemTime::now();
+        let drilled = sh
+            .intents
+            .current()
+            .drill
+            .map(|(d, _)| d)
+            .filter(|d| d.kind == "outage" && !d.over(now))
+            .map(|d| d.site);
+        let reports = sh.reports(&self.name);
+        let mut known = std::mem::take(&mut self.state().known_capacity);
+        for site in &self.config.sites {
+            let site = site.to_string();
+            let healthy = statuses
+                .iter()
+                .any(|(s, st)| s.as_deref() == Some(site.as_str()) && dns::table::available(*st));
+            seen.healthy.insert(site.clone(), healthy);
+            let report = reports.get(&site);
+            seen.reachable.insert(
+                site.clone(),
+                report.is_some() && drilled.as_deref() != Some(site.as_str()),
+            );
+            let r = report.cloned().unwrap_or_default();
+            seen.online.insert(site.clone(), r.online);
+            let capacity = match report {
+                Some(r) => *known.entry(site.clone()).insert_entry(r.capacity).get(),
+                None => known.get(&site).copied().unwrap_or(0),
+            };
+            seen.capacity.insert(site.clone(), capacity);
+            seen.caught_up.insert(site.clone(), r.caught_up);
+            if r.primary {
+                seen.primary = Some(site);
+            }
+        }
+        self.state().known_capacity = known;
+        seen
+    }
+}
+
+/// The database's primary, if it answers: one fenced or down (an outage drill, a crash) is no
+/// primary to switch over from, and a move waits for the database's own failover instead.
+fn answering_primary(v: &pg::View) -> Option<String> {
+    v.primary.clone().filter(|p| {
+        v.members
+            .iter()
+            .any(|m| m.site == *p && !matches!(m.state.as_str(), "fenced" | "stopped" | "failed"))
+    })
 }
 
 /// Where a drill would fail the app over to: the first other site healthy with its data
@@ -717,7 +1007,11 @@ fn drill_target(st: &State) -> Result<String, Refused> {
 
 /// Each endpoint of the profile: its site and its status (operator switches ignored: a
 /// disabled endpoint is still a site's entry point).
-fn profile_statuses(t: &Tiers, profile: &str) -> Vec<(Option<String>, Status)> {
+fn profile_statuses(
+    t: &Tiers,
+    health: &dyn dns::table::HealthView,
+    profile: &str,
+) -> Vec<(Option<String>, Status)> {
     let Some(pi) = t
         .topology
         .profiles
@@ -727,7 +1021,7 @@ fn profile_statuses(t: &Tiers, profile: &str) -> Vec<(Option<String>, Status)> {
         return Vec::new();
     };
     let statuses =
-        dns::table::endpoint_statuses(&t.topology, &*t.engine, &dns::table::Overrides::default());
+        dns::table::endpoint_statuses(&t.topology, health, &dns::table::Overrides::default());
     let p = &t.topology.profiles[pi];
     p.endpoints
         .iter()

@@ -13,6 +13,9 @@
 //! | `intent/reload` | persistent | the last reload asked for, with the topology's hash |
 //! | `events/NODE/SEQ` | persistent | the node's recent events, SEQ zero-padded |
 //! | `topology` | persistent | hash of the topology the cluster runs |
+//! | `apps/APP/record` | persistent | where the app is active, its term and pin (the leader's) |
+//! | `apps/APP/switchover` | persistent | a switchover of the app's database asked by the leader |
+//! | `apps/APP/sites/SITE` | session | the site node's report: instances, capacity, member |
 //! | `leases/NAME`, `terms/NAME` | (etcd store) | a lease's holder and term, and its last term |
 //!
 //! Lease names: [`LEADER`] (decisions taken once for the cluster), `databases/DB/leader`.
@@ -26,6 +29,22 @@ pub const DNS_DECISIONS: &str = "decisions/dns/";
 pub const INTENT: &str = "intent/";
 pub const EVENTS: &str = "events/";
 pub const TOPOLOGY: &str = "topology";
+pub const APPS: &str = "apps/";
+
+/// Where an app is active (cluster mode), written by the leader.
+pub fn app_record(app: &str) -> String {
+    format!("{APPS}{app}/record")
+}
+
+/// A switchover of an app's database the leader asks of the primary's node.
+pub fn app_switchover(app: &str) -> String {
+    format!("{APPS}{app}/switchover")
+}
+
+/// A site node's report on its part of an app.
+pub fn app_site(app: &str, site: &str) -> String {
+    format!("{APPS}{app}/sites/{site}")
+}
 
 pub fn node(node: &str) -> String {
     format!("{NODES}{node}")

@@ -11,7 +11,7 @@ use serde_json::Value;
 use testkit::eventually;
 use tokio::time::Instant;
 
-use crate::harness::{Options, Sites, sql};
+use crate::harness::{DOMAIN, Options, Sites, sql};
 
 /// Frontends on .40, members on .50 (health on :8008) of each site.
 fn database() -> String {
@@ -288,8 +288,13 @@ impl Polls {
 /// Starts the three sites with the database; waits until it is healthy with the edge primary;
 /// creates table `t`; the superuser's password.
 async fn start() -> (Sites, String) {
+    start_with("").await
+}
+
+/// [`start`] with `extra` TOML after the database.
+async fn start_with(extra: &str) -> (Sites, String) {
     let opts = Options {
-        extra: database(),
+        extra: database() + extra,
         state_per_node: true,
         ..Options::default()
     };
@@ -708,4 +713,177 @@ async fn an_outage_drill_fails_the_sites_member_over_and_it_rejoins_after() {
     assert_eq!(status, 200, "{body}");
     wait_healthy(&s, "region", "edge", Duration::from_secs(90)).await;
     polls.check().await;
+}
+
+/// The app of the cluster tests: the web tier and the database, a warm standby.
+const APP: &str = r#"
+[[app]]
+name = "shop"
+sites = ["edge", "region"]
+profile = "www"
+database = "orders"
+scale_sets = ["edge-web", "region-web"]
+standby = "warm"
+"#;
+
+/// `shop` as `site`'s node shows it.
+async fn app(s: &Sites, site: &str) -> Option<Value> {
+    s.get(site, "/v1/apps/shop").await
+}
+
+/// An app across the cluster, driven by the leader through the store: the edge site lost (its
+/// link cut, its node killed), the database fails over by itself and the app follows its data
+/// — the region's set scaled to the capacity the edge had (warm), the app's record at the
+/// region on every node, DNS answering the region — with no acknowledged write lost. The edge
+/// back, the app fails back once its member has caught up (a switchover carried out by the
+/// primary's node), the region back at its min. Operator failovers asked of any node reach the
+/// leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_follows_its_data_across_the_cluster_and_fails_back() {
+    let (mut s, password) = start_with(APP).await;
+    // The edge at 3 instances: what the warm region must be scaled to.
+    let (status, body) = s
+        .post(
+            "witness",
+            "/v1/scale-sets/edge-web/scale",
+            r#"{"capacity": 3}"#,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    for site in ["edge", "region", "witness"] {
+        let what = format!("{site}'s node to see the app at the edge, 3 instances there");
+        eventually(Duration::from_secs(60), &what, || async {
+            let a = app(&s, site).await?;
+            let edge = a["sites"]
+                .as_array()?
+                .iter()
+                .find(|x| x["site"] == "edge")?;
+            (a["active"] == "edge"
+                && edge["capacity"] == 3
+                && edge["online"] == 3
+                && edge["primary"] == true)
+                .then_some(())
+        })
+        .await;
+    }
+    let (w, task) = writer(&s, "region", &password);
+    w.wait_more(20, "20 writes acknowledged").await;
+
+    s.lab.cut("edge");
+    s.node("edge").kill9();
+    for site in ["region", "witness"] {
+        let what = format!("{site}'s node to see the app moved to the region");
+        let a = eventually(Duration::from_secs(60), &what, || async {
+            let a = app(&s, site).await?;
+            (a["active"] == "region" && a["term"].as_u64()? >= 1).then_some(a)
+        })
+        .await;
+        eprintln!("{site}: {a}");
+    }
+    eventually(Duration::from_secs(30), "the region's set at 3", || async {
+        let v: Value = s.get("region", "/v1/scale-sets?scope=local").await?;
+        (v["scale_sets"][0]["desired"] == 3).then_some(())
+    })
+    .await;
+    let region_lb = s.lb("region");
+    for site in ["region", "witness"] {
+        assert_eq!(
+            s.dig(site, DOMAIN).await.unwrap(),
+            [region_lb.as_str()],
+            "{site}"
+        );
+    }
+    let region = view(&s, "region").await.unwrap();
+    assert_eq!(region["primary"], "region", "{region}");
+    w.wait_more(10, "writes after the loss").await;
+
+    // The edge back: once its member has rejoined and caught up and the edge has been healthy
+    // for the hold, the app fails back by a switchover the primary's node carries out, the
+    // edge scaled first, DNS back, the region back to its min.
+    s.lab.heal("edge");
+    s.start_node("edge");
+    for site in ["edge", "region", "witness"] {
+        let what = format!("{site}'s node to see the app back at the edge");
+        eventually(Duration::from_secs(120), &what, || async {
+            let a = app(&s, site).await?;
+            (a["active"] == "edge" && a["term"] == 2 && a["moving"].is_null()).then_some(())
+        })
+        .await;
+    }
+    let leader_view = driver_view(&s).await;
+    assert_eq!(
+        leader_view["last_move"]["reason"], "failback",
+        "{leader_view}"
+    );
+    assert_eq!(leader_view["last_move"]["outcome"], "done", "{leader_view}");
+    wait_healthy(&s, "edge", "region", Duration::from_secs(30)).await;
+    let edge_lb = s.lb("edge");
+    for site in ["edge", "region", "witness"] {
+        s.wait_answer(site, &edge_lb, Duration::from_secs(10)).await;
+    }
+    eventually(
+        Duration::from_secs(30),
+        "the region back at its min",
+        || async {
+            let v: Value = s.get("region", "/v1/scale-sets?scope=local").await?;
+            (v["scale_sets"][0]["desired"] == 1).then_some(())
+        },
+    )
+    .await;
+    w.wait_more(10, "writes after the failback").await;
+    check_no_loss(&s, "edge", &password, w, task).await;
+
+    // An operator's failover asked of every node in turn reaches the leader (passed on by the
+    // others); the automatic failback brings the app home again after the hold.
+    let mut term = 2;
+    for site in ["witness", "region", "edge"] {
+        eventually(Duration::from_secs(60), "the region caught up", || async {
+            let a = driver_view_now(&s).await?;
+            let region = a["sites"]
+                .as_array()?
+                .iter()
+                .find(|x| x["site"] == "region")?;
+            (a["moving"].is_null() && region["caught_up"] == true).then_some(())
+        })
+        .await;
+        let (status, body) = s
+            .post(site, "/v1/apps/shop/failover", r#"{"to": "region"}"#)
+            .await
+            .unwrap();
+        assert_eq!(status, 202, "{site}: {body}");
+        for (active, t) in [("region", term + 1), ("edge", term + 2)] {
+            let what = format!("the app at {active} (term {t}) after a failover asked of {site}");
+            eventually(Duration::from_secs(60), &what, || async {
+                let a = app(&s, "witness").await?;
+                (a["active"] == active && a["term"] == t).then_some(())
+            })
+            .await;
+        }
+        term += 2;
+    }
+}
+
+/// The app as the node that drives it now shows it.
+async fn driver_view_now(s: &Sites) -> Option<Value> {
+    let c: Value = s.get("witness", "/v1/cluster").await?;
+    let holder = c["leader"]["holder"].as_str()?.to_string();
+    let site = ["edge", "region", "witness"]
+        .into_iter()
+        .find(|site| holder.starts_with(site))?;
+    app(s, site).await
+}
+
+/// The app as the node that drove its last move shows it (the others follow its record and
+/// know no moves).
+async fn driver_view(s: &Sites) -> Value {
+    for site in ["edge", "region", "witness"] {
+        if let Some(a) = app(s, site).await
+            && !a["last_move"].is_null()
+            && a["last_move"]["to"] == "edge"
+        {
+            return a;
+        }
+    }
+    panic!("no node shows the failback");
 }
