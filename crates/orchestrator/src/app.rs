@@ -296,8 +296,11 @@ impl AppRunner {
             stop,
             record_path: path,
         });
-        let active = runner.state().app.active().to_string();
-        runner.point_dns(&active);
+        // Cluster mode: once the record is known (`follow`, or the leader's first tick).
+        if runner.tiers.shared.is_none() {
+            let active = runner.state().app.active().to_string();
+            runner.point_dns(&active);
+        }
         tokio::spawn(runner.clone().run());
         runner
     }
@@ -459,15 +462,18 @@ impl AppRunner {
         if let Some(sh) = &self.tiers.shared
             && !sh.drives()
         {
-            let leader = sh
-                .node
-                .leadership()
-                .holder
-                .unwrap_or_else(|| "no node".into());
-            return Err(Refused::new(format!(
-                "{leader} leads the cluster and drives the apps: ask its API (this is {})",
-                sh.node.name()
-            )));
+            let why = match sh.node.leadership().holder {
+                Some(h) if h == sh.node.name() => {
+                    "this node leads the cluster, but its view of the store is not current yet; try again shortly".to_string()
+                }
+                Some(h) => format!(
+                    "{h} leads the cluster and drives the apps: ask its API (this is {})",
+                    sh.node.name()
+                ),
+                None => "no node leads the cluster now (no quorum in etcd?); try again shortly"
+                    .into(),
+            };
+            return Err(Refused::new(why));
         }
         if self.state().drilling {
             return Err(Refused::new(format!(
@@ -556,7 +562,22 @@ impl AppRunner {
         for a in actions {
             self.carry_out(a, &seen);
         }
+        if self.tiers.shared.is_some() {
+            self.point_at_active();
+        }
         self.save_record();
+    }
+
+    /// Cluster mode: DNS answers the site the app is active at (as the leader's app, or as the
+    /// record a follower read, says), once per change.
+    fn point_at_active(&self) {
+        let mut st = self.state();
+        let active = st.app.active().to_string();
+        if st.pointed.as_deref() != Some(active.as_str()) {
+            st.pointed = Some(active.clone());
+            drop(st);
+            self.point_dns(&active);
+        }
     }
 
     /// Cluster mode, not the leader: the app as the leader's record says, DNS answering its
@@ -573,12 +594,8 @@ impl AppRunner {
             let app = App::new(st.app.config().clone(), r.active, r.term).pinned_as(r.pinned);
             st.app = app;
         }
-        let active = st.app.active().to_string();
-        if st.pointed.as_deref() != Some(active.as_str()) {
-            st.pointed = Some(active.clone());
-            drop(st);
-            self.point_dns(&active);
-        }
+        drop(st);
+        self.point_at_active();
     }
 
     /// The app as the store's record has it (its preferred site under term 0 without one).
@@ -743,7 +760,9 @@ impl AppRunner {
             } => self.promote(site, planned, plan, seen),
             Action::Scale { site, capacity } => self.scale(&site, Some(capacity)),
             Action::ScaleDown { site } => self.scale(&site, None),
-            Action::PointDns { site, .. } => self.point_dns(&site),
+            // Cluster mode: `point_at_active` after the tick's actions.
+            Action::PointDns { site, .. } if self.tiers.shared.is_none() => self.point_dns(&site),
+            Action::PointDns { .. } => {}
         }
     }
 

@@ -737,7 +737,7 @@ async fn app(s: &Sites, site: &str) -> Option<Value> {
 /// region on every node, DNS answering the region — with no acknowledged write lost. The edge
 /// back, the app fails back once its member has caught up (a switchover carried out by the
 /// primary's node), the region back at its min. Operator failovers asked of any node reach the
-/// leader.
+/// leader. The edge's postmaster hung alone: the whole app follows its data, then comes home.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_follows_its_data_across_the_cluster_and_fails_back() {
     let (mut s, password) = start_with(APP).await;
@@ -862,6 +862,49 @@ async fn an_app_follows_its_data_across_the_cluster_and_fails_back() {
         }
         term += 2;
     }
+
+    // The database alone fails (the edge's postmaster hangs; the edge's web tier stays
+    // healthy): the database fails over by itself and the whole app follows its data, then
+    // comes home once the edge's member has rejoined and caught up.
+    eventually(Duration::from_secs(60), "the region caught up", || async {
+        let a = driver_view_now(&s).await?;
+        let region = a["sites"]
+            .as_array()?
+            .iter()
+            .find(|x| x["site"] == "region")?;
+        (a["moving"].is_null() && region["caught_up"] == true).then_some(())
+    })
+    .await;
+    let v = view(&s, "edge").await.unwrap();
+    let pid = member(&v, "edge")["pid"].as_u64().unwrap();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGSTOP,
+    );
+    let moved = eventually(
+        Duration::from_secs(60),
+        "the app moved with its data",
+        || async {
+            let a = driver_view_now(&s).await?;
+            (a["active"] == "region" && a["term"] == term + 1 && a["moving"].is_null()).then_some(a)
+        },
+    )
+    .await;
+    // Whatever fencing left of the frozen member runs on (and is stopped or rewound).
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGCONT,
+    );
+    let reason = &moved["last_move"]["reason"];
+    assert!(
+        moved["last_move"]["to"] == "region" && reason == "data-moved",
+        "{moved}"
+    );
+    eventually(Duration::from_secs(120), "the app home again", || async {
+        let a = app(&s, "witness").await?;
+        (a["active"] == "edge" && a["term"] == term + 2).then_some(())
+    })
+    .await;
 }
 
 /// The app as the node that drives it now shows it.
