@@ -389,7 +389,7 @@ pub struct Api {
     pub scale_sets: Vec<Arc<scaleset::ScaleSet>>,
     pub databases: Vec<Arc<pg::Cluster>>,
     pub drills: Arc<orchestrator::Drills>,
-    /// The apps this process drives (the single-process default drives every `[[app]]`).
+    /// Every `[[app]]` (in cluster mode every node runs them; the leader drives them).
     pub apps: Vec<Arc<orchestrator::AppRunner>>,
     pub intents: Arc<cluster::Intents>,
     pub reload: Option<Reload>,

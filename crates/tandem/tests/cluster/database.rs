@@ -152,6 +152,9 @@ impl Writes {
     }
 }
 
+/// The next id a writer inserts.
+static NEXT_ID: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(1);
+
 /// Inserts an id every 50 ms through `site`'s frontend from the client, reconnecting after
 /// any error, until told to stop.
 fn writer(s: &Sites, site: &str, password: &str) -> (Writes, tokio::task::JoinHandle<()>) {
@@ -164,7 +167,10 @@ fn writer(s: &Sites, site: &str, password: &str) -> (Writes, tokio::task::JoinHa
     );
     let task = tokio::spawn(async move {
         let mut client: Option<tokio_postgres::Client> = None;
-        for id in 1..=4_000_i64 {
+        for _ in 0..4_000 {
+            // Unique across the test's writers: a second writer must not collide with the
+            // first's rows.
+            let id = NEXT_ID.fetch_add(1, Ordering::SeqCst);
             if out.stop.load(Ordering::SeqCst) {
                 break;
             }
@@ -929,4 +935,125 @@ async fn driver_view(s: &Sites) -> Value {
         }
     }
     panic!("no node shows the failback");
+}
+
+/// Whole-app RTO in cluster mode, median and max over `TANDEM_RTO_RUNS` rounds (default 5):
+/// the edge site lost (link cut, node killed) to the app active at the region and to the
+/// first write acknowledged through the region's database frontend; and an operator's
+/// failover to the region (a planned switchover) as the leader timed the move, with the
+/// writer's longest gap. Probes every 250 ms (the harness's).
+/// `cargo nextest run -p tandem --test cluster --run-ignored only --no-capture measure_cluster_app`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement"]
+async fn measure_cluster_app_rto() {
+    let runs: usize = std::env::var("TANDEM_RTO_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let (mut s, password) = start_with(APP).await;
+    let (mut moved, mut written, mut planned, mut gaps) = (vec![], vec![], vec![], vec![]);
+    let mut lost = 0;
+    for round in 0..runs {
+        eventually(
+            Duration::from_secs(120),
+            "at rest at the edge, region caught up",
+            || async {
+                let a = driver_view_now(&s).await?;
+                let region = a["sites"]
+                    .as_array()?
+                    .iter()
+                    .find(|x| x["site"] == "region")?;
+                (a["active"] == "edge" && a["moving"].is_null() && region["caught_up"] == true)
+                    .then_some(())
+            },
+        )
+        .await;
+        let term = app(&s, "witness").await.unwrap()["term"].as_u64().unwrap();
+        let (w, task) = writer(&s, "region", &password);
+        w.wait_more(20, "writes before the loss").await;
+        let lost_at = Instant::now();
+        s.lab.cut("edge");
+        s.node("edge").kill9();
+        eventually(Duration::from_secs(60), "the app at the region", || async {
+            let a = app(&s, "witness").await?;
+            (a["active"] == "region" && a["term"] == term + 1).then_some(())
+        })
+        .await;
+        let m = lost_at.elapsed().as_secs_f64();
+        w.wait_more(10, "writes after the loss").await;
+        let first = w.first_after(lost_at).unwrap().as_secs_f64();
+        let n = w.ids().len();
+        let kept = check_no_loss_count(&s, "region", &password, w, task).await;
+        lost += n - kept;
+        println!(
+            "round {round}: edge lost -> app at the region {m:.2} s, first write {first:.2} s"
+        );
+        moved.push(m);
+        written.push(first);
+        s.lab.heal("edge");
+        s.start_node("edge");
+        eventually(Duration::from_secs(120), "home again", || async {
+            let a = driver_view_now(&s).await?;
+            let region = a["sites"]
+                .as_array()?
+                .iter()
+                .find(|x| x["site"] == "region")?;
+            (a["active"] == "edge" && a["moving"].is_null() && region["caught_up"] == true)
+                .then_some(())
+        })
+        .await;
+        // Planned: an operator's failover to the region, with a writer through the region.
+        let term = app(&s, "witness").await.unwrap()["term"].as_u64().unwrap();
+        let (w, task) = writer(&s, "region", &password);
+        w.wait_more(20, "writes before the switchover").await;
+        let (status, body) = s
+            .post("witness", "/v1/apps/shop/failover", r#"{"to": "region"}"#)
+            .await
+            .unwrap();
+        assert_eq!(status, 202, "{body}");
+        let a = eventually(Duration::from_secs(60), "the planned move done", || async {
+            let a = driver_view_now(&s).await?;
+            (a["term"] == term + 1 && a["moving"].is_null() && a["last_move"]["to"] == "region")
+                .then_some(a)
+        })
+        .await;
+        let p = a["last_move"]["seconds"].as_f64().unwrap();
+        w.wait_more(10, "writes after the switchover").await;
+        let gap = w.longest_gap().as_secs_f64();
+        let n = w.ids().len();
+        let kept = check_no_loss_count(&s, "region", &password, w, task).await;
+        lost += n - kept;
+        println!("round {round}: planned failover {p:.2} s, writer's longest gap {gap:.2} s");
+        planned.push(p);
+        gaps.push(gap);
+    }
+    let stats = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v[v.len() - 1])
+    };
+    let (m, x) = stats(moved);
+    println!("edge site lost -> app at the region: median {m:.2} s, max {x:.2} s over {runs}");
+    let (m, x) = stats(written);
+    println!(
+        "edge site lost -> first write through the region's frontend: median {m:.2} s, max {x:.2} s"
+    );
+    let (m, x) = stats(planned);
+    println!("planned failover (the leader's move): median {m:.2} s, max {x:.2} s");
+    let (m, x) = stats(gaps);
+    println!(
+        "planned failover, writer's longest gap: median {m:.2} s, max {x:.2} s; {lost} acknowledged writes lost"
+    );
+}
+
+/// [`check_no_loss`], returning how many acknowledged ids were found.
+async fn check_no_loss_count(
+    s: &Sites,
+    site: &str,
+    password: &str,
+    w: Writes,
+    task: tokio::task::JoinHandle<()>,
+) -> usize {
+    let acked = w.ids();
+    let kept = check_no_loss(s, site, password, w, task).await;
+    acked.iter().filter(|id| kept.contains(id)).count()
 }
