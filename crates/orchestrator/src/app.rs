@@ -159,6 +159,17 @@ pub struct AppRunner {
     wake: Notify,
     stop: watch::Sender<bool>,
     record_path: Option<std::path::PathBuf>,
+    /// Cluster mode: the record and this node's site report to write, each written by one
+    /// task of its own in order, the latest value last (`write_latest`).
+    record_out: watch::Sender<Option<crate::app_shared::Record>>,
+    report_out: watch::Sender<Option<crate::app_shared::Report>>,
+}
+
+/// Cluster mode: what a node does with an app now (see [`AppRunner::role`]).
+enum Role {
+    Drive,
+    Follow,
+    Pause,
 }
 
 struct State {
@@ -170,14 +181,12 @@ struct State {
     recorded: Option<Record>,
     drilling: bool,
     last_drill: Option<crate::app_drill::AppDrillReport>,
-    /// Cluster mode: this node follows the leader's record rather than stepping the app.
-    following: bool,
-    /// Cluster mode: the site DNS answers with, as last set from the record.
+    /// Cluster mode: the leader term under which this node drives the app.
+    driving: Option<u64>,
+    /// Cluster mode: the site DNS answers with, as last set.
     pointed: Option<String>,
-    /// Cluster mode: this node's site report as last written, and the last switchover
-    /// request it carried out (term, plan).
-    reported: Option<crate::app_shared::Report>,
-    switched: Option<(u64, u64)>,
+    /// Cluster mode: the store revision of the last switchover request this node carried out.
+    switched: Option<u64>,
     /// Cluster mode: each site's capacity as last reported, for a site whose node is gone (a
     /// warm standby is scaled to the capacity the lost site had).
     known_capacity: BTreeMap<String, u32>,
@@ -259,16 +268,18 @@ impl AppRunner {
             .as_ref()
             .map(|d| d.join("apps").join(format!("{}.json", config.name)));
         let record = match &tiers.shared {
-            Some(sh) => sh.record(&config.name).map(|r| Record {
-                active: r.active,
-                term: r.term,
-                pinned: r.pinned,
-            }),
+            Some(sh) => sh
+                .record(&config.name)
+                .filter(|r| cfg.sites.contains(&r.active))
+                .map(|r| Record {
+                    active: r.active,
+                    term: r.term,
+                    pinned: r.pinned,
+                }),
             None => path.as_deref().and_then(|p| Record::load(p, &cfg.sites)),
         };
         // Cluster mode: the record lives in the store, not in a file.
         let path = path.filter(|_| tiers.shared.is_none());
-        let following = tiers.shared.is_some();
         let app = match &record {
             Some(r) => App::new(cfg, r.active.clone(), r.term).pinned_as(r.pinned),
             None => App::new(cfg, home, 0),
@@ -285,9 +296,8 @@ impl AppRunner {
                 recorded: record.clone(),
                 drilling: false,
                 last_drill: None,
-                following,
+                driving: None,
                 pointed: None,
-                reported: None,
                 switched: None,
                 known_capacity: BTreeMap::new(),
             }),
@@ -295,7 +305,29 @@ impl AppRunner {
             wake: Notify::new(),
             stop,
             record_path: path,
+            record_out: watch::Sender::new(None),
+            report_out: watch::Sender::new(None),
         });
+        if let Some(sh) = runner.tiers.shared.clone() {
+            let (name, sh2) = (runner.name.clone(), sh.clone());
+            tokio::spawn(write_latest(
+                runner.record_out.subscribe(),
+                runner.stop.subscribe(),
+                move |r: crate::app_shared::Record| {
+                    let (sh, name) = (sh.clone(), name.clone());
+                    async move { sh.write_record(&name, &r).await }
+                },
+            ));
+            let name = runner.name.clone();
+            tokio::spawn(write_latest(
+                runner.report_out.subscribe(),
+                runner.stop.subscribe(),
+                move |r: crate::app_shared::Report| {
+                    let (sh, name) = (sh2.clone(), name.clone());
+                    async move { sh.report(&name, &r).await }
+                },
+            ));
+        }
         // Cluster mode: once the record is known (`follow`, or the leader's first tick).
         if runner.tiers.shared.is_none() {
             let active = runner.state().app.active().to_string();
@@ -446,10 +478,11 @@ impl AppRunner {
     /// Cluster mode, on a node that does not drive the app: the node that does (the leader).
     pub fn leader_elsewhere(&self) -> Option<String> {
         let sh = self.tiers.shared.as_ref()?;
-        if sh.drives() {
+        let lead = sh.node.leadership();
+        if lead.me {
             return None;
         }
-        sh.node.leadership().holder.filter(|h| h != sh.node.name())
+        lead.holder.filter(|h| h != sh.node.name())
     }
 
     /// An operator's command (failover, failback, pin, unpin), checked against what was
@@ -460,7 +493,7 @@ impl AppRunner {
     /// whose data has not caught up).
     pub fn command(&self, cmd: Command) -> Result<(), Refused> {
         if let Some(sh) = &self.tiers.shared
-            && !sh.drives()
+            && !matches!(self.role(sh), Role::Drive)
         {
             let why = match sh.node.leadership().holder {
                 Some(h) if h == sh.node.name() => {
@@ -540,17 +573,13 @@ impl AppRunner {
         let seen = self.observe();
         if let Some(sh) = &self.tiers.shared {
             self.report(sh);
-            if !sh.drives() {
-                self.follow(sh, seen);
-                return;
-            }
-            let mut st = self.state();
-            if st.following {
-                // Just became the leader: from the record as it stands.
-                st.following = false;
-                let app = self.app_of_record(sh, st.app.config().clone());
-                st.app = app;
-                st.recorded = None;
+            match self.role(sh) {
+                Role::Drive => {}
+                Role::Follow => {
+                    self.follow(sh, seen);
+                    return;
+                }
+                Role::Pause => return,
             }
         }
         let now = Instant::now();
@@ -580,33 +609,64 @@ impl AppRunner {
         }
     }
 
+    /// Cluster mode: what this node does with the app now. The leader drives it once its view
+    /// of the store is current, starting (once per leader term) from the store's record unless
+    /// its own app already matches it — a move under way is kept across a blip of the views.
+    /// A leader whose views are not current pauses: neither steps nor re-points anything.
+    fn role(&self, sh: &crate::app_shared::Shared) -> Role {
+        let lead = sh.node.leadership();
+        let mut st = self.state();
+        if !lead.me {
+            st.driving = None;
+            self.record_out.send_replace(None);
+            return Role::Follow;
+        }
+        if !sh.current() {
+            return Role::Pause;
+        }
+        if st.driving != Some(lead.term) {
+            st.driving = Some(lead.term);
+            let record = self.valid_record(sh);
+            let same = record.as_ref().is_some_and(|r| {
+                r.active == st.app.active()
+                    && r.term == st.app.term()
+                    && r.pinned == st.app.pinned()
+            });
+            if !same {
+                let cfg = st.app.config().clone();
+                st.app = match record {
+                    Some(r) => App::new(cfg, r.active, r.term).pinned_as(r.pinned),
+                    None => {
+                        let home = cfg.sites.first().cloned().unwrap_or_default();
+                        App::new(cfg, home, 0)
+                    }
+                };
+            }
+        }
+        Role::Drive
+    }
+
+    /// The store's record of the app, if it names one of the app's sites (a topology edit may
+    /// have removed the one recorded).
+    fn valid_record(&self, sh: &crate::app_shared::Shared) -> Option<crate::app_shared::Record> {
+        sh.record(&self.name)
+            .filter(|r| self.config.sites.iter().any(|s| s.as_str() == r.active))
+    }
+
     /// Cluster mode, not the leader: the app as the leader's record says, DNS answering its
-    /// site.
+    /// site — only once there is a record (until then DNS answers by health alone).
     fn follow(&self, sh: &crate::app_shared::Shared, seen: Observed) {
         let mut st = self.state();
-        st.following = true;
         st.seen = seen;
-        if let Some(r) = sh.record(&self.name)
-            && (r.active != st.app.active()
-                || r.term != st.app.term()
-                || r.pinned != st.app.pinned())
-        {
+        let Some(r) = self.valid_record(sh).filter(|_| sh.mirror.synced()) else {
+            return;
+        };
+        if r.active != st.app.active() || r.term != st.app.term() || r.pinned != st.app.pinned() {
             let app = App::new(st.app.config().clone(), r.active, r.term).pinned_as(r.pinned);
             st.app = app;
         }
         drop(st);
         self.point_at_active();
-    }
-
-    /// The app as the store's record has it (its preferred site under term 0 without one).
-    fn app_of_record(&self, sh: &crate::app_shared::Shared, cfg: app::Config) -> App {
-        match sh.record(&self.name) {
-            Some(r) => App::new(cfg, r.active, r.term).pinned_as(r.pinned),
-            None => {
-                let home = cfg.sites.first().cloned().unwrap_or_default();
-                App::new(cfg, home, 0)
-            }
-        }
     }
 
     /// Cluster mode, a node of one of the app's sites: writes what it sees of its own site
@@ -620,7 +680,6 @@ impl AppRunner {
         for set in self.sets_at(&site) {
             let v = set.view();
             report.capacity += v.desired;
-            report.min += v.min;
             report.online += v
                 .instances
                 .iter()
@@ -632,33 +691,31 @@ impl AppRunner {
             report.primary = answering_primary(v).as_deref() == Some(site.as_str());
             report.caught_up = v.members.iter().any(|m| m.site == site && caught_up(v, m));
         }
-        let ask = sh.switchover(&self.name);
-        let mut st = self.state();
-        if st.reported.as_ref() != Some(&report) {
-            st.reported = Some(report.clone());
-            let (me, sh2, name, written) =
-                (self.clone(), sh.clone(), self.name.clone(), report.clone());
-            tokio::spawn(async move {
-                if let Err(e) = sh2.report(&name, &written).await {
-                    tracing::debug!(app = %name, error = %e, "cannot write the site's report; again next tick");
-                    me.state().reported = None;
-                }
-            });
-        }
-        // The switchover, once, by the primary's node, while the request is fresh.
-        let Some(ask) = ask else { return };
+        let primary = report.primary;
+        self.report_out.send_if_modified(|r| {
+            let changed = r.as_ref() != Some(&report);
+            *r = Some(report);
+            changed
+        });
+        // The switchover, once, by the primary's node, asked by the current leader, while the
+        // request is fresh.
+        let Some((ask, revision)) = sh.switchover(&self.name) else {
+            return;
+        };
         let fresh = SystemTime::now()
             .duration_since(ask.at)
             .is_ok_and(|age| age < crate::app_shared::SWITCHOVER_FRESH);
+        let mut st = self.state();
         if !fresh
-            || !report.primary
+            || !primary
             || ask.from != site
             || ask.to == site
-            || st.switched == Some((ask.term, ask.plan))
+            || ask.term != sh.node.leadership().term
+            || st.switched == Some(revision)
         {
             return;
         }
-        st.switched = Some((ask.term, ask.plan));
+        st.switched = Some(revision);
         drop(st);
         let Some(db) = self.tiers.database.clone() else {
             return;
@@ -689,24 +746,21 @@ impl AppRunner {
             term: st.app.term(),
             pinned: st.app.pinned(),
         };
-        if st.recorded.as_ref() == Some(&now) {
-            return;
-        }
-        if let Some(sh) = self.tiers.shared.clone() {
-            // Cluster mode: in the store, under the leader's lease; again next tick on failure.
-            st.recorded = Some(now.clone());
-            let (me, name) = (self.clone(), self.name.clone());
+        if self.tiers.shared.is_some() {
+            // Cluster mode: in the store, under the leader's lease (`write_latest`).
             let record = crate::app_shared::Record {
                 active: now.active,
                 term: now.term,
                 pinned: now.pinned,
             };
-            tokio::spawn(async move {
-                if let Err(e) = sh.write_record(&name, &record).await {
-                    tracing::warn!(app = %name, error = %e, "cannot write the app's record");
-                    me.state().recorded = None;
-                }
+            self.record_out.send_if_modified(|r| {
+                let changed = r.as_ref() != Some(&record);
+                *r = Some(record);
+                changed
             });
+            return;
+        }
+        if st.recorded.as_ref() == Some(&now) {
             return;
         }
         let Some(path) = &self.record_path else {
@@ -834,18 +888,21 @@ impl AppRunner {
     /// The app's set at `site` to `capacity`, or back to its `min` (a warm standby's).
     fn scale(&self, site: &str, capacity: Option<u32>) {
         if let Some(sh) = self.tiers.shared.clone() {
-            // Cluster mode: as operator intent, which the site's node applies.
-            let min = sh.reports(&self.name).get(site).map_or(0, |r| r.min);
-            let n = capacity.unwrap_or(min);
-            let sets: Vec<String> = self
+            // Cluster mode: as operator intent, which the site's node applies; each set's own
+            // bounds from the topology.
+            let sets: Vec<(String, u32)> = self
                 .tiers
                 .topology
                 .scale_sets
                 .iter()
                 .filter(|s| s.site.as_str() == site && self.config.scale_sets.contains(&s.name))
-                .map(|s| s.name.to_string())
+                .map(|s| {
+                    let c = &s.capacity;
+                    let n = capacity.map_or(c.min, |n| n.clamp(c.min, c.max));
+                    (s.name.to_string(), n)
+                })
                 .collect();
-            for set in sets {
+            for (set, n) in sets {
                 let (sh, me, name) = (sh.clone(), self.events.clone(), self.name.clone());
                 tokio::spawn(async move {
                     if let Err(e) = sh.intents.set_capacity(&set, n).await {
@@ -1073,4 +1130,48 @@ fn times(steps: &[(app::Step, Duration)]) -> Vec<StepTime> {
             seconds: d.as_secs_f64(),
         })
         .collect()
+}
+
+/// Writes the latest value `rx` holds with `write`, one write at a time, so an older value never
+/// lands after a newer one; a failed write is tried again after a second while it is still the
+/// latest. Ends when `stop` is set or the sender is gone.
+async fn write_latest<T, F, Fut>(
+    mut rx: watch::Receiver<Option<T>>,
+    mut stop: watch::Receiver<bool>,
+    write: F,
+) where
+    T: Clone + PartialEq,
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let mut written: Option<T> = None;
+    let mut said = false;
+    loop {
+        let want = rx.borrow_and_update().clone();
+        if let Some(v) = want.filter(|v| written.as_ref() != Some(v)) {
+            match write(v.clone()).await {
+                Ok(()) => {
+                    written = Some(v);
+                    said = false;
+                    continue;
+                }
+                Err(e) => {
+                    if !said {
+                        tracing::warn!(error = %e, "cannot write an app's record or report; trying again");
+                        said = true;
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        r = rx.changed() => if r.is_err() { return },
+                        _ = stop.changed() => return,
+                    }
+                    continue;
+                }
+            }
+        }
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            _ = stop.changed() => return,
+        }
+    }
 }

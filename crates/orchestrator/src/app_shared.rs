@@ -10,7 +10,7 @@
 //!   answers the app's profile with the record's site.
 //! - **Site reports** `apps/APP/sites/SITE` (session records, so they vanish with their node):
 //!   each node of an app's site says what it sees of its own site — instances Online, the
-//!   set's capacity and `min`, whether its database member is the primary and has caught up.
+//!   sets' capacity, whether its database member is the primary and has caught up.
 //!   A site without a report is unreachable.
 //! - **Actions**: a capacity is operator intent (`intent/capacity/SET`), applied by the site's
 //!   node; a switchover is asked in `apps/APP/switchover` and carried out by the node whose
@@ -54,10 +54,9 @@ pub struct Record {
 /// `apps/APP/sites/SITE`: a site node's report on its part of the app.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Report {
-    /// Instances Online in the app's scale sets there, their desired capacity, their `min`.
+    /// Instances Online in the app's scale sets there, and their desired capacity.
     pub online: u32,
     pub capacity: u32,
-    pub min: u32,
     /// The site's database member is the primary and answers.
     pub primary: bool,
     /// The site's database member has every acknowledged write (see `caught_up`).
@@ -70,7 +69,7 @@ pub struct Report {
 pub struct SwitchoverAsk {
     pub from: String,
     pub to: String,
-    /// The leader's term and its move's id: one request, carried out once.
+    /// The leader's term (only the current leader's request is carried out) and its move's id.
     pub term: u64,
     pub plan: u64,
     #[serde(with = "event::time")]
@@ -82,10 +81,10 @@ pub struct SwitchoverAsk {
 pub const SWITCHOVER_FRESH: Duration = Duration::from_secs(60);
 
 impl Shared {
-    /// This node steps the app: it holds the leader lease and its view of the store is
-    /// current.
-    pub fn drives(&self) -> bool {
-        self.node.leadership().me && self.node.fresh() && self.mirror.synced()
+    /// This node's views of the store are current (the cluster's and the apps'): a leader
+    /// steps the app only then.
+    pub fn current(&self) -> bool {
+        self.node.fresh() && self.mirror.synced()
     }
 
     pub fn record(&self, app: &str) -> Option<Record> {
@@ -103,8 +102,10 @@ impl Shared {
         })
     }
 
-    pub fn switchover(&self, app: &str) -> Option<SwitchoverAsk> {
-        self.mirror.get(&keys::app_switchover(app))?.json()
+    /// The last switchover request, with its store revision (unique per request).
+    pub fn switchover(&self, app: &str) -> Option<(SwitchoverAsk, u64)> {
+        let r = self.mirror.get(&keys::app_switchover(app))?;
+        Some((r.json()?, r.revision))
     }
 
     /// Writes the app's record under the leader's lease; refused once another leader came.

@@ -2677,6 +2677,13 @@ impl Driver {
 
     fn work_done(&mut self, done: Done) {
         let i = done.member;
+        if let Some(why) = self.members[i].outage.clone() {
+            // A clone or rewind that was under way when an outage drill began: not started.
+            let m = &mut self.members[i];
+            m.state = State::Fenced;
+            m.error = Some(why);
+            return;
+        }
         match done.result {
             Ok(msg) => {
                 self.members[i].state = State::Stopped;

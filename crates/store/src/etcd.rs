@@ -355,14 +355,18 @@ impl Etcd {
 
     /// Keeps an etcd lease alive once; its remaining time to live (0: it expired). A stream
     /// that broke (its member gone) is opened again at once, which puts it on another member,
-    /// within twice the request timeout, as [`Etcd::call`] does for requests.
+    /// within twice the request timeout, as [`Etcd::call`] does for requests. The streams'
+    /// lock is held for one attempt at a time, so the other leases' keep-alives go on between.
     async fn keep_alive(&self, id: i64) -> Result<i64, StoreError> {
         let deadline = Instant::now() + self.options.request_timeout * 2;
         let mut pause = Duration::from_millis(20);
-        let mut keepers = self.keepers.lock().await;
         loop {
             let again = Instant::now() + pause < deadline;
-            match self.keep_alive_once(&mut keepers, id).await {
+            let outcome = {
+                let mut keepers = self.keepers.lock().await;
+                self.keep_alive_once(&mut keepers, id).await
+            };
+            match outcome {
                 KeepAlive::Ttl(ttl) => {
                     self.set_connected(true, None);
                     return Ok(ttl);
