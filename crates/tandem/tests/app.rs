@@ -362,21 +362,7 @@ impl Writer {
 
 /// Sends `signal` to every process of the member whose data directory is `data`.
 fn signal_member(data: &std::path::Path, signal: nix::sys::signal::Signal) {
-    let data = std::fs::canonicalize(data).unwrap();
-    let mut n = 0;
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let cwd = std::fs::read_link(entry.path().join("cwd")).ok();
-        let exe = std::fs::read_link(entry.path().join("exe")).ok();
-        if cwd.as_deref() == Some(data.as_path())
-            && exe.is_some_and(|e| e.to_string_lossy().contains("postgres"))
-        {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
-            n += 1;
-        }
-    }
+    let n = testkit::signal_postgres_in(data, signal);
     if signal == nix::sys::signal::Signal::SIGSTOP {
         assert!(n > 0, "no process of the member in {}", data.display());
     }

@@ -295,6 +295,32 @@ pub fn dig(server: SocketAddr, name: &str, extra: &[&str]) -> Option<Vec<String>
     Some(text.lines().map(str::to_string).collect())
 }
 
+/// Sends `signal` to every PostgreSQL process whose working directory is the data directory
+/// `data` (a member's postmaster and its children); how many.
+pub fn signal_postgres_in(data: &std::path::Path, signal: nix::sys::signal::Signal) -> usize {
+    let Ok(data) = std::fs::canonicalize(data) else {
+        return 0;
+    };
+    let mut n = 0;
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    for entry in procs.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cwd = std::fs::read_link(entry.path().join("cwd")).ok();
+        let exe = std::fs::read_link(entry.path().join("exe")).ok();
+        if cwd.as_deref() == Some(data.as_path())
+            && exe.is_some_and(|e| e.to_string_lossy().contains("postgres"))
+        {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+            n += 1;
+        }
+    }
+    n
+}
+
 /// A real single-member etcd (Debian's `etcd-server`) on loopback, with its data in a
 /// temporary directory; killed and removed when dropped.
 pub struct EtcdMember {

@@ -744,6 +744,7 @@ async fn app(s: &Sites, site: &str) -> Option<Value> {
 /// back, the app fails back once its member has caught up (a switchover carried out by the
 /// primary's node), the region back at its min. Operator failovers asked of any node reach the
 /// leader. The edge's postmaster hung alone: the whole app follows its data, then comes home.
+/// Pinned away with the edge's member held back: failback refused, then waited for, saying so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_follows_its_data_across_the_cluster_and_fails_back() {
     let (mut s, password) = start_with(APP).await;
@@ -909,6 +910,83 @@ async fn an_app_follows_its_data_across_the_cluster_and_fails_back() {
     eventually(Duration::from_secs(120), "the app home again", || async {
         let a = app(&s, "witness").await?;
         (a["active"] == "edge" && a["term"] == term + 2).then_some(())
+    })
+    .await;
+    let term = term + 2;
+
+    // Failback gated on the data: pinned at the region (asked of the edge's node), the edge's
+    // member held back (every process stopped); failback is refused on command, and once
+    // unpinned the app waits for the member, saying so, then comes home.
+    eventually(Duration::from_secs(60), "the region caught up", || async {
+        let a = driver_view_now(&s).await?;
+        let region = a["sites"]
+            .as_array()?
+            .iter()
+            .find(|x| x["site"] == "region")?;
+        (a["moving"].is_null() && region["caught_up"] == true).then_some(())
+    })
+    .await;
+    let (status, body) = s
+        .post("edge", "/v1/apps/shop/pin", r#"{"site": "region"}"#)
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{body}");
+    eventually(Duration::from_secs(60), "pinned at the region", || async {
+        let a = driver_view_now(&s).await?;
+        (a["active"] == "region" && a["pinned"] == true && a["moving"].is_null()).then_some(())
+    })
+    .await;
+    let edge_data = s.state("edge").join("databases/orders/edge");
+    eventually(
+        Duration::from_secs(30),
+        "the edge's member streaming",
+        || async {
+            let v = view(&s, "edge").await?;
+            (member(&v, "edge")["state"] == "streaming").then_some(())
+        },
+    )
+    .await;
+    let stopped = testkit::signal_postgres_in(&edge_data, nix::sys::signal::Signal::SIGSTOP);
+    assert!(stopped > 0, "no process of the edge's member");
+    eventually(
+        Duration::from_secs(20),
+        "the edge's member behind",
+        || async {
+            let a = driver_view_now(&s).await?;
+            let edge = a["sites"]
+                .as_array()?
+                .iter()
+                .find(|x| x["site"] == "edge")?;
+            (edge["caught_up"] == false).then_some(())
+        },
+    )
+    .await;
+    let (status, body) = s
+        .post("witness", "/v1/apps/shop/failback", "")
+        .await
+        .unwrap();
+    assert!(
+        status == 409 && body.to_string().contains("has not caught up"),
+        "{status} {body}"
+    );
+    let (status, body) = s.post("region", "/v1/apps/shop/unpin", "").await.unwrap();
+    assert_eq!(status, 202, "{body}");
+    eventually(
+        Duration::from_secs(10),
+        "waiting for the edge's data",
+        || async {
+            let a = driver_view_now(&s).await?;
+            let waits = a["waiting_for"]
+                .as_str()?
+                .contains("database member to catch up");
+            (a["active"] == "region" && a["pinned"] == false && waits).then_some(())
+        },
+    )
+    .await;
+    testkit::signal_postgres_in(&edge_data, nix::sys::signal::Signal::SIGCONT);
+    eventually(Duration::from_secs(120), "home once caught up", || async {
+        let a = app(&s, "witness").await?;
+        (a["active"] == "edge" && a["term"].as_u64()? > term + 1).then_some(())
     })
     .await;
 }
