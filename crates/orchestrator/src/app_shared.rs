@@ -110,36 +110,23 @@ impl Shared {
 
     /// Writes the app's record under the leader's lease; refused once another leader came.
     pub async fn write_record(&self, app: &str, record: &Record) -> Result<(), String> {
-        let leadership = self.node.leadership();
-        if !leadership.me {
-            return Err("this node no longer leads the cluster".into());
-        }
-        let bytes = serde_json::to_vec(record).unwrap_or_default();
-        self.store
-            .put_fenced(
-                &keys::app_record(app),
-                bytes,
-                keys::LEADER,
-                self.node.name(),
-                leadership.term,
-            )
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        self.put_as_leader(&keys::app_record(app), record).await
     }
 
     /// Asks the primary's node for a switchover to `to`, under the leader's lease.
     pub async fn ask_switchover(&self, app: &str, ask: &SwitchoverAsk) -> Result<(), String> {
+        self.put_as_leader(&keys::app_switchover(app), ask).await
+    }
+
+    /// Puts `value` as JSON under `key`, fenced by the leader lease this node holds.
+    async fn put_as_leader<T: Serialize>(&self, key: &str, value: &T) -> Result<(), String> {
         let leadership = self.node.leadership();
-        let bytes = serde_json::to_vec(ask).unwrap_or_default();
+        if !leadership.me {
+            return Err("this node no longer leads the cluster".into());
+        }
+        let bytes = serde_json::to_vec(value).unwrap_or_default();
         self.store
-            .put_fenced(
-                &keys::app_switchover(app),
-                bytes,
-                keys::LEADER,
-                self.node.name(),
-                leadership.term,
-            )
+            .put_fenced(key, bytes, keys::LEADER, self.node.name(), leadership.term)
             .await
             .map(|_| ())
             .map_err(|e| e.to_string())

@@ -3261,35 +3261,19 @@ async fn ask(
     fresh: bool,
 ) -> (Option<Client>, Result<Observation, Miss>) {
     let client = client.filter(|c| !c.is_closed());
-    if fresh && client.is_some() {
-        match tokio::time::timeout(SQL_TIMEOUT, observe::connect(addr, password)).await {
-            Ok(Ok(_)) => {}
-            // The session is dropped too: until a new connection is accepted, every tick
-            // tries one.
-            Ok(Err(e)) => return (None, Err(Miss::failed(e))),
-            Err(_) => {
-                return (
-                    None,
-                    Err(Miss::timed_out(format!(
-                        "a new connection got no answer within {SQL_TIMEOUT:?} (the postmaster hangs?)"
-                    ))),
-                );
-            }
-        }
+    // The session is dropped too when a fresh connection is not accepted: until one is,
+    // every tick tries one.
+    if fresh
+        && client.is_some()
+        && let Err(miss) = connect_bounded(addr, password).await
+    {
+        return (None, Err(miss));
     }
     let client = match client {
         Some(c) => c,
-        None => match tokio::time::timeout(SQL_TIMEOUT, observe::connect(addr, password)).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return (None, Err(Miss::failed(e))),
-            Err(_) => {
-                return (
-                    None,
-                    Err(Miss::timed_out(format!(
-                        "a new connection got no answer within {SQL_TIMEOUT:?} (the postmaster hangs?)"
-                    ))),
-                );
-            }
+        None => match connect_bounded(addr, password).await {
+            Ok(c) => c,
+            Err(miss) => return (None, Err(miss)),
         },
     };
     match tokio::time::timeout(SQL_TIMEOUT, observe::observe(&client)).await {
@@ -3301,6 +3285,17 @@ async fn ask(
                 "no answer to SQL within {SQL_TIMEOUT:?}"
             ))),
         ),
+    }
+}
+
+/// A new connection to a member, within [`SQL_TIMEOUT`].
+async fn connect_bounded(addr: SocketAddr, password: &str) -> Result<Client, Miss> {
+    match tokio::time::timeout(SQL_TIMEOUT, observe::connect(addr, password)).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(Miss::failed(e)),
+        Err(_) => Err(Miss::timed_out(format!(
+            "a new connection got no answer within {SQL_TIMEOUT:?} (the postmaster hangs?)"
+        ))),
     }
 }
 
