@@ -618,7 +618,8 @@ impl AppRunner {
         let mut st = self.state();
         if !lead.me {
             st.driving = None;
-            self.record_out.send_replace(None);
+            // Nothing more to write as the leader (a write still failing is dropped).
+            self.record_out.send_if_modified(|r| r.take().is_some());
             return Role::Follow;
         }
         if !sh.current() {
