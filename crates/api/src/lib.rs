@@ -1068,17 +1068,20 @@ async fn app_plan(
 
 /// `POST /v1/apps/{app}/drill`: starts the drill and answers 202 with the app (`drilling`);
 /// its report becomes the app's `last_drill`. 409 when it cannot start, with why.
-async fn app_drill(State(api): State<Api>, Path(name): Path<String>) -> Response {
+async fn app_drill(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Response {
     let app = match app_runner(&api, &name) {
         Ok(a) => a,
         Err(r) => return *r,
     };
-    if api.node.is_some() {
-        return error(
-            StatusCode::CONFLICT,
-            "app",
-            "app drills run in the single-process mode for now; in cluster mode, `tandem drill outage SITE` fails a whole site",
-        );
+    // Cluster mode: the leader drives the drill's moves; asked elsewhere, passed on to it.
+    let path = format!("/v1/apps/{name}/drill");
+    let body = axum::body::Bytes::new();
+    if let Some(r) = to_leader(&api, app, &headers, &path, body).await {
+        return r;
     }
     let Some(config) = api.topology.app(&name) else {
         return error(StatusCode::NOT_FOUND, "app", format!("no app {name:?}"));
@@ -1093,6 +1096,41 @@ async fn app_drill(State(api): State<Api>, Path(name): Path<String>) -> Response
     }
 }
 
+/// Cluster mode, on a node that does not drive `app`: the request passed on to the leader
+/// (once only) and its answer as it is; `None` where this node is to answer.
+async fn to_leader(
+    api: &Api,
+    app: &orchestrator::AppRunner,
+    headers: &axum::http::HeaderMap,
+    path: &str,
+    body: axum::body::Bytes,
+) -> Option<Response> {
+    if headers.contains_key(peers::FORWARDED) {
+        return None;
+    }
+    let leader = app.leader_elsewhere()?;
+    let addr = api
+        .node
+        .as_ref()?
+        .peers()
+        .into_iter()
+        .find(|(p, _)| *p == leader)
+        .map(|(_, a)| a)?;
+    let wait = Duration::from_secs(10);
+    Some(
+        match peers::forward(api, addr, Method::POST, path, body, wait).await {
+            Some((status, body)) => {
+                (status, [(CONTENT_TYPE, "application/json")], body).into_response()
+            }
+            None => error(
+                StatusCode::BAD_GATEWAY,
+                "app",
+                format!("the leader, node {leader} ({addr}), gave no answer"),
+            ),
+        },
+    )
+}
+
 /// `POST /v1/apps/{app}/{failover|failback|pin|unpin}`: answers with the app once the
 /// command is taken; the move runs on (`GET /v1/apps` shows it).
 async fn app_action(
@@ -1105,30 +1143,10 @@ async fn app_action(
         Ok(a) => a,
         Err(r) => return *r,
     };
-    // Cluster mode: the leader drives the apps; asked elsewhere, the command is passed on to
-    // it (once only) and its answer returned as it is.
-    if let Some(leader) = app
-        .leader_elsewhere()
-        .filter(|_| !headers.contains_key(peers::FORWARDED))
-        && let Some(addr) = api.node.as_ref().and_then(|n| {
-            n.peers()
-                .into_iter()
-                .find(|(p, _)| *p == leader)
-                .map(|(_, a)| a)
-        })
-    {
-        let path = format!("/v1/apps/{name}/{action}");
-        let wait = Duration::from_secs(10);
-        return match peers::forward(&api, addr, Method::POST, &path, body, wait).await {
-            Some((status, body)) => {
-                (status, [(CONTENT_TYPE, "application/json")], body).into_response()
-            }
-            None => error(
-                StatusCode::BAD_GATEWAY,
-                "app",
-                format!("the leader, node {leader} ({addr}), gave no answer"),
-            ),
-        };
+    // Cluster mode: the leader drives the apps; asked elsewhere, passed on to it.
+    let path = format!("/v1/apps/{name}/{action}");
+    if let Some(r) = to_leader(&api, app, &headers, &path, body.clone()).await {
+        return r;
     }
     if !["failover", "failback", "pin", "unpin"].contains(&action.as_str()) {
         return error(

@@ -447,13 +447,44 @@ impl AppRunner {
             }
         }
         let guard = Drilling(self.clone());
-        let database = self.tiers.database.clone();
+        let database = self.primary_connector();
         let target = to.clone();
         tokio::spawn(async move {
             let report = crate::app_drill::run(guard.0.clone(), entry, database, target).await;
             guard.0.state().last_drill = Some(report);
         });
         Ok(to)
+    }
+
+    /// How a drill reaches the database's primary to check the acknowledged writes: in one
+    /// process through the database; in cluster mode (the leader may run no member of it: a
+    /// witness) through the passwords shared in the store, to the member the site reports
+    /// name primary. `None` for an app without a database.
+    fn primary_connector(self: &Arc<Self>) -> Option<crate::app_drill::Connector> {
+        let Some(sh) = self.tiers.shared.clone() else {
+            let db = self.tiers.database.clone()?;
+            return Some(Arc::new(move || {
+                let db = db.clone();
+                Box::pin(async move { db.connect_primary().await.map_err(|e| e.to_string()) })
+            }));
+        };
+        let name = self.config.database.as_ref()?;
+        let db = self
+            .tiers
+            .topology
+            .databases
+            .iter()
+            .find(|d| d.name == *name)?
+            .clone();
+        let me = self.clone();
+        Some(Arc::new(move || {
+            let (sh, db, me) = (sh.clone(), db.clone(), me.clone());
+            Box::pin(async move {
+                let primary = me.state().seen.primary.clone();
+                let site = primary.ok_or("no primary reported now")?;
+                pg::cluster::connect_shared(&sh.store, &db, &site).await
+            })
+        }))
     }
 
     pub(crate) fn drill_event(&self, kind: &'static str, message: String) {

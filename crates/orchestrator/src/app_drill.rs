@@ -176,7 +176,7 @@ impl Log {
 pub(crate) async fn run(
     runner: Arc<AppRunner>,
     entry: Entry,
-    database: Option<Arc<pg::Cluster>>,
+    database: Option<Connector>,
     to: String,
 ) -> AppDrillReport {
     let started = SystemTime::now();
@@ -248,7 +248,7 @@ pub(crate) async fn run(
         .map(|(e, n)| format!("{n}× {e}"))
         .collect();
     let lost = match &database {
-        Some(db) => lost_writes(db, &log.acks).await,
+        Some(connect) => lost_writes(connect, &log.acks).await,
         None => Err("the app has no database".into()),
     };
     match lost {
@@ -436,13 +436,22 @@ fn clients(log: &Mutex<Log>, start: Instant, site: &str) -> ClientView {
     }
 }
 
+/// Opens a superuser connection to the database's primary (see
+/// `AppRunner::primary_connector`).
+pub(crate) type Connector = Arc<
+    dyn Fn() -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<pg::Client, String>> + Send>,
+        > + Send
+        + Sync,
+>;
+
 /// The acknowledged ids missing from the primary's `tandem_sample`.
-async fn lost_writes(db: &pg::Cluster, acks: &[Ack]) -> Result<Vec<i64>, String> {
+async fn lost_writes(connect: &Connector, acks: &[Ack]) -> Result<Vec<i64>, String> {
     let ids: Vec<i64> = acks.iter().map(|a| a.id).collect();
     let mut client = None;
     // The primary may just have changed: a few tries.
     for _ in 0..20 {
-        match db.connect_primary().await {
+        match connect().await {
             Ok(c) => {
                 client = Some(c);
                 break;

@@ -222,6 +222,36 @@ struct Credentials {
     replication_password: String,
 }
 
+/// Cluster mode, on a node that runs no member of `db` (a witness): a superuser connection to
+/// its member at `site`, with the password shared through the store
+/// (`databases/DB/credentials`), within 2 s. For drills that check what the primary holds.
+///
+/// # Errors
+/// The store unreadable, no shared password yet, no member at `site`, or no answer.
+pub async fn connect_shared(
+    store: &Arc<dyn Store>,
+    db: &Database,
+    site: &str,
+) -> Result<Client, String> {
+    let key = format!("databases/{}/credentials", db.name);
+    let credentials: Credentials = store
+        .read(&key)
+        .await
+        .map_err(|e| format!("cannot read the shared passwords: {e}"))?
+        .and_then(|r| r.json())
+        .ok_or_else(|| format!("database {} has no shared passwords yet", db.name))?;
+    let member = db
+        .members
+        .iter()
+        .find(|m| m.site.as_str() == site)
+        .ok_or_else(|| format!("database {} has no member in {site}", db.name))?;
+    let connect = observe::connect(member.listen, &credentials.password);
+    match tokio::time::timeout(Duration::from_secs(2), connect).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("{site}'s member did not answer within 2 s")),
+    }
+}
+
 /// Cluster mode: the first node to start creates the passwords (or keeps those it has) and
 /// writes them to the store, create-only; every node then writes the store's into its own
 /// 0600 files before the members start, so nothing else ever carries them.

@@ -14,3 +14,5 @@ pub mod observe;
 pub mod watchdog;
 
 pub use cluster::{BackupError, Change, Cluster, MemberView, SwitchoverError, View, Wiring};
+/// A PostgreSQL connection (tokio-postgres), as `Cluster::connect_primary` gives.
+pub use tokio_postgres::Client;

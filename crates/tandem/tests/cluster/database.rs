@@ -297,11 +297,13 @@ async fn start() -> (Sites, String) {
     start_with("").await
 }
 
-/// [`start`] with `extra` TOML after the database.
+/// [`start`] with `extra` TOML after the database (an app: the instances then use the
+/// database too).
 async fn start_with(extra: &str) -> (Sites, String) {
     let opts = Options {
         extra: database() + extra,
         state_per_node: true,
+        sample_app_database: !extra.is_empty(),
         ..Options::default()
     };
     let s = Sites::start_with(opts, |lab| {
@@ -745,6 +747,7 @@ async fn app(s: &Sites, site: &str) -> Option<Value> {
 /// primary's node), the region back at its min. Operator failovers asked of any node reach the
 /// leader. The edge's postmaster hung alone: the whole app follows its data, then comes home.
 /// Pinned away with the edge's member held back: failback refused, then waited for, saying so.
+/// `tandem drill app` asked of a node runs on the leader, with every acknowledged write found.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_follows_its_data_across_the_cluster_and_fails_back() {
     let (mut s, password) = start_with(APP).await;
@@ -965,6 +968,33 @@ async fn an_app_follows_its_data_across_the_cluster_and_fails_back() {
         (a["active"] == "edge" && a["term"].as_u64()? > term + 1).then_some(())
     })
     .await;
+
+    // (5) `tandem drill app` asked of the region's node runs on the leader: a failover and a
+    // failback with clients on the public entry (DNS, load balancer, instance, the site's
+    // database frontend); every acknowledged write is on the primary.
+    settled(
+        &s,
+        Some("edge"),
+        Duration::from_secs(60),
+        "home, the region caught up",
+    )
+    .await;
+    let (status, body) = s.post("region", "/v1/apps/shop/drill", "").await.unwrap();
+    assert_eq!(status, 202, "{body}");
+    let r = eventually(Duration::from_secs(120), "the drill's report", || async {
+        let a = driver_view_now(&s).await?;
+        (a["drilling"] == false && !a["last_drill"].is_null()).then(|| a["last_drill"].clone())
+    })
+    .await;
+    let c: Value = s.get("witness", "/v1/cluster").await.unwrap();
+    eprintln!("drill run by {}: {r}", c["leader"]["holder"]);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(
+        (r["from"].as_str(), r["to"].as_str()),
+        (Some("edge"), Some("region"))
+    );
+    assert_eq!(r["writes_lost"], 0, "{r}");
+    assert!(r["writes_acknowledged"].as_u64().unwrap() >= 10, "{r}");
 }
 
 /// The app as the node that drives it now shows it.

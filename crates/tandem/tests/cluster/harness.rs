@@ -33,6 +33,9 @@ pub struct Options {
     /// Each node keeps its state in its own directory (`LAB/SITE/state`), as on separate
     /// machines; else they share `LAB/state`.
     pub state_per_node: bool,
+    /// The sample-app instances write and read through their site's database frontend
+    /// (`orders` on .40, the password in the node's state directory): for app drills.
+    pub sample_app_database: bool,
 }
 
 impl Default for Options {
@@ -47,6 +50,7 @@ impl Default for Options {
             timeout: "200ms",
             extra: String::new(),
             state_per_node: false,
+            sample_app_database: false,
         }
     }
 }
@@ -512,6 +516,14 @@ failback_hold = "{hold}"
         hold = o.failback_hold,
     );
     for site in ["edge", "region"] {
+        let database = if o.sample_app_database {
+            format!(
+                r#", "--database", "{}:5432", "--database-password-file", "state/databases/orders/password""#,
+                ip(site, 40)
+            )
+        } else {
+            String::new()
+        };
         t.push_str(&format!(
             r#"
 [[load_balancer]]
@@ -524,7 +536,7 @@ probe = "web"
 [[scale_set]]
 name = "{site}-web"
 site = "{site}"
-command = ["tandem", "sample-app", "--listen", "{{address}}:{{port.http}}", "--site", "{{site}}"]
+command = ["tandem", "sample-app", "--listen", "{{address}}:{{port.http}}", "--site", "{{site}}"{database}]
 bind = "{inst}"
 ports = {{ http = "21000-21009" }}
 capacity = {{ min = 1, max = 4, initial = 2 }}
