@@ -436,6 +436,9 @@ impl EtcdMember {
             .args(["--listen-peer-urls", &self.peer])
             .args(["--initial-advertise-peer-urls", &self.peer])
             .args(["--initial-cluster", &self.initial_cluster])
+            // A member started again does not call an election and stall the others (etcd
+            // 3.5's default).
+            .args(["--pre-vote=true"])
             .args(["--log-level", "warn"])
             .stdout(log.try_clone().unwrap())
             .stderr(log)

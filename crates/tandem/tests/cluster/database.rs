@@ -748,6 +748,7 @@ async fn app(s: &Sites, site: &str) -> Option<Value> {
 /// leader. The edge's postmaster hung alone: the whole app follows its data, then comes home.
 /// Pinned away with the edge's member held back: failback refused, then waited for, saying so.
 /// `tandem drill app` asked of a node runs on the leader, with every acknowledged write found.
+/// Pinned away, a manual failback brings the app home.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_follows_its_data_across_the_cluster_and_fails_back() {
     let (mut s, password) = start_with(APP).await;
@@ -995,6 +996,50 @@ async fn an_app_follows_its_data_across_the_cluster_and_fails_back() {
     );
     assert_eq!(r["writes_lost"], 0, "{r}");
     assert!(r["writes_acknowledged"].as_u64().unwrap() >= 10, "{r}");
+
+    // A manual failback: pinned at the region, the app stays there past the hold; `failback`
+    // (asked of the edge's node) brings it home, still pinned, until `unpin`.
+    settled(
+        &s,
+        Some("edge"),
+        Duration::from_secs(60),
+        "at rest after the drill",
+    )
+    .await;
+    let (status, body) = s
+        .post("witness", "/v1/apps/shop/pin", r#"{"site": "region"}"#)
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{body}");
+    eventually(
+        Duration::from_secs(60),
+        "pinned at the region, edge caught up",
+        || async {
+            let a = driver_view_now(&s).await?;
+            let edge = site_of(&a, "edge")?;
+            (a["active"] == "region"
+                && a["pinned"] == true
+                && a["moving"].is_null()
+                && edge["caught_up"] == true)
+                .then_some(())
+        },
+    )
+    .await;
+    let (status, body) = s.post("edge", "/v1/apps/shop/failback", "").await.unwrap();
+    assert_eq!(status, 202, "{body}");
+    eventually(
+        Duration::from_secs(60),
+        "home by command, still pinned",
+        || async {
+            let a = driver_view_now(&s).await?;
+            (a["active"] == "edge" && a["pinned"] == true && a["moving"].is_null()).then_some(())
+        },
+    )
+    .await;
+    let (status, body) = s.post("region", "/v1/apps/shop/unpin", "").await.unwrap();
+    assert_eq!(status, 202, "{body}");
+    let a = app(&s, "witness").await.unwrap();
+    assert_eq!(a["active"], "edge", "{a}");
 }
 
 /// The app as the node that drives it now shows it.
