@@ -222,8 +222,8 @@ struct Credentials {
     replication_password: String,
 }
 
-/// Cluster mode, on a node that runs no member of `db` (a witness): a superuser connection to
-/// its member at `site`, with the password shared through the store
+/// Cluster mode, on any node (one that runs no member of `db` too: a witness): a superuser
+/// connection to `db`'s member at `site`, with the password shared through the store
 /// (`databases/DB/credentials`), within 2 s. For drills that check what the primary holds.
 ///
 /// # Errors
