@@ -720,7 +720,8 @@ impl AppRunner {
         }
         let db = self.tiers.database.as_ref().map(|db| db.view());
         if let Some(v) = &db {
-            report.primary = answering_primary(v).as_deref() == Some(site.as_str());
+            // `View::primary` is a writable primary only: a fenced or crashed one is none.
+            report.primary = v.primary.as_deref() == Some(site.as_str());
             report.caught_up = v.members.iter().any(|m| m.site == site && caught_up(v, m));
         }
         let primary = report.primary;
@@ -1014,7 +1015,7 @@ impl AppRunner {
         }
         if let Some(db) = &t.database {
             let v = db.view();
-            seen.primary = answering_primary(&v);
+            seen.primary.clone_from(&v.primary);
             for m in &v.members {
                 seen.caught_up.insert(m.site.clone(), caught_up(&v, m));
             }
@@ -1036,7 +1037,8 @@ impl AppRunner {
             .filter(|d| d.kind == "outage" && !d.over(now))
             .map(|d| d.site);
         let reports = sh.reports(&self.name);
-        let mut known = std::mem::take(&mut self.state().known_capacity);
+        let mut st = self.state();
+        let known = &mut st.known_capacity;
         for site in &self.config.sites {
             let site = site.to_string();
             let healthy = statuses
@@ -1051,7 +1053,10 @@ impl AppRunner {
             let r = report.cloned().unwrap_or_default();
             seen.online.insert(site.clone(), r.online);
             let capacity = match report {
-                Some(r) => *known.entry(site.clone()).insert_entry(r.capacity).get(),
+                Some(r) => {
+                    known.insert(site.clone(), r.capacity);
+                    r.capacity
+                }
                 None => known.get(&site).copied().unwrap_or(0),
             };
             seen.capacity.insert(site.clone(), capacity);
@@ -1060,19 +1065,9 @@ impl AppRunner {
                 seen.primary = Some(site);
             }
         }
-        self.state().known_capacity = known;
+        drop(st);
         seen
     }
-}
-
-/// The database's primary, if it answers: one fenced or down (an outage drill, a crash) is no
-/// primary to switch over from, and a move waits for the database's own failover instead.
-fn answering_primary(v: &pg::View) -> Option<String> {
-    v.primary.clone().filter(|p| {
-        v.members
-            .iter()
-            .any(|m| m.site == *p && !matches!(m.state.as_str(), "fenced" | "stopped" | "failed"))
-    })
 }
 
 /// Where a drill would fail the app over to: the first other site healthy with its data

@@ -222,6 +222,11 @@ struct Credentials {
     replication_password: String,
 }
 
+/// Where a database's shared passwords are in the store.
+fn credentials_key(db: &str) -> String {
+    format!("databases/{db}/credentials")
+}
+
 /// Cluster mode, on any node (one that runs no member of `db` too: a witness): a superuser
 /// connection to `db`'s member at `site`, with the password shared through the store
 /// (`databases/DB/credentials`), within 2 s. For drills that check what the primary holds.
@@ -233,7 +238,7 @@ pub async fn connect_shared(
     db: &Database,
     site: &str,
 ) -> Result<Client, String> {
-    let key = format!("databases/{}/credentials", db.name);
+    let key = credentials_key(&db.name);
     let credentials: Credentials = store
         .read(&key)
         .await
@@ -260,7 +265,7 @@ async fn share_credentials(
     name: &str,
     dir: &std::path::Path,
 ) -> Result<(), local::Error> {
-    let key = format!("databases/{name}/credentials");
+    let key = credentials_key(name);
     let fail =
         |e: StoreError| local::Error(format!("cannot share the passwords through the store: {e}"));
     let read = async || -> Result<Option<Credentials>, local::Error> {

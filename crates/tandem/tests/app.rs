@@ -703,11 +703,6 @@ async fn public_write(dns: SocketAddr, port: u16) -> Option<String> {
         .ok()?
 }
 
-fn median_max(mut v: Vec<f64>) -> (f64, f64) {
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2], v[v.len() - 1])
-}
-
 /// Whole-app RTO with 1 s probes, median and max over `TANDEM_RTO_RUNS` rounds (default 10):
 /// a site outage (drill: the edge's load balancers, instances and database member stop) of
 /// the edge to the first write acknowledged through the public entry and committed at the
@@ -808,13 +803,13 @@ async fn measure_whole_app_rto() {
         planned_fb.push(fb);
     }
     let n = outage.len();
-    let (m, x) = median_max(outage);
+    let (m, x) = testkit::median_max(outage);
     println!(
         "site loss (web tier and database member) -> first write at the region (1 s probes): median {m:.2} s, max {x:.2} s over {n}"
     );
-    let (m, x) = median_max(planned_fo);
+    let (m, x) = testkit::median_max(planned_fo);
     println!("planned failover (client RTO): median {m:.2} s, max {x:.2} s over {runs}");
-    let (m, x) = median_max(planned_fb);
+    let (m, x) = testkit::median_max(planned_fb);
     println!(
         "planned failback (client RTO): median {m:.2} s, max {x:.2} s over {runs}; {lost} acknowledged writes lost"
     );

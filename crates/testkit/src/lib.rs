@@ -295,6 +295,12 @@ pub fn dig(server: SocketAddr, name: &str, extra: &[&str]) -> Option<Vec<String>
     Some(text.lines().map(str::to_string).collect())
 }
 
+/// The median and the maximum of measurements (panics on none).
+pub fn median_max(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[v.len() - 1])
+}
+
 /// Sends `signal` to every PostgreSQL process whose working directory is the data directory
 /// `data` (a member's postmaster and its children); how many.
 pub fn signal_postgres_in(data: &std::path::Path, signal: nix::sys::signal::Signal) -> usize {

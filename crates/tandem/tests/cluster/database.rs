@@ -1135,19 +1135,15 @@ async fn measure_cluster_app_rto() {
         planned.push(p);
         gaps.push(gap);
     }
-    let stats = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        (v[v.len() / 2], v[v.len() - 1])
-    };
-    let (m, x) = stats(moved);
+    let (m, x) = testkit::median_max(moved);
     println!("edge site lost -> app at the region: median {m:.2} s, max {x:.2} s over {runs}");
-    let (m, x) = stats(written);
+    let (m, x) = testkit::median_max(written);
     println!(
         "edge site lost -> first write through the region's frontend: median {m:.2} s, max {x:.2} s"
     );
-    let (m, x) = stats(planned);
+    let (m, x) = testkit::median_max(planned);
     println!("planned failover (the leader's move): median {m:.2} s, max {x:.2} s");
-    let (m, x) = stats(gaps);
+    let (m, x) = testkit::median_max(gaps);
     println!(
         "planned failover, writer's longest gap: median {m:.2} s, max {x:.2} s; 0 acknowledged writes lost"
     );
