@@ -219,11 +219,25 @@ impl Lab {
     }
 
     /// Waits for the app to satisfy `check`, up to `secs`.
+    /// On a timeout the failure shows the app as last seen.
     async fn wait(&self, secs: u64, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-        eventually(Duration::from_secs(secs), what, || async {
-            self.app().await.filter(|a| check(a))
-        })
-        .await
+        let last = std::sync::Mutex::new(None);
+        let waited = tokio::time::timeout(
+            Duration::from_secs(secs),
+            eventually(Duration::from_secs(secs + 5), what, || async {
+                let a = self.app().await;
+                last.lock().unwrap().clone_from(&a);
+                a.filter(|a| check(a))
+            }),
+        )
+        .await;
+        match waited {
+            Ok(a) => a,
+            Err(_) => panic!(
+                "timed out after {secs}s waiting for {what}; the app as last seen: {}",
+                last.lock().unwrap().take().unwrap_or_default()
+            ),
+        }
     }
 
     /// Waits until the app is at rest at `site` under `term`, DNS answers that site's load
@@ -495,7 +509,15 @@ async fn the_whole_app_fails_over_and_back_with_its_data() {
 
     // (1) The edge site lost (an outage drill: its load balancers, instances and database
     // member stop): the database fails over by itself once the lease lapses, the app moves
-    // with it, then fails back once the edge returns and its member has caught up.
+    // with it, then fails back once the edge returns and its member has caught up. The
+    // region's member, just rewound by the failback, must be the synchronous standby again
+    // first: without one a failover is refused (it would lose acknowledged writes).
+    lab.wait(
+        60,
+        "the region's member caught up after the failback",
+        |a| site(a, "region")["caught_up"] == true,
+    )
+    .await;
     let n = writer.count();
     let resp = http_post_json(
         lab.up.api,

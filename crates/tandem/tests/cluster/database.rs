@@ -778,6 +778,14 @@ async fn an_app_follows_its_data_across_the_cluster_and_fails_back() {
         })
         .await;
     }
+    // Without a synchronous standby a failover is refused (it would lose acknowledged writes).
+    settled(
+        &s,
+        Some("edge"),
+        Duration::from_secs(60),
+        "the region caught up",
+    )
+    .await;
     let (w, task) = writer(&s, "region", &password);
     w.wait_more(20, "20 writes acknowledged").await;
 
