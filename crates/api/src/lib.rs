@@ -21,6 +21,7 @@
 //! | GET | `/v1/databases/{db}/backups` | the backups in the repository, the WAL archive, the schedule, the last drill |
 //! | POST | `/v1/databases/{db}/backups` | `{"type": "full"\|"diff"\|"incr"}`: a backup now; answers when it is done |
 //! | POST | `/v1/databases/{db}/backups/verify` | `pgbackrest verify` of the repository |
+//! | POST | `/v1/databases/{db}/restore` | `{"site": SITE, "to": TIME}` (`to` optional): the database back to a point in time, SITE's member its primary |
 //! | POST | `/v1/databases/{db}/restore-drill` | `{"to": TIME}` (optional): restore into a scratch copy, count, measure RTO and RPO |
 //! | GET | `/v1/apps` | every app: active site, term, each site's health, data and capacity, the move under way, what failback waits for, the last move |
 //! | GET | `/v1/apps/{app}` | one app, as in `/v1/apps` |
@@ -472,6 +473,7 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<Api>)> {
             "/v1/databases/{db}/restore-drill",
             post(restore_drill),
         ),
+        (Method::POST, "/v1/databases/{db}/restore", post(restore)),
         (Method::GET, "/v1/apps", get(apps)),
         (Method::GET, "/v1/apps/{app}", get(app_view)),
         (Method::GET, "/v1/apps/{app}/plan", get(app_plan)),
@@ -1289,20 +1291,67 @@ async fn restore_drill(
         Ok(r) => r,
         Err(r) => return *r,
     };
-    let to = match req.to.as_deref() {
-        None | Some("latest") => None,
-        Some(t) => match event::parse_rfc3339(t) {
-            Some(t) => Some(t),
-            None => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "to",
-                    format!("{t:?} is not a time such as 2024-05-01T12:00:00Z (UTC), or latest"),
-                );
-            }
-        },
+    let to = match restore_target(req.to.as_deref()) {
+        Ok(to) => to,
+        Err(r) => return *r,
     };
     match db.restore_drill(to).await {
+        Ok(report) => Json(report).into_response(),
+        Err(e) => backup_error(e),
+    }
+}
+
+/// `to` of a restore: `None` (or `latest`) for the newest archived WAL, else a UTC time.
+fn restore_target(to: Option<&str>) -> Result<Option<std::time::SystemTime>, Box<Response>> {
+    match to {
+        None | Some("latest") => Ok(None),
+        Some(t) => event::parse_rfc3339(t).map(Some).ok_or_else(|| {
+            Box::new(error(
+                StatusCode::BAD_REQUEST,
+                "to",
+                format!("{t:?} is not a time such as 2024-05-01T12:00:00Z (UTC), or latest"),
+            ))
+        }),
+    }
+}
+
+/// `POST /v1/databases/{db}/restore` with `{"site": SITE, "to": TIME}`: answers once the
+/// restored member is the primary (or with the reason it is not; 409).
+async fn restore(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let db = match database(&api, &name) {
+        Ok(db) => db,
+        Err(r) => return *r,
+    };
+    let req: RestoreRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "site",
+                "expected a JSON body {\"site\": \"edge\", \"to\": \"2024-05-01T12:00:00Z\"} (to optional)",
+            );
+        }
+    };
+    if !db.sites.contains(&req.site) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "site",
+            format!(
+                "database {name} has no member in site {:?} (members: {})",
+                req.site,
+                db.sites.join(", ")
+            ),
+        );
+    }
+    let to = match restore_target(req.to.as_deref()) {
+        Ok(to) => to,
+        Err(r) => return *r,
+    };
+    match db.restore(&req.site, to).await {
         Ok(report) => Json(report).into_response(),
         Err(e) => backup_error(e),
     }

@@ -73,7 +73,7 @@ pub const DB_LAG: &str = "tandem_db_member_lag_bytes";
 pub const DB_STREAMING: &str = "tandem_db_member_streaming";
 /// The fencing token in force.
 pub const DB_TERM: &str = "tandem_db_term";
-/// Failovers and switchovers since start.
+/// Failovers, switchovers and restores (`kind`), counted across restarts.
 pub const DB_CHANGES: &str = "tandem_db_primary_changes_total";
 /// Seconds the last failover or switchover took.
 pub const DB_LAST_CHANGE: &str = "tandem_db_last_change_seconds";
@@ -460,10 +460,14 @@ pub fn render_databases(out: &mut String, views: &[pg::View]) {
         out,
         DB_CHANGES,
         "counter",
-        "Primary changes since start, by kind.",
+        "Primary changes by kind (failover, switchover, restore), kept across restarts.",
     );
     for v in views {
-        for (kind, n) in [("failover", v.failovers), ("switchover", v.switchovers)] {
+        for (kind, n) in [
+            ("failover", v.failovers),
+            ("switchover", v.switchovers),
+            ("restore", v.restores),
+        ] {
             let _ = writeln!(
                 out,
                 "{DB_CHANGES}{{database=\"{}\",kind=\"{kind}\"}} {n}",

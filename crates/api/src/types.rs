@@ -210,6 +210,16 @@ pub struct RestoreDrillRequest {
     pub to: Option<String>,
 }
 
+/// `POST /v1/databases/{db}/restore`: the database back to the newest archived WAL, or to
+/// `to` (RFC 3339, UTC; `latest` or none: the newest), with `site`'s member as its primary.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RestoreRequest {
+    #[serde(default)]
+    pub site: String,
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
 /// `POST /v1/reload`: what changed in the file and what became of each change.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ReloadResponse {

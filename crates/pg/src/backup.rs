@@ -955,6 +955,90 @@ impl Backups {
         report
     }
 
+    /// `tandem restore`'s first half: the backup pgBackRest picks and the archived WAL (up to
+    /// `to`, else all of it) restored into `dir` — which must not exist or be empty, and is
+    /// never a member's directory — then started apart on a free loopback port, archiving as
+    /// members do, recovered and promoted onto a new timeline, checked (`drill_table`
+    /// counted), stopped cleanly, and its recovery settings removed (a standby cloned from it
+    /// must never stop at the target again). The running members are not touched: until the
+    /// copy is ready the database keeps serving. On failure `dir` is removed. The report's
+    /// times are the copy's (restore, then recovery); `newest_acknowledged_commit` is the
+    /// primary's newest when it started, if one answered.
+    pub async fn restore(
+        &self,
+        p: Option<&Primary>,
+        to: Option<SystemTime>,
+        dir: &Path,
+    ) -> Result<DrillReport, Error> {
+        let mut report = DrillReport {
+            started: event::rfc3339(SystemTime::now()),
+            target: to.map_or_else(|| "latest".to_string(), event::rfc3339),
+            directory: dir.display().to_string(),
+            table: self.config.drill_table.clone(),
+            ..DrillReport::default()
+        };
+        let _busy = self.busy.lock().await;
+        lock(&self.view).running = Some("restore".into());
+        let result = self.restore_inner(p, to, dir, &mut report).await;
+        lock(&self.view).running = None;
+        if let Err(e) = &result {
+            self.event("restore-failed", format!("restore failed: {e}"));
+        }
+        result.map(|()| {
+            report.ok = true;
+            report
+        })
+    }
+
+    async fn restore_inner(
+        &self,
+        p: Option<&Primary>,
+        to: Option<SystemTime>,
+        dir: &Path,
+        report: &mut DrillReport,
+    ) -> Result<(), Error> {
+        self.check_repository()?;
+        if let Some(p) = p {
+            self.configure(p)?;
+            if let Ok(c) = observe::connect(p.listen, &self.local.password).await {
+                report.newest_acknowledged_commit = last_commit(&c).await.map(event::rfc3339);
+            }
+        }
+        if dir.exists() && !local::is_empty(dir) {
+            return Err(Error(format!(
+                "{} is not empty; a restore never writes over anything (Tandem leaves it untouched)\n  help: move it away (an earlier restore killed midway?)",
+                dir.display()
+            )));
+        }
+        let sets = self.refresh_info().await?;
+        report.backup = sets.last().map(|b| b.label.clone());
+        if report.backup.is_none() {
+            return Err(Error(
+                "no backup in the repository yet\n  help: `tandem backup DB now`".into(),
+            ));
+        }
+        if let Some(t) = to {
+            report.backup = Some(backup_before(&sets, t)?.label.clone());
+        }
+        std::fs::create_dir_all(dir).map_err(|e| Error(format!("{}: {e}", dir.display())))?;
+        if let Some((uid, gid)) = self.local.user {
+            local::chown(dir, uid, gid)?;
+        }
+        let port = free_port()?;
+        report.port = port;
+        let mut result = self
+            .restore_and_check(dir, port, to, report, Purpose::Member)
+            .await;
+        if result.is_ok() {
+            result = forget_recovery_target(dir, self.local.user);
+        }
+        if result.is_err() {
+            crate::family::kill_in_data_dir(&self.local.bins.join("postgres"), dir);
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        result
+    }
+
     async fn drill_inner(
         &self,
         p: &Primary,
@@ -989,7 +1073,9 @@ impl Backups {
         }
         let port = free_port()?;
         report.port = port;
-        let result = self.restore_and_check(scratch, port, to, report).await;
+        let result = self
+            .restore_and_check(scratch, port, to, report, Purpose::Drill)
+            .await;
         // Whatever happened: nothing of the drill is left running or on disk.
         let postgres = self.local.bins.join("postgres");
         crate::family::kill_in_data_dir(&postgres, scratch);
@@ -1007,10 +1093,14 @@ impl Backups {
         port: u16,
         to: Option<SystemTime>,
         report: &mut DrillReport,
+        purpose: Purpose,
     ) -> Result<(), Error> {
         let t0 = tokio::time::Instant::now();
         let path = format!("--pg1-path={}", scratch.display());
-        let mut args = vec![path.as_str(), "--archive-mode=off"];
+        let mut args = vec![path.as_str()];
+        if purpose == Purpose::Drill {
+            args.push("--archive-mode=off");
+        }
         let target;
         if let Some(t) = to {
             target = format!("--target={}", pg_time(t));
@@ -1019,8 +1109,11 @@ impl Backups {
         self.pgbackrest("restore", &args, None).await?;
         report.restore_seconds = t0.elapsed().as_secs_f64();
         let t1 = tokio::time::Instant::now();
-        let log = self.local.dir.join("drill.log");
-        let mut child = self.start_scratch(scratch, port, &log)?;
+        let log = self.local.dir.join(match purpose {
+            Purpose::Drill => "drill.log",
+            Purpose::Member => "restore.log",
+        });
+        let mut child = self.start_scratch(scratch, port, &log, purpose)?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let deadline = t1 + DRILL_READY;
         let client = loop {
@@ -1086,13 +1179,16 @@ impl Backups {
         checked
     }
 
-    /// The restored copy's postmaster: loopback only, its own port, no archiving, no
-    /// synchronous standby to wait for, as the database user with the members' environment.
+    /// The restored copy's postmaster: loopback only, its own port, no synchronous standby
+    /// to wait for, as the database user with the members' environment. A drill's copy does
+    /// not archive; a member's does, as members do (the new timeline's history file and WAL
+    /// reach the repository, so later restores can follow it).
     fn start_scratch(
         &self,
         scratch: &Path,
         port: u16,
         log: &Path,
+        purpose: Purpose,
     ) -> Result<tokio::process::Child, Error> {
         let logfile =
             std::fs::File::create(log).map_err(|e| Error(format!("{}: {e}", log.display())))?;
@@ -1101,16 +1197,33 @@ impl Backups {
             .map_err(|e| Error(format!("{}: {e}", log.display())))?;
         let mut cmd = tokio::process::Command::new(self.local.bins.join("postgres"));
         cmd.arg("-D").arg(scratch);
+        let archive = match (purpose, &self.local.archive) {
+            (Purpose::Member, Some(a)) => vec![
+                "archive_mode=on".to_string(),
+                format!(
+                    "archive_command={} --pg1-path={} archive-push %p",
+                    a.command,
+                    shell_quote(&scratch.to_string_lossy())
+                ),
+            ],
+            _ => vec!["archive_mode=off".to_string()],
+        };
+        let name = match purpose {
+            Purpose::Drill => "drill",
+            Purpose::Member => "restore",
+        };
         for setting in [
             "listen_addresses=127.0.0.1".to_string(),
             format!("port={port}"),
             "unix_socket_directories=".to_string(),
-            format!("cluster_name=drill-{}", self.stanza),
-            "archive_mode=off".to_string(),
+            format!("cluster_name={name}-{}", self.stanza),
             "synchronous_standby_names=".to_string(),
             "track_commit_timestamp=on".to_string(),
             "hot_standby=on".to_string(),
-        ] {
+        ]
+        .into_iter()
+        .chain(archive)
+        {
             cmd.arg("-c").arg(setting);
         }
         cmd.env_clear()
@@ -1127,6 +1240,51 @@ impl Backups {
         cmd.spawn()
             .map_err(|e| Error(format!("cannot start the restored copy: {e}")))
     }
+}
+
+/// The newest backup a restore to `to` starts from, as pgBackRest picks it: one that
+/// finished before `to`, compared in whole seconds (pgBackRest's precision).
+fn backup_before(sets: &[BackupSet], to: SystemTime) -> Result<&BackupSet, Error> {
+    let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    sets.iter()
+        .rev()
+        .find(|b| secs(b.stopped) < secs(to))
+        .ok_or_else(|| {
+            Error(format!(
+                "no backup finished before {} (the oldest finished at {}): a restore cannot go back before its first backup\n  help: a later time, at least a second after a backup's stop (`tandem backup DB list`)",
+                event::rfc3339(to),
+                sets.first().map_or_else(|| "-".into(), |b| event::rfc3339(b.stopped))
+            ))
+        })
+}
+
+/// What a restored copy is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Purpose {
+    /// A drill: checked, then removed; it never archives.
+    Drill,
+    /// A member's new data (`tandem restore`): it archives as members do.
+    Member,
+}
+
+/// Removes the recovery settings `pgbackrest restore` wrote in `DIR/postgresql.auto.conf`
+/// (`restore_command`, `recovery_target*`): once the copy is promoted they have done their
+/// work, and in a standby cloned from it later they would stop replay at the old target.
+fn forget_recovery_target(dir: &Path, user: Option<(u32, u32)>) -> Result<(), Error> {
+    let file = dir.join("postgresql.auto.conf");
+    let text =
+        std::fs::read_to_string(&file).map_err(|e| Error(format!("{}: {e}", file.display())))?;
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            let l = l.trim_start();
+            !(l.starts_with("restore_command")
+                || l.starts_with("recovery_target")
+                || l.starts_with("# Recovery settings generated by pgBackRest"))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    local::write_private(&file, &kept, user)
 }
 
 /// Fast shutdown, killed after 30 s.

@@ -83,7 +83,7 @@ pub struct MemberView {
 pub struct Change {
     #[serde(with = "event::time")]
     pub at: SystemTime,
-    /// `failover` or `switchover`.
+    /// `failover`, `switchover` or `restore`.
     pub kind: String,
     pub from: Option<String>,
     pub to: String,
@@ -111,6 +111,9 @@ pub struct View {
     pub error: Option<String>,
     pub failovers: u64,
     pub switchovers: u64,
+    /// `tandem restore`s.
+    #[serde(default)]
+    pub restores: u64,
     /// `[database.backup]`: backups, the WAL archive, the last restore drill.
     #[serde(default)]
     pub backup: Option<crate::backup::BackupView>,
@@ -123,6 +126,36 @@ pub struct SwitchoverError(pub String);
 
 enum Command {
     Switchover(String, oneshot::Sender<Result<String, SwitchoverError>>),
+    /// `tandem restore`'s second half: the member of the site made of the restored copy in
+    /// the directory ([`Driver::swap_in`]).
+    Restore(String, PathBuf, oneshot::Sender<Result<Swapped, String>>),
+}
+
+/// What [`Driver::swap_in`] did.
+struct Swapped {
+    set_aside: Option<PathBuf>,
+    term: u64,
+    downtime: Duration,
+}
+
+/// The result of `tandem restore` ([`Cluster::restore`]).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RestoreReport {
+    /// The member restored, now the primary.
+    pub site: String,
+    /// Its new term (the lease's).
+    pub term: u64,
+    /// Where its former data directory went (`SITE.old`, older copies shifted to `.old.1`,
+    /// `.old.2`), none when it had none.
+    pub set_aside: Option<String>,
+    /// From the members' stop to the restored primary taking writes, in seconds: the only
+    /// time the database does not answer (the restore and its replay happen beside the
+    /// running members).
+    pub downtime_seconds: f64,
+    /// The restored copy as it was made (the backup, the target, restore and replay times,
+    /// the rows of `drill_table`, the newest restored commit); its `directory` is where it
+    /// was made, now the member's.
+    pub copy: DrillReport,
 }
 
 /// A running database.
@@ -488,6 +521,65 @@ impl Cluster {
         run_detached(async move { Ok(b.drill(&p, to).await) }).await
     }
 
+    /// `tandem restore DB --site SITE [--to TIME]`: the whole database back to the newest
+    /// archived WAL, or to `to` (point-in-time recovery), with SITE's member as its primary.
+    /// The copy is made and recovered beside the running members (`DIR/SITE.restored`, see
+    /// [`Backups::restore`]); only then are the members stopped, SITE's data set aside
+    /// (`SITE.old`, never deleted) and the copy put in its place, started as primary under
+    /// the next term. The other members rejoin the restored history as standbys (`pg_rewind`,
+    /// else a fresh clone with their data set aside). Commits after the target are not in
+    /// the restored database; they stay in the data set aside. Single-process mode only
+    /// (backups are).
+    ///
+    /// # Errors
+    /// No `[database.backup]`, no such member, no backup, the repository, the copy failing to
+    /// recover (the database is untouched then), or the swap failing (the former primary is
+    /// started again).
+    pub async fn restore(
+        &self,
+        site: &str,
+        to: Option<SystemTime>,
+    ) -> Result<RestoreReport, BackupError> {
+        let b = self.backups_or_refuse()?;
+        if !self.sites.iter().any(|s| s == site) {
+            return Err(BackupError::Failed(format!(
+                "database {} has no member in site {site:?} (members: {})",
+                self.name,
+                self.sites.join(", ")
+            )));
+        }
+        let p = self.primary().ok();
+        let dir = b.config_dir().join(format!("{site}.restored"));
+        let commands = self.commands.clone();
+        let site = site.to_string();
+        run_detached(async move {
+            let copy = b
+                .restore(p.as_ref(), to, &dir)
+                .await
+                .map_err(|e| BackupError::Failed(e.to_string()))?;
+            let gone = || BackupError::Failed("the database is shutting down".into());
+            let (tx, rx) = oneshot::channel();
+            commands
+                .send(Command::Restore(site.clone(), dir.clone(), tx))
+                .await
+                .map_err(|_| gone())?;
+            let swapped = rx.await.map_err(|_| gone())?;
+            if dir.exists() {
+                // Not put in place: a copy is made again from the repository at will.
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            let s = swapped.map_err(BackupError::Failed)?;
+            Ok(RestoreReport {
+                site,
+                term: s.term,
+                set_aside: s.set_aside.map(|p| p.display().to_string()),
+                downtime_seconds: s.downtime.as_secs_f64(),
+                copy,
+            })
+        })
+        .await
+    }
+
     pub fn events(&self) -> broadcast::Receiver<Event> {
         // The first subscriber gets the receiver made before the members started, so it
         // misses none of the first events (bootstrap, adoption).
@@ -681,6 +773,8 @@ impl Rt {
 struct History {
     failovers: u64,
     switchovers: u64,
+    #[serde(default)]
+    restores: u64,
     last_change: Option<Change>,
 }
 
@@ -719,6 +813,7 @@ struct Driver {
     last_change: Option<Change>,
     failovers: u64,
     switchovers: u64,
+    restores: u64,
     bootstrapped: bool,
     /// A failover or switchover happened in this run (a primary was seen).
     changed_this_run: bool,
@@ -835,6 +930,7 @@ impl Driver {
             last_change: None,
             failovers: 0,
             switchovers: 0,
+            restores: 0,
             bootstrapped: false,
             changed_this_run: false,
             failed: None,
@@ -899,6 +995,10 @@ impl Driver {
                 Some(c) = commands.recv() => match c {
                     Command::Switchover(site, reply) => {
                         let r = self.switchover(&site).await;
+                        let _ = reply.send(r);
+                    }
+                    Command::Restore(site, copy, reply) => {
+                        let r = self.swap_in(&site, &copy).await;
                         let _ = reply.send(r);
                     }
 
@@ -2313,6 +2413,7 @@ impl Driver {
             Ok(h) => {
                 self.failovers = h.failovers;
                 self.switchovers = h.switchovers;
+                self.restores = h.restores;
                 self.last_change = h.last_change;
             }
             Err(e) => tracing::warn!(file = %path.display(), "ignoring the database history: {e}"),
@@ -2324,6 +2425,7 @@ impl Driver {
         let history = History {
             failovers: self.failovers,
             switchovers: self.switchovers,
+            restores: self.restores,
             last_change: self.last_change.clone(),
         };
         let path = self.local.dir.join("history.json");
@@ -3031,6 +3133,126 @@ impl Driver {
         Err(SwitchoverError(message))
     }
 
+    /// `tandem restore`'s second half: every member stopped (the primary first), `site`'s
+    /// data set aside and the restored `copy` put in its place, started as primary under the
+    /// next term; the others rejoin it (rewound, else cloned afresh with their data set
+    /// aside). Should the swap fail, the data goes back and the former primary is started
+    /// again.
+    async fn swap_in(&mut self, site: &str, copy: &std::path::Path) -> Result<Swapped, String> {
+        let Some(i) = self.position(site) else {
+            return Err(format!("no member in site {site:?}"));
+        };
+        if self.members.iter().any(|m| !m.here) {
+            return Err("a restore needs every member on this node (single-process mode)".into());
+        }
+        if let Some(why) = &self.members[i].outage {
+            return Err(format!("{site} is under an outage drill ({why})"));
+        }
+        let stopped = Instant::now();
+        self.point_frontends(None);
+        let former = self.leader.take();
+        let order: Vec<usize> = former
+            .into_iter()
+            .chain((0..self.members.len()).filter(|&j| Some(j) != former))
+            .collect();
+        for j in order {
+            if self.members[j].instance.is_some() {
+                self.stop_member(j).await;
+            }
+        }
+        let store = self.wiring.store.clone();
+        if let Some(l) = former {
+            let holder = self.members[l].site.clone();
+            let _ = within(self.ttl, store.release(&self.key, &holder, self.term)).await;
+        }
+        let set_aside = if self.local.has_data(site) {
+            match self.local.set_aside(site) {
+                Ok(p) => Some(p),
+                Err(e) => return Err(self.restore_abandoned(former, e.to_string()).await),
+            }
+        } else {
+            None
+        };
+        if let Err(e) = std::fs::rename(copy, self.local.data(site)) {
+            if let Some(p) = &set_aside {
+                let _ = std::fs::rename(p, self.local.data(site));
+            }
+            let why = format!("cannot move the restored copy into place: {e}");
+            return Err(self.restore_abandoned(former, why).await);
+        }
+        // From here the restored copy is the database; the former data stays set aside.
+        let lease = within(self.ttl, store.acquire(&self.key, site, self.ttl))
+            .await
+            .map_err(|e| format!("cannot take the lease for {site}: {e}"))?;
+        self.term = lease.term;
+        self.start_member(i, None)?;
+        let client = self.wait_ready(i).await?;
+        self.members[i].client = Some(client);
+        self.promoted(i).await?;
+        self.take_lead(i, lease.term);
+        self.lead.held(true, Instant::now());
+        self.observe(i).await;
+        let upstream = self.members[i].config.listen;
+        for j in (0..self.members.len()).filter(|&j| j != i) {
+            self.members[j].failures = 0;
+            if self.local.has_data(&self.members[j].site) && self.members[j].outage.is_none() {
+                self.spawn_work(j, State::Rewinding, upstream);
+            }
+        }
+        let downtime = stopped.elapsed();
+        let from = former.map(|l| self.members[l].site.clone());
+        self.restores += 1;
+        self.record("restore", from, site, downtime.as_secs_f64());
+        self.event(
+            Some(i),
+            "restore",
+            format!(
+                "restored {site} from the backups and made it the primary (term {}); the database was down {:.2} s; {}",
+                self.term,
+                downtime.as_secs_f64(),
+                set_aside.as_ref().map_or_else(
+                    || "it had no data before".to_string(),
+                    |p| format!("its former data is in {}", p.display())
+                )
+            ),
+        );
+        Ok(Swapped {
+            set_aside,
+            term: self.term,
+            downtime,
+        })
+    }
+
+    /// A restore that could not put its copy in place: the former primary, its data
+    /// untouched, takes the lease back and starts again; the ticks bring the standbys back.
+    async fn restore_abandoned(&mut self, former: Option<usize>, why: String) -> String {
+        let Some(l) = former else {
+            return format!("restore abandoned: {why}");
+        };
+        let site = self.members[l].site.clone();
+        self.leader = Some(l);
+        let restarted = if self.hold_lease(l, Instant::now()).await {
+            match self.start_member(l, None) {
+                Ok(()) => self.wait_ready(l).await.map(|c| {
+                    self.members[l].client = Some(c);
+                    self.point_frontends(Some(self.members[l].config.listen));
+                }),
+                Err(e) => Err(e),
+            }
+        } else {
+            Err("cannot take the lease back".into())
+        };
+        let message = match restarted {
+            Ok(()) => format!(
+                "restore abandoned: {why}; {site} stays primary (term {})",
+                self.term
+            ),
+            Err(e) => format!("restore abandoned: {why}; restarting {site} failed too: {e}"),
+        };
+        self.event(Some(l), "error", message.clone());
+        message
+    }
+
     /// Stops a member (see [`shut_down`]), waiting for it.
     async fn stop_member(&mut self, i: usize) {
         self.unguard(i);
@@ -3218,6 +3440,7 @@ impl Driver {
             error: self.failed.clone(),
             failovers: self.failovers,
             switchovers: self.switchovers,
+            restores: self.restores,
             backup: None,
         };
         *self.cluster.view.lock().unwrap_or_else(|p| p.into_inner()) = view;

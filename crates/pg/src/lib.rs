@@ -13,6 +13,8 @@ pub mod local;
 pub mod observe;
 pub mod watchdog;
 
-pub use cluster::{BackupError, Change, Cluster, MemberView, SwitchoverError, View, Wiring};
+pub use cluster::{
+    BackupError, Change, Cluster, MemberView, RestoreReport, SwitchoverError, View, Wiring,
+};
 /// A PostgreSQL connection (tokio-postgres), as `Cluster::connect_primary` gives.
 pub use tokio_postgres::Client;

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use api::types::{
     BackupRequest, BackupsResponse, DrillResponse, IntentResponse, OutageRequest, ReloadResponse,
-    RestoreDrillRequest, ScaleRequest, SwitchoverRequest, SwitchoverResponse, VerifyResponse,
+    RestoreDrillRequest, RestoreRequest, ScaleRequest, SwitchoverRequest, SwitchoverResponse,
+    VerifyResponse,
 };
 use clap::Subcommand;
 
@@ -387,6 +388,57 @@ pub fn db(action: Db) -> ExitCode {
             post::<SwitchoverResponse>(a, &path, Some(SwitchoverRequest { to: to.clone() })).await
         },
         |r| println!("{}", r.message),
+    )
+}
+
+/// `tandem restore DB --site SITE [--to TIME]`.
+pub fn restore(db: &str, site: &str, to: &str, json: bool, api: &Api) -> ExitCode {
+    let path = format!("/v1/databases/{db}/restore");
+    let req = RestoreRequest {
+        site: site.to_string(),
+        to: Some(to.to_string()),
+    };
+    call(
+        api,
+        async |a| post_long::<pg::RestoreReport>(a, &path, Some(req.clone())).await,
+        |r| {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                return;
+            }
+            let or = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+            let c = &r.copy;
+            println!(
+                "restored {db} to {}: {} is the primary (term {})",
+                c.target, r.site, r.term
+            );
+            println!("  backup        {}", or(&c.backup));
+            println!(
+                "  copy made in  {:.2} s (restore {:.2} s + replay {:.2} s) beside the running members",
+                c.rto_seconds, c.restore_seconds, c.start_seconds
+            );
+            println!(
+                "  down for      {:.2} s (members stopped -> the restored primary writable)",
+                r.downtime_seconds
+            );
+            if let Some(t) = &c.table {
+                println!(
+                    "  rows          {} in {t}",
+                    c.rows.map_or_else(|| "-".into(), |n| n.to_string())
+                );
+            }
+            println!(
+                "  newest commit {} restored (the primary's newest before: {})",
+                or(&c.newest_restored_commit),
+                or(&c.newest_acknowledged_commit)
+            );
+            println!(
+                "  former data   {}",
+                r.set_aside
+                    .as_deref()
+                    .unwrap_or("none (the member had no data)")
+            );
+        },
     )
 }
 

@@ -121,6 +121,27 @@ enum Command {
         #[command(subcommand)]
         action: actions::Backup,
     },
+    /// Restore a database from its backups ([database.backup]): `restore DB --site SITE [--to
+    /// TIME|latest]` brings the whole database back to the newest archived WAL or to TIME,
+    /// SITE's member its primary. The copy is made and recovered beside the running members;
+    /// then they stop for the swap, SITE's former data is set aside (never deleted) and the
+    /// other members rejoin as standbys. Commits after TIME are only in the data set aside.
+    Restore {
+        /// The database's name.
+        db: String,
+        /// The site whose member is restored and becomes the primary.
+        #[arg(long)]
+        site: String,
+        /// Restore to this time (RFC 3339, UTC: 2024-05-01T12:00:00Z) instead of the newest
+        /// archived WAL.
+        #[arg(long, default_value = "latest")]
+        to: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: actions::Api,
+    },
     /// Set a scale set's capacity (within its min and max).
     Scale {
         /// The scale set's name.
@@ -206,6 +227,13 @@ fn main() -> ExitCode {
         Command::Db { action } => actions::db(action),
         Command::App { action } => apps::run(action),
         Command::Backup { db, action } => actions::backup(&db, action),
+        Command::Restore {
+            db,
+            site,
+            to,
+            json,
+            api,
+        } => actions::restore(&db, &site, &to, json, &api),
         Command::Validate { file, node, json } => validate(&file, node.as_deref(), json),
         Command::Endpoint { action } => actions::endpoint(action),
         Command::Backend { action } => actions::backend(action),

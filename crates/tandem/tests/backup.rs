@@ -4,7 +4,8 @@
 //! to a named time without the rows committed after it, archiving that carries on from the
 //! new primary after a switchover, incremental backups, verify, the metrics; and the bad
 //! input: a repository missing (clear events and errors, commits never blocked, archiving
-//! back once it exists), a drill refusing a scratch directory that is not empty.
+//! back once it exists), a drill refusing a scratch directory that is not empty; `tandem
+//! restore` into the members, to a named time and to the newest WAL.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -40,7 +41,13 @@ impl Drop for Db {
             std::thread::sleep(Duration::from_millis(20));
         }
         let postgres = pg::local::find_bins(None).unwrap().join("postgres");
-        for d in ["edge", "region", "drill"] {
+        for d in [
+            "edge",
+            "region",
+            "drill",
+            "edge.restored",
+            "region.restored",
+        ] {
             pg::family::kill_in_data_dir(&postgres, &self.state.join("databases/orders").join(d));
         }
     }
@@ -479,6 +486,188 @@ async fn a_missing_repository_is_reported_and_never_blocks_commits() {
     .await;
 }
 
+impl Db {
+    async fn count(&self) -> Option<i64> {
+        let c = tokio::time::timeout(Duration::from_secs(3), async {
+            let mut cfg = tokio_postgres::Config::new();
+            cfg.host(self.frontend.ip().to_string())
+                .port(self.frontend.port())
+                .user("postgres")
+                .password(self.password())
+                .dbname("postgres")
+                .connect_timeout(Duration::from_secs(2));
+            let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.ok()?;
+            tokio::spawn(conn);
+            client
+                .query_one("SELECT count(*) FROM acked", &[])
+                .await
+                .ok()
+                .map(|r| r.get::<_, i64>(0))
+        })
+        .await;
+        c.ok().flatten()
+    }
+
+    /// Waits until `site` is the primary behind the frontend with `rows` rows, and the other
+    /// member has rejoined as the synchronous standby.
+    async fn restored(&self, site: &str, rows: i64) {
+        eventually(
+            Duration::from_secs(120),
+            &format!("{site} primary with {rows} rows, the other member its synchronous standby"),
+            || async {
+                let v = try_get_json(self.up.api, "/v1/databases").await?;
+                let d = &v["databases"][0];
+                let other = if site == "edge" { "region" } else { "edge" };
+                (d["primary"] == site
+                    && d["sync_standby"] == other
+                    && d["state"] == "healthy"
+                    && self.count().await == Some(rows))
+                .then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// The database server's clock now, to the millisecond, plus 2 ms (RFC 3339): a target
+    /// after every commit made so far. Returns once the server's clock has passed it.
+    async fn target_after_last_commit(&self) -> String {
+        let c = self.client().await;
+        let now: f64 = c
+            .query_one("SELECT extract(epoch FROM clock_timestamp())::float8", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let t = std::time::UNIX_EPOCH + Duration::from_secs_f64(now + 0.002);
+        self.clock_past(t + Duration::from_millis(1)).await;
+        event::rfc3339(t)
+    }
+
+    /// Returns once the database server's clock has passed `t`.
+    async fn clock_past(&self, t: std::time::SystemTime) {
+        let c = self.client().await;
+        let after = t
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        eventually(
+            Duration::from_secs(5),
+            "the server's clock past a time",
+            || async {
+                let now: f64 = c
+                    .query_one("SELECT extract(epoch FROM clock_timestamp())::float8", &[])
+                    .await
+                    .ok()?
+                    .get(0);
+                (now > after).then_some(())
+            },
+        )
+        .await;
+    }
+}
+
+/// `tandem restore`: the database back to a named time with the edge's member as primary
+/// (the rows committed after it gone, the former data set aside, the region rejoining the
+/// restored history as the synchronous standby, writes going on), then to the newest
+/// archived WAL with the region's member as primary. A copy directory that is not empty is
+/// refused untouched, the database going on as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_brings_the_database_back_to_a_point_in_time() {
+    let db = start(66, Path::new("repo"), true).await;
+    db.client()
+        .await
+        .batch_execute("CREATE TABLE acked (id bigserial PRIMARY KEY)")
+        .await
+        .unwrap();
+    let first = eventually(Duration::from_secs(90), "the first full backup", || async {
+        let b = db.backups().await;
+        b["backups"].as_array().filter(|a| !a.is_empty()).cloned()
+    })
+    .await;
+    // A time before the backup finished cannot be restored to; said before anything runs.
+    let stopped = event::parse_rfc3339(first[0]["stopped"].as_str().unwrap()).unwrap();
+    let before = event::rfc3339(stopped - Duration::from_secs(1));
+    let out = db.cli(&["restore", "orders", "--site", "edge", "--to", &before]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(3) && err.contains("no backup finished before"),
+        "{err}"
+    );
+    // pgBackRest compares a target with backups' stop times in whole seconds.
+    db.clock_past(stopped + Duration::from_secs(1)).await;
+    db.insert(100).await;
+    let target = db.target_after_last_commit().await;
+    db.insert(30).await;
+    db.switch_and_archive().await;
+
+    // A leftover copy directory: refused, left as it was, the database untouched.
+    let leftover = db.state.join("databases/orders/edge.restored");
+    owned_by_db_user(&leftover);
+    std::fs::write(leftover.join("keep"), "mine").unwrap();
+    let out = db.cli(&["restore", "orders", "--site", "edge", "--to", &target]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("is not empty"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(leftover.join("keep")).unwrap(),
+        "mine"
+    );
+    std::fs::remove_dir_all(&leftover).unwrap();
+    assert_eq!(db.count().await, Some(130));
+
+    // To the named time, the edge's member the primary.
+    let out = db.cli(&[
+        "restore", "orders", "--site", "edge", "--to", &target, "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["site"], "edge", "{r:#}");
+    assert_eq!(r["copy"]["rows"], 100, "{r:#}");
+    assert_eq!(r["copy"]["target"], target, "{r:#}");
+    let aside = PathBuf::from(r["set_aside"].as_str().unwrap());
+    assert!(
+        aside.ends_with("edge.old") && aside.join("PG_VERSION").is_file(),
+        "{r:#}"
+    );
+    assert!(!leftover.exists());
+    db.restored("edge", 100).await;
+    let v = get_json(db.up.api, "/v1/databases").await;
+    let d = &v["databases"][0];
+    assert_eq!(d["last_change"]["kind"], "restore", "{d:#}");
+    assert_eq!(d["term"], r["term"], "{d:#}");
+    wait_event(db.up.api, "restored edge from the backups").await;
+    // Writes go on, acknowledged by the region's rejoined member too.
+    db.insert(20).await;
+    db.switch_and_archive().await;
+
+    // To the newest archived WAL, the region's member the primary.
+    let out = db.cli(&["restore", "orders", "--site", "region"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}");
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("restored orders to latest: region is the primary")
+            && text.contains("rows          120 in public.acked"),
+        "{text}"
+    );
+    db.restored("region", 120).await;
+    db.insert(10).await;
+    assert_eq!(db.count().await, Some(130));
+    let metrics = http_get(db.up.api, "/metrics").await;
+    assert!(
+        metrics.contains("tandem_db_primary_changes_total{database=\"orders\",kind=\"restore\"} 2"),
+        "{metrics}"
+    );
+}
+
 /// A database without `[database.backup]` says so; unknown ones are 404.
 #[tokio::test(flavor = "multi_thread")]
 async fn backup_commands_refuse_clearly() {
@@ -496,4 +685,16 @@ async fn backup_commands_refuse_clearly() {
     let out = db.cli(&["drill", "restore", "orders", "--to", "yesterday"]);
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a time"));
+    let out = db.cli(&["restore", "orders", "--site", "edge", "--to", "yesterday"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a time"));
+    let out = db.cli(&["restore", "orders", "--site", "moon"]);
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no member in site \"moon\" (members: edge, region)"),
+        "{err}"
+    );
+    let out = db.cli(&["restore", "orders"]);
+    assert_eq!(out.status.code(), Some(2), "--site is required");
 }
