@@ -8,12 +8,16 @@
 //!
 //! 1. **confirm the loss** (failover only): the active site stays unhealthy for `confirm`;
 //! 2. **promote** the database at the target (a failover, or a planned switchover when failing
-//!    back), confirmed when the database reports its primary there;
+//!    back), confirmed when the database reports its primary there. A cold standby has no
+//!    running member: with no primary left it is **restored** from the backups as the primary
+//!    (RPO bounded by `archive_timeout`); while a primary runs it is **warmed up** first (started
+//!    as a standby, cloned from the primary, until it has caught up), then switched over to;
 //! 3. **scale** the target's set to the capacity the app had (warm standby), then **wait** until
 //!    that many instances are Online (hot: the target's own capacity), or `step_timeout`
 //!    passes: a partial site beats none;
 //! 4. **move DNS** to the target: the app is now active there, with the next term;
-//! 5. **scale down** (warm) what is left at the old site, when it is reachable.
+//! 5. **scale down** (warm, cold) what is left at the old site, when it is reachable; a cold
+//!    site's database member is made **cold** again (stopped) once the app has left it.
 //!
 //! Failback to the preferred site (the first of `sites`) is automatic unless configured
 //! manual, and gated on the data, which no DNS traffic manager does: the site must have been
@@ -35,6 +39,10 @@ pub enum Standby {
     Hot,
     /// Its set's `min`; scaled to the active site's capacity during a failover, before DNS.
     Warm,
+    /// No database member and no instances (its set's `min`, 0): the member is restored from
+    /// the backups (or, while a primary runs, warmed up and switched over to) and the set
+    /// scaled from 0 during a failover, before DNS. The preferred site is never cold.
+    Cold,
 }
 
 /// The app's settings (from `[[app]]`).
@@ -57,6 +65,17 @@ pub struct Config {
     /// The longest wait for one step's confirmation before the plan goes on (waiting for
     /// instances) or is abandoned (a promotion that does not happen).
     pub step_timeout: Duration,
+    /// The longest wait for a cold standby's restore (a large database takes minutes).
+    pub restore_timeout: Duration,
+}
+
+impl Config {
+    /// `site` is a cold standby: `standby = "cold"`, a database, not the preferred site.
+    pub fn is_cold(&self, site: &str) -> bool {
+        self.standby == Standby::Cold
+            && self.database
+            && self.sites.first().is_some_and(|p| p != site)
+    }
 }
 
 /// What the driver sees at one moment.
@@ -149,6 +168,15 @@ pub enum Action {
         /// The move it belongs to ([`Plan::id`]), for [`App::action_failed`].
         plan: u64,
     },
+    /// Cold standby, no primary left: restore `site`'s member from the backups (the newest
+    /// backup and archived WAL) and make it the primary.
+    Restore { site: String, term: u64, plan: u64 },
+    /// Cold standby, a primary running: start `site`'s member as a standby (cloned from the
+    /// primary) so that it can catch up and be switched over to.
+    WarmUp { site: String },
+    /// Cold standby: the app has left `site`; stop its database member (it runs only as the
+    /// primary).
+    Cool { site: String },
     /// Set the capacity of the app's scale set at `site`.
     Scale { site: String, capacity: u32 },
     /// Answer the app's DNS profile with `site`, and record `site` active under `term`.
@@ -195,6 +223,8 @@ impl Reason {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Step {
     ConfirmLoss,
+    WarmUp,
+    Restore,
     Promote,
     Scale,
     WaitOnline,
@@ -207,6 +237,8 @@ impl Step {
     pub fn as_str(self) -> &'static str {
         match self {
             Step::ConfirmLoss => "confirm-loss",
+            Step::WarmUp => "warm-up",
+            Step::Restore => "restore",
             Step::Promote => "promote",
             Step::Scale => "scale",
             Step::WaitOnline => "wait-online",
@@ -238,21 +270,28 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The steps a move from `from` to `to` takes, for `tandem app plan`.
-    pub fn steps_for(cfg: &Config, reason: Reason, primary_at_target: bool) -> Vec<Step> {
+    /// The steps a move to `to` takes, as things are `seen` now (also for `tandem app plan`).
+    /// A cold target whose member has not caught up is warmed up then promoted while a
+    /// primary runs, else restored; should the primary be gone by the time the warm-up
+    /// starts, the plan restores instead.
+    pub fn steps_for(cfg: &Config, reason: Reason, to: &str, seen: &Observed) -> Vec<Step> {
         let mut steps = Vec::new();
         if reason == Reason::SiteLost {
             steps.push(Step::ConfirmLoss);
         }
-        if cfg.database && !primary_at_target {
-            steps.push(Step::Promote);
+        if cfg.database && seen.primary.as_deref() != Some(to) {
+            match (cfg.is_cold(to), seen.caught_up(to), seen.primary.is_some()) {
+                (true, false, true) => steps.extend([Step::WarmUp, Step::Promote]),
+                (true, false, false) => steps.push(Step::Restore),
+                _ => steps.push(Step::Promote),
+            }
         }
-        if cfg.standby == Standby::Warm {
+        // A hot standby keeps its capacity: nothing to scale up or down.
+        if cfg.standby != Standby::Hot {
             steps.push(Step::Scale);
         }
         steps.extend([Step::WaitOnline, Step::MoveDns]);
-        // A hot standby keeps its capacity: nothing to scale down.
-        if cfg.standby == Standby::Warm {
+        if cfg.standby != Standby::Hot {
             steps.push(Step::ScaleDown);
         }
         steps
@@ -500,8 +539,7 @@ impl App {
             return Err(Refused::new(format!("the app is already active at {to}")));
         }
         self.ready(to, seen)?;
-        let at_target = seen.primary.as_deref() == Some(to);
-        Ok(Plan::steps_for(&self.cfg, Reason::Operator, at_target))
+        Ok(Plan::steps_for(&self.cfg, Reason::Operator, to, seen))
     }
 
     fn known(&self, site: &str) -> Result<(), Refused> {
@@ -543,12 +581,12 @@ impl App {
     }
 
     /// `to` can take a planned move: healthy, and (a planned move is a switchover) its
-    /// member has every write.
+    /// member has every write — or, a cold standby, will have once warmed up (or restored).
     fn ready(&self, to: &str, seen: &Observed) -> Result<(), Refused> {
         if !seen.healthy(to) {
             return Err(Refused::new(format!("{to} is not healthy")));
         }
-        if self.cfg.database && !seen.caught_up(to) {
+        if self.cfg.database && !seen.caught_up(to) && !self.cfg.is_cold(to) {
             return Err(Refused::new(format!(
                 "{to}'s database member has not caught up; moving now would lose writes"
             )));
@@ -557,18 +595,17 @@ impl App {
     }
 
     fn new_plan(&mut self, to: &str, reason: Reason, seen: &Observed, now: Instant) -> Plan {
-        let at_target = seen.primary.as_deref() == Some(to);
         self.next_plan += 1;
         Plan {
             id: self.next_plan,
             from: self.active.clone(),
             to: to.to_string(),
             reason,
-            steps: Plan::steps_for(&self.cfg, reason, at_target),
+            steps: Plan::steps_for(&self.cfg, reason, to, seen),
             at: 0,
-            // Warm: the capacity the app has now; hot: the target's own.
+            // Warm, cold: the capacity the app has now; hot: the target's own.
             capacity: match self.cfg.standby {
-                Standby::Warm => seen.capacity(&self.active).max(seen.capacity(to)),
+                Standby::Warm | Standby::Cold => seen.capacity(&self.active).max(seen.capacity(to)),
                 Standby::Hot => seen.capacity(to),
             },
             started: now,
@@ -703,6 +740,56 @@ impl App {
                     self.unhealthy_since
                         .is_some_and(|s| now.saturating_duration_since(s) >= self.cfg.confirm)
                 }
+                Step::WarmUp => {
+                    if seen.caught_up(&plan.to) {
+                        true
+                    } else if seen.primary.is_none() {
+                        // No primary to clone from any more: restore instead of warming up
+                        // and switching over.
+                        let end = (plan.at + 2).min(plan.steps.len());
+                        plan.steps.splice(plan.at..end, [Step::Restore]);
+                        plan.sent = false;
+                        plan.step_started = now;
+                        continue;
+                    } else if timed_out {
+                        let why = format!(
+                            "{} did not catch up with the primary in {waited:?}",
+                            plan.to
+                        );
+                        self.end(Outcome::Failed(why), now, out);
+                        return;
+                    } else {
+                        if !plan.sent {
+                            plan.sent = true;
+                            out.push(Action::WarmUp {
+                                site: plan.to.clone(),
+                            });
+                        }
+                        false
+                    }
+                }
+                Step::Restore => {
+                    if seen.primary.as_deref() == Some(plan.to.as_str()) {
+                        true
+                    } else if waited >= self.cfg.restore_timeout {
+                        let why = format!(
+                            "the database was not restored as primary at {} in {waited:?}",
+                            plan.to
+                        );
+                        self.end(Outcome::Failed(why), now, out);
+                        return;
+                    } else {
+                        if !plan.sent {
+                            plan.sent = true;
+                            out.push(Action::Restore {
+                                site: plan.to.clone(),
+                                term: self.term + 1,
+                                plan: plan.id,
+                            });
+                        }
+                        false
+                    }
+                }
                 Step::Promote => {
                     if seen.primary.as_deref() == Some(plan.to.as_str()) {
                         true
@@ -773,6 +860,11 @@ impl App {
                             site: plan.from.clone(),
                         });
                     }
+                    if self.cfg.is_cold(&plan.from) {
+                        out.push(Action::Cool {
+                            site: plan.from.clone(),
+                        });
+                    }
                     true
                 }
             };
@@ -839,6 +931,17 @@ impl App {
             kind: outcome.kind(),
             message,
         });
+        // A cold target warmed up (or being restored) for a move that did not happen goes
+        // cold again; one that became the primary meanwhile stays running as the primary.
+        if outcome != Outcome::Moved
+            && self.cfg.is_cold(&p.to)
+            && p.steps
+                .iter()
+                .take(p.at + 1)
+                .any(|s| matches!(s, Step::WarmUp | Step::Restore))
+        {
+            out.push(Action::Cool { site: p.to.clone() });
+        }
         match &outcome {
             Outcome::Moved => {
                 self.tally.moved += 1;

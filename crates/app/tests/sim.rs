@@ -10,11 +10,15 @@
 //! - an automatic failback starts only when the preferred site has been healthy for the hold
 //!   and its member has caught up;
 //! - a pinned app never starts a move by itself;
-//! - a warm standby is scaled up before DNS moves to it;
+//! - a warm or cold standby is scaled up before DNS moves to it;
+//! - a cold standby (no running member; its primary lost with its site) is restored only when
+//!   no primary is seen, warmed up only while one runs, never at the preferred site, and made
+//!   cold again once the app has left it (or a move to it failed);
 //! - a promotion the driver reports failed ends its move at once, a report about an earlier
 //!   move changes nothing, and after a failed move the app waits before moving by itself;
 //! - once faults stop (every site healthy, members caught up, unpinned), the app ends at its
-//!   preferred site with its primary there and no move under way.
+//!   preferred site with its primary there and no move under way (and, cold, every other
+//!   site's member cold).
 
 #![allow(clippy::unwrap_used)]
 
@@ -36,48 +40,89 @@ struct World {
     healthy_since: BTreeMap<String, Instant>,
     primary: String,
     caught_up: BTreeMap<String, bool>,
-    /// A promotion under way: site, when it happens, whether it is planned, its plan.
-    promoting: Option<(String, Instant, bool, u64)>,
+    /// A promotion under way: site, when it happens, whether it is planned (or a restore),
+    /// its plan.
+    promoting: Option<(String, Instant, Kind, u64)>,
+    /// Cold standby: the sites whose member does not run (it runs only as the primary).
+    cold: std::collections::BTreeSet<String>,
+    cold_world: bool,
     capacity: BTreeMap<String, u32>,
     online: BTreeMap<String, u32>,
     min: u32,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Failover,
+    Switchover,
+    Restore,
+}
+
 impl World {
+    /// With a cold standby, a primary whose site is down is gone (no standby took over).
+    fn primary_seen(&self) -> Option<String> {
+        (!self.cold_world || self.healthy[&self.primary]).then(|| self.primary.clone())
+    }
+
     fn observed(&self) -> Observed {
+        let mut caught_up = self.caught_up.clone();
+        for s in &self.cold {
+            if *s != self.primary {
+                caught_up.insert(s.clone(), false);
+            }
+        }
         Observed {
             healthy: self.healthy.clone(),
             reachable: self.healthy.clone(),
-            primary: Some(self.primary.clone()),
-            caught_up: self.caught_up.clone(),
+            primary: self.primary_seen(),
+            caught_up,
             online: self.online.clone(),
             capacity: self.capacity.clone(),
         }
     }
 }
 
-fn run(seed: u64) {
+/// How often a cold standby was restored and warmed up in one run.
+#[derive(Default)]
+struct Seen {
+    restores: u32,
+    warm_ups: u32,
+}
+
+fn run(seed: u64) -> Seen {
+    let mut count = Seen::default();
     let mut rng = StdRng::seed_from_u64(seed);
     let three = rng.random_bool(0.3);
     let mut sites = vec!["edge".to_string(), "region".to_string()];
     if three {
         sites.push("far".into());
     }
-    let warm = rng.random_bool(0.5);
     let database = rng.random_bool(0.8);
+    let standby = match rng.random_range(0..3) {
+        0 => Standby::Hot,
+        1 => Standby::Warm,
+        _ if database => Standby::Cold,
+        _ => Standby::Warm,
+    };
+    let cold_world = standby == Standby::Cold;
     let cfg = Config {
         sites: sites.clone(),
         database,
-        standby: if warm { Standby::Warm } else { Standby::Hot },
+        standby,
         automatic_failback: rng.random_bool(0.8),
         follow_data: rng.random_bool(0.8),
         failback_hold: Duration::from_secs(rng.random_range(1..=30)),
         confirm: Duration::from_secs(rng.random_range(0..=5)),
         step_timeout: Duration::from_secs(rng.random_range(5..=30)),
+        restore_timeout: Duration::from_secs(rng.random_range(10..=60)),
     };
     let start = Instant::now();
     let full = 4;
-    let min = if warm { 1 } else { full };
+    let min = match standby {
+        Standby::Hot => full,
+        Standby::Warm => 1,
+        Standby::Cold => 0,
+    };
     let mut w = World {
         sites: sites.clone(),
         healthy: sites.iter().map(|s| (s.clone(), true)).collect(),
@@ -85,6 +130,12 @@ fn run(seed: u64) {
         primary: "edge".into(),
         caught_up: sites.iter().map(|s| (s.clone(), true)).collect(),
         promoting: None,
+        cold: if cold_world {
+            sites.iter().skip(1).cloned().collect()
+        } else {
+            Default::default()
+        },
+        cold_world,
         capacity: sites
             .iter()
             .map(|s| (s.clone(), if s == "edge" { full } else { min }))
@@ -127,19 +178,35 @@ fn run(seed: u64) {
             }
         }
         let mut reported = Vec::new();
-        if let Some((site, at, planned, plan)) = w.promoting.clone()
+        if let Some((site, at, kind, plan)) = w.promoting.clone()
             && now >= at
         {
             // A planned switchover waits for the member to catch up (the database tier's
-            // rule); a failover happens if the site is up (sometimes it fails).
+            // rule); a failover happens if the site is up (sometimes it fails); a restore
+            // only while no primary is seen (the lease must have lapsed).
+            let seen_before = w.observed();
             let ok = w.healthy[&site]
-                && (!planned || w.caught_up[&site])
+                && match kind {
+                    Kind::Switchover => seen_before.caught_up[&site],
+                    Kind::Failover => !w.cold.contains(&site) || site == w.primary,
+                    Kind::Restore => w.primary_seen().is_none(),
+                }
                 && (!faults || rng.random_bool(0.9));
             if ok {
+                if kind == Kind::Restore {
+                    // The old primary's member comes back behind, and rejoins.
+                    let old = w.primary.clone();
+                    w.caught_up.insert(old, false);
+                }
                 w.primary = site;
             } else if rng.random_bool(0.5) {
-                // The driver's switchover was refused: it says so.
-                reported = app.action_failed(plan, app::Step::Promote, "refused".into(), now);
+                // The driver's switchover (or restore) was refused: it says so.
+                let step = if kind == Kind::Restore {
+                    app::Step::Restore
+                } else {
+                    app::Step::Promote
+                };
+                reported = app.action_failed(plan, step, "refused".into(), now);
                 if let Some(p) = app.plan() {
                     assert_ne!(
                         p.id,
@@ -151,12 +218,15 @@ fn run(seed: u64) {
             }
             w.promoting = None;
         }
-        // Sometimes the database fails over by itself, to a healthy caught-up member.
+        // Sometimes the database fails over by itself, to a healthy caught-up member that is
+        // not cold.
         if database && faults && w.promoting.is_none() && rng.random_bool(0.003) {
             let others: Vec<String> = w
                 .sites
                 .iter()
-                .filter(|s| **s != w.primary && w.healthy[*s] && w.caught_up[*s])
+                .filter(|s| {
+                    **s != w.primary && w.healthy[*s] && w.caught_up[*s] && !w.cold.contains(*s)
+                })
                 .cloned()
                 .collect();
             if !others.is_empty() {
@@ -254,7 +324,46 @@ fn run(seed: u64) {
                     ..
                 } => {
                     let delay = Duration::from_millis(rng.random_range(200..5000));
-                    w.promoting = Some((site.clone(), now + delay, *planned, *plan));
+                    let kind = if *planned {
+                        Kind::Switchover
+                    } else {
+                        Kind::Failover
+                    };
+                    w.promoting = Some((site.clone(), now + delay, kind, *plan));
+                }
+                Action::Restore { site, plan, .. } => {
+                    count.restores += 1;
+                    assert!(cold_world, "a restore without a cold standby: {}", ctx(t));
+                    assert!(
+                        seen.primary.is_none(),
+                        "a restore while a primary runs: {}",
+                        ctx(t)
+                    );
+                    assert_ne!(site, &w.sites[0], "the preferred site restored: {}", ctx(t));
+                    let delay = Duration::from_millis(rng.random_range(1000..20000));
+                    w.promoting = Some((site.clone(), now + delay, Kind::Restore, *plan));
+                }
+                Action::WarmUp { site } => {
+                    count.warm_ups += 1;
+                    assert!(cold_world, "a warm-up without a cold standby: {}", ctx(t));
+                    assert!(
+                        seen.primary.is_some(),
+                        "a warm-up with no primary to clone from: {}",
+                        ctx(t)
+                    );
+                    assert_ne!(
+                        site,
+                        &w.sites[0],
+                        "the preferred site warmed up: {}",
+                        ctx(t)
+                    );
+                    w.cold.remove(site);
+                    w.caught_up.insert(site.clone(), false);
+                }
+                Action::Cool { site } => {
+                    assert!(cold_world, "cooled without a cold standby: {}", ctx(t));
+                    assert_ne!(site, &w.sites[0], "the preferred site cooled: {}", ctx(t));
+                    w.cold.insert(site.clone());
                 }
                 Action::Scale { site, capacity } => {
                     w.capacity.insert(site.clone(), *capacity);
@@ -301,6 +410,11 @@ fn run(seed: u64) {
         // With `follow = "none"` the data may stay where the database's own failover put it.
         if database && cfg.follow_data {
             assert_eq!(w.primary, "edge", "{}", ctx(TICKS));
+            if cold_world {
+                let others: std::collections::BTreeSet<String> =
+                    w.sites.iter().skip(1).cloned().collect();
+                assert_eq!(w.cold, others, "cold standbys left running: {}", ctx(TICKS));
+            }
         }
     }
     assert!(
@@ -315,11 +429,21 @@ fn run(seed: u64) {
         "{waits:?}: {}",
         ctx(TICKS)
     );
+    count
 }
 
 #[test]
 fn the_app_moves_safely_over_many_seeds() {
+    let (mut restores, mut warm_ups) = (0, 0);
     for seed in 0..SEEDS {
-        run(seed);
+        let seen = run(seed);
+        restores += seen.restores;
+        warm_ups += seen.warm_ups;
     }
+    // The cold standby's paths were exercised, not only allowed.
+    assert!(
+        restores > 20 && warm_ups > 20,
+        "{restores} restores, {warm_ups} warm-ups"
+    );
+    eprintln!("{restores} restores, {warm_ups} warm-ups over {SEEDS} seeds");
 }

@@ -1870,16 +1870,6 @@ fn app(cx: &mut Cx, s: Section<'_, '_>) -> Option<App> {
     let database = cx.opt(s, "database");
     let scale_sets = cx.or(s, "scale_sets", Vec::new());
     let standby = cx.or(s, "standby", Standby::Hot);
-    if standby == Some(Standby::Cold)
-        && let Some(v) = s.get("standby")
-    {
-        cx.error(
-            Code::NotAllowedHere,
-            v.span(),
-            "`standby = \"cold\"` is not available yet (it restores the standby from backups)",
-            "use \"hot\" or \"warm\"; backups and restore drills work today with [database.backup]",
-        );
-    }
     let failback = cx.or(s, "failback", Failback::Automatic);
     let follow = cx.or(s, "follow", Follow::Data);
     Some(App {

@@ -151,6 +151,9 @@ fn app_sites(cx: &mut Cx, t: &Topology, app: &App) {
             );
         }
     }
+    if app.standby == Standby::Cold {
+        app_cold(cx, t, app);
+    }
     for name in &app.scale_sets {
         if let Some(set) = t.scale_set(name)
             && !app.sites.contains(&set.site)
@@ -163,6 +166,47 @@ fn app_sites(cx: &mut Cx, t: &Topology, app: &App) {
                     set.site
                 ),
                 "list the scale sets of the app's sites only",
+            );
+        }
+    }
+}
+
+/// `standby = "cold"`: the standby sites run nothing until a failover restores the database
+/// from its backups and scales their sets up from 0. So the app needs a database with
+/// `[database.backup]`, and its sets outside the preferred site `min = 0`.
+fn app_cold(cx: &mut Cx, t: &Topology, app: &App) {
+    match app.database.as_ref().map(|d| (d, t.database(d))) {
+        None => cx.error(
+            Code::NotAllowedHere,
+            app.name.span(),
+            format!("app `{}` has `standby = \"cold\"` but no database", app.name),
+            "a cold standby is restored from its database's backups: name the app's `database` (or use `standby = \"warm\"` with sets of `min = 0`)",
+        ),
+        Some((name, Some(db))) if db.backup.is_none() => cx.error(
+            Code::NotAllowedHere,
+            name.span(),
+            format!(
+                "database `{name}` has no valid [database.backup], and app `{}` has `standby = \"cold\"`",
+                app.name
+            ),
+            "a cold standby is restored from the backups: add [database.backup] (its `archive_timeout` bounds the RPO)",
+        ),
+        _ => {}
+    }
+    let preferred = app.sites.first();
+    for name in &app.scale_sets {
+        if let Some(set) = t.scale_set(name)
+            && Some(&set.site) != preferred
+            && set.capacity.min > 0
+        {
+            cx.error(
+                Code::OutOfRange,
+                name.span(),
+                format!(
+                    "scale set `{name}` keeps {} instance(s) running in `{}`, a cold standby site",
+                    set.capacity.min, set.site
+                ),
+                "a cold standby runs no instances: give it `min = 0` (the app scales it up when it fails over)",
             );
         }
     }

@@ -551,6 +551,17 @@ fn sites(
 /// checked first (programs, addresses, data directories) fails here, touching nothing. In
 /// cluster mode (`here`: the node's site) a node runs its site's members and follows the
 /// others through the store, for each database with a member or a frontend in its site.
+/// The sites whose member of database `db` is a cold standby: every site but the preferred
+/// one of an app with `standby = "cold"` on that database.
+fn cold_sites(topology: &model::Topology, db: &model::Name) -> Vec<String> {
+    topology
+        .apps
+        .iter()
+        .filter(|a| a.standby == model::Standby::Cold && a.database.as_ref() == Some(db))
+        .flat_map(|a| a.sites.iter().skip(1).map(ToString::to_string))
+        .collect()
+}
+
 async fn start_databases(
     topology: &model::Topology,
     here: Option<&str>,
@@ -571,7 +582,8 @@ async fn start_databases(
     let state_dir = create_state_dir(topology)?;
     let mut out = Vec::new();
     for db in databases {
-        let mut wiring = pg::Wiring::of(db, store.clone(), balancers);
+        let mut wiring =
+            pg::Wiring::of(db, store.clone(), balancers).with_cold(cold_sites(topology, &db.name));
         if let Some(site) = here {
             wiring = wiring.on_node(vec![site.to_string()]);
         }

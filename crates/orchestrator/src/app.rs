@@ -242,6 +242,9 @@ impl std::fmt::Debug for AppRunner {
 const CONFIRM: Duration = Duration::from_secs(1);
 /// The longest wait for a promotion or for instances to come Online.
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest a cold standby's restore may take before the move is given up (the restore
+/// itself runs to its end: a later move finds the member restored).
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(1800);
 
 impl AppRunner {
     /// Starts driving `config` (a validated `[[app]]`): the app starts where its record says
@@ -253,14 +256,16 @@ impl AppRunner {
             sites: config.sites.iter().map(ToString::to_string).collect(),
             database: config.database.is_some(),
             standby: match config.standby {
+                model::Standby::Hot => Standby::Hot,
                 model::Standby::Warm => Standby::Warm,
-                _ => Standby::Hot,
+                model::Standby::Cold => Standby::Cold,
             },
             automatic_failback: config.failback == model::Failback::Automatic,
             follow_data: config.follow == model::Follow::Data,
             failback_hold: profile.map_or(Duration::from_secs(30), |p| p.failback_hold),
             confirm: CONFIRM,
             step_timeout: STEP_TIMEOUT,
+            restore_timeout: RESTORE_TIMEOUT,
         };
         let home = cfg.sites.first().cloned().unwrap_or_default();
         let path = tiers
@@ -845,6 +850,9 @@ impl AppRunner {
                 plan,
                 ..
             } => self.promote(site, planned, plan, seen),
+            Action::Restore { site, plan, .. } => self.restore(site, plan),
+            Action::WarmUp { site } => self.set_cold(&site, false),
+            Action::Cool { site } => self.set_cold(&site, true),
             Action::Scale { site, capacity } => self.scale(&site, Some(capacity)),
             Action::ScaleDown { site } => self.scale(&site, None),
             // Cluster mode: `point_at_active` after the tick's actions.
@@ -914,6 +922,84 @@ impl AppRunner {
                     app::Step::Promote,
                     format!("{kind} of database {} to {site}: {e}", db.name),
                 );
+            }
+        });
+    }
+
+    /// `site` is a cold standby of this app (`standby = "cold"`, not the preferred site).
+    fn is_cold(&self, site: &str) -> bool {
+        self.config.standby == model::Standby::Cold
+            && self.config.database.is_some()
+            && self
+                .config
+                .sites
+                .first()
+                .is_some_and(|p| p.as_str() != site)
+    }
+
+    /// Cold standby: `site`'s database member kept cold (runs only as the primary) or allowed
+    /// to run as a standby (warmed up before a planned move there).
+    fn set_cold(&self, site: &str, cold: bool) {
+        if let Some(db) = &self.tiers.database {
+            db.set_cold(site, cold);
+            let what = if cold {
+                "cold again: its database member stops (it runs only as the primary)"
+            } else {
+                "warming up: its database member starts as a standby, cloned from the primary"
+            };
+            self.event("app-standby", format!("{site} {what}"));
+        }
+    }
+
+    /// Cold standby, no primary left: `site`'s member restored from the backups as the
+    /// primary ([`pg::Cluster::fail_over_by_restore`]); the step waits for the primary there.
+    fn restore(self: &Arc<Self>, site: String, plan: u64) {
+        let Some(db) = self.tiers.database.clone() else {
+            return;
+        };
+        {
+            let mut st = self.state();
+            if st.promoting {
+                drop(st);
+                self.event(
+                    "app-promote-wait",
+                    format!("an operation on database {} is still running", db.name),
+                );
+                return;
+            }
+            st.promoting = true;
+        }
+        self.event(
+            "app-restore",
+            format!(
+                "restoring database {} at {site} from its backups (the newest backup and archived WAL); commits not archived yet are lost (at most archive_timeout)",
+                db.name
+            ),
+        );
+        let me = self.clone();
+        tokio::spawn(async move {
+            let result = db.fail_over_by_restore(&site).await;
+            me.state().promoting = false;
+            match result {
+                Ok(r) => me.event(
+                    "app-restore",
+                    format!(
+                        "database {} restored at {site} (term {}): backup {}, copy {:.2} s (restore {:.2} s + replay {:.2} s), down {:.2} s, newest restored commit {}",
+                        db.name,
+                        r.term,
+                        r.copy.backup.as_deref().unwrap_or("-"),
+                        r.copy.rto_seconds,
+                        r.copy.restore_seconds,
+                        r.copy.start_seconds,
+                        r.downtime_seconds,
+                        r.copy.newest_restored_commit.as_deref().unwrap_or("-"),
+                    ),
+                ),
+                Err(e) => me.failed(
+                    plan,
+                    app::Step::Restore,
+                    format!("restoring database {} at {site}: {e}", db.name),
+                ),
             }
         });
     }
@@ -994,12 +1080,7 @@ impl AppRunner {
             .map(|d| d.site);
         for site in &self.config.sites {
             let site = site.to_string();
-            let healthy = statuses
-                .iter()
-                .any(|(s, st)| s.as_deref() == Some(site.as_str()) && dns::table::available(*st));
-            seen.healthy.insert(site.clone(), healthy);
-            seen.reachable
-                .insert(site.clone(), outage.as_deref() != Some(site.as_str()));
+            let reachable = outage.as_deref() != Some(site.as_str());
             let (mut online, mut capacity) = (0, 0);
             for set in self.sets_at(&site) {
                 let v = set.view();
@@ -1010,6 +1091,14 @@ impl AppRunner {
                     .filter(|i| i.health == Status::Online)
                     .count() as u32;
             }
+            // A cold standby site runs nothing for its endpoints to be probed through: up
+            // while it can be reached.
+            let healthy = statuses
+                .iter()
+                .any(|(s, st)| s.as_deref() == Some(site.as_str()) && dns::table::available(*st))
+                || (self.is_cold(&site) && capacity == 0 && reachable);
+            seen.healthy.insert(site.clone(), healthy);
+            seen.reachable.insert(site.clone(), reachable);
             seen.online.insert(site.clone(), online);
             seen.capacity.insert(site, capacity);
         }
@@ -1071,7 +1160,7 @@ impl AppRunner {
 }
 
 /// Where a drill would fail the app over to: the first other site healthy with its data
-/// caught up; refused unless the app is at rest, unpinned, at its preferred site.
+/// caught up (a cold standby: healthy); refused unless the app is at rest, unpinned, at its preferred site.
 fn drill_target(st: &State) -> Result<String, Refused> {
     let app = &st.app;
     let seen = &st.seen;
@@ -1092,14 +1181,16 @@ fn drill_target(st: &State) -> Result<String, Refused> {
             app.active()
         ));
     }
-    let database = app.config().database;
-    app.config()
-        .sites
+    let cfg = app.config();
+    // A cold standby's member is warmed up by the move itself.
+    cfg.sites
         .iter()
         .find(|s| {
             **s != home
                 && seen.healthy.get(*s).copied().unwrap_or(false)
-                && (!database || seen.caught_up.get(*s).copied().unwrap_or(false))
+                && (!cfg.database
+                    || cfg.is_cold(s)
+                    || seen.caught_up.get(*s).copied().unwrap_or(false))
         })
         .cloned()
         .map_or_else(

@@ -62,8 +62,8 @@ pub struct MemberView {
     pub health: String,
     /// `primary`, `standby` or `none`.
     pub role: String,
-    /// `starting`, `running`, `streaming`, `stopped`, `fenced`, `rewinding`, `cloning`,
-    /// `failed`.
+    /// `starting`, `running`, `streaming`, `stopped`, `cold` (kept stopped: a cold
+    /// standby), `fenced`, `rewinding`, `cloning`, `failed`.
     pub state: String,
     pub pid: Option<u32>,
     pub lsn: Option<String>,
@@ -102,7 +102,8 @@ pub struct View {
     pub primary: Option<String>,
     pub sync_standby: Option<String>,
     /// `bootstrapping`, `healthy`, `degraded` (running without a synchronous standby or a
-    /// standby), `primary-lost`, `no-primary`, `failed`.
+    /// standby that is not cold), `switching-over`, `restoring` (a failover by restore),
+    /// `restarting`, `primary-lost`, `no-primary`, `failed`.
     pub state: String,
     pub frontends: Vec<String>,
     pub members: Vec<MemberView>,
@@ -127,9 +128,24 @@ pub struct SwitchoverError(pub String);
 enum Command {
     Switchover(String, oneshot::Sender<Result<String, SwitchoverError>>),
     /// `tandem restore`'s second half: the member of the site made of the restored copy in
-    /// the directory ([`Driver::swap_in`]).
-    Restore(String, PathBuf, oneshot::Sender<Result<Swapped, String>>),
+    /// the directory ([`Driver::swap_in`]), under the lease claimed for it, if it was.
+    Restore(
+        String,
+        PathBuf,
+        Option<u64>,
+        oneshot::Sender<Result<Swapped, String>>,
+    ),
+    /// A failover by restore begins: the lapsed lease taken for the site ([`Driver::claim`]),
+    /// or given back (`false`) when the restore failed.
+    Claim(String, bool, oneshot::Sender<Result<u64, Unclaimed>>),
 }
+
+/// Why [`Driver::claim`] could not take the lease, and, while another holds it still, how
+/// long it has left.
+struct Unclaimed(String, Option<Duration>);
+
+/// How long a failover by restore waits for a lost primary's lease to lapse.
+const CLAIM_WAIT: Duration = Duration::from_secs(30);
 
 /// What [`Driver::swap_in`] did.
 struct Swapped {
@@ -171,6 +187,8 @@ pub struct Cluster {
     commands: mpsc::Sender<Command>,
     /// Sites under an outage drill, and why ([`Cluster::set_outage`]).
     outages: watch::Sender<std::collections::BTreeMap<String, String>>,
+    /// Sites whose members are kept cold ([`Cluster::set_cold`]).
+    cold: watch::Sender<std::collections::BTreeSet<String>>,
     stop: watch::Sender<bool>,
     /// Set by [`Cluster::leave_running`]: the stop leaves the members running.
     leave: std::sync::atomic::AtomicBool,
@@ -209,6 +227,9 @@ pub struct Wiring {
     /// member); in cluster mode the node's site, the other members being run by their own
     /// nodes, observed over the network and followed through the lease in the store.
     pub here: Option<Vec<String>>,
+    /// Sites whose members are kept cold at the start (an app's `standby = "cold"`; see
+    /// [`Cluster::set_cold`]).
+    pub cold: Vec<String>,
 }
 
 impl Wiring {
@@ -229,7 +250,15 @@ impl Wiring {
             primary: follow(DbRole::Primary),
             replicas: follow(DbRole::Replica),
             here: None,
+            cold: Vec::new(),
         }
+    }
+
+    /// Keeps the members in `sites` cold from the start ([`Cluster::set_cold`]).
+    #[must_use]
+    pub fn with_cold(mut self, sites: Vec<String>) -> Wiring {
+        self.cold = sites;
+        self
     }
 
     /// Runs only the members in `sites` (cluster mode: the node's site).
@@ -394,6 +423,7 @@ impl Cluster {
             first_events: Mutex::new(Some(first_events)),
             commands,
             outages: watch::Sender::default(),
+            cold: watch::Sender::new(wiring.cold.iter().cloned().collect()),
             stop,
             leave: std::sync::atomic::AtomicBool::new(false),
             done: Mutex::new(None),
@@ -540,6 +570,29 @@ impl Cluster {
         site: &str,
         to: Option<SystemTime>,
     ) -> Result<RestoreReport, BackupError> {
+        self.restore_with(site, to, false).await
+    }
+
+    /// A cold standby's failover (an app's `standby = "cold"`): with no primary left, `site`'s
+    /// member is restored from the newest backup and archived WAL and made the primary. The
+    /// lapsed lease is taken for it first (held for up to [`RESTORE_CLAIM`] while the copy is
+    /// made), so the lost primary can never come back writable meanwhile; everything else is
+    /// as [`Cluster::restore`]. Acknowledged commits not yet archived are lost: the RPO is
+    /// bounded by `archive_timeout`.
+    ///
+    /// # Errors
+    /// As [`Cluster::restore`]; and the lease still held (a primary alive: ask for a
+    /// switchover instead).
+    pub async fn fail_over_by_restore(&self, site: &str) -> Result<RestoreReport, BackupError> {
+        self.restore_with(site, None, true).await
+    }
+
+    async fn restore_with(
+        &self,
+        site: &str,
+        to: Option<SystemTime>,
+        claim: bool,
+    ) -> Result<RestoreReport, BackupError> {
         let b = self.backups_or_refuse()?;
         if !self.sites.iter().any(|s| s == site) {
             return Err(BackupError::Failed(format!(
@@ -553,16 +606,40 @@ impl Cluster {
         let commands = self.commands.clone();
         let site = site.to_string();
         run_detached(async move {
-            let copy = b
-                .restore(p.as_ref(), to, &dir)
-                .await
-                .map_err(|e| BackupError::Failed(e.to_string()))?;
             let gone = || BackupError::Failed("the database is shutting down".into());
+            let ask = |c: Command| {
+                let commands = commands.clone();
+                async move { commands.send(c).await.map_err(|_| gone()) }
+            };
+            let claimed = if claim {
+                // A lost primary's lease lapses `failover_timeout` after its last renewal.
+                let deadline = Instant::now() + CLAIM_WAIT;
+                loop {
+                    let (tx, rx) = oneshot::channel();
+                    ask(Command::Claim(site.clone(), true, tx)).await?;
+                    match rx.await.map_err(|_| gone())? {
+                        Ok(term) => break Some(term),
+                        Err(Unclaimed(_, Some(left))) if Instant::now() + left < deadline => {
+                            tokio::time::sleep(left + Duration::from_millis(50)).await;
+                        }
+                        Err(Unclaimed(why, _)) => return Err(BackupError::Failed(why)),
+                    }
+                }
+            } else {
+                None
+            };
+            let copy = match b.restore(p.as_ref(), to, &dir).await {
+                Ok(copy) => copy,
+                Err(e) => {
+                    if claimed.is_some() {
+                        let (tx, _) = oneshot::channel();
+                        let _ = ask(Command::Claim(site.clone(), false, tx)).await;
+                    }
+                    return Err(BackupError::Failed(e.to_string()));
+                }
+            };
             let (tx, rx) = oneshot::channel();
-            commands
-                .send(Command::Restore(site.clone(), dir.clone(), tx))
-                .await
-                .map_err(|_| gone())?;
+            ask(Command::Restore(site.clone(), dir.clone(), claimed, tx)).await?;
             let swapped = rx.await.map_err(|_| gone())?;
             if dir.exists() {
                 // Not put in place: a copy is made again from the repository at will.
@@ -621,13 +698,30 @@ impl Cluster {
         });
     }
 
-    /// Stops every member cleanly (fast shutdown) and waits for them.
+    /// Keeps `site`'s member cold (`true`: an app's `standby = "cold"`) or lets it run as a
+    /// standby again (`false`: warming it up before a planned move there). A cold member
+    /// runs only as the primary: it is never cloned, started or rejoined as a standby (a
+    /// running one is stopped), never a failover candidate, and the primary keeps no
+    /// replication slot for it (an unused slot would hold WAL forever). It becomes the
+    /// primary by a restore ([`Cluster::fail_over_by_restore`]) or, warmed up, by a
+    /// switchover. Acted on at the driver's next tick.
+    pub fn set_cold(&self, site: &str, cold: bool) {
+        self.cold.send_if_modified(|c| {
+            if cold {
+                c.insert(site.to_string())
+            } else {
+                c.remove(site)
+            }
+        });
+    }
+
     /// Makes the next [`Cluster::shutdown`] leave every member running, its lease in place,
     /// for the next Tandem to adopt (a planned restart or an upgrade).
     pub fn leave_running(&self) {
         self.leave.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Stops every member cleanly (fast shutdown) and waits for them.
     pub async fn shutdown(&self) {
         let _ = self.stop.send(true);
         let backups = self
@@ -658,6 +752,10 @@ pub enum BackupError {
     #[error("{0}")]
     Failed(String),
 }
+
+/// How long a failover by restore may hold the lease while its copy is made (restoring and
+/// replaying a large database takes minutes; the claim ends as soon as the copy is in place).
+pub const RESTORE_CLAIM: Duration = Duration::from_secs(3600);
 
 /// Runs `f` on a task of its own and waits for it: dropping the wait leaves it running.
 async fn run_detached<T: Send + 'static>(
@@ -834,6 +932,11 @@ struct Driver {
     /// Cluster mode: members run on their own nodes, the lease and these records in the
     /// store say who leads.
     shared: Option<Shared>,
+    /// A failover by restore holds the lease under this term while its copy is made.
+    claimed: Option<u64>,
+    /// The cold sites whose slots the primary of that term was last made to match
+    /// ([`Driver::keep_cold`]).
+    cold_applied: Option<(u64, std::collections::BTreeSet<String>)>,
 }
 
 /// What the nodes of a database in cluster mode share through the store besides the lease.
@@ -931,6 +1034,8 @@ impl Driver {
             failovers: 0,
             switchovers: 0,
             restores: 0,
+            claimed: None,
+            cold_applied: None,
             bootstrapped: false,
             changed_this_run: false,
             failed: None,
@@ -997,8 +1102,12 @@ impl Driver {
                         let r = self.switchover(&site).await;
                         let _ = reply.send(r);
                     }
-                    Command::Restore(site, copy, reply) => {
-                        let r = self.swap_in(&site, &copy).await;
+                    Command::Restore(site, copy, claimed, reply) => {
+                        let r = self.swap_in(&site, &copy, claimed).await;
+                        let _ = reply.send(r);
+                    }
+                    Command::Claim(site, take, reply) => {
+                        let r = self.claim(&site, take).await;
                         let _ = reply.send(r);
                     }
 
@@ -1264,13 +1373,69 @@ impl Driver {
         ensure_slots(client, &self.others(site), false).await
     }
 
-    /// Every member's site but `site`.
+    /// Every member's site but `site` and the cold ones: those the primary keeps a
+    /// replication slot for.
     fn others(&self, site: &str) -> Vec<String> {
+        let cold = self.cluster.cold.borrow();
         self.members
             .iter()
-            .filter(|m| m.site != site)
+            .filter(|m| m.site != site && !cold.contains(&m.site))
             .map(|m| m.site.clone())
             .collect()
+    }
+
+    /// Member `i` is kept cold and is not the primary ([`Cluster::set_cold`]).
+    fn is_cold(&self, i: usize) -> bool {
+        Some(i) != self.leader && self.cluster.cold.borrow().contains(&self.members[i].site)
+    }
+
+    /// Cold members: a running standby is stopped; the primary drops a cold member's slot and
+    /// makes one for a member warmed up (before it is cloned), once per primary and change.
+    async fn keep_cold(&mut self) {
+        for i in 0..self.members.len() {
+            let m = &self.members[i];
+            if self.is_cold(i)
+                && m.here
+                && m.instance.is_some()
+                && !matches!(m.state, State::Cloning | State::Rewinding)
+            {
+                let site = m.site.clone();
+                self.stop_member(i).await;
+                self.event(
+                    Some(i),
+                    "cold",
+                    format!("{site} stopped: a cold standby runs only as the primary"),
+                );
+            }
+        }
+        let Some(l) = self.leader.filter(|&l| self.members[l].here) else {
+            return;
+        };
+        let cold = self.cluster.cold.borrow().clone();
+        if self.cold_applied.as_ref() == Some(&(self.term, cold.clone())) {
+            return;
+        }
+        let Some(client) = self.members[l].client.as_ref() else {
+            return;
+        };
+        let site = self.members[l].site.clone();
+        let mut sql = Vec::new();
+        for m in self.members.iter().filter(|m| m.site != site) {
+            let slot = observe::literal(&local::slot(&m.site));
+            sql.push(if cold.contains(&m.site) {
+                format!(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = {slot} AND NOT active"
+                )
+            } else {
+                format!(
+                    "SELECT pg_create_physical_replication_slot({slot}, true) WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = {slot})"
+                )
+            });
+        }
+        let sql: Vec<&str> = sql.iter().map(String::as_str).collect();
+        if observe::execute(client, &sql).await.is_ok() {
+            self.cold_applied = Some((self.term, cold));
+        }
     }
 
     /// Single-process start, continued: every member is this process's.
@@ -1579,6 +1744,7 @@ impl Driver {
         self.lead().await;
         self.write_primary().await;
         self.keep_sync().await;
+        self.keep_cold().await;
         self.tend_standbys().await;
         self.point_replicas();
     }
@@ -2656,6 +2822,7 @@ impl Driver {
                 for i in 0..self.members.len() {
                     let m = &self.members[i];
                     if m.here
+                        && !self.is_cold(i)
                         && m.outage.is_none()
                         && matches!(m.state, State::Stopped | State::Fenced)
                         && now >= m.retry_at
@@ -2670,7 +2837,11 @@ impl Driver {
             return;
         }
         for i in 0..self.members.len() {
-            if i == l || !self.members[i].here || self.members[i].outage.is_some() {
+            if i == l
+                || !self.members[i].here
+                || self.members[i].outage.is_some()
+                || self.is_cold(i)
+            {
                 continue;
             }
             if self.members[i].is_writable() {
@@ -3138,10 +3309,38 @@ impl Driver {
     /// next term; the others rejoin it (rewound, else cloned afresh with their data set
     /// aside). Should the swap fail, the data goes back and the former primary is started
     /// again.
-    async fn swap_in(&mut self, site: &str, copy: &std::path::Path) -> Result<Swapped, String> {
+    async fn swap_in(
+        &mut self,
+        site: &str,
+        copy: &std::path::Path,
+        claimed: Option<u64>,
+    ) -> Result<Swapped, String> {
+        let result = self.swap_in_claimed(site, copy, claimed).await;
+        if result.is_err()
+            && let Some(term) = claimed
+        {
+            let store = self.wiring.store.clone();
+            let _ = within(self.ttl, store.release(&self.key, site, term)).await;
+            self.claimed = None;
+        }
+        result
+    }
+
+    async fn swap_in_claimed(
+        &mut self,
+        site: &str,
+        copy: &std::path::Path,
+        claimed: Option<u64>,
+    ) -> Result<Swapped, String> {
         let Some(i) = self.position(site) else {
             return Err(format!("no member in site {site:?}"));
         };
+        if matches!(self.members[i].state, State::Cloning | State::Rewinding) {
+            return Err(format!(
+                "{site}'s member is being {} now; try again once it is done",
+                self.members[i].state.name()
+            ));
+        }
         if self.members.iter().any(|m| !m.here) {
             return Err("a restore needs every member on this node (single-process mode)".into());
         }
@@ -3181,21 +3380,31 @@ impl Driver {
             return Err(self.restore_abandoned(former, why).await);
         }
         // From here the restored copy is the database; the former data stays set aside.
-        let lease = within(self.ttl, store.acquire(&self.key, site, self.ttl))
-            .await
-            .map_err(|e| format!("cannot take the lease for {site}: {e}"))?;
-        self.term = lease.term;
+        let term = match claimed {
+            Some(term) => within(self.ttl, store.renew(&self.key, site, term, self.ttl))
+                .await
+                .map(|_| term),
+            None => within(self.ttl, store.acquire(&self.key, site, self.ttl))
+                .await
+                .map(|l| l.term),
+        }
+        .map_err(|e| format!("cannot take the lease for {site}: {e}"))?;
+        self.claimed = None;
+        self.term = term;
         self.start_member(i, None)?;
         let client = self.wait_ready(i).await?;
         self.members[i].client = Some(client);
         self.promoted(i).await?;
-        self.take_lead(i, lease.term);
+        self.take_lead(i, term);
         self.lead.held(true, Instant::now());
         self.observe(i).await;
         let upstream = self.members[i].config.listen;
         for j in (0..self.members.len()).filter(|&j| j != i) {
             self.members[j].failures = 0;
-            if self.local.has_data(&self.members[j].site) && self.members[j].outage.is_none() {
+            if self.local.has_data(&self.members[j].site)
+                && self.members[j].outage.is_none()
+                && !self.is_cold(j)
+            {
                 self.spawn_work(j, State::Rewinding, upstream);
             }
         }
@@ -3221,6 +3430,56 @@ impl Driver {
             term: self.term,
             downtime,
         })
+    }
+
+    /// A failover by restore begins (`take`): the lease, lapsed, taken for `site` for up to
+    /// [`RESTORE_CLAIM`], so no other member can become (or come back) the primary while
+    /// the copy is made; the lease's term. Or it failed (`!take`): the claim given back.
+    async fn claim(&mut self, site: &str, take: bool) -> Result<u64, Unclaimed> {
+        let store = self.wiring.store.clone();
+        if !take {
+            if let Some(term) = self.claimed.take() {
+                let _ = within(self.ttl, store.release(&self.key, site, term)).await;
+            }
+            return Ok(0);
+        }
+        let refuse = |why: String| Err(Unclaimed(why, None));
+        if self.members.iter().any(|m| !m.here) {
+            return refuse(
+                "a restore needs every member on this node (single-process mode)".into(),
+            );
+        }
+        if let Some(l) = self.leader.filter(|&l| self.members[l].is_writable()) {
+            return refuse(format!(
+                "{} is the primary and answers: a failover by restore is only for a lost primary",
+                self.members[l].site
+            ));
+        }
+        let lease = within(self.ttl, store.acquire(&self.key, site, RESTORE_CLAIM))
+            .await
+            .map_err(|e| match e {
+                StoreError::Held { holder, left, .. } => Unclaimed(
+                    format!(
+                        "the lease is still held by {holder}: a restore waits until it has lapsed"
+                    ),
+                    Some(left),
+                ),
+                e => Unclaimed(format!("cannot take the lease for {site}: {e}"), None),
+            })?;
+        // Nothing of the lost primary is restarted while the claim stands.
+        self.leader = None;
+        self.term = lease.term;
+        self.claimed = Some(lease.term);
+        self.point_frontends(None);
+        self.event(
+            self.position(site),
+            "restore-claim",
+            format!(
+                "the lease taken for {site} (term {}): restoring it from the backups as the primary",
+                lease.term
+            ),
+        );
+        Ok(lease.term)
     }
 
     /// A restore that could not put its copy in place: the former primary, its data
@@ -3366,6 +3625,7 @@ impl Driver {
                 };
                 let state = match (m.state, o) {
                     (State::Running, Some(o)) if o.in_recovery && m.is_streaming() => "streaming",
+                    (State::Stopped, _) if self.is_cold(i) && m.instance.is_none() => "cold",
                     (s, _) => s.name(),
                 };
                 MemberView {
@@ -3402,15 +3662,22 @@ impl Driver {
             .collect::<Vec<_>>();
         let primary = self.leader.filter(|&l| self.members[l].is_writable());
         let standbys_streaming = self.members.iter().filter(|m| m.is_streaming()).count();
+        // Cold members are meant to be stopped: not a degradation.
+        let expected = (0..self.members.len())
+            .filter(|&i| !self.is_cold(i))
+            .count();
         let state = if self.failed.is_some() {
             "failed"
         } else if !self.bootstrapped {
             "bootstrapping"
         } else if self.switching {
             "switching-over"
+        } else if self.claimed.is_some() {
+            "restoring"
         } else if primary.is_some() {
-            let sync_missing = self.config.replication.is_sync() && self.sync_standby.is_none();
-            if sync_missing || standbys_streaming + 1 < self.members.len() {
+            let sync_missing =
+                self.config.replication.is_sync() && self.sync_standby.is_none() && expected > 1;
+            if sync_missing || standbys_streaming + 1 < expected {
                 "degraded"
             } else {
                 "healthy"

@@ -25,9 +25,6 @@ use serde_json::Value;
 use testkit::{eventually, free_tcp_port};
 use tokio::time::Instant;
 
-const EDGE: u8 = 110;
-const REGION: u8 = 111;
-
 struct Lab {
     /// Before `dir`: its log is read from there when a test fails.
     up: Up,
@@ -37,6 +34,8 @@ struct Lab {
     region_db: SocketAddr,
     /// The load balancers' port (the public entry's).
     web: u16,
+    /// The edge's and the region's loopback networks (127.0.N.0/24).
+    nets: (u8, u8),
 }
 
 /// Members outlive Tandem only if it dies: stop it, then kill anything left in the data
@@ -49,9 +48,30 @@ impl Drop for Lab {
         );
         self.up.terminate();
         let postgres = pg::local::find_bins(None).unwrap().join("postgres");
-        for site in ["edge", "region"] {
+        for site in ["edge", "region", "region.restored", "edge.restored"] {
             let data = self.dir.path().join("state/databases/orders").join(site);
             pg::family::kill_in_data_dir(&postgres, &data);
+        }
+    }
+}
+
+/// How the region stands by.
+#[derive(Clone, Copy)]
+enum Mode<'a> {
+    /// Its set's min (1) and a synchronous standby member.
+    Warm,
+    /// Nothing running: its set at 0, its member cold, the database backed up into this
+    /// repository with `archive_timeout = "3s"`.
+    Cold(&'a std::path::Path),
+}
+
+impl Mode<'_> {
+    /// The edge's and the region's loopback networks: each mode its own, so that tests of
+    /// both run side by side (the instances' port range is fixed).
+    fn nets(self) -> (u8, u8) {
+        match self {
+            Mode::Warm => (110, 111),
+            Mode::Cold(_) => (112, 113),
         }
     }
 }
@@ -63,10 +83,22 @@ fn topology(
     pg: u16,
     state: &std::path::Path,
     (probe, probe_timeout): (&str, &str),
+    mode: Mode<'_>,
 ) -> String {
-    let (e, r) = (EDGE, REGION);
+    let (e, r) = mode.nets();
     let password = state.join("databases/orders/password");
     let password = password.display();
+    let (standby, region_min, backup) = match mode {
+        Mode::Warm => ("warm", 1, String::new()),
+        Mode::Cold(repo) => (
+            "cold",
+            0,
+            format!(
+                "  [database.backup]\n  repository = \"{}\"\n  full = \"weekly\"\n  archive_timeout = \"3s\"\n  drill_table = \"public.acked\"\n",
+                repo.display()
+            ),
+        ),
+    };
     format!(
         r#"
 [[site]]
@@ -147,7 +179,7 @@ command = ["tandem", "sample-app", "--listen", "{{address}}:{{port.http}}", "--s
            "--database", "127.0.{r}.20:{pg}", "--database-password-file", "{password}"]
 bind = "127.0.{r}.1"
 ports = {{ http = "21500-21519" }}
-capacity = {{ min = 1, max = 3, initial = 1 }}
+capacity = {{ min = {region_min}, max = 3, initial = {region_min} }}
 health = "web"
 stop_grace = "1s"
 
@@ -156,7 +188,7 @@ name = "orders"
 replication = "sync"
 failover_timeout = "2s"
 frontends = {{ edge = "127.0.{e}.20:{pg}", region = "127.0.{r}.20:{pg}" }}
-
+{backup}
   [[database.member]]
   site = "edge"
   listen = "127.0.{e}.21:{pg}"
@@ -171,21 +203,22 @@ sites = ["edge", "region"]
 profile = "www"
 database = "orders"
 scale_sets = ["edge-web", "region-web"]
-standby = "warm"
+standby = "{standby}"
 failback = "automatic"
 "#
     )
 }
 
 async fn start() -> Lab {
-    start_probing(("300ms", "250ms")).await
+    start_probing(("300ms", "250ms"), Mode::Warm).await
 }
 
-async fn start_probing(probe: (&str, &str)) -> Lab {
+async fn start_probing(probe: (&str, &str), mode: Mode<'_>) -> Lab {
+    let (edge, region) = mode.nets();
     // PostgreSQL's own user must reach the state directory (tempdirs are 0700).
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let ips: Vec<String> = [EDGE, REGION]
+    let ips: Vec<String> = [edge, region]
         .iter()
         .flat_map(|n| [10, 20, 21].map(|h| format!("127.0.{n}.{h}")))
         .collect();
@@ -201,14 +234,19 @@ async fn start_probing(probe: (&str, &str)) -> Lab {
         .parse()
         .unwrap();
     let state = dir.path().join("state");
-    let file = topology_file(dir.path(), api, &topology(dns, web, pg, &state, probe));
+    let file = topology_file(
+        dir.path(),
+        api,
+        &topology(dns, web, pg, &state, probe, mode),
+    );
     let up = Up::start(&file, api, &[]);
     Lab {
         dir,
         up,
         dns,
-        region_db: format!("127.0.{REGION}.20:{pg}").parse().unwrap(),
+        region_db: format!("127.0.{region}.20:{pg}").parse().unwrap(),
         web,
+        nets: (edge, region),
     }
 }
 
@@ -248,7 +286,11 @@ impl Lab {
                 a["active"] == site && a["term"] == term && a["moving"].is_null()
             })
             .await;
-        let net = if site == "edge" { EDGE } else { REGION };
+        let net = if site == "edge" {
+            self.nets.0
+        } else {
+            self.nets.1
+        };
         let want = vec![format!("127.0.{net}.10")];
         eventually(
             Duration::from_secs(5),
@@ -319,6 +361,8 @@ async fn connect(db: SocketAddr, password: &str) -> Option<tokio_postgres::Clien
 /// acknowledged one; bounded to 10 minutes.
 struct Writer {
     acked: Arc<Mutex<Vec<i64>>>,
+    /// When each of `acked` was acknowledged.
+    acked_at: Arc<Mutex<Vec<Instant>>>,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -326,8 +370,9 @@ struct Writer {
 impl Writer {
     fn start(db: SocketAddr, password: String) -> Writer {
         let acked = Arc::new(Mutex::new(Vec::new()));
+        let acked_at = Arc::new(Mutex::new(Vec::new()));
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let a = acked.clone();
+        let (a, at) = (acked.clone(), acked_at.clone());
         let task = tokio::spawn(async move {
             let deadline = Instant::now() + Duration::from_secs(600);
             let mut next: i64 = 1;
@@ -346,14 +391,29 @@ impl Writer {
                 let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
                 let insert = c.execute("INSERT INTO acked (id) VALUES ($1)", &params);
                 match tokio::time::timeout(Duration::from_secs(5), insert).await {
-                    Ok(Ok(_)) => a.lock().unwrap().push(id),
+                    Ok(Ok(_)) => {
+                        a.lock().unwrap().push(id);
+                        at.lock().unwrap().push(Instant::now());
+                    }
                     _ => client = None,
                 }
                 // A steady trickle, not a flood: the test is about the moves.
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         });
-        Writer { acked, stop, task }
+        Writer {
+            acked,
+            acked_at,
+            stop,
+            task,
+        }
+    }
+
+    /// Every acknowledged id with when it was acknowledged.
+    fn acked_at(&self) -> Vec<(i64, Instant)> {
+        let a = self.acked.lock().unwrap().clone();
+        let at = self.acked_at.lock().unwrap().clone();
+        a.into_iter().zip(at).collect()
     }
 
     fn count(&self) -> usize {
@@ -703,6 +763,204 @@ async fn the_whole_app_fails_over_and_back_with_its_data() {
     lab.at_rest("region", 11, 120).await;
 }
 
+/// Ids of `table` in the database behind `db`.
+async fn ids(db: SocketAddr, password: &str) -> Option<std::collections::BTreeSet<i64>> {
+    let c = connect(db, password).await?;
+    let rows = c.query("SELECT id FROM acked", &[]).await.ok()?;
+    Some(rows.iter().map(|r| r.get::<_, i64>(0)).collect())
+}
+
+/// `standby = "cold"`: nothing runs in the region (its set at 0, its database member cold)
+/// until the edge is lost; then the region's member is restored from the backups (the newest
+/// backup and the WAL archived every `archive_timeout`, 3 s) as the primary, its set scaled
+/// from 0, and DNS moved; the writer resumes, and the only acknowledged writes lost are
+/// those of the last `archive_timeout` before the loss. The edge back: its member rebuilt
+/// from the region's, the app fails back with a switchover (nothing lost), the region cold
+/// again. A planned failover warms the region's member up first (cloned from the primary,
+/// caught up), then switches over: nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_standby_is_restored_from_the_backups() {
+    let repo_dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(repo_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let repo = repo_dir.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    if let Some((uid, gid)) = pg::local::run_as().unwrap() {
+        std::os::unix::fs::chown(&repo, Some(uid), Some(gid)).unwrap();
+    }
+    let lab = start_probing(("300ms", "250ms"), Mode::Cold(&repo)).await;
+    let cold_region = |d: &Value| {
+        d["members"]
+            .as_array()
+            .and_then(|m| m.iter().find(|m| m["site"] == "region"))
+            .is_some_and(|m| m["state"] == "cold" && m["pid"].is_null())
+    };
+    let a = lab
+        .wait(
+            120,
+            "the edge serving, nothing running in the region",
+            |a| {
+                site(a, "edge")["online"] == 2
+                    && site(a, "region")["capacity"] == 0
+                    && site(a, "region")["healthy"] == true
+            },
+        )
+        .await;
+    assert_eq!(a["standby"], "cold");
+    lab.at_rest("edge", 0, 10).await;
+    let db = get_json(lab.up.api, "/v1/databases").await["databases"][0].clone();
+    assert!(cold_region(&db), "{db:#}");
+    assert_eq!(
+        db["state"], "healthy",
+        "a cold member is no degradation: {db:#}"
+    );
+
+    let password = lab.password();
+    let c = connect(lab.region_db, &password).await.unwrap();
+    c.batch_execute("CREATE TABLE acked (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+    // The primary keeps no replication slot for a cold member (it would hold WAL forever).
+    let slots: i64 = c
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0);
+    eventually(Duration::from_secs(90), "the first full backup", || async {
+        let b = try_get_json(lab.up.api, "/v1/databases/orders/backups").await?;
+        b["backups"]
+            .as_array()
+            .filter(|a| !a.is_empty())
+            .map(|_| ())
+    })
+    .await;
+    let writer = Writer::start(lab.region_db, password.clone());
+    writer
+        .more_than(150, "writes before the edge is lost")
+        .await;
+
+    // (1) The edge lost: restored in the region.
+    let lost_at = Instant::now();
+    let resp = http_post_json(
+        lab.up.api,
+        "/v1/drills/outage",
+        r#"{"site": "edge", "for": "5m"}"#,
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.0 200"), "{resp}");
+    let a = lab.at_rest("region", 1, 120).await;
+    let steps: Vec<&str> = a["last_move"]["done"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "confirm-loss",
+            "restore",
+            "scale",
+            "wait-online",
+            "move-dns",
+            "scale-down"
+        ],
+        "{a}"
+    );
+    assert_eq!(site(&a, "region")["capacity"], 2, "scaled from 0: {a}");
+    let resumed = writer.count();
+    writer
+        .more_than(resumed + 20, "writes after the restore")
+        .await;
+    let db = get_json(lab.up.api, "/v1/databases").await["databases"][0].clone();
+    assert_eq!(db["last_change"]["kind"], "restore", "{db:#}");
+    let moved = lab.up.api;
+    wait_event(moved, "restored at region").await;
+    // RPO: what was lost was acknowledged within archive_timeout (3 s, and a second for the
+    // archiver's pace) before the loss.
+    let have = ids(lab.region_db, &password).await.unwrap();
+    let lost: Vec<(i64, Instant)> = writer
+        .acked_at()
+        .into_iter()
+        .filter(|(id, at)| *at < lost_at && !have.contains(id))
+        .collect();
+    let window = Duration::from_secs(4);
+    for (id, at) in &lost {
+        assert!(
+            *at + window >= lost_at,
+            "id {id}, acknowledged {:?} before the loss, is missing",
+            lost_at - *at
+        );
+    }
+    let rpo = lost
+        .iter()
+        .map(|(_, at)| lost_at - *at)
+        .max()
+        .unwrap_or_default();
+    eprintln!(
+        "cold failover: {} acknowledged writes lost (RPO {rpo:?}); app moved in {} s",
+        lost.len(),
+        a["last_move"]["seconds"]
+    );
+    let lost: std::collections::BTreeSet<i64> = lost.into_iter().map(|(id, _)| id).collect();
+
+    // (2) The edge back: its member rebuilt from the region's, then the failback (a
+    // switchover: nothing lost), the region cold again.
+    let resp = http_post_json(lab.up.api, "/v1/drills/stop", "").await;
+    assert!(resp.starts_with("HTTP/1.0 200"), "{resp}");
+    let a = lab.at_rest("edge", 2, 120).await;
+    assert_eq!(a["last_move"]["reason"], "failback", "{a}");
+    lab.wait(30, "the region at 0 again", |a| {
+        site(a, "region")["capacity"] == 0 && site(a, "region")["online"] == 0
+    })
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "the region's member cold again",
+        || async {
+            let v = try_get_json(lab.up.api, "/v1/databases").await?;
+            cold_region(&v["databases"][0]).then_some(())
+        },
+    )
+    .await;
+    let n = writer.count();
+    writer.more_than(n + 20, "writes after the failback").await;
+
+    // (3) A planned failover to the cold region: warmed up, then switched over.
+    let (ok, text) = lab.cli(&["failover", "shop", "--to", "region"]);
+    assert!(
+        ok && text.contains("move edge -> region (operator): done"),
+        "{text}"
+    );
+    for step in ["warm-up", "promote", "scale", "wait-online", "move-dns"] {
+        assert!(text.contains(step), "{step} missing: {text}");
+    }
+    let a = lab.at_rest("edge", 4, 120).await;
+    assert_eq!(a["last_move"]["reason"], "failback", "{a}");
+    eventually(
+        Duration::from_secs(30),
+        "the region's member cold once more",
+        || async {
+            let v = try_get_json(lab.up.api, "/v1/databases").await?;
+            cold_region(&v["databases"][0]).then_some(())
+        },
+    )
+    .await;
+    let n = writer.count();
+    writer.more_than(n + 20, "writes at the end").await;
+    let acked = writer.finish().await;
+    let have = ids(lab.region_db, &password).await.unwrap();
+    let missing: Vec<i64> = acked
+        .iter()
+        .filter(|id| !have.contains(id) && !lost.contains(id))
+        .copied()
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged and lost after the restore: {missing:?}"
+    );
+}
+
 /// A POST through the public entry: the name asked of Tandem's DNS (`dig`, every time: a
 /// client that re-resolves), then the load balancer it answers; the body of a 200.
 async fn public_write(dns: SocketAddr, port: u16) -> Option<String> {
@@ -738,7 +996,7 @@ async fn measure_whole_app_rto() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
-    let lab = start_probing(("1s", "500ms")).await;
+    let lab = start_probing(("1s", "500ms"), Mode::Warm).await;
     lab.wait(120, "both sites healthy, the region caught up", |a| {
         site(a, "edge")["healthy"] == true
             && site(a, "region")["caught_up"] == true
