@@ -9,7 +9,9 @@
 //! outage drill of the edge (the app moves by itself) and the failback after it; the edge's
 //! primary alone frozen (the database fails over, the app follows its data) and back; and
 //! `tandem drill app`, whose clients go through the public entry; a restart of Tandem that
-//! keeps the app's site, term and pin.
+//! keeps the app's site, term and pin. Another walks a cold standby (`standby = "cold"`, with
+//! pgBackRest): restored in the region when the edge is lost, failed back, warmed up for a
+//! planned failover.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -61,8 +63,8 @@ enum Mode<'a> {
     /// Its set's min (1) and a synchronous standby member.
     Warm,
     /// Nothing running: its set at 0, its member cold, the database backed up into this
-    /// repository with `archive_timeout = "3s"`.
-    Cold(&'a std::path::Path),
+    /// repository with this `archive_timeout`.
+    Cold(&'a std::path::Path, &'a str),
 }
 
 impl Mode<'_> {
@@ -71,7 +73,7 @@ impl Mode<'_> {
     fn nets(self) -> (u8, u8) {
         match self {
             Mode::Warm => (110, 111),
-            Mode::Cold(_) => (112, 113),
+            Mode::Cold(..) => (112, 113),
         }
     }
 }
@@ -90,11 +92,11 @@ fn topology(
     let password = password.display();
     let (standby, region_min, backup) = match mode {
         Mode::Warm => ("warm", 1, String::new()),
-        Mode::Cold(repo) => (
+        Mode::Cold(repo, archive_timeout) => (
             "cold",
             0,
             format!(
-                "  [database.backup]\n  repository = \"{}\"\n  full = \"weekly\"\n  archive_timeout = \"3s\"\n  drill_table = \"public.acked\"\n",
+                "  [database.backup]\n  repository = \"{}\"\n  full = \"weekly\"\n  archive_timeout = \"{archive_timeout}\"\n  drill_table = \"public.acked\"\n",
                 repo.display()
             ),
         ),
@@ -770,6 +772,135 @@ async fn ids(db: SocketAddr, password: &str) -> Option<std::collections::BTreeSe
     Some(rows.iter().map(|r| r.get::<_, i64>(0)).collect())
 }
 
+/// A backup repository the database user may write: its parent (kept) and its path.
+fn repository() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let repo = dir.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    if let Some((uid, gid)) = pg::local::run_as().unwrap() {
+        std::os::unix::fs::chown(&repo, Some(uid), Some(gid)).unwrap();
+    }
+    (dir, repo)
+}
+
+/// A cold standby's failover of a database of `pgbench -i -s TANDEM_COLD_SCALE` (default
+/// 70: about 1 GB), `archive_timeout = "60s"`, 1 s probes: the edge lost (an outage drill)
+/// while a writer commits every 20 ms, to the app at rest in the region (restored, scaled
+/// from 0, DNS moved) and to the writer's first acknowledged write there; the restore's own
+/// times and the writes lost (the loss `TANDEM_COLD_WRITE_SECS`, default 90, into the writes).
+/// `TANDEM_COLD_SCALE=70 cargo nextest run -p tandem --test app --run-ignored only --no-capture measure_cold`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement"]
+async fn measure_cold_failover() {
+    let scale: u32 = std::env::var("TANDEM_COLD_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(70);
+    let (_repo_dir, repo) = repository();
+    let lab = start_probing(("1s", "500ms"), Mode::Cold(&repo, "60s")).await;
+    lab.wait(120, "the edge serving", |a| site(a, "edge")["online"] == 2)
+        .await;
+    lab.at_rest("edge", 0, 30).await;
+    let password = lab.password();
+    let pgbench = pg::local::find_bins(None).unwrap().join("pgbench");
+    let t = Instant::now();
+    let out = std::process::Command::new(pgbench)
+        .args(["-i", "-q", "-s", &scale.to_string(), "-h"])
+        .arg(lab.region_db.ip().to_string())
+        .args([
+            "-p",
+            &lab.region_db.port().to_string(),
+            "-U",
+            "postgres",
+            "postgres",
+        ])
+        .env("PGPASSWORD", &password)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("pgbench -i -s {scale}: {:?}", t.elapsed());
+    let c = connect(lab.region_db, &password).await.unwrap();
+    c.batch_execute("CREATE TABLE acked (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+    let size: i64 = c
+        .query_one("SELECT pg_database_size('postgres')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let out = run(tandem().args([
+        "backup",
+        "orders",
+        "now",
+        "--type",
+        "full",
+        "--api",
+        &lab.up.api.to_string(),
+    ]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The loss comes `TANDEM_COLD_WRITE_SECS` (default 90) into the writes: past one
+    // `archive_timeout` after the backup, so the RPO is what the timeout bounds, not luck.
+    let writing: u64 = std::env::var("TANDEM_COLD_WRITE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(90);
+    let writer = Writer::start(lab.region_db, password.clone());
+    let until = Instant::now() + Duration::from_secs(writing);
+    eventually(
+        Duration::from_secs(writing + 30),
+        "writing for a while",
+        || async { (Instant::now() >= until && writer.count() > 100).then_some(()) },
+    )
+    .await;
+    let lost_at = Instant::now();
+    let resp = http_post_json(
+        lab.up.api,
+        "/v1/drills/outage",
+        r#"{"site": "edge", "for": "10m"}"#,
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.0 200"), "{resp}");
+    let before = writer.count();
+    let a = lab.at_rest("region", 1, 600).await;
+    let at_rest = lost_at.elapsed();
+    writer.more_than(before, "a write at the region").await;
+    // The writer's outage: the longest stretch without an acknowledgement around the loss,
+    // and when it ended.
+    let times: Vec<Instant> = writer.acked_at().into_iter().map(|(_, at)| at).collect();
+    let (gap, first) = times
+        .windows(2)
+        .filter(|w| w[1] > lost_at)
+        .map(|w| (w[1] - w[0], w[1] - lost_at))
+        .max()
+        .unwrap_or_default();
+    let have = ids(lab.region_db, &password).await.unwrap();
+    let lost: Vec<Duration> = writer
+        .acked_at()
+        .into_iter()
+        .filter(|(id, at)| *at < lost_at && !have.contains(id))
+        .map(|(_, at)| lost_at - at)
+        .collect();
+    let restored = wait_event(lab.up.api, "restored at region").await;
+    eprintln!(
+        "cold failover of {:.0} MB: app at rest in the region after {at_rest:?} (steps {}), the writer without an acknowledgement for {gap:?}, until {first:?} after the loss; {} acknowledged writes lost (RPO {:?}); {}",
+        size as f64 / 1e6,
+        a["last_move"]["done"],
+        lost.len(),
+        lost.iter().max().copied().unwrap_or_default(),
+        restored["message"]
+    );
+    let _ = writer.finish().await;
+}
+
 /// `standby = "cold"`: nothing runs in the region (its set at 0, its database member cold)
 /// until the edge is lost; then the region's member is restored from the backups (the newest
 /// backup and the WAL archived every `archive_timeout`, 3 s) as the primary, its set scaled
@@ -780,14 +911,8 @@ async fn ids(db: SocketAddr, password: &str) -> Option<std::collections::BTreeSe
 /// caught up), then switches over: nothing lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_standby_is_restored_from_the_backups() {
-    let repo_dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(repo_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let repo = repo_dir.path().join("repo");
-    std::fs::create_dir_all(&repo).unwrap();
-    if let Some((uid, gid)) = pg::local::run_as().unwrap() {
-        std::os::unix::fs::chown(&repo, Some(uid), Some(gid)).unwrap();
-    }
-    let lab = start_probing(("300ms", "250ms"), Mode::Cold(&repo)).await;
+    let (_repo_dir, repo) = repository();
+    let lab = start_probing(("300ms", "250ms"), Mode::Cold(&repo, "3s")).await;
     let cold_region = |d: &Value| {
         d["members"]
             .as_array()
