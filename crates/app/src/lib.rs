@@ -65,7 +65,8 @@ pub struct Config {
     /// The longest wait for one step's confirmation before the plan goes on (waiting for
     /// instances) or is abandoned (a promotion that does not happen).
     pub step_timeout: Duration,
-    /// The longest wait for a cold standby's restore (a large database takes minutes).
+    /// The longest wait for a cold standby's restore or warm-up (a large database takes
+    /// minutes to restore or clone).
     pub restore_timeout: Duration,
 }
 
@@ -751,7 +752,8 @@ impl App {
                         plan.sent = false;
                         plan.step_started = now;
                         continue;
-                    } else if timed_out {
+                    } else if waited >= self.cfg.restore_timeout {
+                        // A clone takes as long as a restore: the same bound.
                         let why = format!(
                             "{} did not catch up with the primary in {waited:?}",
                             plan.to

@@ -182,6 +182,15 @@ fn app_cold(cx: &mut Cx, t: &Topology, app: &App) {
             format!("app `{}` has `standby = \"cold\"` but no database", app.name),
             "a cold standby is restored from its database's backups: name the app's `database` (or use `standby = \"warm\"` with sets of `min = 0`)",
         ),
+        Some((name, Some(db))) if db.replication == Replication::SyncStrict => cx.error(
+            Code::NotAllowedHere,
+            name.span(),
+            format!(
+                "database `{name}` has replication = \"sync-strict\", and app `{}` has `standby = \"cold\"`",
+                app.name
+            ),
+            "with its standby cold no member could acknowledge a commit: use replication = \"sync\" or \"async\"",
+        ),
         Some((name, Some(db))) if db.backup.is_none() => cx.error(
             Code::NotAllowedHere,
             name.span(),

@@ -547,10 +547,6 @@ fn sites(
     sites
 }
 
-/// Starts every database: its members bootstrap or resume in the background; what can be
-/// checked first (programs, addresses, data directories) fails here, touching nothing. In
-/// cluster mode (`here`: the node's site) a node runs its site's members and follows the
-/// others through the store, for each database with a member or a frontend in its site.
 /// The sites whose member of database `db` is a cold standby: every site but the preferred
 /// one of an app with `standby = "cold"` on that database.
 fn cold_sites(topology: &model::Topology, db: &model::Name) -> Vec<String> {
@@ -562,6 +558,10 @@ fn cold_sites(topology: &model::Topology, db: &model::Name) -> Vec<String> {
         .collect()
 }
 
+/// Starts every database: its members bootstrap or resume in the background; what can be
+/// checked first (programs, addresses, data directories) fails here, touching nothing. In
+/// cluster mode (`here`: the node's site) a node runs its site's members and follows the
+/// others through the store, for each database with a member or a frontend in its site.
 async fn start_databases(
     topology: &model::Topology,
     here: Option<&str>,

@@ -817,15 +817,15 @@ impl AppRunner {
     }
 
     /// A step's action failed: the move ends now, as failed.
-    fn failed(&self, plan: u64, step: app::Step, why: String) {
-        let actions = {
+    fn failed(self: &Arc<Self>, plan: u64, step: app::Step, why: String) {
+        let (actions, seen) = {
             let mut st = self.state();
-            st.app.action_failed(plan, step, why, Instant::now())
+            let actions = st.app.action_failed(plan, step, why, Instant::now());
+            (actions, st.seen.clone())
         };
+        // Events, and a cold standby made cold again.
         for a in actions {
-            if let Action::Event { kind, message } = a {
-                self.event(kind, message);
-            }
+            self.carry_out(a, &seen);
         }
     }
 
@@ -961,9 +961,11 @@ impl AppRunner {
             let mut st = self.state();
             if st.promoting {
                 drop(st);
-                self.event(
-                    "app-promote-wait",
-                    format!("an operation on database {} is still running", db.name),
+                // The step would wait for nothing: the move fails, and is tried again.
+                self.failed(
+                    plan,
+                    app::Step::Restore,
+                    format!("a switchover of database {} is still running", db.name),
                 );
                 return;
             }

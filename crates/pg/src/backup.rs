@@ -498,10 +498,35 @@ impl Backups {
     /// After a drill was cut short (Tandem stopping): its restored copy's processes killed.
     /// The directory stays, so the next drill refuses until someone looks.
     pub fn abandon(&self) {
-        if lock(&self.view).running.as_deref() == Some("restore drill") {
-            let scratch = self.local.dir.join("drill");
-            crate::family::kill_in_data_dir(&self.local.bins.join("postgres"), &scratch);
+        let running = lock(&self.view).running.clone();
+        let postgres = self.local.bins.join("postgres");
+        match running.as_deref() {
+            Some("restore drill") => {
+                crate::family::kill_in_data_dir(&postgres, &self.local.dir.join("drill"));
+            }
+            Some("restore") => {
+                let copies = std::fs::read_dir(&self.local.dir).into_iter().flatten();
+                for e in copies.flatten() {
+                    if e.file_name().to_string_lossy().ends_with(".restored") {
+                        crate::family::kill_in_data_dir(&postgres, &e.path());
+                    }
+                }
+            }
+            _ => {}
         }
+    }
+
+    /// A restore's copy that was not put in place (or is left from a Tandem stopped midway,
+    /// as its marker `DIR.tandem` says): its processes killed, the directory removed (it is
+    /// made again from the repository at will).
+    pub fn discard(&self, dir: &Path) {
+        crate::family::kill_in_data_dir(&self.local.bins.join("postgres"), dir);
+        if dir.exists()
+            && let Err(e) = std::fs::remove_dir_all(dir)
+        {
+            tracing::warn!(dir = %dir.display(), "cannot remove a restore's copy: {e}");
+        }
+        let _ = std::fs::remove_file(marker(dir));
     }
 
     pub fn view(&self) -> BackupView {
@@ -1001,8 +1026,16 @@ impl Backups {
         if let Some(p) = p {
             self.configure(p)?;
             if let Ok(c) = observe::connect(p.listen, &self.local.password).await {
+                if to.is_none() {
+                    // The newest commits reach the archive before the copy is made.
+                    archive_now(&c).await;
+                }
                 report.newest_acknowledged_commit = last_commit(&c).await.map(event::rfc3339);
             }
+        }
+        if marker(dir).exists() {
+            // Ours, from a Tandem stopped midway: made again.
+            self.discard(dir);
         }
         if dir.exists() && !local::is_empty(dir) {
             return Err(Error(format!(
@@ -1020,6 +1053,8 @@ impl Backups {
         if let Some(t) = to {
             report.backup = Some(backup_before(&sets, t)?.label.clone());
         }
+        std::fs::write(marker(dir), "a restore's copy, made by Tandem\n")
+            .map_err(|e| Error(format!("{}: {e}", marker(dir).display())))?;
         std::fs::create_dir_all(dir).map_err(|e| Error(format!("{}: {e}", dir.display())))?;
         if let Some((uid, gid)) = self.local.user {
             local::chown(dir, uid, gid)?;
@@ -1033,8 +1068,7 @@ impl Backups {
             result = forget_recovery_target(dir, self.local.user);
         }
         if result.is_err() {
-            crate::family::kill_in_data_dir(&self.local.bins.join("postgres"), dir);
-            let _ = std::fs::remove_dir_all(dir);
+            self.discard(dir);
         }
         result
     }
@@ -1197,16 +1231,17 @@ impl Backups {
             .map_err(|e| Error(format!("{}: {e}", log.display())))?;
         let mut cmd = tokio::process::Command::new(self.local.bins.join("postgres"));
         cmd.arg("-D").arg(scratch);
-        let archive = match (purpose, &self.local.archive) {
-            (Purpose::Member, Some(a)) => vec![
+        let archive = match purpose {
+            // The new timeline's history file and WAL are kept (`.ready`) until the copy is a
+            // member, whose archiver then pushes them: a copy that is never put in place
+            // leaves nothing in the repository for later restores to follow.
+            // (An empty command pauses archiving without failures to retry, which would
+            // hold the copy's shutdown for seconds.)
+            Purpose::Member => vec![
                 "archive_mode=on".to_string(),
-                format!(
-                    "archive_command={} --pg1-path={} archive-push %p",
-                    a.command,
-                    shell_quote(&scratch.to_string_lossy())
-                ),
+                "archive_command=".to_string(),
             ],
-            _ => vec!["archive_mode=off".to_string()],
+            Purpose::Drill => vec!["archive_mode=off".to_string()],
         };
         let name = match purpose {
             Purpose::Drill => "drill",
@@ -1258,12 +1293,43 @@ fn backup_before(sets: &[BackupSet], to: SystemTime) -> Result<&BackupSet, Error
         })
 }
 
+/// The marker beside a restore's copy `DIR`: `DIR.tandem`.
+fn marker(dir: &Path) -> PathBuf {
+    let mut name = dir.as_os_str().to_os_string();
+    name.push(".tandem");
+    PathBuf::from(name)
+}
+
+/// Closes the primary's current WAL segment and waits (up to 60 s) until it is archived, so a
+/// restore to the newest archived WAL has the newest commits.
+async fn archive_now(c: &tokio_postgres::Client) {
+    let Ok(row) = c
+        .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
+        .await
+    else {
+        return;
+    };
+    let seg: String = row.get(0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::time::Instant::now() < deadline {
+        let last: Option<String> = c
+            .query_one("SELECT last_archived_wal FROM pg_stat_archiver", &[])
+            .await
+            .ok()
+            .and_then(|r| r.get(0));
+        if last.is_some_and(|l| l.get(8..24) >= seg.get(8..24)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// What a restored copy is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Purpose {
     /// A drill: checked, then removed; it never archives.
     Drill,
-    /// A member's new data (`tandem restore`): it archives as members do.
+    /// A member's new data (`tandem restore`): its archive kept for the member to push.
     Member,
 }
 

@@ -135,23 +135,45 @@ enum Command {
         Option<u64>,
         oneshot::Sender<Result<Swapped, String>>,
     ),
-    /// A failover by restore begins: the lapsed lease taken for the site ([`Driver::claim`]),
-    /// or given back (`false`) when the restore failed.
-    Claim(String, bool, oneshot::Sender<Result<u64, Unclaimed>>),
+    /// A failover by restore: the lapsed lease taken for the site, renewed while the copy is
+    /// made, or given back ([`Driver::claim`]).
+    Claim(String, ClaimOp, oneshot::Sender<Result<u64, Unclaimed>>),
 }
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ClaimOp {
+    /// Only whether the site's member could take a restored copy now.
+    Check,
+    Take,
+    Renew,
+    Release,
+}
+
+/// A failover by restore under way: the lease held for `site` under `term`; `former` is the
+/// lost primary, the ticks' again should the restore fail.
+struct Claim {
+    site: String,
+    term: u64,
+    former: Option<usize>,
+}
+
+/// A failover by restore's hold on the lease: renewed every [`CLAIM_RENEW`] while the copy is
+/// made, so a Tandem that dies midway leaves it to lapse within this.
+const CLAIM_TTL: Duration = Duration::from_secs(15);
+const CLAIM_RENEW: Duration = Duration::from_secs(3);
 
 /// Why [`Driver::claim`] could not take the lease, and, while another holds it still, how
 /// long it has left.
 struct Unclaimed(String, Option<Duration>);
 
-/// How long a failover by restore waits for a lost primary's lease to lapse.
-const CLAIM_WAIT: Duration = Duration::from_secs(30);
-
 /// What [`Driver::swap_in`] did.
 struct Swapped {
     set_aside: Option<PathBuf>,
+    former_set_aside: Option<PathBuf>,
     term: u64,
     downtime: Duration,
+    /// The restored primary, for the full backup that follows.
+    primary: Primary,
 }
 
 /// The result of `tandem restore` ([`Cluster::restore`]).
@@ -161,9 +183,12 @@ pub struct RestoreReport {
     pub site: String,
     /// Its new term (the lease's).
     pub term: u64,
-    /// Where its former data directory went (`SITE.old`, older copies shifted to `.old.1`,
-    /// `.old.2`), none when it had none.
+    /// Where its former data directory went (`SITE.before-restore-SECS`, never removed by
+    /// Tandem), none when it had none.
     pub set_aside: Option<String>,
+    /// Where the former primary's data went, when it was another member's (it holds the
+    /// commits after the restored point; the member is cloned afresh).
+    pub former_set_aside: Option<String>,
     /// From the members' stop to the restored primary taking writes, in seconds: the only
     /// time the database does not answer (the restore and its replay happen beside the
     /// running members).
@@ -575,10 +600,12 @@ impl Cluster {
 
     /// A cold standby's failover (an app's `standby = "cold"`): with no primary left, `site`'s
     /// member is restored from the newest backup and archived WAL and made the primary. The
-    /// lapsed lease is taken for it first (held for up to [`RESTORE_CLAIM`] while the copy is
-    /// made), so the lost primary can never come back writable meanwhile; everything else is
-    /// as [`Cluster::restore`]. Acknowledged commits not yet archived are lost: the RPO is
-    /// bounded by `archive_timeout`.
+    /// lapsed lease is taken for it first (renewed every [`CLAIM_RENEW`] while the copy is
+    /// made), so the lost primary can never come back writable meanwhile, nor a standby be
+    /// promoted; refused while a standby can be promoted (the database's own failover loses
+    /// nothing). Everything else is as [`Cluster::restore`]. Acknowledged commits not yet
+    /// archived are lost: the RPO is bounded by `archive_timeout` while archiving keeps up
+    /// (a failing archive, or WAL dropped past `ARCHIVE_QUEUE_MAX`, leaves a longer gap).
     ///
     /// # Errors
     /// As [`Cluster::restore`]; and the lease still held (a primary alive: ask for a
@@ -611,15 +638,26 @@ impl Cluster {
                 let commands = commands.clone();
                 async move { commands.send(c).await.map_err(|_| gone()) }
             };
+            let claim_op = |op: ClaimOp| {
+                let site = site.clone();
+                async move {
+                    let (tx, rx) = oneshot::channel();
+                    ask(Command::Claim(site, op, tx)).await?;
+                    rx.await.map_err(|_| gone())
+                }
+            };
+            // Checked before the copy is made, again at the swap.
+            if let Err(Unclaimed(why, _)) = claim_op(ClaimOp::Check).await? {
+                return Err(BackupError::Failed(why));
+            }
             let claimed = if claim {
                 // A lost primary's lease lapses `failover_timeout` after its last renewal.
-                let deadline = Instant::now() + CLAIM_WAIT;
+                let mut tries = 0;
                 loop {
-                    let (tx, rx) = oneshot::channel();
-                    ask(Command::Claim(site.clone(), true, tx)).await?;
-                    match rx.await.map_err(|_| gone())? {
+                    tries += 1;
+                    match claim_op(ClaimOp::Take).await? {
                         Ok(term) => break Some(term),
-                        Err(Unclaimed(_, Some(left))) if Instant::now() + left < deadline => {
+                        Err(Unclaimed(_, Some(left))) if tries < 5 => {
                             tokio::time::sleep(left + Duration::from_millis(50)).await;
                         }
                         Err(Unclaimed(why, _)) => return Err(BackupError::Failed(why)),
@@ -628,28 +666,56 @@ impl Cluster {
             } else {
                 None
             };
-            let copy = match b.restore(p.as_ref(), to, &dir).await {
+            // Under a claim the lease is renewed while the copy is made; losing it stops the
+            // copy.
+            let renewals = async {
+                loop {
+                    tokio::time::sleep(CLAIM_RENEW).await;
+                    if let Err(Unclaimed(why, _)) = claim_op(ClaimOp::Renew).await? {
+                        return Err::<DrillReport, BackupError>(BackupError::Failed(why));
+                    }
+                }
+            };
+            let copy = if claimed.is_some() {
+                tokio::select! {
+                    c = b.restore(p.as_ref(), to, &dir) => c.map_err(|e| BackupError::Failed(e.to_string())),
+                    e = renewals => {
+                        b.discard(&dir);
+                        e
+                    }
+                }
+            } else {
+                b.restore(p.as_ref(), to, &dir)
+                    .await
+                    .map_err(|e| BackupError::Failed(e.to_string()))
+            };
+            let copy = match copy {
                 Ok(copy) => copy,
                 Err(e) => {
                     if claimed.is_some() {
-                        let (tx, _) = oneshot::channel();
-                        let _ = ask(Command::Claim(site.clone(), false, tx)).await;
+                        let _ = claim_op(ClaimOp::Release).await;
                     }
-                    return Err(BackupError::Failed(e.to_string()));
+                    return Err(e);
                 }
             };
             let (tx, rx) = oneshot::channel();
             ask(Command::Restore(site.clone(), dir.clone(), claimed, tx)).await?;
             let swapped = rx.await.map_err(|_| gone())?;
-            if dir.exists() {
-                // Not put in place: a copy is made again from the repository at will.
-                let _ = std::fs::remove_dir_all(&dir);
-            }
+            // Not put in place (else renamed away already): made again from the repository
+            // at will; the marker goes either way.
+            b.discard(&dir);
             let s = swapped.map_err(BackupError::Failed)?;
+            // Backups made before the restore lead elsewhere (another timeline, past the
+            // restored point): a full backup of the restored history at once.
+            let (b2, primary) = (b.clone(), s.primary.clone());
+            tokio::spawn(async move {
+                let _ = b2.backup(&primary, backup::Kind::Full).await;
+            });
             Ok(RestoreReport {
-                site,
+                site: s.primary.site.clone(),
                 term: s.term,
                 set_aside: s.set_aside.map(|p| p.display().to_string()),
+                former_set_aside: s.former_set_aside.map(|p| p.display().to_string()),
                 downtime_seconds: s.downtime.as_secs_f64(),
                 copy,
             })
@@ -752,10 +818,6 @@ pub enum BackupError {
     #[error("{0}")]
     Failed(String),
 }
-
-/// How long a failover by restore may hold the lease while its copy is made (restoring and
-/// replaying a large database takes minutes; the claim ends as soon as the copy is in place).
-pub const RESTORE_CLAIM: Duration = Duration::from_secs(3600);
 
 /// Runs `f` on a task of its own and waits for it: dropping the wait leaves it running.
 async fn run_detached<T: Send + 'static>(
@@ -932,11 +994,13 @@ struct Driver {
     /// Cluster mode: members run on their own nodes, the lease and these records in the
     /// store say who leads.
     shared: Option<Shared>,
-    /// A failover by restore holds the lease under this term while its copy is made.
-    claimed: Option<u64>,
+    /// A failover by restore holds the lease while its copy is made.
+    claimed: Option<Claim>,
     /// The cold sites whose slots the primary of that term was last made to match
     /// ([`Driver::keep_cold`]).
     cold_applied: Option<(u64, std::collections::BTreeSet<String>)>,
+    /// The cold sites as last seen, to notice a member warmed up.
+    cold_seen: std::collections::BTreeSet<String>,
 }
 
 /// What the nodes of a database in cluster mode share through the store besides the lease.
@@ -977,6 +1041,7 @@ impl Driver {
         cluster: Arc<Cluster>,
     ) -> (Driver, mpsc::Receiver<Done>) {
         let now = Instant::now();
+        let cold_seen = wiring.cold.iter().cloned().collect();
         let members = config
             .members
             .iter()
@@ -1036,6 +1101,7 @@ impl Driver {
             restores: 0,
             claimed: None,
             cold_applied: None,
+            cold_seen,
             bootstrapped: false,
             changed_this_run: false,
             failed: None,
@@ -1106,8 +1172,8 @@ impl Driver {
                         let r = self.swap_in(&site, &copy, claimed).await;
                         let _ = reply.send(r);
                     }
-                    Command::Claim(site, take, reply) => {
-                        let r = self.claim(&site, take).await;
+                    Command::Claim(site, op, reply) => {
+                        let r = self.claim(&site, op).await;
                         let _ = reply.send(r);
                     }
 
@@ -1408,10 +1474,40 @@ impl Driver {
                 );
             }
         }
+        // Warmed up: a cold member's data is stale (its slot gone, the WAL since recycled),
+        // so it is set aside and the member cloned afresh.
+        let cold = self.cluster.cold.borrow().clone();
+        for i in 0..self.members.len() {
+            let site = self.members[i].site.clone();
+            if self.cold_seen.contains(&site)
+                && !cold.contains(&site)
+                && Some(i) != self.leader
+                && self.members[i].here
+                && self.members[i].instance.is_none()
+                && self.members[i].state == State::Stopped
+                && self.local.has_data(&site)
+            {
+                match self.local.set_aside(&site) {
+                    Ok(p) => self.event(
+                        Some(i),
+                        "warm-up",
+                        format!(
+                            "{site} warming up: its data, stale while cold, set aside in {}; cloned afresh",
+                            p.display()
+                        ),
+                    ),
+                    Err(e) => self.event(
+                        Some(i),
+                        "error",
+                        format!("{site} warming up: cannot set its stale data aside: {e}"),
+                    ),
+                }
+            }
+        }
+        self.cold_seen.clone_from(&cold);
         let Some(l) = self.leader.filter(|&l| self.members[l].here) else {
             return;
         };
-        let cold = self.cluster.cold.borrow().clone();
         if self.cold_applied.as_ref() == Some(&(self.term, cold.clone())) {
             return;
         }
@@ -1433,7 +1529,19 @@ impl Driver {
             });
         }
         let sql: Vec<&str> = sql.iter().map(String::as_str).collect();
-        if observe::execute(client, &sql).await.is_ok() {
+        if observe::execute(client, &sql).await.is_err() {
+            return;
+        }
+        // A slot still in use (a clone under way) is not dropped: tried again next tick.
+        let slots: Vec<String> = cold.iter().map(|s| local::slot(s)).collect();
+        let left = client
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = ANY($1)",
+                &[&slots],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0));
+        if left.is_ok_and(|n| n == 0) {
             self.cold_applied = Some((self.term, cold));
         }
     }
@@ -2043,6 +2151,10 @@ impl Driver {
     /// standby once it has.
     async fn lead(&mut self) {
         let now = Instant::now();
+        // A failover by restore holds the lease: nothing to renew, restart or promote.
+        if self.claimed.is_some() {
+            return;
+        }
         let Some(l) = self.leader.filter(|&l| self.members[l].here) else {
             // Cluster mode: another node's primary, or none, is the follower's (`follow_store`).
             if self.shared.is_none() {
@@ -3305,10 +3417,12 @@ impl Driver {
     }
 
     /// `tandem restore`'s second half: every member stopped (the primary first), `site`'s
-    /// data set aside and the restored `copy` put in its place, started as primary under the
-    /// next term; the others rejoin it (rewound, else cloned afresh with their data set
-    /// aside). Should the swap fail, the data goes back and the former primary is started
-    /// again.
+    /// data set aside (`SITE.before-restore-SECS`, never rotated away) and the restored `copy`
+    /// put in its place, started as primary under the next term (or the claimed one); the
+    /// former primary's data is set aside too (it holds the commits the restore leaves out)
+    /// and it is cloned afresh, the other members are rewound (else cloned). Should the swap
+    /// fail, the copy and the data go back where they were, and the former primary is started
+    /// again (a claim is given back: the ticks take the lost primary up again).
     async fn swap_in(
         &mut self,
         site: &str,
@@ -3316,12 +3430,8 @@ impl Driver {
         claimed: Option<u64>,
     ) -> Result<Swapped, String> {
         let result = self.swap_in_claimed(site, copy, claimed).await;
-        if result.is_err()
-            && let Some(term) = claimed
-        {
-            let store = self.wiring.store.clone();
-            let _ = within(self.ttl, store.release(&self.key, site, term)).await;
-            self.claimed = None;
+        if result.is_err() && claimed.is_some() {
+            self.unclaim().await;
         }
         result
     }
@@ -3335,119 +3445,218 @@ impl Driver {
         let Some(i) = self.position(site) else {
             return Err(format!("no member in site {site:?}"));
         };
-        if matches!(self.members[i].state, State::Cloning | State::Rewinding) {
-            return Err(format!(
-                "{site}'s member is being {} now; try again once it is done",
-                self.members[i].state.name()
-            ));
-        }
-        if self.members.iter().any(|m| !m.here) {
-            return Err("a restore needs every member on this node (single-process mode)".into());
-        }
-        if let Some(why) = &self.members[i].outage {
-            return Err(format!("{site} is under an outage drill ({why})"));
+        self.restorable(i)?;
+        if claimed.is_some() && self.claimed.as_ref().map(|c| c.term) != claimed {
+            return Err(format!("the claim on the lease for {site} was lost"));
         }
         let stopped = Instant::now();
         self.point_frontends(None);
-        let former = self.leader.take();
+        let former = match &self.claimed {
+            Some(c) => c.former,
+            None => self.leader.take(),
+        };
         let order: Vec<usize> = former
             .into_iter()
             .chain((0..self.members.len()).filter(|&j| Some(j) != former))
             .collect();
         for j in order {
-            if self.members[j].instance.is_some() {
+            if self.members[j].instance.is_some()
+                && !matches!(self.members[j].state, State::Cloning | State::Rewinding)
+            {
                 self.stop_member(j).await;
             }
         }
         let store = self.wiring.store.clone();
-        if let Some(l) = former {
+        if claimed.is_none()
+            && let Some(l) = former
+        {
             let holder = self.members[l].site.clone();
             let _ = within(self.ttl, store.release(&self.key, &holder, self.term)).await;
         }
+        let stamp = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let aside = format!("before-restore-{stamp}");
         let set_aside = if self.local.has_data(site) {
-            match self.local.set_aside(site) {
+            match self.local.set_aside_as(site, &aside) {
                 Ok(p) => Some(p),
-                Err(e) => return Err(self.restore_abandoned(former, e.to_string()).await),
+                Err(e) => return Err(self.restore_abandoned(former, claimed, e.to_string()).await),
             }
         } else {
             None
         };
-        if let Err(e) = std::fs::rename(copy, self.local.data(site)) {
+        let put_back = |local: &Local| {
             if let Some(p) = &set_aside {
-                let _ = std::fs::rename(p, self.local.data(site));
+                let _ = std::fs::rename(p, local.data(site));
             }
+        };
+        if let Err(e) = std::fs::rename(copy, self.local.data(site)) {
+            put_back(&self.local);
             let why = format!("cannot move the restored copy into place: {e}");
-            return Err(self.restore_abandoned(former, why).await);
+            return Err(self.restore_abandoned(former, claimed, why).await);
         }
-        // From here the restored copy is the database; the former data stays set aside.
-        let term = match claimed {
-            Some(term) => within(self.ttl, store.renew(&self.key, site, term, self.ttl))
-                .await
-                .map(|_| term),
-            None => within(self.ttl, store.acquire(&self.key, site, self.ttl))
-                .await
-                .map(|l| l.term),
-        }
-        .map_err(|e| format!("cannot take the lease for {site}: {e}"))?;
+        let term = match self.start_restored(i, claimed).await {
+            Ok(term) => term,
+            Err(e) => {
+                // The copy goes back to where it was made (removed by the caller), the data
+                // to its place.
+                self.stop_member(i).await;
+                let _ = std::fs::rename(self.local.data(site), copy);
+                put_back(&self.local);
+                let why = format!("the restored copy did not start as the primary: {e}");
+                return Err(self.restore_abandoned(former, claimed, why).await);
+            }
+        };
         self.claimed = None;
-        self.term = term;
-        self.start_member(i, None)?;
-        let client = self.wait_ready(i).await?;
-        self.members[i].client = Some(client);
-        self.promoted(i).await?;
-        self.take_lead(i, term);
-        self.lead.held(true, Instant::now());
-        self.observe(i).await;
         let upstream = self.members[i].config.listen;
+        let mut former_aside = None;
         for j in (0..self.members.len()).filter(|&j| j != i) {
             self.members[j].failures = 0;
-            if self.local.has_data(&self.members[j].site)
-                && self.members[j].outage.is_none()
-                && !self.is_cold(j)
+            let other = self.members[j].site.clone();
+            if !self.local.has_data(&other)
+                || self.is_cold(j)
+                || matches!(self.members[j].state, State::Cloning | State::Rewinding)
             {
+                continue;
+            }
+            if Some(j) == former {
+                // Its commits after the restored point are nowhere else: kept, and cloned
+                // afresh rather than rewound over them.
+                match self.local.set_aside_as(&other, &aside) {
+                    Ok(p) => former_aside = Some(p),
+                    Err(e) => self.event(
+                        Some(j),
+                        "error",
+                        format!("cannot set {other}'s data aside: {e}; left stopped"),
+                    ),
+                }
+                self.members[j].state = State::Stopped;
+            } else if self.members[j].outage.is_none() {
                 self.spawn_work(j, State::Rewinding, upstream);
             }
         }
         let downtime = stopped.elapsed();
         let from = former.map(|l| self.members[l].site.clone());
         self.restores += 1;
-        self.record("restore", from, site, downtime.as_secs_f64());
+        self.record("restore", from.clone(), site, downtime.as_secs_f64());
+        let kept: Vec<String> = [
+            (site.to_string(), &set_aside),
+            (from.unwrap_or_default(), &former_aside),
+        ]
+        .into_iter()
+        .filter_map(|(s, p)| p.as_ref().map(|p| format!("{s}'s in {}", p.display())))
+        .collect();
         self.event(
             Some(i),
             "restore",
             format!(
-                "restored {site} from the backups and made it the primary (term {}); the database was down {:.2} s; {}",
-                self.term,
+                "restored {site} from the backups and made it the primary (term {term}); the database was down {:.2} s; former data: {}",
                 downtime.as_secs_f64(),
-                set_aside.as_ref().map_or_else(
-                    || "it had no data before".to_string(),
-                    |p| format!("its former data is in {}", p.display())
-                )
+                if kept.is_empty() { "none".to_string() } else { kept.join(", ") }
             ),
         );
         Ok(Swapped {
             set_aside,
-            term: self.term,
+            former_set_aside: former_aside,
+            term,
             downtime,
+            primary: Primary {
+                site: site.to_string(),
+                listen: upstream,
+                data: self.local.data(site),
+            },
         })
     }
 
-    /// A failover by restore begins (`take`): the lease, lapsed, taken for `site` for up to
-    /// [`RESTORE_CLAIM`], so no other member can become (or come back) the primary while
-    /// the copy is made; the lease's term. Or it failed (`!take`): the claim given back.
-    async fn claim(&mut self, site: &str, take: bool) -> Result<u64, Unclaimed> {
-        let store = self.wiring.store.clone();
-        if !take {
-            if let Some(term) = self.claimed.take() {
-                let _ = within(self.ttl, store.release(&self.key, site, term)).await;
-            }
-            return Ok(0);
-        }
-        let refuse = |why: String| Err(Unclaimed(why, None));
+    /// `site`'s member can take a restored copy now: every member is this process's, it is
+    /// not being cloned or rewound, nor under an outage drill.
+    fn restorable(&self, i: usize) -> Result<(), String> {
+        let site = &self.members[i].site;
         if self.members.iter().any(|m| !m.here) {
-            return refuse(
-                "a restore needs every member on this node (single-process mode)".into(),
-            );
+            return Err("a restore needs every member on this node (single-process mode)".into());
+        }
+        if matches!(self.members[i].state, State::Cloning | State::Rewinding) {
+            return Err(format!(
+                "{site}'s member is being {} now; try again once it is done",
+                self.members[i].state.name()
+            ));
+        }
+        if let Some(why) = &self.members[i].outage {
+            return Err(format!("{site} is under an outage drill ({why})"));
+        }
+        Ok(())
+    }
+
+    /// The restored copy in `i`'s directory started as the primary: the lease taken (or the
+    /// claim renewed), the member started, ready, made a primary for the others.
+    async fn start_restored(&mut self, i: usize, claimed: Option<u64>) -> Result<u64, String> {
+        let site = self.members[i].site.clone();
+        let store = self.wiring.store.clone();
+        let term = match claimed {
+            Some(term) => within(self.ttl, store.renew(&self.key, &site, term, self.ttl))
+                .await
+                .map(|_| term),
+            None => within(self.ttl, store.acquire(&self.key, &site, self.ttl))
+                .await
+                .map(|l| l.term),
+        }
+        .map_err(|e| format!("cannot take the lease for {site}: {e}"))?;
+        self.term = term;
+        self.start_member(i, None)?;
+        let client = self.wait_ready(i).await?;
+        self.members[i].client = Some(client);
+        if let Err(e) = self.promoted(i).await {
+            let _ = within(self.ttl, store.release(&self.key, &site, term)).await;
+            return Err(e);
+        }
+        self.take_lead(i, term);
+        self.lead.held(true, Instant::now());
+        self.observe(i).await;
+        Ok(term)
+    }
+
+    /// A failover by restore: `Take` the lapsed lease for `site` for [`CLAIM_TTL`] (refused
+    /// while a primary answers, or while a standby can be promoted: the database's own
+    /// failover loses nothing), `Renew` it while the copy is made, or `Release` it (the
+    /// restore failed: the ticks take the lost primary up again). While a claim stands the
+    /// driver neither fails over nor restarts anything of the lost primary. The term.
+    async fn claim(&mut self, site: &str, op: ClaimOp) -> Result<u64, Unclaimed> {
+        let store = self.wiring.store.clone();
+        let refuse = |why: String| Err(Unclaimed(why, None));
+        match op {
+            ClaimOp::Release => {
+                self.unclaim().await;
+                return Ok(0);
+            }
+            ClaimOp::Renew => {
+                let Some(c) = &self.claimed else {
+                    return refuse(format!("the claim on the lease for {site} was lost"));
+                };
+                let term = c.term;
+                return within(self.ttl, store.renew(&self.key, site, term, CLAIM_TTL))
+                    .await
+                    .map(|_| term)
+                    .map_err(|e| Unclaimed(format!("the claim on the lease was lost: {e}"), None));
+            }
+            ClaimOp::Check => {
+                let Some(i) = self.position(site) else {
+                    return refuse(format!("no member in site {site:?}"));
+                };
+                return self
+                    .restorable(i)
+                    .map(|()| 0)
+                    .map_err(|why| Unclaimed(why, None));
+            }
+            ClaimOp::Take => {}
+        }
+        let Some(i) = self.position(site) else {
+            return refuse(format!("no member in site {site:?}"));
+        };
+        if let Err(why) = self.restorable(i) {
+            return refuse(why);
+        }
+        if self.claimed.is_some() {
+            return refuse("a restore is already under way".into());
         }
         if let Some(l) = self.leader.filter(|&l| self.members[l].is_writable()) {
             return refuse(format!(
@@ -3455,7 +3664,13 @@ impl Driver {
                 self.members[l].site
             ));
         }
-        let lease = within(self.ttl, store.acquire(&self.key, site, RESTORE_CLAIM))
+        if let Ok(c) = self.candidate() {
+            return refuse(format!(
+                "{} can be promoted without loss: the database fails over by itself",
+                self.members[c].site
+            ));
+        }
+        let lease = within(self.ttl, store.acquire(&self.key, site, CLAIM_TTL))
             .await
             .map_err(|e| match e {
                 StoreError::Held { holder, left, .. } => Unclaimed(
@@ -3467,12 +3682,16 @@ impl Driver {
                 e => Unclaimed(format!("cannot take the lease for {site}: {e}"), None),
             })?;
         // Nothing of the lost primary is restarted while the claim stands.
-        self.leader = None;
+        let former = self.leader.take();
         self.term = lease.term;
-        self.claimed = Some(lease.term);
+        self.claimed = Some(Claim {
+            site: site.to_string(),
+            term: lease.term,
+            former,
+        });
         self.point_frontends(None);
         self.event(
-            self.position(site),
+            Some(i),
             "restore-claim",
             format!(
                 "the lease taken for {site} (term {}): restoring it from the backups as the primary",
@@ -3482,11 +3701,31 @@ impl Driver {
         Ok(lease.term)
     }
 
+    /// The claim given back: the lease released, the lost primary the ticks' again.
+    async fn unclaim(&mut self) {
+        if let Some(c) = self.claimed.take() {
+            let store = self.wiring.store.clone();
+            let _ = within(self.ttl, store.release(&self.key, &c.site, c.term)).await;
+            if self.leader.is_none() {
+                self.leader = c.former;
+            }
+        }
+    }
+
     /// A restore that could not put its copy in place: the former primary, its data
     /// untouched, takes the lease back and starts again; the ticks bring the standbys back.
-    async fn restore_abandoned(&mut self, former: Option<usize>, why: String) -> String {
-        let Some(l) = former else {
-            return format!("restore abandoned: {why}");
+    /// Under a claim (the primary lost) nothing is restarted here: the claim is given back
+    /// and the ticks take the lost primary up as they would have.
+    async fn restore_abandoned(
+        &mut self,
+        former: Option<usize>,
+        claimed: Option<u64>,
+        why: String,
+    ) -> String {
+        let Some(l) = former.filter(|_| claimed.is_none()) else {
+            let message = format!("restore abandoned: {why}");
+            self.event(None, "error", message.clone());
+            return message;
         };
         let site = self.members[l].site.clone();
         self.leader = Some(l);

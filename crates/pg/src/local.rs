@@ -368,6 +368,17 @@ impl Local {
         Ok(copy(0))
     }
 
+    /// Moves a member's data directory aside as `SITE.NAME` (a restore's: never rotated or
+    /// deleted by Tandem). Returns where the data went.
+    pub fn set_aside_as(&self, site: &str, name: &str) -> Result<PathBuf, Error> {
+        let to = self.dir.join(format!("{site}.{name}"));
+        if to.exists() {
+            return Err(Error(format!("{} exists already", to.display())));
+        }
+        std::fs::rename(self.data(site), &to).map_err(|e| err("set aside", e))?;
+        Ok(to)
+    }
+
     fn mark_standby(&self, site: &str) -> Result<(), Error> {
         let signal = self.data(site).join("standby.signal");
         write_private(&signal, "", self.user)

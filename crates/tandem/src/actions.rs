@@ -438,6 +438,10 @@ pub fn restore(db: &str, site: &str, to: &str, json: bool, api: &Api) -> ExitCod
                     .as_deref()
                     .unwrap_or("none (the member had no data)")
             );
+            if let Some(p) = &r.former_set_aside {
+                println!("  former primary's data {p} (it is cloned afresh)");
+            }
+            println!("  a full backup of the restored database is under way");
         },
     )
 }

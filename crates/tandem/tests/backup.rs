@@ -629,9 +629,14 @@ async fn a_restore_brings_the_database_back_to_a_point_in_time() {
     assert_eq!(r["copy"]["rows"], 100, "{r:#}");
     assert_eq!(r["copy"]["target"], target, "{r:#}");
     let aside = PathBuf::from(r["set_aside"].as_str().unwrap());
+    let named = aside.file_name().unwrap().to_string_lossy().to_string();
     assert!(
-        aside.ends_with("edge.old") && aside.join("PG_VERSION").is_file(),
+        named.starts_with("edge.before-restore-") && aside.join("PG_VERSION").is_file(),
         "{r:#}"
+    );
+    assert!(
+        r["former_set_aside"].is_null(),
+        "the edge was the primary: {r:#}"
     );
     assert!(!leftover.exists());
     db.restored("edge", 100).await;
@@ -655,7 +660,9 @@ async fn a_restore_brings_the_database_back_to_a_point_in_time() {
     );
     assert!(
         text.contains("restored orders to latest: region is the primary")
-            && text.contains("rows          120 in public.acked"),
+            && text.contains("rows          120 in public.acked")
+            && text.contains("former primary's data")
+            && text.contains("edge.before-restore-"),
         "{text}"
     );
     db.restored("region", 120).await;
