@@ -1450,6 +1450,35 @@ impl Driver {
             .collect()
     }
 
+    /// Before synchronous standby `i` is stopped on purpose (made cold): the primary stops
+    /// waiting for it at once (no longer trusted for failover), so no commit stalls for
+    /// `failover_timeout`; `keep_sync` names another standby if one streams.
+    async fn release_sync(&mut self, i: usize) {
+        if self.sync_standby != Some(i)
+            && self.sync_from.as_ref().map(|s| &s.0) != Some(&self.members[i].site)
+        {
+            let named = self
+                .leader
+                .and_then(|l| self.members[l].obs.as_ref())
+                .is_some_and(|o| o.synchronous_standby_names.contains(&self.members[i].site));
+            if !named {
+                return;
+            }
+        }
+        self.sync_standby = None;
+        self.sync_from = None;
+        if let Some(c) = self.leader.and_then(|l| self.members[l].client.as_ref()) {
+            let _ = observe::execute(
+                c,
+                &[
+                    "ALTER SYSTEM SET synchronous_standby_names = ''",
+                    "SELECT pg_reload_conf()",
+                ],
+            )
+            .await;
+        }
+    }
+
     /// Member `i` is kept cold and is not the primary ([`Cluster::set_cold`]).
     fn is_cold(&self, i: usize) -> bool {
         Some(i) != self.leader && self.cluster.cold.borrow().contains(&self.members[i].site)
@@ -1466,6 +1495,7 @@ impl Driver {
                 && !matches!(m.state, State::Cloning | State::Rewinding)
             {
                 let site = m.site.clone();
+                self.release_sync(i).await;
                 self.stop_member(i).await;
                 self.event(
                     Some(i),
