@@ -1189,12 +1189,56 @@ async fn app_action(
     }
 }
 
+/// Cluster mode: backups, verify and restore drills run on the primary's node (its member's
+/// data directory is there, and one node backs up at a time); asked of another node, the
+/// request is passed on to it once and its answer returned as it is. `None`: run it here.
+async fn on_primary_node(
+    api: &Api,
+    db: &pg::Cluster,
+    method: Method,
+    path: &str,
+    body: axum::body::Bytes,
+    headers: &axum::http::HeaderMap,
+) -> Option<Response> {
+    if headers.contains_key(peers::FORWARDED) {
+        return None;
+    }
+    let node = primary_elsewhere(api, db)?;
+    // As long as the operation may take (a full backup of a large database).
+    let wait = Duration::from_secs(6 * 3600);
+    Some(
+        match peers::forward(api, node.api, method, path, body, wait).await {
+            Some((status, body)) => {
+                (status, [(CONTENT_TYPE, "application/json")], body).into_response()
+            }
+            None => error(
+                StatusCode::BAD_GATEWAY,
+                "backup",
+                format!(
+                    "the primary runs on node {} ({}), which gave no answer",
+                    node.name, node.api
+                ),
+            ),
+        },
+    )
+}
+
 /// `GET /v1/databases/{db}/backups`.
-async fn backups_list(State(api): State<Api>, Path(name): Path<String>) -> Response {
+async fn backups_list(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Response {
     let db = match database(&api, &name) {
         Ok(db) => db,
         Err(r) => return *r,
     };
+    let path = format!("/v1/databases/{name}/backups");
+    if let Some(r) =
+        on_primary_node(&api, db, Method::GET, &path, Default::default(), &headers).await
+    {
+        return r;
+    }
     match db.backup_list().await {
         Ok(backups) => Json(BackupsResponse {
             database: name,
@@ -1211,12 +1255,17 @@ async fn backups_list(State(api): State<Api>, Path(name): Path<String>) -> Respo
 async fn backup_now(
     State(api): State<Api>,
     Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
     let db = match database(&api, &name) {
         Ok(db) => db,
         Err(r) => return *r,
     };
+    let path = format!("/v1/databases/{name}/backups");
+    if let Some(r) = on_primary_node(&api, db, Method::POST, &path, body.clone(), &headers).await {
+        return r;
+    }
     let req: BackupRequest = match optional_json(
         &body,
         "type",
@@ -1257,11 +1306,21 @@ async fn backup_now(
 }
 
 /// `POST /v1/databases/{db}/backups/verify`.
-async fn backup_verify(State(api): State<Api>, Path(name): Path<String>) -> Response {
+async fn backup_verify(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Response {
     let db = match database(&api, &name) {
         Ok(db) => db,
         Err(r) => return *r,
     };
+    let path = format!("/v1/databases/{name}/backups/verify");
+    if let Some(r) =
+        on_primary_node(&api, db, Method::POST, &path, Default::default(), &headers).await
+    {
+        return r;
+    }
     match db.backup_verify().await {
         Ok(report) => Json(VerifyResponse {
             database: name,
@@ -1277,12 +1336,17 @@ async fn backup_verify(State(api): State<Api>, Path(name): Path<String>) -> Resp
 async fn restore_drill(
     State(api): State<Api>,
     Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
     let db = match database(&api, &name) {
         Ok(db) => db,
         Err(r) => return *r,
     };
+    let path = format!("/v1/databases/{name}/restore-drill");
+    if let Some(r) = on_primary_node(&api, db, Method::POST, &path, body.clone(), &headers).await {
+        return r;
+    }
     let req: RestoreDrillRequest = match optional_json(
         &body,
         "to",

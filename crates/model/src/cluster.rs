@@ -302,15 +302,31 @@ pub(crate) fn placement(cx: &mut Cx, t: &Topology, cluster_declared: bool) {
         for f in &db.frontends {
             needs_node(cx, &f.site, format!("database `{}`'s frontend", db.name));
         }
-        if db.backup.is_some() {
+        if let Some(b) = &db.backup
+            && !b.repository.is_absolute()
+        {
             cx.error(
                 Code::Placement,
                 db.name.span(),
                 format!(
-                    "database `{}` has [database.backup], which runs in the single-process mode only for now",
-                    db.name
+                    "database `{}` backs up into {}, a relative path, in cluster mode",
+                    db.name,
+                    b.repository.display()
                 ),
-                "remove [database.backup] in cluster mode (one repository reached by every member's node is not set up yet), or run without [[node]] sections",
+                "give `repository` as an absolute path that every member's node mounts (NFS, or a directory the region's node exports): whichever member is primary archives and backs up into it",
+            );
+        }
+    }
+    for app in &t.apps {
+        if app.standby == Standby::Cold {
+            cx.error(
+                Code::Placement,
+                app.name.span(),
+                format!(
+                    "app `{}` has `standby = \"cold\"`, which runs in the single-process mode only for now",
+                    app.name
+                ),
+                "use `standby = \"warm\"` (its sets may have `min = 0`) in cluster mode: restoring a member on another node is not built yet",
             );
         }
     }

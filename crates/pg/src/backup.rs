@@ -400,6 +400,9 @@ pub struct Backups {
     pub repository: PathBuf,
     /// One pgBackRest operation at a time (pgBackRest locks too; this queues instead).
     busy: tokio::sync::Mutex<()>,
+    /// Cluster mode: the repository is one path every member's node mounts, and pgBackRest's
+    /// locks live in it (`REPO/lock`), so two nodes never back up at once.
+    shared: bool,
     view: Mutex<BackupView>,
     /// The primary the configuration names now.
     configured: Mutex<Option<(PathBuf, u16)>>,
@@ -455,6 +458,7 @@ impl Backups {
         config: model::Backup,
         local: Arc<Local>,
         events: broadcast::Sender<Event>,
+        shared: bool,
     ) -> Result<Backups, Error> {
         let exe = find_pgbackrest()?;
         let repository = std::path::absolute(&config.repository)
@@ -483,6 +487,7 @@ impl Backups {
             conf,
             repository,
             busy: tokio::sync::Mutex::new(()),
+            shared,
             configured: Mutex::new(None),
             failed_backup: Mutex::new(None),
             failed_drill: Mutex::new(None),
@@ -551,6 +556,11 @@ impl Backups {
     /// The whole configuration file, naming `primary` (its data directory and port) when known.
     pub fn conf_text(&self, primary: Option<(&Path, u16)>) -> String {
         let dir = self.local.dir.join("pgbackrest");
+        let locks = if self.shared {
+            self.repository.join("lock")
+        } else {
+            dir.clone()
+        };
         let mut text = format!(
             "# Written by Tandem for database {stanza}; rewritten when the primary changes.\n\
              [global]\n\
@@ -562,7 +572,7 @@ impl Backups {
              compress-type=lz4\n\
              process-max=2\n\
              log-path={dir}\n\
-             lock-path={dir}\n\
+             lock-path={locks}\n\
              log-level-console=off\n\
              log-level-stderr=warn\n\
              log-level-file=info\n\
@@ -572,6 +582,7 @@ impl Backups {
             repo = self.repository.display(),
             retention = self.config.retention_full,
             dir = dir.display(),
+            locks = locks.display(),
             user = local::SUPERUSER,
         );
         if let Some((data, port)) = primary {

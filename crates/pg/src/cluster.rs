@@ -223,6 +223,8 @@ pub struct Cluster {
     backups_done: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The superuser's password, for [`Cluster::connect_primary`].
     password: Redacted,
+    /// Cluster mode: the sites whose members this node runs.
+    here: Option<Vec<String>>,
 }
 
 /// A secret that `Debug` never shows.
@@ -429,7 +431,14 @@ impl Cluster {
         let (events, first_events) = broadcast::channel(256);
         let backups = match &config.backup {
             Some(b) => Some(Arc::new(
-                Backups::open(&name, b.clone(), local.clone(), events.clone()).map_err(named)?,
+                Backups::open(
+                    &name,
+                    b.clone(),
+                    local.clone(),
+                    events.clone(),
+                    wiring.here.is_some(),
+                )
+                .map_err(named)?,
             )),
             None => None,
         };
@@ -455,6 +464,7 @@ impl Cluster {
             backups,
             backups_done: Mutex::new(None),
             password: Redacted(local.password.clone()),
+            here: wiring.here.clone(),
         });
         for m in config.members.iter().filter(|m| wiring.runs(&m.site)) {
             let listener = tokio::net::TcpListener::bind(m.health).await.map_err(|e| {
@@ -494,7 +504,8 @@ impl Cluster {
         self.backups.as_ref()
     }
 
-    /// The writable primary, for what pgBackRest needs of it.
+    /// The writable primary, for what pgBackRest needs of it: in cluster mode only this
+    /// node's (backups run on the primary's node, where its data directory is).
     pub fn primary(&self) -> Result<Primary, BackupError> {
         let view = self.view.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let site = view.primary.clone().ok_or_else(|| {
@@ -503,6 +514,14 @@ impl Cluster {
                 self.name, view.state
             ))
         })?;
+        if let Some(here) = &self.here
+            && !here.contains(&site)
+        {
+            return Err(BackupError::Unavailable(format!(
+                "the primary of database {}, {site}, runs on its own site's node: that node takes the backups (ask it)",
+                self.name
+            )));
+        }
         let m = view
             .members
             .iter()
@@ -621,6 +640,11 @@ impl Cluster {
         claim: bool,
     ) -> Result<RestoreReport, BackupError> {
         let b = self.backups_or_refuse()?;
+        if self.here.is_some() {
+            return Err(BackupError::Failed(
+                "a restore into the members runs in the single-process mode only for now (a restore drill works on the primary's node)".into(),
+            ));
+        }
         if !self.sites.iter().any(|s| s == site) {
             return Err(BackupError::Failed(format!(
                 "database {} has no member in site {site:?} (members: {})",

@@ -723,6 +723,158 @@ async fn an_outage_drill_fails_the_sites_member_over_and_it_rejoins_after() {
     polls.check().await;
 }
 
+/// Backups in cluster mode: one repository every member's node reaches (here a directory of
+/// the lab's, as a mount would be), pgBackRest's locks in it. The primary's node creates the
+/// stanza and takes the scheduled first full backup; a backup, a listing and a restore drill
+/// asked of the standby's node are passed on to the primary's node; both nodes asked for a
+/// backup at once give two backups, one after the other; after a switchover the new
+/// primary's node archives and backs up, and a drill there restores every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_run_on_the_primarys_node_into_one_repository() {
+    let opts = Options {
+        extra: database()
+            + r#"
+  [database.backup]
+  repository = "LAB_DIR/repo"
+  full = "weekly"
+  archive_timeout = "5s"
+  drill_table = "public.t"
+"#,
+        state_per_node: true,
+        ..Options::default()
+    };
+    let s = Sites::start_with(opts, |lab| {
+        for site in ["edge", "region"] {
+            lab.add_ip(site, 40);
+            lab.add_ip(site, 50);
+        }
+        let repo = lab.dir().join("repo");
+        std::fs::create_dir_all(&repo).unwrap();
+        if let Some((uid, gid)) = pg::local::run_as().unwrap() {
+            std::os::unix::fs::chown(&repo, Some(uid), Some(gid)).unwrap();
+        }
+        Vec::new()
+    })
+    .await;
+    wait_healthy(&s, "edge", "region", Duration::from_secs(120)).await;
+    let file = s.state("edge").join("databases/orders/password");
+    let password = std::fs::read_to_string(file).unwrap().trim().to_string();
+    through(
+        &s,
+        "edge",
+        &password,
+        "CREATE TABLE IF NOT EXISTS t (id bigint PRIMARY KEY)",
+    )
+    .await;
+    let backups = |site: &'static str| {
+        let s = &s;
+        async move {
+            let v: Value = s.get(site, "/v1/databases/orders/backups").await?;
+            v["backups"].as_array().cloned()
+        }
+    };
+    // The primary's node creates the stanza and takes the first full backup; the standby's
+    // node lists it (passed on to the primary's node).
+    let first = eventually(
+        Duration::from_secs(120),
+        "the first full backup",
+        || async { backups("region").await.filter(|b| !b.is_empty()) },
+    )
+    .await;
+    assert_eq!(first[0]["type"], "full", "{first:?}");
+    assert!(
+        s.lab.dir().join("repo/lock").is_dir(),
+        "pgBackRest's locks live in the shared repository"
+    );
+    through(
+        &s,
+        "edge",
+        &password,
+        "INSERT INTO t SELECT generate_series(1, 100)",
+    )
+    .await;
+
+    // Asked of both nodes at once: passed on to the primary's node, one after the other.
+    let long = Duration::from_secs(180);
+    let body = r#"{"type": "incr"}"#;
+    let path = "/v1/databases/orders/backups";
+    let (a, b) = tokio::join!(
+        s.post_within("edge", path, body, long),
+        s.post_within("region", path, body, long)
+    );
+    for (site, r) in [("edge", a), ("region", b)] {
+        let (status, body) = r.unwrap_or_else(|| panic!("{site}'s node gave no answer"));
+        assert_eq!(status, 200, "{site}: {body}");
+        assert_eq!(body["created"]["type"], "incr", "{site}: {body}");
+    }
+    let listed = backups("edge").await.unwrap();
+    assert_eq!(listed.len(), 3, "{listed:?}");
+
+    // A restore drill asked of the standby's node: every row.
+    let (status, r) = s
+        .post_within("region", "/v1/databases/orders/restore-drill", "", long)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(
+        (r["ok"].as_bool(), r["rows"].as_i64()),
+        (Some(true), Some(100)),
+        "{r}"
+    );
+
+    // After a switchover the region's node archives and backs up.
+    let (status, body) = s
+        .post_within(
+            "edge",
+            "/v1/databases/orders/switchover",
+            r#"{"to": "region"}"#,
+            long,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    wait_healthy(&s, "region", "edge", Duration::from_secs(60)).await;
+    through(
+        &s,
+        "region",
+        &password,
+        "INSERT INTO t SELECT generate_series(101, 150)",
+    )
+    .await;
+    let (status, body) = s
+        .post_within("edge", path, r#"{"type": "full"}"#, long)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let (status, r) = s
+        .post_within("edge", "/v1/databases/orders/restore-drill", "", long)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(
+        (r["ok"].as_bool(), r["rows"].as_i64()),
+        (Some(true), Some(150)),
+        "{r}"
+    );
+    // `tandem restore` stays a single-process operation: refused, nothing touched.
+    let (status, body) = s
+        .post_within(
+            "region",
+            "/v1/databases/orders/restore",
+            r#"{"site": "region"}"#,
+            long,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("single-process mode only")),
+        "{body}"
+    );
+}
+
 /// The app of the cluster tests: the web tier and the database, a warm standby.
 const APP: &str = r#"
 [[app]]

@@ -28,7 +28,7 @@ pub struct Options {
     pub failback_hold: &'static str,
     pub interval: &'static str,
     pub timeout: &'static str,
-    /// Extra TOML appended to the file.
+    /// Extra TOML appended to the file (`LAB_DIR` in it: the lab's directory).
     pub extra: String,
     /// Each node keeps its state in its own directory (`LAB/SITE/state`), as on separate
     /// machines; else they share `LAB/state`.
@@ -245,15 +245,30 @@ impl Sites {
 
     /// `POST path` (JSON body) to `site`'s node API; the status and body.
     pub async fn post(&self, site: &str, path: &str, body: &str) -> Option<(u16, Value)> {
+        self.post_within(site, path, body, Duration::from_secs(5))
+            .await
+    }
+
+    /// [`Sites::post`] of an operation that takes a while (a backup): the answer awaited up
+    /// to `wait`.
+    pub async fn post_within(
+        &self,
+        site: &str,
+        path: &str,
+        body: &str,
+        wait: Duration,
+    ) -> Option<(u16, Value)> {
         let (lab, addr, path, body) = (
             self.lab.clone(),
             self.api(site),
             path.to_string(),
             body.to_string(),
         );
-        tokio::task::spawn_blocking(move || lab.in_site("client", || post(addr, &path, &body)))
-            .await
-            .ok()?
+        tokio::task::spawn_blocking(move || {
+            lab.in_site("client", || post(addr, &path, &body, wait))
+        })
+        .await
+        .ok()?
     }
 
     /// `dig` from the client against `site`'s DNS: the short answer, or `None` when it got none.
@@ -357,22 +372,23 @@ fn http(addr: SocketAddr, method: &str, path: &str) -> Option<String> {
     let (status, body) = exchange(
         addr,
         &format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n"),
+        Duration::from_secs(5),
     )?;
     (200..300).contains(&status).then_some(body)
 }
 
-fn post(addr: SocketAddr, path: &str, body: &str) -> Option<(u16, Value)> {
+fn post(addr: SocketAddr, path: &str, body: &str, wait: Duration) -> Option<(u16, Value)> {
     let req = format!(
         "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    let (status, body) = exchange(addr, &req)?;
+    let (status, body) = exchange(addr, &req, wait)?;
     Some((status, serde_json::from_str(&body).unwrap_or(Value::Null)))
 }
 
-fn exchange(addr: SocketAddr, request: &str) -> Option<(u16, String)> {
+fn exchange(addr: SocketAddr, request: &str, wait: Duration) -> Option<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.set_read_timeout(Some(wait)).ok()?;
     s.write_all(request.as_bytes()).ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
@@ -546,6 +562,7 @@ health = "web"
             inst = ip(site, 30),
         ));
     }
-    t.push_str(&o.extra);
+    // `LAB_DIR` in the extra TOML: the lab's directory (a path every node reaches).
+    t.push_str(&o.extra.replace("LAB_DIR", &lab.dir().display().to_string()));
     t
 }
