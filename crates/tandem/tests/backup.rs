@@ -572,7 +572,7 @@ impl Db {
 /// refused untouched, the database going on as before.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restore_brings_the_database_back_to_a_point_in_time() {
-    let db = start(66, Path::new("repo"), true).await;
+    let db = start(81, Path::new("repo"), true).await;
     db.client()
         .await
         .batch_execute("CREATE TABLE acked (id bigserial PRIMARY KEY)")
@@ -673,6 +673,83 @@ async fn a_restore_brings_the_database_back_to_a_point_in_time() {
         metrics.contains("tandem_db_primary_changes_total{database=\"orders\",kind=\"restore\"} 2"),
         "{metrics}"
     );
+}
+
+/// A tmpfs of `size` mounted at `dir` (owned by the database user), unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount a tmpfs at {}", dir.display());
+        owned_by_db_user(dir);
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A repository that is full (a 3 MB tmpfs) or that the database user cannot write: each
+/// said in an event with pgBackRest's reason, the backups failing, and the primary's commits
+/// acknowledged all along (archiving never blocks them).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_or_unwritable_repository_is_reported_and_never_blocks_commits() {
+    let mounts = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(mounts.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let full = mounts.path().join("full");
+    let _tmpfs = Tmpfs::mount(&full, "3m");
+    let db = start(75, &full, false).await;
+    db.client()
+        .await
+        .batch_execute("CREATE TABLE acked (id bigserial PRIMARY KEY)")
+        .await
+        .unwrap();
+    // The first full backup does not fit.
+    let e = eventually(Duration::from_secs(90), "a failed backup", || async {
+        recent_events(db.up.api)
+            .await
+            .into_iter()
+            .find(|e| e["kind"] == "backup-failed")
+    })
+    .await;
+    let msg = e["message"].as_str().unwrap();
+    assert!(msg.contains("No space left on device"), "{msg}");
+    let c = db.client().await;
+    for _ in 0..3 {
+        db.insert(20).await;
+        c.batch_execute("SELECT pg_switch_wal()").await.unwrap();
+    }
+    db.insert(50).await;
+    drop(db);
+
+    // A repository the database user cannot write (root's, 0755).
+    let locked = mounts.path().join("locked");
+    std::fs::create_dir_all(&locked).unwrap();
+    let db = start(79, &locked, false).await;
+    let e = wait_event(db.up.api, "cannot create the stanza").await;
+    let msg = e["message"].as_str().unwrap();
+    assert!(msg.contains("Permission denied"), "{msg}");
+    db.client()
+        .await
+        .batch_execute("CREATE TABLE acked (id bigserial PRIMARY KEY)")
+        .await
+        .unwrap();
+    db.insert(50).await;
+    let out = db.cli(&["backup", "orders", "now"]);
+    assert_eq!(out.status.code(), Some(3));
 }
 
 /// A database without `[database.backup]` says so; unknown ones are 404.
