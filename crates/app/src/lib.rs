@@ -271,6 +271,14 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The current step's action, sent once: the next observations confirm it.
+    fn send_once(&mut self, out: &mut Vec<Action>, action: impl FnOnce(&Plan) -> Action) {
+        if !self.sent {
+            self.sent = true;
+            out.push(action(self));
+        }
+    }
+
     /// The steps a move to `to` takes, as things are `seen` now (also for `tandem app plan`).
     /// A cold target whose member has not caught up is warmed up then promoted while a
     /// primary runs, else restored; should the primary be gone by the time the warm-up
@@ -761,12 +769,7 @@ impl App {
                         self.end(Outcome::Failed(why), now, out);
                         return;
                     } else {
-                        if !plan.sent {
-                            plan.sent = true;
-                            out.push(Action::WarmUp {
-                                site: plan.to.clone(),
-                            });
-                        }
+                        plan.send_once(out, |p| Action::WarmUp { site: p.to.clone() });
                         false
                     }
                 }
@@ -781,14 +784,12 @@ impl App {
                         self.end(Outcome::Failed(why), now, out);
                         return;
                     } else {
-                        if !plan.sent {
-                            plan.sent = true;
-                            out.push(Action::Restore {
-                                site: plan.to.clone(),
-                                term: self.term + 1,
-                                plan: plan.id,
-                            });
-                        }
+                        let term = self.term + 1;
+                        plan.send_once(out, |p| Action::Restore {
+                            site: p.to.clone(),
+                            term,
+                            plan: p.id,
+                        });
                         false
                     }
                 }
@@ -802,15 +803,13 @@ impl App {
                         self.end(Outcome::Failed(why), now, out);
                         return;
                     } else {
-                        if !plan.sent {
-                            plan.sent = true;
-                            out.push(Action::Promote {
-                                site: plan.to.clone(),
-                                planned: plan.reason != Reason::SiteLost,
-                                term: self.term + 1,
-                                plan: plan.id,
-                            });
-                        }
+                        let term = self.term + 1;
+                        plan.send_once(out, |p| Action::Promote {
+                            site: p.to.clone(),
+                            planned: p.reason != Reason::SiteLost,
+                            term,
+                            plan: p.id,
+                        });
                         false
                     }
                 }

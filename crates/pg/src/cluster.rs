@@ -599,11 +599,12 @@ impl Cluster {
     /// archived WAL, or to `to` (point-in-time recovery), with SITE's member as its primary.
     /// The copy is made and recovered beside the running members (`DIR/SITE.restored`, see
     /// [`Backups::restore`]); only then are the members stopped, SITE's data set aside
-    /// (`SITE.old`, never deleted) and the copy put in its place, started as primary under
-    /// the next term. The other members rejoin the restored history as standbys (`pg_rewind`,
-    /// else a fresh clone with their data set aside). Commits after the target are not in
-    /// the restored database; they stay in the data set aside. Single-process mode only
-    /// (backups are).
+    /// (`SITE.before-restore-SECS`, never deleted by Tandem) and the copy put in its place,
+    /// started as primary under the next term; a full backup follows. The former primary's
+    /// data, when it is another member's, is set aside the same way and that member cloned
+    /// afresh; the other members rejoin the restored history as standbys (`pg_rewind`, else
+    /// a fresh clone). Commits after the target are not in the restored database; they stay
+    /// in the former primary's data set aside. Single-process mode only.
     ///
     /// # Errors
     /// No `[database.backup]`, no such member, no backup, the repository, the copy failing to

@@ -316,6 +316,14 @@ impl Lab {
         a
     }
 
+    /// An outage drill of the edge for `length` (its load balancers, instances and database
+    /// member stop).
+    async fn outage_of_the_edge(&self, length: &str) {
+        let body = format!(r#"{{"site": "edge", "for": "{length}"}}"#);
+        let resp = http_post_json(self.up.api, "/v1/drills/outage", &body).await;
+        assert!(resp.starts_with("HTTP/1.0 200"), "{resp}");
+    }
+
     fn password(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("state/databases/orders/password"))
             .unwrap()
@@ -581,13 +589,7 @@ async fn the_whole_app_fails_over_and_back_with_its_data() {
     )
     .await;
     let n = writer.count();
-    let resp = http_post_json(
-        lab.up.api,
-        "/v1/drills/outage",
-        r#"{"site": "edge", "for": "5m"}"#,
-    )
-    .await;
-    assert!(resp.starts_with("HTTP/1.0 200"), "{resp}");
+    lab.outage_of_the_edge("5m").await;
     let a = lab.at_rest("region", 5, 60).await;
     assert_eq!(a["last_move"]["reason"], "site-lost");
     let steps: Vec<&str> = a["last_move"]["done"]
@@ -862,13 +864,7 @@ async fn measure_cold_failover() {
     )
     .await;
     let lost_at = Instant::now();
-    let resp = http_post_json(
-        lab.up.api,
-        "/v1/drills/outage",
-        r#"{"site": "edge", "for": "10m"}"#,
-    )
-    .await;
-    assert!(resp.starts_with("HTTP/1.0 200"), "{resp}");
+    lab.outage_of_the_edge("10m").await;
     let before = writer.count();
     let a = lab.at_rest("region", 1, 600).await;
     let at_rest = lost_at.elapsed();
@@ -966,13 +962,7 @@ async fn a_cold_standby_is_restored_from_the_backups() {
 
     // (1) The edge lost: restored in the region.
     let lost_at = Instant::now();
-    let resp = http_post_json(
-        lab.up.api,
-        "/v1/drills/outage",
-        r#"{"site": "edge", "for": "5m"}"#,
-    )
-    .await;
-    assert!(resp.starts_with("HTTP/1.0 200"), "{resp}");
+    lab.outage_of_the_edge("5m").await;
     let a = lab.at_rest("region", 1, 120).await;
     let steps: Vec<&str> = a["last_move"]["done"]
         .as_array()
@@ -1145,13 +1135,7 @@ async fn measure_whole_app_rto() {
         })
         .await;
         let start = Instant::now();
-        let resp = http_post_json(
-            lab.up.api,
-            "/v1/drills/outage",
-            r#"{"site": "edge", "for": "5m"}"#,
-        )
-        .await;
-        assert!(resp.starts_with("HTTP/1.0 200"), "{resp}");
+        lab.outage_of_the_edge("5m").await;
         let end = start + Duration::from_secs(120);
         let mut rto = None;
         while Instant::now() < end {

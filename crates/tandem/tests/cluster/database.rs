@@ -811,16 +811,20 @@ async fn backups_run_on_the_primarys_node_into_one_repository() {
     assert_eq!(listed.len(), 3, "{listed:?}");
 
     // A restore drill asked of the standby's node: every row.
-    let (status, r) = s
-        .post_within("region", "/v1/databases/orders/restore-drill", "", long)
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{r}");
-    assert_eq!(
-        (r["ok"].as_bool(), r["rows"].as_i64()),
-        (Some(true), Some(100)),
-        "{r}"
-    );
+    let drill = |site: &'static str, rows: i64| {
+        let s = &s;
+        async move {
+            let path = "/v1/databases/orders/restore-drill";
+            let (status, r) = s.post_within(site, path, "", long).await.unwrap();
+            assert_eq!(status, 200, "{r}");
+            assert_eq!(
+                (r["ok"].as_bool(), r["rows"].as_i64()),
+                (Some(true), Some(rows)),
+                "{r}"
+            );
+        }
+    };
+    drill("region", 100).await;
 
     // After a switchover the region's node archives and backs up.
     let (status, body) = s
@@ -846,16 +850,7 @@ async fn backups_run_on_the_primarys_node_into_one_repository() {
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
-    let (status, r) = s
-        .post_within("edge", "/v1/databases/orders/restore-drill", "", long)
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{r}");
-    assert_eq!(
-        (r["ok"].as_bool(), r["rows"].as_i64()),
-        (Some(true), Some(150)),
-        "{r}"
-    );
+    drill("edge", 150).await;
     // `tandem restore` stays a single-process operation: refused, nothing touched.
     let (status, body) = s
         .post_within(
