@@ -345,6 +345,16 @@ impl Lab {
     }
 }
 
+/// The steps of the app's last move, in order.
+fn done_steps(app: &Value) -> Vec<&str> {
+    app["last_move"]["done"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect()
+}
+
 fn site<'a>(app: &'a Value, name: &str) -> &'a Value {
     app["sites"]
         .as_array()
@@ -592,12 +602,7 @@ async fn the_whole_app_fails_over_and_back_with_its_data() {
     lab.outage_of_the_edge("5m").await;
     let a = lab.at_rest("region", 5, 60).await;
     assert_eq!(a["last_move"]["reason"], "site-lost");
-    let steps: Vec<&str> = a["last_move"]["done"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["step"].as_str().unwrap())
-        .collect();
+    let steps = done_steps(&a);
     assert_eq!(
         steps,
         [
@@ -915,6 +920,16 @@ async fn a_cold_standby_is_restored_from_the_backups() {
             .and_then(|m| m.iter().find(|m| m["site"] == "region"))
             .is_some_and(|m| m["state"] == "cold" && m["pid"].is_null())
     };
+    let region_cold_again = |what: &'static str| {
+        let lab = &lab;
+        async move {
+            eventually(Duration::from_secs(30), what, || async {
+                let v = try_get_json(lab.up.api, "/v1/databases").await?;
+                cold_region(&v["databases"][0]).then_some(())
+            })
+            .await;
+        }
+    };
     let a = lab
         .wait(
             120,
@@ -964,12 +979,7 @@ async fn a_cold_standby_is_restored_from_the_backups() {
     let lost_at = Instant::now();
     lab.outage_of_the_edge("5m").await;
     let a = lab.at_rest("region", 1, 120).await;
-    let steps: Vec<&str> = a["last_move"]["done"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["step"].as_str().unwrap())
-        .collect();
+    let steps = done_steps(&a);
     assert_eq!(
         steps,
         [
@@ -1029,15 +1039,7 @@ async fn a_cold_standby_is_restored_from_the_backups() {
         site(a, "region")["capacity"] == 0 && site(a, "region")["online"] == 0
     })
     .await;
-    eventually(
-        Duration::from_secs(30),
-        "the region's member cold again",
-        || async {
-            let v = try_get_json(lab.up.api, "/v1/databases").await?;
-            cold_region(&v["databases"][0]).then_some(())
-        },
-    )
-    .await;
+    region_cold_again("the region's member cold again").await;
     let n = writer.count();
     writer.more_than(n + 20, "writes after the failback").await;
 
@@ -1052,15 +1054,7 @@ async fn a_cold_standby_is_restored_from_the_backups() {
     }
     let a = lab.at_rest("edge", 4, 120).await;
     assert_eq!(a["last_move"]["reason"], "failback", "{a}");
-    eventually(
-        Duration::from_secs(30),
-        "the region's member cold once more",
-        || async {
-            let v = try_get_json(lab.up.api, "/v1/databases").await?;
-            cold_region(&v["databases"][0]).then_some(())
-        },
-    )
-    .await;
+    region_cold_again("the region's member cold once more").await;
     let n = writer.count();
     writer.more_than(n + 20, "writes at the end").await;
     let acked = writer.finish().await;

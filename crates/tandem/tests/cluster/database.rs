@@ -306,11 +306,18 @@ async fn start_with(extra: &str) -> (Sites, String) {
         sample_app_database: !extra.is_empty(),
         ..Options::default()
     };
+    start_lab(opts, |_| {}).await
+}
+
+/// The lab of `opts` (`prepare` runs on it before the nodes start), the database healthy with
+/// the edge primary and table `t`; the superuser's password.
+async fn start_lab(opts: Options, prepare: impl FnOnce(&testkit::netns::Lab)) -> (Sites, String) {
     let s = Sites::start_with(opts, |lab| {
         for site in ["edge", "region"] {
             lab.add_ip(site, 40);
             lab.add_ip(site, 50);
         }
+        prepare(lab);
         Vec::new()
     })
     .await;
@@ -743,28 +750,13 @@ async fn backups_run_on_the_primarys_node_into_one_repository() {
         state_per_node: true,
         ..Options::default()
     };
-    let s = Sites::start_with(opts, |lab| {
-        for site in ["edge", "region"] {
-            lab.add_ip(site, 40);
-            lab.add_ip(site, 50);
-        }
+    let (s, password) = start_lab(opts, |lab| {
         let repo = lab.dir().join("repo");
         std::fs::create_dir_all(&repo).unwrap();
         if let Some((uid, gid)) = pg::local::run_as().unwrap() {
             std::os::unix::fs::chown(&repo, Some(uid), Some(gid)).unwrap();
         }
-        Vec::new()
     })
-    .await;
-    wait_healthy(&s, "edge", "region", Duration::from_secs(120)).await;
-    let file = s.state("edge").join("databases/orders/password");
-    let password = std::fs::read_to_string(file).unwrap().trim().to_string();
-    through(
-        &s,
-        "edge",
-        &password,
-        "CREATE TABLE IF NOT EXISTS t (id bigint PRIMARY KEY)",
-    )
     .await;
     let backups = |site: &'static str| {
         let s = &s;
