@@ -979,24 +979,37 @@ impl AppRunner {
             ),
         );
         let me = self.clone();
+        let asked = SystemTime::now();
         tokio::spawn(async move {
             let result = db.fail_over_by_restore(&site).await;
             me.state().promoting = false;
             match result {
-                Ok(r) => me.event(
-                    "app-restore",
-                    format!(
-                        "database {} restored at {site} (term {}): backup {}, copy {:.2} s (restore {:.2} s + replay {:.2} s), down {:.2} s, newest restored commit {}",
-                        db.name,
-                        r.term,
-                        r.copy.backup.as_deref().unwrap_or("-"),
-                        r.copy.rto_seconds,
-                        r.copy.restore_seconds,
-                        r.copy.start_seconds,
-                        r.downtime_seconds,
-                        r.copy.newest_restored_commit.as_deref().unwrap_or("-"),
-                    ),
-                ),
+                Ok(r) => {
+                    // The lost primary's newest commit is unknown; it was no later than
+                    // the restore's start, which bounds the RPO from above.
+                    let newest = r.copy.newest_restored_commit.as_deref();
+                    let rpo = newest
+                        .and_then(event::parse_rfc3339)
+                        .and_then(|t| asked.duration_since(t).ok())
+                        .map_or_else(
+                            || "unknown".to_string(),
+                            |d| format!("at most {:.1} s", d.as_secs_f64()),
+                        );
+                    me.event(
+                        "app-restore",
+                        format!(
+                            "database {} restored at {site} (term {}): backup {}, copy {:.2} s (restore {:.2} s + replay {:.2} s), down {:.2} s; newest restored commit {}, RPO {rpo}",
+                            db.name,
+                            r.term,
+                            r.copy.backup.as_deref().unwrap_or("-"),
+                            r.copy.rto_seconds,
+                            r.copy.restore_seconds,
+                            r.copy.start_seconds,
+                            r.downtime_seconds,
+                            newest.unwrap_or("-"),
+                        ),
+                    );
+                }
                 Err(e) => me.failed(
                     plan,
                     app::Step::Restore,
