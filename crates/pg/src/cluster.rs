@@ -1479,16 +1479,15 @@ impl Driver {
     /// waiting for it at once (no longer trusted for failover), so no commit stalls for
     /// `failover_timeout`; `keep_sync` names another standby if one streams.
     async fn release_sync(&mut self, i: usize) {
-        if self.sync_standby != Some(i)
-            && self.sync_from.as_ref().map(|s| &s.0) != Some(&self.members[i].site)
-        {
-            let named = self
-                .leader
-                .and_then(|l| self.members[l].obs.as_ref())
-                .is_some_and(|o| o.synchronous_standby_names.contains(&self.members[i].site));
-            if !named {
-                return;
-            }
+        let site = &self.members[i].site;
+        let named = self
+            .leader
+            .and_then(|l| self.members[l].obs.as_ref())
+            .is_some_and(|o| o.synchronous_standby_names.contains(site));
+        let trusted =
+            self.sync_standby == Some(i) || self.sync_from.as_ref().is_some_and(|(s, _)| s == site);
+        if !(named || trusted) {
+            return;
         }
         self.sync_standby = None;
         self.sync_from = None;

@@ -701,15 +701,7 @@ async fn an_outage_drill_fails_the_sites_member_over_and_it_rejoins_after() {
     let polls = poll_writability(&s, &password);
     let (w, task) = writer(&s, "region", &password);
     w.wait_more(20, "20 writes acknowledged").await;
-    let (status, body) = s
-        .post(
-            "witness",
-            "/v1/drills/outage",
-            r#"{"site": "edge", "for": "5m"}"#,
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
+    s.outage_drill("witness", "edge", "5m").await;
     eventually(Duration::from_secs(30), "the region promoted", || async {
         let v = view(&s, "region").await?;
         (v["primary"] == "region" && v["last_change"]["kind"] == "failover").then_some(())

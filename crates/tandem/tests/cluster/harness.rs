@@ -271,6 +271,14 @@ impl Sites {
         .ok()?
     }
 
+    /// An outage drill of `site` for `length`, asked of `via`'s node; its answer's body.
+    pub async fn outage_drill(&self, via: &str, site: &str, length: &str) -> Value {
+        let body = format!(r#"{{"site": "{site}", "for": "{length}"}}"#);
+        let (status, body) = self.post(via, "/v1/drills/outage", &body).await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
     /// `dig` from the client against `site`'s DNS: the short answer, or `None` when it got none.
     pub async fn dig(&self, site: &str, name: &str) -> Option<Vec<String>> {
         let mut cmd = self.lab.command("client", "dig");

@@ -487,15 +487,7 @@ async fn operator_intent_through_one_node_applies_where_it_belongs() {
         .collect();
     assert_eq!(names.len(), 2, "{all:#}");
     // An outage drill of the edge through the witness.
-    let (status, body) = s
-        .post(
-            "witness",
-            "/v1/drills/outage",
-            r#"{"site": "edge", "for": "60s"}"#,
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
+    let body = s.outage_drill("witness", "edge", "60s").await;
     assert_eq!(body["applies_on"], "edge-1", "{body:#}");
     let lb = std::net::SocketAddr::new(s.ip("edge", 20), 8080);
     testkit::eventually(
