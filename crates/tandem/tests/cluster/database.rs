@@ -1042,7 +1042,7 @@ async fn an_app_follows_its_data_across_the_cluster_and_fails_back() {
     let term = term + 2;
 
     // Failback gated on the data: pinned at the region (asked of the edge's node), the edge's
-    // member held back (every process stopped); failback is refused on command, and once
+    // member held back (cut off from the primary's address); failback is refused on command, and once
     // unpinned the app waits for the member, saying so, then comes home.
     settled(&s, None, Duration::from_secs(60), "the region caught up").await;
     let (status, body) = s
@@ -1055,7 +1055,6 @@ async fn an_app_follows_its_data_across_the_cluster_and_fails_back() {
         (a["active"] == "region" && a["pinned"] == true && a["moving"].is_null()).then_some(())
     })
     .await;
-    let edge_data = s.state("edge").join("databases/orders/edge");
     eventually(
         Duration::from_secs(30),
         "the edge's member streaming",
@@ -1065,8 +1064,10 @@ async fn an_app_follows_its_data_across_the_cluster_and_fails_back() {
         },
     )
     .await;
-    let stopped = testkit::signal_postgres_in(&edge_data, nix::sys::signal::Signal::SIGSTOP);
-    assert!(stopped > 0, "no process of the edge's member");
+    // Held back by the network rather than by freezing the member: the edge's node rewinds a
+    // standby that has not streamed for 15 s, which would end a freeze before the test looks.
+    let region_member = s.ip("region", 50);
+    s.lab.cut_route("edge", region_member);
     eventually(
         Duration::from_secs(20),
         "the edge's member behind",
@@ -1090,19 +1091,28 @@ async fn an_app_follows_its_data_across_the_cluster_and_fails_back() {
     );
     let (status, body) = s.post("region", "/v1/apps/shop/unpin", "").await.unwrap();
     assert_eq!(status, 202, "{body}");
-    eventually(
-        Duration::from_secs(10),
-        "waiting for the edge's data",
-        || async {
-            let a = driver_view_now(&s).await?;
-            let waits = a["waiting_for"]
-                .as_str()?
-                .contains("database member to catch up");
-            (a["active"] == "region" && a["pinned"] == false && waits).then_some(())
-        },
-    )
+    let last = std::sync::Mutex::new(Value::Null);
+    let waiting = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(a) = driver_view_now(&s).await {
+                let waits = a["waiting_for"]
+                    .as_str()
+                    .is_some_and(|w| w.contains("database member to catch up"));
+                if a["active"] == "region" && a["pinned"] == false && waits {
+                    return;
+                }
+                *last.lock().unwrap() = a;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
     .await;
-    testkit::signal_postgres_in(&edge_data, nix::sys::signal::Signal::SIGCONT);
+    assert!(
+        waiting.is_ok(),
+        "timed out waiting for the app to wait for the edge's data; last seen: {}",
+        last.lock().unwrap()
+    );
+    s.lab.heal_route("edge", region_member);
     eventually(Duration::from_secs(120), "home once caught up", || async {
         let a = app(&s, "witness").await?;
         (a["active"] == "edge" && a["term"].as_u64()? > term + 1).then_some(())
