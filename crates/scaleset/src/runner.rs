@@ -155,6 +155,8 @@ pub struct ScaleSet {
     commands: mpsc::UnboundedSender<Command>,
     view: Arc<Mutex<View>>,
     events: broadcast::Sender<Event>,
+    /// Made before the initial instances start: see [`ScaleSet::events`].
+    first_events: Mutex<Option<broadcast::Receiver<Event>>>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -169,7 +171,7 @@ impl ScaleSet {
     ) -> Arc<Self> {
         let (commands, received) = mpsc::unbounded_channel();
         let (reports_tx, reports) = mpsc::unbounded_channel();
-        let events = broadcast::Sender::new(1024);
+        let (events, first_events) = broadcast::channel(1024);
         let view = Arc::new(Mutex::new(View {
             name: set.name.to_string(),
             site: set.site.to_string(),
@@ -204,6 +206,7 @@ impl ScaleSet {
             commands,
             view,
             events,
+            first_events: Mutex::new(Some(first_events)),
             task: Mutex::new(Some(task)),
         })
     }
@@ -213,7 +216,14 @@ impl ScaleSet {
     }
 
     pub fn events(&self) -> broadcast::Receiver<Event> {
-        self.events.subscribe()
+        // The first subscriber gets the receiver made before the initial instances started
+        // (on another worker, maybe before this call), so it misses none of their events.
+        let first = self
+            .first_events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        first.unwrap_or_else(|| self.events.subscribe())
     }
 
     /// Manual scaling; takes effect before this returns.
