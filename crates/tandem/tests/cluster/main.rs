@@ -657,19 +657,24 @@ async fn edge_node_loss_to_region_answers() {
 }
 
 /// Measurement (bench/cluster/run): writes to etcd per second per node at steady state with
-/// 1,000 monitored endpoints (ten weighted profiles of 100, probed every second by each of
-/// the three nodes), from etcd's own count of committed proposals and from each node's count.
+/// `TANDEM_ENDPOINTS` monitored endpoints (default 1,000; profiles of 100, weighted, probed
+/// every second by each of the three nodes), from etcd's own count of committed proposals and
+/// from each node's count, with each node's CPU over the same window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "measurement: bench/cluster/run"]
-async fn store_writes_at_steady_state_with_1000_endpoints() {
+async fn store_writes_at_steady_state() {
+    let endpoints: usize = std::env::var("TANDEM_ENDPOINTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
     let mut extra = String::from(
         "\n[[monitor]]\nname = \"bulk\"\nprotocol = \"tcp\"\nport = 8081\ninterval = \"1s\"\ntimeout = \"500ms\"\n",
     );
-    for p in 0..10 {
+    for p in 0..endpoints.div_ceil(100) {
         extra.push_str(&format!(
             "\n[[profile]]\nname = \"bulk{p}\"\ndomain = \"bulk{p}.shop.test\"\nrouting = \"weighted\"\nmonitor = \"bulk\"\n"
         ));
-        for e in 0..100 {
+        for e in 0..100.min(endpoints - p * 100) {
             extra.push_str(&format!(
                 "  [[profile.endpoint]]\n  name = \"e{e}\"\n  target = {{ address = \"198.18.1.40\" }}\n"
             ));
@@ -681,7 +686,7 @@ async fn store_writes_at_steady_state_with_1000_endpoints() {
         timeout: "500ms",
         ..Options::default()
     };
-    let s = Sites::start_with(opts, |lab| {
+    let mut s = Sites::start_with(opts, |lab| {
         lab.add_ip("edge", 40);
         let mut app = lab.command("edge", env!("CARGO_BIN_EXE_tandem"));
         app.args([
@@ -695,9 +700,10 @@ async fn store_writes_at_steady_state_with_1000_endpoints() {
     })
     .await;
     let target_count = |h: &Value| h["targets"].as_array().map_or(0, |t| t.len());
+    let what = format!("{endpoints} endpoints Online on every node");
     testkit::eventually(
-        Duration::from_secs(60),
-        "1,000 endpoints Online on every node",
+        Duration::from_secs(60 + endpoints as u64 / 100),
+        &what,
         || async {
             for site in ["edge", "region", "witness"] {
                 let h: Value = s.get(site, "/v1/health").await?;
@@ -709,7 +715,7 @@ async fn store_writes_at_steady_state_with_1000_endpoints() {
                             && t["consensus"] == "Online"
                     })
                     .count();
-                if online < 1000 {
+                if online < endpoints {
                     return None;
                 }
             }
@@ -720,11 +726,20 @@ async fn store_writes_at_steady_state_with_1000_endpoints() {
     // Settle, then count over a window.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let window = Duration::from_secs(30);
+    let pids: Vec<u32> = ["edge", "region", "witness"]
+        .iter()
+        .map(|site| s.node(site).pid())
+        .collect();
+    let cpu_before: Vec<f64> = pids.iter().map(|p| cpu_seconds(*p)).collect();
     let before = s.store_counts().await;
     let h: Value = s.get("edge", "/v1/health").await.unwrap();
     eprintln!("probe targets per node: {}", target_count(&h));
     tokio::time::sleep(window).await;
     let after = s.store_counts().await;
+    for (i, site) in ["edge", "region", "witness"].iter().enumerate() {
+        let cores = (cpu_seconds(pids[i]) - cpu_before[i]) / window.as_secs_f64();
+        eprintln!("{site} node: {cores:.3} cores of CPU (user + system, all threads)");
+    }
     let secs = window.as_secs_f64();
     for site in ["edge", "region", "witness"] {
         let events = s.events(site).await;
@@ -748,4 +763,19 @@ async fn store_writes_at_steady_state_with_1000_endpoints() {
         eprintln!("{site} node: {per:.2} store writes/s (tandem_store_writes_total)");
         assert!(per <= 10.0, "{site}: {per} writes/s at steady state");
     }
+}
+
+/// User + system CPU seconds of process `pid` so far (all its threads), from
+/// `/proc/PID/stat` (fields 14 and 15, in clock ticks of 1/100 s); 0 when gone.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command may hold spaces: count the fields after its closing parenthesis.
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let ticks: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    ticks.iter().sum::<f64>() / 100.0
 }
