@@ -10,9 +10,48 @@
 //! Times serialise as RFC 3339 UTC with milliseconds ([`rfc3339`]) everywhere: API, store,
 //! console.
 
+use std::sync::Mutex;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+/// One part's events as a broadcast whose first subscriber gets every event sent since the
+/// feed was made: a part that starts work at once (on another runtime worker, maybe before its
+/// owner subscribes) loses none of its first events. Later subscribers get the events sent
+/// after they subscribe. A subscriber more than `capacity` events behind lags (tokio's
+/// `broadcast`: it then skips to the oldest event kept).
+#[derive(Debug)]
+pub struct Feed {
+    sender: broadcast::Sender<Event>,
+    first: Mutex<Option<broadcast::Receiver<Event>>>,
+}
+
+impl Feed {
+    pub fn new(capacity: usize) -> Self {
+        let (sender, first) = broadcast::channel(capacity);
+        Feed {
+            sender,
+            first: Mutex::new(Some(first)),
+        }
+    }
+
+    /// A sender for the part's tasks.
+    pub fn sender(&self) -> broadcast::Sender<Event> {
+        self.sender.clone()
+    }
+
+    /// Sends `e` to every subscriber (none is not an error).
+    pub fn send(&self, e: Event) {
+        let _ = self.sender.send(e);
+    }
+
+    /// The first call: every event since the feed was made; later calls: the events from now.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        let first = self.first.lock().unwrap_or_else(|p| p.into_inner()).take();
+        first.unwrap_or_else(|| self.sender.subscribe())
+    }
+}
 
 /// The part of Tandem an event comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -161,6 +200,32 @@ pub mod opt_time {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_feeds_first_subscriber_gets_what_was_sent_before_it_and_later_ones_do_not() {
+        let feed = Feed::new(8);
+        feed.send(Event::new(
+            Source::ScaleSet,
+            "web/web-1",
+            "instance",
+            "started",
+        ));
+        let mut first = feed.subscribe();
+        let mut later = feed.subscribe();
+        feed.send(Event::new(
+            Source::ScaleSet,
+            "web/web-2",
+            "instance",
+            "started",
+        ));
+        let subjects = |rx: &mut broadcast::Receiver<Event>| {
+            std::iter::from_fn(|| rx.try_recv().ok())
+                .map(|e| e.subject)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(subjects(&mut first), ["web/web-1", "web/web-2"]);
+        assert_eq!(subjects(&mut later), ["web/web-2"]);
+    }
 
     #[test]
     fn round_trips_through_json_with_millisecond_times() {

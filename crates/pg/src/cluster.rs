@@ -206,9 +206,8 @@ pub struct Cluster {
     /// Its members' sites, in the topology's order.
     pub sites: Vec<String>,
     view: Mutex<View>,
-    events: broadcast::Sender<Event>,
-    /// Subscribed before the members start; handed to the first caller of [`Cluster::events`].
-    first_events: Mutex<Option<broadcast::Receiver<Event>>>,
+    /// Made before the members start: see [`Cluster::events`].
+    events: event::Feed,
     commands: mpsc::Sender<Command>,
     /// Sites under an outage drill, and why ([`Cluster::set_outage`]).
     outages: watch::Sender<std::collections::BTreeMap<String, String>>,
@@ -428,14 +427,14 @@ impl Cluster {
                 }
             }
         }
-        let (events, first_events) = broadcast::channel(256);
+        let events = event::Feed::new(256);
         let backups = match &config.backup {
             Some(b) => Some(Arc::new(
                 Backups::open(
                     &name,
                     b.clone(),
                     local.clone(),
-                    events.clone(),
+                    events.sender(),
                     wiring.here.is_some(),
                 )
                 .map_err(named)?,
@@ -454,7 +453,6 @@ impl Cluster {
                 ..View::default()
             }),
             events,
-            first_events: Mutex::new(Some(first_events)),
             commands,
             outages: watch::Sender::default(),
             cold: watch::Sender::new(wiring.cold.iter().cloned().collect()),
@@ -748,15 +746,10 @@ impl Cluster {
         .await
     }
 
+    /// The database's events; the first caller gets them from the start (bootstrap,
+    /// adoption), however soon the members began.
     pub fn events(&self) -> broadcast::Receiver<Event> {
-        // The first subscriber gets the receiver made before the members started, so it
-        // misses none of the first events (bootstrap, adoption).
-        let first = self
-            .first_events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        first.unwrap_or_else(|| self.events.subscribe())
+        self.events.subscribe()
     }
 
     /// A planned handover to the member in `site`: waits for it to catch up, stops the primary
@@ -1148,7 +1141,7 @@ impl Driver {
             None => self.config.name.to_string(),
         };
         let e = Event::new(Source::Database, subject, what, message).with_term(self.term);
-        let _ = self.cluster.events.send(e);
+        self.cluster.events.send(e);
     }
 
     async fn run(

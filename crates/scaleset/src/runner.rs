@@ -154,9 +154,7 @@ pub struct ScaleSet {
     pub site: String,
     commands: mpsc::UnboundedSender<Command>,
     view: Arc<Mutex<View>>,
-    events: broadcast::Sender<Event>,
-    /// Made before the initial instances start: see [`ScaleSet::events`].
-    first_events: Mutex<Option<broadcast::Receiver<Event>>>,
+    events: event::Feed,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -171,7 +169,7 @@ impl ScaleSet {
     ) -> Arc<Self> {
         let (commands, received) = mpsc::unbounded_channel();
         let (reports_tx, reports) = mpsc::unbounded_channel();
-        let (events, first_events) = broadcast::channel(1024);
+        let events = event::Feed::new(1024);
         let view = Arc::new(Mutex::new(View {
             name: set.name.to_string(),
             site: set.site.to_string(),
@@ -193,7 +191,7 @@ impl ScaleSet {
             procs: HashMap::new(),
             generation: 0,
             reports_tx,
-            events: events.clone(),
+            events: events.sender(),
             view: view.clone(),
             cpu: HashMap::new(),
             totals: HashMap::new(),
@@ -206,7 +204,6 @@ impl ScaleSet {
             commands,
             view,
             events,
-            first_events: Mutex::new(Some(first_events)),
             task: Mutex::new(Some(task)),
         })
     }
@@ -215,15 +212,10 @@ impl ScaleSet {
         self.view.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The set's events; the first caller gets them from the start, with its initial
+    /// instances' (started at once, maybe before this call).
     pub fn events(&self) -> broadcast::Receiver<Event> {
-        // The first subscriber gets the receiver made before the initial instances started
-        // (on another worker, maybe before this call), so it misses none of their events.
-        let first = self
-            .first_events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        first.unwrap_or_else(|| self.events.subscribe())
+        self.events.subscribe()
     }
 
     /// Manual scaling; takes effect before this returns.
