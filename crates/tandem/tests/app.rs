@@ -261,23 +261,7 @@ impl Lab {
     /// Waits for the app to satisfy `check`, up to `secs`.
     /// On a timeout the failure shows the app as last seen.
     async fn wait(&self, secs: u64, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-        let last = std::sync::Mutex::new(None);
-        let waited = tokio::time::timeout(
-            Duration::from_secs(secs),
-            eventually(Duration::from_secs(secs + 5), what, || async {
-                let a = self.app().await;
-                last.lock().unwrap().clone_from(&a);
-                a.filter(|a| check(a))
-            }),
-        )
-        .await;
-        match waited {
-            Ok(a) => a,
-            Err(_) => panic!(
-                "timed out after {secs}s waiting for {what}; the app as last seen: {}",
-                last.lock().unwrap().take().unwrap_or_default()
-            ),
-        }
+        testkit::eventually_shows(Duration::from_secs(secs), what, || self.app(), check).await
     }
 
     /// Waits until the app is at rest at `site` under `term`, DNS answers that site's load

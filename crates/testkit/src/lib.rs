@@ -217,6 +217,37 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, state: Arc<Mutex<Sta
     }
 }
 
+/// Fetches a value again and again until `check` holds for it, failing the test after
+/// `deadline` with the value as last fetched (a fetch still running then is abandoned).
+pub async fn eventually_shows<T, F, Fut>(
+    deadline: Duration,
+    what: &str,
+    mut fetch: F,
+    check: impl Fn(&T) -> bool,
+) -> T
+where
+    T: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let end = tokio::time::Instant::now() + deadline;
+    let mut last = None;
+    loop {
+        if let Ok(Some(v)) = tokio::time::timeout_at(end, fetch()).await {
+            if check(&v) {
+                return v;
+            }
+            last = Some(v);
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "timed out after {deadline:?} waiting for {what}; last seen: {}",
+            last.map_or_else(|| "nothing".to_string(), |v| v.to_string())
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Polls `check` until it returns `Some`, failing the test after `deadline` (a check still
 /// running then is abandoned).
 pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T

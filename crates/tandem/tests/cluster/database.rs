@@ -1091,27 +1091,18 @@ async fn an_app_follows_its_data_across_the_cluster_and_fails_back() {
     );
     let (status, body) = s.post("region", "/v1/apps/shop/unpin", "").await.unwrap();
     assert_eq!(status, 202, "{body}");
-    let last = std::sync::Mutex::new(Value::Null);
-    let waiting = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let Some(a) = driver_view_now(&s).await {
-                let waits = a["waiting_for"]
-                    .as_str()
-                    .is_some_and(|w| w.contains("database member to catch up"));
-                if a["active"] == "region" && a["pinned"] == false && waits {
-                    return;
-                }
-                *last.lock().unwrap() = a;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
+    testkit::eventually_shows(
+        Duration::from_secs(10),
+        "the app to wait for the edge's data",
+        || driver_view_now(&s),
+        |a| {
+            let waits = a["waiting_for"]
+                .as_str()
+                .is_some_and(|w| w.contains("database member to catch up"));
+            a["active"] == "region" && a["pinned"] == false && waits
+        },
+    )
     .await;
-    assert!(
-        waiting.is_ok(),
-        "timed out waiting for the app to wait for the edge's data; last seen: {}",
-        last.lock().unwrap()
-    );
     s.lab.heal_route("edge", region_member);
     eventually(Duration::from_secs(120), "home once caught up", || async {
         let a = app(&s, "witness").await?;
