@@ -344,8 +344,10 @@ pub(crate) async fn build(config: Config) -> Result<Node, Error> {
     let mut dns_manager = None;
     let mut dns_server = None;
     let mut dns_listen = Vec::new();
+    // In cluster mode every node keeps the DNS tables, listeners or not: whichever node holds
+    // the leader lease (a witness may) decides failback for the DNS nodes (`leader::run`).
     if let Some(dns_config) = &topology.dns
-        && !listen.is_empty()
+        && (!listen.is_empty() || node.is_some())
     {
         let health: Arc<dyn dns::table::HealthView + Send + Sync> = match &node {
             Some(n) => Arc::new(ClusterHealth {
@@ -355,23 +357,26 @@ pub(crate) async fn build(config: Config) -> Result<Node, Error> {
             None => engine.clone(),
         };
         let manager = dns::manager::Manager::new(topology.clone(), health).map_err(Error::Start)?;
-        events.follow(manager.events());
-        let rrl = &dns_config.rrl;
-        let server = dns::server::Server::start_with(
-            &listen,
-            manager.tables(),
-            manager.metrics.clone(),
-            workers(),
-            dns::server::TcpLimits::default(),
-            rrl.enabled.then(|| dns::rrl::Limiter::new(rrl)),
-        )
-        .map_err(|e| Error::Start(format!("cannot start the DNS server: {e}")))?;
-        for a in &server.addrs {
-            tracing::info!(listen = %a, "DNS serving on udp and tcp");
-        }
-        dns_listen.clone_from(&server.addrs);
         tokio::spawn(manager.clone().run(changes(&engine, node.as_ref())));
-        dns_server = Some(server);
+        if !listen.is_empty() {
+            // A node that answers no query has no answer changes to tell.
+            events.follow(manager.events());
+            let rrl = &dns_config.rrl;
+            let server = dns::server::Server::start_with(
+                &listen,
+                manager.tables(),
+                manager.metrics.clone(),
+                workers(),
+                dns::server::TcpLimits::default(),
+                rrl.enabled.then(|| dns::rrl::Limiter::new(rrl)),
+            )
+            .map_err(|e| Error::Start(format!("cannot start the DNS server: {e}")))?;
+            for a in &server.addrs {
+                tracing::info!(listen = %a, "DNS serving on udp and tcp");
+            }
+            dns_listen.clone_from(&server.addrs);
+            dns_server = Some(server);
+        }
         dns_manager = Some(manager);
     }
 

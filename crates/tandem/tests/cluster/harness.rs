@@ -36,6 +36,10 @@ pub struct Options {
     /// The sample-app instances write and read through their site's database frontend
     /// (`orders` on .40, the password in the node's state directory): for app drills.
     pub sample_app_database: bool,
+    /// The witness's node serves DNS too (ns3); without, it only probes, votes and may lead.
+    pub witness_dns: bool,
+    /// A site whose node starts alone first and is waited for as the leader, the others after.
+    pub first: Option<&'static str>,
 }
 
 impl Default for Options {
@@ -51,6 +55,8 @@ impl Default for Options {
             extra: String::new(),
             state_per_node: false,
             sample_app_database: false,
+            witness_dns: true,
+            first: None,
         }
     }
 }
@@ -112,8 +118,14 @@ impl Sites {
             topology,
             extra,
         };
+        if let Some(first) = sites.opts.first {
+            sites.start_node(first);
+            sites.wait_leader(first, &node_name(first)).await;
+        }
         for site in SITES {
-            sites.start_node(site);
+            if sites.opts.first != Some(site) {
+                sites.start_node(site);
+            }
         }
         for site in SITES {
             sites.wait_alive(site, 3).await;
@@ -165,6 +177,16 @@ impl Sites {
     /// The node's process.
     pub fn node(&mut self, site: &str) -> &mut Proc {
         self.nodes.get_mut(site).unwrap()
+    }
+
+    /// Waits until `site`'s node sees `node` hold the leader lease.
+    pub async fn wait_leader(&self, site: &str, node: &str) {
+        let what = format!("{site} to see {node} lead");
+        eventually(Duration::from_secs(30), &what, || async {
+            let v: Value = self.get(site, "/v1/cluster").await?;
+            (v["leader"]["holder"] == node).then_some(())
+        })
+        .await;
     }
 
     /// Waits until `site`'s node lists `n` alive nodes.
@@ -485,15 +507,14 @@ dns = ["{r10}:53"]
 name = "witness-1"
 site = "witness"
 api = "{w10}:7400"
-dns = ["{w10}:53"]
+{witness_dns}
 
 [[dns.zone]]
 name = "shop.test"
 nameservers = [
   {{ name = "ns1.shop.test", address = "{e10}" }},
   {{ name = "ns2.shop.test", address = "{r10}" }},
-  {{ name = "ns3.shop.test", address = "{w10}" }},
-]
+{ns3}]
 hostmaster = "hostmaster.shop.test"
 
 # The test client polls far faster than a resolver would: exempt from response-rate limiting,
@@ -538,6 +559,19 @@ failback_hold = "{hold}"
         interval = o.interval,
         timeout = o.timeout,
         hold = o.failback_hold,
+        witness_dns = if o.witness_dns {
+            format!("dns = [\"{}:53\"]", ip("witness", 10))
+        } else {
+            String::new()
+        },
+        ns3 = if o.witness_dns {
+            format!(
+                "  {{ name = \"ns3.shop.test\", address = \"{}\" }},\n",
+                ip("witness", 10)
+            )
+        } else {
+            String::new()
+        },
     );
     for site in ["edge", "region"] {
         let database = if o.sample_app_database {

@@ -265,6 +265,75 @@ async fn a_partitioned_edge_is_isolated_and_fails_back_once_after_the_hold() {
     .await;
 }
 
+/// A leader that serves no DNS (the witness, as in `scripts/three-sites`) decides failback for
+/// the DNS nodes. The region's node leads while the edge is cut off and publishes "region";
+/// frozen past its lease, it loses the lead to the witness. Once the edge is back, the DNS
+/// nodes must fail back after the hold — not follow the old leader's "region" for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_without_dns_listeners_decides_failback_for_the_dns_nodes() {
+    let mut s = Sites::start(Options {
+        witness_dns: false,
+        first: Some("region"),
+        ..Options::default()
+    })
+    .await;
+    let (edge, region) = (s.lb("edge"), s.lb("region"));
+    for site in ["edge", "region"] {
+        s.wait_answer(site, &edge, Duration::from_secs(20)).await;
+    }
+    s.lab.cut("edge");
+    s.wait_answer("region", &region, Duration::from_secs(10))
+        .await;
+    let decision = "/tandem/shop/decisions/dns/www";
+    testkit::eventually_shows(
+        Duration::from_secs(10),
+        "region-1's decision: region",
+        || async {
+            s.etcd
+                .etcdctl("region", &["get", decision, "--print-value-only"])
+                .await
+                .ok()
+        },
+        |v: &String| v.contains(r#""endpoint":"region""#) && v.contains("region-1"),
+    )
+    .await;
+    // Frozen past its lease: the witness leads (the edge, cut off, cannot).
+    s.node("region").stop();
+    testkit::eventually_shows(
+        Duration::from_secs(20),
+        "the witness to lead",
+        || s.get::<Value>("witness", "/v1/cluster"),
+        |v: &Value| v["leader"]["holder"] == "witness-1",
+    )
+    .await;
+    s.node("region").cont();
+    s.lab.heal("edge");
+    // The witness decides the failback, under its own term, and the DNS nodes follow it.
+    testkit::eventually_shows(
+        Duration::from_secs(30),
+        "witness-1's decision: edge",
+        || async {
+            s.etcd
+                .etcdctl("region", &["get", decision, "--print-value-only"])
+                .await
+                .ok()
+        },
+        |v: &String| v.contains(r#""endpoint":"edge""#) && v.contains("witness-1"),
+    )
+    .await;
+    for site in ["region", "edge"] {
+        s.wait_answer(site, &edge, Duration::from_secs(10)).await;
+    }
+    // And `tandem status` on the witness shows the answer it decides.
+    let status = s.status_text("client", "witness").await;
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("www ") && l.contains(&edge)),
+        "{status}"
+    );
+}
+
 /// One vantage point (the witness) cut off from the edge's load balancer only: it votes
 /// Degraded, the two others Online, so nothing moves — over 20 cuts — and the votes say why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
