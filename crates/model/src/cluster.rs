@@ -354,7 +354,45 @@ pub(crate) fn placement(cx: &mut Cx, t: &Topology, cluster_declared: bool) {
             "use \"majority\" or at most the number of nodes",
         );
     }
+    shared_node_addresses(cx, t);
     foreign_addresses(cx, t);
+}
+
+/// Nodes of two sites are two machines, which cannot share an address: each is reached by its
+/// own (other nodes pass requests on to its API; resolvers ask its DNS). Loopback addresses
+/// are left alone (nodes tried on one machine); a bind that clashes outright fails at start.
+fn shared_node_addresses(cx: &mut Cx, t: &Topology) {
+    let addresses = |n: &Node| -> Vec<(IpAddr, String)> {
+        std::iter::once((n.api.ip(), format!("its API {}", n.api)))
+            .chain(
+                n.dns
+                    .iter()
+                    .map(|d| (d.ip(), format!("its DNS listener {d}"))),
+            )
+            .filter(|(ip, _)| !ip.is_unspecified() && !ip.is_loopback())
+            .collect()
+    };
+    for (i, n) in t.nodes.iter().enumerate() {
+        let theirs: Vec<(IpAddr, &Node)> = t.nodes[..i]
+            .iter()
+            .filter(|o| o.site.as_str() != n.site.as_str())
+            .flat_map(|o| addresses(o).into_iter().map(move |(ip, _)| (ip, o)))
+            .collect();
+        for (ip, what) in addresses(n) {
+            if let Some((_, o)) = theirs.iter().find(|(theirs, _)| *theirs == ip) {
+                cx.error(
+                    Code::Placement,
+                    n.name.span(),
+                    format!(
+                        "node `{}` in site `{}` has {what}, but {ip} is an address of node `{}` in site `{}`",
+                        n.name, n.site, o.name, o.site
+                    ),
+                    "two machines cannot share an address: give each node its own machine's addresses",
+                );
+                break;
+            }
+        }
+    }
 }
 
 /// An address of a node's API or DNS belongs to that node's site: a tier of another site that
