@@ -254,6 +254,8 @@ impl Manager {
         let statuses = table::endpoint_statuses(&self.topology, &*self.health, &st.overrides);
         let mut wake: Option<Instant> = None;
         let mut local_changed = false;
+        // Profiles answered by the cluster leader's decision (the reason of a change there).
+        let mut led = vec![false; self.topology.profiles.len()];
         let State {
             failbacks,
             following,
@@ -310,6 +312,7 @@ impl Manager {
             };
             if let Some(rank) = leader {
                 fb.adopt(rank);
+                led[pi] = true;
             }
             let d = fb.decide(&avail, now);
             let name_of =
@@ -342,7 +345,14 @@ impl Manager {
         let before = self.tables.load();
         let reason = st.reason.take();
         for (i, (old, new)) in before.views().iter().zip(tables.views()).enumerate() {
-            if let Some(e) = change(old, new, reason.as_deref()) {
+            let why = reason
+                .as_deref()
+                .or(if led.get(i).copied().unwrap_or(false) {
+                    Some("the cluster leader's failback decision")
+                } else {
+                    None
+                });
+            if let Some(e) = change(old, new, why) {
                 if let Some(n) = self.metrics.answer_changes.get(i) {
                     n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }

@@ -931,6 +931,7 @@ async fn a_follower_moves_back_when_the_leader_decides_and_never_on_a_stale_deci
         f.manager
             .follow(Some([("www".to_string(), d)].into_iter().collect()));
     };
+    let mut events = f.manager.events();
     f.health.set("www", "edge", Status::Online);
     f.health.set("www", "region", Status::Online);
     follow(&f, "region", 1);
@@ -978,6 +979,21 @@ async fn a_follower_moves_back_when_the_leader_decides_and_never_on_a_stale_deci
         answer(&f),
         ["A 10.0.1.10"],
         "the leader's failback, before the local hold"
+    );
+    // Each move back says who made it.
+    let mut backs = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        if e.message.starts_with("region -> edge") {
+            backs.push(e.message);
+        }
+    }
+    assert_eq!(
+        backs,
+        [
+            "region -> edge: the cluster leader's failback decision",
+            "region -> edge: failback hold ended",
+            "region -> edge: the cluster leader's failback decision",
+        ]
     );
 }
 
