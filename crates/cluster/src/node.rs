@@ -638,7 +638,7 @@ impl Node {
                             let vote = Vote {
                                 status,
                                 since: r.since,
-                                reason: r.last_failure.unwrap_or_else(|| "probes pass".into()),
+                                reason: vote_reason(status, r.last_failure),
                             };
                             let bytes = serde_json::to_vec(&vote).unwrap_or_default();
                             batch.puts.push((key, bytes, Scope::Session));
@@ -979,6 +979,16 @@ impl Drop for Node {
 }
 
 /// A vote: Online or Degraded; anything else is no opinion.
+/// Why a vote: a Degraded one by its last failure; an Online one because its probes pass (its
+/// last failure may be long past).
+fn vote_reason(status: Status, last_failure: Option<String>) -> String {
+    match (status, last_failure) {
+        (Status::Degraded, Some(failure)) => failure,
+        (Status::Degraded, None) => "probes fail".into(),
+        _ => "probes pass".into(),
+    }
+}
+
 fn opinion(s: Status) -> Option<Status> {
     matches!(s, Status::Online | Status::Degraded).then_some(s)
 }

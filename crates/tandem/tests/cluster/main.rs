@@ -408,16 +408,25 @@ async fn one_vantage_point_cut_off_from_the_edge_moves_nothing() {
         assert_eq!(s.dig("witness", DOMAIN).await.unwrap(), [edge.as_str()]);
         s.lab.heal_route("witness", lb_ip);
         let what = format!("round {round}: the witness votes Online again");
-        testkit::eventually(Duration::from_secs(10), &what, || async {
+        let target = testkit::eventually(Duration::from_secs(10), &what, || async {
             let h: Value = s.get("region", "/v1/health").await?;
             let t = h["targets"]
                 .as_array()?
                 .iter()
                 .find(|t| t["target"] == "profile/www/edge")?
                 .clone();
-            (vote(t, "witness-1").as_deref() == Some("Online")).then_some(())
+            (vote(t.clone(), "witness-1").as_deref() == Some("Online")).then_some(t)
         })
         .await;
+        // Online because its probes pass, not by the failure it had.
+        let online = target["votes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["node"] == "witness-1")
+            .unwrap()["reason"]
+            .clone();
+        assert_eq!(online, "probes pass", "{target:#}");
     }
     let mut after = Vec::new();
     for site in ["edge", "region", "witness"] {
