@@ -1530,7 +1530,7 @@ async fn outage(State(api): State<Api>, body: axum::body::Bytes) -> Response {
             return error(
                 StatusCode::BAD_REQUEST,
                 "for",
-                "expected a duration such as \"60s\" or \"2m\"",
+                "expected a duration longer than 0, such as \"60s\" or \"2m\"",
             );
         }
     };

@@ -291,30 +291,39 @@ pub fn reload(api: &Api) -> ExitCode {
 
 pub fn drill(action: Drill) -> ExitCode {
     match action {
-        Drill::Outage { site, length, api } => call(
-            &api,
-            async |a| {
-                let req = OutageRequest {
-                    site: site.clone(),
-                    length: Some(length.clone()),
-                };
-                post::<DrillResponse>(a, "/v1/drills/outage", Some(req)).await
-            },
-            |r| {
-                let at =
-                    |t: Option<std::time::SystemTime>| t.map_or("-".to_string(), event::rfc3339);
-                let d = r.drill.as_ref();
-                println!(
-                    "outage drill of site {site} started at {}; it ends at {} ({length}){}; `tandem drill stop` ends it now",
-                    at(d.map(|d| d.started)),
-                    at(d.map(|d| d.ends)),
-                    match (&r.applies_on, r.applied_here) {
-                        (Some(n), false) => format!("; node {n} takes the site down"),
-                        _ => String::new(),
-                    }
+        Drill::Outage { site, length, api } => {
+            if !model::units::parse_duration(&length).is_some_and(|d| !d.is_zero()) {
+                eprintln!(
+                    "error: --for {length:?}: expected a duration longer than 0, such as \"60s\" or \"2m\" (a number needs its unit)"
                 );
-            },
-        ),
+                return ExitCode::from(crate::EXIT_USAGE);
+            }
+            call(
+                &api,
+                async |a| {
+                    let req = OutageRequest {
+                        site: site.clone(),
+                        length: Some(length.clone()),
+                    };
+                    post::<DrillResponse>(a, "/v1/drills/outage", Some(req)).await
+                },
+                |r| {
+                    let at = |t: Option<std::time::SystemTime>| {
+                        t.map_or("-".to_string(), event::rfc3339)
+                    };
+                    let d = r.drill.as_ref();
+                    println!(
+                        "outage drill of site {site} started at {}; it ends at {} ({length}){}; `tandem drill stop` ends it now",
+                        at(d.map(|d| d.started)),
+                        at(d.map(|d| d.ends)),
+                        match (&r.applies_on, r.applied_here) {
+                            (Some(n), false) => format!("; node {n} takes the site down"),
+                            _ => String::new(),
+                        }
+                    );
+                },
+            )
+        }
         Drill::Restore { db, to, json, api } => {
             let path = format!("/v1/databases/{db}/restore-drill");
             let mut failed = false;

@@ -217,6 +217,21 @@ fn usage_errors_exit_2_and_every_command_has_help() {
         assert_eq!(out.status.code(), Some(0), "{cmd:?}");
         assert!(String::from_utf8_lossy(&out.stdout).contains("Usage: tandem"));
     }
+    // A drill's length without its unit, or of zero, is a usage error, told before any call.
+    for length in ["30", "0s"] {
+        let out = run(tandem().args([
+            "drill",
+            "outage",
+            "edge",
+            "--for",
+            length,
+            "--api",
+            "127.0.0.1:9",
+        ]));
+        assert_eq!(out.status.code(), Some(2), "--for {length}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("expected a duration longer than 0"), "{err}");
+    }
     let out = run(tandem().arg("--version"));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
