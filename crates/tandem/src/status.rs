@@ -134,6 +134,7 @@ fn node_rows(s: &Status) -> Vec<Vec<String>> {
     let mut rows = vec![cells([
         "NODE", "SITE", "STATE", "SINCE", "API", "DNS", "TOPOLOGY",
     ])];
+    let isolation = s.cluster.isolation.as_ref().filter(|i| i.isolated);
     for n in &s.nodes {
         let mut state = if n.alive { "alive" } else { "gone" }.to_string();
         if n.leader {
@@ -141,9 +142,12 @@ fn node_rows(s: &Status) -> Vec<Vec<String>> {
         }
         if n.this_node {
             state.push_str(", this node");
-            if let Some(iso) = s.cluster.isolation.as_ref().filter(|i| i.isolated) {
+            if let Some(iso) = isolation {
                 state.push_str(&format!(", ISOLATED ({})", iso.reason));
             }
+        } else if isolation.is_some() {
+            // Cut off from the store, this node knows the others only as it last saw them.
+            state.push_str(" (last seen)");
         }
         rows.push(vec![
             n.name.clone(),

@@ -206,6 +206,12 @@ async fn a_partitioned_edge_is_isolated_and_fails_back_once_after_the_hold() {
             .any(|l| l.starts_with("edge-1") && l.contains("ISOLATED")),
         "isolation in `tandem status`:\n{status}"
     );
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("region-1") && l.contains("(last seen)")),
+        "the others as last seen, in `tandem status`:\n{status}"
+    );
     // Cut off, the edge still answers its own site from its own probes.
     let from_edge = {
         let mut cmd = s.lab.command("edge", "dig");
