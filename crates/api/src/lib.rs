@@ -755,6 +755,20 @@ async fn backend_action(
         .find(|b| b.config.name.as_str() == name)
         .cloned();
     let mut warnings = Vec::new();
+    // Run elsewhere: its node knows its live pool; the topology says what it can hold.
+    if local.is_none()
+        && let Some(lb) = api.topology.load_balancer(&name)
+        && !may_be_backend(&api.topology, lb, addr)
+    {
+        return error(
+            StatusCode::NOT_FOUND,
+            "address",
+            format!(
+                "load balancer {name:?} can have no backend {addr}: {}",
+                pool_text(&api.topology, lb)
+            ),
+        );
+    }
     if let Some(b) = &local {
         let view = b.view();
         if !view.backends.iter().any(|x| x.address == addr) {
@@ -788,6 +802,49 @@ async fn backend_action(
         warnings,
     })
     .into_response()
+}
+
+/// Whether `addr` can be one of `lb`'s backends by the topology: one of its addresses, an
+/// instance of its scale set (the set's `bind` and a port of the named range), or a database
+/// member (any: members move).
+fn may_be_backend(
+    t: &model::Topology,
+    lb: &model::LoadBalancer,
+    addr: std::net::SocketAddr,
+) -> bool {
+    match &lb.pool {
+        model::Pool::Addresses(b) => b.iter().any(|b| b.address == addr),
+        model::Pool::ScaleSet { scale_set, port } => t.scale_set(scale_set).is_some_and(|s| {
+            s.bind == addr.ip()
+                && s.ports
+                    .get(port)
+                    .is_some_and(|r| (r.first..=r.last).contains(&addr.port()))
+        }),
+        model::Pool::Database { .. } => true,
+    }
+}
+
+/// What a load balancer's pool holds, for an error.
+fn pool_text(t: &model::Topology, lb: &model::LoadBalancer) -> String {
+    match &lb.pool {
+        model::Pool::Addresses(b) => {
+            let list: Vec<String> = b.iter().map(|b| b.address.to_string()).collect();
+            format!("its pool is {}", list.join(", "))
+        }
+        model::Pool::ScaleSet { scale_set, port } => match t.scale_set(scale_set) {
+            Some(s) => match s.ports.get(port) {
+                Some(r) => format!(
+                    "its pool is scale set {scale_set}'s instances on {}, ports {}-{}",
+                    s.bind, r.first, r.last
+                ),
+                None => format!("its pool is scale set {scale_set}'s instances"),
+            },
+            None => format!("its pool is scale set {scale_set}'s instances"),
+        },
+        model::Pool::Database { database, .. } => {
+            format!("its pool is database {database}'s members")
+        }
+    }
 }
 
 async fn scale_sets(State(api): State<Api>, Query(q): Query<Scope>) -> Json<ScaleSetsResponse> {
