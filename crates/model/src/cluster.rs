@@ -137,7 +137,14 @@ pub(crate) fn cluster(cx: &mut Cx, s: Section<'_, '_>) -> Option<Cluster> {
 pub(crate) fn node(cx: &mut Cx, s: Section<'_, '_>) -> Option<Node> {
     let name = crate::parse::name(cx, s);
     let site: Option<Name> = cx.req(s, "site");
-    let api: Option<std::net::SocketAddr> = cx.req(s, "api");
+    // A node's API is another machine's address, not the single process's default.
+    let api: Option<std::net::SocketAddr> = match s.get("api") {
+        Some(_) => cx.req(s, "api"),
+        None => {
+            cx.missing(s, "api", "\"192.0.2.10:7400\"");
+            None
+        }
+    };
     let dns: Option<Vec<std::net::SocketAddr>> = cx.or(s, "dns", Vec::new());
     let what = format!("node `{}`", name.as_deref().unwrap_or("?"));
     let mark = cx.bind_mark();

@@ -99,7 +99,7 @@ pub fn run(action: App) -> ExitCode {
                         serde_json::to_string_pretty(&apps).unwrap_or_default()
                     );
                 } else if apps.is_empty() {
-                    println!("no app is driven by this node");
+                    println!("no app: the topology declares no [[app]]");
                 } else {
                     for v in apps {
                         print_app(v);
