@@ -755,19 +755,25 @@ async fn backend_action(
         .find(|b| b.config.name.as_str() == name)
         .cloned();
     let mut warnings = Vec::new();
-    // Run elsewhere: its node knows its live pool; the topology says what it can hold.
-    if local.is_none()
-        && let Some(lb) = api.topology.load_balancer(&name)
-        && !may_be_backend(&api.topology, lb, addr)
-    {
-        return error(
-            StatusCode::NOT_FOUND,
-            "address",
-            format!(
-                "load balancer {name:?} can have no backend {addr}: {}",
-                pool_text(&api.topology, lb)
-            ),
-        );
+    // Run elsewhere: a drain names a backend its node lists (an enable only clears an intent).
+    if local.is_none() && draining {
+        match remote_backends(&api, &name).await {
+            Some(backends) if !backends.contains(&addr) => {
+                let list: Vec<String> = backends.iter().map(ToString::to_string).collect();
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "address",
+                    format!(
+                        "load balancer {name:?} has no backend {addr} (its backends: {})",
+                        if list.is_empty() { "none".into() } else { list.join(", ") }
+                    ),
+                );
+            }
+            Some(_) => {}
+            None => warnings.push(format!(
+                "{addr} not checked: no node running {name} answered; the drain applies if it is one of its backends"
+            )),
+        }
     }
     if let Some(b) = &local {
         let view = b.view();
@@ -804,47 +810,16 @@ async fn backend_action(
     .into_response()
 }
 
-/// Whether `addr` can be one of `lb`'s backends by the topology: one of its addresses, an
-/// instance of its scale set (the set's `bind` and a port of the named range), or a database
-/// member (any: members move).
-fn may_be_backend(
-    t: &model::Topology,
-    lb: &model::LoadBalancer,
-    addr: std::net::SocketAddr,
-) -> bool {
-    match &lb.pool {
-        model::Pool::Addresses(b) => b.iter().any(|b| b.address == addr),
-        model::Pool::ScaleSet { scale_set, port } => t.scale_set(scale_set).is_some_and(|s| {
-            s.bind == addr.ip()
-                && s.ports
-                    .get(port)
-                    .is_some_and(|r| (r.first..=r.last).contains(&addr.port()))
-        }),
-        model::Pool::Database { .. } => true,
-    }
-}
-
-/// What a load balancer's pool holds, for an error.
-fn pool_text(t: &model::Topology, lb: &model::LoadBalancer) -> String {
-    match &lb.pool {
-        model::Pool::Addresses(b) => {
-            let list: Vec<String> = b.iter().map(|b| b.address.to_string()).collect();
-            format!("its pool is {}", list.join(", "))
-        }
-        model::Pool::ScaleSet { scale_set, port } => match t.scale_set(scale_set) {
-            Some(s) => match s.ports.get(port) {
-                Some(r) => format!(
-                    "its pool is scale set {scale_set}'s instances on {}, ports {}-{}",
-                    s.bind, r.first, r.last
-                ),
-                None => format!("its pool is scale set {scale_set}'s instances"),
-            },
-            None => format!("its pool is scale set {scale_set}'s instances"),
-        },
-        model::Pool::Database { database, .. } => {
-            format!("its pool is database {database}'s members")
-        }
-    }
+/// The backends of load balancer `name` as the node running it lists them; `None` when no
+/// node that answered runs it.
+async fn remote_backends(api: &Api, name: &str) -> Option<Vec<std::net::SocketAddr>> {
+    let (answers, _) =
+        peers::gather::<LoadBalancersResponse>(api, "/v1/load-balancers?scope=local").await;
+    answers
+        .into_iter()
+        .flat_map(|r| r.load_balancers)
+        .find(|b| b.view.name == name)
+        .map(|b| b.view.backends.iter().map(|x| x.address).collect())
 }
 
 async fn scale_sets(State(api): State<Api>, Query(q): Query<Scope>) -> Json<ScaleSetsResponse> {
@@ -1640,7 +1615,10 @@ async fn events(State(api): State<Api>) -> Json<EventsResponse> {
 async fn metrics(State(api): State<Api>) -> impl IntoResponse {
     let changes = *api.engine.subscribe().borrow();
     let mut body = metrics::render(&api.engine.reports(), changes);
-    if let Some(dns) = &api.dns {
+    // A node without DNS listeners keeps the tables to decide failback, but answers nothing.
+    if let Some(dns) = &api.dns
+        && !api.dns_listen.is_empty()
+    {
         metrics::render_dns(&mut body, &dns.views(), &dns.metrics);
     }
     let views: Vec<lb::View> = api.load_balancers.iter().map(|b| b.view()).collect();

@@ -978,7 +978,6 @@ impl Drop for Node {
     }
 }
 
-/// A vote: Online or Degraded; anything else is no opinion.
 /// Why a vote: a Degraded one by its last failure; an Online one because its probes pass (its
 /// last failure may be long past).
 fn vote_reason(status: Status, last_failure: Option<String>) -> String {
@@ -989,6 +988,7 @@ fn vote_reason(status: Status, last_failure: Option<String>) -> String {
     }
 }
 
+/// A vote: Online or Degraded; anything else is no opinion.
 fn opinion(s: Status) -> Option<Status> {
     matches!(s, Status::Online | Status::Degraded).then_some(s)
 }

@@ -67,6 +67,9 @@ pub struct Manager {
     decided: watch::Sender<u64>,
     serial: u32,
     geo: Option<GeoDatabase>,
+    /// Serves queries (else only decides): only then are answer changes counted, logged and
+    /// sent as events.
+    serves: bool,
 }
 
 impl std::fmt::Debug for Manager {
@@ -83,6 +86,25 @@ impl Manager {
         health: Arc<dyn HealthView + Send + Sync>,
     ) -> Result<Arc<Self>, String> {
         let geo = table::open_geo_database(&topology)?;
+        Ok(Self::with_geo(topology, health, geo, true))
+    }
+
+    /// For a cluster node that serves no DNS but may lead: it decides failback for the DNS
+    /// nodes and shows the answers, and answers no query, so it reads no `[geo] database`
+    /// (geographic profiles then answer as without one).
+    pub fn deciding(
+        topology: Arc<Topology>,
+        health: Arc<dyn HealthView + Send + Sync>,
+    ) -> Arc<Self> {
+        Self::with_geo(topology, health, None, false)
+    }
+
+    fn with_geo(
+        topology: Arc<Topology>,
+        health: Arc<dyn HealthView + Send + Sync>,
+        geo: Option<GeoDatabase>,
+        serves: bool,
+    ) -> Arc<Self> {
         let serial = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(1, |d| d.as_secs() as u32);
@@ -118,9 +140,10 @@ impl Manager {
             decided: watch::Sender::new(0),
             serial,
             geo,
+            serves,
         });
         m.rebuild(Instant::now());
-        Ok(m)
+        m
     }
 
     /// The tables the server reads.
@@ -344,11 +367,13 @@ impl Manager {
         );
         let before = self.tables.load();
         let reason = st.reason.take();
-        for (i, (old, new)) in before.views().iter().zip(tables.views()).enumerate() {
+        // A node that serves no DNS has no answer changes to tell.
+        let told = if self.serves { before.views() } else { &[] };
+        for (i, (old, new)) in told.iter().zip(tables.views()).enumerate() {
             let why = reason
                 .as_deref()
                 .or(if led.get(i).copied().unwrap_or(false) {
-                    Some("the cluster leader's failback decision")
+                    Some("the cluster leader's decision")
                 } else {
                     None
                 });

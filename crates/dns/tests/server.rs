@@ -990,9 +990,9 @@ async fn a_follower_moves_back_when_the_leader_decides_and_never_on_a_stale_deci
     assert_eq!(
         backs,
         [
-            "region -> edge: the cluster leader's failback decision",
+            "region -> edge: the cluster leader's decision",
             "region -> edge: failback hold ended",
-            "region -> edge: the cluster leader's failback decision",
+            "region -> edge: the cluster leader's decision",
         ]
     );
 }
@@ -1086,12 +1086,16 @@ geo = {{ DE = ["fra", "nyc"], NA = ["nyc", "fra"], "*" = ["nyc"] }}
 #[test]
 fn an_unreadable_geo_database_is_a_clear_error() {
     let text = format!("{ZONE}\n[geo]\ndatabase = \"/nonexistent/city.mmdb\"\n");
-    let t = Arc::new(model::parse(model::Source::new("t.toml", text)).unwrap());
+    let t = Arc::new(model::parse(model::Source::new("t.toml", text.clone())).unwrap());
     let err = Manager::new(t, Arc::new(Health::default())).unwrap_err();
     assert!(
         err.starts_with("cannot read geo database /nonexistent/city.mmdb"),
         "{err}"
     );
+    // A cluster node that serves no DNS only decides failback: it needs no geo database.
+    let t = Arc::new(model::parse(model::Source::new("t.toml", text)).unwrap());
+    let deciding = Manager::deciding(t, Arc::new(Health::default()));
+    assert!(deciding.decisions().is_empty());
 }
 
 // ---------------------------------------------------------------- regressions (issue 13)

@@ -365,39 +365,43 @@ pub(crate) fn placement(cx: &mut Cx, t: &Topology, cluster_declared: bool) {
     foreign_addresses(cx, t);
 }
 
-/// Nodes of two sites are two machines, which cannot share an address: each is reached by its
-/// own (other nodes pass requests on to its API; resolvers ask its DNS). Loopback addresses
-/// are left alone (nodes tried on one machine); a bind that clashes outright fails at start.
+/// Nodes of two sites are two machines: a node's API address (by which the other nodes pass
+/// requests on to it) is its machine's own, so no other site's node may have it, as its API or
+/// DNS listener. DNS listeners may share an address (anycast). Loopback addresses are left
+/// alone (nodes tried on one machine).
 fn shared_node_addresses(cx: &mut Cx, t: &Topology) {
-    let addresses = |n: &Node| -> Vec<(IpAddr, String)> {
+    let specific = |ip: &IpAddr| !ip.is_unspecified() && !ip.is_loopback();
+    let all = |n: &Node| -> Vec<(IpAddr, String)> {
         std::iter::once((n.api.ip(), format!("its API {}", n.api)))
             .chain(
                 n.dns
                     .iter()
                     .map(|d| (d.ip(), format!("its DNS listener {d}"))),
             )
-            .filter(|(ip, _)| !ip.is_unspecified() && !ip.is_loopback())
+            .filter(|(ip, _)| specific(ip))
             .collect()
     };
     for (i, n) in t.nodes.iter().enumerate() {
-        let theirs: Vec<(IpAddr, &Node)> = t.nodes[..i]
+        let clash = t.nodes[..i]
             .iter()
             .filter(|o| o.site.as_str() != n.site.as_str())
-            .flat_map(|o| addresses(o).into_iter().map(move |(ip, _)| (ip, o)))
-            .collect();
-        for (ip, what) in addresses(n) {
-            if let Some((_, o)) = theirs.iter().find(|(theirs, _)| *theirs == ip) {
-                cx.error(
-                    Code::Placement,
-                    n.name.span(),
-                    format!(
-                        "node `{}` in site `{}` has {what}, but {ip} is an address of node `{}` in site `{}`",
-                        n.name, n.site, o.name, o.site
-                    ),
-                    "two machines cannot share an address: give each node its own machine's addresses",
-                );
-                break;
-            }
+            .find_map(|o| {
+                // Theirs against our API, or our listeners against their API.
+                let ours = all(n).into_iter().find(|(ip, _)| {
+                    *ip == o.api.ip() || (*ip == n.api.ip() && all(o).iter().any(|(x, _)| x == ip))
+                });
+                ours.map(|(ip, what)| (o, ip, what))
+            });
+        if let Some((o, ip, what)) = clash {
+            cx.error(
+                Code::Placement,
+                n.name.span(),
+                format!(
+                    "node `{}` in site `{}` has {what}, but {ip} is an address of node `{}` in site `{}`",
+                    n.name, n.site, o.name, o.site
+                ),
+                "two machines cannot share an address: give each node its own machine's addresses (only DNS listeners may share one, anycast)",
+            );
         }
     }
 }

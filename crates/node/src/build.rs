@@ -356,10 +356,13 @@ pub(crate) async fn build(config: Config) -> Result<Node, Error> {
             }),
             None => engine.clone(),
         };
-        let manager = dns::manager::Manager::new(topology.clone(), health).map_err(Error::Start)?;
+        let manager = if listen.is_empty() {
+            dns::manager::Manager::deciding(topology.clone(), health)
+        } else {
+            dns::manager::Manager::new(topology.clone(), health).map_err(Error::Start)?
+        };
         tokio::spawn(manager.clone().run(changes(&engine, node.as_ref())));
         if !listen.is_empty() {
-            // A node that answers no query has no answer changes to tell.
             events.follow(manager.events());
             let rrl = &dns_config.rrl;
             let server = dns::server::Server::start_with(

@@ -570,6 +570,62 @@ async fn operator_intent_through_one_node_applies_where_it_belongs() {
         .map(|v| v["node"].as_str().unwrap())
         .collect();
     assert_eq!(names.len(), 2, "{all:#}");
+    // Drain one of the edge's backends through the witness, as the edge's node lists them;
+    // an address it does not list is refused with the list.
+    let backend_draining = |address: String| {
+        let s = &s;
+        async move {
+            let v: Value = s.get("witness", "/v1/load-balancers").await?;
+            let b = v["load_balancers"]
+                .as_array()?
+                .iter()
+                .find(|b| b["name"] == "edge-web")?["backends"]
+                .as_array()?
+                .iter()
+                .find(|b| b["address"] == address.as_str())?
+                .clone();
+            b["draining"].as_bool()
+        }
+    };
+    let v: Value = s.get("witness", "/v1/load-balancers").await.unwrap();
+    let backend = v["load_balancers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "edge-web")
+        .unwrap()["backends"][0]["address"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let bogus = format!("{}:29999", s.ip("edge", 30));
+    let (status, body) = s
+        .post(
+            "witness",
+            &format!("/v1/load-balancers/edge-web/backends/{bogus}/drain"),
+            "",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, &body["field"]),
+        (404, &Value::from("address")),
+        "{body:#}"
+    );
+    assert!(
+        body["error"].as_str().unwrap().contains(&backend),
+        "{body:#}"
+    );
+    for (action, draining) in [("drain", true), ("enable", false)] {
+        let path = format!("/v1/load-balancers/edge-web/backends/{backend}/{action}");
+        let (status, body) = s.post("witness", &path, "").await.unwrap();
+        assert_eq!(status, 200, "{body:#}");
+        assert_eq!(body["applies_on"], "edge-1", "{body:#}");
+        let what = format!("{backend} draining: {draining}");
+        testkit::eventually(Duration::from_secs(10), &what, || async {
+            (backend_draining(backend.clone()).await? == draining).then_some(())
+        })
+        .await;
+    }
     // An outage drill of the edge through the witness.
     let body = s.outage_drill("witness", "edge", "60s").await;
     assert_eq!(body["applies_on"], "edge-1", "{body:#}");
