@@ -1039,7 +1039,7 @@ impl AppRunner {
             for (set, n) in sets {
                 let (sh, me, name) = (sh.clone(), self.events.clone(), self.name.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = sh.intents.set_capacity(&set, n).await {
+                    if let Err(e) = sh.set_capacity(&set, n).await {
                         let message = format!("scaling {set} to {n}: {e}");
                         let _ =
                             me.send(Event::new(Source::App, name, "app-action-failed", message));

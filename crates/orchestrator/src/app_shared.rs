@@ -12,8 +12,8 @@
 //!   each node of an app's site says what it sees of its own site — instances Online, the
 //!   sets' capacity, whether its database member is the primary and has caught up.
 //!   A site without a report is unreachable.
-//! - **Actions**: a capacity is operator intent (`intent/capacity/SET`), applied by the site's
-//!   node; a switchover is asked in `apps/APP/switchover` and carried out by the node whose
+//! - **Actions**: a capacity is operator intent (`intent/capacity/SET`, written by the leader
+//!   fenced by its term), applied by the site's node; a switchover is asked in `apps/APP/switchover` and carried out by the node whose
 //!   member is the primary (once per request).
 
 use std::collections::BTreeMap;
@@ -111,6 +111,18 @@ impl Shared {
     /// Writes the app's record under the leader's lease; refused once another leader came.
     pub async fn write_record(&self, app: &str, record: &Record) -> Result<(), String> {
         self.put_as_leader(&keys::app_record(app), record).await
+    }
+
+    /// Sets scale set `set`'s capacity for the app's move, under the leader's lease, so that a
+    /// deposed leader's late write is refused; the set's node applies it as operator intent.
+    pub async fn set_capacity(&self, set: &str, capacity: u32) -> Result<(), String> {
+        let record = cluster::intent::Capacity {
+            scale_set: set.into(),
+            capacity,
+            by: self.node.name().to_string(),
+            at: SystemTime::now(),
+        };
+        self.put_as_leader(&keys::capacity(set), &record).await
     }
 
     /// Asks the primary's node for a switchover to `to`, under the leader's lease.
