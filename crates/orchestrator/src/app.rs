@@ -1141,6 +1141,7 @@ impl AppRunner {
             .filter(|d| d.kind == "outage" && !d.over(now))
             .map(|d| d.site);
         let reports = sh.reports(&self.name);
+        let intended = sh.intents.current().capacity;
         let mut st = self.state();
         let known = &mut st.known_capacity;
         for site in &self.config.sites {
@@ -1161,7 +1162,15 @@ impl AppRunner {
                     known.insert(site.clone(), r.capacity);
                     r.capacity
                 }
-                None => known.get(&site).copied().unwrap_or(0),
+                // Gone before this leader saw it: what the store says it was set to.
+                None => known.get(&site).copied().unwrap_or_else(|| {
+                    intended_capacity(
+                        &self.tiers.topology,
+                        &self.config.scale_sets,
+                        &site,
+                        &intended,
+                    )
+                }),
             };
             seen.capacity.insert(site.clone(), capacity);
             seen.caught_up.insert(site.clone(), r.caught_up);
@@ -1306,5 +1315,81 @@ async fn write_latest<T, F, Fut>(
             r = rx.changed() => if r.is_err() { return },
             _ = stop.changed() => return,
         }
+    }
+}
+
+/// Cluster mode: the capacity of an app's sets (`app_sets`) at `site` by the store's capacity
+/// intents (`intended`, by set), each set's `initial` where none was set. What a site whose node
+/// is gone last ran, for a leader that never saw its report (one started since).
+fn intended_capacity(
+    topology: &model::Topology,
+    app_sets: &[model::Name],
+    site: &str,
+    intended: &BTreeMap<String, u32>,
+) -> u32 {
+    topology
+        .scale_sets
+        .iter()
+        .filter(|s| s.site.as_str() == site && app_sets.contains(&s.name))
+        .map(|s| {
+            intended
+                .get(s.name.as_str())
+                .copied()
+                .unwrap_or(s.capacity.initial)
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_lost_sites_capacity_is_its_intent_or_its_initial() {
+        let text = r#"
+[[site]]
+name = "edge"
+role = "edge"
+[[site]]
+name = "region"
+role = "region"
+[[scale_set]]
+name = "web"
+site = "edge"
+command = ["true"]
+bind = "127.0.0.1"
+ports = { http = "21000-21009" }
+capacity = { min = 1, max = 8, initial = 2 }
+[[scale_set]]
+name = "api"
+site = "edge"
+command = ["true"]
+bind = "127.0.0.1"
+ports = { http = "21010-21019" }
+capacity = { min = 1, max = 8, initial = 3 }
+[[scale_set]]
+name = "other"
+site = "edge"
+command = ["true"]
+bind = "127.0.0.1"
+ports = { http = "21020-21029" }
+capacity = { min = 1, max = 8, initial = 4 }
+"#;
+        let t = model::parse(model::Source::new("t.toml", text)).unwrap();
+        let app: Vec<model::Name> = t.scale_sets[..2].iter().map(|s| s.name.clone()).collect();
+        let none = BTreeMap::new();
+        assert_eq!(intended_capacity(&t, &app, "edge", &none), 5, "initials");
+        let set = BTreeMap::from([("web".to_string(), 6), ("other".to_string(), 1)]);
+        assert_eq!(
+            intended_capacity(&t, &app, "edge", &set),
+            9,
+            "web's intent, api's initial"
+        );
+        assert_eq!(
+            intended_capacity(&t, &app, "region", &set),
+            0,
+            "no set there"
+        );
     }
 }
