@@ -325,6 +325,21 @@ pub(crate) fn placement(cx: &mut Cx, t: &Topology, cluster_declared: bool) {
         }
     }
     for app in &t.apps {
+        // The leader drives an app from one report per site (`apps/APP/sites/SITE`).
+        for site in &app.sites {
+            if nodes_in(site) > 1 {
+                cx.error(
+                    Code::Placement,
+                    site.span(),
+                    format!(
+                        "app `{}` runs in site `{site}`, which has {} nodes: an app's site has one node, whose report is the site's",
+                        app.name,
+                        nodes_in(site)
+                    ),
+                    "keep one [[node]] in each of the app's sites",
+                );
+            }
+        }
         if app.standby == Standby::Cold {
             cx.error(
                 Code::Placement,
