@@ -1347,35 +1347,33 @@ mod tests {
 
     #[test]
     fn a_lost_sites_capacity_is_its_intent_or_its_initial() {
-        let text = r#"
+        let set = |name: &str, initial: u32, first: u32| {
+            format!(
+                r#"
+[[scale_set]]
+name = "{name}"
+site = "edge"
+command = ["true"]
+bind = "127.0.0.1"
+ports = {{ http = "{first}-{}" }}
+capacity = {{ min = 1, max = 8, initial = {initial} }}
+"#,
+                first + 7
+            )
+        };
+        let text = format!(
+            r#"
 [[site]]
 name = "edge"
 role = "edge"
 [[site]]
 name = "region"
 role = "region"
-[[scale_set]]
-name = "web"
-site = "edge"
-command = ["true"]
-bind = "127.0.0.1"
-ports = { http = "21000-21009" }
-capacity = { min = 1, max = 8, initial = 2 }
-[[scale_set]]
-name = "api"
-site = "edge"
-command = ["true"]
-bind = "127.0.0.1"
-ports = { http = "21010-21019" }
-capacity = { min = 1, max = 8, initial = 3 }
-[[scale_set]]
-name = "other"
-site = "edge"
-command = ["true"]
-bind = "127.0.0.1"
-ports = { http = "21020-21029" }
-capacity = { min = 1, max = 8, initial = 4 }
-"#;
+{}{}{}"#,
+            set("web", 2, 21000),
+            set("api", 3, 21010),
+            set("other", 4, 21020)
+        );
         let t = model::parse(model::Source::new("t.toml", text)).unwrap();
         let app: Vec<model::Name> = t.scale_sets[..2].iter().map(|s| s.name.clone()).collect();
         let none = BTreeMap::new();

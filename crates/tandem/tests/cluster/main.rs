@@ -272,9 +272,11 @@ async fn a_partitioned_edge_is_isolated_and_fails_back_once_after_the_hold() {
 }
 
 /// A leader that serves no DNS (the witness, as in `scripts/three-sites`) decides failback for
-/// the DNS nodes. The region's node leads while the edge is cut off and publishes "region";
-/// frozen past its lease, it loses the lead to the witness. Once the edge is back, the DNS
-/// nodes must fail back after the hold — not follow the old leader's "region" for good.
+/// the DNS nodes. The region's node leads while a drill takes the edge down and publishes
+/// "region"; the two DNS nodes frozen past their leases, the witness takes the lead. Once the
+/// edge is back, the DNS nodes must fail back after the hold — not follow the old leader's
+/// "region" for good. (A drill, not a cut: a cut can disturb etcd and the nodes' views, and
+/// move the lead before the test means it to.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_without_dns_listeners_decides_failback_for_the_dns_nodes() {
     let mut s = Sites::start(Options {
@@ -287,24 +289,13 @@ async fn a_leader_without_dns_listeners_decides_failback_for_the_dns_nodes() {
     for site in ["edge", "region"] {
         s.wait_answer(site, &edge, Duration::from_secs(20)).await;
     }
-    s.lab.cut("edge");
-    s.wait_answer("region", &region, Duration::from_secs(10))
+    s.outage_drill("region", "edge", "5m").await;
+    s.wait_answer("region", &region, Duration::from_secs(20))
         .await;
-    let decision = "/tandem/shop/decisions/dns/www";
-    testkit::eventually_shows(
-        Duration::from_secs(10),
-        "region-1's decision: region",
-        || async {
-            s.etcd
-                .etcdctl("region", &["get", decision, "--print-value-only"])
-                .await
-                .ok()
-        },
-        |v: &String| v.contains(r#""endpoint":"region""#) && v.contains("region-1"),
-    )
-    .await;
-    // Frozen past its lease: the witness leads (the edge, cut off, cannot).
-    s.node("region").stop();
+    wait_decision(&s, "region", "region-1", Duration::from_secs(10)).await;
+    for site in ["region", "edge"] {
+        s.node(site).stop();
+    }
     testkit::eventually_shows(
         Duration::from_secs(20),
         "the witness to lead",
@@ -312,21 +303,13 @@ async fn a_leader_without_dns_listeners_decides_failback_for_the_dns_nodes() {
         |v: &Value| v["leader"]["holder"] == "witness-1",
     )
     .await;
-    s.node("region").cont();
-    s.lab.heal("edge");
+    for site in ["region", "edge"] {
+        s.node(site).cont();
+    }
+    let (status, body) = s.post("witness", "/v1/drills/stop", "").await.unwrap();
+    assert_eq!(status, 200, "{body}");
     // The witness decides the failback, under its own term, and the DNS nodes follow it.
-    testkit::eventually_shows(
-        Duration::from_secs(30),
-        "witness-1's decision: edge",
-        || async {
-            s.etcd
-                .etcdctl("region", &["get", decision, "--print-value-only"])
-                .await
-                .ok()
-        },
-        |v: &String| v.contains(r#""endpoint":"edge""#) && v.contains("witness-1"),
-    )
-    .await;
+    wait_decision(&s, "edge", "witness-1", Duration::from_secs(30)).await;
     for site in ["region", "edge"] {
         s.wait_answer(site, &edge, Duration::from_secs(10)).await;
     }
@@ -338,6 +321,24 @@ async fn a_leader_without_dns_listeners_decides_failback_for_the_dns_nodes() {
             .any(|l| l.starts_with("www ") && l.contains(&edge)),
         "{status}"
     );
+}
+
+/// Waits until the store holds `leader`'s failback decision for profile `www`: `endpoint`.
+async fn wait_decision(s: &Sites, endpoint: &str, leader: &str, deadline: Duration) {
+    let key = "/tandem/shop/decisions/dns/www";
+    let endpoint = format!(r#""endpoint":"{endpoint}""#);
+    testkit::eventually_shows(
+        deadline,
+        &format!("{leader}'s decision {endpoint}"),
+        || async {
+            s.etcd
+                .etcdctl("region", &["get", key, "--print-value-only"])
+                .await
+                .ok()
+        },
+        |v: &String| v.contains(&endpoint) && v.contains(&format!(r#""leader":"{leader}""#)),
+    )
+    .await;
 }
 
 /// One vantage point (the witness) cut off from the edge's load balancer only: it votes
