@@ -727,6 +727,7 @@ impl AppRunner {
         if let Some(v) = &db {
             // `View::primary` is a writable primary only: a fenced or crashed one is none.
             report.primary = v.primary.as_deref() == Some(site.as_str());
+            report.term = v.term;
             report.caught_up = v.members.iter().any(|m| m.site == site && caught_up(v, m));
         }
         let primary = report.primary;
@@ -1142,6 +1143,7 @@ impl AppRunner {
             .map(|d| d.site);
         let reports = sh.reports(&self.name);
         let intended = sh.intents.current().capacity;
+        let mut claims = Vec::new();
         let mut st = self.state();
         let known = &mut st.known_capacity;
         for site in &self.config.sites {
@@ -1175,9 +1177,10 @@ impl AppRunner {
             seen.capacity.insert(site.clone(), capacity);
             seen.caught_up.insert(site.clone(), r.caught_up);
             if r.primary {
-                seen.primary = Some(site);
+                claims.push((site, r.term));
             }
         }
+        seen.primary = current_primary(claims);
         drop(st);
         seen
     }
@@ -1318,6 +1321,17 @@ async fn write_latest<T, F, Fut>(
     }
 }
 
+/// Cluster mode: of the sites whose reports claim the database's primary, with the term each
+/// node saw, the one of the highest term (a report not yet rewritten after a failover claims
+/// it under the older term); the last in the app's site order on a tie.
+fn current_primary(claims: Vec<(String, u64)>) -> Option<String> {
+    // `max_by_key` keeps the last of equal keys.
+    claims
+        .into_iter()
+        .max_by_key(|(_, term)| *term)
+        .map(|(site, _)| site)
+}
+
 /// Cluster mode: the capacity of an app's sets (`app_sets`) at `site` by the store's capacity
 /// intents (`intended`, by set), each set's `initial` where none was set. What a site whose node
 /// is gone last ran, for a leader that never saw its report (one started since).
@@ -1344,6 +1358,26 @@ fn intended_capacity(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn the_primary_is_the_claim_of_the_highest_term() {
+        let claims = |c: &[(&str, u64)]| c.iter().map(|(s, t)| (s.to_string(), *t)).collect();
+        assert_eq!(current_primary(claims(&[])), None);
+        assert_eq!(
+            current_primary(claims(&[("edge", 3), ("region", 4)])).as_deref(),
+            Some("region")
+        );
+        assert_eq!(
+            current_primary(claims(&[("edge", 5), ("region", 4)])).as_deref(),
+            Some("edge"),
+            "a stale claim later in site order"
+        );
+        assert_eq!(
+            current_primary(claims(&[("edge", 0), ("region", 0)])).as_deref(),
+            Some("region"),
+            "without terms (older nodes): the last, as before"
+        );
+    }
 
     #[test]
     fn a_lost_sites_capacity_is_its_intent_or_its_initial() {

@@ -59,6 +59,11 @@ pub struct Report {
     pub capacity: u32,
     /// The site's database member is the primary and answers.
     pub primary: bool,
+    /// The database's term as this node sees it: of two reports claiming the primary (one
+    /// not yet rewritten after a failover), the higher term's is current. 0 from a node
+    /// older than this field.
+    #[serde(default)]
+    pub term: u64,
     /// The site's database member has every acknowledged write (see `caught_up`).
     pub caught_up: bool,
 }
