@@ -1555,9 +1555,13 @@ async fn outage(State(api): State<Api>, body: axum::body::Bytes) -> Response {
             format!("no site {:?} in the topology", req.site),
         );
     }
-    let length = match req.length.as_deref().map(model::units::parse_duration) {
+    let length = match req
+        .length
+        .as_deref()
+        .map(model::units::parse_positive_duration)
+    {
         None => Duration::from_secs(60),
-        Some(Some(d)) if !d.is_zero() => d,
+        Some(Some(d)) => d,
         _ => {
             return error(
                 StatusCode::BAD_REQUEST,

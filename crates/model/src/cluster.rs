@@ -397,15 +397,19 @@ fn shared_node_addresses(cx: &mut Cx, t: &Topology) {
             .collect()
     };
     for (i, n) in t.nodes.iter().enumerate() {
+        let ours = all(n);
         let clash = t.nodes[..i]
             .iter()
             .filter(|o| o.site.as_str() != n.site.as_str())
             .find_map(|o| {
-                // Theirs against our API, or our listeners against their API.
-                let ours = all(n).into_iter().find(|(ip, _)| {
-                    *ip == o.api.ip() || (*ip == n.api.ip() && all(o).iter().any(|(x, _)| x == ip))
-                });
-                ours.map(|(ip, what)| (o, ip, what))
+                let theirs = all(o);
+                // Any of ours on their API, or our API on any of theirs.
+                ours.iter()
+                    .find(|(ip, _)| {
+                        *ip == o.api.ip()
+                            || (*ip == n.api.ip() && theirs.iter().any(|(x, _)| x == ip))
+                    })
+                    .map(|(ip, what)| (o, *ip, what.clone()))
             });
         if let Some((o, ip, what)) = clash {
             cx.error(

@@ -5,6 +5,11 @@ use std::fmt;
 use std::net::IpAddr;
 use std::time::Duration;
 
+/// [`parse_duration`], longer than zero (a drill's length): `None` for `"0s"` too.
+pub fn parse_positive_duration(s: &str) -> Option<Duration> {
+    parse_duration(s).filter(|d| !d.is_zero())
+}
+
 /// Parses `"500ms"`, `"30s"`, `"4m"`, `"1h"`, `"2d"` and sums of them such as `"1m30s"`.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let mut rest = s.trim();
@@ -219,6 +224,11 @@ mod tests {
         for bad in ["", "5", "s", "1.5s", "5 sec", "-1s", "1y"] {
             assert_eq!(parse_duration(bad), None, "{bad}");
         }
+        assert_eq!(parse_positive_duration("0s"), None);
+        assert_eq!(
+            parse_positive_duration("2m"),
+            Some(Duration::from_secs(120))
+        );
     }
 
     #[test]

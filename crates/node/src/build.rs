@@ -346,8 +346,9 @@ pub(crate) async fn build(config: Config) -> Result<Node, Error> {
     let mut dns_listen = Vec::new();
     // In cluster mode every node keeps the DNS tables, listeners or not: whichever node holds
     // the leader lease (a witness may) decides failback for the DNS nodes (`leader::run`).
+    let serves = !listen.is_empty();
     if let Some(dns_config) = &topology.dns
-        && (!listen.is_empty() || node.is_some())
+        && (serves || node.is_some())
     {
         let health: Arc<dyn dns::table::HealthView + Send + Sync> = match &node {
             Some(n) => Arc::new(ClusterHealth {
@@ -356,13 +357,13 @@ pub(crate) async fn build(config: Config) -> Result<Node, Error> {
             }),
             None => engine.clone(),
         };
-        let manager = if listen.is_empty() {
-            dns::manager::Manager::deciding(topology.clone(), health)
-        } else {
+        let manager = if serves {
             dns::manager::Manager::new(topology.clone(), health).map_err(Error::Start)?
+        } else {
+            dns::manager::Manager::deciding(topology.clone(), health)
         };
         tokio::spawn(manager.clone().run(changes(&engine, node.as_ref())));
-        if !listen.is_empty() {
+        if serves {
             events.follow(manager.events());
             let rrl = &dns_config.rrl;
             let server = dns::server::Server::start_with(

@@ -1025,18 +1025,14 @@ impl AppRunner {
         if let Some(sh) = self.tiers.shared.clone() {
             // Cluster mode: as operator intent, which the site's node applies; each set's own
             // bounds from the topology.
-            let sets: Vec<(String, u32)> = self
-                .tiers
-                .topology
-                .scale_sets
-                .iter()
-                .filter(|s| s.site.as_str() == site && self.config.scale_sets.contains(&s.name))
-                .map(|s| {
-                    let c = &s.capacity;
-                    let n = capacity.map_or(c.min, |n| n.clamp(c.min, c.max));
-                    (s.name.to_string(), n)
-                })
-                .collect();
+            let sets: Vec<(String, u32)> =
+                declared_sets_at(&self.tiers.topology, &self.config.scale_sets, site)
+                    .map(|s| {
+                        let c = &s.capacity;
+                        let n = capacity.map_or(c.min, |n| n.clamp(c.min, c.max));
+                        (s.name.to_string(), n)
+                    })
+                    .collect();
             for (set, n) in sets {
                 let (sh, me, name) = (sh.clone(), self.events.clone(), self.name.clone());
                 tokio::spawn(async move {
@@ -1332,6 +1328,18 @@ fn current_primary(claims: Vec<(String, u64)>) -> Option<String> {
         .map(|(site, _)| site)
 }
 
+/// The topology's declarations of an app's sets (`app_sets`) at `site`.
+fn declared_sets_at<'t>(
+    topology: &'t model::Topology,
+    app_sets: &'t [model::Name],
+    site: &'t str,
+) -> impl Iterator<Item = &'t model::ScaleSet> {
+    topology
+        .scale_sets
+        .iter()
+        .filter(move |s| s.site.as_str() == site && app_sets.contains(&s.name))
+}
+
 /// Cluster mode: the capacity of an app's sets (`app_sets`) at `site` by the store's capacity
 /// intents (`intended`, by set), each set's `initial` where none was set. What a site whose node
 /// is gone last ran, for a leader that never saw its report (one started since).
@@ -1341,10 +1349,7 @@ fn intended_capacity(
     site: &str,
     intended: &BTreeMap<String, u32>,
 ) -> u32 {
-    topology
-        .scale_sets
-        .iter()
-        .filter(|s| s.site.as_str() == site && app_sets.contains(&s.name))
+    declared_sets_at(topology, app_sets, site)
         .map(|s| {
             intended
                 .get(s.name.as_str())

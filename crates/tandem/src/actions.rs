@@ -292,7 +292,7 @@ pub fn reload(api: &Api) -> ExitCode {
 pub fn drill(action: Drill) -> ExitCode {
     match action {
         Drill::Outage { site, length, api } => {
-            if model::units::parse_duration(&length).is_none_or(|d| d.is_zero()) {
+            if model::units::parse_positive_duration(&length).is_none() {
                 eprintln!(
                     "error: --for {length:?}: expected a duration longer than 0 with its unit, such as \"60s\" or \"2m\""
                 );

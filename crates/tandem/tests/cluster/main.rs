@@ -357,6 +357,14 @@ async fn one_vantage_point_cut_off_from_the_edge_moves_nothing() {
             .and_then(|v| v.iter().find(|v| v["node"] == node).cloned())
             .map(|v| v["status"].as_str().unwrap_or("-").to_string())
     };
+    let reason = |target: &Value, node: &str| {
+        target["votes"]
+            .as_array()
+            .and_then(|v| v.iter().find(|v| v["node"] == node))
+            .and_then(|v| v["reason"].as_str())
+            .unwrap_or("-")
+            .to_string()
+    };
     testkit::eventually(
         Duration::from_secs(10),
         "every node votes Online",
@@ -399,17 +407,10 @@ async fn one_vantage_point_cut_off_from_the_edge_moves_nothing() {
         assert_eq!(target["consensus"], "Online", "{target:#}");
         assert_eq!(vote(target.clone(), "edge-1").as_deref(), Some("Online"));
         assert_eq!(vote(target.clone(), "region-1").as_deref(), Some("Online"));
-        let reason = target["votes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["node"] == "witness-1")
-            .unwrap()["reason"]
-            .clone();
+        let why = reason(&target, "witness-1");
         assert!(
-            reason.as_str().unwrap().contains("unreachable")
-                || reason.as_str().unwrap().contains("No route"),
-            "{reason}"
+            why.contains("unreachable") || why.contains("No route"),
+            "{why}"
         );
         assert_eq!(s.dig("region", DOMAIN).await.unwrap(), [edge.as_str()]);
         assert_eq!(s.dig("witness", DOMAIN).await.unwrap(), [edge.as_str()]);
@@ -426,14 +427,7 @@ async fn one_vantage_point_cut_off_from_the_edge_moves_nothing() {
         })
         .await;
         // Online because its probes pass, not by the failure it had.
-        let online = target["votes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["node"] == "witness-1")
-            .unwrap()["reason"]
-            .clone();
-        assert_eq!(online, "probes pass", "{target:#}");
+        assert_eq!(reason(&target, "witness-1"), "probes pass", "{target:#}");
     }
     let mut after = Vec::new();
     for site in ["edge", "region", "witness"] {
